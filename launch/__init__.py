@@ -1,0 +1,1 @@
+"""The `longtrain` CLI, Ray connection and Ray Train wiring, per-node aggregation, console output."""

@@ -1,0 +1,75 @@
+"""The `longtrain` command line.
+
+Every user mistake surfaces as one line on stderr and exit code 2 (`--debug` shows the traceback); a failed
+training run exits 1 and says where its logs are and how to resume.
+"""
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from orchestrator.errors import LongtrainError
+
+EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return args.handler(args)
+    except LongtrainError as error:
+        if args.debug:
+            raise
+        print(f"longtrain: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longtrain", description="Long-context LLM training orchestrator.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command")
+    train = commands.add_parser("train", help="train a job (default: configs/default.yaml)",
+                                description="longtrain train [CONFIG.yaml] [key=value ...]; e.g. "
+                                            "longtrain train model.num_layers=2 resume=auto")
+    train.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    train.set_defaults(handler=_train)
+    return parser
+
+
+def split_config_and_overrides(args: Sequence[str]) -> Tuple[Optional[str], List[str]]:
+    """The first argument without '=' is the config file; the rest are key=value overrides."""
+    config = [a for a in args if "=" not in a]
+    if len(config) > 1:
+        raise LongtrainError(f"more than one config file given ({', '.join(config)}); pass one YAML file and "
+                             "key=value overrides")
+    return (config[0] if config else None), [a for a in args if "=" in a]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from launch.train_command import run_training  # heavy imports (ray, torch) only when training
+
+    config_path, overrides = split_config_and_overrides(args.args)
+    return run_training(config_path, overrides)
+
+
+def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:
+    kept = [o for o in overrides if not o.startswith("resume=")]
+    parts = ["longtrain", "train"] + ([config_path] if config_path else []) + kept + [f"resume={run_dir}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def elapsed(since: float) -> str:
+    return f"{time.time() - since:.0f} s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""What the user sees while a job runs: a progress bar, one metrics line per logged step, a final table.
+
+Everything printed here is also in the run directory (metrics.jsonl), so the console can stay terse.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from tqdm import tqdm
+
+from launch.aggregate import RunSummary, mean_loss, node_rows, summarize
+
+
+class RunConsole:
+    """Consumes the messages workers publish (tick, step, checkpoint, resumed) and renders them."""
+
+    def __init__(self, run_dir: Path, max_steps: int, warmup_steps: int, stream=sys.stdout):
+        self.run_dir = run_dir
+        self.warmup_steps = warmup_steps
+        self.stream = stream
+        self.steps: List[Dict] = []
+        self.checkpoints: List[str] = []
+        self.bar = tqdm(total=max_steps, desc="train", unit="step", file=stream, dynamic_ncols=True,
+                        leave=True, disable=not _is_terminal(stream), bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+        self.metrics_file = (run_dir / "metrics.jsonl").open("a")
+
+    def handle(self, message: Dict) -> None:
+        kind = message["kind"]
+        if kind in ("tick", "step"):
+            self.bar.update(max(0, message["step"] - self.bar.n))
+        if kind == "tick":
+            self.bar.set_postfix_str(f"loss {message['loss']:.3f}")
+        elif kind == "step":
+            self._log_step(message)
+        elif kind == "checkpoint":
+            self.checkpoints.append(message["path"])
+            self.bar.write(f"checkpoint step {message['step']} -> {message['path']}")
+        elif kind == "resumed":
+            self.bar.n = message["step"]
+            self.bar.write(f"resumed from {message['path']} at step {message['step']}")
+
+    def _log_step(self, message: Dict) -> None:
+        self.steps.append(message)
+        nodes = node_rows(message["rows"])
+        self.metrics_file.write(json.dumps({**message, "nodes": [vars(n) for n in nodes]}) + "\n")
+        self.metrics_file.flush()
+        loss = mean_loss(message)
+        self.bar.set_postfix_str(f"loss {loss:.3f}")
+        self.bar.write(step_line(message["step"], loss, message["rows"], nodes))
+
+    def finish(self, resume_command: str) -> Optional[RunSummary]:
+        self.bar.close()
+        self.metrics_file.close()
+        if not self.steps:
+            return None
+        summary = summarize(self.steps, self.warmup_steps)
+        print(summary_table(summary, self.run_dir, self.checkpoints, resume_command), file=self.stream)
+        return summary
+
+
+def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
+    worst = max(rows, key=lambda r: r["step_seconds"])
+    mfu = ", ".join(f"{n.mfu:.1%}" for n in nodes)
+    mem = max(r["peak_allocated_gib"] for r in rows)
+    host = max(r["host_rss_gib"] for r in rows)
+    tokens = sum(r["tokens_per_second"] for r in rows) / len(rows)
+    tflops = sum(r["tflops"] for r in rows) / len(rows)
+    return (f"step {step:>6} | loss {loss:7.4f} | {tokens:9,.0f} tok/s/worker | {tflops:7.3f} TFLOP/s/worker | "
+            f"MFU/node {mfu} | peak mem {mem:.2f} GiB | host {host:.2f} GiB | step {worst['step_seconds']:.3f} s "
+            f"(slowest rank {worst['rank']})")
+
+
+def summary_table(summary: RunSummary, run_dir: Path, checkpoints: List[str], resume_command: str) -> str:
+    lines = [
+        "",
+        "run summary",
+        f"  loss            {summary.first_loss:.4f} (step {summary.first_step}) -> {summary.last_loss:.4f} "
+        f"(step {summary.last_step})  [{1 - summary.last_loss / summary.first_loss:+.1%} relative drop]",
+        f"  throughput      {summary.tokens_per_second_per_worker:,.0f} tokens/s per worker (after warm-up)",
+        "  per node        node                    ranks   MFU (causal-halved / full-attn)   tokens/s   "
+        "slowest rank   peak alloc / reserved GiB   host RSS GiB",
+    ]
+    for n in summary.nodes:
+        lines.append(f"                  {n.node:<22} {n.num_ranks:>5}   {n.mfu:>7.2%} / {n.mfu_full_attention:<7.2%}"
+                     f"                {n.tokens_per_second:>9,.0f}   {n.slowest_rank:>4} "
+                     f"({n.slowest_step_seconds:.3f} s)   {n.peak_allocated_gib:>6.2f} / "
+                     f"{n.peak_reserved_gib:<6.2f}           {n.host_rss_gib:.2f}")
+    lines += [
+        f"  run directory   {run_dir}",
+        f"  metrics         {run_dir / 'metrics.jsonl'}",
+        f"  checkpoint      {checkpoints[-1] if checkpoints else 'none written'}",
+        f"  resume with     {resume_command}",
+    ]
+    return "\n".join(lines)
+
+
+def _is_terminal(stream) -> bool:
+    """A live bar only on a terminal; logs and CI get the per-step metrics lines alone."""
+    return hasattr(stream, "isatty") and stream.isatty()

@@ -1,0 +1,132 @@
+"""Run a job's workers with Ray Train: connect to Ray, start one worker per device, stream progress back.
+
+Why Ray Train and not a launcher of our own: `TorchTrainer` places the workers, sets up the torch process
+group, and with `FailureConfig` restarts the whole group when a worker dies; the worker loop then resumes from
+the run's latest complete checkpoint. Workers publish small progress messages to a `ProgressBoard` actor that
+the driver polls, so the console works the same on a laptop and on a cluster.
+"""
+
+import logging
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import ray
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from orchestrator.config import ClusterConfig, JobConfig
+from orchestrator.trainer import CheckpointRef, WorkerInfo, train
+
+POLL_SECONDS = 0.5
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """A mailbox: workers push messages, the driver drains them."""
+
+    def __init__(self):
+        self.messages = []
+
+    def push(self, message: Dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    def drain(self):
+        drained, self.messages = self.messages, []
+        return drained
+
+
+def wants_gpu(cluster: ClusterConfig) -> bool:
+    return torch.cuda.is_available() if cluster.use_gpu is None else cluster.use_gpu
+
+
+def connect(cluster: ClusterConfig, log_dir: Path) -> None:
+    """Start a private Ray on loopback (address=local) or join a running cluster; Ray's logs go to log_dir."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _route_ray_logs(log_dir / "ray_driver.log")
+    env = {"env_vars": worker_env(cluster)}
+    if cluster.address == "local":
+        needed = cluster.num_workers * cluster.cpus_per_worker
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False, logging_level=logging.WARNING,
+                 runtime_env=env)
+    else:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=env)
+
+
+def worker_env(cluster: ClusterConfig) -> Dict[str, str]:
+    """Environment every worker gets explicitly (a remote node does not inherit the driver's)."""
+    gpu = wants_gpu(cluster)
+    env = {"DS_ACCELERATOR": "cuda" if gpu else "cpu", "OMP_NUM_THREADS": str(cluster.cpus_per_worker),
+           "RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
+    if gpu:
+        env["NCCL_NVLS_ENABLE"] = os.environ.get("NCCL_NVLS_ENABLE", "0")
+    return env
+
+
+def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
+                on_message: Callable[[Dict[str, Any]], None]) -> None:
+    """Train with Ray Train; call on_message for each worker message while it runs. Raises if training fails."""
+    board = ProgressBoard.remote()
+    gpu = wants_gpu(job.cluster)
+    resources = {"CPU": job.cluster.cpus_per_worker, **({"GPU": job.cluster.gpus_per_worker} if gpu else {})}
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"job": job, "run_dir": str(run_dir), "board": board, "initial": initial},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=job.cluster.num_workers, use_gpu=gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="ray_train", storage_path=str(run_dir),
+                             failure_config=FailureConfig(max_failures=job.train.max_failures)),
+    )
+    outcome: Dict[str, Any] = {}
+    fit_thread = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
+    fit_thread.start()
+    while fit_thread.is_alive():
+        fit_thread.join(POLL_SECONDS)
+        for message in ray.get(board.drain.remote()):
+            on_message(message)
+    for message in ray.get(board.drain.remote()):
+        on_message(message)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _fit(trainer: TorchTrainer, outcome: Dict[str, Any]) -> None:
+    try:
+        outcome["result"] = trainer.fit()
+    except Exception as error:  # re-raised in the driver's thread
+        outcome["error"] = error
+
+
+def _worker_loop(config: Dict[str, Any]) -> None:
+    context = ray.train.get_context()
+    run_dir = Path(config["run_dir"])
+    rank = context.get_world_rank()
+    _redirect_output(run_dir / "logs" / f"rank{rank}.log")
+    worker = WorkerInfo(rank=rank, world_size=context.get_world_size(), local_rank=context.get_local_rank(),
+                        node=f"node{context.get_node_rank()}/{socket.gethostname()}")
+    board = config["board"]
+    train(config["job"], run_dir, worker, lambda message: board.push.remote(message), config["initial"])
+
+
+def _redirect_output(log_file: Path) -> None:
+    """Send this worker's stdout and stderr (DeepSpeed's chatter included) to a file in the run directory."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log_file, "a", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+
+
+def _route_ray_logs(log_file: Path) -> None:
+    handler = logging.FileHandler(log_file)
+    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False

@@ -1,0 +1,69 @@
+"""`longtrain train`: load the job, place the run directory, start the workers, show progress and a summary."""
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from launch.cli import EXIT_RUN_FAILED, resume_command
+from launch.rundir import place_run
+from orchestrator.config import JobConfig, job_to_yaml, load_job_config
+from orchestrator.metrics import parameter_count
+
+
+def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
+    job = load_job_config(config_path, overrides)
+    placement = place_run(job)
+    run_dir = placement.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(job, run_dir)
+    resume = resume_command(config_path, overrides, run_dir)
+
+    import ray  # heavy: imported after the config is known to be valid
+
+    from launch.console import RunConsole
+    from launch.ray_train import connect, run_workers, wants_gpu
+
+    print(_header(job, run_dir, wants_gpu(job.cluster)), flush=True)
+    started = time.time()
+    connect(job.cluster, run_dir / "logs")
+    console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps)
+    try:
+        run_workers(job, run_dir, placement.initial, console.handle)
+    except Exception as error:  # Ray wraps the worker's exception; the user needs the gist and the way out
+        console.finish(resume)
+        print(f"longtrain: training failed: {_first_line(error)}\n  worker logs: {run_dir / 'logs'}\n"
+              f"  resume with: {resume}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    finally:
+        ray.shutdown()
+    summary = console.finish(resume)
+    if summary is None:
+        print(f"nothing to do: {run_dir} is already at train.max_steps={job.train.max_steps}; raise "
+              "train.max_steps to train further")
+    print(f"  wall time       {time.time() - started:.0f} s")
+    return 0
+
+
+def _header(job: JobConfig, run_dir: Path, gpu: bool) -> str:
+    device = "GPU, nccl" if gpu else "CPU, gloo"
+    params = parameter_count(job.model) / 1e6
+    return (f"longtrain: {job.run.name}: model {job.model.preset} ({params:,.2f}M params, {job.model.num_layers} "
+            f"layers), seq_len {job.data.seq_len}, {job.cluster.num_workers} workers ({device}, Ray "
+            f"{job.cluster.address}), DeepSpeed ZeRO-{job.train.zero_stage}, {job.train.max_steps} steps\n"
+            f"  run directory: {run_dir}")
+
+
+def _write_config(job: JobConfig, run_dir: Path) -> None:
+    target = run_dir / "config.yaml"
+    if target.exists():
+        target = run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    target.write_text(job_to_yaml(job))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    cause = error.__cause__ or error.__context__
+    if not text and cause is not None:
+        return _first_line(cause)
+    return text.splitlines()[-1] if text else type(error).__name__

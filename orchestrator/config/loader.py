@@ -1,0 +1,102 @@
+"""Load a job: schema defaults <- model preset <- YAML file <- `key=value` overrides, then validate.
+
+Why one function: every entry point (train, plan, submit, tests) must see the same merged, validated config,
+and every way it can be wrong must surface as one `ConfigError` line naming the dotted key.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from orchestrator.config.presets import MODEL_PRESETS
+from orchestrator.config.schema import JobConfig
+from orchestrator.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
+
+
+def load_job_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """The validated job for a YAML file (default: configs/default.yaml) and command-line overrides."""
+    merged = merge_job_config(path, overrides)
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _config_error(error) from error
+
+
+def merge_job_config(path: Optional[str], overrides: Sequence[str]) -> DictConfig:
+    file_layer = _read_yaml(Path(path) if path else DEFAULT_CONFIG)
+    override_layer = _parse_overrides(overrides)
+    preset_layer = OmegaConf.create({"model": _preset_fields(file_layer, override_layer)})
+    try:
+        return OmegaConf.merge(OmegaConf.structured(JobConfig), preset_layer, file_layer, override_layer)
+    except OmegaConfBaseException as error:
+        raise _config_error(error) from error
+
+
+def job_to_yaml(job: JobConfig) -> str:
+    """The resolved job as YAML, written into every run directory so a run documents itself."""
+    return yaml.safe_dump(asdict(job), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file (shipped in "
+                          f"{CONFIGS_DIR}: {shipped})")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: "
+                          f"{getattr(error, 'problem', error)}; fix the syntax") from error
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), "
+                          f"not a {type(content).__name__}")
+    return OmegaConf.create(content)
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} must be KEY=VALUE with a dotted key, e.g. "
+                              "model.num_layers=4")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"overrides {' '.join(overrides)!r} cannot be parsed: "
+                          f"{_first_line(error)}") from error
+
+
+def _preset_fields(file_layer: DictConfig, override_layer: DictConfig) -> dict:
+    name = OmegaConf.select(override_layer, "model.preset",
+                            default=OmegaConf.select(file_layer, "model.preset", default="debug"))
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset ({name!r}) is not a known preset; choose one of "
+                          f"{', '.join(MODEL_PRESETS)} or set the shape keys yourself")
+    return MODEL_PRESETS[name]
+
+
+def _config_error(error: OmegaConfBaseException) -> ConfigError:
+    key = getattr(error, "full_key", None) or getattr(error, "key", None) or "config"
+    message = _first_line(error)
+    if "not in" in message:
+        return ConfigError(f"{key}: unknown key ({message}); check the spelling against the README's "
+                           "config reference")
+    return ConfigError(f"{key}: {message}; fix the value in the YAML file or the override")
+
+
+def _first_line(error: Exception) -> str:
+    text = getattr(error, "msg", None) or str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def list_shipped_configs() -> List[Path]:
+    return sorted(CONFIGS_DIR.glob("*.yaml"))

@@ -1,0 +1,261 @@
+"""The job configuration schema: one small dataclass per component, composed by `JobConfig`.
+
+Why: dataclasses are the schema OmegaConf checks YAML and command-line overrides against, so a typo in a key or
+a wrong type fails at load time with the full dotted key. Each section offers `problems()` (a list of one-line
+messages, each naming the key, the value and the fix); `JobConfig.__post_init__` collects them all, with the
+cross-section rules, so the user sees every problem of a config at once.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from orchestrator.errors import ConfigError
+
+TOKEN_BLOCK = 64
+"""Sequences are planned, eliminated and swapped in blocks of this many tokens."""
+
+DATA_SOURCES = ("corpus", "synthetic", "tokens")
+TOKEN_DTYPES = ("uint16", "uint32")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Llama-style decoder; `preset` fills every other field, explicit keys override it."""
+
+    preset: str = "debug"
+    vocab_size: int = 256
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def problems(self) -> List[str]:
+        found = _positive(self, "model", ["vocab_size", "hidden_size", "num_layers", "num_heads",
+                                          "num_kv_heads", "intermediate_size"])
+        if found:
+            return found
+        if self.hidden_size % self.num_heads:
+            found.append(f"model.num_heads ({self.num_heads}) must divide model.hidden_size "
+                         f"({self.hidden_size}); choose a divisor such as {_nearest_divisor(self.hidden_size, self.num_heads)}")
+        elif self.head_dim % 2:
+            found.append(f"model.hidden_size / model.num_heads = {self.head_dim} must be even for RoPE; "
+                         "change model.num_heads or model.hidden_size")
+        if self.num_heads % self.num_kv_heads:
+            found.append(f"model.num_kv_heads ({self.num_kv_heads}) must divide model.num_heads "
+                         f"({self.num_heads}); choose a divisor such as {_nearest_divisor(self.num_heads, self.num_kv_heads)}")
+        if self.rope_theta <= 0:
+            found.append(f"model.rope_theta ({self.rope_theta}) must be > 0; Llama uses 10000 or 500000")
+        return found
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are packed into fixed-length sequences."""
+
+    source: str = "corpus"
+    """corpus: the bundled public-domain text, byte tokens; synthetic: random tokens; tokens: a token file."""
+    path: Optional[str] = None
+    """For source=tokens: a flat binary (.bin) or .npy file of token ids."""
+    token_dtype: str = "uint16"
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    """Sequences per worker per forward pass."""
+    holdout_fraction: float = 0.05
+    """Tail of the token stream kept out of training, for evaluation."""
+
+    def problems(self) -> List[str]:
+        found = _positive(self, "data", ["seq_len", "micro_batch_size"])
+        if self.source not in DATA_SOURCES:
+            found.append(f"data.source ({self.source!r}) must be one of {', '.join(DATA_SOURCES)}")
+        if self.source == "tokens" and not self.path:
+            found.append("data.path is required when data.source=tokens; set data.path=/path/to/tokens.bin")
+        if self.token_dtype not in TOKEN_DTYPES:
+            found.append(f"data.token_dtype ({self.token_dtype!r}) must be one of {', '.join(TOKEN_DTYPES)}")
+        if self.seq_len > 0 and self.seq_len % TOKEN_BLOCK:
+            lower = max(TOKEN_BLOCK, self.seq_len // TOKEN_BLOCK * TOKEN_BLOCK)
+            found.append(f"data.seq_len ({self.seq_len}) must be a multiple of {TOKEN_BLOCK} (the token block); "
+                         f"use {lower} or {lower + TOKEN_BLOCK}")
+        if not 0.0 <= self.holdout_fraction < 0.5:
+            found.append(f"data.holdout_fraction ({self.holdout_fraction}) must be in [0, 0.5)")
+        return found
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+
+    def problems(self) -> List[str]:
+        found = []
+        if self.lr <= 0:
+            found.append(f"optim.lr ({self.lr}) must be > 0; a typical value is 3e-4")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            found.append(f"optim.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
+        if self.warmup_steps < 0:
+            found.append(f"optim.warmup_steps ({self.warmup_steps}) must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                found.append(f"optim.{key} ({getattr(self, key)}) must be in [0, 1)")
+        if self.grad_clip < 0:
+            found.append(f"optim.grad_clip ({self.grad_clip}) must be >= 0 (0 disables clipping)")
+        return found
+
+
+@dataclass
+class TrainConfig:
+    """The training loop and its DeepSpeed engine."""
+
+    max_steps: int = 200
+    """Optimizer steps in the whole run (a resumed run continues up to this number)."""
+    grad_accum_steps: int = 1
+    zero_stage: int = 2
+    precision: str = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    seed: int = 1234
+    log_every_steps: int = 10
+    max_failures: int = 0
+    """Times Ray restarts the worker group after a worker dies (it resumes from the latest checkpoint)."""
+    deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
+    """Escape hatch: keys merged last into the generated DeepSpeed config (see README)."""
+
+    def problems(self) -> List[str]:
+        found = _positive(self, "train", ["max_steps", "grad_accum_steps", "log_every_steps"])
+        if self.zero_stage not in (0, 1, 2, 3):
+            found.append(f"train.zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        if self.precision not in PRECISIONS:
+            found.append(f"train.precision ({self.precision!r}) must be one of {', '.join(PRECISIONS)}")
+        if self.max_failures < 0:
+            found.append(f"train.max_failures ({self.max_failures}) must be >= 0 (-1 is not supported)")
+        return found
+
+
+@dataclass
+class CheckpointConfig:
+    """When DeepSpeed checkpoints are written into the run directory, and how many are kept."""
+
+    every_steps: int = 100
+    """0 writes only the final checkpoint."""
+    keep_last: int = 2
+    at_end: bool = True
+
+    def problems(self) -> List[str]:
+        found = []
+        if self.every_steps < 0:
+            found.append(f"checkpoint.every_steps ({self.every_steps}) must be >= 0 (0: only at the end)")
+        if self.keep_last < 1:
+            found.append(f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
+        return found
+
+
+@dataclass
+class ClusterConfig:
+    """Where the workers run: a local Ray started on loopback, or an existing cluster."""
+
+    address: str = "local"
+    """local: start a private Ray on 127.0.0.1; auto or ray://HOST:10001: connect to a running cluster."""
+    num_workers: int = 2
+    use_gpu: Optional[bool] = None
+    """None: use GPUs when the driver sees CUDA."""
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 1
+
+    def problems(self) -> List[str]:
+        found = _positive(self, "cluster", ["num_workers", "cpus_per_worker", "gpus_per_worker"])
+        if not (self.address in ("local", "auto") or self.address.startswith("ray://")
+                or ":" in self.address):
+            found.append(f"cluster.address ({self.address!r}) must be local, auto, ray://HOST:PORT or HOST:PORT")
+        return found
+
+
+@dataclass
+class MetricsConfig:
+    """How throughput and MFU are measured and reported."""
+
+    hardware_profile: str = "auto"
+    """A name in profiles/hardware/ (h100_sxm, h200, a100_80g, a800, cpu) or auto: detected from the device."""
+    warmup_steps: int = 3
+    """Steps excluded from the summary's throughput and MFU (compilation, allocator warm-up)."""
+
+    def problems(self) -> List[str]:
+        if self.warmup_steps < 0:
+            return [f"metrics.warmup_steps ({self.warmup_steps}) must be >= 0"]
+        return []
+
+
+@dataclass
+class RunConfig:
+    """Naming and placement of the run directory (checkpoints, metrics JSONL, logs)."""
+
+    name: str = "default"
+    root: str = "runs"
+    dir: Optional[str] = None
+    """Explicit run directory; default: ROOT/NAME-YYYYmmdd-HHMMSS."""
+
+    def problems(self) -> List[str]:
+        if not self.name or "/" in self.name:
+            return [f"run.name ({self.name!r}) must be a non-empty name without '/'"]
+        return []
+
+
+@dataclass
+class JobConfig:
+    """One training job: the only thing a user writes."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    resume: Optional[str] = None
+    """auto (latest complete checkpoint of the newest run of this name), a run directory, or CHECKPOINT_DIR[:TAG]."""
+
+    def __post_init__(self) -> None:
+        found = []
+        for section in (self.run, self.model, self.data, self.optim, self.train, self.checkpoint,
+                        self.cluster, self.metrics):
+            found += section.problems()
+        found += self._cross_section_problems()
+        if found:
+            raise ConfigError("; ".join(found))
+
+    def _cross_section_problems(self) -> List[str]:
+        found = []
+        if self.data.source == "corpus" and self.model.vocab_size < 256:
+            found.append(f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for data.source=corpus "
+                         "(byte tokens); set model.vocab_size=256")
+        if self.optim.warmup_steps >= self.train.max_steps > 0:
+            found.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.max_steps "
+                         f"({self.train.max_steps}); lower the warm-up or train longer")
+        return found
+
+
+def _positive(section: Any, prefix: str, keys: List[str]) -> List[str]:
+    return [f"{prefix}.{key} ({getattr(section, key)}) must be a positive integer"
+            for key in keys if getattr(section, key) <= 0]
+
+
+def _nearest_divisor(total: int, wanted: int) -> int:
+    divisors = [d for d in range(1, total + 1) if total % d == 0]
+    return min(divisors, key=lambda d: (abs(d - wanted), d))

@@ -1,0 +1,113 @@
+"""Analytic FLOPs, MFU and memory readings for one training step of one rank.
+
+Why analytic FLOPs: MFU must not depend on what a technique recomputes (recompute raises hardware FLOPs, not
+model FLOPs), so it is computed from the model shape. Convention: every weight matmul counts 2 FLOPs per
+multiply-add (the LM head included, the embedding lookup not); attention scores and the weighted sum count
+4 * seq_len * hidden FLOPs per token per layer forward over the full square (`causal_halved=False`) or half of
+it (`causal_halved=True`, what a causal kernel actually does); training = 3 x forward. We report both MFUs,
+labelled, because papers differ (MEMO's and Megatron's figures use different conventions).
+"""
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict
+
+import torch
+
+from orchestrator.config import ModelConfig
+
+GIB = 1024**3
+
+
+def matmul_params(model: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: all layers' projections plus the LM head."""
+    kv_dim = model.num_kv_heads * model.head_dim
+    attention = 2 * model.hidden_size * model.hidden_size + 2 * model.hidden_size * kv_dim
+    mlp = 3 * model.hidden_size * model.intermediate_size
+    return model.num_layers * (attention + mlp) + model.hidden_size * model.vocab_size
+
+
+def training_flops_per_token(model: ModelConfig, seq_len: int, causal_halved: bool = True) -> float:
+    """Model FLOPs of forward + backward for one token of a seq_len-long sequence."""
+    attention_forward = 4 * seq_len * model.hidden_size * model.num_layers
+    if causal_halved:
+        attention_forward /= 2
+    return 3.0 * (2 * matmul_params(model) + attention_forward)
+
+
+@dataclass
+class StepReading:
+    """What one rank measured in one optimizer step (the row every rank contributes)."""
+
+    step: int
+    rank: int
+    node: str
+    loss: float
+    lr: float
+    step_seconds: float
+    tokens: int
+    tokens_per_second: float
+    tflops: float
+    mfu: float
+    mfu_full_attention: float
+    peak_allocated_gib: float
+    peak_reserved_gib: float
+    host_rss_gib: float
+    swap_host_gib: float = 0.0
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+
+class StepMeter:
+    """Times steps on one rank and turns token counts into TFLOP/s and MFU against the profile's peak."""
+
+    def __init__(self, model: ModelConfig, seq_len: int, peak_tflops: float, rank: int, node: str):
+        self.flops_per_token = training_flops_per_token(model, seq_len, causal_halved=True)
+        self.flops_per_token_full = training_flops_per_token(model, seq_len, causal_halved=False)
+        self.peak_tflops = peak_tflops
+        self.rank, self.node = rank, node
+        self._started = 0.0
+
+    def start(self) -> None:
+        _synchronize()
+        self._started = time.perf_counter()
+
+    def stop(self, step: int, loss: float, lr: float, tokens: int) -> StepReading:
+        _synchronize()
+        seconds = max(time.perf_counter() - self._started, 1e-9)
+        tflops = self.flops_per_token * tokens / seconds / 1e12
+        tflops_full = self.flops_per_token_full * tokens / seconds / 1e12
+        allocated, reserved = device_peak_memory_gib()
+        return StepReading(step=step, rank=self.rank, node=self.node, loss=loss, lr=lr, step_seconds=seconds,
+                           tokens=tokens, tokens_per_second=tokens / seconds, tflops=tflops,
+                           mfu=tflops / self.peak_tflops, mfu_full_attention=tflops_full / self.peak_tflops,
+                           peak_allocated_gib=allocated, peak_reserved_gib=reserved,
+                           host_rss_gib=host_peak_rss_gib())
+
+
+def device_peak_memory_gib() -> tuple:
+    """Peak (allocated, reserved) GiB on the current CUDA device; (0, 0) on CPU."""
+    if not torch.cuda.is_available():
+        return 0.0, 0.0
+    return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+
+
+def host_peak_rss_gib() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (GIB if sys.platform == "darwin" else 1024**2)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Distinct parameters of the model, from its shape alone (no weights are allocated)."""
+    norms = (2 * model.num_layers + 1) * model.hidden_size
+    embedding = 0 if model.tie_embeddings else model.vocab_size * model.hidden_size
+    return matmul_params(model) + embedding + norms

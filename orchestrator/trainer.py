@@ -1,0 +1,143 @@
+"""The training loop of one worker: build the model and DeepSpeed engine, resume, step, measure, checkpoint.
+
+Why it knows nothing of Ray: the launcher hands each worker a `WorkerInfo` and a `publish` callback, so the
+same loop runs under Ray Train, in a test's process group, or under a plain `deepspeed` launcher.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.checkpoint import CheckpointManager, latest_complete_tag
+from orchestrator.config import JobConfig
+from orchestrator.data import RankSampler, build_windows
+from orchestrator.ds_config import deepspeed_config, resolve_precision
+from orchestrator.metrics import StepMeter
+from orchestrator.model import LlamaModel
+from planner.hardware import detect_profile_name, load_profile
+
+
+@dataclass
+class WorkerInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    node: str
+
+
+@dataclass
+class CheckpointRef:
+    """A checkpoint outside this run to start from: DIR holding TAG."""
+
+    dir: str
+    tag: str
+
+
+Publish = Callable[[Dict[str, Any]], None]
+
+
+def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
+          initial: Optional[CheckpointRef] = None) -> Dict[str, Any]:
+    """Train to `job.train.max_steps`, resuming from this run's latest complete checkpoint if there is one."""
+    import deepspeed  # imported here: slow, and only workers need it
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    use_cuda = torch.cuda.is_available()
+    _set_device_and_threads(worker, use_cuda, job.cluster.cpus_per_worker)
+    torch.manual_seed(job.train.seed)  # identical initial weights on every rank
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    model = LlamaModel(job.model)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                   config=deepspeed_config(job, use_cuda))
+    sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
+                          job.data.micro_batch_size, worker.rank, worker.world_size, job.train.seed)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier)
+    start_step = _resume(engine, checkpoints, sampler, initial, publish if worker.rank == 0 else None)
+    torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
+    meter = _build_meter(job, worker, use_cuda)
+    for step in range(start_step + 1, job.train.max_steps + 1):
+        loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter)
+        reading = meter.stop(step, loss, scheduler.get_last_lr()[0], _tokens_per_step(job))
+        _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
+        if _checkpoint_due(job, step):
+            path = checkpoints.save(engine, step, {"step": step}, {"data": sampler.state()})
+            if worker.rank == 0:
+                publish({"kind": "checkpoint", "step": step, "path": str(path)})
+    return {"rank": worker.rank, "start_step": start_step, "final_step": job.train.max_steps}
+
+
+def _set_device_and_threads(worker: WorkerInfo, use_cuda: bool, cpus_per_worker: int) -> None:
+    if use_cuda:
+        torch.cuda.set_device(worker.local_rank)
+    else:
+        torch.set_num_threads(cpus_per_worker)
+    os.environ.setdefault("LOCAL_RANK", str(worker.local_rank))
+
+
+def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, initial: Optional[CheckpointRef],
+            publish: Optional[Publish]) -> int:
+    own = latest_complete_tag(checkpoints.dir)
+    if own is None and initial is None:
+        return 0
+    source = checkpoints.dir if own else Path(initial.dir)
+    tag = own or initial.tag
+    state = checkpoints.load(engine, tag, source)
+    if "data" in state:
+        sampler.load_state(state["data"])
+    step = int(state.get("step", 0))
+    if publish:
+        publish({"kind": "resumed", "step": step, "path": str(source / tag)})
+    return step
+
+
+def _build_meter(job: JobConfig, worker: WorkerInfo, use_cuda: bool) -> StepMeter:
+    name = job.metrics.hardware_profile
+    if name == "auto":
+        name = detect_profile_name(torch.cuda.get_device_name() if use_cuda else None)
+    profile = load_profile(name)
+    peak = profile.peak_tflops(resolve_precision(job.train.precision, use_cuda))
+    return StepMeter(job.model, job.data.seq_len, peak, worker.rank, worker.node)
+
+
+def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: StepMeter) -> float:
+    """One optimizer step (grad_accum_steps micro-batches); starts after a barrier so stragglers show."""
+    dist.barrier()
+    meter.start()
+    total = torch.zeros((), device=engine.device)
+    for _ in range(grad_accum_steps):
+        inputs, targets = (t.to(engine.device) for t in sampler.next_batch())
+        loss = engine(inputs, targets=targets)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float()
+    return (total / grad_accum_steps).item()
+
+
+def _tokens_per_step(job: JobConfig) -> int:
+    return job.data.micro_batch_size * job.data.seq_len * job.train.grad_accum_steps
+
+
+def _log_due(job: JobConfig, step: int, start_step: int) -> bool:
+    """Log the first step of a (resumed) run, every log_every_steps, and the last step."""
+    return step == start_step + 1 or step % job.train.log_every_steps == 0 or step == job.train.max_steps
+
+
+def _publish_step(worker: WorkerInfo, reading, publish: Publish, full_report: bool) -> None:
+    """Every step: a tick for the progress bar; on log steps: all ranks' readings, gathered on rank 0."""
+    if full_report:
+        rows = [None] * worker.world_size
+        dist.all_gather_object(rows, reading.as_dict())
+        if worker.rank == 0:
+            publish({"kind": "step", "step": reading.step, "rows": rows})
+    elif worker.rank == 0:
+        publish({"kind": "tick", "step": reading.step, "loss": reading.loss})
+
+
+def _checkpoint_due(job: JobConfig, step: int) -> bool:
+    every = job.checkpoint.every_steps
+    return bool(every and step % every == 0) or (job.checkpoint.at_end and step == job.train.max_steps)

@@ -1,0 +1,1 @@
+"""Pure-CPU planning: hardware profiles, cost model, MIPs, plan files (no torch.distributed, ray or deepspeed)."""

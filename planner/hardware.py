@@ -1,0 +1,87 @@
+"""Hardware profiles: the measured and datasheet facts a plan and an MFU figure are computed against.
+
+Why files, not constants: a plan made on a laptop must name the machine it was made for, and `longtrain
+profile hardware` replaces datasheet guesses by measurements without touching code. Field names carry units.
+"""
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import yaml
+
+from orchestrator.errors import ProfileError
+
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles" / "hardware"
+GPU_NAME_TO_PROFILE = (("H200", "h200"), ("H100", "h100_sxm"), ("A800", "a800"), ("A100", "a100_80g"))
+
+
+@dataclass
+class MeasuredRates:
+    """Achieved rates on this hardware (empty for a datasheet-only profile)."""
+
+    matmul_bf16_tflops: Optional[float] = None
+    attention_fwd_bwd_tflops_by_seq_len: Dict[int, float] = field(default_factory=dict)
+    layer_fwd_bwd_tflops_by_seq_len: Dict[int, float] = field(default_factory=dict)
+    layer_saved_bytes_per_token: Optional[float] = None
+    pcie_pinned_gbps_each_way: Optional[float] = None
+    pcie_pinned_gbps_both_ways: Optional[float] = None
+    pcie_pageable_gbps: Optional[float] = None
+
+
+@dataclass
+class HardwareProfile:
+    name: str
+    description: str
+    source: str
+    device_kind: str
+    devices_per_node: int
+    device_memory_gib: float
+    host_memory_gib: float
+    peak_bf16_tflops: float
+    peak_fp32_tflops: float
+    measured: MeasuredRates = field(default_factory=MeasuredRates)
+
+    def peak_tflops(self, precision: str) -> float:
+        """Peak per device for the training precision (bf16 or fp32)."""
+        return self.peak_bf16_tflops if precision == "bf16" else self.peak_fp32_tflops
+
+
+def load_profile(name_or_path: Union[str, Path]) -> HardwareProfile:
+    """A profile by name (profiles/hardware/NAME.yaml) or by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+        raise ProfileError(f"hardware profile {name_or_path!r} not found ({path}); known profiles: {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    return _from_mapping(raw, path)
+
+
+def detect_profile_name(cuda_device_name: Optional[str]) -> str:
+    """The shipped profile for a CUDA device name, `cpu` without CUDA; unknown GPUs fall back to h100_sxm."""
+    if cuda_device_name is None:
+        return "cpu"
+    for marker, name in GPU_NAME_TO_PROFILE:
+        if marker in cuda_device_name:
+            return name
+    return "h100_sxm"
+
+
+def _from_mapping(raw: dict, path: Path) -> HardwareProfile:
+    measured = raw.pop("measured", None) or {}
+    _check_keys(raw, HardwareProfile, path, "")
+    _check_keys(measured, MeasuredRates, path, "measured.")
+    missing = [f.name for f in fields(HardwareProfile) if f.name not in raw and f.name != "measured"]
+    if missing:
+        raise ProfileError(f"hardware profile {path} lacks {', '.join(missing)}; add them (units in the names)")
+    return HardwareProfile(**raw, measured=MeasuredRates(**measured))
+
+
+def _check_keys(raw: dict, schema: type, path: Path, prefix: str) -> None:
+    known = {f.name for f in fields(schema)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ProfileError(f"hardware profile {path} has unknown key {prefix}{unknown[0]}; "
+                           f"known keys: {', '.join(sorted(known))}")
