@@ -1,0 +1,79 @@
+"""The Llama-style decoder: preset sizes, causality, grouped-query attention, RoPE."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orchestrator.config import MODEL_PRESETS, ModelConfig
+from orchestrator.metrics import parameter_count
+from orchestrator.model import Attention, LlamaModel, apply_rope, count_parameters, rope_tables
+
+PUBLISHED_PARAMETER_COUNTS = {"llama-7b": 6_738_415_616, "llama3-8b": 8_030_261_248, "llama-1b": 1_235_814_400}
+
+
+@pytest.mark.parametrize("preset,expected", PUBLISHED_PARAMETER_COUNTS.items())
+def test_presets_have_the_published_parameter_counts(preset, expected):
+    assert parameter_count(ModelConfig(**MODEL_PRESETS[preset])) == expected
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_shape_formula_matches_the_module(debug_model_config, tie):
+    debug_model_config.tie_embeddings = tie
+    assert count_parameters(LlamaModel(debug_model_config)) == parameter_count(debug_model_config)
+
+
+def test_logits_shape_and_finite_loss(debug_model_config):
+    model = LlamaModel(debug_model_config)
+    tokens = torch.randint(0, debug_model_config.vocab_size, (2, 128))
+    assert model(tokens).shape == (2, 128, debug_model_config.vocab_size)
+    targets = torch.randint(0, debug_model_config.vocab_size, (2, 128))
+    loss = model(tokens, targets=targets)  # at init, about uniform over the vocabulary
+    assert math.isclose(loss.item(), math.log(debug_model_config.vocab_size), rel_tol=0.05)
+
+
+def test_future_tokens_do_not_change_past_logits(debug_model_config):
+    torch.manual_seed(0)
+    model = LlamaModel(debug_model_config)
+    tokens = torch.randint(0, 256, (1, 64))
+    changed = tokens.clone()
+    changed[0, 40:] = (changed[0, 40:] + 1) % 256
+    before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[:, :40], after[:, :40])
+    assert not torch.allclose(before[:, 40:], after[:, 40:])
+
+
+def test_grouped_query_attention_equals_attention_with_repeated_kv_heads(debug_model_config):
+    torch.manual_seed(0)
+    attention = Attention(debug_model_config)
+    x = torch.randn(2, 32, debug_model_config.hidden_size)
+    cos, sin = rope_tables(torch.arange(32), debug_model_config.head_dim, 10000.0, x.dtype)
+    head, groups = debug_model_config.head_dim, debug_model_config.num_heads // debug_model_config.num_kv_heads
+    q = apply_rope(attention.q_proj(x).view(2, 32, -1, head).transpose(1, 2), cos, sin)
+    k = apply_rope(attention.k_proj(x).view(2, 32, -1, head).transpose(1, 2), cos, sin)
+    v = attention.v_proj(x).view(2, 32, -1, head).transpose(1, 2)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(head)
+    scores = scores.masked_fill(torch.ones(32, 32, dtype=torch.bool).triu(1), float("-inf"))
+    reference = attention.o_proj((F.softmax(scores, -1) @ v).transpose(1, 2).reshape(2, 32, -1))
+    torch.testing.assert_close(attention(x, cos, sin), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(query_pos, key_pos):
+        cos, sin = rope_tables(torch.tensor([query_pos, key_pos]), 16, 10000.0, torch.float32)
+        rq = apply_rope(q, cos[:1], sin[:1])
+        rk = apply_rope(k, cos[1:], sin[1:])
+        return (rq * rk).sum().item()
+
+    assert math.isclose(score(10, 3), score(107, 100), rel_tol=1e-4)
+    assert not math.isclose(score(10, 3), score(10, 4), rel_tol=1e-3)
+
+
+def test_tied_embeddings_share_one_tensor(debug_model_config):
+    model = LlamaModel(debug_model_config)
+    assert model.lm_head.weight is model.embed.weight
