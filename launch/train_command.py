@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from launch.cli import EXIT_RUN_FAILED, resume_command
 from launch.rundir import place_run
 from orchestrator.config import JobConfig, job_to_yaml, load_job_config
-from orchestrator.metrics import parameter_count
+from planner.flops import parameter_count
 
 
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:

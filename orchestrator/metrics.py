@@ -1,11 +1,8 @@
 """Analytic FLOPs, MFU and memory readings for one training step of one rank.
 
 Why analytic FLOPs: MFU must not depend on what a technique recomputes (recompute raises hardware FLOPs, not
-model FLOPs), so it is computed from the model shape. Convention: every weight matmul counts 2 FLOPs per
-multiply-add (the LM head included, the embedding lookup not); attention scores and the weighted sum count
-4 * seq_len * hidden FLOPs per token per layer forward over the full square (`causal_halved=False`) or half of
-it (`causal_halved=True`, what a causal kernel actually does); training = 3 x forward. We report both MFUs,
-labelled, because papers differ (MEMO's and Megatron's figures use different conventions).
+model FLOPs), so it is computed from the model shape (`planner.flops`, which states the convention). We report
+both MFUs, causal-halved and full-attention, labelled, because papers differ.
 """
 
 import resource
@@ -17,24 +14,9 @@ from typing import Dict
 import torch
 
 from orchestrator.config import ModelConfig
+from planner.flops import training_flops_per_token
 
 GIB = 1024**3
-
-
-def matmul_params(model: ModelConfig) -> int:
-    """Weights that take part in a matmul per token: all layers' projections plus the LM head."""
-    kv_dim = model.num_kv_heads * model.head_dim
-    attention = 2 * model.hidden_size * model.hidden_size + 2 * model.hidden_size * kv_dim
-    mlp = 3 * model.hidden_size * model.intermediate_size
-    return model.num_layers * (attention + mlp) + model.hidden_size * model.vocab_size
-
-
-def training_flops_per_token(model: ModelConfig, seq_len: int, causal_halved: bool = True) -> float:
-    """Model FLOPs of forward + backward for one token of a seq_len-long sequence."""
-    attention_forward = 4 * seq_len * model.hidden_size * model.num_layers
-    if causal_halved:
-        attention_forward /= 2
-    return 3.0 * (2 * matmul_params(model) + attention_forward)
 
 
 @dataclass
@@ -105,9 +87,3 @@ def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
-
-def parameter_count(model: ModelConfig) -> int:
-    """Distinct parameters of the model, from its shape alone (no weights are allocated)."""
-    norms = (2 * model.num_layers + 1) * model.hidden_size
-    embedding = 0 if model.tie_embeddings else model.vocab_size * model.hidden_size
-    return matmul_params(model) + embedding + norms

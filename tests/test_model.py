@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.config import MODEL_PRESETS, ModelConfig
-from orchestrator.metrics import parameter_count
-from orchestrator.model import Attention, LlamaModel, apply_rope, count_parameters, rope_tables
+from planner.flops import parameter_count
+from orchestrator.model import (Attention, LlamaModel, _RMSNormFunction, apply_rope, count_parameters,
+                                rope_tables)
 
 PUBLISHED_PARAMETER_COUNTS = {"llama-7b": 6_738_415_616, "llama3-8b": 8_030_261_248, "llama-1b": 1_235_814_400}
 
@@ -77,3 +78,26 @@ def test_rope_scores_depend_only_on_relative_position():
 def test_tied_embeddings_share_one_tensor(debug_model_config):
     model = LlamaModel(debug_model_config)
     assert model.lm_head.weight is model.embed.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_gradients_match_plain_autograd(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, 64).to(dtype)
+    weight = torch.empty(64).uniform_(0.5, 1.5).to(dtype)
+    grad = torch.randn(3, 17, 64)
+
+    def plain(inp, w):
+        x32 = inp.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(inp) * w
+
+    def run(fn):
+        inp, w = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fn(inp, w)
+        (out.float() * grad).sum().backward()
+        return out, inp.grad, w.grad
+
+    ours = run(lambda inp, w: _RMSNormFunction.apply(inp, w, 1e-5))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    for mine, reference in zip(ours, run(plain)):
+        torch.testing.assert_close(mine.float(), reference.float(), **tol)

@@ -202,6 +202,40 @@ class MetricsConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the sequence is split across GPUs (DeepSpeed Ulysses); the rest of the workers are data parallel."""
+
+    sp_degree: int = 1
+    """GPUs that share one sequence (Ulysses sequence parallel); 1 disables it."""
+
+    def problems(self) -> List[str]:
+        return _positive(self, "parallel", ["sp_degree"])
+
+
+@dataclass
+class PlanConfig:
+    """What `longtrain plan` may use and how long it may search."""
+
+    gpu_memory_fraction: float = 0.9
+    """Share of the device memory the plan may fill (the rest: CUDA context, NCCL and allocator slack)."""
+    host_memory_fraction: float = 0.8
+    """Share of a node's host memory that swapped activations may use (split evenly over its GPUs)."""
+    allow_approximate: bool = False
+    """Let the planner pick approximate techniques (int8 / int4 activation compression) when exact ones do not fit."""
+    time_limit_seconds: float = 5.0
+    """Per MIP; the best solution found so far is kept when the limit is hit."""
+
+    def problems(self) -> List[str]:
+        found = []
+        for key in ("gpu_memory_fraction", "host_memory_fraction"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                found.append(f"plan.{key} ({getattr(self, key)}) must be in (0, 1]")
+        if self.time_limit_seconds <= 0:
+            found.append(f"plan.time_limit_seconds ({self.time_limit_seconds}) must be > 0")
+        return found
+
+
+@dataclass
 class RunConfig:
     """Naming and placement of the run directory (checkpoints, metrics JSONL, logs)."""
 
@@ -227,14 +261,16 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     resume: Optional[str] = None
     """auto (latest complete checkpoint of the newest run of this name), a run directory, or CHECKPOINT_DIR[:TAG]."""
 
     def __post_init__(self) -> None:
         found = []
         for section in (self.run, self.model, self.data, self.optim, self.train, self.checkpoint,
-                        self.cluster, self.metrics):
+                        self.cluster, self.parallel, self.metrics, self.plan):
             found += section.problems()
         found += self._cross_section_problems()
         if found:
@@ -245,9 +281,26 @@ class JobConfig:
         if self.data.source == "corpus" and self.model.vocab_size < 256:
             found.append(f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for data.source=corpus "
                          "(byte tokens); set model.vocab_size=256")
+        found += self._parallel_problems()
         if self.optim.warmup_steps >= self.train.max_steps > 0:
             found.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.max_steps "
                          f"({self.train.max_steps}); lower the warm-up or train longer")
+        return found
+
+
+    def _parallel_problems(self) -> List[str]:
+        sp, found = self.parallel.sp_degree, []
+        if sp <= 1:
+            return found
+        if self.data.seq_len % (TOKEN_BLOCK * sp):
+            found.append(f"data.seq_len ({self.data.seq_len}) must be divisible by {TOKEN_BLOCK}*parallel.sp_degree "
+                         f"({TOKEN_BLOCK * sp}); change data.seq_len or parallel.sp_degree")
+        if self.model.num_heads % sp or self.model.num_kv_heads % sp:
+            found.append(f"parallel.sp_degree ({sp}) must divide model.num_heads ({self.model.num_heads}) and "
+                         f"model.num_kv_heads ({self.model.num_kv_heads}) (Ulysses splits heads)")
+        if self.cluster.num_workers % sp:
+            found.append(f"cluster.num_workers ({self.cluster.num_workers}) must be a multiple of "
+                         f"parallel.sp_degree ({sp})")
         return found
 
 

@@ -1,0 +1,192 @@
+"""Cost model of one decoder layer and of the whole job on one GPU: time, saved bytes, static memory.
+
+Why this granularity: the planner decides per layer (a token fraction alpha, a few binaries), so it needs, per
+layer and sequence length, (1) forward, backward and recompute times from FLOPs and the profile's achieved rates,
+(2) the bytes of every saved activation per token, split into MEMO's classes, and (3) the memory that does not
+depend on the plan (weights, gradients, optimizer states by ZeRO stage, LM head and loss buffers).
+
+Saved-activation classes (MEMO): *skeletal* tensors are kept for every token because recomputing them would
+repeat the quadratic attention (layer input, attention output, its log-sum-exp); *token-wise* tensors (norm outputs,
+q/k/v, MLP intermediates) are, per layer, swapped to host for a fraction alpha of the tokens and recomputed from the
+layer input for the rest. Times use the causal-halved attention FLOPs (what the kernel executes).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List
+
+from orchestrator.config import MODEL_PRESETS, JobConfig, ModelConfig
+from planner.flops import (attention_forward_flops_per_token, layer_matmul_params, parameter_count,
+                           training_flops_per_token)
+from planner.hardware import HardwareProfile
+
+DEFAULT_MATMUL_EFFICIENCY = 0.75
+"""Achieved / peak matmul rate assumed when a profile has no measurement (H100 measured 743/989 = 0.75)."""
+DEFAULT_ATTENTION_EFFICIENCY = 0.55
+DEFAULT_LAYER_OVERHEAD = 1.2
+"""Layer time / (matmul time + attention time): norms, RoPE, SwiGLU and copies are memory-bound extras."""
+BACKWARD_TO_FORWARD = 2.0
+LOSS_CHUNK_TOKENS = 8192
+"""Tokens per LM-head + cross-entropy segment (the full tokens x vocab logits never exist)."""
+ZERO_BUCKET_ELEMENTS = 2e8
+"""DeepSpeed reduce / all-gather bucket size the runtime sets (elements)."""
+CUDA_WORKSPACE_BYTES = 1.5 * 2**30
+"""cuBLAS / flash workspaces and NCCL buffers the caching allocator holds besides tensors."""
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    name: str
+    bytes_per_token: float
+    skeletal: bool
+
+
+def layer_saved_tensors(model: ModelConfig, bytes_per_element: int) -> List[SavedTensor]:
+    """What one decoder layer saves for backward, per token on this GPU (Ulysses keeps per-GPU bytes equal)."""
+    h, kv, inter = model.hidden_size, model.num_kv_heads * model.head_dim, model.intermediate_size
+    e = bytes_per_element
+    skeletal = [("layer_input", h * e), ("attn_out", h * e), ("attn_lse", model.num_heads * 4)]
+    # The output projection's input is a view of attn_out (SDPA writes B,S,H,D), so it costs nothing extra.
+    token_wise = [("attn_norm_out", h * e), ("q", h * e), ("k", kv * e), ("v", kv * e), ("attn_residual", h * e), ("mlp_norm_out", h * e), ("gate", inter * e), ("up", inter * e),
+                  ("silu_gate", inter * e), ("gated", inter * e)]
+    return ([SavedTensor(n, b, True) for n, b in skeletal] + [SavedTensor(n, b, False) for n, b in token_wise])
+
+
+@dataclass
+class LayerCost:
+    """One layer on one GPU for one micro-batch: seconds and bytes."""
+
+    forward_seconds: float
+    backward_seconds: float
+    recompute_seconds: float
+    """Recomputing every token's token-wise tensors (the linear part of the forward, no attention)."""
+    skeletal_bytes: float
+    token_wise_bytes: float
+    tensors: List[SavedTensor]
+    tokens: int
+
+
+@dataclass
+class StaticMemory:
+    """Per-GPU bytes that do not depend on the activation plan."""
+
+    parameters: float
+    gradients: float
+    optimizer_states: float
+    buffers: float
+    head_and_loss: float
+    embedding_activations: float
+
+    @property
+    def total(self) -> float:
+        return (self.parameters + self.gradients + self.optimizer_states + self.buffers + self.head_and_loss
+                + self.embedding_activations)
+
+    def as_gib(self) -> Dict[str, float]:
+        return {k: v / 2**30 for k, v in vars(self).items()}
+
+
+class CostModel:
+    """Times and bytes of a job on a hardware profile (per GPU, per micro-batch)."""
+
+    def __init__(self, job: JobConfig, profile: HardwareProfile, precision: str = "bf16"):
+        self.job, self.model, self.profile = job, job.model, profile
+        self.precision = precision
+        self.element_bytes = 2 if precision == "bf16" else 4
+        self.world_size = job.cluster.num_workers
+        self.sp_degree = job.parallel.sp_degree
+        self.tokens_per_gpu = job.data.seq_len * job.data.micro_batch_size // self.sp_degree
+        self.layer_overhead = fitted_layer_overhead(profile) or DEFAULT_LAYER_OVERHEAD
+
+    def matmul_tflops(self) -> float:
+        measured = self.profile.measured.matmul_bf16_tflops if self.precision == "bf16" else None
+        return measured or self.profile.peak_tflops(self.precision) * DEFAULT_MATMUL_EFFICIENCY
+
+    def attention_tflops(self, seq_len: int) -> float:
+        table = self.profile.measured.attention_fwd_bwd_tflops_by_seq_len if self.precision == "bf16" else {}
+        return interpolate_log(table, seq_len) or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY
+
+    def layer(self) -> LayerCost:
+        seq = self.job.data.seq_len
+        matmul_forward = 2.0 * layer_matmul_params(self.model) * self.tokens_per_gpu
+        attention_forward = attention_forward_flops_per_token(self.model, seq) * self.tokens_per_gpu
+        matmul_seconds = matmul_forward / (self.matmul_tflops() * 1e12) * self.layer_overhead
+        attention_seconds = attention_forward / (self.attention_tflops(seq) * 1e12) * self.layer_overhead
+        tensors = layer_saved_tensors(self.model, self.element_bytes)
+        return LayerCost(
+            forward_seconds=matmul_seconds + attention_seconds,
+            backward_seconds=BACKWARD_TO_FORWARD * (matmul_seconds + attention_seconds),
+            recompute_seconds=matmul_seconds,
+            skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * self.tokens_per_gpu,
+            token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * self.tokens_per_gpu,
+            tensors=tensors, tokens=self.tokens_per_gpu)
+
+    def static_memory(self, zero_stage: int) -> StaticMemory:
+        """Weights, gradients and Adam states by ZeRO stage (mixed precision: bf16 copies + fp32 master, m, v)."""
+        params = parameter_count(self.model)
+        n = self.world_size
+        low = self.element_bytes
+        master = 0 if self.precision == "fp32" else 4
+        optimizer = (master + 8) * params
+        parameters = low * params / (n if zero_stage >= 3 else 1)
+        gradients = low * params / (n if zero_stage >= 2 else 1)
+        optimizer_states = optimizer / (n if zero_stage >= 1 else 1)
+        buffers = (2 * ZERO_BUCKET_ELEMENTS * low if zero_stage >= 1 else 0) + CUDA_WORKSPACE_BYTES
+        return StaticMemory(parameters=parameters, gradients=gradients, optimizer_states=optimizer_states,
+                            buffers=buffers, head_and_loss=self.head_and_loss_bytes(),
+                            embedding_activations=2 * self.tokens_per_gpu * self.model.hidden_size * low)
+
+    def head_and_loss_bytes(self) -> float:
+        """Segmented LM head + cross-entropy: one chunk's logits (low precision + fp32 + fp32 gradient)."""
+        chunk = min(LOSS_CHUNK_TOKENS, self.tokens_per_gpu)
+        return chunk * self.model.vocab_size * (self.element_bytes + 8)
+
+    def step_flops_per_gpu(self) -> float:
+        """Model FLOPs of one optimizer step on one GPU (causal-halved), for MFU."""
+        tokens = self.tokens_per_gpu * self.job.train.grad_accum_steps
+        return training_flops_per_token(self.model, self.job.data.seq_len) * tokens
+
+    def head_seconds(self) -> float:
+        flops = 3 * 2.0 * self.model.hidden_size * self.model.vocab_size * self.tokens_per_gpu
+        return flops / (self.matmul_tflops() * 1e12)
+
+    def pcie_bytes_per_second(self) -> float:
+        gbps = self.profile.measured.pcie_pinned_gbps_each_way or default_pcie_gbps(self.profile)
+        return gbps * 1e9
+
+
+def interpolate_log(table: Dict[int, float], x: float) -> float:
+    """Piecewise-linear in log(x) through a {x: value} table, clamped at its ends; 0 for an empty table."""
+    if not table:
+        return 0.0
+    points = sorted((int(k), float(v)) for k, v in table.items())
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return points[-1][1]
+
+
+def fitted_layer_overhead(profile: HardwareProfile) -> float:
+    """The factor that makes the matmul + attention estimate match the profile's measured layer rates (they are
+    measured on a Llama-7B-shaped layer, so the fit uses that shape); averaged over sequence lengths; 0 if none."""
+    measured = profile.measured
+    model = ModelConfig(**MODEL_PRESETS["llama-7b"])
+    if not (measured.layer_fwd_bwd_tflops_by_seq_len and measured.matmul_bf16_tflops):
+        return 0.0
+    ratios = []
+    for seq, layer_tflops in measured.layer_fwd_bwd_tflops_by_seq_len.items():
+        matmul = 2.0 * layer_matmul_params(model)
+        attention = attention_forward_flops_per_token(model, int(seq))
+        ideal_seconds = 3 * (matmul / measured.matmul_bf16_tflops
+                             + attention / (interpolate_log(measured.attention_fwd_bwd_tflops_by_seq_len, seq)
+                                            or measured.matmul_bf16_tflops))
+        ratios.append((3 * (matmul + attention) / layer_tflops) / ideal_seconds)
+    return sum(ratios) / len(ratios)
+
+
+def default_pcie_gbps(profile: HardwareProfile) -> float:
+    """Without a measurement: a PCIe Gen4 x16 link's achieved pinned rate (Gen5 measured 55 GB/s on H100)."""
+    return 25.0

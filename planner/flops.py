@@ -1,0 +1,40 @@
+"""Analytic parameter and FLOP counts from a model shape (pure arithmetic, shared by planner and metrics).
+
+Convention: every weight matmul counts 2 FLOPs per multiply-add (the LM head included, the embedding lookup
+not); attention scores and the weighted sum count 4 * seq_len * hidden FLOPs per token per layer forward over
+the full square (`causal_halved=False`) or half of it (`causal_halved=True`, what a causal kernel does);
+training = 3 x forward. Recomputation never enters: these are model FLOPs.
+"""
+
+from orchestrator.config import ModelConfig
+
+
+def layer_matmul_params(model: ModelConfig) -> int:
+    """Weights of one decoder layer's projections (q, k, v, o, gate, up, down)."""
+    kv_dim = model.num_kv_heads * model.head_dim
+    attention = 2 * model.hidden_size * model.hidden_size + 2 * model.hidden_size * kv_dim
+    return attention + 3 * model.hidden_size * model.intermediate_size
+
+
+def matmul_params(model: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: all layers' projections plus the LM head."""
+    return model.num_layers * layer_matmul_params(model) + model.hidden_size * model.vocab_size
+
+
+def attention_forward_flops_per_token(model: ModelConfig, seq_len: int, causal_halved: bool = True) -> float:
+    """Score and weighted-sum FLOPs of one layer's attention forward, per token of a seq_len sequence."""
+    full = 4.0 * seq_len * model.hidden_size
+    return full / 2 if causal_halved else full
+
+
+def training_flops_per_token(model: ModelConfig, seq_len: int, causal_halved: bool = True) -> float:
+    """Model FLOPs of forward + backward for one token of a seq_len-long sequence."""
+    attention = model.num_layers * attention_forward_flops_per_token(model, seq_len, causal_halved)
+    return 3.0 * (2 * matmul_params(model) + attention)
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Distinct parameters of the model, from its shape alone (no weights are allocated)."""
+    norms = (2 * model.num_layers + 1) * model.hidden_size
+    embedding = 0 if model.tie_embeddings else model.vocab_size * model.hidden_size
+    return matmul_params(model) + embedding + norms
