@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     train.set_defaults(handler=_train)
+    plan = commands.add_parser("plan", help="make an offline memory plan (no GPU needed)",
+                               description="longtrain plan [CONFIG.yaml] [key=value ...] [--profile NAME] "
+                                           "[--out plan.yaml]; e.g. longtrain plan configs/llama7b_1m_8xa800.yaml")
+    plan.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    plan.add_argument("--profile", help="hardware profile name in profiles/hardware/ or a YAML path "
+                                        "(default: metrics.hardware_profile of the config)")
+    plan.add_argument("--out", help="plan file to write (default: plans/CONFIG_NAME.plan.yaml; PNG next to it)")
+    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    plan.set_defaults(handler=_plan)
     return parser
 
 
@@ -59,6 +68,13 @@ def _train(args: argparse.Namespace) -> int:
 
     config_path, overrides = split_config_and_overrides(args.args)
     return run_training(config_path, overrides)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from launch.plan_command import run_planning
+
+    config_path, overrides = split_config_and_overrides(args.args)
+    return run_planning(config_path, overrides, args.profile, args.out)
 
 
 def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:

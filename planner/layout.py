@@ -1,0 +1,151 @@
+"""MIP 2: static memory layout. Give every planned buffer a byte offset in one arena so that no two buffers
+alive at the same time overlap, with the arena as small as possible (dynamic storage allocation).
+
+Why: the caching allocator fragments at long context (a 10 GB hole left by one layer cannot hold the next
+layer's 11 GB tensor). Offsets fixed offline turn every planned allocation into a view of one preallocated buffer.
+The best-fit greedy placement is the start and the fallback; the MIP (a binary order per pair of buffers whose
+lifetimes overlap, big-M non-overlap constraints) runs only when the greedy is above the lower bound (the most
+bytes ever live at once), since matching the bound proves optimality.
+"""
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import pulp
+
+from planner.solver import make_solver, solve_quietly, solver_name, status_name
+
+ALIGN_BYTES = 512
+MAX_MIP_PAIRS = 4000
+"""Beyond this many overlapping pairs the MIP is not attempted (the greedy result is kept and reported)."""
+
+
+@dataclass
+class Buffer:
+    """A tensor's bytes over a lifetime [start, end) in event indices of a schedule."""
+
+    name: str
+    layer: int
+    size_bytes: int
+    start: int
+    end: int
+    offset_bytes: int = 0
+
+    def overlaps_in_time(self, other: "Buffer") -> bool:
+        return self.start < other.end and other.start < self.end
+
+
+@dataclass
+class LayoutResult:
+    buffers: List[Buffer]
+    arena_bytes: int
+    lower_bound_bytes: int
+    greedy_arena_bytes: int
+    solver: str
+    status: str
+    solve_seconds: float
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.arena_bytes / max(self.lower_bound_bytes, 1)
+
+    @property
+    def greedy_ratio(self) -> float:
+        return self.greedy_arena_bytes / max(self.lower_bound_bytes, 1)
+
+
+def align(size: float) -> int:
+    return int(-(-int(size) // ALIGN_BYTES) * ALIGN_BYTES)
+
+
+def lower_bound(buffers: Sequence[Buffer]) -> int:
+    """The most bytes live at any event: no layout can use less."""
+    events = sorted({b.start for b in buffers})
+    return max((sum(b.size_bytes for b in buffers if b.start <= t < b.end) for t in events), default=0)
+
+
+def best_fit(buffers: Sequence[Buffer]) -> Dict[int, int]:
+    """Offsets by index: larger and longer-lived buffers first, each at the lowest gap free during its life."""
+    order = sorted(range(len(buffers)), key=lambda i: (-buffers[i].size_bytes, buffers[i].start, i))
+    offsets: Dict[int, int] = {}
+    for i in order:
+        busy = sorted((offsets[j], offsets[j] + buffers[j].size_bytes) for j in offsets
+                      if buffers[i].overlaps_in_time(buffers[j]))
+        offsets[i] = _lowest_gap(busy, buffers[i].size_bytes)
+    return offsets
+
+
+def _lowest_gap(busy: List[tuple], size: int) -> int:
+    candidate = 0
+    for low, high in busy:
+        if candidate + size <= low:
+            return candidate
+        candidate = max(candidate, high)
+    return candidate
+
+
+def arena_size(buffers: Sequence[Buffer], offsets: Dict[int, int]) -> int:
+    return max((offsets[i] + b.size_bytes for i, b in enumerate(buffers)), default=0)
+
+
+def solve_layout(buffers: List[Buffer], time_limit_seconds: float) -> LayoutResult:
+    """Offsets for the buffers (written into them), greedy or MIP, whichever is smaller."""
+    started = time.perf_counter()
+    bound = lower_bound(buffers)
+    greedy = best_fit(buffers)
+    greedy_arena = arena_size(buffers, greedy)
+    offsets, solver, status, notes = greedy, "greedy best-fit", "optimal (meets the lower bound)", []
+    if greedy_arena > bound:
+        pairs = [(i, j) for i, j in itertools.combinations(range(len(buffers)), 2)
+                 if buffers[i].overlaps_in_time(buffers[j])]
+        if len(pairs) > MAX_MIP_PAIRS:
+            status = f"greedy kept (MIP skipped: {len(pairs)} overlapping pairs > {MAX_MIP_PAIRS})"
+        else:
+            found = _solve_mip(buffers, pairs, greedy_arena, time_limit_seconds)
+            solver, status = found["solver"], found["status"]
+            if found["offsets"] is not None and arena_size(buffers, found["offsets"]) < greedy_arena:
+                offsets = found["offsets"]
+            else:
+                notes.append("MIP found nothing better than the greedy start; greedy kept")
+    for i, buffer in enumerate(buffers):
+        buffer.offset_bytes = offsets[i]
+    return LayoutResult(buffers=buffers, arena_bytes=arena_size(buffers, offsets), lower_bound_bytes=bound,
+                        greedy_arena_bytes=greedy_arena, solver=solver, status=status,
+                        solve_seconds=time.perf_counter() - started, notes=notes)
+
+
+def _solve_mip(buffers: List[Buffer], pairs, big_m: int, time_limit_seconds: float) -> Dict:
+    """Integer offsets in units of ALIGN_BYTES (sizes are aligned), so the solution is exact, not rounded."""
+    assert all(b.size_bytes % ALIGN_BYTES == 0 for b in buffers), "layout buffers must be aligned"
+    units = [b.size_bytes // ALIGN_BYTES for b in buffers]
+    limit = big_m // ALIGN_BYTES
+    problem = pulp.LpProblem("memory_layout", pulp.LpMinimize)
+    offset = [pulp.LpVariable(f"o{i}", 0, limit - u, cat="Integer") for i, u in enumerate(units)]
+    arena = pulp.LpVariable("arena", 0, limit)
+    problem += arena
+    for i, u in enumerate(units):
+        problem += offset[i] + u <= arena
+    for i, j in pairs:
+        below = pulp.LpVariable(f"z{i}_{j}", cat="Binary")  # 1: i sits below j
+        problem += offset[i] + units[i] <= offset[j] + limit * (1 - below)
+        problem += offset[j] + units[j] <= offset[i] + limit * below
+    solver = make_solver(time_limit_seconds)
+    solve_quietly(problem, solver)
+    values = [v.value() for v in offset]
+    found: Optional[Dict[int, int]] = None
+    if all(v is not None for v in values):
+        found = {i: int(round(v)) * ALIGN_BYTES for i, v in enumerate(values)}
+        if not _valid(buffers, found):
+            found = None
+    return {"offsets": found, "solver": solver_name(solver), "status": status_name(problem)}
+
+
+def _valid(buffers: Sequence[Buffer], offsets: Dict[int, int]) -> bool:
+    for i, j in itertools.combinations(range(len(buffers)), 2):
+        if buffers[i].overlaps_in_time(buffers[j]):
+            if offsets[i] < offsets[j] + buffers[j].size_bytes and offsets[j] < offsets[i] + buffers[i].size_bytes:
+                return False
+    return all(v >= 0 for v in offsets.values())

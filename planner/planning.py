@@ -1,0 +1,185 @@
+"""Make a plan for a job on a hardware profile: cost model -> MIP 1 (policy) -> MIP 2 (layout) -> Plan.
+
+When no policy fits, say why (the smallest GPU footprint any policy reaches, and what it is made of) and search
+the smallest change that fits, in order of cost to the user: a higher ZeRO stage, int8 compression, sequence
+parallelism over the same GPUs, more GPUs, and the longest sequence that fits as configured.
+"""
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+from orchestrator.config import TOKEN_BLOCK, JobConfig
+from orchestrator.errors import LongtrainError
+from planner.cost_model import CostModel
+from planner.hardware import HardwareProfile
+from planner.layout import LayoutResult, solve_layout
+from planner.plan_file import Plan, hash_inputs
+from planner.policy import GIB, PolicyInputs, PolicyResult, policy_inputs, solve_policy
+from planner.schedule import layer_block_buffers, step_buffers
+
+
+class PlanInfeasible(LongtrainError):
+    """No policy fits the budgets; the message says why and what would fit."""
+
+
+@dataclass
+class PlanOutcome:
+    plan: Plan
+    cost: CostModel
+    policy: PolicyResult
+    layer_block: LayoutResult
+    step_layout: LayoutResult
+    seconds: float
+
+
+def plan_inputs(job: JobConfig, profile: HardwareProfile, precision: str) -> dict:
+    """What a plan depends on; the runtime compares these (via their hash) before executing a plan."""
+    m = job.model
+    return {"model": {k: getattr(m, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                                 "num_kv_heads", "intermediate_size", "tie_embeddings")},
+            "seq_len": job.data.seq_len, "micro_batch_size": job.data.micro_batch_size,
+            "grad_accum_steps": job.train.grad_accum_steps, "world_size": job.cluster.num_workers,
+            "sp_degree": job.parallel.sp_degree, "zero_stage": job.train.zero_stage, "precision": precision,
+            "profile": profile.name, "gpu_memory_fraction": job.plan.gpu_memory_fraction,
+            "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate}
+
+
+def training_precision(profile: HardwareProfile) -> str:
+    return "bf16" if profile.device_kind == "cuda" else "fp32"
+
+
+def make_plan(job: JobConfig, profile: HardwareProfile) -> PlanOutcome:
+    started = time.perf_counter()
+    solved = _solve(job, profile)
+    if not solved[1].feasible:
+        raise PlanInfeasible(explain_infeasible(job, profile, solved[2]))
+    cost, policy, inputs, block = solved
+    decisions = [vars(d) for d in policy.decisions]
+    factors = [inputs.int8_factor if d.compression == "quant_int8" else 1.0 for d in policy.decisions]
+    layer = cost.layer()
+    step = solve_layout(step_buffers(layer, decisions, block.arena_bytes, cost.head_and_loss_bytes(), factors),
+                        job.plan.time_limit_seconds)
+    plan = _assemble(job, profile, cost, policy, block, step)
+    if plan.predicted["peak_gpu_gib"] > plan.predicted["gpu_budget_gib"]:
+        plan.notes.append(f"the layout's peak ({plan.predicted['peak_gpu_gib']} GiB) is above the budget "
+                          f"({plan.predicted['gpu_budget_gib']} GiB): the layout could not reach its lower bound")
+    return PlanOutcome(plan=plan, cost=cost, policy=policy, layer_block=block, step_layout=step,
+                       seconds=time.perf_counter() - started)
+
+
+def _solve(job: JobConfig, profile: HardwareProfile) -> Tuple[CostModel, PolicyResult, PolicyInputs, LayoutResult]:
+    cost = CostModel(job, profile, training_precision(profile))
+    block = solve_layout(layer_block_buffers(cost.layer()), job.plan.time_limit_seconds)
+    inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes)
+    return cost, solve_policy(inputs, job.plan.time_limit_seconds), inputs, block
+
+
+def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: LayoutResult,
+              step: LayoutResult) -> Plan:
+    precision = training_precision(profile)
+    inputs = plan_inputs(job, profile, precision)
+    static = cost.static_memory(job.train.zero_stage)
+    static_bytes = static.total - static.head_and_loss  # the head's buffers are in the arena
+    step_seconds = policy.micro_batch_seconds * job.train.grad_accum_steps
+    mfu = cost.step_flops_per_gpu() / (step_seconds * profile.peak_tflops(precision) * 1e12)
+    predicted = {
+        "step_seconds": round(step_seconds, 6), "mfu": round(mfu, 4),
+        "mfu_convention": "model FLOPs, causal attention halved, peak of the profile",
+        "peak_gpu_gib": round((static_bytes + step.arena_bytes) / GIB, 3),
+        "gpu_budget_gib": round(policy.gpu_budget_bytes / GIB, 3),
+        "host_gib": round(policy.host_bytes / GIB, 3),
+        "host_budget_gib": round(policy.host_budget_bytes / GIB, 3),
+        "swap_gb_per_step": round(policy.swap_bytes_per_micro_batch * job.train.grad_accum_steps / 1e9, 3),
+        "tokens_per_second_per_gpu": round(cost.tokens_per_gpu * job.train.grad_accum_steps / step_seconds, 1),
+        "static_gib": {k: round(v, 3) for k, v in static.as_gib().items()},
+    }
+    entry = lambda b: {"name": b.name, "layer": b.layer, "size_bytes": b.size_bytes,  # noqa: E731
+                       "offset_bytes": b.offset_bytes, "start": b.start, "end": b.end}
+    return Plan(
+        inputs=inputs, inputs_hash=hash_inputs(inputs),
+        layers=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(d).items()}
+                for d in policy.decisions],
+        layout=[entry(b) for b in step.buffers], layer_block_layout=[entry(b) for b in block.buffers],
+        arena_bytes=step.arena_bytes, lower_bound_bytes=step.lower_bound_bytes,
+        layer_block={"arena_bytes": block.arena_bytes, "lower_bound_bytes": block.lower_bound_bytes,
+                     "greedy_arena_bytes": block.greedy_arena_bytes, "solver": block.solver, "status": block.status},
+        predicted=predicted,
+        solver={"policy": {"name": policy.solver, "status": policy.status, "seconds": round(policy.solve_seconds, 3)},
+                "layout": {"name": step.solver, "status": step.status, "seconds": round(step.solve_seconds, 3),
+                           "greedy_arena_bytes": step.greedy_arena_bytes}},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+
+
+def explain_infeasible(job: JobConfig, profile: HardwareProfile, inputs: PolicyInputs) -> str:
+    """Why no policy fits: skeletal tensors are never recomputed, so what the host cannot take stays on the GPU."""
+    static = CostModel(job, profile, training_precision(profile)).static_memory(job.train.zero_stage)
+    skeletal_total = inputs.skeletal_bytes * inputs.num_layers
+    on_gpu = max(0.0, skeletal_total - inputs.host_budget_bytes)
+    floor = inputs.static_bytes + inputs.block_bytes + 2 * inputs.skeletal_bytes + on_gpu
+    host_note = (f"; the {skeletal_total / GIB:.1f} GiB of layer inputs and attention outputs exceed the host "
+                 f"budget of {inputs.host_budget_bytes / GIB:.1f} GiB per GPU, so {on_gpu / GIB:.1f} GiB stay on "
+                 "the GPU" if on_gpu else "")
+    why = (f"does not fit on {profile.name}: each GPU needs at least {floor / GIB:.1f} GiB with every activation "
+           f"swapped or recomputed (weights {static.parameters / GIB:.1f}, gradients {static.gradients / GIB:.1f}, "
+           f"optimizer {static.optimizer_states / GIB:.1f} GiB under ZeRO-{job.train.zero_stage} on "
+           f"{job.cluster.num_workers} GPU(s); one layer's working set {inputs.block_bytes / GIB:.1f} GiB; "
+           f"buffers and LM head {(static.buffers + static.head_and_loss) / GIB:.1f} GiB{host_note}) but "
+           f"plan.gpu_memory_fraction={job.plan.gpu_memory_fraction} leaves {inputs.gpu_budget_bytes / GIB:.1f} GiB")
+    return f"{why}; {suggest_fix(job, profile)}"
+
+
+def suggest_fix(job: JobConfig, profile: HardwareProfile) -> str:
+    for label, change in _candidate_changes(job):
+        changed = change(copy.deepcopy(job))
+        if changed is not None and _fits(changed, profile):
+            return f"it fits with {label}"
+    longest = _longest_fitting_seq_len(job, profile)
+    if longest:
+        return f"no single change fits; the longest sequence that fits as configured is data.seq_len={longest}"
+    return "nothing fits even at the shortest sequence: use more GPUs (cluster.num_workers) or a smaller model"
+
+
+def _candidate_changes(job: JobConfig) -> List[Tuple[str, Callable[[JobConfig], Optional[JobConfig]]]]:
+    sp, workers = job.parallel.sp_degree, job.cluster.num_workers
+    candidates = []
+    if job.train.zero_stage < 3:
+        candidates.append(("train.zero_stage=3", lambda j: _set(j, ("train", "zero_stage", 3))))
+    if not job.plan.allow_approximate:
+        candidates.append(("plan.allow_approximate=true (int8 activations)",
+                           lambda j: _set(j, ("plan", "allow_approximate", True))))
+    if workers % (2 * sp) == 0:
+        candidates.append((f"parallel.sp_degree={2 * sp} (same GPUs)",
+                           lambda j: _set(j, ("parallel", "sp_degree", 2 * sp))))
+    for factor in (2, 4, 8):
+        candidates.append((f"cluster.num_workers={workers * factor} parallel.sp_degree={sp * factor} "
+                           f"train.zero_stage=3 ({workers * factor} GPUs)",
+                           lambda j, f=factor: _set(j, ("cluster", "num_workers", workers * f),
+                                                    ("parallel", "sp_degree", sp * f), ("train", "zero_stage", 3))))
+    return candidates
+
+
+def _set(job: JobConfig, *changes) -> Optional[JobConfig]:
+    for section, key, value in changes:
+        setattr(getattr(job, section), key, value)
+    sp = job.parallel.sp_degree
+    if job.model.num_heads % sp or job.model.num_kv_heads % sp or job.data.seq_len % (TOKEN_BLOCK * sp):
+        return None  # Ulysses cannot split this model or sequence that way
+    return job
+
+
+def _fits(job: JobConfig, profile: HardwareProfile) -> bool:
+    return _solve(job, profile)[1].feasible
+
+
+def _longest_fitting_seq_len(job: JobConfig, profile: HardwareProfile) -> int:
+    unit = TOKEN_BLOCK * job.parallel.sp_degree
+    low, high = 0, job.data.seq_len // unit
+    while low < high:
+        middle = (low + high + 1) // 2
+        trial = copy.deepcopy(job)
+        trial.data.seq_len = middle * unit
+        low, high = (middle, high) if _fits(trial, profile) else (low, middle - 1)
+    return low * unit

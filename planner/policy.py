@@ -1,0 +1,172 @@
+"""MIP 1: per layer, which share of the token-wise activations stays on the GPU, goes to host memory, or is
+recomputed, whether the skeletal tensors go to host too, and whether the swapped share is compressed to int8.
+
+Model (per GPU, per micro-batch; layers in order, forward of layer i overlaps the host copy of layer i-1, backward
+of layer i+1 overlaps the prefetch of layer i):
+  keep_i + swap_i + recompute_i = 1                                  (continuous token fractions)
+  time   = sum_i F_i + B_i + R_i * recompute_i + stall_fwd_i + stall_bwd_i + Q_i * int8_i
+  stall_fwd_i >= bytes_i / bw - F_{i+1},  stall_bwd_i >= bytes_i / bw - (B_{i+1} + R_{i+1} * recompute_{i+1})
+  bytes_i = T * (swap_i - (1 - 1/e) * swap_int8_i) + K * offload_i  (swap_int8 = swap * int8, linearised)
+  GPU:  static + K * sum(1 - offload_i) + T * sum keep_i + block + 2 * (prefetch + K * any_offload) <= budget
+        (at the LM head the last layer's outgoing copy and its prefetch are both in flight: hence the 2)
+  host: sum_i bytes_i <= host budget per GPU
+Minimise time, then (tiny weight) host bytes, so nothing is swapped that could simply stay.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import pulp
+
+from planner.cost_model import CostModel
+from planner.solver import make_solver, solve_quietly, solver_name, status_name
+
+GIB = 2**30
+INT8_SECONDS_PER_BYTE = 2.0 / 2.0e12
+"""Quantize on the way out and dequantize on the way in, both memory-bound (~2 TB/s effective on HBM3)."""
+HOST_TIE_BREAK = 1e-15
+"""Seconds per host byte added to the objective: prefer keeping over swapping when time is equal."""
+
+
+@dataclass
+class LayerDecision:
+    layer: int
+    keep_fraction: float
+    swap_fraction: float
+    recompute_fraction: float
+    offload_skeletal: bool
+    compression: str
+    """none or quant_int8 (the swapped share is stored as int8; approximate)."""
+
+    def key(self) -> tuple:
+        return (round(self.keep_fraction, 3), round(self.swap_fraction, 3), round(self.recompute_fraction, 3),
+                self.offload_skeletal, self.compression)
+
+
+@dataclass
+class PolicyResult:
+    feasible: bool
+    status: str
+    solver: str
+    solve_seconds: float
+    decisions: List[LayerDecision] = field(default_factory=list)
+    micro_batch_seconds: float = 0.0
+    peak_gpu_bytes: float = 0.0
+    host_bytes: float = 0.0
+    swap_bytes_per_micro_batch: float = 0.0
+    gpu_budget_bytes: float = 0.0
+    host_budget_bytes: float = 0.0
+
+
+@dataclass
+class PolicyInputs:
+    """The constants of MIP 1, taken from the cost model and the job."""
+
+    num_layers: int
+    forward_seconds: float
+    backward_seconds: float
+    recompute_seconds: float
+    skeletal_bytes: float
+    token_wise_bytes: float
+    static_bytes: float
+    block_bytes: float
+    head_seconds: float
+    pcie_bytes_per_second: float
+    gpu_budget_bytes: float
+    host_budget_bytes: float
+    int8_factor: float
+    allow_int8: bool
+
+
+def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float) -> PolicyInputs:
+    layer, job, profile = cost.layer(), cost.job, cost.profile
+    gpus_per_node = min(profile.devices_per_node, job.cluster.num_workers)
+    return PolicyInputs(
+        num_layers=job.model.num_layers, forward_seconds=layer.forward_seconds,
+        backward_seconds=layer.backward_seconds, recompute_seconds=layer.recompute_seconds,
+        skeletal_bytes=layer.skeletal_bytes, token_wise_bytes=layer.token_wise_bytes,
+        static_bytes=cost.static_memory(zero_stage).total, block_bytes=block_bytes,
+        head_seconds=cost.head_seconds(), pcie_bytes_per_second=cost.pcie_bytes_per_second(),
+        gpu_budget_bytes=profile.device_memory_gib * GIB * job.plan.gpu_memory_fraction,
+        host_budget_bytes=profile.host_memory_gib * GIB * job.plan.host_memory_fraction / gpus_per_node,
+        int8_factor=1.0 / cost.element_bytes, allow_int8=job.plan.allow_approximate)
+
+
+def solve_policy(inputs: PolicyInputs, time_limit_seconds: float) -> PolicyResult:
+    started = time.perf_counter()
+    problem, v = _build(inputs)
+    solver = make_solver(time_limit_seconds)
+    solve_quietly(problem, solver)
+    status = status_name(problem)
+    result = PolicyResult(feasible=status == "Optimal" or (status == "Not Solved" and _has_values(v)),
+                          status=status, solver=solver_name(solver), solve_seconds=time.perf_counter() - started,
+                          gpu_budget_bytes=inputs.gpu_budget_bytes, host_budget_bytes=inputs.host_budget_bytes)
+    if result.feasible:
+        _fill(result, inputs, v)
+    return result
+
+
+def _build(p: PolicyInputs):
+    n = p.num_layers
+    problem = pulp.LpProblem("activation_policy", pulp.LpMinimize)
+    keep = [pulp.LpVariable(f"keep{i}", 0, 1) for i in range(n)]
+    swap = [pulp.LpVariable(f"swap{i}", 0, 1) for i in range(n)]
+    recompute = [pulp.LpVariable(f"recompute{i}", 0, 1) for i in range(n)]
+    offload = [pulp.LpVariable(f"offload{i}", cat="Binary") for i in range(n)]
+    int8 = [pulp.LpVariable(f"int8_{i}", cat="Binary", upBound=1 if p.allow_int8 else 0) for i in range(n)]
+    swap_int8 = [pulp.LpVariable(f"swap_int8_{i}", 0, 1) for i in range(n)]
+    stall_fwd = [pulp.LpVariable(f"stall_fwd{i}", 0) for i in range(n)]
+    stall_bwd = [pulp.LpVariable(f"stall_bwd{i}", 0) for i in range(n)]
+    prefetch = pulp.LpVariable("prefetch_bytes", 0)
+    any_offload = pulp.LpVariable("any_offload", cat="Binary")
+    moved = [p.token_wise_bytes * (swap[i] - (1 - p.int8_factor) * swap_int8[i]) + p.skeletal_bytes * offload[i]
+             for i in range(n)]
+    bw = p.pcie_bytes_per_second
+    for i in range(n):
+        problem += keep[i] + swap[i] + recompute[i] == 1
+        problem += swap_int8[i] <= swap[i]
+        problem += swap_int8[i] <= int8[i]
+        problem += swap_int8[i] >= swap[i] + int8[i] - 1
+        next_forward = p.forward_seconds if i + 1 < n else p.head_seconds
+        problem += stall_fwd[i] >= moved[i] * (1 / bw) - next_forward
+        next_backward = (p.backward_seconds + p.recompute_seconds * recompute[i + 1]) if i + 1 < n \
+            else 2 * p.head_seconds
+        problem += stall_bwd[i] >= moved[i] * (1 / bw) - next_backward
+        problem += prefetch >= p.token_wise_bytes * (swap[i] - (1 - p.int8_factor) * swap_int8[i])
+        problem += any_offload >= offload[i]
+    gpu = (p.static_bytes + p.block_bytes + 2 * prefetch + p.skeletal_bytes * (n - pulp.lpSum(offload))
+           + 2 * p.skeletal_bytes * any_offload + p.token_wise_bytes * pulp.lpSum(keep))
+    problem += gpu <= p.gpu_budget_bytes
+    problem += pulp.lpSum(moved) <= p.host_budget_bytes
+    seconds = pulp.lpSum(p.recompute_seconds * recompute[i] + stall_fwd[i] + stall_bwd[i]
+                         + INT8_SECONDS_PER_BYTE * p.token_wise_bytes * swap_int8[i] for i in range(n))
+    problem += seconds + HOST_TIE_BREAK * pulp.lpSum(moved)
+    variables = dict(keep=keep, swap=swap, recompute=recompute, offload=offload, int8=int8, swap_int8=swap_int8,
+                     stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, any_offload=any_offload)
+    return problem, variables
+
+
+def _has_values(v: Dict) -> bool:
+    return all(x.value() is not None for x in v["keep"])
+
+
+def _fill(result: PolicyResult, p: PolicyInputs, v: Dict) -> None:
+    value = lambda x: max(0.0, float(x.value() or 0.0))  # noqa: E731 (solver noise below zero)
+    for i in range(p.num_layers):
+        result.decisions.append(LayerDecision(
+            layer=i, keep_fraction=value(v["keep"][i]), swap_fraction=value(v["swap"][i]),
+            recompute_fraction=value(v["recompute"][i]), offload_skeletal=value(v["offload"][i]) > 0.5,
+            compression="quant_int8" if value(v["int8"][i]) > 0.5 and value(v["swap"][i]) > 0 else "none"))
+    moved = [p.token_wise_bytes * d.swap_fraction * (p.int8_factor if d.compression == "quant_int8" else 1.0)
+             + p.skeletal_bytes * d.offload_skeletal for d in result.decisions]
+    extra = sum(p.recompute_seconds * d.recompute_fraction for d in result.decisions)
+    stalls = sum(value(s) for s in v["stall_fwd"] + v["stall_bwd"])
+    result.micro_batch_seconds = (p.num_layers * (p.forward_seconds + p.backward_seconds) + 3 * p.head_seconds
+                                  + extra + stalls)
+    result.host_bytes = sum(moved)
+    result.swap_bytes_per_micro_batch = 2 * sum(moved)
+    offloaded = sum(d.offload_skeletal for d in result.decisions)
+    result.peak_gpu_bytes = (p.static_bytes + p.block_bytes + 2 * value(v["prefetch"])
+                             + p.skeletal_bytes * (p.num_layers - offloaded + (2 if offloaded else 0))
+                             + p.token_wise_bytes * sum(d.keep_fraction for d in result.decisions))

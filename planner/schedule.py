@@ -1,0 +1,69 @@
+"""The buffers a plan allocates and when they live, for the two layout levels (MEMO's bi-level idea).
+
+Level 1 is one layer's forward then backward (the same for every layer, so solved once): the token-wise
+activations it creates, and the gradients its backward creates and frees op by op. Level 2 is the whole step:
+forward of layer i at event i, the LM head + loss at event L, backward of layer i at event 2L - i; it places the
+level-1 block (one unit, reused by every layer), each layer's skeletal tensors and the kept token-wise share,
+the swap staging buffers, and the head's buffers.
+"""
+
+from typing import Dict, List, Sequence
+
+from planner.cost_model import LayerCost
+from planner.layout import Buffer, align
+
+# Level-1 events: forward ops 0..7, then swap-out / drop at 8, backward ops 8..17 (end exclusive).
+_FORWARD_END = 8
+_LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backward gradients
+    ("attn_norm_out", 0, _FORWARD_END), ("q", 1, _FORWARD_END), ("k", 1, _FORWARD_END), ("v", 1, _FORWARD_END),
+    ("attn_residual", 3, _FORWARD_END), ("mlp_norm_out", 4, _FORWARD_END), ("gate", 5, _FORWARD_END),
+    ("up", 5, _FORWARD_END), ("silu_gate", 6, _FORWARD_END), ("gated", 6, _FORWARD_END),
+    ("o_proj_out", 3, 4), ("down_out", 7, 8),
+    # backward: restored activations (prefetched + recomputed) freed after their last use
+    ("gated@bwd", 8, 10), ("silu_gate@bwd", 8, 11), ("up@bwd", 8, 11), ("gate@bwd", 8, 12),
+    ("mlp_norm_out@bwd", 8, 13), ("attn_residual@bwd", 8, 14), ("q@bwd", 8, 16), ("k@bwd", 8, 16),
+    ("v@bwd", 8, 16), ("attn_norm_out@bwd", 8, 17),
+    ("grad_out", 8, 10), ("grad_gated", 9, 11), ("grad_silu_gate", 10, 12), ("grad_up", 10, 13),
+    ("grad_gate", 11, 13), ("grad_mlp_norm_out", 12, 14), ("grad_attn_residual", 13, 15),
+    ("grad_attn_out", 14, 16), ("grad_q", 15, 17), ("grad_k", 15, 17), ("grad_v", 15, 17),
+    ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
+]
+_HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
+                 "grad_layer_input"}
+
+
+def layer_block_buffers(layer: LayerCost) -> List[Buffer]:
+    """Level 1: one layer's transient buffers, sized for all of its tokens."""
+    per_token = {t.name: t.bytes_per_token for t in layer.tensors}
+    hidden_bytes = per_token["attn_out"]
+    buffers = []
+    for name, start, end in _LEVEL1:
+        base = name.split("@")[0].removeprefix("grad_")
+        size = hidden_bytes if name in _HIDDEN_SIZED else per_token[base]
+        buffers.append(Buffer(name=name, layer=-1, size_bytes=align(size * layer.tokens), start=start, end=end))
+    return buffers
+
+
+def step_buffers(layer: LayerCost, decisions: Sequence[Dict], block_bytes: int, head_bytes: float,
+                 compression_factor: Sequence[float]) -> List[Buffer]:
+    """Level 2: buffers across the whole step, given each layer's decision (keep, swap, offload_skeletal)."""
+    num_layers = len(decisions)
+    last = 2 * num_layers + 1
+    buffers = [Buffer("layer_block", -1, align(block_bytes), 0, last),
+               Buffer("head_and_loss", -1, align(head_bytes), num_layers, num_layers + 1)]
+    for i, decision in enumerate(decisions):
+        forward, backward = i, 2 * num_layers - i
+        swapped = align(decision["swap_fraction"] * layer.token_wise_bytes * compression_factor[i])
+        kept = align(decision["keep_fraction"] * layer.token_wise_bytes)
+        skeletal = align(layer.skeletal_bytes)
+        if decision["offload_skeletal"]:
+            buffers += [Buffer("skeletal_out", i, skeletal, forward, forward + 2),
+                        Buffer("skeletal_in", i, skeletal, backward - 1, backward + 1)]
+        else:
+            buffers.append(Buffer("skeletal", i, skeletal, forward, backward + 1))
+        if kept:
+            buffers.append(Buffer("kept_token_wise", i, kept, forward, backward + 1))
+        if swapped:
+            buffers += [Buffer("swap_out_staging", i, swapped, forward, forward + 2),
+                        Buffer("prefetch_staging", i, swapped, backward - 1, backward + 1)]
+    return [b for b in buffers if b.size_bytes > 0]
