@@ -8,6 +8,7 @@ import copy
 from typing import Any, Dict
 
 from orchestrator.config import JobConfig
+from planner.cost_model import ZERO_BUCKET_ELEMENTS
 
 
 def resolve_precision(requested: str, use_cuda: bool) -> str:
@@ -28,6 +29,8 @@ def deepspeed_config(job: JobConfig, use_cuda: bool) -> Dict[str, Any]:
             "stage": train.zero_stage,
             "overlap_comm": use_cuda,
             "contiguous_gradients": True,
+            "reduce_bucket_size": ZERO_BUCKET_ELEMENTS,
+            "allgather_bucket_size": ZERO_BUCKET_ELEMENTS,
         },
         "optimizer": {
             "type": "AdamW",

@@ -28,8 +28,8 @@ DEFAULT_LAYER_OVERHEAD = 1.2
 BACKWARD_TO_FORWARD = 2.0
 LOSS_CHUNK_TOKENS = 8192
 """Tokens per LM-head + cross-entropy segment (the full tokens x vocab logits never exist)."""
-ZERO_BUCKET_ELEMENTS = 2e8
-"""DeepSpeed reduce / all-gather bucket size the runtime sets (elements)."""
+ZERO_BUCKET_ELEMENTS = int(2e8)
+"""DeepSpeed reduce / all-gather bucket size (elements); `orchestrator.ds_config` sets the same value."""
 CUDA_WORKSPACE_BYTES = 1.5 * 2**30
 """cuBLAS / flash workspaces and NCCL buffers the caching allocator holds besides tensors."""
 
@@ -131,7 +131,9 @@ class CostModel:
         parameters = low * params / (n if zero_stage >= 3 else 1)
         gradients = low * params / (n if zero_stage >= 2 else 1)
         optimizer_states = optimizer / (n if zero_stage >= 1 else 1)
-        buffers = (2 * ZERO_BUCKET_ELEMENTS * low if zero_stage >= 1 else 0) + CUDA_WORKSPACE_BYTES
+        buckets = 2 * min(ZERO_BUCKET_ELEMENTS, params) * low if zero_stage >= 1 else 0
+        workspace = CUDA_WORKSPACE_BYTES if self.profile.device_kind == "cuda" else 0
+        buffers = buckets + workspace
         return StaticMemory(parameters=parameters, gradients=gradients, optimizer_states=optimizer_states,
                             buffers=buffers, head_and_loss=self.head_and_loss_bytes(),
                             embedding_activations=2 * self.tokens_per_gpu * self.model.hidden_size * low)

@@ -123,13 +123,13 @@ def _solve_mip(buffers: List[Buffer], pairs, big_m: int, time_limit_seconds: flo
     units = [b.size_bytes // ALIGN_BYTES for b in buffers]
     limit = big_m // ALIGN_BYTES
     problem = pulp.LpProblem("memory_layout", pulp.LpMinimize)
-    offset = [pulp.LpVariable(f"o{i}", 0, limit - u, cat="Integer") for i, u in enumerate(units)]
-    arena = pulp.LpVariable("arena", 0, limit)
+    offset = [problem.add_variable(f"o{i}", 0, limit - u, cat="Integer") for i, u in enumerate(units)]
+    arena = problem.add_variable("arena", 0, limit)
     problem += arena
     for i, u in enumerate(units):
         problem += offset[i] + u <= arena
     for i, j in pairs:
-        below = pulp.LpVariable(f"z{i}_{j}", cat="Binary")  # 1: i sits below j
+        below = problem.add_variable(f"z{i}_{j}", cat="Binary")  # 1: i sits below j
         problem += offset[i] + units[i] <= offset[j] + limit * (1 - below)
         problem += offset[j] + units[j] <= offset[i] + limit * below
     solver = make_solver(time_limit_seconds)

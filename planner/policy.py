@@ -25,8 +25,10 @@ from planner.solver import make_solver, solve_quietly, solver_name, status_name
 GIB = 2**30
 INT8_SECONDS_PER_BYTE = 2.0 / 2.0e12
 """Quantize on the way out and dequantize on the way in, both memory-bound (~2 TB/s effective on HBM3)."""
-HOST_TIE_BREAK = 1e-15
+HOST_TIE_BREAK = 1e-12
 """Seconds per host byte added to the objective: prefer keeping over swapping when time is equal."""
+SMOOTHING_SECONDS = 1e-6
+"""Seconds per unit change of a fraction between neighbouring layers (a tie-break, far below any real cost)."""
 
 
 @dataclass
@@ -110,21 +112,23 @@ def solve_policy(inputs: PolicyInputs, time_limit_seconds: float) -> PolicyResul
 def _build(p: PolicyInputs):
     n = p.num_layers
     problem = pulp.LpProblem("activation_policy", pulp.LpMinimize)
-    keep = [pulp.LpVariable(f"keep{i}", 0, 1) for i in range(n)]
-    swap = [pulp.LpVariable(f"swap{i}", 0, 1) for i in range(n)]
-    recompute = [pulp.LpVariable(f"recompute{i}", 0, 1) for i in range(n)]
-    offload = [pulp.LpVariable(f"offload{i}", cat="Binary") for i in range(n)]
-    int8 = [pulp.LpVariable(f"int8_{i}", cat="Binary", upBound=1 if p.allow_int8 else 0) for i in range(n)]
-    swap_int8 = [pulp.LpVariable(f"swap_int8_{i}", 0, 1) for i in range(n)]
-    stall_fwd = [pulp.LpVariable(f"stall_fwd{i}", 0) for i in range(n)]
-    stall_bwd = [pulp.LpVariable(f"stall_bwd{i}", 0) for i in range(n)]
-    prefetch = pulp.LpVariable("prefetch_bytes", 0)
-    any_offload = pulp.LpVariable("any_offload", cat="Binary")
+    keep = [problem.add_variable(f"keep{i}", 0, 1) for i in range(n)]
+    swap = [problem.add_variable(f"swap{i}", 0, 1) for i in range(n)]
+    recompute = [problem.add_variable(f"recompute{i}", 0, 1) for i in range(n)]
+    offload = [problem.add_variable(f"offload{i}", cat="Binary") for i in range(n)]
+    int8 = [problem.add_variable(f"int8_{i}", cat="Binary") for i in range(n)]  # Binary resets bounds: fix below
+    swap_int8 = [problem.add_variable(f"swap_int8_{i}", 0, 1) for i in range(n)]
+    stall_fwd = [problem.add_variable(f"stall_fwd{i}", 0) for i in range(n)]
+    stall_bwd = [problem.add_variable(f"stall_bwd{i}", 0) for i in range(n)]
+    prefetch = problem.add_variable("prefetch_bytes", 0)
+    any_offload = problem.add_variable("any_offload", cat="Binary")
     moved = [p.token_wise_bytes * (swap[i] - (1 - p.int8_factor) * swap_int8[i]) + p.skeletal_bytes * offload[i]
              for i in range(n)]
     bw = p.pcie_bytes_per_second
     for i in range(n):
         problem += keep[i] + swap[i] + recompute[i] == 1
+        if not p.allow_int8:
+            problem += int8[i] == 0
         problem += swap_int8[i] <= swap[i]
         problem += swap_int8[i] <= int8[i]
         problem += swap_int8[i] >= swap[i] + int8[i] - 1
@@ -141,10 +145,22 @@ def _build(p: PolicyInputs):
     problem += pulp.lpSum(moved) <= p.host_budget_bytes
     seconds = pulp.lpSum(p.recompute_seconds * recompute[i] + stall_fwd[i] + stall_bwd[i]
                          + INT8_SECONDS_PER_BYTE * p.token_wise_bytes * swap_int8[i] for i in range(n))
-    problem += seconds + HOST_TIE_BREAK * pulp.lpSum(moved)
+    problem += seconds + HOST_TIE_BREAK * pulp.lpSum(moved) + SMOOTHING_SECONDS * _changes(problem, [keep, swap])
     variables = dict(keep=keep, swap=swap, recompute=recompute, offload=offload, int8=int8, swap_int8=swap_int8,
                      stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, any_offload=any_offload)
     return problem, variables
+
+
+def _changes(problem: pulp.LpProblem, series: List[List[pulp.LpVariable]]):
+    """Sum of |x_i - x_(i-1)| over layers: identical layers get identical decisions among equal-time optima."""
+    terms = []
+    for name, values in zip(("keep", "swap"), series):
+        for i in range(1, len(values)):
+            change = problem.add_variable(f"change_{name}{i}", 0)
+            problem += change >= values[i] - values[i - 1]
+            problem += change >= values[i - 1] - values[i]
+            terms.append(change)
+    return pulp.lpSum(terms)
 
 
 def _has_values(v: Dict) -> bool:

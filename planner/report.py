@@ -61,7 +61,7 @@ def plot_layout(plan: Plan, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    figure, (whole, block) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    figure, (whole, block) = plt.subplots(1, 2, figsize=(14, 7), gridspec_kw={"width_ratios": [3, 2]})
     for axis, entries, arena, title in (
             (whole, plan.layout, plan.arena_bytes, "step: forward layers, LM head, backward layers"),
             (block, plan.layer_block_layout, plan.layer_block["arena_bytes"], "one layer: forward then backward")):
@@ -77,7 +77,7 @@ def plot_layout(plan: Plan, path: Path) -> None:
         axis.set_ylabel("address (GiB)")
         axis.set_title(title, fontsize=10)
         axis.legend(handles=[Rectangle((0, 0), 1, 1, color=colours(i % 20)) for i in range(len(names))],
-                    labels=names, fontsize=6, loc="upper right", ncol=2)
+                    labels=names, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5)
     figure.suptitle(f"memory layout: arena {plan.arena_bytes / GIB:.2f} GiB, lower bound "
                     f"{plan.lower_bound_bytes / GIB:.2f} GiB")
     figure.tight_layout()
