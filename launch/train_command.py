@@ -8,11 +8,15 @@ from typing import Optional, Sequence
 from launch.cli import EXIT_RUN_FAILED, resume_command
 from launch.rundir import place_run
 from orchestrator.config import JobConfig, job_to_yaml, load_job_config
+from orchestrator.errors import ConfigError
 from planner.flops import parameter_count
 
 
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     job = load_job_config(config_path, overrides)
+    if job.parallel.sp_degree > 1:
+        raise ConfigError(f"parallel.sp_degree={job.parallel.sp_degree}: Ulysses sequence parallelism is planned "
+                          "(`longtrain plan`) but `longtrain train` does not run it yet; set parallel.sp_degree=1")
     placement = place_run(job)
     run_dir = placement.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -90,3 +90,9 @@ def test_invalid_yaml_names_file_and_line(tmp_path, capsys):
 def test_debug_flag_shows_the_traceback():
     with pytest.raises(ConfigError):
         main(["--debug", "train", "model.num_layrs=3"])
+
+
+def test_sequence_parallel_jobs_are_refused_by_train_until_the_runtime_runs_them(capsys):
+    config = next(p for p in list_shipped_configs() if p.name == "llama7b_1m_8xa800.yaml")
+    assert main(["train", str(config)]) == 2
+    assert "parallel.sp_degree=8" in capsys.readouterr().err
