@@ -10,7 +10,7 @@ bytes ever live at once), since matching the bound proves optimality.
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import pulp
@@ -46,7 +46,6 @@ class LayoutResult:
     solver: str
     status: str
     solve_seconds: float
-    notes: List[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -67,9 +66,21 @@ def lower_bound(buffers: Sequence[Buffer]) -> int:
     return max((sum(b.size_bytes for b in buffers if b.start <= t < b.end) for t in events), default=0)
 
 
+GREEDY_ORDERS = {
+    "largest first": lambda b: (-b.size_bytes, b.start),
+    "longest-lived first": lambda b: (-(b.end - b.start), -b.size_bytes, b.start),
+    "largest area first": lambda b: (-(b.end - b.start) * b.size_bytes, b.start),
+}
+
+
 def best_fit(buffers: Sequence[Buffer]) -> Dict[int, int]:
-    """Offsets by index: larger and longer-lived buffers first, each at the lowest gap free during its life."""
-    order = sorted(range(len(buffers)), key=lambda i: (-buffers[i].size_bytes, buffers[i].start, i))
+    """The smallest of best-fit placements in a few orders (each buffer at the lowest gap free in its life)."""
+    candidates = [_place_in_order(buffers, key) for key in GREEDY_ORDERS.values()]
+    return min(candidates, key=lambda offsets: arena_size(buffers, offsets))
+
+
+def _place_in_order(buffers: Sequence[Buffer], key) -> Dict[int, int]:
+    order = sorted(range(len(buffers)), key=lambda i: (*key(buffers[i]), i))
     offsets: Dict[int, int] = {}
     for i in order:
         busy = sorted((offsets[j], offsets[j] + buffers[j].size_bytes) for j in offsets
@@ -97,7 +108,7 @@ def solve_layout(buffers: List[Buffer], time_limit_seconds: float) -> LayoutResu
     bound = lower_bound(buffers)
     greedy = best_fit(buffers)
     greedy_arena = arena_size(buffers, greedy)
-    offsets, solver, status, notes = greedy, "greedy best-fit", "optimal (meets the lower bound)", []
+    offsets, solver, status = greedy, "greedy best-fit", "optimal (meets the lower bound)"
     if greedy_arena > bound:
         pairs = [(i, j) for i, j in itertools.combinations(range(len(buffers)), 2)
                  if buffers[i].overlaps_in_time(buffers[j])]
@@ -109,12 +120,12 @@ def solve_layout(buffers: List[Buffer], time_limit_seconds: float) -> LayoutResu
             if found["offsets"] is not None and arena_size(buffers, found["offsets"]) < greedy_arena:
                 offsets = found["offsets"]
             else:
-                notes.append("MIP found nothing better than the greedy start; greedy kept")
+                status = f"greedy kept (MIP {found['status']} within {time_limit_seconds:g} s)"
     for i, buffer in enumerate(buffers):
         buffer.offset_bytes = offsets[i]
     return LayoutResult(buffers=buffers, arena_bytes=arena_size(buffers, offsets), lower_bound_bytes=bound,
                         greedy_arena_bytes=greedy_arena, solver=solver, status=status,
-                        solve_seconds=time.perf_counter() - started, notes=notes)
+                        solve_seconds=time.perf_counter() - started)
 
 
 def _solve_mip(buffers: List[Buffer], pairs, big_m: int, time_limit_seconds: float) -> Dict:
