@@ -1,0 +1,75 @@
+"""GPU checks (skipped without CUDA; run through the device tool): bf16 training step, the saved-bytes inventory
+with the flash kernel, and the cost model's layer time against a measurement on the card."""
+
+import time
+
+import pytest
+import torch
+
+from orchestrator.config import load_job_config
+from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
+from planner.cost_model import CostModel, layer_saved_tensors
+from planner.hardware import detect_profile_name, load_profile
+from tests.conftest import requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+def test_bf16_training_step_on_gpu():
+    job = load_job_config()
+    model = LlamaModel(job.model).cuda().to(torch.bfloat16)
+    tokens = torch.randint(0, 256, (4, 1024), device="cuda")
+    loss = model(tokens, targets=tokens.roll(-1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _llama7b_layer_job(seq_len):
+    return load_job_config(None, ["model.preset=llama-7b", "model.num_layers=1", f"data.seq_len={seq_len}",
+                                  "data.micro_batch_size=1", "cluster.num_workers=1"])
+
+
+def test_saved_bytes_of_a_llama7b_layer_match_the_inventory_with_flash_attention():
+    job = _llama7b_layer_job(8192)
+    layer = DecoderLayer(job.model).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 8192, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_tables(torch.arange(8192, device="cuda"), 128, 1e4, torch.bfloat16)
+    excluded = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    excluded |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+    storages = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in excluded:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, cos, sin)
+    measured = sum(storages.values()) / 8192
+    predicted = sum(t.bytes_per_token for t in layer_saved_tensors(job.model, 2))
+    print(f"\nsaved bytes per token, Llama-7B layer, bf16, flash: measured {measured:,.0f}, predicted {predicted:,.0f}")
+    assert measured == pytest.approx(predicted, rel=0.03)
+
+
+@pytest.mark.parametrize("seq_len", [16384, 65536])
+def test_layer_time_is_within_25_percent_of_the_cost_model(seq_len):
+    job = _llama7b_layer_job(seq_len)
+    layer = DecoderLayer(job.model).cuda().to(torch.bfloat16)
+    x = torch.randn(1, seq_len, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_tables(torch.arange(seq_len, device="cuda"), 128, 1e4, torch.bfloat16)
+    grad = torch.randn_like(x)
+    for _ in range(2):
+        layer(x, cos, sin).backward(grad)
+    torch.cuda.synchronize()
+    repeats = 5
+    started = time.perf_counter()
+    for _ in range(repeats):
+        layer(x, cos, sin).backward(grad)
+    torch.cuda.synchronize()
+    measured = (time.perf_counter() - started) / repeats
+    profile = load_profile(detect_profile_name(torch.cuda.get_device_name()))
+    cost = CostModel(job, profile).layer()
+    predicted = cost.forward_seconds + cost.backward_seconds
+    print(f"\nLlama-7B layer fwd+bwd at {seq_len}: measured {measured * 1e3:.1f} ms, predicted "
+          f"{predicted * 1e3:.1f} ms on {profile.name} ({torch.cuda.get_device_name()})")
+    assert measured == pytest.approx(predicted, rel=0.25)
