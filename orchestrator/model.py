@@ -70,7 +70,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention: num_kv_heads key/value heads shared by groups of query heads."""
+    """Causal grouped-query attention: num_kv_heads key/value heads shared by groups of query heads.
+
+    Split in two so a memory technique can recompute the per-token part (`project`) for a slice of the tokens
+    without repeating the quadratic part (`attend`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -83,15 +86,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B, H, S, D], k and v [B, Hkv, S, D], RoPE applied: per token, so any token slice recomputes alone."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over all tokens: [B, H, S, D]."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        out = self.attend(*self.project(x, cos, sin))
+        return self.o_proj(merge_heads(out))
+
+
+def merge_heads(attn_out: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] -> [B, S, H * D] (a view when SDPA wrote B, S, H, D, as its kernels do)."""
+    batch, _, seq, _ = attn_out.shape
+    return attn_out.transpose(1, 2).reshape(batch, seq, -1)
 
 
 class MLP(nn.Module):
@@ -108,7 +123,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
+
+    `activation_hooks`, when a memory technique sets it, is a factory of saved-tensor hooks for one forward; the
+    forward then names its intermediates (`tag`) so the hooks know which saved tensor is which."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -116,10 +134,37 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
+        self.activation_hooks = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+        if self.activation_hooks is None or not torch.is_grad_enabled():
+            x = x + self.attn(self.attn_norm(x), cos, sin)
+            return x + self.mlp(self.mlp_norm(x))
+        hooks = self.activation_hooks(self, x, cos, sin)
+        with hooks:
+            attn_inputs = self.attention_inputs(x, cos, sin)
+            hooks.tag(layer_input=x, **attn_inputs)
+            attn_out = self.attn.attend(attn_inputs["q"], attn_inputs["k"], attn_inputs["v"])
+            hooks.tag(attn_out=attn_out)
+            mlp = self.mlp_part(x, attn_out)
+            hooks.tag(**{k: v for k, v in mlp.items() if k != "out"})
+            return mlp["out"]
+
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict:
+        """The per-token tensors before attention."""
+        normed = self.attn_norm(x)
+        q, k, v = self.attn.project(normed, cos, sin)
+        return {"attn_norm_out": normed, "q": q, "k": k, "v": v}
+
+    def mlp_part(self, x: torch.Tensor, attn_out: torch.Tensor) -> dict:
+        """The per-token tensors after attention, from the layer input and the attention output."""
+        residual = x + self.attn.o_proj(merge_heads(attn_out))
+        normed = self.mlp_norm(residual)
+        gate, up = self.mlp.gate_proj(normed), self.mlp.up_proj(normed)
+        silu_gate = F.silu(gate)
+        gated = silu_gate * up
+        return {"attn_residual": residual, "mlp_norm_out": normed, "gate": gate, "up": up,
+                "silu_gate": silu_gate, "gated": gated, "out": residual + self.mlp.down_proj(gated)}
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,19 @@
+"""Memory techniques, one module each, applied per layer from the plan.
+
+The registry maps the stable names a plan or job config uses to the module that implements them; MEMO's swap
+and recompute are one token-wise split, so both names lead to `tokenwise`.
+"""
+
+from types import ModuleType
+from typing import Dict
+
+from orchestrator.errors import ConfigError
+from orchestrator.memory import tokenwise
+
+REGISTRY: Dict[str, ModuleType] = {"swap": tokenwise, "recompute": tokenwise}
+
+
+def technique(name: str) -> ModuleType:
+    if name not in REGISTRY:
+        raise ConfigError(f"memory technique {name!r} is unknown; valid: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]

@@ -1,0 +1,326 @@
+"""MEMO's token-wise swap and recompute (Zhao et al., "MEMO: Fine-grained Tensor Management For Ultra-long
+Context LLM Training", SIGMOD 2025, arXiv 2407.12117).
+
+At long context a layer's activations grow linearly with the sequence and its compute quadratically, so copying a
+share of them to host memory can hide behind compute. Per layer, the plan splits the tokens in three ranges:
+the first `keep` share of every token-wise tensor (norm outputs, q/k/v, MLP intermediates) stays on the device,
+the next `swap` share goes to pinned host memory (on a side stream on GPU) and is prefetched one layer ahead
+in backward, and the rest is dropped and recomputed from the layer input and the attention output, which are
+kept for every token (the *skeletal* tensors, optionally swapped whole). Attention is never recomputed: its
+backward gets q, k, v restored and its own saved output and log-sum-exp. Every piece is an exact copy or an
+exact recomputation by the same functions, so gradients equal the plain run's.
+
+Mechanics: the layer's forward runs under saved-tensor hooks. Packing only records what autograd saves; at the
+end of the forward the layer names its intermediates (`tag`), and each saved tensor that is one of them (or a
+view of one) is replaced by its kept slice, its host copy and nothing for the recomputed tokens. In backward the
+first unpack of a layer restores all its token-wise tensors at once (the plan's per-layer block), starts the
+previous layer's prefetch, and each saved view is rebuilt from its restored base.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+HEAD_MAJOR = {"q", "k", "v", "attn_out"}
+"""Roles laid out [B, H, S, D] (tokens on dim 2); the others are [B, S, F] (tokens on dim 1)."""
+SKELETAL = ("layer_input", "attn_out")
+TOKEN_WISE = ("attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
+              "gated")
+
+
+@dataclass
+class LayerPolicy:
+    """One layer's decision, as in the plan file."""
+
+    keep_fraction: float = 1.0
+    swap_fraction: float = 0.0
+    recompute_fraction: float = 0.0
+    offload_skeletal: bool = False
+
+    def token_ranges(self, seq_len: int) -> Tuple[int, int, int]:
+        """(kept, swapped, recomputed) token counts; swap and recompute rounded to whole tokens."""
+        swapped = int(round(self.swap_fraction * seq_len))
+        recomputed = min(seq_len - swapped, int(round(self.recompute_fraction * seq_len)))
+        return seq_len - swapped - recomputed, swapped, recomputed
+
+    @property
+    def is_plain(self) -> bool:
+        return self.keep_fraction >= 1.0 and not self.offload_skeletal
+
+
+class HostPool:
+    """Host buffers for swapped slices, allocated once per (layer, role, shape) and reused every step; pinned
+    on a CUDA machine so copies are asynchronous."""
+
+    def __init__(self):
+        self.buffers: Dict[tuple, torch.Tensor] = {}
+
+    def buffer(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        full_key = (*key, tuple(like.shape), like.dtype)
+        if full_key not in self.buffers:
+            pin = like.is_cuda
+            self.buffers[full_key] = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
+        return self.buffers[full_key]
+
+    @property
+    def bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+@dataclass
+class _Saved:
+    """What autograd holds for one saved tensor: the tensor itself until the layer's forward ends, then (for a
+    tagged role) only how to rebuild this view from the role's restored base."""
+
+    tensor: Optional[torch.Tensor]
+    role: Optional[str] = None
+    view: Optional[Tuple[tuple, tuple, int]] = None
+
+
+@dataclass
+class _RoleStore:
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
+    kept: Optional[torch.Tensor] = None
+    host: Optional[torch.Tensor] = None
+    whole: Optional[torch.Tensor] = None
+    """Set when the role is not split (a skeletal tensor kept on the device)."""
+    num_views: int = 0
+
+
+@dataclass
+class _LayerRecord:
+    layer: torch.nn.Module
+    layer_index: int
+    policy: LayerPolicy
+    cos: torch.Tensor
+    sin: torch.Tensor
+    saved: List[_Saved] = field(default_factory=list)
+    roles: Dict[str, _RoleStore] = field(default_factory=dict)
+    restored: Dict[str, torch.Tensor] = field(default_factory=dict)
+    prefetched: Dict[str, torch.Tensor] = field(default_factory=dict)
+    prefetch_event: Optional[object] = None
+    materialized: bool = False
+
+
+class TokenwiseRuntime:
+    """Shared by all layers of one model: the host pool, the side stream and the records of layers awaiting
+    their backward (for prefetching the next one)."""
+
+    def __init__(self, policies: Dict[int, LayerPolicy]):
+        self.policies = policies
+        self.pool = HostPool()
+        self.pending: List[_LayerRecord] = []
+        self.stream = None
+
+    def hooks_for(self, layer_index: int):
+        def factory(layer, x, cos, sin):
+            return _LayerHooks(self, _LayerRecord(layer, layer_index, self.policies[layer_index], cos, sin))
+        return factory
+
+    def copy_stream(self):
+        if self.stream is None and torch.cuda.is_available():
+            self.stream = torch.cuda.Stream()
+        return self.stream
+
+
+class _LayerHooks:
+    """Saved-tensor hooks for one forward of one layer."""
+
+    def __init__(self, runtime: TokenwiseRuntime, record: _LayerRecord):
+        self.runtime, self.record = runtime, record
+        self.tags: Dict[str, torch.Tensor] = {}
+        self.context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.context.__exit__(*exc)
+        if exc[0] is None:
+            self._finalize()
+        return False
+
+    def tag(self, **tensors: torch.Tensor) -> None:
+        self.tags.update(tensors)
+
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        saved = _Saved(tensor)
+        self.record.saved.append(saved)
+        return saved
+
+    def _unpack(self, saved: _Saved) -> torch.Tensor:
+        if saved.role is None:
+            return saved.tensor
+        record = self.record
+        if not record.materialized:
+            _materialize(self.runtime, record)
+        base = record.restored[saved.role]
+        shape, stride, offset = saved.view
+        view = base.as_strided(shape, stride, base.storage_offset() + offset)
+        store = record.roles[saved.role]
+        store.num_views -= 1
+        if store.num_views == 0:
+            del record.restored[saved.role]
+        return view
+
+    def _finalize(self) -> None:
+        """Replace every saved view of a tagged tensor by its role's split storage."""
+        record = self.record
+        by_storage = {t.untyped_storage().data_ptr(): (role, t) for role, t in self.tags.items()
+                      if role in TOKEN_WISE or role in SKELETAL}
+        for saved in record.saved:
+            found = by_storage.get(saved.tensor.untyped_storage().data_ptr())
+            if found is None:
+                continue
+            role, base = found
+            if role not in record.roles:
+                record.roles[role] = _split(self.runtime, record, role, base)
+            saved.role = role
+            saved.view = (tuple(saved.tensor.shape), tuple(saved.tensor.stride()),
+                          saved.tensor.storage_offset() - base.storage_offset())
+            record.roles[role].num_views += 1
+            saved.tensor = None
+        if record.policy.recompute_fraction > 0:  # recompute needs them even if autograd saved neither
+            for role in SKELETAL:
+                if role not in record.roles:
+                    record.roles[role] = _split(self.runtime, record, role, self.tags[role])
+        if record.roles:
+            self.runtime.pending.append(record)
+
+
+def _token_dim(role: str) -> int:
+    return 2 if role in HEAD_MAJOR else 1
+
+
+def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: torch.Tensor) -> _RoleStore:
+    store = _RoleStore(tuple(base.shape), tuple(base.stride()), base.dtype, base.device)
+    dim, policy = _token_dim(role), record.policy
+    seq_len = base.shape[dim]
+    if role in SKELETAL:
+        kept, swapped = (0, seq_len) if policy.offload_skeletal else (seq_len, 0)
+    else:
+        kept, swapped, _ = policy.token_ranges(seq_len)
+    if kept == seq_len:
+        store.whole = base
+        return store
+    store.kept = base.narrow(dim, 0, kept).clone() if kept else None
+    if swapped:
+        part = base.narrow(dim, kept, swapped)
+        store.host = runtime.pool.buffer((record.layer_index, role), part)
+        _copy(runtime, store.host, part)
+    return store
+
+
+def _copy(runtime: TokenwiseRuntime, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Device -> host on the side stream (the compute stream does not wait); a plain copy on CPU."""
+    stream = runtime.copy_stream()
+    if stream is None or not src.is_cuda:
+        dst.copy_(src)
+        return
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+    src.record_stream(stream)
+
+
+def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
+    """Restore every role of this layer (kept + host + recomputed tokens), then prefetch the previous layer."""
+    if record in runtime.pending:
+        runtime.pending.remove(record)
+    _wait_for_prefetch(record)
+    skeletal = {role: _assemble(runtime, record, role, None) for role in SKELETAL if role in record.roles}
+    record.restored.update({r: t for r, t in skeletal.items() if record.roles[r].num_views})
+    recomputed = _recompute(record, skeletal)
+    for role in record.roles:
+        if role not in SKELETAL:
+            record.restored[role] = _assemble(runtime, record, role, recomputed.get(role))
+    record.materialized = True
+    if runtime.pending:
+        _prefetch(runtime, runtime.pending[-1])
+
+
+def _assemble(runtime: TokenwiseRuntime, record: _LayerRecord, role: str,
+              recomputed: Optional[torch.Tensor]) -> torch.Tensor:
+    """The role's full tensor, laid out as the original (same strides), from its kept, swapped and recomputed
+    token ranges in that order."""
+    store = record.roles[role]
+    if store.whole is not None:
+        return store.whole
+    parts = [store.kept] if store.kept is not None else []
+    if store.host is not None:
+        parts.append(_fetch(runtime, record, role, store))
+    if recomputed is not None:
+        parts.append(recomputed)
+    out = torch.empty_strided(store.shape, store.stride, dtype=store.dtype, device=store.device)
+    dim, start = _token_dim(role), 0
+    for part in parts:
+        out.narrow(dim, start, part.shape[dim]).copy_(part)
+        start += part.shape[dim]
+    assert start == store.shape[dim], f"{role}: restored {start} of {store.shape[dim]} tokens"
+    return out
+
+
+def _fetch(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, store: _RoleStore) -> torch.Tensor:
+    """The swapped slice on the device: prefetched one layer ahead, or copied now (after the copy-out ended)."""
+    prefetched = record.prefetched.pop(role, None)
+    if prefetched is not None:
+        return prefetched
+    stream = runtime.copy_stream()
+    if stream is not None and store.device.type == "cuda":
+        torch.cuda.current_stream().wait_stream(stream)
+    return store.host.to(store.device, non_blocking=True)
+
+
+def _recompute(record: _LayerRecord, skeletal: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The token-wise tensors of the recomputed tokens, from the restored skeletal tensors (no attention)."""
+    store = record.roles.get("attn_norm_out")
+    if store is None or store.whole is not None:
+        return {}
+    seq_len = store.shape[1]
+    kept, swapped, recomputed = record.policy.token_ranges(seq_len)
+    if not recomputed:
+        return {}
+    start = kept + swapped
+    x = skeletal["layer_input"].narrow(1, start, recomputed)
+    attn_out = skeletal["attn_out"].narrow(2, start, recomputed)
+    cos, sin = record.cos.narrow(0, start, recomputed), record.sin.narrow(0, start, recomputed)
+    with torch.no_grad():
+        tensors = dict(record.layer.attention_inputs(x, cos, sin))
+        tensors.update(record.layer.mlp_part(x, attn_out))
+    return tensors
+
+
+def _prefetch(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
+    """Start the host -> device copies of the next layer backward will need, on the side stream."""
+    stream = runtime.copy_stream()
+    if stream is None:
+        return
+    with torch.cuda.stream(stream):
+        for role, store in record.roles.items():
+            if store.host is not None:
+                record.prefetched[role] = store.host.to(store.device, non_blocking=True)
+        record.prefetch_event = torch.cuda.Event()
+        record.prefetch_event.record(stream)
+
+
+def _wait_for_prefetch(record: _LayerRecord) -> None:
+    if record.prefetch_event is not None:
+        torch.cuda.current_stream().wait_event(record.prefetch_event)
+        for tensor in record.prefetched.values():
+            tensor.record_stream(torch.cuda.current_stream())
+
+
+def apply_policies(model, policies: Dict[int, LayerPolicy]) -> Optional[TokenwiseRuntime]:
+    """Install the token-wise hooks on the layers whose policy is not plain; None when every layer is plain."""
+    active = {i: p for i, p in policies.items() if not p.is_plain}
+    if not active:
+        return None
+    runtime = TokenwiseRuntime(active)
+    for index, layer in enumerate(model.layers):
+        layer.activation_hooks = runtime.hooks_for(index) if index in active else None
+    return runtime
