@@ -65,10 +65,12 @@ def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
     mfu = ", ".join(f"{n.mfu:.1%}" for n in nodes)
     mem = max(r["peak_allocated_gib"] for r in rows)
     host = max(r["host_rss_gib"] for r in rows)
+    swap = max(r["swap_host_gib"] for r in rows)
     tokens = sum(r["tokens_per_second"] for r in rows) / len(rows)
     tflops = sum(r["tflops"] for r in rows) / len(rows)
     return (f"step {step:>6} | loss {loss:7.4f} | {tokens:9,.0f} tok/s/worker | {tflops:7.3f} TFLOP/s/worker | "
-            f"MFU/node {mfu} | peak mem {mem:.2f} GiB | host {host:.2f} GiB | step {worst['step_seconds']:.3f} s "
+            f"MFU/node {mfu} | peak mem {mem:.2f} GiB | host {host:.2f} GiB (swap {swap:.2f}) | "
+            f"step {worst['step_seconds']:.3f} s "
             f"(slowest rank {worst['rank']})")
 
 

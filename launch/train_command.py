@@ -17,6 +17,7 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     if job.parallel.sp_degree > 1:
         raise ConfigError(f"parallel.sp_degree={job.parallel.sp_degree}: Ulysses sequence parallelism is planned "
                           "(`longtrain plan`) but `longtrain train` does not run it yet; set parallel.sp_degree=1")
+    _check_plan_early(job)
     placement = place_run(job)
     run_dir = placement.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +48,23 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
               "train.max_steps to train further")
     print(f"  wall time       {time.time() - started:.0f} s")
     return 0
+
+
+def _check_plan_early(job: JobConfig) -> None:
+    """Refuse a plan made for another job before any worker starts (the workers check again on their device)."""
+    if not job.plan.path:
+        return
+    import torch
+
+    from orchestrator.ds_config import resolve_precision
+    from orchestrator.trainer import apply_plan, profile_name
+    from planner.hardware import load_profile
+
+    if job.metrics.hardware_profile == "auto" and job.cluster.address != "local":
+        return  # the driver may not see the workers' devices
+    use_cuda = torch.cuda.is_available() if job.cluster.use_gpu is None else job.cluster.use_gpu
+    apply_plan(job, None, load_profile(profile_name(job, use_cuda)),
+               resolve_precision(job.train.precision, use_cuda), check_only=True)
 
 
 def _header(job: JobConfig, run_dir: Path, gpu: bool) -> str:

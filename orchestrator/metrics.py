@@ -57,7 +57,7 @@ class StepMeter:
         _synchronize()
         self._started = time.perf_counter()
 
-    def stop(self, step: int, loss: float, lr: float, tokens: int) -> StepReading:
+    def stop(self, step: int, loss: float, lr: float, tokens: int, swap_host_bytes: int = 0) -> StepReading:
         _synchronize()
         seconds = max(time.perf_counter() - self._started, 1e-9)
         tflops = self.flops_per_token * tokens / seconds / 1e12
@@ -67,7 +67,7 @@ class StepMeter:
                            tokens=tokens, tokens_per_second=tokens / seconds, tflops=tflops,
                            mfu=tflops / self.peak_tflops, mfu_full_attention=tflops_full / self.peak_tflops,
                            peak_allocated_gib=allocated, peak_reserved_gib=reserved,
-                           host_rss_gib=host_peak_rss_gib())
+                           host_rss_gib=host_peak_rss_gib(), swap_host_gib=swap_host_bytes / GIB)
 
 
 def device_peak_memory_gib() -> tuple:

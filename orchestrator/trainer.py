@@ -17,9 +17,12 @@ from orchestrator.checkpoint import CheckpointManager, latest_complete_tag
 from orchestrator.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
+from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_policies
 from orchestrator.metrics import StepMeter
 from orchestrator.model import LlamaModel
 from planner.hardware import detect_profile_name, load_profile
+from planner.plan_file import PlanError, check_plan_matches, load_plan
+from planner.planning import plan_inputs
 
 
 @dataclass
@@ -52,6 +55,8 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     model = LlamaModel(job.model)
+    profile = load_profile(profile_name(job, use_cuda))
+    memory = apply_plan(job, model, profile, resolve_precision(job.train.precision, use_cuda))
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                    config=deepspeed_config(job, use_cuda))
     sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
@@ -59,10 +64,12 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier)
     start_step = _resume(engine, checkpoints, sampler, initial, publish if worker.rank == 0 else None)
     torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
-    meter = _build_meter(job, worker, use_cuda)
+    meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(resolve_precision(job.train.precision, use_cuda)),
+                      worker.rank, worker.node)
     for step in range(start_step + 1, job.train.max_steps + 1):
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter)
-        reading = meter.stop(step, loss, scheduler.get_last_lr()[0], _tokens_per_step(job))
+        reading = meter.stop(step, loss, scheduler.get_last_lr()[0], _tokens_per_step(job),
+                             swap_host_bytes=memory.pool.bytes if memory else 0)
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
         if _checkpoint_due(job, step):
             path = checkpoints.save(engine, step, {"step": step}, {"data": sampler.state()})
@@ -95,13 +102,30 @@ def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, initia
     return step
 
 
-def _build_meter(job: JobConfig, worker: WorkerInfo, use_cuda: bool) -> StepMeter:
+def profile_name(job: JobConfig, use_cuda: bool) -> str:
     name = job.metrics.hardware_profile
     if name == "auto":
         name = detect_profile_name(torch.cuda.get_device_name() if use_cuda else None)
-    profile = load_profile(name)
-    peak = profile.peak_tflops(resolve_precision(job.train.precision, use_cuda))
-    return StepMeter(job.model, job.data.seq_len, peak, worker.rank, worker.node)
+    return name
+
+
+def apply_plan(job: JobConfig, model: Optional[LlamaModel], profile, precision: str,
+               check_only: bool = False) -> Optional[TokenwiseRuntime]:
+    """Execute the plan file's per-layer decisions, after checking it was made for this job and hardware."""
+    if not job.plan.path:
+        return None
+    plan = load_plan(Path(job.plan.path))
+    check_plan_matches(plan, plan_inputs(job, profile, precision), Path(job.plan.path))
+    approximate = sorted({layer["compression"] for layer in plan.layers} - {"none"})
+    if approximate:
+        raise PlanError(f"plan {job.plan.path} uses {', '.join(approximate)}, which the runtime does not run yet; "
+                        "re-plan with plan.allow_approximate=false")
+    if check_only:
+        return None
+    policies = {layer["layer"]: LayerPolicy(layer["keep_fraction"], layer["swap_fraction"],
+                                            layer["recompute_fraction"], layer["offload_skeletal"])
+                for layer in plan.layers}
+    return apply_policies(model, policies)
 
 
 def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: StepMeter) -> float:

@@ -224,6 +224,8 @@ class PlanConfig:
     """Let the planner pick approximate techniques (int8 / int4 activation compression) when exact ones do not fit."""
     time_limit_seconds: float = 5.0
     """Per MIP; the best solution found so far is kept when the limit is hit."""
+    path: Optional[str] = None
+    """Plan file `longtrain train` executes (made by `longtrain plan`); none: every activation is stored."""
 
     def problems(self) -> List[str]:
         found = []

@@ -1,0 +1,45 @@
+"""`longtrain train plan.path=...` executes a plan (token-wise swap + recompute in the real DeepSpeed + Ray loop)
+and, the technique being exact, reproduces the plain run's losses bit for bit. About a minute and a half."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from launch.cli import main
+
+pytestmark = pytest.mark.slow
+COMMON = ["train.max_steps=12", "optim.warmup_steps=2", "train.log_every_steps=4", "checkpoint.every_steps=0", "checkpoint.at_end=false",
+          "plan.gpu_memory_fraction=0.003"]
+
+
+def _train(cwd, *extra):
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", *COMMON, *extra], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = [p for p in (cwd / "runs").iterdir() if p.name.startswith(extra[0].split("=")[1])]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_planned_run_equals_the_plain_run(tmp_path, capsys):
+    plan_path = tmp_path / "cpu.plan.yaml"
+    assert main(["plan", *COMMON, "--profile", "cpu", "--out", str(plan_path)]) == 0
+    out = capsys.readouterr().out
+    assert "recompute" in out
+    planned = _train(tmp_path, "run.name=planned", f"plan.path={plan_path}")
+    plain = _train(tmp_path, "run.name=plain")
+    assert [m["step"] for m in planned] == [1, 4, 8, 12]
+    for with_plan, without in zip(planned, plain):
+        assert [r["loss"] for r in with_plan["rows"]] == [r["loss"] for r in without["rows"]]
+    assert all(r["swap_host_gib"] > 0 for r in planned[-1]["rows"])
+
+
+def test_a_plan_for_another_job_is_refused_in_one_line(tmp_path, capsys):
+    plan_path = tmp_path / "p.yaml"
+    assert main(["plan", *COMMON, "--profile", "cpu", "--out", str(plan_path)]) == 0
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", *COMMON, "data.seq_len=512",
+                             f"plan.path={plan_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "seq_len=256" in result.stderr and "re-plan" in result.stderr
