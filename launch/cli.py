@@ -51,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", help="plan file to write (default: plans/CONFIG_NAME.plan.yaml; PNG next to it)")
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     plan.set_defaults(handler=_plan)
+    bench = commands.add_parser("bench", help="measure activation strategies side by side on this GPU",
+                                description="longtrain bench [--layers 4] [--seq-lens 32768,65536,131072] "
+                                            "[--modes ...] [--repeats 3] [--out DIR]")
+    bench.add_argument("--layers", type=int, default=4, help="Llama-7B-shaped layers in the stack")
+    bench.add_argument("--seq-lens", default="32768,65536,131072", help="comma-separated sequence lengths")
+    bench.add_argument("--modes", default="store_all,full_recompute,deepspeed_cpu_ckpt,save_on_cpu,longtrain")
+    bench.add_argument("--repeats", type=int, default=3, help="timed steps per row (median reported)")
+    bench.add_argument("--out", help="directory for the JSON, Markdown and PNG (default profiles/runs)")
+    bench.add_argument("--profile", help="hardware profile for MFU and the plan (default: detected from the GPU)")
+    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -75,6 +86,17 @@ def _plan(args: argparse.Namespace) -> int:
 
     config_path, overrides = split_config_and_overrides(args.args)
     return run_planning(config_path, overrides, args.profile, args.out)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from launch.bench_command import run_bench_command
+
+    try:
+        seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
+    except ValueError as error:
+        raise LongtrainError(f"--seq-lens {args.seq_lens!r} must be comma-separated integers, e.g. "
+                             "32768,65536") from error
+    return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile)
 
 
 def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:

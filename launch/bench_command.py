@@ -1,0 +1,91 @@
+"""`longtrain bench`: activation strategies side by side on this machine's GPU; JSON, Markdown and PNG out."""
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from orchestrator.errors import LongtrainError
+
+COLUMNS = ("mode", "seq_len", "status", "step_seconds", "tokens_per_second", "mfu", "mfu_full_attention",
+           "peak_allocated_gib", "peak_reserved_gib", "host_gib", "note")
+
+
+def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeats: int, out: Optional[str],
+                      profile_name: Optional[str]) -> int:
+    import torch
+
+    from orchestrator.bench import MODES, run_bench
+    from planner.hardware import detect_profile_name, load_profile
+
+    if not torch.cuda.is_available():
+        raise LongtrainError("longtrain bench measures a GPU and this machine has no CUDA device; run it on the "
+                             "GPU machine (see README, 'On a GPU')")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(MODES)}")
+    profile = load_profile(profile_name or detect_profile_name(torch.cuda.get_device_name()))
+    device = torch.cuda.get_device_name()
+    print(f"longtrain bench: {layers} Llama-7B-shaped layers on {device} (profile {profile.name}), "
+          f"seq_len {seq_lens}, {repeats} timed steps per row after one warm-up")
+    print(_header())
+    rows = run_bench(layers, seq_lens, modes, profile, repeats, on_row=lambda row: print(_line(vars(row)), flush=True))
+    stem = Path(out or "profiles/runs") / f"{profile.name}_{time.strftime('%Y-%m-%d')}_bench-{layers}l"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "profile": profile.name, "layers": layers, "repeats": repeats,
+            "torch": torch.__version__, "command": f"longtrain bench --layers {layers} --seq-lens "
+            f"{','.join(map(str, seq_lens))} --modes {','.join(modes)} --repeats {repeats}"}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(meta, rows))
+    plot(rows, stem.with_suffix(".png"), meta)
+    print(f"wrote {stem}.json, .md, .png")
+    return 0
+
+
+def _header() -> str:
+    return f"{'mode':<19} {'seq':>8} {'status':<12} {'step s':>8} {'tok/s':>9} {'MFU':>6} {'MFU-full':>8} " \
+           f"{'alloc GiB':>9} {'resv GiB':>8} {'host GiB':>8}  note"
+
+
+def _line(r: Dict) -> str:
+    return (f"{r['mode']:<19} {r['seq_len']:>8} {r['status']:<12} {r['step_seconds']:>8.3f} "
+            f"{r['tokens_per_second']:>9,.0f} {r['mfu']:>6.1%} {r['mfu_full_attention']:>8.1%} "
+            f"{r['peak_allocated_gib']:>9.1f} {r['peak_reserved_gib']:>8.1f} {r['host_gib']:>8.1f}  {r['note']}")
+
+
+def markdown(meta: Dict, rows: List[Dict]) -> str:
+    lines = [f"# longtrain bench: {meta['layers']} Llama-7B-shaped layers on {meta['device']}", "",
+             f"Command: `{meta['command']}` (torch {meta['torch']}; profile {meta['profile']}; MFU = model "
+             "FLOPs of the layers, causal-halved and full-attention, against the profile's bf16 peak).", "",
+             "| mode | seq | status | step s | tokens/s | MFU | MFU full-attn | peak alloc GiB | peak reserved GiB "
+             "| host GiB | note |", "|" + " --- |" * 11]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['seq_len']} | {r['status']} | {r['step_seconds']:.3f} | "
+                     f"{r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | {r['mfu_full_attention']:.1%} | "
+                     f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['host_gib']:.1f} | "
+                     f"{r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Dict], path: Path, meta: Dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (mfu_axis, memory_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        ok = [r for r in rows if r["mode"] == mode and r["status"] == "ok"]
+        if ok:
+            mfu_axis.plot([r["seq_len"] for r in ok], [100 * r["mfu"] for r in ok], marker="o", label=mode)
+            memory_axis.plot([r["seq_len"] for r in ok], [r["peak_reserved_gib"] for r in ok], marker="o",
+                             label=mode)
+    for axis, label in ((mfu_axis, "MFU % (causal-halved)"), (memory_axis, "peak reserved GiB")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("sequence length")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{meta['layers']} Llama-7B-shaped layers on {meta['device']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,212 @@
+"""Measure activation-memory strategies side by side on one GPU: a stack of Llama-shaped decoder layers, forward
+and backward, for each sequence length and each mode, in one process.
+
+Why layers only: the strategies differ in what the layers keep for backward; the embedding, LM head and
+optimizer are the same for all of them, so leaving them out isolates the difference (the H100 baseline probe of
+2026-11-23 measured the same thing). Modes:
+  store_all           plain autograd (runs until it does not fit)
+  full_recompute      torch.utils.checkpoint around every layer
+  deepspeed_cpu_ckpt  DeepSpeed activation checkpointing with checkpoint_in_cpu
+  save_on_cpu         torch.autograd.graph.save_on_cpu(pin_memory=True): every saved tensor to pinned host memory
+  longtrain           the planner's plan for this shape on this GPU's profile, run by the token-wise runtime
+"""
+
+import gc
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from orchestrator.config import JobConfig, load_job_config
+from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+from orchestrator.model import DecoderLayer, rope_tables
+from planner.flops import attention_forward_flops_per_token, layer_matmul_params
+from planner.hardware import HardwareProfile
+from planner.planning import PlanInfeasible, make_plan
+
+MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain")
+GIB = 2**30
+
+
+class LayerStack(nn.Module):
+    def __init__(self, job: JobConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(job.model) for _ in range(job.model.num_layers))
+
+
+@dataclass
+class BenchRow:
+    mode: str
+    seq_len: int
+    status: str
+    step_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    mfu: float = 0.0
+    mfu_full_attention: float = 0.0
+    peak_allocated_gib: float = 0.0
+    peak_reserved_gib: float = 0.0
+    host_gib: float = 0.0
+    note: str = ""
+
+
+def bench_job(num_layers: int, seq_len: int, preset: str) -> JobConfig:
+    return load_job_config(None, [f"model.preset={preset}", f"model.num_layers={num_layers}",
+                                  f"data.seq_len={seq_len}", "data.micro_batch_size=1", "cluster.num_workers=1",
+                                  "train.zero_stage=0", "optim.warmup_steps=1", "train.max_steps=2"])
+
+
+def layer_flops_per_token(job: JobConfig, causal_halved: bool) -> float:
+    per_layer = 2 * layer_matmul_params(job.model) + attention_forward_flops_per_token(
+        job.model, job.data.seq_len, causal_halved)
+    return 3.0 * per_layer * job.model.num_layers
+
+
+def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int) -> BenchRow:
+    """One row: median step time over `repeats` after one warm-up step; OOM and errors become the status."""
+    row = BenchRow(mode, job.data.seq_len, "ok")
+    try:
+        _measure(mode, job, profile, repeats, row)
+    except torch.cuda.OutOfMemoryError:
+        row.status = "OOM"
+    except (PlanInfeasible, RuntimeError) as error:
+        row.status = "failed" if not isinstance(error, PlanInfeasible) else "does not fit"
+        row.note = str(error).splitlines()[0][:160]
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row
+
+
+def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, row: BenchRow) -> None:
+    torch.manual_seed(0)
+    stack = LayerStack(job).cuda().to(torch.bfloat16)
+    step, host_bytes = _mode_step(mode, stack, job, profile, row)
+    seq = job.data.seq_len
+    x = torch.randn(1, seq, job.model.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_tables(torch.arange(seq, device="cuda"), job.model.head_dim, job.model.rope_theta,
+                           torch.bfloat16)
+    grad = torch.randn_like(x)
+    step(x, cos, sin, grad)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step(x, cos, sin, grad)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    row.step_seconds = statistics.median(times)
+    row.tokens_per_second = seq / row.step_seconds
+    peak = profile.peak_tflops("bf16") * 1e12
+    row.mfu = layer_flops_per_token(job, True) * row.tokens_per_second / peak
+    row.mfu_full_attention = layer_flops_per_token(job, False) * row.tokens_per_second / peak
+    row.peak_allocated_gib = torch.cuda.max_memory_allocated() / GIB
+    row.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
+    row.host_gib = host_bytes() / GIB
+
+
+def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow):
+    wrap: Callable = lambda layer, x, cos, sin: layer(x, cos, sin)  # noqa: E731
+    context: Callable = nullcontext
+    host_bytes: Callable[[], float] = lambda: 0.0  # noqa: E731
+    if mode == "full_recompute":
+        from torch.utils.checkpoint import checkpoint
+
+        wrap = lambda layer, x, cos, sin: checkpoint(layer, x, cos, sin, use_reentrant=False)  # noqa: E731
+    elif mode == "deepspeed_cpu_ckpt":
+        wrap = _deepspeed_checkpoint(job.model.num_layers)
+    elif mode == "save_on_cpu":
+        context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
+        host_bytes = _pinned_bytes
+    elif mode == "longtrain":
+        runtime = _apply_longtrain_plan(stack, job, profile, row)
+        host_bytes = (lambda: runtime.pool.bytes) if runtime else host_bytes
+
+    def step(x, cos, sin, grad):
+        with context():
+            out = x
+            for layer in stack.layers:
+                out = wrap(layer, out, cos, sin)
+        out.backward(grad)
+        x.grad = None
+        for p in stack.parameters():
+            p.grad = None
+
+    return step, host_bytes
+
+
+def _deepspeed_checkpoint(num_layers: int):
+    import deepspeed
+
+    deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=True,
+                                      contiguous_checkpointing=False, num_checkpoints=num_layers)
+    return lambda layer, x, cos, sin: deepspeed.checkpointing.checkpoint(layer, x, cos, sin)
+
+
+def _pinned_bytes() -> float:
+    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    return float(stats.get("allocated_bytes.all.peak", stats.get("allocated_bytes.all.current", 0)))
+
+
+def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow):
+    """Plan this shape for this GPU; the stack has no optimizer, so the plan's budget gets the optimizer's share
+    back (the baselines use the whole GPU too)."""
+    from planner.cost_model import CostModel
+
+    static = CostModel(job, profile).static_memory(0)
+    device_bytes = profile.device_memory_gib * GIB
+    job.plan.gpu_memory_fraction = min(0.97, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
+    plan = make_plan(job, profile).plan
+    groups = {(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"], d["offload_skeletal"])
+              for d in plan.layers}
+    row.note = "plan keep/swap/recompute/skeletal-host: " + "; ".join(
+        f"{k:.2f}/{s:.2f}/{r:.2f}/{o}" for k, s, r, o in sorted(groups))
+    row.note += f"; predicted {plan.predicted['peak_gpu_gib']:.1f} GiB"
+    policies = {d["layer"]: LayerPolicy(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"],
+                                        d["offload_skeletal"]) for d in plan.layers}
+    return apply_policies(stack, policies)
+
+
+def run_bench(num_layers: int, seq_lens: List[int], modes: List[str], profile: HardwareProfile, repeats: int,
+              preset: str = "llama-7b", on_row: Optional[Callable[[BenchRow], None]] = None) -> List[Dict]:
+    """Every (sequence length, mode) row; a mode that ran out of memory is not retried at longer sequences."""
+    rows, out_of_memory = [], set()
+    for seq_len in sorted(seq_lens):
+        for mode in modes:
+            job = bench_job(num_layers, seq_len, preset)
+            if mode in out_of_memory:
+                row = BenchRow(mode, seq_len, "skipped", note="ran out of memory at a shorter sequence")
+            elif mode == "save_on_cpu" and _pinned_need_bytes(job) > HOST_SHARE * _host_bytes():
+                row = BenchRow(mode, seq_len, "skipped", note=f"needs ~{_pinned_need_bytes(job) / GIB:.0f} GiB "
+                               f"of pinned host memory, over {HOST_SHARE:.0%} of this host's")
+            else:
+                row = run_mode(mode, job, profile, repeats)
+            if row.status == "OOM":
+                out_of_memory.add(mode)
+            rows.append(asdict(row))
+            if on_row:
+                on_row(row)
+    return rows
+
+
+HOST_SHARE = 0.5
+"""save_on_cpu is skipped when it would pin more than this share of host memory (the 2026-11-23 probe's
+process died pinning 80 GB at 128K)."""
+
+
+def _pinned_need_bytes(job: JobConfig) -> float:
+    """save_on_cpu copies every saved tensor, the weights included, to pinned memory."""
+    from planner.cost_model import layer_saved_tensors
+
+    per_token = sum(t.bytes_per_token for t in layer_saved_tensors(job.model, 2))
+    return job.model.num_layers * (per_token * job.data.seq_len + 2 * layer_matmul_params(job.model))
+
+
+def _host_bytes() -> float:
+    import psutil
+
+    return float(psutil.virtual_memory().total)
