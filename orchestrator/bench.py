@@ -72,9 +72,10 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int) 
         _measure(mode, job, profile, repeats, row)
     except torch.cuda.OutOfMemoryError:
         row.status = "OOM"
-    except (PlanInfeasible, RuntimeError) as error:
-        row.status = "failed" if not isinstance(error, PlanInfeasible) else "does not fit"
-        row.note = str(error).splitlines()[0][:160]
+    except PlanInfeasible as error:
+        row.status, row.note = "does not fit", str(error)[:200]
+    except Exception as error:  # one failing mode must not stop the comparison; the row says what happened
+        row.status, row.note = "failed", f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     finally:
         gc.collect()
         torch.cuda.empty_cache()
@@ -140,8 +141,16 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
 
 
 def _deepspeed_checkpoint(num_layers: int):
+    """DeepSpeed's checkpointing needs its process group, even for one process: a one-rank group on loopback."""
+    import os
+
     import deepspeed
 
+    if not torch.distributed.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", "29517")):
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="nccl")
     deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=True,
                                       contiguous_checkpointing=False, num_checkpoints=num_layers)
     return lambda layer, x, cos, sin: deepspeed.checkpointing.checkpoint(layer, x, cos, sin)

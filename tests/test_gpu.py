@@ -75,11 +75,11 @@ def test_layer_time_is_within_25_percent_of_the_cost_model(seq_len):
     assert measured == pytest.approx(predicted, rel=0.25)
 
 
-@pytest.mark.parametrize("policy,bitwise", [
-    ((0.0, 1.0, 0.0, False), True), ((0.5, 0.5, 0.0, True), True), ((0.25, 0.25, 0.5, False), False)])
-def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy, bitwise):
-    """Swap (side stream, pinned memory, prefetch) is bitwise; recompute runs GEMMs on fewer rows, which cuBLAS
-    may tile differently, so it is held to bf16 tolerance and the difference is printed."""
+@pytest.mark.parametrize("policy", [(0.0, 1.0, 0.0, False), (0.5, 0.5, 0.0, True), (0.25, 0.25, 0.5, False)])
+def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy):
+    """Swaps are exact copies and recompute uses the same kernels, but the flash attention backward accumulates
+    with atomics, so two plain runs already differ in the last bits: the runtime is held to bf16 tolerance and
+    the plain run's own run-to-run difference is printed beside it."""
     from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
 
     torch.manual_seed(0)
@@ -90,16 +90,18 @@ def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy, bitwise)
     memo.load_state_dict(plain.state_dict())
     runtime = apply_policies(memo, {i: LayerPolicy(*policy) for i in range(job.model.num_layers)})
     tokens = torch.randint(0, 256, (2, 2049), device="cuda")
-    results = []
-    for model in (plain, memo):
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
         loss = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    worst = max(((results[0][1][n].float() - g.float()).norm() / results[0][1][n].float().norm()).item()
-                for n, g in results[1][1].items())
-    print(f"\npolicy {policy}: loss {results[0][0].item():.6f} vs {results[1][0].item():.6f}, worst relative "
-          f"gradient difference {worst:.2e}, host pool {runtime.pool.bytes / 2**20:.1f} MiB")
-    if bitwise:
-        assert torch.equal(results[0][0], results[1][0]) and worst == 0.0
-    else:
-        assert worst < 2e-2
+        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    def worst(a, b):
+        return max(((a[1][n] - b[1][n]).norm() / a[1][n].norm()).item() for n in a[1])
+
+    first, again, ours = run(plain), run(plain), run(memo)
+    print(f"\npolicy {policy}: loss {first[0].item():.6f} vs {ours[0].item():.6f}; worst relative gradient "
+          f"difference {worst(first, ours):.2e} (plain vs plain {worst(first, again):.2e}); host pool "
+          f"{runtime.pool.bytes / 2**20:.1f} MiB")
+    assert torch.allclose(first[0], ours[0], rtol=1e-3) and worst(first, ours) < 1e-3
