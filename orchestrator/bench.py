@@ -168,7 +168,7 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
 
     static = CostModel(job, profile).static_memory(0)
     device_bytes = profile.device_memory_gib * GIB
-    job.plan.gpu_memory_fraction = min(0.97, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
+    job.plan.gpu_memory_fraction = min(0.95, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
     plan = make_plan(job, profile).plan
     groups = {(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"], d["offload_skeletal"])
               for d in plan.layers}

@@ -64,6 +64,7 @@ class LayerCost:
     token_wise_bytes: float
     tensors: List[SavedTensor]
     tokens: int
+    element_bytes: int = 2
 
 
 @dataclass
@@ -119,7 +120,7 @@ class CostModel:
             recompute_seconds=matmul_seconds,
             skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * self.tokens_per_gpu,
             token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * self.tokens_per_gpu,
-            tensors=tensors, tokens=self.tokens_per_gpu)
+            tensors=tensors, tokens=self.tokens_per_gpu, element_bytes=self.element_bytes)
 
     def static_memory(self, zero_stage: int) -> StaticMemory:
         """Weights, gradients and Adam states by ZeRO stage (mixed precision: bf16 copies + fp32 master, m, v)."""

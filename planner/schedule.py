@@ -26,6 +26,7 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
     ("grad_out", 8, 10), ("grad_gated", 9, 11), ("grad_silu_gate", 10, 12), ("grad_up", 10, 13),
     ("grad_gate", 11, 13), ("grad_mlp_norm_out", 12, 14), ("grad_attn_residual", 13, 15),
     ("grad_attn_out", 14, 16), ("grad_q", 15, 17), ("grad_k", 15, 17), ("grad_v", 15, 17),
+    ("grad_q_accum_fp32", 15, 16),  # the flash backward accumulates dq in fp32
     ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
 ]
 _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
@@ -39,7 +40,10 @@ def layer_block_buffers(layer: LayerCost) -> List[Buffer]:
     buffers = []
     for name, start, end in _LEVEL1:
         base = name.split("@")[0].removeprefix("grad_")
-        size = hidden_bytes if name in _HIDDEN_SIZED else per_token[base]
+        if name == "grad_q_accum_fp32":
+            size = per_token["q"] * 4 / layer.element_bytes
+        else:
+            size = hidden_bytes if name in _HIDDEN_SIZED else per_token[base]
         buffers.append(Buffer(name=name, layer=-1, size_bytes=align(size * layer.tokens), start=start, end=end))
     return buffers
 

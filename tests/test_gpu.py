@@ -75,8 +75,10 @@ def test_layer_time_is_within_25_percent_of_the_cost_model(seq_len):
     assert measured == pytest.approx(predicted, rel=0.25)
 
 
-@pytest.mark.parametrize("policy", [(0.0, 1.0, 0.0, False), (0.5, 0.5, 0.0, True), (0.25, 0.25, 0.5, False)])
-def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy):
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("policy", [(0.0, 1.0, 0.0, False), (0.5, 0.5, 0.0, False), (1.0, 0.0, 0.0, True),
+                                    (0.0, 0.0, 1.0, True), (0.5, 0.5, 0.0, True), (0.25, 0.25, 0.5, False)])
+def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy, prefetch):
     """Swaps are exact copies and recompute uses the same kernels, but the flash attention backward accumulates
     with atomics, so two plain runs already differ in the last bits: the runtime is held to bf16 tolerance and
     the plain run's own run-to-run difference is printed beside it."""
@@ -89,6 +91,7 @@ def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy):
     memo = LlamaModel(job.model).cuda().to(torch.bfloat16)
     memo.load_state_dict(plain.state_dict())
     runtime = apply_policies(memo, {i: LayerPolicy(*policy) for i in range(job.model.num_layers)})
+    runtime.prefetch = prefetch
     tokens = torch.randint(0, 256, (2, 2049), device="cuda")
 
     def run(model):
@@ -101,7 +104,7 @@ def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy):
         return max(((a[1][n] - b[1][n]).norm() / a[1][n].norm()).item() for n in a[1])
 
     first, again, ours = run(plain), run(plain), run(memo)
-    print(f"\npolicy {policy}: loss {first[0].item():.6f} vs {ours[0].item():.6f}; worst relative gradient "
+    print(f"\npolicy {policy} prefetch {prefetch}: loss {first[0].item():.6f} vs {ours[0].item():.6f}; worst relative gradient "
           f"difference {worst(first, ours):.2e} (plain vs plain {worst(first, again):.2e}); host pool "
           f"{runtime.pool.bytes / 2**20:.1f} MiB")
     assert torch.allclose(first[0], ours[0], rtol=1e-3) and worst(first, ours) < 1e-3

@@ -25,6 +25,8 @@ import torch
 HEAD_MAJOR = {"q", "k", "v", "attn_out"}
 """Roles laid out [B, H, S, D] (tokens on dim 2); the others are [B, S, F] (tokens on dim 1)."""
 SKELETAL = ("layer_input", "attn_out")
+RECOMPUTE_CHUNK_TOKENS = 8192
+"""Tokens recomputed at once: bounds the extra memory of recomputation to one chunk's token-wise tensors."""
 TOKEN_WISE = ("attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
               "gated")
 
@@ -115,6 +117,8 @@ class TokenwiseRuntime:
         self.pool = HostPool()
         self.pending: List[_LayerRecord] = []
         self.stream = None
+        self.recompute_chunk_tokens = RECOMPUTE_CHUNK_TOKENS
+        self.prefetch = True
 
     def hooks_for(self, layer_index: int):
         def factory(layer, x, cos, sin):
@@ -233,35 +237,28 @@ def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
     if record in runtime.pending:
         runtime.pending.remove(record)
     _wait_for_prefetch(record)
-    skeletal = {role: _assemble(runtime, record, role, None) for role in SKELETAL if role in record.roles}
+    skeletal = {role: _restore(runtime, record, role) for role in SKELETAL if role in record.roles}
     record.restored.update({r: t for r, t in skeletal.items() if record.roles[r].num_views})
-    recomputed = _recompute(record, skeletal)
-    for role in record.roles:
-        if role not in SKELETAL:
-            record.restored[role] = _assemble(runtime, record, role, recomputed.get(role))
+    token_wise = {role: _restore(runtime, record, role) for role in record.roles if role not in SKELETAL}
+    _recompute_into(runtime, record, skeletal, token_wise)
+    record.restored.update(token_wise)
     record.materialized = True
     if runtime.pending:
         _prefetch(runtime, runtime.pending[-1])
 
 
-def _assemble(runtime: TokenwiseRuntime, record: _LayerRecord, role: str,
-              recomputed: Optional[torch.Tensor]) -> torch.Tensor:
-    """The role's full tensor, laid out as the original (same strides), from its kept, swapped and recomputed
-    token ranges in that order."""
+def _restore(runtime: TokenwiseRuntime, record: _LayerRecord, role: str) -> torch.Tensor:
+    """The role's full tensor, laid out as the original (same strides), with its kept and swapped token ranges
+    filled; the recomputed range (last) is written by `_recompute_into`."""
     store = record.roles[role]
     if store.whole is not None:
         return store.whole
-    parts = [store.kept] if store.kept is not None else []
-    if store.host is not None:
-        parts.append(_fetch(runtime, record, role, store))
-    if recomputed is not None:
-        parts.append(recomputed)
     out = torch.empty_strided(store.shape, store.stride, dtype=store.dtype, device=store.device)
     dim, start = _token_dim(role), 0
-    for part in parts:
-        out.narrow(dim, start, part.shape[dim]).copy_(part)
-        start += part.shape[dim]
-    assert start == store.shape[dim], f"{role}: restored {start} of {store.shape[dim]} tokens"
+    for part in (store.kept, _fetch(runtime, record, role, store) if store.host is not None else None):
+        if part is not None:
+            out.narrow(dim, start, part.shape[dim]).copy_(part)
+            start += part.shape[dim]
     return out
 
 
@@ -276,29 +273,32 @@ def _fetch(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, store: _R
     return store.host.to(store.device, non_blocking=True)
 
 
-def _recompute(record: _LayerRecord, skeletal: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The token-wise tensors of the recomputed tokens, from the restored skeletal tensors (no attention)."""
-    store = record.roles.get("attn_norm_out")
-    if store is None or store.whole is not None:
-        return {}
-    seq_len = store.shape[1]
+def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: Dict[str, torch.Tensor],
+                    outputs: Dict[str, torch.Tensor]) -> None:
+    """Recompute the last token range of every token-wise tensor from the layer input and the attention output
+    (no attention), a chunk of tokens at a time so the extra memory is one chunk's tensors, not the range's."""
+    split = [role for role, out in outputs.items() if record.roles[role].whole is None]
+    if not split:
+        return
+    seq_len = record.roles[split[0]].shape[_token_dim(split[0])]
     kept, swapped, recomputed = record.policy.token_ranges(seq_len)
-    if not recomputed:
-        return {}
-    start = kept + swapped
-    x = skeletal["layer_input"].narrow(1, start, recomputed)
-    attn_out = skeletal["attn_out"].narrow(2, start, recomputed)
-    cos, sin = record.cos.narrow(0, start, recomputed), record.sin.narrow(0, start, recomputed)
-    with torch.no_grad():
-        tensors = dict(record.layer.attention_inputs(x, cos, sin))
-        tensors.update(record.layer.mlp_part(x, attn_out))
-    return tensors
+    chunk = runtime.recompute_chunk_tokens
+    for start in range(kept + swapped, seq_len, chunk):
+        length = min(chunk, seq_len - start)
+        x = skeletal["layer_input"].narrow(1, start, length)
+        attn_out = skeletal["attn_out"].narrow(2, start, length)
+        cos, sin = record.cos.narrow(0, start, length), record.sin.narrow(0, start, length)
+        with torch.no_grad():
+            tensors = dict(record.layer.attention_inputs(x, cos, sin))
+            tensors.update(record.layer.mlp_part(x, attn_out))
+        for role in split:
+            outputs[role].narrow(_token_dim(role), start, length).copy_(tensors[role])
 
 
 def _prefetch(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
     """Start the host -> device copies of the next layer backward will need, on the side stream."""
     stream = runtime.copy_stream()
-    if stream is None:
+    if stream is None or not runtime.prefetch:
         return
     with torch.cuda.stream(stream):
         for role, store in record.roles.items():
