@@ -195,6 +195,7 @@ class _LayerHooks:
                     record.roles[role] = _split(self.runtime, record, role, self.tags[role])
         if record.roles:
             self.runtime.pending.append(record)
+        self.tags = {}  # autograd keeps these hooks until backward: the full tensors must not stay with them
 
 
 def _token_dim(role: str) -> int:
