@@ -12,9 +12,10 @@ COLUMNS = ("mode", "seq_len", "status", "step_seconds", "tokens_per_second", "mf
 
 
 def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeats: int, out: Optional[str],
-                      profile_name: Optional[str]) -> int:
+                      profile_name: Optional[str], plan_fraction: Optional[float] = None) -> int:
     import torch
 
+    import orchestrator.bench
     from orchestrator.bench import MODES, run_bench
     from planner.hardware import detect_profile_name, load_profile
 
@@ -25,6 +26,7 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
     if unknown:
         raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(MODES)}")
     profile = load_profile(profile_name or detect_profile_name(torch.cuda.get_device_name()))
+    orchestrator.bench.PLAN_FRACTION = plan_fraction
     device = torch.cuda.get_device_name()
     print(f"longtrain bench: {layers} Llama-7B-shaped layers on {device} (profile {profile.name}), "
           f"seq_len {seq_lens}, {repeats} timed steps per row after one warm-up")
@@ -34,7 +36,8 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
     stem.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "profile": profile.name, "layers": layers, "repeats": repeats,
             "torch": torch.__version__, "command": f"longtrain bench --layers {layers} --seq-lens "
-            f"{','.join(map(str, seq_lens))} --modes {','.join(modes)} --repeats {repeats}"}
+            f"{','.join(map(str, seq_lens))} --modes {','.join(modes)} --repeats {repeats}"
+                       + (f" --plan-fraction {plan_fraction}" if plan_fraction else "")}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(markdown(meta, rows))
     plot(rows, stem.with_suffix(".png"), meta)
@@ -44,13 +47,14 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
 
 def _header() -> str:
     return f"{'mode':<19} {'seq':>8} {'status':<12} {'step s':>8} {'tok/s':>9} {'MFU':>6} {'MFU-full':>8} " \
-           f"{'alloc GiB':>9} {'resv GiB':>8} {'host GiB':>8}  note"
+           f"{'alloc GiB':>9} {'resv GiB':>8} {'host GiB':>8} {'fwd GiB':>7}  note"
 
 
 def _line(r: Dict) -> str:
     return (f"{r['mode']:<19} {r['seq_len']:>8} {r['status']:<12} {r['step_seconds']:>8.3f} "
             f"{r['tokens_per_second']:>9,.0f} {r['mfu']:>6.1%} {r['mfu_full_attention']:>8.1%} "
-            f"{r['peak_allocated_gib']:>9.1f} {r['peak_reserved_gib']:>8.1f} {r['host_gib']:>8.1f}  {r['note']}")
+            f"{r['peak_allocated_gib']:>9.1f} {r['peak_reserved_gib']:>8.1f} {r['host_gib']:>8.1f} "
+            f"{r['after_forward_gib']:>7.1f}  {r['note']}")
 
 
 def markdown(meta: Dict, rows: List[Dict]) -> str:
@@ -58,12 +62,12 @@ def markdown(meta: Dict, rows: List[Dict]) -> str:
              f"Command: `{meta['command']}` (torch {meta['torch']}; profile {meta['profile']}; MFU = model "
              "FLOPs of the layers, causal-halved and full-attention, against the profile's bf16 peak).", "",
              "| mode | seq | status | step s | tokens/s | MFU | MFU full-attn | peak alloc GiB | peak reserved GiB "
-             "| host GiB | note |", "|" + " --- |" * 11]
+             "| host GiB | after forward GiB | note |", "|" + " --- |" * 12]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['seq_len']} | {r['status']} | {r['step_seconds']:.3f} | "
                      f"{r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | {r['mfu_full_attention']:.1%} | "
                      f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['host_gib']:.1f} | "
-                     f"{r['note']} |")
+                     f"{r.get('after_forward_gib', 0.0):.1f} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed steps per row (median reported)")
     bench.add_argument("--out", help="directory for the JSON, Markdown and PNG (default profiles/runs)")
     bench.add_argument("--profile", help="hardware profile for MFU and the plan (default: detected from the GPU)")
+    bench.add_argument("--plan-fraction", type=float, help="GPU budget fraction for the longtrain plan "
+                                                          "(default: plan.gpu_memory_fraction + the optimizer's share)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     bench.set_defaults(handler=_bench)
     return parser
@@ -96,7 +98,8 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise LongtrainError(f"--seq-lens {args.seq_lens!r} must be comma-separated integers, e.g. "
                              "32768,65536") from error
-    return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile)
+    return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
+                             args.plan_fraction)
 
 
 def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:

@@ -50,6 +50,8 @@ class BenchRow:
     peak_allocated_gib: float = 0.0
     peak_reserved_gib: float = 0.0
     host_gib: float = 0.0
+    after_forward_gib: float = 0.0
+    """Allocated when the forward has finished (what every strategy keeps for backward, weights included)."""
     note: str = ""
 
 
@@ -70,8 +72,9 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int) 
     row = BenchRow(mode, job.data.seq_len, "ok")
     try:
         _measure(mode, job, profile, repeats, row)
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as error:
         row.status = "OOM"
+        row.note = (row.note + "; " if row.note else "") + str(error).split(". GPU")[0][:120]
     except PlanInfeasible as error:
         row.status, row.note = "does not fit", str(error)[:200]
     except Exception as error:  # one failing mode must not stop the comparison; the row says what happened
@@ -132,6 +135,7 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
             out = x
             for layer in stack.layers:
                 out = wrap(layer, out, cos, sin)
+        row.after_forward_gib = max(row.after_forward_gib, torch.cuda.memory_allocated() / GIB)
         out.backward(grad)
         x.grad = None
         for p in stack.parameters():
@@ -161,6 +165,10 @@ def _pinned_bytes() -> float:
     return float(stats.get("allocated_bytes.all.peak", stats.get("allocated_bytes.all.current", 0)))
 
 
+PLAN_FRACTION = None
+"""Overrides the plan's GPU budget fraction (`longtrain bench --plan-fraction`)."""
+
+
 def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow):
     """Plan this shape for this GPU; the stack has no optimizer, so the plan's budget gets the optimizer's share
     back (the baselines use the whole GPU too)."""
@@ -168,7 +176,8 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
 
     static = CostModel(job, profile).static_memory(0)
     device_bytes = profile.device_memory_gib * GIB
-    job.plan.gpu_memory_fraction = min(0.95, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
+    job.plan.gpu_memory_fraction = PLAN_FRACTION or min(
+        0.95, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
     plan = make_plan(job, profile).plan
     groups = {(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"], d["offload_skeletal"])
               for d in plan.layers}
