@@ -145,6 +145,7 @@ class _LayerHooks:
 
     def __exit__(self, *exc):
         self.context.__exit__(*exc)
+        self.context = None  # it holds our bound methods: a cycle that only the garbage collector would break
         if exc[0] is None:
             self._finalize()
         return False
@@ -153,7 +154,7 @@ class _LayerHooks:
         self.tags.update(tensors)
 
     def _pack(self, tensor: torch.Tensor) -> _Saved:
-        saved = _Saved(tensor)
+        saved = _Saved(tensor.detach())  # a saved output's grad_fn would lead back here: see `_split`
         self.record.saved.append(saved)
         return saved
 
@@ -203,6 +204,10 @@ def _token_dim(role: str) -> int:
 
 
 def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: torch.Tensor) -> _RoleStore:
+    """Keep, copy out and drop the role's token ranges. Everything stored is detached: a stored tensor with a
+    grad_fn would lead back, through autograd's C++ nodes, to these hooks, a cycle Python's collector cannot
+    see, and every step's activations would leak."""
+    base = base.detach()
     store = _RoleStore(tuple(base.shape), tuple(base.stride()), base.dtype, base.device)
     dim, policy = _token_dim(role), record.policy
     seq_len = base.shape[dim]
