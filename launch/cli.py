@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                                             "[--modes ...] [--repeats 3] [--out DIR]")
     bench.add_argument("--layers", type=int, default=4, help="Llama-7B-shaped layers in the stack")
     bench.add_argument("--seq-lens", default="32768,65536,131072", help="comma-separated sequence lengths")
-    bench.add_argument("--modes", default="store_all,full_recompute,deepspeed_cpu_ckpt,save_on_cpu,longtrain")
+    bench.add_argument("--modes", default="store_all,full_recompute,deepspeed_cpu_ckpt,save_on_cpu,longtrain,"
+                                          "longtrain_no_arena")
     bench.add_argument("--repeats", type=int, default=3, help="timed steps per row (median reported)")
     bench.add_argument("--out", help="directory for the JSON, Markdown and PNG (default profiles/runs)")
     bench.add_argument("--profile", help="hardware profile for MFU and the plan (default: detected from the GPU)")

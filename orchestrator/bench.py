@@ -8,7 +8,9 @@ optimizer are the same for all of them, so leaving them out isolates the differe
   full_recompute      torch.utils.checkpoint around every layer
   deepspeed_cpu_ckpt  DeepSpeed activation checkpointing with checkpoint_in_cpu
   save_on_cpu         torch.autograd.graph.save_on_cpu(pin_memory=True): every saved tensor to pinned host memory
-  longtrain           the planner's plan for this shape on this GPU's profile, run by the token-wise runtime
+  longtrain           the planner's plan for this shape on this GPU's profile, run by the token-wise runtime,
+                      kept activations in the plan's static arena
+  longtrain_no_arena  the same plan with every buffer from the caching allocator (to measure fragmentation)
 """
 
 import gc
@@ -22,13 +24,13 @@ import torch
 from torch import nn
 
 from orchestrator.config import JobConfig, load_job_config
-from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+from orchestrator.memory.tokenwise import apply_policies
 from orchestrator.model import DecoderLayer, rope_tables
 from planner.flops import attention_forward_flops_per_token, layer_matmul_params
 from planner.hardware import HardwareProfile
 from planner.planning import PlanInfeasible, make_plan
 
-MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain")
+MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain", "longtrain_no_arena")
 GIB = 2**30
 
 
@@ -126,8 +128,8 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
     elif mode == "save_on_cpu":
         context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
         host_bytes = _pinned_bytes
-    elif mode == "longtrain":
-        runtime = _apply_longtrain_plan(stack, job, profile, row)
+    elif mode in ("longtrain", "longtrain_no_arena"):
+        runtime = _apply_longtrain_plan(stack, job, profile, row, use_arena=mode == "longtrain")
         host_bytes = (lambda: runtime.pool.bytes) if runtime else host_bytes
 
     def step(x, cos, sin, grad):
@@ -169,7 +171,8 @@ PLAN_FRACTION = None
 """Overrides the plan's GPU budget fraction (`longtrain bench --plan-fraction`)."""
 
 
-def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow):
+def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
+                          use_arena: bool):
     """Plan this shape for this GPU; the stack has no optimizer, so the plan's budget gets the optimizer's share
     back (the baselines use the whole GPU too)."""
     from planner.cost_model import CostModel
@@ -184,9 +187,12 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
     row.note = "plan keep/swap/recompute/skeletal-host: " + "; ".join(
         f"{k:.2f}/{s:.2f}/{r:.2f}/{o}" for k, s, r, o in sorted(groups))
     row.note += f"; predicted {plan.predicted['peak_gpu_gib']:.1f} GiB"
-    policies = {d["layer"]: LayerPolicy(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"],
-                                        d["offload_skeletal"]) for d in plan.layers}
-    return apply_policies(stack, policies)
+    from orchestrator.trainer import plan_arena, plan_policies
+
+    arena = plan_arena(plan) if use_arena else None
+    if arena is not None:
+        row.note += f"; arena {arena.bytes / GIB:.1f} GiB"
+    return apply_policies(stack, plan_policies(plan), arena)
 
 
 def run_bench(num_layers: int, seq_lens: List[int], modes: List[str], profile: HardwareProfile, repeats: int,

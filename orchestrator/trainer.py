@@ -17,6 +17,7 @@ from orchestrator.checkpoint import CheckpointManager, latest_complete_tag
 from orchestrator.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
+from orchestrator.memory.arena import KeptArena
 from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_policies
 from orchestrator.metrics import StepMeter
 from orchestrator.model import LlamaModel
@@ -122,10 +123,20 @@ def apply_plan(job: JobConfig, model: Optional[LlamaModel], profile, precision: 
                         "re-plan with plan.allow_approximate=false")
     if check_only:
         return None
-    policies = {layer["layer"]: LayerPolicy(layer["keep_fraction"], layer["swap_fraction"],
-                                            layer["recompute_fraction"], layer["offload_skeletal"])
-                for layer in plan.layers}
-    return apply_policies(model, policies)
+    return apply_policies(model, plan_policies(plan), plan_arena(plan))
+
+
+def plan_policies(plan) -> dict:
+    return {layer["layer"]: LayerPolicy(layer["keep_fraction"], layer["swap_fraction"], layer["recompute_fraction"],
+                                        layer["offload_skeletal"]) for layer in plan.layers}
+
+
+def plan_arena(plan) -> Optional[KeptArena]:
+    """The plan's runtime arena on this worker's device (None when nothing is kept in part)."""
+    if not plan.runtime_arena:
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return KeptArena(plan.runtime_arena, device)
 
 
 def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: StepMeter) -> float:

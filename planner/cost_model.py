@@ -65,6 +65,8 @@ class LayerCost:
     tensors: List[SavedTensor]
     tokens: int
     element_bytes: int = 2
+    sequences: int = 1
+    """Sequences per micro-batch; tokens = sequences x tokens of one sequence on this GPU."""
 
 
 @dataclass
@@ -120,7 +122,8 @@ class CostModel:
             recompute_seconds=matmul_seconds,
             skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * self.tokens_per_gpu,
             token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * self.tokens_per_gpu,
-            tensors=tensors, tokens=self.tokens_per_gpu, element_bytes=self.element_bytes)
+            tensors=tensors, tokens=self.tokens_per_gpu, element_bytes=self.element_bytes,
+            sequences=self.job.data.micro_batch_size)
 
     def static_memory(self, zero_stage: int) -> StaticMemory:
         """Weights, gradients and Adam states by ZeRO stage (mixed precision: bf16 copies + fp32 master, m, v)."""

@@ -36,6 +36,8 @@ class Plan:
     predicted: Dict[str, Any]
     solver: Dict[str, Any]
     created: str = ""
+    runtime_arena: Dict[str, Any] = field(default_factory=dict)
+    """The buffers the runtime places in its preallocated arena (today: each layer's kept token-wise share)."""
     format: str = PLAN_FORMAT
     version: int = PLAN_VERSION
     notes: List[str] = field(default_factory=list)

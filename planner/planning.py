@@ -14,10 +14,11 @@ from orchestrator.config import TOKEN_BLOCK, JobConfig
 from orchestrator.errors import LongtrainError
 from planner.cost_model import CostModel
 from planner.hardware import HardwareProfile
-from planner.layout import LayoutResult, solve_layout
+from planner.layout import Buffer, LayoutResult, solve_layout
 from planner.plan_file import Plan, hash_inputs
 from planner.policy import GIB, PolicyInputs, PolicyResult, policy_inputs, solve_policy
 from planner.schedule import layer_block_buffers, step_buffers
+from planner.token_split import FRACTION_DECIMALS
 
 
 class PlanInfeasible(LongtrainError):
@@ -56,17 +57,27 @@ def make_plan(job: JobConfig, profile: HardwareProfile) -> PlanOutcome:
     if not solved[1].feasible:
         raise PlanInfeasible(explain_infeasible(job, profile, solved[2]))
     cost, policy, inputs, block = solved
+    _round_fractions(policy)
     decisions = [vars(d) for d in policy.decisions]
     factors = [inputs.int8_factor if d.compression == "quant_int8" else 1.0 for d in policy.decisions]
     layer = cost.layer()
     step = solve_layout(step_buffers(layer, decisions, block.arena_bytes, cost.head_and_loss_bytes(), factors),
                         job.plan.time_limit_seconds)
     plan = _assemble(job, profile, cost, policy, block, step)
+    plan.runtime_arena = runtime_arena(step, job.plan.time_limit_seconds)
     if plan.predicted["peak_gpu_gib"] > plan.predicted["gpu_budget_gib"]:
         plan.notes.append(f"the layout's peak ({plan.predicted['peak_gpu_gib']} GiB) is above the budget "
                           f"({plan.predicted['gpu_budget_gib']} GiB): the layout could not reach its lower bound")
     return PlanOutcome(plan=plan, cost=cost, policy=policy, layer_block=block, step_layout=step,
                        seconds=time.perf_counter() - started)
+
+
+def _round_fractions(policy: PolicyResult) -> None:
+    """The plan file's fractions, rounded once here so the layout is computed from what the runtime will read."""
+    for d in policy.decisions:
+        d.swap_fraction = round(d.swap_fraction, FRACTION_DECIMALS)
+        d.recompute_fraction = round(min(d.recompute_fraction, 1 - d.swap_fraction), FRACTION_DECIMALS)
+        d.keep_fraction = round(max(0.0, 1 - d.swap_fraction - d.recompute_fraction), FRACTION_DECIMALS) + 0.0
 
 
 def _solve(job: JobConfig, profile: HardwareProfile) -> Tuple[CostModel, PolicyResult, PolicyInputs, LayoutResult]:
@@ -99,8 +110,7 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
                        "offset_bytes": b.offset_bytes, "start": b.start, "end": b.end}
     return Plan(
         inputs=inputs, inputs_hash=hash_inputs(inputs),
-        layers=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(d).items()}
-                for d in policy.decisions],
+        layers=[vars(d) for d in policy.decisions],
         layout=[entry(b) for b in step.buffers], layer_block_layout=[entry(b) for b in block.buffers],
         arena_bytes=step.arena_bytes, lower_bound_bytes=step.lower_bound_bytes,
         layer_block={"arena_bytes": block.arena_bytes, "lower_bound_bytes": block.lower_bound_bytes,
@@ -111,6 +121,19 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
                            "greedy_arena_bytes": step.greedy_arena_bytes}},
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+
+
+def runtime_arena(step: LayoutResult, time_limit_seconds: float) -> dict:
+    """Offsets of the long-lived buffers the runtime copies into its own arena: each layer's kept token-wise
+    share (alive from its forward to its backward, the ones that fragment the caching allocator)."""
+    kept = [Buffer(b.name, b.layer, b.size_bytes, b.start, b.end) for b in step.buffers if b.name == "kept_token_wise"]
+    if not kept:
+        return {}
+    layout = solve_layout(kept, time_limit_seconds)
+    return {"arena_bytes": layout.arena_bytes, "lower_bound_bytes": layout.lower_bound_bytes,
+            "packing": "token-wise roles in inventory order, each aligned to 512 bytes",
+            "buffers": [{"name": b.name, "layer": b.layer, "size_bytes": b.size_bytes,
+                         "offset_bytes": b.offset_bytes} for b in layout.buffers]}
 
 
 def explain_infeasible(job: JobConfig, profile: HardwareProfile, inputs: PolicyInputs) -> str:

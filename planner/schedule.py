@@ -11,6 +11,7 @@ from typing import Dict, List, Sequence
 
 from planner.cost_model import LayerCost
 from planner.layout import Buffer, align
+from planner.token_split import token_ranges
 
 # Level-1 events: forward ops 0..7, then swap-out / drop at 8, backward ops 8..17 (end exclusive).
 _FORWARD_END = 8
@@ -48,6 +49,13 @@ def layer_block_buffers(layer: LayerCost) -> List[Buffer]:
     return buffers
 
 
+def kept_token_wise_bytes(layer: LayerCost, kept_tokens: int) -> int:
+    """The kept share of a layer's token-wise tensors, each role aligned: the runtime packs them in this order."""
+    if kept_tokens == layer.tokens // layer.sequences:
+        return align(layer.token_wise_bytes)
+    return sum(align(layer.sequences * kept_tokens * t.bytes_per_token) for t in layer.tensors if not t.skeletal)
+
+
 def step_buffers(layer: LayerCost, decisions: Sequence[Dict], block_bytes: int, head_bytes: float,
                  compression_factor: Sequence[float]) -> List[Buffer]:
     """Level 2: buffers across the whole step, given each layer's decision (keep, swap, offload_skeletal)."""
@@ -57,8 +65,11 @@ def step_buffers(layer: LayerCost, decisions: Sequence[Dict], block_bytes: int, 
                Buffer("head_and_loss", -1, align(head_bytes), num_layers, num_layers + 1)]
     for i, decision in enumerate(decisions):
         forward, backward = i, 2 * num_layers - i
-        swapped = align(decision["swap_fraction"] * layer.token_wise_bytes * compression_factor[i])
-        kept = align(decision["keep_fraction"] * layer.token_wise_bytes)
+        kept_tokens, swapped_tokens, _ = token_ranges(decision["swap_fraction"], decision["recompute_fraction"],
+                                                      layer.tokens // layer.sequences)
+        swapped = align(swapped_tokens / (layer.tokens // layer.sequences) * layer.token_wise_bytes
+                        * compression_factor[i])
+        kept = kept_token_wise_bytes(layer, kept_tokens)
         skeletal = align(layer.skeletal_bytes)
         if decision["offload_skeletal"]:
             buffers += [Buffer("skeletal_out", i, skeletal, forward, forward + 2),

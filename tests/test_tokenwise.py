@@ -149,3 +149,29 @@ def test_nothing_survives_a_step(name):
     finally:
         gc.enable()
     assert not runtime.pending
+
+
+def test_kept_slices_live_in_the_planned_arena_and_stay_exact():
+    from orchestrator.memory.arena import KeptArena
+    from planner.hardware import load_profile
+    from planner.planning import make_plan
+
+    job, model, inputs, targets = _model_and_batch()
+    planned = load_job_config(None, [f"data.seq_len={SEQ_LEN}", f"data.micro_batch_size={BATCH}",
+                                     "plan.gpu_memory_fraction=0.002"])
+    plan = make_plan(planned, load_profile("cpu")).plan
+    assert any(0 < layer["keep_fraction"] < 1 for layer in plan.layers), plan.layers
+    reference_loss, reference = _loss_and_grads(model, inputs, targets)
+    arena = KeptArena(plan.runtime_arena, torch.device("cpu"))
+    policies = {d["layer"]: LayerPolicy(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"],
+                                        d["offload_skeletal"]) for d in plan.layers}
+    runtime = apply_policies(model, policies, arena)
+    model.zero_grad(set_to_none=True)
+    loss = model(inputs, targets=targets)
+    start, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.bytes
+    kept = [s.kept for r in runtime.pending for s in r.roles.values() if s.kept is not None]
+    outside = [tuple(t.shape) for t in kept if not start <= t.data_ptr() < end]
+    assert kept and not outside and arena.fallbacks == 0, outside
+    loss.backward()
+    assert torch.equal(loss.detach(), reference_loss)
+    assert all(torch.equal(p.grad, reference[n]) for n, p in model.named_parameters())

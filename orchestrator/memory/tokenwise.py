@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from planner.token_split import token_ranges
+
 HEAD_MAJOR = {"q", "k", "v", "attn_out"}
 """Roles laid out [B, H, S, D] (tokens on dim 2); the others are [B, S, F] (tokens on dim 1)."""
 SKELETAL = ("layer_input", "attn_out")
@@ -41,10 +43,8 @@ class LayerPolicy:
     offload_skeletal: bool = False
 
     def token_ranges(self, seq_len: int) -> Tuple[int, int, int]:
-        """(kept, swapped, recomputed) token counts; swap and recompute rounded to whole tokens."""
-        swapped = int(round(self.swap_fraction * seq_len))
-        recomputed = min(seq_len - swapped, int(round(self.recompute_fraction * seq_len)))
-        return seq_len - swapped - recomputed, swapped, recomputed
+        """(kept, swapped, recomputed) token counts, exactly as the planner counts them."""
+        return token_ranges(self.swap_fraction, self.recompute_fraction, seq_len)
 
     @property
     def is_plain(self) -> bool:
@@ -106,14 +106,16 @@ class _LayerRecord:
     prefetched: Dict[str, torch.Tensor] = field(default_factory=dict)
     prefetch_event: Optional[object] = None
     materialized: bool = False
+    kept_targets: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TokenwiseRuntime:
     """Shared by all layers of one model: the host pool, the side stream and the records of layers awaiting
     their backward (for prefetching the next one)."""
 
-    def __init__(self, policies: Dict[int, LayerPolicy]):
+    def __init__(self, policies: Dict[int, LayerPolicy], arena=None):
         self.policies = policies
+        self.arena = arena
         self.pool = HostPool()
         self.pending: List[_LayerRecord] = []
         self.stream = None
@@ -176,6 +178,7 @@ class _LayerHooks:
     def _finalize(self) -> None:
         """Replace every saved view of a tagged tensor by its role's split storage."""
         record = self.record
+        record.kept_targets = self._kept_targets()
         by_storage = {t.untyped_storage().data_ptr(): (role, t) for role, t in self.tags.items()
                       if role in TOKEN_WISE or role in SKELETAL}
         for saved in record.saved:
@@ -199,6 +202,23 @@ class _LayerHooks:
         self.tags = {}  # autograd keeps these hooks until backward: the full tensors must not stay with them
 
 
+    def _kept_targets(self) -> Dict[str, torch.Tensor]:
+        """Where the kept slices go: views of the runtime's arena at this layer's planned region, if it has one."""
+        arena = self.runtime.arena
+        if arena is None:
+            return {}
+        slices = []
+        for role in TOKEN_WISE:
+            base = self.tags[role]
+            kept, _, _ = self.record.policy.token_ranges(base.shape[_token_dim(role)])
+            if kept == base.shape[_token_dim(role)]:
+                return {}  # kept whole, nothing to copy
+            shape = list(base.shape)
+            shape[_token_dim(role)] = kept
+            slices.append((role, tuple(shape), base.dtype))
+        return arena.views(self.record.layer_index, slices) or {}
+
+
 def _token_dim(role: str) -> int:
     return 2 if role in HEAD_MAJOR else 1
 
@@ -218,7 +238,9 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
     if kept == seq_len:
         store.whole = base
         return store
-    store.kept = base.narrow(dim, 0, kept).clone() if kept else None
+    if kept:
+        target = record.kept_targets.get(role)
+        store.kept = target.copy_(base.narrow(dim, 0, kept)) if target is not None else base.narrow(dim, 0, kept).clone()
     if swapped:
         part = base.narrow(dim, kept, swapped)
         store.host = runtime.pool.buffer((record.layer_index, role), part)
@@ -321,12 +343,13 @@ def _wait_for_prefetch(record: _LayerRecord) -> None:
             tensor.record_stream(torch.cuda.current_stream())
 
 
-def apply_policies(model, policies: Dict[int, LayerPolicy]) -> Optional[TokenwiseRuntime]:
-    """Install the token-wise hooks on the layers whose policy is not plain; None when every layer is plain."""
+def apply_policies(model, policies: Dict[int, LayerPolicy], arena=None) -> Optional[TokenwiseRuntime]:
+    """Install the token-wise hooks on the layers whose policy is not plain; None when every layer is plain.
+    With an arena (`orchestrator.memory.arena.KeptArena`), kept slices go to its planned regions."""
     active = {i: p for i, p in policies.items() if not p.is_plain}
     if not active:
         return None
-    runtime = TokenwiseRuntime(active)
+    runtime = TokenwiseRuntime(active, arena)
     for index, layer in enumerate(model.layers):
         layer.activation_hooks = runtime.hooks_for(index) if index in active else None
     return runtime
