@@ -12,11 +12,11 @@ COLUMNS = ("mode", "seq_len", "status", "step_seconds", "tokens_per_second", "mf
 
 
 def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeats: int, out: Optional[str],
-                      profile_name: Optional[str], plan_fraction: Optional[float] = None) -> int:
+                      profile_name: Optional[str], plan_fraction: Optional[float] = None, trace: bool = False) -> int:
     import torch
 
     import orchestrator.bench
-    from orchestrator.bench import MODES, run_bench
+    from orchestrator.bench import MODES, longest_trained, run_bench
     from planner.hardware import detect_profile_name, load_profile
 
     if not torch.cuda.is_available():
@@ -27,11 +27,14 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
         raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(MODES)}")
     profile = load_profile(profile_name or detect_profile_name(torch.cuda.get_device_name()))
     orchestrator.bench.PLAN_FRACTION = plan_fraction
+    orchestrator.bench.TRACE = trace
     device = torch.cuda.get_device_name()
     print(f"longtrain bench: {layers} Llama-7B-shaped layers on {device} (profile {profile.name}), "
           f"seq_len {seq_lens}, {repeats} timed steps per row after one warm-up")
     print(_header())
-    rows = run_bench(layers, seq_lens, modes, profile, repeats, on_row=lambda row: print(_line(vars(row)), flush=True))
+    rows = run_bench(layers, seq_lens, modes, profile, repeats, on_row=_print_row)
+    longest = longest_trained(rows)
+    print("longest sequence trained: " + ", ".join(f"{mode} {seq:,}" for mode, seq in longest.items()))
     stem = Path(out or "profiles/runs") / f"{profile.name}_{time.strftime('%Y-%m-%d')}_bench-{layers}l"
     stem.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "profile": profile.name, "layers": layers, "repeats": repeats,
@@ -39,10 +42,17 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
             f"{','.join(map(str, seq_lens))} --modes {','.join(modes)} --repeats {repeats}"
                        + (f" --plan-fraction {plan_fraction}" if plan_fraction else "")}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(meta, rows))
+    stem.with_suffix(".md").write_text(markdown(meta, rows) + "\nLongest sequence trained: " + ", ".join(
+        f"{mode} {seq:,}" for mode, seq in longest.items()) + "\n")
     plot(rows, stem.with_suffix(".png"), meta)
     print(f"wrote {stem}.json, .md, .png")
     return 0
+
+
+def _print_row(row) -> None:
+    print(_line(vars(row)), flush=True)
+    if row.trace:
+        print(row.trace, flush=True)
 
 
 def _header() -> str:
@@ -54,7 +64,15 @@ def _line(r: Dict) -> str:
     return (f"{r['mode']:<19} {r['seq_len']:>8} {r['status']:<12} {r['step_seconds']:>8.3f} "
             f"{r['tokens_per_second']:>9,.0f} {r['mfu']:>6.1%} {r['mfu_full_attention']:>8.1%} "
             f"{r['peak_allocated_gib']:>9.1f} {r['peak_reserved_gib']:>8.1f} {r['host_gib']:>8.1f} "
-            f"{r['after_forward_gib']:>7.1f}  {r['note']}")
+            f"{r['after_forward_gib']:>7.1f}  {_prediction(r)}{r['note']}")
+
+
+def _prediction(r: Dict) -> str:
+    """Planner vs measured for longtrain rows: step time and peak allocated, as ratios."""
+    if not r.get("predicted_step_seconds") or r["status"] != "ok":
+        return ""
+    return (f"predicted {r['predicted_step_seconds']:.3f} s ({r['predicted_step_seconds'] / r['step_seconds'] - 1:+.0%}), "
+            f"{r['predicted_peak_gib']:.1f} GiB ({r['predicted_peak_gib'] / r['peak_allocated_gib'] - 1:+.0%}); ")
 
 
 def markdown(meta: Dict, rows: List[Dict]) -> str:
@@ -67,7 +85,7 @@ def markdown(meta: Dict, rows: List[Dict]) -> str:
         lines.append(f"| {r['mode']} | {r['seq_len']} | {r['status']} | {r['step_seconds']:.3f} | "
                      f"{r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | {r['mfu_full_attention']:.1%} | "
                      f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['host_gib']:.1f} | "
-                     f"{r.get('after_forward_gib', 0.0):.1f} | {r['note']} |")
+                     f"{r.get('after_forward_gib', 0.0):.1f} | {_prediction(r)}{r['note']} |")
     return "\n".join(lines) + "\n"
 
 

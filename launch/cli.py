@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", help="hardware profile for MFU and the plan (default: detected from the GPU)")
     bench.add_argument("--plan-fraction", type=float, help="GPU budget fraction for the longtrain plan "
                                                           "(default: plan.gpu_memory_fraction + the optimizer's share)")
+    bench.add_argument("--trace", action="store_true", help="print a torch.profiler summary of one step of each "
+                                                             "longtrain row (where the time goes)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     bench.set_defaults(handler=_bench)
     return parser
@@ -100,7 +102,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise LongtrainError(f"--seq-lens {args.seq_lens!r} must be comma-separated integers, e.g. "
                              "32768,65536") from error
     return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
-                             args.plan_fraction)
+                             args.plan_fraction, args.trace)
 
 
 def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:

@@ -54,7 +54,17 @@ class BenchRow:
     host_gib: float = 0.0
     after_forward_gib: float = 0.0
     """Allocated when the forward has finished (what every strategy keeps for backward, weights included)."""
+    predicted_step_seconds: float = 0.0
+    """longtrain rows: the planner's step time for these layers (LM head and optimizer left out)."""
+    predicted_peak_gib: float = 0.0
+    """longtrain rows: the planner's peak for what the bench allocates (no optimizer, embedding or LM head)."""
     note: str = ""
+    trace: str = ""
+    """With `--trace`: the top device operations of one more step, by self device time (torch.profiler)."""
+
+
+TRACE = False
+"""Profile one extra step of the longtrain rows (`longtrain bench --trace`)."""
 
 
 def bench_job(num_layers: int, seq_len: int, preset: str) -> JobConfig:
@@ -113,6 +123,17 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     row.peak_allocated_gib = torch.cuda.max_memory_allocated() / GIB
     row.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
     row.host_gib = host_bytes() / GIB
+    if TRACE and mode.startswith("longtrain"):
+        row.trace = _trace_one_step(step, x, cos, sin, grad)
+
+
+def _trace_one_step(step, x, cos, sin, grad) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        step(x, cos, sin, grad)
+        torch.cuda.synchronize()
+    return trace.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=48)
 
 
 def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow):
@@ -175,24 +196,39 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
                           use_arena: bool):
     """Plan this shape for this GPU; the stack has no optimizer, so the plan's budget gets the optimizer's share
     back (the baselines use the whole GPU too)."""
+    from orchestrator.trainer import plan_arena, plan_policies
     from planner.cost_model import CostModel
 
-    static = CostModel(job, profile).static_memory(0)
+    cost = CostModel(job, profile)
+    static = cost.static_memory(0)
     device_bytes = profile.device_memory_gib * GIB
     job.plan.gpu_memory_fraction = PLAN_FRACTION or min(
         0.95, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
-    plan = make_plan(job, profile).plan
+    outcome = make_plan(job, profile)
+    plan = outcome.plan
     groups = {(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"], d["offload_skeletal"])
               for d in plan.layers}
     row.note = "plan keep/swap/recompute/skeletal-host: " + "; ".join(
         f"{k:.2f}/{s:.2f}/{r:.2f}/{o}" for k, s, r, o in sorted(groups))
-    row.note += f"; predicted {plan.predicted['peak_gpu_gib']:.1f} GiB"
-    from orchestrator.trainer import plan_arena, plan_policies
+    not_in_bench = (static.optimizer_states + static.buffers + static.embedding_activations
+                    + static.head_and_loss)
+    row.predicted_peak_gib = plan.predicted["peak_gpu_gib"] - not_in_bench / GIB
+    row.predicted_step_seconds = outcome.policy.micro_batch_seconds - 3 * cost.head_seconds()
 
     arena = plan_arena(plan) if use_arena else None
     if arena is not None:
         row.note += f"; arena {arena.bytes / GIB:.1f} GiB"
     return apply_policies(stack, plan_policies(plan), arena)
+
+
+def longest_trained(rows: List[Dict]) -> Dict[str, int]:
+    """The longest sequence each mode ran (0 when it ran none)."""
+    longest: Dict[str, int] = {}
+    for row in rows:
+        longest.setdefault(row["mode"], 0)
+        if row["status"] == "ok":
+            longest[row["mode"]] = max(longest[row["mode"]], row["seq_len"])
+    return longest
 
 
 def run_bench(num_layers: int, seq_lens: List[int], modes: List[str], profile: HardwareProfile, repeats: int,
