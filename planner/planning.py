@@ -64,7 +64,8 @@ def make_plan(job: JobConfig, profile: HardwareProfile) -> PlanOutcome:
     step = solve_layout(step_buffers(layer, decisions, block.arena_bytes, cost.head_and_loss_bytes(), factors),
                         job.plan.time_limit_seconds)
     plan = _assemble(job, profile, cost, policy, block, step)
-    plan.runtime_arena = runtime_arena(step, job.plan.time_limit_seconds)
+    partly_kept = {d.layer for d in policy.decisions if 0 < d.keep_fraction < 1}
+    plan.runtime_arena = runtime_arena(step, partly_kept, job.plan.time_limit_seconds)
     if plan.predicted["peak_gpu_gib"] > plan.predicted["gpu_budget_gib"]:
         plan.notes.append(f"the layout's peak ({plan.predicted['peak_gpu_gib']} GiB) is above the budget "
                           f"({plan.predicted['gpu_budget_gib']} GiB): the layout could not reach its lower bound")
@@ -123,10 +124,12 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
     )
 
 
-def runtime_arena(step: LayoutResult, time_limit_seconds: float) -> dict:
-    """Offsets of the long-lived buffers the runtime copies into its own arena: each layer's kept token-wise
-    share (alive from its forward to its backward, the ones that fragment the caching allocator)."""
-    kept = [Buffer(b.name, b.layer, b.size_bytes, b.start, b.end) for b in step.buffers if b.name == "kept_token_wise"]
+def runtime_arena(step: LayoutResult, layers: set, time_limit_seconds: float) -> dict:
+    """Offsets of the long-lived buffers the runtime copies into its own arena: the kept token-wise share of each
+    layer that keeps part of its tokens (alive from its forward to its backward, the ones that fragment the
+    caching allocator; a layer that keeps everything keeps autograd's own tensors, no copy)."""
+    kept = [Buffer(b.name, b.layer, b.size_bytes, b.start, b.end) for b in step.buffers
+            if b.name == "kept_token_wise" and b.layer in layers]
     if not kept:
         return {}
     layout = solve_layout(kept, time_limit_seconds)
