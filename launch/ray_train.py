@@ -108,6 +108,7 @@ def _worker_loop(config: Dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
     rank = context.get_world_rank()
     _redirect_output(run_dir / "logs" / f"rank{rank}.log")
+    (run_dir / "logs" / f"rank{rank}.pid").write_text(str(os.getpid()))  # for operators (and the failure test)
     worker = WorkerInfo(rank=rank, world_size=context.get_world_size(), local_rank=context.get_local_rank(),
                         node=f"node{context.get_node_rank()}/{socket.gethostname()}")
     board = config["board"]
