@@ -15,6 +15,7 @@ from orchestrator.errors import LongtrainError
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from launch.cli import EXIT_RUN_FAILED, resume_command
+from launch.cli import EXIT_INTERRUPTED, EXIT_RUN_FAILED, resume_command
 from launch.rundir import place_run
 from orchestrator.config import JobConfig, job_to_yaml, load_job_config
 from orchestrator.errors import ConfigError
@@ -35,6 +35,11 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps)
     try:
         run_workers(job, run_dir, placement.initial, console.handle)
+    except KeyboardInterrupt:
+        console.finish(resume)
+        print(f"longtrain: interrupted; checkpoints are in {run_dir / 'checkpoints'}\n  resume with: {resume}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:  # Ray wraps the worker's exception; the user needs the gist and the way out
         console.finish(resume)
         print(f"longtrain: training failed: {_first_line(error)}\n  worker logs: {run_dir / 'logs'}\n"
