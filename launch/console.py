@@ -50,13 +50,13 @@ class RunConsole:
         self.bar.set_postfix_str(f"loss {loss:.3f}")
         self.bar.write(step_line(message["step"], loss, message["rows"], nodes))
 
-    def finish(self, resume_command: str) -> Optional[RunSummary]:
+    def finish(self, resume_hint: str) -> Optional[RunSummary]:
         self.bar.close()
         self.metrics_file.close()
         if not self.steps:
             return None
         summary = summarize(self.steps, self.warmup_steps)
-        print(summary_table(summary, self.run_dir, self.checkpoints, resume_command), file=self.stream)
+        print(summary_table(summary, self.run_dir, self.checkpoints, resume_hint), file=self.stream)
         return summary
 
 
@@ -74,7 +74,7 @@ def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
             f"(slowest rank {worst['rank']})")
 
 
-def summary_table(summary: RunSummary, run_dir: Path, checkpoints: List[str], resume_command: str) -> str:
+def summary_table(summary: RunSummary, run_dir: Path, checkpoints: List[str], resume_hint: str) -> str:
     lines = [
         "",
         "run summary",
@@ -93,7 +93,7 @@ def summary_table(summary: RunSummary, run_dir: Path, checkpoints: List[str], re
         f"  run directory   {run_dir}",
         f"  metrics         {run_dir / 'metrics.jsonl'}",
         f"  checkpoint      {checkpoints[-1] if checkpoints else 'none written'}",
-        f"  resume with     {resume_command}",
+        f"  {resume_hint}",
     ]
     return "\n".join(lines)
 

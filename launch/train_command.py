@@ -36,18 +36,13 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     try:
         run_workers(job, run_dir, placement.initial, console.handle)
     except KeyboardInterrupt:
-        console.finish(resume)
-        print(f"longtrain: interrupted; checkpoints are in {run_dir / 'checkpoints'}\n  resume with: {resume}",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _stopped(console, run_dir, resume, "interrupted", EXIT_INTERRUPTED)
     except Exception as error:  # Ray wraps the worker's exception; the user needs the gist and the way out
-        console.finish(resume)
-        print(f"longtrain: training failed: {_first_line(error)}\n  worker logs: {run_dir / 'logs'}\n"
-              f"  resume with: {resume}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+        return _stopped(console, run_dir, resume,
+                        f"training failed: {_first_line(error)}\n  worker logs: {run_dir / 'logs'}", EXIT_RUN_FAILED)
     finally:
         ray.shutdown()
-    summary = console.finish(resume)
+    summary = console.finish(_resume_hint(run_dir, resume))
     if summary is None:
         print(f"nothing to do: {run_dir} is already at train.max_steps={job.train.max_steps}; raise "
               "train.max_steps to train further")
@@ -70,6 +65,21 @@ def _check_plan_early(job: JobConfig) -> None:
     use_cuda = torch.cuda.is_available() if job.cluster.use_gpu is None else job.cluster.use_gpu
     apply_plan(job, None, load_profile(profile_name(job, use_cuda)),
                resolve_precision(job.train.precision, use_cuda), check_only=True)
+
+
+def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:
+    hint = _resume_hint(run_dir, resume)
+    console.finish(hint)
+    print(f"longtrain: {why}\n  {hint}", file=sys.stderr)
+    return code
+
+
+def _resume_hint(run_dir: Path, resume: str) -> str:
+    from orchestrator.checkpoint import latest_complete_tag
+
+    if latest_complete_tag(run_dir / "checkpoints"):
+        return f"resume with     {resume}"
+    return "no checkpoint was written yet: run the same command again (without resume=)"
 
 
 def _header(job: JobConfig, run_dir: Path, gpu: bool) -> str:
