@@ -20,10 +20,11 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
     ("attn_residual", 3, _FORWARD_END), ("mlp_norm_out", 4, _FORWARD_END), ("gate", 5, _FORWARD_END),
     ("up", 5, _FORWARD_END), ("silu_gate", 6, _FORWARD_END), ("gated", 6, _FORWARD_END),
     ("o_proj_out", 3, 4), ("down_out", 7, 8),
-    # backward: restored activations (prefetched + recomputed) freed after their last use
+    # backward: restored activations (prefetched + recomputed) freed after their last use; the runtime restores
+    # the MLP group at the first MLP backward op and the attention inputs just before the attention backward
     ("gated@bwd", 8, 10), ("silu_gate@bwd", 8, 11), ("up@bwd", 8, 11), ("gate@bwd", 8, 12),
-    ("mlp_norm_out@bwd", 8, 13), ("attn_residual@bwd", 8, 14), ("q@bwd", 8, 16), ("k@bwd", 8, 16),
-    ("v@bwd", 8, 16), ("attn_norm_out@bwd", 8, 17),
+    ("mlp_norm_out@bwd", 8, 13), ("attn_residual@bwd", 8, 14), ("q@bwd", 14, 16), ("k@bwd", 14, 16),
+    ("v@bwd", 14, 16), ("attn_norm_out@bwd", 14, 17),
     ("grad_out", 8, 10), ("grad_gated", 9, 11), ("grad_silu_gate", 10, 12), ("grad_up", 10, 13),
     ("grad_gate", 11, 13), ("grad_mlp_norm_out", 12, 14), ("grad_attn_residual", 13, 15),
     ("grad_attn_out", 14, 16), ("grad_q", 15, 17), ("grad_k", 15, 17), ("grad_v", 15, 17),

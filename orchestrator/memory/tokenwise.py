@@ -13,8 +13,9 @@ exact recomputation by the same functions, so gradients equal the plain run's.
 Mechanics: the layer's forward runs under saved-tensor hooks. Packing only records what autograd saves; at the
 end of the forward the layer names its intermediates (`tag`), and each saved tensor that is one of them (or a
 view of one) is replaced by its kept slice, its host copy and nothing for the recomputed tokens. In backward the
-first unpack of a layer restores all its token-wise tensors at once (the plan's per-layer block), starts the
-previous layer's prefetch, and each saved view is rebuilt from its restored base.
+first unpack of a layer restores its skeletal tensors and starts the previous layer's prefetch; the MLP tensors
+are restored when the MLP backward first needs one, the attention inputs only when the attention backward is
+reached (the two groups never coexist); each saved view is rebuilt from its restored base.
 """
 
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ RECOMPUTE_CHUNK_TOKENS = 8192
 """Tokens recomputed at once: bounds the extra memory of recomputation to one chunk's token-wise tensors."""
 TOKEN_WISE = ("attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
               "gated")
+ATTENTION_GROUP = ("attn_norm_out", "q", "k", "v")
+"""Restored (and recomputed) only when the attention backward is reached: backward runs the MLP part first, so
+the two groups are never restored at the same time, which bounds a layer's backward working set."""
 
 
 @dataclass
@@ -105,7 +109,10 @@ class _LayerRecord:
     restored: Dict[str, torch.Tensor] = field(default_factory=dict)
     prefetched: Dict[str, torch.Tensor] = field(default_factory=dict)
     prefetch_event: Optional[object] = None
-    materialized: bool = False
+    materialized: set = field(default_factory=set)
+    """Groups restored so far: skeletal, mlp, attention."""
+    skeletal: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Restored layer input and attention output, held until both token-wise groups are restored."""
     kept_targets: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -164,8 +171,7 @@ class _LayerHooks:
         if saved.role is None:
             return saved.tensor
         record = self.record
-        if not record.materialized:
-            _materialize(self.runtime, record)
+        _materialize(self.runtime, record, _group_of(saved.role))
         base = record.restored[saved.role]
         shape, stride, offset = saved.view
         view = base.as_strided(shape, stride, base.storage_offset() + offset)
@@ -260,19 +266,33 @@ def _copy(runtime: TokenwiseRuntime, dst: torch.Tensor, src: torch.Tensor) -> No
     src.record_stream(stream)
 
 
-def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
-    """Restore every role of this layer (kept + host + recomputed tokens), then prefetch the previous layer."""
-    if record in runtime.pending:
-        runtime.pending.remove(record)
-    _wait_for_prefetch(record)
-    skeletal = {role: _restore(runtime, record, role) for role in SKELETAL if role in record.roles}
-    record.restored.update({r: t for r, t in skeletal.items() if record.roles[r].num_views})
-    token_wise = {role: _restore(runtime, record, role) for role in record.roles if role not in SKELETAL}
-    _recompute_into(runtime, record, skeletal, token_wise)
-    record.restored.update(token_wise)
-    record.materialized = True
-    if runtime.pending:
-        _prefetch(runtime, runtime.pending[-1])
+def _group_of(role: str) -> str:
+    if role in SKELETAL:
+        return "skeletal"
+    return "attention" if role in ATTENTION_GROUP else "mlp"
+
+
+def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord, group: str) -> None:
+    """Restore a group of this layer's roles (kept + host + recomputed tokens). The first call of a layer also
+    restores its skeletal tensors and starts the previous layer's prefetch."""
+    if group in record.materialized:
+        return
+    if not record.materialized:
+        if record in runtime.pending:
+            runtime.pending.remove(record)
+        _wait_for_prefetch(record)
+        record.skeletal = {role: _restore(runtime, record, role) for role in SKELETAL if role in record.roles}
+        record.restored.update({r: t for r, t in record.skeletal.items() if record.roles[r].num_views})
+        record.materialized.add("skeletal")
+        if runtime.pending:
+            _prefetch(runtime, runtime.pending[-1])
+    if group != "skeletal":
+        outputs = {role: _restore(runtime, record, role) for role in record.roles if _group_of(role) == group}
+        _recompute_into(runtime, record, record.skeletal, outputs, group)
+        record.restored.update(outputs)
+        record.materialized.add(group)
+    if {_group_of(role) for role in record.roles} <= record.materialized:
+        record.skeletal = {}
 
 
 def _restore(runtime: TokenwiseRuntime, record: _LayerRecord, role: str) -> torch.Tensor:
@@ -302,7 +322,7 @@ def _fetch(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, store: _R
 
 
 def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: Dict[str, torch.Tensor],
-                    outputs: Dict[str, torch.Tensor]) -> None:
+                    outputs: Dict[str, torch.Tensor], group: str) -> None:
     """Recompute the last token range of every token-wise tensor from the layer input and the attention output
     (no attention), a chunk of tokens at a time so the extra memory is one chunk's tensors, not the range's."""
     split = [role for role, out in outputs.items() if record.roles[role].whole is None]
@@ -317,8 +337,10 @@ def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: D
         attn_out = skeletal["attn_out"].narrow(2, start, length)
         cos, sin = record.cos.narrow(0, start, length), record.sin.narrow(0, start, length)
         with torch.no_grad():
-            tensors = dict(record.layer.attention_inputs(x, cos, sin))
-            tensors.update(record.layer.mlp_part(x, attn_out))
+            if group == "attention":
+                tensors = record.layer.attention_inputs(x, cos, sin)
+            else:
+                tensors = record.layer.mlp_part(x, attn_out)
         for role in split:
             outputs[role].narrow(_token_dim(role), start, length).copy_(tensors[role])
 
