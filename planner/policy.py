@@ -27,6 +27,11 @@ INT8_SECONDS_PER_BYTE = 2.0 / 2.0e12
 """Quantize on the way out and dequantize on the way in, both memory-bound (~2 TB/s effective on HBM3)."""
 HOST_TIE_BREAK = 1e-12
 """Seconds per host byte added to the objective: prefer keeping over swapping when time is equal."""
+SWAP_HIDDEN_FRACTION = 0.0
+"""Share of the neighbouring layer's compute a host copy may hide behind. MEMO's premise is 1; measured on the
+H100 (2026-11-26, 128K, a plan swapping 93% of the tokens) our runtime's copies did not overlap at all: the step
+grew by the full transfer time (+2.24 s for ~128 GB at ~55 GB/s). Until the runtime overlaps, plans pay for every
+byte they move, so they swap only when memory forces it (docs/log.md)."""
 SMOOTHING_SECONDS = 1e-6
 """Seconds per unit change of a fraction between neighbouring layers (a tie-break, far below any real cost)."""
 
@@ -133,10 +138,10 @@ def _build(p: PolicyInputs):
         problem += swap_int8[i] <= int8[i]
         problem += swap_int8[i] >= swap[i] + int8[i] - 1
         next_forward = p.forward_seconds if i + 1 < n else p.head_seconds
-        problem += stall_fwd[i] >= moved[i] * (1 / bw) - next_forward
+        problem += stall_fwd[i] >= moved[i] * (1 / bw) - SWAP_HIDDEN_FRACTION * next_forward
         next_backward = (p.backward_seconds + p.recompute_seconds * recompute[i + 1]) if i + 1 < n \
             else 2 * p.head_seconds
-        problem += stall_bwd[i] >= moved[i] * (1 / bw) - next_backward
+        problem += stall_bwd[i] >= moved[i] * (1 / bw) - SWAP_HIDDEN_FRACTION * next_backward
         problem += prefetch >= p.token_wise_bytes * (swap[i] - (1 - p.int8_factor) * swap_int8[i])
         problem += any_offload >= offload[i]
     gpu = (p.static_bytes + p.block_bytes + 2 * prefetch + p.skeletal_bytes * (n - pulp.lpSum(offload))
@@ -145,7 +150,7 @@ def _build(p: PolicyInputs):
     problem += pulp.lpSum(moved) <= p.host_budget_bytes
     seconds = pulp.lpSum(p.recompute_seconds * recompute[i] + stall_fwd[i] + stall_bwd[i]
                          + INT8_SECONDS_PER_BYTE * p.token_wise_bytes * swap_int8[i] for i in range(n))
-    problem += seconds + HOST_TIE_BREAK * pulp.lpSum(moved) + SMOOTHING_SECONDS * _changes(problem, [keep, swap])
+    problem += seconds + HOST_TIE_BREAK * pulp.lpSum(moved) + SMOOTHING_SECONDS * _changes(problem, [keep, swap, offload])
     variables = dict(keep=keep, swap=swap, recompute=recompute, offload=offload, int8=int8, swap_int8=swap_int8,
                      stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, any_offload=any_offload)
     return problem, variables
@@ -154,7 +159,7 @@ def _build(p: PolicyInputs):
 def _changes(problem: pulp.LpProblem, series: List[List[pulp.LpVariable]]):
     """Sum of |x_i - x_(i-1)| over layers: identical layers get identical decisions among equal-time optima."""
     terms = []
-    for name, values in zip(("keep", "swap"), series):
+    for name, values in zip(("keep", "swap", "offload"), series):
         for i in range(1, len(values)):
             change = problem.add_variable(f"change_{name}{i}", 0)
             problem += change >= values[i] - values[i - 1]
