@@ -23,7 +23,8 @@ class RunConsole:
         self.steps: List[Dict] = []
         self.checkpoints: List[str] = []
         self.bar = tqdm(total=max_steps, desc="train", unit="step", file=stream, dynamic_ncols=True,
-                        leave=True, disable=not _is_terminal(stream), bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+                        leave=True, disable=not _is_terminal(stream),
+                        bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
         self.metrics_file = (run_dir / "metrics.jsonl").open("a")
 
     def handle(self, message: Dict) -> None:

@@ -37,7 +37,7 @@ def complete_tags(checkpoint_dir: Path) -> List[str]:
     incomplete = [t for t in tags if not (checkpoint_dir / t / COMPLETE_MARKER).is_file()]
     for tag in incomplete:
         warnings.warn(f"checkpoint {checkpoint_dir / tag} is incomplete (no {COMPLETE_MARKER} marker: the "
-                      "writer stopped mid-save); skipping it")
+                      "writer stopped mid-save); skipping it", stacklevel=2)
     return [t for t in tags if t not in incomplete]
 
 

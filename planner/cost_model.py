@@ -47,7 +47,8 @@ def layer_saved_tensors(model: ModelConfig, bytes_per_element: int) -> List[Save
     e = bytes_per_element
     skeletal = [("layer_input", h * e), ("attn_out", h * e), ("attn_lse", model.num_heads * 4)]
     # The output projection's input is a view of attn_out (SDPA writes B,S,H,D), so it costs nothing extra.
-    token_wise = [("attn_norm_out", h * e), ("q", h * e), ("k", kv * e), ("v", kv * e), ("attn_residual", h * e), ("mlp_norm_out", h * e), ("gate", inter * e), ("up", inter * e),
+    token_wise = [("attn_norm_out", h * e), ("q", h * e), ("k", kv * e), ("v", kv * e), ("attn_residual", h * e),
+                  ("mlp_norm_out", h * e), ("gate", inter * e), ("up", inter * e),
                   ("silu_gate", inter * e), ("gated", inter * e)]
     return ([SavedTensor(n, b, True) for n, b in skeletal] + [SavedTensor(n, b, False) for n, b in token_wise])
 

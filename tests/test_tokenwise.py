@@ -175,3 +175,12 @@ def test_kept_slices_live_in_the_planned_arena_and_stay_exact():
     loss.backward()
     assert torch.equal(loss.detach(), reference_loss)
     assert all(torch.equal(p.grad, reference[n]) for n, p in model.named_parameters())
+
+
+def test_unknown_technique_lists_the_valid_names():
+    from orchestrator.errors import ConfigError
+    from orchestrator.memory import technique
+
+    assert technique("swap").__name__.endswith("tokenwise")
+    with pytest.raises(ConfigError, match="recompute, swap"):
+        technique("offload_everything")

@@ -46,13 +46,15 @@ class ModelConfig:
             return found
         if self.hidden_size % self.num_heads:
             found.append(f"model.num_heads ({self.num_heads}) must divide model.hidden_size "
-                         f"({self.hidden_size}); choose a divisor such as {_nearest_divisor(self.hidden_size, self.num_heads)}")
+                         f"({self.hidden_size}); choose a divisor such as "
+                         f"{_nearest_divisor(self.hidden_size, self.num_heads)}")
         elif self.head_dim % 2:
             found.append(f"model.hidden_size / model.num_heads = {self.head_dim} must be even for RoPE; "
                          "change model.num_heads or model.hidden_size")
         if self.num_heads % self.num_kv_heads:
             found.append(f"model.num_kv_heads ({self.num_kv_heads}) must divide model.num_heads "
-                         f"({self.num_heads}); choose a divisor such as {_nearest_divisor(self.num_heads, self.num_kv_heads)}")
+                         f"({self.num_heads}); choose a divisor such as "
+                         f"{_nearest_divisor(self.num_heads, self.num_kv_heads)}")
         if self.rope_theta <= 0:
             found.append(f"model.rope_theta ({self.rope_theta}) must be > 0; Llama uses 10000 or 500000")
         return found
