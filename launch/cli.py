@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
                                                              "longtrain row (where the time goes)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     bench.set_defaults(handler=_bench)
+    profile = commands.add_parser("profile", help="reports on machines and runs (profile mfu RUN_DIR)")
+    profile_commands = profile.add_subparsers(dest="profile_command", required=True)
+    mfu = profile_commands.add_parser("mfu", help="MFU per node and per rank of a run: Markdown table and PNG")
+    mfu.add_argument("run_dir")
+    mfu.add_argument("--warmup-steps", type=int, default=3, help="logged steps up to this step are left out")
+    mfu.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    mfu.set_defaults(handler=_profile_mfu)
     return parser
 
 
@@ -104,6 +111,12 @@ def _bench(args: argparse.Namespace) -> int:
                              "32768,65536") from error
     return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
                              args.plan_fraction, args.trace)
+
+
+def _profile_mfu(args: argparse.Namespace) -> int:
+    from launch.profile_command import run_profile_mfu
+
+    return run_profile_mfu(args.run_dir, args.warmup_steps)
 
 
 def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:

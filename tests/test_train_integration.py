@@ -78,3 +78,13 @@ def test_resume_continues_the_run_from_its_latest_checkpoint(default_run):
     assert [m["step"] for m in resumed] == [401, 410]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000410"
     assert not (run_dir / "checkpoints" / "step_00000200").exists()  # keep_last=2
+
+
+def test_profile_mfu_reports_nodes_and_ranks_of_the_run(default_run, capsys):
+    from launch.cli import main
+
+    _, _, run_dir, _ = default_run
+    assert main(["profile", "mfu", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "**node0/" in table and "| rank 0 |" in table and "| rank 1 |" in table
+    assert (run_dir / "mfu_report.md").is_file() and (run_dir / "mfu_report.png").stat().st_size > 10_000

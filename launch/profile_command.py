@@ -1,0 +1,76 @@
+"""`longtrain profile mfu RUN_DIR`: MFU per node and per rank of a finished (or running) run, from its
+metrics.jsonl, as a Markdown table and a PNG chart over steps, written into the run directory."""
+
+import json
+from pathlib import Path
+from statistics import mean
+from typing import Dict, List
+
+from launch.aggregate import node_rows
+from orchestrator.errors import LongtrainError
+
+
+def run_profile_mfu(run_dir: str, warmup_steps: int) -> int:
+    steps = read_metrics(Path(run_dir))
+    measured = [m for m in steps if m["step"] > warmup_steps] or steps[-1:]
+    table = mfu_table(measured)
+    report = Path(run_dir) / "mfu_report"
+    report.with_suffix(".md").write_text(f"# MFU of {run_dir}\n\nCommand: `longtrain profile mfu {run_dir}` "
+                                         f"(steps after {warmup_steps} excluded as warm-up; MFU causal-halved, "
+                                         "full-attention in brackets)\n\n" + table + "\n")
+    plot_mfu(steps, report.with_suffix(".png"))
+    print(table)
+    print(f"wrote {report}.md and {report}.png")
+    return 0
+
+
+def read_metrics(run_dir: Path) -> List[Dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise LongtrainError(f"{path} not found; pass the run directory a `longtrain train` printed "
+                             "(it holds metrics.jsonl)")
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [m for m in steps if m.get("kind") == "step"]
+    if not steps:
+        raise LongtrainError(f"{path} holds no logged step yet; wait for the first metrics line")
+    return steps
+
+
+def mfu_table(steps: List[Dict]) -> str:
+    lines = ["| node / rank | MFU | tokens/s | slowest step s | peak allocated GiB |", "| --- | --- | --- | --- | --- |"]
+    nodes = {}
+    for message in steps:
+        for row in node_rows(message["rows"]):
+            nodes.setdefault(row.node, []).append(row)
+    for node, rows in sorted(nodes.items()):
+        lines.append(f"| **{node}** ({rows[0].num_ranks} ranks) | {mean(r.mfu for r in rows):.2%} "
+                     f"({mean(r.mfu_full_attention for r in rows):.2%}) | {mean(r.tokens_per_second for r in rows):,.0f} | "
+                     f"{max(r.slowest_step_seconds for r in rows):.3f} | {max(r.peak_allocated_gib for r in rows):.2f} |")
+        for rank in sorted({r["rank"] for m in steps for r in m["rows"] if r["node"] == node}):
+            mine = [r for m in steps for r in m["rows"] if r["rank"] == rank]
+            lines.append(f"| rank {rank} | {mean(r['mfu'] for r in mine):.2%} "
+                         f"({mean(r['mfu_full_attention'] for r in mine):.2%}) | "
+                         f"{mean(r['tokens_per_second'] for r in mine):,.0f} | "
+                         f"{max(r['step_seconds'] for r in mine):.3f} | {max(r['peak_allocated_gib'] for r in mine):.2f} |")
+    return "\n".join(lines)
+
+
+def plot_mfu(steps: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    for rank in sorted({r["rank"] for m in steps for r in m["rows"]}):
+        points = [(m["step"], 100 * r["mfu"]) for m in steps for r in m["rows"] if r["rank"] == rank]
+        axis.plot(*zip(*points), linewidth=1, alpha=0.6, label=f"rank {rank}")
+    for node in sorted({r["node"] for m in steps for r in m["rows"]}):
+        points = [(m["step"], 100 * row.mfu) for m in steps for row in node_rows(m["rows"]) if row.node == node]
+        axis.plot(*zip(*points), linewidth=2.5, label=f"{node} (mean)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("MFU % (causal-halved)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
