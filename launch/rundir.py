@@ -24,6 +24,15 @@ class RunPlacement:
     initial: Optional[CheckpointRef] = None
 
 
+def foreign_checkpoint_warning(placement: RunPlacement) -> Optional[str]:
+    """One line for starting from a checkpoint outside this run: DeepSpeed checkpoints are pickles."""
+    if placement.initial is None:
+        return None
+    return (f"longtrain: warning: loading {placement.initial.dir}/{placement.initial.tag} from outside the run "
+            "directory; DeepSpeed checkpoints are Python pickles, which can run code when loaded: load only "
+            "checkpoints you trust")
+
+
 def place_run(job: JobConfig) -> RunPlacement:
     if job.resume is None:
         return RunPlacement(_fresh_run_dir(job), continuing=False)

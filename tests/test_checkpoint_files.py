@@ -2,7 +2,7 @@
 
 import pytest
 
-from launch.rundir import place_run
+from launch.rundir import foreign_checkpoint_warning, place_run
 from orchestrator.checkpoint import COMPLETE_MARKER, complete_tags, latest_complete_tag, tag_for_step
 from orchestrator.config import load_job_config
 from orchestrator.errors import CheckpointError, ConfigError
@@ -53,6 +53,8 @@ def test_resume_from_a_plain_deepspeed_dir_starts_a_new_run(tmp_path):
     job = load_job_config(None, [f"run.root={tmp_path / 'runs'}", f"resume={ds_dir}"])
     placement = place_run(job)
     assert not placement.continuing and placement.initial.tag == "global_step9"
+    assert "pickles" in foreign_checkpoint_warning(placement)
+    assert not (tmp_path / "runs").exists()  # nothing is written before the workers start
 
 
 def test_resume_with_unknown_tag_lists_the_tags(tmp_path):
