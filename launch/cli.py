@@ -5,6 +5,7 @@ training run exits 1 and says where its logs are and how to resume.
 """
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                                                              "longtrain row (where the time goes)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     bench.set_defaults(handler=_bench)
+    _add_job_commands(commands)
     profile = commands.add_parser("profile", help="reports on machines and runs (profile mfu RUN_DIR)")
     profile_commands = profile.add_subparsers(dest="profile_command", required=True)
     mfu = profile_commands.add_parser("mfu", help="MFU per node and per rank of a run: Markdown table and PNG")
@@ -76,6 +78,44 @@ def _parser() -> argparse.ArgumentParser:
     mfu.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     mfu.set_defaults(handler=_profile_mfu)
     return parser
+
+
+def _add_job_commands(commands) -> None:
+    """submit / status / logs / stop / jobs: the Ray Jobs API of a cluster (its dashboard URL)."""
+    submit = commands.add_parser("submit", help="submit the training job to a Ray cluster",
+                                 description="longtrain submit [CONFIG.yaml] [key=value ...] --address http://HEAD:8265")
+    submit.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    for name, help_text in (("status", "a submitted job's state"), ("logs", "a submitted job's output"),
+                            ("stop", "stop a submitted job")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("job_id")
+        if name == "logs":
+            sub.add_argument("--follow", action="store_true", help="stream until the job ends")
+        sub.set_defaults(handler=_job_command)
+        _address_and_debug(sub)
+    jobs = commands.add_parser("jobs", help="list the jobs of a Ray cluster")
+    for sub in (submit, jobs):
+        sub.set_defaults(handler=_job_command)
+        _address_and_debug(sub)
+
+
+def _address_and_debug(sub) -> None:
+    sub.add_argument("--address", default=os.environ.get("RAY_ADDRESS_DASHBOARD", "http://127.0.0.1:8265"),
+                     help="the cluster's dashboard URL (default $RAY_ADDRESS_DASHBOARD or http://127.0.0.1:8265)")
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+
+def _job_command(args: argparse.Namespace) -> int:
+    from launch import jobs
+
+    if args.command == "submit":
+        config_path, overrides = split_config_and_overrides(args.args)
+        return jobs.submit(config_path, overrides, args.address)
+    if args.command == "jobs":
+        return jobs.list_jobs(args.address)
+    if args.command == "logs":
+        return jobs.logs(args.job_id, args.address, args.follow)
+    return {"status": jobs.status, "stop": jobs.stop}[args.command](args.job_id, args.address)
 
 
 def split_config_and_overrides(args: Sequence[str]) -> Tuple[Optional[str], List[str]]:

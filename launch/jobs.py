@@ -1,0 +1,108 @@
+"""`longtrain submit / status / logs / stop / jobs`: the same training job on a remote Ray cluster, through Ray's
+Jobs API (the cluster's dashboard address, http://HOST:8265).
+
+The job ships this repository as its working directory and runs `python -m launch.cli train CONFIG ...
+cluster.address=auto` on the cluster, so it joins that cluster instead of starting its own Ray. Ray 2.60 dashboards
+ask for a token: we send the one Ray keeps for this user (RAY_AUTH_TOKEN or ~/.ray/auth_token) when there is one.
+"""
+
+import asyncio
+import os
+import shlex
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from orchestrator.config import load_job_config
+from orchestrator.config.loader import REPO_ROOT
+from orchestrator.errors import LongtrainError
+
+UPLOAD_EXCLUDES = [".git", ".gpu-bundle", ".whl", "runs", "plans", "*.egg-info", "__pycache__"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def connect(address: str):
+    """A Jobs client, or one line saying why the cluster cannot be reached."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    if not address.startswith(("http://", "https://")):
+        raise LongtrainError(f"--address {address!r} must be the dashboard URL, e.g. http://HEAD:8265")
+    try:
+        return JobSubmissionClient(address, headers=_token_header())
+    except AuthenticationError as error:
+        raise LongtrainError(f"the Ray cluster at {address} refused our token; set RAY_AUTH_TOKEN to the "
+                             "cluster's token (or put it in ~/.ray/auth_token)") from error
+    except (ConnectionError, RuntimeError) as error:
+        raise LongtrainError(f"cannot reach a Ray dashboard at {address} ({str(error).splitlines()[0][:120]}); "
+                             "check the address and that the head runs (`ray start --head`)") from error
+
+
+def _token_header() -> dict:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def submit(config_path: Optional[str], overrides: Sequence[str], address: str) -> int:
+    load_job_config(config_path, overrides)  # a bad config fails here, in one line, not on the cluster
+    client = connect(address)
+    arguments = ([config_path] if config_path else []) + [o for o in overrides if not o.startswith("cluster.address")]
+    entrypoint = " ".join(["python", "-m", "launch.cli", "train", *map(shlex.quote, arguments),
+                           "cluster.address=auto"])
+    job_id = client.submit_job(entrypoint=entrypoint,
+                               runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES})
+    print(f"submitted {job_id} to {address}\n"
+          f"  status: longtrain status {job_id} --address {address}\n"
+          f"  logs:   longtrain logs {job_id} --address {address} --follow\n"
+          f"  stop:   longtrain stop {job_id} --address {address}")
+    return 0
+
+
+def status(job_id: str, address: str) -> int:
+    info = _job_info(connect(address), job_id, address)
+    print(f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    return 0
+
+
+def logs(job_id: str, address: str, follow: bool) -> int:
+    client = connect(address)
+    _job_info(client, job_id, address)
+    if not follow:
+        print(client.get_job_logs(job_id), end="")
+        return 0
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            print(chunk, end="", flush=True)
+
+    asyncio.run(tail())
+    return 0
+
+
+def stop(job_id: str, address: str) -> int:
+    client = connect(address)
+    info = _job_info(client, job_id, address)
+    if str(info.status) in TERMINAL:
+        print(f"{job_id} already ended: {info.status}")
+        return 0
+    client.stop_job(job_id)
+    print(f"stop requested for {job_id}; follow with: longtrain status {job_id} --address {address}")
+    return 0
+
+
+def list_jobs(address: str) -> int:
+    rows: List[str] = [f"{'job':<28} {'status':<10} entrypoint"]
+    for job in connect(address).list_jobs():
+        rows.append(f"{job.submission_id or job.job_id:<28} {str(job.status):<10} {job.entrypoint[:80]}")
+    print("\n".join(rows))
+    return 0
+
+
+def _job_info(client, job_id: str, address: str):
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as error:
+        raise LongtrainError(f"job {job_id} not found on {address}; list the jobs with "
+                             f"`longtrain jobs --address {address}`") from error

@@ -1,0 +1,72 @@
+"""Job submission through Ray's Jobs API against a real Ray head on loopback: submit the default job and follow
+it to SUCCEEDED, read its logs, stop a second job, and the one-line errors. About two minutes."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+
+pytestmark = pytest.mark.slow
+DASHBOARD = "http://127.0.0.1:8276"
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("ray")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
+                    "--dashboard-host=127.0.0.1", "--dashboard-port=8276", "--num-cpus=2",
+                    f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True,
+                   timeout=180)
+    yield DASHBOARD
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _wait_for(capsys, job_id, wanted, seconds):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        _, out, _ = _cli(capsys, "status", job_id, "--address", DASHBOARD)
+        if any(state in out for state in wanted):
+            return out
+        time.sleep(2)
+    raise AssertionError(f"{job_id} did not reach {wanted}: {out}")
+
+
+def test_submitted_job_runs_to_success_and_its_logs_hold_the_summary(ray_head, capsys):
+    code, out, _ = _cli(capsys, "submit", "train.max_steps=30", "train.log_every_steps=10",
+                        "checkpoint.every_steps=0", "--address", ray_head)
+    assert code == 0 and "longtrain logs" in out
+    job_id = re.search(r"submitted (\S+)", out).group(1)
+    assert "SUCCEEDED" in _wait_for(capsys, job_id, ("SUCCEEDED", "FAILED", "STOPPED"), 420)
+    code, logs, _ = _cli(capsys, "logs", job_id, "--address", ray_head)
+    assert code == 0 and "run summary" in logs and "MFU" in logs
+    code, listing, _ = _cli(capsys, "jobs", "--address", ray_head)
+    assert job_id in listing
+
+
+def test_a_running_job_can_be_stopped(ray_head, capsys):
+    code, out, _ = _cli(capsys, "submit", "train.max_steps=5000", "--address", ray_head)
+    job_id = re.search(r"submitted (\S+)", out).group(1)
+    _wait_for(capsys, job_id, ("RUNNING",), 120)
+    assert _cli(capsys, "stop", job_id, "--address", ray_head)[0] == 0
+    assert "STOPPED" in _wait_for(capsys, job_id, ("STOPPED", "FAILED", "SUCCEEDED"), 120)
+
+
+def test_unknown_job_and_bad_config_fail_in_one_line(ray_head, capsys):
+    code, _, err = _cli(capsys, "status", "no-such-job", "--address", ray_head)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not found" in err
+    code, _, err = _cli(capsys, "submit", "model.num_layrs=3", "--address", ray_head)
+    assert code == 2 and "model.num_layrs" in err
