@@ -67,7 +67,8 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(resolve_precision(job.train.precision, use_cuda)),
                       worker.rank, worker.node)
-    for step in range(start_step + 1, job.train.max_steps + 1):
+    last_step = job.train.stop_at_step or job.train.max_steps
+    for step in range(start_step + 1, last_step + 1):
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter)
         reading = meter.stop(step, loss, scheduler.get_last_lr()[0], _tokens_per_step(job),
                              swap_host_bytes=memory.pool.bytes if memory else 0)
@@ -76,7 +77,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
             path = checkpoints.save(engine, step, {"step": step}, {"data": sampler.state()})
             if worker.rank == 0:
                 publish({"kind": "checkpoint", "step": step, "path": str(path)})
-    return {"rank": worker.rank, "start_step": start_step, "final_step": job.train.max_steps}
+    return {"rank": worker.rank, "start_step": start_step, "final_step": last_step}
 
 
 def _set_device_and_threads(worker: WorkerInfo, use_cuda: bool, cpus_per_worker: int) -> None:
@@ -159,7 +160,8 @@ def _tokens_per_step(job: JobConfig) -> int:
 
 def _log_due(job: JobConfig, step: int, start_step: int) -> bool:
     """Log the first step of a (resumed) run, every log_every_steps, and the last step."""
-    return step == start_step + 1 or step % job.train.log_every_steps == 0 or step == job.train.max_steps
+    last = job.train.stop_at_step or job.train.max_steps
+    return step == start_step + 1 or step % job.train.log_every_steps == 0 or step == last
 
 
 def _publish_step(worker: WorkerInfo, reading, publish: Publish, full_report: bool) -> None:
@@ -175,4 +177,5 @@ def _publish_step(worker: WorkerInfo, reading, publish: Publish, full_report: bo
 
 def _checkpoint_due(job: JobConfig, step: int) -> bool:
     every = job.checkpoint.every_steps
-    return bool(every and step % every == 0) or (job.checkpoint.at_end and step == job.train.max_steps)
+    at_end = job.checkpoint.at_end and step == job.train.max_steps
+    return bool(every and step % every == 0) or at_end or step == job.train.stop_at_step

@@ -128,6 +128,9 @@ class TrainConfig:
 
     max_steps: int = 200
     """Optimizer steps in the whole run (a resumed run continues up to this number)."""
+    stop_at_step: Optional[int] = None
+    """Stop early at this step with a checkpoint, keeping the LR schedule of max_steps (time-boxed jobs); resume
+    later with resume=RUN_DIR."""
     grad_accum_steps: int = 1
     zero_stage: int = 2
     precision: str = "auto"
@@ -145,6 +148,8 @@ class TrainConfig:
             found.append(f"train.zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
         if self.precision not in PRECISIONS:
             found.append(f"train.precision ({self.precision!r}) must be one of {', '.join(PRECISIONS)}")
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
+            found.append(f"train.stop_at_step ({self.stop_at_step}) must be in 1..train.max_steps ({self.max_steps})")
         if self.max_failures < 0:
             found.append(f"train.max_failures ({self.max_failures}) must be >= 0 (-1 is not supported)")
         return found
