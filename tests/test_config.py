@@ -62,6 +62,7 @@ BAD_INPUTS = [
     (["no_equals_sign_here.yaml", "other.yaml"], "more than one config file"),
     (["missing.yaml"], "config file missing.yaml not found"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last (0) must be >= 1"),
+    (["train.stop_at_step=999"], "train.stop_at_step (999) must be in 1..train.max_steps"),
     (["model.hidden_size=120", "model.num_heads=8"], "must be even for RoPE"),
 ]
 
