@@ -7,9 +7,6 @@ from typing import Dict, List, Optional
 
 from orchestrator.errors import LongtrainError
 
-COLUMNS = ("mode", "seq_len", "status", "step_seconds", "tokens_per_second", "mfu", "mfu_full_attention",
-           "peak_allocated_gib", "peak_reserved_gib", "host_gib", "note")
-
 
 def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeats: int, out: Optional[str],
                       profile_name: Optional[str], plan_fraction: Optional[float] = None, trace: bool = False) -> int:

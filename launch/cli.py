@@ -8,7 +8,6 @@ import argparse
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -163,10 +162,6 @@ def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir
     kept = [o for o in overrides if not o.startswith("resume=")]
     parts = ["longtrain", "train"] + ([config_path] if config_path else []) + kept + [f"resume={run_dir}"]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def elapsed(since: float) -> str:
-    return f"{time.time() - since:.0f} s"
 
 
 if __name__ == "__main__":
