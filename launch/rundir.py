@@ -6,9 +6,11 @@ new run from a DeepSpeed checkpoint directory (ours or one plain DeepSpeed wrote
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
+
+import yaml
 
 from orchestrator.checkpoint import latest_complete_tag
 from orchestrator.config import JobConfig
@@ -31,6 +33,18 @@ def foreign_checkpoint_warning(placement: RunPlacement) -> Optional[str]:
     return (f"longtrain: warning: loading {placement.initial.dir}/{placement.initial.tag} from outside the run "
             "directory; DeepSpeed checkpoints are Python pickles, which can run code when loaded: load only "
             "checkpoints you trust")
+
+
+def check_same_model(job: JobConfig, placement: RunPlacement) -> None:
+    """Refuse to continue a run with another model shape, before anything is written (one line, the first key)."""
+    saved = placement.run_dir / "config.yaml"
+    if not placement.continuing or not saved.is_file():
+        return
+    trained = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+    for key, value in asdict(job.model).items():
+        if key in trained and trained[key] != value and key not in ("preset", "init_std"):
+            raise CheckpointError(f"resume: {placement.run_dir} was trained with model.{key}={trained[key]}, this "
+                                  f"job has {value}; resume with the run's own config ({saved}) or start a new run")
 
 
 def place_run(job: JobConfig) -> RunPlacement:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from launch.cli import EXIT_INTERRUPTED, EXIT_RUN_FAILED, resume_command
-from launch.rundir import foreign_checkpoint_warning, place_run
+from launch.rundir import check_same_model, foreign_checkpoint_warning, place_run
 from orchestrator.config import JobConfig, job_to_yaml, load_job_config
 from orchestrator.errors import ConfigError
 from planner.flops import parameter_count
@@ -19,6 +19,7 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
                           "(`longtrain plan`) but `longtrain train` does not run it yet; set parallel.sp_degree=1")
     _check_plan_early(job)
     placement = place_run(job)
+    check_same_model(job, placement)
     warning = foreign_checkpoint_warning(placement)
     if warning:
         print(warning, file=sys.stderr)

@@ -69,3 +69,17 @@ def test_explicit_run_dir_with_checkpoints_is_not_overwritten(tmp_path):
     job = load_job_config(None, [f"run.dir={run_dir}"])
     with pytest.raises(ConfigError, match="resume=auto"):
         place_run(job)
+
+
+def test_continuing_a_run_with_another_model_shape_is_refused_before_writing(tmp_path):
+    from launch.rundir import check_same_model
+    from orchestrator.config import job_to_yaml
+
+    run_dir = _fake_run(tmp_path, "demo-20260101-000000", [5])
+    (run_dir / "config.yaml").write_text(job_to_yaml(load_job_config()))
+    before = sorted(p.name for p in run_dir.iterdir())
+    job = load_job_config(None, [f"resume={run_dir}", "model.num_layers=3"])
+    with pytest.raises(CheckpointError, match="model.num_layers=4, this job has 3"):
+        check_same_model(job, place_run(job))
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    check_same_model(load_job_config(None, [f"resume={run_dir}", "train.max_steps=999"]), place_run(job))
