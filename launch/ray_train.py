@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import ray
-import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import ClusterConfig, JobConfig
+from orchestrator.ds_config import uses_cuda
 from orchestrator.trainer import CheckpointRef, WorkerInfo, train
 
 POLL_SECONDS = 0.5
@@ -40,10 +40,6 @@ class ProgressBoard:
         return drained
 
 
-def wants_gpu(cluster: ClusterConfig) -> bool:
-    return torch.cuda.is_available() if cluster.use_gpu is None else cluster.use_gpu
-
-
 def connect(cluster: ClusterConfig, log_dir: Path) -> None:
     """Start a private Ray on loopback (address=local) or join a running cluster; Ray's logs go to log_dir."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +56,7 @@ def connect(cluster: ClusterConfig, log_dir: Path) -> None:
 
 def worker_env(cluster: ClusterConfig) -> Dict[str, str]:
     """Environment every worker gets explicitly (a remote node does not inherit the driver's)."""
-    gpu = wants_gpu(cluster)
+    gpu = uses_cuda(cluster)
     env = {"DS_ACCELERATOR": "cuda" if gpu else "cpu", "OMP_NUM_THREADS": str(cluster.cpus_per_worker),
            "RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
     if gpu:
@@ -72,7 +68,7 @@ def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
                 on_message: Callable[[Dict[str, Any]], None]) -> None:
     """Train with Ray Train; call on_message for each worker message while it runs. Raises if training fails."""
     board = ProgressBoard.remote()
-    gpu = wants_gpu(job.cluster)
+    gpu = uses_cuda(job.cluster)
     resources = {"CPU": job.cluster.cpus_per_worker, **({"GPU": job.cluster.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         _worker_loop,

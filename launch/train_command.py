@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 from launch.cli import EXIT_INTERRUPTED, EXIT_RUN_FAILED, resume_command
 from launch.rundir import check_same_model, foreign_checkpoint_warning, place_run
 from orchestrator.config import JobConfig, job_to_yaml, load_job_config
+from orchestrator.ds_config import uses_cuda
 from orchestrator.errors import ConfigError
 from planner.flops import parameter_count
 
@@ -31,9 +32,9 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     import ray  # heavy: imported after the config is known to be valid
 
     from launch.console import RunConsole
-    from launch.ray_train import connect, run_workers, wants_gpu
+    from launch.ray_train import connect, run_workers
 
-    print(_header(job, run_dir, wants_gpu(job.cluster)), flush=True)
+    print(_header(job, run_dir, uses_cuda(job.cluster)), flush=True)
     started = time.time()
     connect(job.cluster, run_dir / "logs")
     console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps)
@@ -61,14 +62,14 @@ def _check_plan_early(job: JobConfig) -> None:
     import torch
 
     from orchestrator.ds_config import resolve_precision
-    from orchestrator.trainer import apply_plan, profile_name
+    from orchestrator.trainer import checked_plan, profile_name
     from planner.hardware import load_profile
 
-    if job.metrics.hardware_profile == "auto" and job.cluster.address != "local":
-        return  # the driver may not see the workers' devices
-    use_cuda = torch.cuda.is_available() if job.cluster.use_gpu is None else job.cluster.use_gpu
-    apply_plan(job, None, load_profile(profile_name(job, use_cuda)),
-               resolve_precision(job.train.precision, use_cuda), check_only=True)
+    use_cuda = uses_cuda(job.cluster)
+    if job.metrics.hardware_profile == "auto" and (job.cluster.address != "local" or
+                                                   (use_cuda and not torch.cuda.is_available())):
+        return  # the driver does not see the workers' devices
+    checked_plan(job, load_profile(profile_name(job, use_cuda)), resolve_precision(job.train.precision, use_cuda))
 
 
 def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:

@@ -7,8 +7,15 @@ run is reproducible from its YAML. `train.deepspeed_extra` is the documented esc
 import copy
 from typing import Any, Dict
 
-from orchestrator.config import JobConfig
+from orchestrator.config import ClusterConfig, JobConfig
 from planner.cost_model import ZERO_BUCKET_ELEMENTS
+
+
+def uses_cuda(cluster: ClusterConfig) -> bool:
+    """cluster.use_gpu, or (unset) whether this process sees CUDA."""
+    import torch
+
+    return torch.cuda.is_available() if cluster.use_gpu is None else cluster.use_gpu
 
 
 def resolve_precision(requested: str, use_cuda: bool) -> str:

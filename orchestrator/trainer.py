@@ -57,7 +57,8 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     model = LlamaModel(job.model)
     profile = load_profile(profile_name(job, use_cuda))
-    memory = apply_plan(job, model, profile, resolve_precision(job.train.precision, use_cuda))
+    precision = resolve_precision(job.train.precision, use_cuda)
+    memory = apply_plan(job, model, profile, precision)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                    config=deepspeed_config(job, use_cuda))
     sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
@@ -65,8 +66,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier)
     start_step = _resume(engine, checkpoints, sampler, initial, publish if worker.rank == 0 else None)
     torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
-    meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(resolve_precision(job.train.precision, use_cuda)),
-                      worker.rank, worker.node)
+    meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
     for step in range(start_step + 1, last_step + 1):
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter)
@@ -111,9 +111,14 @@ def profile_name(job: JobConfig, use_cuda: bool) -> str:
     return name
 
 
-def apply_plan(job: JobConfig, model: Optional[LlamaModel], profile, precision: str,
-               check_only: bool = False) -> Optional[TokenwiseRuntime]:
-    """Execute the plan file's per-layer decisions, after checking it was made for this job and hardware."""
+def apply_plan(job: JobConfig, model: LlamaModel, profile, precision: str) -> Optional[TokenwiseRuntime]:
+    """Execute the plan file's per-layer decisions (none without plan.path)."""
+    plan = checked_plan(job, profile, precision)
+    return apply_policies(model, plan_policies(plan), plan_arena(plan)) if plan else None
+
+
+def checked_plan(job: JobConfig, profile, precision: str):
+    """The job's plan file, refused in one line if it was made for another job or hardware."""
     if not job.plan.path:
         return None
     plan = load_plan(Path(job.plan.path))
@@ -122,9 +127,7 @@ def apply_plan(job: JobConfig, model: Optional[LlamaModel], profile, precision: 
     if approximate:
         raise PlanError(f"plan {job.plan.path} uses {', '.join(approximate)}, which the runtime does not run yet; "
                         "re-plan with plan.allow_approximate=false")
-    if check_only:
-        return None
-    return apply_policies(model, plan_policies(plan), plan_arena(plan))
+    return plan
 
 
 def plan_policies(plan) -> dict:
