@@ -113,7 +113,6 @@ class _LayerRecord:
     """Groups restored so far: skeletal, mlp, attention."""
     skeletal: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Restored layer input and attention output, held until both token-wise groups are restored."""
-    kept_targets: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TokenwiseRuntime:
@@ -184,7 +183,7 @@ class _LayerHooks:
     def _finalize(self) -> None:
         """Replace every saved view of a tagged tensor by its role's split storage."""
         record = self.record
-        record.kept_targets = self._kept_targets()
+        kept_targets = self._kept_targets()
         by_storage = {t.untyped_storage().data_ptr(): (role, t) for role, t in self.tags.items()
                       if role in TOKEN_WISE or role in SKELETAL}
         for saved in record.saved:
@@ -193,7 +192,7 @@ class _LayerHooks:
                 continue
             role, base = found
             if role not in record.roles:
-                record.roles[role] = _split(self.runtime, record, role, base)
+                record.roles[role] = _split(self.runtime, record, role, base, kept_targets.get(role))
             saved.role = role
             saved.view = (tuple(saved.tensor.shape), tuple(saved.tensor.stride()),
                           saved.tensor.storage_offset() - base.storage_offset())
@@ -206,7 +205,7 @@ class _LayerHooks:
         if record.roles:
             self.runtime.pending.append(record)
         self.tags = {}  # autograd keeps these hooks until backward: the full tensors must not stay with them
-
+        record.saved = []  # autograd holds each `_Saved`; the list was only needed to classify them
 
     def _kept_targets(self) -> Dict[str, torch.Tensor]:
         """Where the kept slices go: views of the runtime's arena at this layer's planned region, if it has one."""
@@ -229,7 +228,8 @@ def _token_dim(role: str) -> int:
     return 2 if role in HEAD_MAJOR else 1
 
 
-def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: torch.Tensor) -> _RoleStore:
+def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: torch.Tensor,
+           kept_target: Optional[torch.Tensor] = None) -> _RoleStore:
     """Keep, copy out and drop the role's token ranges. Everything stored is detached: a stored tensor with a
     grad_fn would lead back, through autograd's C++ nodes, to these hooks, a cycle Python's collector cannot
     see, and every step's activations would leak."""
@@ -245,8 +245,8 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
         store.whole = base
         return store
     if kept:
-        target = record.kept_targets.get(role)
-        store.kept = target.copy_(base.narrow(dim, 0, kept)) if target is not None else base.narrow(dim, 0, kept).clone()
+        kept_part = base.narrow(dim, 0, kept)
+        store.kept = kept_target.copy_(kept_part) if kept_target is not None else kept_part.clone()
     if swapped:
         part = base.narrow(dim, kept, swapped)
         store.host = runtime.pool.buffer((record.layer_index, role), part)
