@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.config import ModelConfig
+from orchestrator.loss import segmented_cross_entropy
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -203,11 +204,12 @@ class LlamaModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits, or with `targets` the mean cross-entropy (so a DeepSpeed engine call returns the loss)."""
-        logits = self.lm_head(self.hidden_states(tokens, positions))
+        """Logits, or with `targets` the mean cross-entropy (so a DeepSpeed engine call returns the loss), computed
+        in token chunks so the tokens x vocab logits never exist (`orchestrator.loss`)."""
+        hidden = self.hidden_states(tokens, positions)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            return self.lm_head(hidden)
+        return segmented_cross_entropy(hidden, self.lm_head, targets)
 
 
 def count_parameters(model: nn.Module) -> int:
