@@ -42,7 +42,7 @@ def check_same_model(job: JobConfig, placement: RunPlacement) -> None:
         return
     trained = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
     for key, value in asdict(job.model).items():
-        if key in trained and trained[key] != value and key not in ("preset", "init_std"):
+        if key in trained and trained[key] != value and key not in ("preset", "init_std", "init_from"):
             raise CheckpointError(f"resume: {placement.run_dir} was trained with model.{key}={trained[key]}, this "
                                   f"job has {value}; resume with the run's own config ({saved}) or start a new run")
 

@@ -34,6 +34,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    init_from: Optional[str] = None
+    """Weights a fresh run starts from (fine-tuning): a .safetensors file, a Hugging Face model directory
+    (model.safetensors or sharded with model.safetensors.index.json) or a DeepSpeed checkpoint DIR[:TAG]; Hugging
+    Face Llama names are mapped onto ours. Ignored when the run resumes from a checkpoint."""
 
     @property
     def head_dim(self) -> int:
@@ -57,6 +61,9 @@ class ModelConfig:
                          f"{_nearest_divisor(self.num_heads, self.num_kv_heads)}")
         if self.rope_theta <= 0:
             found.append(f"model.rope_theta ({self.rope_theta}) must be > 0; Llama uses 10000 or 500000")
+        if self.init_from is not None and not self.init_from.strip():
+            found.append("model.init_from is empty; pass a .safetensors file, a Hugging Face model directory or a "
+                         "DeepSpeed checkpoint DIR[:TAG], or leave it unset")
         return found
 
 
