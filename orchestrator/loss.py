@@ -3,9 +3,10 @@
 Why: at long context the logits are the largest single activation (1M tokens x 128K vocab in fp32 is 512 GiB,
 and the softmax saves another copy), although each token's loss needs only its own row. Following LeMo/Jenga's
 "segment-based peak cutting" (arXiv 2501.09767; its code wraps 2048-token chunks in torch.utils.checkpoint), the
-tokens are cut into chunks; each chunk's LM head and summed cross-entropy run under non-reentrant checkpointing,
-so between forward and backward only the chunk's input rows (a view of the final hidden states, which the full
-path saves too) are kept, and the chunk's logits are rebuilt, used and freed one chunk at a time in backward.
+tokens are cut into chunks of LOSS_CHUNK_TOKENS (the planner's, which budgets one chunk's logits); each chunk's
+LM head and summed cross-entropy run under non-reentrant checkpointing, so between forward and backward only the
+chunk's input rows (a view of the final hidden states, which the full path saves too) are kept, and the chunk's
+logits are rebuilt, used and freed one chunk at a time in backward.
 Peak extra memory is O(chunk x vocab) instead of O(tokens x vocab).
 
 The head is called as a module (not through its weight), so DeepSpeed ZeRO-3 gathers its weight on every call,
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-LOSS_CHUNK_TOKENS = 2048
-"""Tokens per chunk (LeMo's choice): with a 128K vocabulary one chunk's fp32 logits are 1 GiB."""
+from planner.cost_model import LOSS_CHUNK_TOKENS  # the planner budgets one chunk's logits in the arena
+
 IGNORE_INDEX = -100
 
 

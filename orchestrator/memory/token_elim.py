@@ -1,0 +1,135 @@
+"""LeMo token elimination (Wang et al., "LeMo: Enabling LEss Token Involvement for MOre Context Fine-tuning",
+arXiv 2501.09767; published as Jenga, USENIX ATC'25).
+
+In long inputs most tokens receive little attention in a given layer, and which ones matter changes with the
+input and the layer. So in each sparse layer the sequence is cut into blocks of 64 tokens, each block is scored
+by how much attention mass its keys receive, and only the top `keep_ratio` of the blocks enter the attention
+block: their rows are gathered, normed, projected, rotated with their ORIGINAL RoPE positions, attend causally
+among themselves (kept indices are sorted, so order and causality hold) and are scattered back. An eliminated
+row gets a zero attention output, so the residual stream carries it unchanged to the MLP and the next layer,
+which re-scores every token: elimination is per layer, a token dropped here may return there. The attention
+block's saved activations (norm input, q/k/v, attention output and its log-sum-exp, o_proj input) therefore
+scale with the kept tokens; no N x N map is made.
+
+What is eliminated: the attention block only, as LeMo's code does. The MLP, both norms' residual inputs and the
+residual stream stay full length (LeMo's MLP forward is exact for all tokens; its channel pruning of the MLP's
+saved tensors is a separate, biased backward approximation not built here). This changes the FORWARD function,
+so early layers and the last layer stay dense by default.
+
+Block score (LeMo's ground truth, `flash_block.py`): M[I, J] = max over i in I, j in J, i >= j of
+sum_h ReLU(q_i . k_j) / sqrt(d_h); LeMo's key-block informativeness is the column sum S_J = sum_I M[I, J]. Under
+the causal mask block J is seen by num_blocks - J query blocks, so a sum ranks blocks by position before content
+(at random init it keeps exactly the first blocks); we take the column MEAN over the query blocks that see J.
+We score with the rotated q and k, i.e. the logits attention really uses (LeMo trains its predictors on pre-RoPE
+q and k). As in LeMo, a block's score depends on later queries: the selection looks ahead within the sequence
+(a fine-tuning approximation; do not use the sparse forward to measure causal perplexity of a model). It is computed under
+no_grad, a few query blocks at a time against the causal prefix of keys, so the working set is
+SCORE_CHUNK_ELEMENTS, not N x N; its cost is that of one more attention forward. The kept indices are a pure
+function of the layer input (no randomness), so a recomputation of the layer picks the same tokens; the last
+ones are kept on the layer (`layer.token_elim.last_kept`) for inspection.
+"""
+
+from dataclasses import dataclass
+from types import MethodType
+from typing import Dict, Optional
+
+import torch
+
+from orchestrator.config.schema import TokenElimConfig
+from orchestrator.errors import ConfigError
+from orchestrator.model import DecoderLayer, apply_rope
+
+Config = TokenElimConfig
+SCORE_CHUNK_ELEMENTS = 1 << 24
+"""Query-key scores held at once while scoring (64 MiB in fp32)."""
+
+
+@dataclass
+class LayerElimination:
+    """One sparse layer's setting, attached to the layer as `layer.token_elim`."""
+
+    keep_ratio: float
+    block_size: int = 64
+    last_kept: Optional[torch.Tensor] = None
+    """Token indices [B, kept] of the last forward (sorted)."""
+
+    def num_kept_blocks(self, num_blocks: int) -> int:
+        return min(num_blocks, max(1, int(self.keep_ratio * num_blocks + 1e-6)))
+
+
+def keep_ratios(config: Config, num_layers: int) -> Dict[int, float]:
+    """Per-layer keep ratios of the sparse layers (all but the dense first and last ones)."""
+    last_sparse = num_layers - config.dense_last_layers
+    return {index: config.keep_ratio for index in range(config.dense_first_layers, last_sparse)}
+
+
+def apply_config(model, config: Config) -> Dict[int, float]:
+    """Apply the job's `token_elim` section (nothing when disabled); returns the per-layer keep ratios used."""
+    ratios = keep_ratios(config, len(model.layers)) if config.enabled else {}
+    apply_elimination(model, ratios, config.block_size)
+    return ratios
+
+
+def apply_elimination(model, ratios: Dict[int, float], block_size: int = 64) -> None:
+    """Make the given layers sparse. The layer's forward is replaced on the instance; its parameters stay the same
+    objects (DeepSpeed ZeRO still finds and gathers them)."""
+    for index, ratio in ratios.items():
+        layer = model.layers[index]
+        if layer.activation_hooks is not None:
+            raise ConfigError(f"layer {index} has a token-wise swap/recompute plan and token_elim; they do not "
+                              "compose yet: set token_elim.enabled=false or plan without this layer")
+        layer.token_elim = LayerElimination(ratio, block_size)
+        layer.forward = MethodType(eliminated_forward, layer)
+
+
+def eliminated_forward(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x + attention over the kept rows (zero elsewhere), then the MLP on every row."""
+    assert layer.activation_hooks is None, "token-wise hooks would be ignored by the eliminated forward"
+    kept = kept_token_indices(layer, x, cos, sin)
+    layer.token_elim.last_kept = kept
+    residual = x + attention_on_kept(layer, x, cos, sin, kept)
+    return residual + layer.mlp(layer.mlp_norm(residual))
+
+
+def attention_on_kept(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      kept: torch.Tensor) -> torch.Tensor:
+    """The attention block on rows `kept` [B, K] with their original positions, scattered into zeros [B, S, d]."""
+    sequences = torch.arange(x.shape[0], device=x.device)[:, None]
+    rows = x[sequences, kept]  # indexing saves the indices for backward; gather would also keep all of x
+    out = layer.attn(layer.attn_norm(rows), cos[kept][:, None], sin[kept][:, None])
+    return torch.zeros_like(x).index_put((sequences, kept), out)
+
+
+@torch.no_grad()
+def kept_token_indices(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Token indices [B, K * block] of the most informative blocks of each sequence, ascending."""
+    state, (batch, seq, _) = layer.token_elim, x.shape
+    block = state.block_size
+    if seq % block:
+        raise ConfigError(f"sequence length {seq} must be a multiple of token_elim.block_size ({block})")
+    normed = layer.attn_norm(x)
+    attn = layer.attn
+    q = apply_rope(attn.q_proj(normed).view(batch, seq, attn.num_heads, -1).transpose(1, 2), cos, sin)
+    k = apply_rope(attn.k_proj(normed).view(batch, seq, attn.num_kv_heads, -1).transpose(1, 2), cos, sin)
+    scores = block_informativeness(q, k, block)
+    blocks = scores.topk(state.num_kept_blocks(seq // block), dim=1).indices.sort(dim=1).values
+    return (blocks[..., None] * block + torch.arange(block, device=x.device)).flatten(1)
+
+
+def block_informativeness(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+    """S_J = mean over I >= J of max_{i in I, j in J, i >= j} sum_h ReLU(q_i . k_j) / sqrt(d): [B, num_blocks] from
+    q [B, H, S, D] and k [B, Hkv, S, D], a few query blocks at a time against their causal key prefix."""
+    batch, heads, seq, dim = q.shape
+    k = k.repeat_interleave(heads // k.shape[1], dim=1).float()
+    num_blocks = seq // block
+    scores = q.new_zeros(batch, num_blocks, dtype=torch.float32)
+    step = max(1, SCORE_CHUNK_ELEMENTS // (batch * heads * block * seq))
+    for first in range(0, num_blocks, step):
+        last = min(num_blocks, first + step)
+        rows, keys = slice(first * block, last * block), k[:, :, :last * block]
+        tile = (q[:, :, rows].float() @ keys.transpose(-1, -2)).relu_().sum(1) / dim ** 0.5
+        query_pos = torch.arange(first * block, last * block, device=q.device)[:, None]
+        tile.masked_fill_(torch.arange(last * block, device=q.device)[None, :] > query_pos, 0.0)
+        tile = tile.view(batch, last - first, block, last, block).amax(dim=(2, 4))
+        scores[:, :last] += tile.sum(1)
+    return scores / torch.arange(num_blocks, 0, -1, device=q.device)  # query blocks that see each key block

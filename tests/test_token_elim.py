@@ -1,0 +1,162 @@
+"""LeMo token elimination on CPU: keep ratio 1 is the dense layer, eliminated rows skip the attention block, kept
+rows are a dense run on the gathered subsequence at its original positions, tokens come back in later layers,
+block scores never need the N x N map, saved bytes scale with the keep ratio."""
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from orchestrator.config import load_job_config
+from orchestrator.errors import ConfigError
+from orchestrator.memory import technique, token_elim
+from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
+
+SEQ_LEN, BATCH, BLOCK = 512, 2, 64
+
+
+def _layer_and_input(seed=0):
+    torch.manual_seed(seed)
+    config = load_job_config(None, []).model
+    layer = DecoderLayer(config)
+    for name, param in layer.named_parameters():  # a trained-looking layer: larger weights, non-uniform scores
+        if not name.endswith("norm.weight"):
+            torch.nn.init.normal_(param, std=0.08)
+    x = torch.randn(BATCH, SEQ_LEN, config.hidden_size)
+    cos, sin = rope_tables(torch.arange(SEQ_LEN), config.head_dim, config.rope_theta, x.dtype)
+    return layer, x, cos, sin
+
+
+def _sparse(layer, ratio):
+    sparse = copy.deepcopy(layer)
+    token_elim.apply_elimination(SimpleNamespace(layers=[sparse]), {0: ratio}, BLOCK)
+    return sparse
+
+
+def _forward_and_grads(layer, x, cos, sin):
+    x = x.clone().requires_grad_()
+    out = layer(x, cos, sin)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def test_keep_ratio_one_equals_the_dense_layer_bitwise():
+    layer, x, cos, sin = _layer_and_input()
+    dense = _forward_and_grads(layer, x, cos, sin)
+    sparse = _forward_and_grads(_sparse(layer, 1.0), x, cos, sin)
+    assert torch.equal(sparse[0], dense[0]) and torch.equal(sparse[1], dense[1])
+    assert all(torch.equal(g, dense[2][n]) for n, g in sparse[2].items())
+
+
+def test_eliminated_rows_skip_the_attention_block_and_kept_rows_are_a_dense_run_at_original_positions():
+    layer, x, cos, sin = _layer_and_input()
+    sparse = _sparse(layer, 0.5)
+    with torch.no_grad():
+        out = sparse(x, cos, sin)
+        kept = sparse.token_elim.last_kept
+        assert kept.shape == (BATCH, SEQ_LEN // 2)
+        position_matters = []
+        for b in range(BATCH):
+            dropped = torch.ones(SEQ_LEN, dtype=torch.bool)
+            dropped[kept[b]] = False
+            rows = x[b:b + 1, dropped]  # residual unchanged through attention; the MLP runs on every row
+            torch.testing.assert_close(out[b:b + 1, dropped], rows + layer.mlp(layer.mlp_norm(rows)),
+                                       atol=1e-6, rtol=1e-5)
+            sub = x[b:b + 1, kept[b]]
+            reference = DecoderLayer.forward(layer, sub, cos[kept[b]], sin[kept[b]])
+            torch.testing.assert_close(out[b:b + 1, kept[b]], reference, atol=1e-6, rtol=1e-5)
+            compacted = DecoderLayer.forward(layer, sub, cos[:sub.shape[1]], sin[:sub.shape[1]])
+            position_matters.append(not torch.allclose(compacted, reference, atol=1e-3))
+    assert any(position_matters)  # kept blocks with gaps: renumbered positions would give other rows
+
+
+def test_a_token_dropped_at_one_layer_returns_at_the_next():
+    torch.manual_seed(0)
+    job = load_job_config(None, ["token_elim.enabled=true", "token_elim.keep_ratio=0.5",
+                                 "token_elim.dense_first_layers=0", f"data.seq_len={SEQ_LEN}"])
+    model = LlamaModel(job.model)
+    assert token_elim.apply_config(model, job.token_elim) == {0: 0.5, 1: 0.5, 2: 0.5}
+    with torch.no_grad():
+        model(torch.randint(0, 256, (BATCH, SEQ_LEN)))
+    kept = [set(model.layers[i].token_elim.last_kept[0, ::BLOCK].tolist()) for i in range(3)]
+    returned = [(i, sorted((kept[i + 1] - kept[i]))) for i in range(2) if kept[i + 1] - kept[i]]
+    assert returned, kept
+    assert not hasattr(model.layers[3], "token_elim")  # the last layer stays dense
+
+
+def _reference_scores(q, k, block):
+    """LeMo's definition on the full map (small sizes only)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    seq, dim = q.shape[2], q.shape[3]
+    full = (q @ k.transpose(-1, -2)).relu().sum(1) / math.sqrt(dim)
+    full = full.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), 0)
+    n = seq // block
+    tiles = full.view(q.shape[0], n, block, n, block).amax(dim=(2, 4))
+    return tiles.sum(1) / torch.arange(n, 0, -1)
+
+
+def test_block_scores_are_lemos_definition_computed_in_query_chunks(monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, SEQ_LEN, 32), torch.randn(2, 2, SEQ_LEN, 32)
+    monkeypatch.setattr(token_elim, "SCORE_CHUNK_ELEMENTS", 4 * BLOCK * SEQ_LEN * 2)  # one query block at a time
+    largest = []
+    original = torch.Tensor.relu_
+    monkeypatch.setattr(torch.Tensor, "relu_", lambda t: largest.append(t.numel()) or original(t))
+    scores = token_elim.block_informativeness(q, k, BLOCK)
+    torch.testing.assert_close(scores, _reference_scores(q, k, BLOCK), atol=1e-4, rtol=1e-5)
+    assert max(largest) <= 2 * 4 * BLOCK * SEQ_LEN < 2 * 4 * SEQ_LEN * SEQ_LEN  # never the N x N map
+
+
+def _saved_bytes(layer, x, cos, sin):
+    """Distinct storages autograd keeps for backward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x.clone().requires_grad_(), cos, sin)
+    return sum(storages.values())
+
+
+def test_saved_bytes_scale_with_the_keep_ratio():
+    layer, x, cos, sin = _layer_and_input()
+    dense = _saved_bytes(layer, x, cos, sin)
+    ratios = [0.25, 0.5, 0.75, 1.0]
+    saved = {r: _saved_bytes(_sparse(layer, r), x, cos, sin) for r in ratios}
+    print("\nsaved bytes per layer: dense", dense, "| " + ", ".join(f"keep {r}: {b}" for r, b in saved.items()))
+    per_quarter = (saved[1.0] - saved[0.25]) / 3
+    for low, high in zip(ratios, ratios[1:]):
+        assert saved[high] - saved[low] == pytest.approx(per_quarter, rel=0.02)
+    assert saved[1.0] == pytest.approx(dense, rel=0.05)  # plus kept indices and their cos/sin rows
+    # the share that scales is the attention block: norm input, q, k, v, attention output, cos/sin of kept tokens
+    config = load_job_config(None, []).model
+    e, tokens = 4, BATCH * SEQ_LEN
+    attention_per_token = e * (config.hidden_size * 3 + 2 * config.num_kv_heads * config.head_dim)
+    assert per_quarter * 4 / tokens >= attention_per_token
+
+
+def test_config_section_is_validated_in_one_line_per_problem():
+    with pytest.raises(ConfigError) as error:
+        load_job_config(None, ["token_elim.enabled=true", "token_elim.keep_ratio=0", "data.seq_len=192",
+                               "token_elim.block_size=128", "token_elim.dense_first_layers=4"])
+    message = str(error.value)
+    for key in ("token_elim.keep_ratio (0.0)", "token_elim.block_size (128)", "token_elim.dense_first_layers (4)"):
+        assert key in message, message
+    assert not load_job_config(None, []).token_elim.enabled  # off by default: it changes the forward
+
+
+def test_registered_and_refuses_a_layer_with_a_token_wise_plan():
+    from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+
+    assert technique("token_elim") is token_elim
+    model = LlamaModel(load_job_config(None, []).model)
+    apply_policies(model, {1: LayerPolicy(0.5, 0.0, 0.5)})
+    with pytest.raises(ConfigError, match="layer 1"):
+        token_elim.apply_elimination(model, {1: 0.5, 2: 0.5})
