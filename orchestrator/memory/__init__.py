@@ -1,8 +1,7 @@
 """Memory techniques, one module each, applied per layer from the plan.
 
 The registry maps the stable names a plan or job config uses to the module that implements them; MEMO's swap
-and recompute are one token-wise split, so both names lead to `tokenwise`. The approximate ones (`quant_int8`,
-`quant_int4_deriv`, `wta_crs`) each offer `apply(model, config, layers)`; `compressed` wires them into layers.
+and recompute are one token-wise split, so both names lead to `tokenwise`.
 """
 
 from types import ModuleType
