@@ -13,6 +13,7 @@ from typing import Optional
 import yaml
 
 from orchestrator.checkpoint import latest_complete_tag
+from orchestrator.checkpoint_check import resolve_tag
 from orchestrator.config import JobConfig
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.trainer import CheckpointRef
@@ -92,23 +93,6 @@ def _place_from_path(job: JobConfig, spec: str) -> RunPlacement:
             raise CheckpointError(f"resume={spec}: {path / 'checkpoints'} holds no complete checkpoint; "
                                   "start without resume")
         return RunPlacement(path.resolve(), continuing=True)
-    checkpoint_dir, tag = _checkpoint_dir_and_tag(path, tag, spec)
+    checkpoint_dir, tag = resolve_tag(path, tag, f"resume={spec}")
     return RunPlacement(_fresh_run_dir(job), continuing=False,
                         initial=CheckpointRef(str(checkpoint_dir.resolve()), tag))
-
-
-def _checkpoint_dir_and_tag(path: Path, tag: str, spec: str):
-    if not path.exists():
-        raise CheckpointError(f"resume={spec}: {path} does not exist; pass a run directory, a DeepSpeed "
-                              "checkpoint directory, or DIR:TAG")
-    if tag:
-        if not (path / tag).is_dir():
-            raise CheckpointError(f"resume={spec}: tag {tag} not found in {path}; tags there: "
-                                  f"{', '.join(sorted(p.name for p in path.iterdir() if p.is_dir()))}")
-        return path, tag
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    raise CheckpointError(f"resume={spec}: {path} has no 'latest' file and no model states; name the tag "
-                          "with resume=DIR:TAG")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from launch.cli import EXIT_INTERRUPTED, EXIT_RUN_FAILED, resume_command
+from launch.resume_check import check_resume, convert_to_universal, needs_universal
 from launch.rundir import check_same_model, foreign_checkpoint_warning, place_run
 from orchestrator.config import JobConfig, job_to_yaml, load_job_config
 from orchestrator.ds_config import uses_cuda
@@ -21,9 +22,12 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     _check_plan_early(job)
     placement = place_run(job)
     check_same_model(job, placement)
+    checked = check_resume(job, placement)
     warning = foreign_checkpoint_warning(placement)
     if warning:
         print(warning, file=sys.stderr)
+    if needs_universal(job, checked):
+        placement = convert_to_universal(job, placement, checked)
     run_dir = placement.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(job, run_dir)

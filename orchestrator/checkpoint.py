@@ -96,6 +96,8 @@ class CheckpointManager:
                                   "check the files or resume from an earlier tag")
         rank_file = source / tag / f"longtrain_rank{self.rank}.pt"
         rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+        if rank_state.get("data", {}).get("world_size") != engine.dp_world_size:
+            rank_state = {"data": global_position(engine.global_samples)}
         if "rng" in rank_state:
             restore_rng_state(rank_state["rng"])
         return {**(client_state or {}), **rank_state}
@@ -103,6 +105,13 @@ class CheckpointManager:
     def _prune(self) -> None:
         for tag in complete_tags(self.dir)[:-self.keep_last]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
+
+
+def global_position(global_samples: int) -> Dict[str, int]:
+    """A data position from DeepSpeed's global sample count, for checkpoints without our per-rank file (foreign)
+    or written by another number of ranks: every rank continues after the sequences all ranks consumed, and the
+    RNG states, which cannot map rank to rank, are not restored (the loop reseeds from seed, rank and step)."""
+    return {"consumed_micro_batches": int(global_samples), "world_size": 1, "micro_batch_size": 1}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

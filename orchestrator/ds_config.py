@@ -25,7 +25,8 @@ def resolve_precision(requested: str, use_cuda: bool) -> str:
     return requested
 
 
-def deepspeed_config(job: JobConfig, use_cuda: bool) -> Dict[str, Any]:
+def deepspeed_config(job: JobConfig, use_cuda: bool, load_universal: bool = False) -> Dict[str, Any]:
+    """load_universal: the checkpoint to resume is a universal one (converted for another data-parallel size)."""
     optim, train = job.optim, job.train
     config = {
         "train_micro_batch_size_per_gpu": job.data.micro_batch_size,
@@ -53,6 +54,8 @@ def deepspeed_config(job: JobConfig, use_cuda: bool) -> Dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return deep_merge(config, train.deepspeed_extra)
 
 

@@ -17,6 +17,7 @@ from orchestrator.checkpoint import CheckpointManager, latest_complete_tag
 from orchestrator.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
+from orchestrator.init_weights import load_init_from
 from orchestrator.memory.arena import KeptArena
 from orchestrator.memory import token_elim
 from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_policies
@@ -37,10 +38,12 @@ class WorkerInfo:
 
 @dataclass
 class CheckpointRef:
-    """A checkpoint outside this run to start from: DIR holding TAG."""
+    """A checkpoint to start from: DIR holding TAG (outside this run, or a universal copy of this run's own)."""
 
     dir: str
     tag: str
+    universal: bool = False
+    """A DeepSpeed universal checkpoint (converted because the data-parallel size changed)."""
 
 
 Publish = Callable[[Dict[str, Any]], None]
@@ -57,16 +60,20 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     model = LlamaModel(job.model)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier)
+    source = resume_source(checkpoints.dir, initial)
+    if source is None and job.model.init_from:
+        load_init_from(model, job.model.init_from)
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
     memory = apply_plan(job, model, profile, precision)
     token_elim.apply_config(model, job.token_elim)  # after the plan: refuses a layer that has a token-wise split
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                   config=deepspeed_config(job, use_cuda))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(),
+        config=deepspeed_config(job, use_cuda, load_universal=bool(source and source.universal)))
     sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
                           job.data.micro_batch_size, worker.rank, worker.world_size, job.train.seed)
-    checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier)
-    start_step = _resume(engine, checkpoints, sampler, initial, publish if worker.rank == 0 else None)
+    start_step = _resume(engine, checkpoints, sampler, source, publish if worker.rank == 0 else None)
     torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
@@ -90,19 +97,23 @@ def _set_device_and_threads(worker: WorkerInfo, use_cuda: bool, cpus_per_worker:
     os.environ.setdefault("LOCAL_RANK", str(worker.local_rank))
 
 
-def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, initial: Optional[CheckpointRef],
+def resume_source(checkpoint_dir: Path, initial: Optional[CheckpointRef]) -> Optional[CheckpointRef]:
+    """This run's latest complete checkpoint, unless `initial` is a universal copy of it (world size changed)."""
+    own = latest_complete_tag(checkpoint_dir)
+    if own and (initial is None or own != initial.tag):
+        return CheckpointRef(str(checkpoint_dir), own)
+    return initial
+
+
+def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, source: Optional[CheckpointRef],
             publish: Optional[Publish]) -> int:
-    own = latest_complete_tag(checkpoints.dir)
-    if own is None and initial is None:
+    if source is None:
         return 0
-    source = checkpoints.dir if own else Path(initial.dir)
-    tag = own or initial.tag
-    state = checkpoints.load(engine, tag, source)
-    if "data" in state:
-        sampler.load_state(state["data"])
-    step = int(state.get("step", 0))
+    state = checkpoints.load(engine, source.tag, Path(source.dir))
+    sampler.load_state(state["data"])
+    step = int(state.get("step", engine.global_steps))
     if publish:
-        publish({"kind": "resumed", "step": step, "path": str(source / tag)})
+        publish({"kind": "resumed", "step": step, "path": str(Path(source.dir) / source.tag)})
     return step
 
 

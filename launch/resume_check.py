@@ -1,0 +1,85 @@
+"""Before any worker starts: check the checkpoint a run starts from, and reshape it if the world size changed.
+
+Why on the driver: a bad checkpoint found by the workers costs a cluster start and leaves logs and a config copy in
+the run directory; found here it is one line and the run directory is untouched. Why the conversion: DeepSpeed's
+ZeRO-1/2/3 optimizer shards are cut for the data-parallel size that wrote them and loading them at another size
+raises, so when that size differs we run DeepSpeed's own `ds_to_universal` into a new directory (the source
+checkpoint is never modified) and the workers load it with `checkpoint.load_universal`. ZeRO-0 keeps the whole
+optimizer state on every rank and loads at any size as it is.
+"""
+
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from orchestrator.checkpoint import latest_complete_tag
+from orchestrator.checkpoint_check import CheckpointInfo, inspect_checkpoint
+from orchestrator.config import JobConfig
+from orchestrator.errors import CheckpointError
+from orchestrator.init_weights import check_init_from, model_shapes
+from orchestrator.trainer import CheckpointRef
+from orchestrator.weights import check_shapes
+
+UNIVERSAL_DIR = "universal"
+"""Inside the run directory: universal copies of the checkpoint the run started from."""
+
+
+def check_resume(job: JobConfig, placement) -> Optional[CheckpointInfo]:
+    """The checkpoint the workers will load, checked (files whole, our names, this model's shapes, ZeRO stage);
+    without one, the `model.init_from` weights are checked instead."""
+    source = _source(placement)
+    if source is None:
+        check_init_from(job.model)
+        return None
+    info = inspect_checkpoint(Path(source.dir), source.tag)
+    if info.hf_names:
+        raise CheckpointError(f"checkpoint {info.tag_dir} names its parameters as Hugging Face Llama does, so its "
+                              "optimizer state cannot be restored into longtrain's model; start from its weights "
+                              f"instead: model.init_from={source.dir}:{source.tag} (without resume=)")
+    check_shapes(info.shapes, model_shapes(job.model), f"checkpoint {info.tag_dir}", job.model.tie_embeddings)
+    stage = job.train.zero_stage
+    if info.zero_stage != stage and {info.zero_stage, stage} != {1, 2}:
+        raise CheckpointError(f"checkpoint {info.tag_dir} was written with ZeRO-{info.zero_stage}, this job has "
+                              f"train.zero_stage={stage}; set train.zero_stage={info.zero_stage} to resume it")
+    return info
+
+
+def needs_universal(job: JobConfig, info: Optional[CheckpointInfo]) -> bool:
+    return info is not None and info.zero_stage > 0 and info.world_size != data_parallel_size(job)
+
+
+def data_parallel_size(job: JobConfig) -> int:
+    return job.cluster.num_workers // job.parallel.sp_degree
+
+
+def convert_to_universal(job: JobConfig, placement, info: CheckpointInfo, log=print):
+    """Placement whose workers load a universal copy of `info`'s checkpoint, written under RUN_DIR/universal/.
+
+    A failed conversion removes what it wrote (and the run directory, when this call created it)."""
+    out_root = placement.run_dir / UNIVERSAL_DIR
+    out_dir = out_root / info.tag_dir.name
+    created_run_dir = not placement.run_dir.exists()
+    log(f"longtrain: {info.tag_dir} was written by {info.world_size} data-parallel ranks, this job has "
+        f"{data_parallel_size(job)}: converting it to a DeepSpeed universal checkpoint in {out_dir}")
+    out_root.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(info.tag_dir),
+               "--output_folder", str(out_dir), "--inject_missing_state", "--num_extract_workers", "2",
+               "--num_merge_workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not (out_dir / "zero").is_dir():
+        shutil.rmtree(placement.run_dir if created_run_dir else out_root, ignore_errors=True)
+        lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        raise CheckpointError(f"converting {info.tag_dir} to a universal checkpoint failed ({lines[-1] if lines else 'no output'}); "
+                              f"resume with cluster.num_workers={info.world_size * job.parallel.sp_degree} instead")
+    (out_root / f"{info.tag_dir.name}.log").write_text(result.stdout + result.stderr)
+    return replace(placement, initial=CheckpointRef(str(out_root), info.tag_dir.name, universal=True))
+
+
+def _source(placement) -> Optional[CheckpointRef]:
+    if placement.continuing:
+        tag = latest_complete_tag(placement.run_dir / "checkpoints")
+        return CheckpointRef(str(placement.run_dir / "checkpoints"), tag) if tag else None
+    return placement.initial

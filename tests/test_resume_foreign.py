@@ -1,0 +1,208 @@
+"""Foreign checkpoints: resume from what plain DeepSpeed wrote (no longtrain files, no COMPLETE marker), start from
+Hugging Face Llama weights (DeepSpeed ZeRO-3 checkpoint with HF names, safetensors single and sharded), and the
+one-line errors of a bad checkpoint, after which the run directory is unchanged.
+
+The checkpoints are written by a small script that calls DeepSpeed directly (`deepspeed.initialize` +
+`engine.save_checkpoint`) in one spawned gloo process, which also runs the longtrain runs compared against them."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from orchestrator.config import load_job_config
+
+pytestmark = pytest.mark.slow
+BASE = ["cluster.num_workers=1", "train.max_steps=8", "train.log_every_steps=1", "optim.warmup_steps=2",
+        "checkpoint.every_steps=0", "data.seq_len=128", "data.micro_batch_size=4", "train.zero_stage=2"]
+HF_SEED = 7
+
+
+def hf_state(model) -> dict:
+    """Our model's weights under the names Hugging Face's LlamaForCausalLM uses (written out, not mapped by our code)."""
+    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    if not model.config.tie_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        for hf, ours in (("self_attn.q_proj", layer.attn.q_proj), ("self_attn.k_proj", layer.attn.k_proj),
+                         ("self_attn.v_proj", layer.attn.v_proj), ("self_attn.o_proj", layer.attn.o_proj),
+                         ("mlp.gate_proj", layer.mlp.gate_proj), ("mlp.up_proj", layer.mlp.up_proj),
+                         ("mlp.down_proj", layer.mlp.down_proj)):
+            state[prefix + hf + ".weight"] = ours.weight
+        state[prefix + "input_layernorm.weight"] = layer.attn_norm.weight
+        state[prefix + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def reference_model(*overrides):
+    from orchestrator.model import LlamaModel
+
+    torch.manual_seed(HF_SEED)
+    return LlamaModel(load_job_config(None, list(overrides)).model)
+
+
+class _Named(nn.Module):
+    """A module whose parameters carry exactly the given dotted names (what another codebase would train)."""
+
+    def __init__(self, state):
+        super().__init__()
+        for name, tensor in state.items():
+            owner = self
+            for part in name.split(".")[:-1]:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            owner.register_parameter(name.split(".")[-1], nn.Parameter(tensor.clone()))
+
+
+def _plain_deepspeed_checkpoints(root: Path, job):
+    """What plain DeepSpeed writes: our model trained 4 steps (ZeRO-2, `latest`), HF-named weights (ZeRO-3, no
+    `latest`). Same seed, config and batches as longtrain, so the first equals longtrain's own step 4."""
+    import deepspeed
+
+    from orchestrator.data import RankSampler, build_windows
+    from orchestrator.ds_config import deepspeed_config
+    from orchestrator.model import LlamaModel
+
+    torch.manual_seed(job.train.seed)
+    model = LlamaModel(job.model)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=deepspeed_config(job, False))
+    sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed), 4, 0, 1, job.train.seed)
+    losses = {}
+    for step in range(1, 5):
+        inputs, targets = sampler.next_batch()
+        loss = engine(inputs, targets=targets)
+        engine.backward(loss)
+        engine.step()
+        losses[step] = [loss.item()]
+    engine.save_checkpoint(str(root / "ds_ours"))
+    hf = _Named(hf_state(reference_model()))
+    config = dict(deepspeed_config(job, False), zero_optimization={"stage": 3})
+    engine, *_ = deepspeed.initialize(model=hf, model_parameters=hf.parameters(), config=config)
+    engine.save_checkpoint(str(root / "ds_hf"), tag="global_step0", save_latest=False)
+    return losses
+
+
+def _runs(rank, world, port, root, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    from launch.resume_check import check_resume
+    from launch.rundir import place_run
+    from orchestrator.trainer import WorkerInfo, train
+
+    root = Path(root)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.set_num_threads(1)
+
+    def run(name, *overrides):
+        job = load_job_config(None, [*BASE, f"run.root={root / 'runs'}", f"run.name={name}", *overrides])
+        placement = place_run(job)
+        check_resume(job, placement)
+        messages = []
+        train(job, placement.run_dir, WorkerInfo(0, 1, 0, "node0"), messages.append, placement.initial)
+        queue.put((name, {m["step"]: [r["loss"] for r in m["rows"]] for m in messages if m["kind"] == "step"}))
+
+    queue.put(("plain", _plain_deepspeed_checkpoints(root, load_job_config(None, BASE))))
+    run("straight")
+    run("foreign", f"resume={root / 'ds_ours'}")
+    run("init_hf", "train.max_steps=2", "optim.warmup_steps=1", f"model.init_from={root / 'hf_sharded'}")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _save_sharded(state: dict, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        save_file({k: state[k].contiguous() for k in keys}, str(directory / file))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory):
+    root = tmp_path_factory.mktemp("foreign")
+    _save_sharded(hf_state(reference_model()), root / "hf_sharded")
+    with mp.get_context("spawn").Manager() as manager:
+        queue = manager.Queue()
+        mp.start_processes(_runs, args=(1, _free_port(), str(root), queue), nprocs=1, start_method="spawn")
+        losses = {}
+        while not queue.empty():
+            name, value = queue.get()
+            losses[name] = value
+    return root, losses
+
+
+def test_plain_deepspeed_checkpoint_resumes_bitwise(foreign):
+    root, losses = foreign
+    print("straight:", losses["straight"], "\nplain DeepSpeed 1-4:", losses["plain"],
+          "\nlongtrain resumed from it 5-8:", losses["foreign"])
+    assert sorted(losses["foreign"]) == [5, 6, 7, 8]
+    assert {**losses["plain"], **losses["foreign"]} == losses["straight"]
+
+
+def test_hf_weights_start_training(foreign):
+    """Step 1 of a run started from HF safetensors has the loss of the reference model on the same batch."""
+    from orchestrator.data import RankSampler, build_windows
+
+    root, losses = foreign
+    job = load_job_config(None, BASE)
+    sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed), 4, 0, 1, job.train.seed)
+    inputs, targets = sampler.next_batch()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        expected = reference_model()(inputs, targets=targets).item()
+    print("init_from HF safetensors, step-1 loss:", losses["init_hf"][1][0], "reference model:", expected)
+    assert losses["init_hf"][1][0] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("source", ["ds_hf:global_step0", "ds_hf/global_step0", "hf_sharded", "single"])
+def test_init_from_loads_every_tensor_bitwise(foreign, source):
+    from safetensors.torch import save_file
+
+    from orchestrator.init_weights import check_init_from, load_init_from
+    from orchestrator.model import LlamaModel
+
+    root, _ = foreign
+    untied = source == "single"  # a separate lm_head.weight, as Llama-2/3 7B-8B have
+    overrides = ["model.tie_embeddings=false"] if untied else []
+    reference = reference_model(*overrides)
+    if untied:
+        save_file(hf_state(reference), str(root / "single.safetensors"))
+        source = "single.safetensors"
+    job = load_job_config(None, [*overrides, f"model.init_from={root / source}"])
+    check_init_from(job.model)
+    torch.manual_seed(0)
+    model = LlamaModel(job.model)
+    load_init_from(model, job.model.init_from)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_init_from_another_shape_names_the_tensor(foreign):
+    from orchestrator.errors import CheckpointError
+    from orchestrator.init_weights import check_init_from
+
+    root, _ = foreign
+    job = load_job_config(None, ["model.intermediate_size=256", f"model.init_from={root / 'hf_sharded'}"])
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight .* has shape \[352, 128\], "
+                                              r"this model expects \[256, 128\]"):
+        check_init_from(job.model)
