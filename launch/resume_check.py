@@ -58,24 +58,36 @@ def data_parallel_size(job: JobConfig) -> int:
 def convert_to_universal(job: JobConfig, placement, info: CheckpointInfo, log=print):
     """Placement whose workers load a universal copy of `info`'s checkpoint, written under RUN_DIR/universal/.
 
-    A failed conversion removes what it wrote (and the run directory, when this call created it)."""
+    A copy converted before (its log is written last) is reused; a failed conversion removes what it wrote."""
     out_root = placement.run_dir / UNIVERSAL_DIR
-    out_dir = out_root / info.tag_dir.name
-    created_run_dir = not placement.run_dir.exists()
+    out_dir, done = out_root / info.tag_dir.name, out_root / f"{info.tag_dir.name}.log"
+    universal = replace(placement, initial=CheckpointRef(str(out_root), info.tag_dir.name, universal=True))
+    if done.is_file():
+        return universal
     log(f"longtrain: {info.tag_dir} was written by {info.world_size} data-parallel ranks, this job has "
         f"{data_parallel_size(job)}: converting it to a DeepSpeed universal checkpoint in {out_dir}")
+    created = _first_missing(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(info.tag_dir),
                "--output_folder", str(out_dir), "--inject_missing_state", "--num_extract_workers", "2",
                "--num_merge_workers", "1"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0 or not (out_dir / "zero").is_dir():
-        shutil.rmtree(placement.run_dir if created_run_dir else out_root, ignore_errors=True)
+        shutil.rmtree(created or out_dir, ignore_errors=True)
         lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-        raise CheckpointError(f"converting {info.tag_dir} to a universal checkpoint failed ({lines[-1] if lines else 'no output'}); "
-                              f"resume with cluster.num_workers={info.world_size * job.parallel.sp_degree} instead")
-    (out_root / f"{info.tag_dir.name}.log").write_text(result.stdout + result.stderr)
-    return replace(placement, initial=CheckpointRef(str(out_root), info.tag_dir.name, universal=True))
+        raise CheckpointError(f"converting {info.tag_dir} to a universal checkpoint failed "
+                              f"({lines[-1] if lines else 'no output'}); resume with "
+                              f"cluster.num_workers={info.world_size * job.parallel.sp_degree} instead")
+    done.write_text(result.stdout + result.stderr)
+    return universal
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost directory of `path` that does not exist yet (what a failure must remove)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
 
 
 def _source(placement) -> Optional[CheckpointRef]:

@@ -90,8 +90,8 @@ def _check_shards(tag_dir: Path, world: int, kind: str) -> None:
     for rank in range(world):
         if rank not in ranks:
             missing = tag_dir / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"
-            raise CheckpointError(f"checkpoint shard {missing} is missing (written by {world} ranks, found "
-                                  f"{len(ranks)} {kind} shards); restore it or resume from an earlier tag")
+            raise CheckpointError(f"checkpoint shard {missing} is missing (the checkpoint was written by "
+                                  f"{world} data-parallel rank(s), {len(ranks)} {kind} shard(s) are there); restore it or resume from an earlier tag")
 
 
 def _parameter_shapes(states: dict) -> Dict[str, Tuple[int, ...]]:

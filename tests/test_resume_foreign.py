@@ -206,3 +206,66 @@ def test_init_from_another_shape_names_the_tensor(foreign):
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight .* has shape \[352, 128\], "
                                               r"this model expects \[256, 128\]"):
         check_init_from(job.model)
+
+
+def _tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*"))}
+
+
+def _own_run(foreign, tmp_path) -> Path:
+    """A copy of the straight run's directory (ZeRO-2, one complete checkpoint)."""
+    import shutil
+
+    root, _ = foreign
+    (source,) = (root / "runs").glob("straight-*")
+    return Path(shutil.copytree(source, tmp_path / "run"))
+
+
+def _corrupt(kind: str, run_dir: Path, root: Path, tmp_path: Path):
+    """Break something; return (resume spec, extra overrides, text the error must contain)."""
+    (tag_dir,) = (run_dir / "checkpoints").glob("step_*")
+    if kind == "truncated":
+        states = tag_dir / "mp_rank_00_model_states.pt"
+        states.write_bytes(states.read_bytes()[:1000])
+        return str(run_dir), [], f"checkpoint file {states} is truncated"
+    if kind == "missing_shard":
+        shard = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        shard.unlink()
+        return str(run_dir), [], f"checkpoint shard {shard} is missing"
+    if kind == "no_latest":
+        return str(root / "ds_hf"), [], f"{root / 'ds_hf' / 'latest'} is missing"
+    if kind == "not_a_checkpoint":
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "readme.txt").write_text("hello")
+        return str(tmp_path / "notes"), [], "no DeepSpeed tag"
+    if kind == "a_file":
+        return str(root / "hf_sharded" / "model-00001-of-00002.safetensors"), [], "model.init_from"
+    if kind == "hf_names":
+        return f"{root / 'ds_hf'}:global_step0", [], f"model.init_from={root / 'ds_hf'}:global_step0"
+    if kind == "shape":
+        return str(root / "ds_ours"), ["model.num_layers=3"], "that this model does not have"
+    if kind == "zero_stage":
+        return str(root / "ds_ours"), ["train.zero_stage=3"], "set train.zero_stage=2"
+    assert kind == "plan"
+    from launch.cli import main
+
+    assert main(["plan", "--profile", "cpu", "--out", str(tmp_path / "p.yaml")]) == 0  # for seq_len 256
+    return str(run_dir), [f"plan.path={tmp_path / 'p.yaml'}"], "re-plan"
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing_shard", "no_latest", "not_a_checkpoint", "a_file",
+                                  "hf_names", "shape", "zero_stage", "plan"])
+def test_a_bad_checkpoint_is_one_line_and_nothing_is_written(foreign, tmp_path, capsys, kind):
+    from launch.cli import main
+
+    root, _ = foreign
+    run_dir = _own_run(foreign, tmp_path)
+    spec, extra, expected = _corrupt(kind, run_dir, root, tmp_path)
+    before, roots_before = _tree(run_dir), sorted(os.listdir(tmp_path))
+    capsys.readouterr()
+    code = main(["train", *BASE, f"run.root={tmp_path / 'runs'}", f"resume={spec}", *extra])
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err
+    assert _tree(run_dir) == before and sorted(os.listdir(tmp_path)) == roots_before
