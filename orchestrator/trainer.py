@@ -18,6 +18,7 @@ from orchestrator.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
 from orchestrator.init_weights import load_init_from
+from orchestrator.memory import compressed
 from orchestrator.memory.arena import KeptArena
 from orchestrator.memory import token_elim
 from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_policies
@@ -67,6 +68,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
     memory = apply_plan(job, model, profile, precision)
+    compressed.apply_config(model, job.compression, job.train.seed)  # after the plan: it refuses swapped layers
     token_elim.apply_config(model, job.token_elim)  # after the plan: refuses a layer that has a token-wise split
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(),

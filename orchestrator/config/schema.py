@@ -275,6 +275,51 @@ class TokenElimConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Approximate activation compression chosen by hand, per layer: exact forward, approximate backward (Mesa int8
+    saved inputs, S2A 4-bit SiLU codes, WTA-CRS sampled weight gradients; see orchestrator/memory/compressed.py)."""
+
+    layers: Any = "all"
+    """all, none, or a list of layer indices the settings below apply to."""
+    linear_inputs: str = "none"
+    """none or int8 (Mesa): saved inputs of q/k/v (stored once), gate/up (once) and down."""
+    norm_inputs: str = "none"
+    """none or int8 (Mesa): saved inputs of both RMSNorms."""
+    silu: str = "none"
+    """none, int8 (Mesa) or int4 (S2A: 4-bit bins, value and derivative tables) for the SwiGLU gate."""
+    wta_crs_keep_ratio: float = 1.0
+    """Share of token rows kept for linears' weight gradients (WTA-CRS, unbiased); 1 keeps all (exact)."""
+    range_decay: float = 0.5
+    """Decay of the int8/int4 running per-group ranges (Mesa: 0.9, which lagged the fast-growing activations of
+    early training here: 4-5% loss gap after 100 steps on the debug model; 0.5: within 1%)."""
+    range_groups: int = 8
+    """Channel groups per tensor, each with its own int8 range."""
+
+    @property
+    def is_active(self) -> bool:
+        chosen = self.wta_crs_keep_ratio < 1 or {self.linear_inputs, self.norm_inputs, self.silu} != {"none"}
+        return chosen and self.layers not in ("none", [])
+
+    def problems(self, num_layers: int = 0) -> List[str]:
+        found = _positive(self, "compression", ["range_groups"])
+        for key, allowed in (("linear_inputs", ("none", "int8")), ("norm_inputs", ("none", "int8")),
+                             ("silu", ("none", "int8", "int4"))):
+            if getattr(self, key) not in allowed:
+                found.append(f"compression.{key} ({getattr(self, key)!r}) must be one of {', '.join(allowed)}")
+        if not 0.0 < self.wta_crs_keep_ratio <= 1.0:
+            found.append(f"compression.wta_crs_keep_ratio ({self.wta_crs_keep_ratio}) must be in (0, 1]; "
+                         "the paper uses 0.3")
+        if not 0.0 <= self.range_decay < 1.0:
+            found.append(f"compression.range_decay ({self.range_decay}) must be in [0, 1); Mesa uses 0.9")
+        layers = self.layers
+        if not (layers in ("all", "none") or (isinstance(layers, list) and all(
+                isinstance(i, int) and 0 <= i < max(num_layers, 1) for i in layers))):
+            found.append(f"compression.layers ({layers!r}) must be all, none or a list of layer indices in "
+                         f"0..{num_layers - 1}")
+        return found
+
+
+@dataclass
 class RunConfig:
     """Naming and placement of the run directory (checkpoints, metrics JSONL, logs)."""
 
@@ -303,6 +348,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     token_elim: TokenElimConfig = field(default_factory=TokenElimConfig)
     resume: Optional[str] = None
     """auto (latest complete checkpoint of the newest run of this name), a run directory, or CHECKPOINT_DIR[:TAG]."""
@@ -312,6 +358,7 @@ class JobConfig:
         for section in (self.run, self.model, self.data, self.optim, self.train, self.checkpoint,
                         self.cluster, self.parallel, self.metrics, self.plan, self.token_elim):
             found += section.problems()
+        found += self.compression.problems(self.model.num_layers)
         found += self._cross_section_problems()
         if found:
             raise ConfigError("; ".join(found))

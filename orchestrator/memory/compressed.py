@@ -1,0 +1,328 @@
+"""Per-layer wiring of the approximate techniques (Mesa int8, S2A int4, WTA-CRS) into `DecoderLayer`s.
+
+Why class swaps: a compressed linear, norm or MLP is the same module object with the same parameters (so
+DeepSpeed ZeRO, checkpoints and optimizers see nothing new), whose class is switched to a subclass with another
+forward; `install` switches back when a layer loses its compression. Each subclass runs the exact forward and
+gives autograd a compact copy of what the backward needs. Linears fed the same tensor (q/k/v, gate/up) share one
+`InputStore`, which compresses (samples, quantises) that tensor once per forward and hands every linear the same
+compact tensors, so they are stored once. The o projection stays exact: attention keeps its input (the attention
+output) for its own backward anyway, so a compressed copy would add bytes, not save them.
+
+The compact tensors are what `ctx.save_for_backward` receives, hence what saved-tensor hooks (a swap) see:
+uint8 codes with fp32 per-group scale/offset, packed 4-bit codes, or sampled rows with int64 indices and fp32
+importance weights. `replaying()` marks a recomputation forward: ranges do not move and the generator is reseeded
+with the original step's seed, so the same codes and rows come back.
+"""
+
+import contextlib
+import weakref
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.errors import ConfigError
+from orchestrator.memory import quant_int4_deriv, quant_int8, wta_crs
+from orchestrator.model import MLP, RMSNorm, _RMSNormFunction
+
+_replay_depth = 0
+
+
+@contextlib.contextmanager
+def replaying():
+    """Mark forwards run inside as recomputations: no range updates, the same random draws as the original."""
+    global _replay_depth
+    _replay_depth += 1
+    try:
+        yield
+    finally:
+        _replay_depth -= 1
+
+
+@dataclass
+class LayerSettings:
+    """What is compressed in one layer (None / 1.0: nothing)."""
+
+    int8: Optional[quant_int8.Config] = None
+    silu_int4: Optional[quant_int4_deriv.Config] = None
+    keep_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class Packed:
+    """How to read a compact input back: `restore(tensors)` gives (rows [k, d] weighted, kept indices or None)."""
+
+    bits: int
+    """16 for the tensor itself (sampled rows), 8 for int8 codes, 4 for packed 4-bit codes."""
+    sampled: bool
+    shape: tuple
+    dtype: torch.dtype
+
+    def restore(self, tensors) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        tensors = list(tensors)
+        index = weight = None
+        if self.sampled:
+            index, weight = tensors[-2:]
+            tensors = tensors[:-2]
+        rows_shape = (index.numel() if self.sampled else _rows(self.shape), self.shape[-1])
+        if self.bits == 16:
+            rows = tensors[0].reshape(rows_shape)
+        else:
+            codes, scale, offset = tensors
+            if self.bits == 4:
+                codes = quant_int4_deriv.unpack_nibbles(codes, rows_shape[0] * rows_shape[1])
+            codes = codes.reshape(rows_shape[0], scale.numel(), -1)
+            rows = quant_int8.Int8Codes(codes, scale, offset, rows_shape, torch.float32).dequantize()
+        if weight is not None:
+            rows = rows.float() * weight.unsqueeze(1)
+        return rows.to(self.dtype), index
+
+
+class InputStore:
+    """The compact form of one input tensor, shared by the linears it feeds, with its running range and seed."""
+
+    def __init__(self, seed: int, int8: Optional[quant_int8.Config], keep_ratio: float = 1.0, bits: int = 8):
+        """int8: the range settings (a `quant_int4_deriv.Config` with bits=4), None to keep the tensor."""
+        self.seed, self.int8, self.keep_ratio, self.bits = seed, int8, keep_ratio, bits
+        self.running = quant_int8.RunningRange(int8.range_decay) if int8 else None
+        self.step = 0
+        self._source = None
+        self._packed = None
+
+    def pack(self, x: torch.Tensor, training: bool) -> Tuple[Packed, tuple]:
+        cached = self._cached(x)
+        if cached is not None:
+            return cached
+        generator = self.generator(x.device, advance=training)
+        rows, index, weight = x.reshape(-1, x.shape[-1]), None, None
+        k = wta_crs.budget(rows.shape[0], self.keep_ratio)
+        if k < rows.shape[0]:
+            index, weight = (t[0] for t in wta_crs.draw_rows(wta_crs.row_norms(rows), k, generator))
+            rows = rows.index_select(0, index)
+        tensors = (rows,)
+        if self.int8:
+            levels = quant_int4_deriv.LEVELS if self.bits == 4 else quant_int8.LEVELS
+            tensors = quant_int8.quantize(rows, self.running, self.int8.num_groups, self.updating(training),
+                                          generator, levels=levels).tensors
+            if self.bits == 4:
+                tensors = (quant_int4_deriv.pack_nibbles(tensors[0]), *tensors[1:])
+        if index is not None:
+            tensors = (*tensors, index, weight)
+        packed = Packed(self.bits if self.int8 else 16, index is not None, tuple(x.shape), x.dtype)
+        self._source = (weakref.ref(x), x._version)
+        self._packed = (packed, [weakref.ref(t) for t in tensors])
+        return packed, tensors
+
+    def _cached(self, x: torch.Tensor):
+        if self._source is None or self._source[0]() is not x or self._source[1] != x._version:
+            return None
+        packed, refs = self._packed
+        tensors = tuple(ref() for ref in refs)
+        return None if any(t is None for t in tensors) else (packed, tensors)
+
+    def updating(self, training: bool) -> bool:
+        return training and _replay_depth == 0
+
+    def generator(self, device: torch.device, advance: bool) -> torch.Generator:
+        """A generator seeded by (seed, step); a training forward that is not a replay moves to the next step."""
+        if self.updating(advance):
+            self.step += 1
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.seed * 1_000_003 + self.step) % (2**63 - 1))
+        return generator
+
+
+def _rows(shape: tuple) -> int:
+    total = 1
+    for size in shape[:-1]:
+        total *= size
+    return total
+
+
+class _CompactInputLinear(torch.autograd.Function):
+    """y = x W^T + b exactly; backward: dx = g W and db = sum g exactly, dW from the compact input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, packed: Packed, *tensors):
+        ctx.packed, ctx.has_bias, ctx.num_compact = packed, bias is not None, len(tensors)
+        ctx.save_for_backward(weight, *tensors)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *tensors = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            rows, index = ctx.packed.restore(tensors)
+            picked = grad2d if index is None else grad2d.index_select(0, index)
+            grad_w = picked.t().matmul(rows.to(picked.dtype))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2d.sum(0)
+        return (grad_x, grad_w, grad_b, None) + (None,) * ctx.num_compact
+
+
+class CompressedLinear(nn.Linear):
+    """An nn.Linear whose saved input is its `store`'s compact form."""
+
+    store: InputStore
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        packed, tensors = self.store.pack(x, self.training)
+        return _CompactInputLinear.apply(x, self.weight, self.bias, packed, *tensors)
+
+
+class _CompactInputRMSNorm(torch.autograd.Function):
+    """The model's RMSNorm (same forward), with its saved input int8; the backward runs on the dequantised input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, packed: Packed, *tensors):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.packed = packed
+        ctx.save_for_backward(weight, rstd, *tensors)
+        return (x32 * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, rstd, *tensors = ctx.saved_tensors
+        rows, _ = ctx.packed.restore(tensors)
+        exact = SimpleNamespace(saved_tensors=(rows.reshape(ctx.packed.shape), weight, rstd))
+        grad_x, grad_weight, _ = _RMSNormFunction.backward(exact, grad)
+        return (grad_x, grad_weight, None, None) + (None,) * len(tensors)
+
+
+class Int8RMSNorm(RMSNorm):
+    store: InputStore
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        packed, tensors = self.store.pack(x, self.training)
+        return _CompactInputRMSNorm.apply(x, self.weight, self.eps, packed, *tensors)
+
+
+class _CompactSwiGLU(torch.autograd.Function):
+    """silu(gate) * up exactly; saves gate as 4-bit bin codes (S2A) or int8 codes, up exact or int8."""
+
+    @staticmethod
+    def forward(ctx, gate, up, gate_codec, gate_meta, up_packed: Packed, num_up: int, *tensors):
+        ctx.gate_codec, ctx.gate_meta, ctx.up_packed, ctx.num_up = gate_codec, gate_meta, up_packed, num_up
+        ctx.gate_shape = tuple(gate.shape)
+        ctx.save_for_backward(*tensors)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors = ctx.saved_tensors
+        up_tensors, gate_tensors = tensors[:ctx.num_up], tensors[ctx.num_up:]
+        up, _ = ctx.up_packed.restore(up_tensors)
+        value, slope = ctx.gate_codec.restore(ctx.gate_meta, gate_tensors, ctx.gate_shape)
+        grad32 = grad.float()
+        grad_gate = grad32 * up.reshape(grad.shape).float() * slope
+        grad_up = grad32 * value
+        return (grad_gate.to(grad.dtype), grad_up.to(grad.dtype), None, None, None, None) + (None,) * len(tensors)
+
+
+class GateCodec:
+    """gate -> int8 (Mesa) or packed 4-bit (S2A) codes; backward evaluates silu and silu' at the restored level."""
+
+    def __init__(self, store: InputStore):
+        self.store = store
+
+    def pack(self, gate: torch.Tensor, training: bool) -> tuple:
+        return self.store.pack(gate, training)
+
+    def restore(self, meta: Packed, tensors, shape: tuple):
+        gate, _ = meta.restore(tensors)
+        gate = gate.float().reshape(shape)
+        return F.silu(gate), quant_int4_deriv.silu_derivative(gate)
+
+
+class CompressedMLP(MLP):
+    """SwiGLU whose silu(gate) * up saves compact gate (and up) codes; its linears are swapped separately."""
+
+    gate_codec: object
+    up_store: InputStore
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if not torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        up_packed, up_tensors = self.up_store.pack(up, self.training)
+        gate_meta, gate_tensors = self.gate_codec.pack(gate, self.training)
+        gated = _CompactSwiGLU.apply(gate, up, self.gate_codec, gate_meta, up_packed, len(up_tensors),
+                                     *up_tensors, *gate_tensors)
+        return self.down_proj(gated)
+
+
+def install(model, layers: Iterable[int], seed: int = 0, **changes) -> None:
+    """Merge `changes` (fields of `LayerSettings`) into the listed layers' settings and switch their modules."""
+    for index in layers:
+        layer = model.layers[index]
+        if layer.activation_hooks is not None:
+            raise ConfigError(f"compression.layers includes layer {index}, which the plan swaps or recomputes; "
+                              "compression does not compose with token-wise swap yet: drop the layer from "
+                              "compression.layers or run without plan.path")
+        settings = replace(getattr(layer, "compression", None) or LayerSettings(), **changes)
+        layer.compression = settings
+        _install_layer(layer, settings, seed * 1000 + index)
+
+
+def _install_layer(layer, settings: LayerSettings, seed: int) -> None:
+    int8 = settings.int8
+    linears = int8 if int8 and int8.linears else None
+    compress_linears = linears is not None or settings.keep_ratio < 1
+    stores = [InputStore(seed * 8 + i, linears, settings.keep_ratio) for i in range(3)]
+    for store, projections in zip(stores, ((layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj),
+                                           (layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,))):
+        for projection in projections:
+            _become(projection, CompressedLinear if compress_linears else nn.Linear, store=store)
+    norm_int8 = int8 if int8 and int8.norms else None
+    for offset, norm in enumerate((layer.attn_norm, layer.mlp_norm)):
+        _become(norm, Int8RMSNorm if norm_int8 else RMSNorm, store=InputStore(seed * 8 + 3 + offset, norm_int8))
+    gate_codec = _gate_codec(settings, seed * 8 + 5)
+    _become(layer.mlp, CompressedMLP if gate_codec else MLP, gate_codec=gate_codec,
+            up_store=InputStore(seed * 8 + 6, linears))
+
+
+def _gate_codec(settings: LayerSettings, seed: int):
+    if settings.silu_int4:
+        return GateCodec(InputStore(seed, settings.silu_int4, bits=4))
+    if settings.int8 and settings.int8.silu:
+        return GateCodec(InputStore(seed, settings.int8))
+    return None
+
+
+def _become(module: nn.Module, cls: type, **attributes) -> None:
+    module.__class__ = cls
+    for name, value in attributes.items():
+        setattr(module, name, value)
+
+
+def layer_indices(spec, num_layers: int) -> List[int]:
+    """compression.layers ("all", "none" or a list of indices) as indices."""
+    if spec == "all":
+        return list(range(num_layers))
+    if spec in ("none", None):
+        return []
+    return sorted(int(i) for i in spec)
+
+
+def apply_config(model, section, seed: int) -> bool:
+    """Install the job config's `compression` section; False when it asks for nothing."""
+    if not section.is_active:
+        return False
+    layers = layer_indices(section.layers, len(model.layers))
+    int8 = quant_int8.Config(section.range_decay, section.range_groups, linears=section.linear_inputs == "int8",
+                             norms=section.norm_inputs == "int8", silu=section.silu == "int8")
+    install(model, layers, seed, int8=int8 if (int8.linears or int8.norms or int8.silu) else None,
+            silu_int4=quant_int4_deriv.Config(section.range_decay, section.range_groups) if section.silu == "int4"
+            else None, keep_ratio=section.wta_crs_keep_ratio)
+    return True

@@ -1,0 +1,91 @@
+"""WTA-CRS: winner-take-all column-row sampling for the weight gradients of linears (Liu et al., "Winner-Take-All
+Column Row Sampling for Memory Efficient Adaptation of Language Model", NeurIPS 2023, arXiv 2305.15265;
+github.com/zirui-ray-liu/WTACRS).
+
+A linear's weight gradient is a sum over tokens, dW = G^T H = sum_i g_i h_i^T, so it can be estimated from k of the
+n token rows of H, which is all the forward then has to keep (keep_ratio x the input bytes, plus the indices).
+Rows are drawn with probability p_i proportional to |h_i| |g_i| (the variance-optimal choice); in the forward only
+|h_i| is known, and any positive p keeps the estimate unbiased. The |C| most probable rows are kept for sure (the
+winners, |C| = argmin_c (1 - P_top-c) / (k - c) when that minimum is below 1/k, else 0), and the other k - |C|
+rows are drawn i.i.d. from the rest with weight (1 - P_C) / ((k - |C|) p_j), so E[dW_hat] = G^T H. The public code
+drops that weight in some branches (biased); we never do. Input and bias gradients stay exact. The sample is drawn
+once per input (q/k/v and gate/up share theirs) from a generator seeded by (seed, layer, step), so a replayed
+forward (recomputation) draws the same rows.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass
+class Config:
+    keep_ratio: float = 1.0
+    """Share of the token rows kept for the weight gradient; 1 keeps every row (exact)."""
+
+
+def budget(num_rows: int, keep_ratio: float) -> int:
+    """k = floor(keep_ratio * n), at least 1 and at most n."""
+    return min(num_rows, max(1, int(keep_ratio * num_rows)))
+
+
+def num_winners(sorted_p: torch.Tensor, k: int) -> int:
+    """|C| for probabilities sorted in decreasing order: the minimising rule, 0 when no c beats plain CRS."""
+    if k <= 1:
+        return 0
+    total = sorted_p.sum()
+    left = (total - torch.cumsum(sorted_p[:k - 1], 0)).clamp_min(0) / total
+    scores = left / torch.arange(k - 1, 0, -1, device=sorted_p.device, dtype=left.dtype)
+    best = int(torch.argmin(scores))
+    return best + 1 if float(scores[best]) < 1.0 / k else 0
+
+
+def draw_rows(p: torch.Tensor, k: int, generator: Optional[torch.Generator] = None,
+              num_draws: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(indices [num_draws, k], importance weights [num_draws, k] fp32) of WTA-CRS with budget k over
+    non-negative (unnormalised) p; sum_t weight_t g_(i_t) h_(i_t)^T is an unbiased estimate of G^T H."""
+    n = p.numel()
+    p = p.detach().float().reshape(-1)
+    if k >= n:
+        index = torch.arange(n, device=p.device).expand(num_draws, n)
+        return index, torch.ones(num_draws, n, device=p.device)
+    order = torch.argsort(p, descending=True)
+    winners = order[:num_winners(p[order], k)]
+    rest = p.clone()
+    rest[winners] = 0
+    rest_mass = rest.sum()
+    samples = k - winners.numel()
+    if float(rest_mass) > 0:
+        drawn = torch.multinomial(rest.expand(num_draws, n), samples, replacement=True, generator=generator)
+        drawn_weight = rest_mass / (samples * p[drawn])
+    else:  # every other row has p = 0, i.e. contributes nothing: keep the budget, weigh it 0
+        drawn = winners.new_zeros(num_draws, samples)
+        drawn_weight = torch.zeros(num_draws, samples, device=p.device)
+    index = torch.cat((winners.expand(num_draws, -1), drawn), dim=1)
+    weight = torch.cat((torch.ones(num_draws, winners.numel(), device=p.device), drawn_weight), dim=1)
+    return index, weight
+
+
+def row_norms(x2d: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x2d.detach().float(), dim=1)
+
+
+def estimate_weight_grad(inputs: torch.Tensor, grad_outputs: torch.Tensor, keep_ratio: float,
+                         generator: Optional[torch.Generator] = None, num_draws: Optional[int] = None,
+                         input_norms_only: bool = False) -> torch.Tensor:
+    """WTA-CRS estimate of grad_outputs^T inputs ([d_out, d_in]) from inputs [..., d_in] and grad_outputs
+    [..., d_out], with p ~ |h||g| (or |h| alone, as in a forward, with input_norms_only). With num_draws, that
+    many independent estimates at once, [num_draws, d_out, d_in], for studying the variance."""
+    h = inputs.reshape(-1, inputs.shape[-1]).float()
+    g = grad_outputs.reshape(-1, grad_outputs.shape[-1]).float()
+    p = row_norms(h) if input_norms_only else row_norms(h) * row_norms(g)
+    index, weight = draw_rows(p, budget(h.shape[0], keep_ratio), generator, num_draws or 1)
+    estimates = torch.einsum("dko,dki->doi", g[index] * weight.unsqueeze(-1), h[index])
+    return estimates if num_draws else estimates[0]
+
+
+def apply(model, config: Config, layers, seed: int = 0) -> None:
+    """Sample the weight gradients of these layers' linears (see `compressed.install`)."""
+    from orchestrator.memory import compressed
+    compressed.install(model, layers, seed, keep_ratio=config.keep_ratio)
