@@ -42,16 +42,17 @@ def num_winners(sorted_p: torch.Tensor, k: int) -> int:
 
 
 def draw_rows(p: torch.Tensor, k: int, generator: Optional[torch.Generator] = None,
-              num_draws: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+              num_draws: int = 1, winners: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(indices [num_draws, k], importance weights [num_draws, k] fp32) of WTA-CRS with budget k over
-    non-negative (unnormalised) p; sum_t weight_t g_(i_t) h_(i_t)^T is an unbiased estimate of G^T H."""
+    non-negative (unnormalised) p; sum_t weight_t g_(i_t) h_(i_t)^T is an unbiased estimate of G^T H.
+    winners=False is plain CRS (every row drawn), for comparison."""
     n = p.numel()
     p = p.detach().float().reshape(-1)
     if k >= n:
         index = torch.arange(n, device=p.device).expand(num_draws, n)
         return index, torch.ones(num_draws, n, device=p.device)
     order = torch.argsort(p, descending=True)
-    winners = order[:num_winners(p[order], k)]
+    winners = order[:num_winners(p[order], k) if winners else 0]
     rest = p.clone()
     rest[winners] = 0
     rest_mass = rest.sum()
