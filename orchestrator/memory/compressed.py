@@ -97,7 +97,7 @@ class InputStore:
         if cached is not None:
             return cached
         generator = self.generator(x.device, advance=training)
-        rows, index, weight = x.reshape(-1, x.shape[-1]), None, None
+        rows, index, weight = x.detach().reshape(-1, x.shape[-1]), None, None  # compact copies carry no graph
         k = wta_crs.budget(rows.shape[0], self.keep_ratio)
         if k < rows.shape[0]:
             index, weight = (t[0] for t in wta_crs.draw_rows(wta_crs.row_norms(rows), k, generator))

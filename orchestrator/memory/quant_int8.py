@@ -99,7 +99,7 @@ def quantize(x: torch.Tensor, running: RunningRange, num_groups: int, update: bo
              generator: Optional[torch.Generator] = None, head_major: bool = False, levels: int = LEVELS) -> Int8Codes:
     """x's codes in [0, levels] under the running range (updated first when `update`), stochastically rounded,
     clamped (S2A uses levels=15)."""
-    x3 = grouped(x, num_groups, head_major)
+    x3 = grouped(x.detach(), num_groups, head_major)
     if update or running.alpha is None:
         running.update(x3)
     scale = levels / running.alpha.clamp_min(MIN_RANGE)
