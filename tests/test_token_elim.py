@@ -4,12 +4,13 @@ block scores never need the N x N map, saved bytes scale with the keep ratio."""
 
 import copy
 import math
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import pytest
 import torch
 
 from orchestrator.config import load_job_config
+from orchestrator.data import RankSampler, build_windows
 from orchestrator.errors import ConfigError
 from orchestrator.memory import technique, token_elim
 from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
@@ -160,3 +161,46 @@ def test_registered_and_refuses_a_layer_with_a_token_wise_plan():
     apply_policies(model, {1: LayerPolicy(0.5, 0.0, 0.5)})
     with pytest.raises(ConfigError, match="layer 1"):
         token_elim.apply_elimination(model, {1: 0.5, 2: 0.5})
+
+
+def test_held_out_perplexity_after_fine_tuning_is_within_5_percent_of_dense():
+    """Same base model (briefly pre-trained dense), same batches, same AdamW steps; then perplexity on the
+    corpus's held-out windows, of the sparse model evaluated dense and sparse (the sparse forward looks ahead
+    within a sequence when scoring blocks, so its own perplexity is printed and bounded but is not the claim).
+    Weak by budget: after ~30 CPU steps a byte model barely uses context (zeroing the attention of both sparse
+    layers also stays within 5% here); the row-level tests above are what pin the mechanism down."""
+    job = load_job_config(None, [f"data.seq_len={SEQ_LEN}", "data.micro_batch_size=2", "token_elim.enabled=true",
+                                 "token_elim.keep_ratio=0.5", "token_elim.dense_first_layers=1"])
+    windows = build_windows(job.data, job.model.vocab_size, job.train.seed)
+    sampler = RankSampler(windows, 2, 0, 1, job.train.seed)
+    torch.manual_seed(0)
+    base = LlamaModel(job.model)
+    _adamw_steps(base, [sampler.next_batch() for _ in range(20)], lr=3e-3)
+    batches = [sampler.next_batch() for _ in range(12)]
+    dense, sparse = copy.deepcopy(base), copy.deepcopy(base)
+    _adamw_steps(dense, batches, lr=1e-3)
+    assert token_elim.apply_config(sparse, job.token_elim) == {1: 0.5, 2: 0.5}
+    _adamw_steps(sparse, batches, lr=1e-3)
+    rows = torch.stack([torch.from_numpy(windows.window(i, holdout=True)) for i in range(8)])
+    dense_ppl, sparse_own_ppl = _perplexity(dense, rows), _perplexity(sparse, rows)
+    for layer in sparse.layers:
+        layer.forward = MethodType(DecoderLayer.forward, layer)
+    sparse_dense_ppl = _perplexity(sparse, rows)
+    print(f"\nheld-out perplexity: dense {dense_ppl:.3f}, token_elim fine-tuned {sparse_dense_ppl:.3f} "
+          f"({sparse_dense_ppl / dense_ppl - 1:+.2%}), with the sparse forward {sparse_own_ppl:.3f} "
+          f"({sparse_own_ppl / dense_ppl - 1:+.2%})")
+    assert sparse_dense_ppl == pytest.approx(dense_ppl, rel=0.05)
+    assert sparse_own_ppl == pytest.approx(dense_ppl, rel=0.05)
+
+
+def _adamw_steps(model, batches, lr):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for inputs, targets in batches:
+        optimizer.zero_grad(set_to_none=True)
+        model(inputs, targets=targets).backward()
+        optimizer.step()
+
+
+@torch.no_grad()
+def _perplexity(model, rows):
+    return math.exp(model(rows[:, :-1], targets=rows[:, 1:]).item())
