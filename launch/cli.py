@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
                                                              "longtrain row (where the time goes)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     bench.set_defaults(handler=_bench)
+    predictors = commands.add_parser("train-predictors", help="fit token elimination's block-score predictors",
+                                     description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "
+                                                 "[--steps 200] [--out PATH]")
+    predictors.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    predictors.add_argument("--steps", type=int, default=200, help="optimizer steps (one micro-batch each)")
+    predictors.add_argument("--out", help="file to write (default: next to model.init_from, else ./"
+                                          "token_elim_predictors.pt)")
+    predictors.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    predictors.set_defaults(handler=_train_predictors)
     _add_job_commands(commands)
     profile = commands.add_parser("profile", help="reports on machines and runs (profile mfu RUN_DIR)")
     profile_commands = profile.add_subparsers(dest="profile_command", required=True)
@@ -150,6 +159,13 @@ def _bench(args: argparse.Namespace) -> int:
                              "32768,65536") from error
     return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
                              args.plan_fraction, args.trace)
+
+
+def _train_predictors(args: argparse.Namespace) -> int:
+    from launch.predictors_command import run_train_predictors
+
+    config_path, overrides = split_config_and_overrides(args.args)
+    return run_train_predictors(config_path, overrides, args.steps, args.out)
 
 
 def _profile_mfu(args: argparse.Namespace) -> int:

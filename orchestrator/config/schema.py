@@ -263,6 +263,8 @@ class TokenElimConfig:
     dense_first_layers: int = 2
     """Leading layers that stay dense (informativeness is not yet contextual there)."""
     dense_last_layers: int = 1
+    predictors: Optional[str] = None
+    """Block-score predictors made by `longtrain train-predictors` (none: exact scores, one more attention pass)."""
 
     def problems(self) -> List[str]:
         found = _positive(self, "token_elim", ["block_size"])

@@ -31,7 +31,7 @@ ones are kept on the layer (`layer.token_elim.last_kept`) for inspection.
 
 from dataclasses import dataclass
 from types import MethodType
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -52,6 +52,9 @@ class LayerElimination:
     block_size: int = 64
     last_kept: Optional[torch.Tensor] = None
     """Token indices [B, kept] of the last forward (sorted)."""
+    predictor: Optional[Any] = None
+    """A trained block-score estimator (`token_elim_predictors`); None: exact scores. Not a submodule of the layer, so
+    DeepSpeed neither trains nor checkpoints it."""
 
     def num_kept_blocks(self, num_blocks: int) -> int:
         return min(num_blocks, max(1, int(self.keep_ratio * num_blocks + 1e-6)))
@@ -67,6 +70,16 @@ def apply_config(model, config: Config) -> Dict[int, float]:
     """Apply the job's `token_elim` section (nothing when disabled); returns the per-layer keep ratios used."""
     ratios = keep_ratios(config, len(model.layers)) if config.enabled else {}
     apply_elimination(model, ratios, config.block_size)
+    if ratios and config.predictors:
+        from orchestrator.memory.token_elim_predictors import load_predictors  # it imports this module
+
+        predictors = load_predictors(config.predictors, model.config, config.block_size)
+        missing = sorted(set(ratios) - set(predictors))
+        if missing:
+            raise ConfigError(f"token_elim.predictors ({config.predictors}) has no predictor for sparse layers "
+                              f"{missing}; retrain it with these token_elim.dense_* settings")
+        for index in ratios:
+            model.layers[index].token_elim.predictor = predictors[index]
     return ratios
 
 
@@ -108,21 +121,53 @@ def kept_token_indices(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, 
     if seq % block:
         raise ConfigError(f"sequence length {seq} must be a multiple of token_elim.block_size ({block})")
     normed = layer.attn_norm(x)
-    attn = layer.attn
-    q = apply_rope(attn.q_proj(normed).view(batch, seq, attn.num_heads, -1).transpose(1, 2), cos, sin)
-    k = apply_rope(attn.k_proj(normed).view(batch, seq, attn.num_kv_heads, -1).transpose(1, 2), cos, sin)
-    scores = block_informativeness(q, k, block)
+    if state.predictor is not None:
+        scores = state.predictor.to(x.device).scores(normed)
+    else:
+        scores = block_informativeness(*rotated_query_key(layer, normed, cos, sin), block)
     blocks = scores.topk(state.num_kept_blocks(seq // block), dim=1).indices.sort(dim=1).values
     return (blocks[..., None] * block + torch.arange(block, device=x.device)).flatten(1)
+
+
+def rotated_query_key(layer: DecoderLayer, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The layer's q [B, H, S, D] and k [B, Hkv, S, D] after RoPE, from its normed input."""
+    (batch, seq, _), attn = normed.shape, layer.attn
+    q = apply_rope(attn.q_proj(normed).view(batch, seq, attn.num_heads, -1).transpose(1, 2), cos, sin)
+    k = apply_rope(attn.k_proj(normed).view(batch, seq, attn.num_kv_heads, -1).transpose(1, 2), cos, sin)
+    return q, k
 
 
 def block_informativeness(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
     """S_J = mean over I >= J of max_{i in I, j in J, i >= j} sum_h ReLU(q_i . k_j) / sqrt(d): [B, num_blocks] from
     q [B, H, S, D] and k [B, Hkv, S, D], a few query blocks at a time against their causal key prefix."""
+    num_blocks = q.shape[2] // block
+    scores = q.new_zeros(q.shape[0], num_blocks, dtype=torch.float32)
+    for first, last, tiles in _tile_chunks(q, k, block):
+        scores[:, :last] += tiles.sum(1)
+    return column_means(scores)
+
+
+def block_score_map(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+    """The tile maxima M [B, I, J] themselves (zero for J > I): predictor targets; (N / block)^2 per sequence."""
+    num_blocks = q.shape[2] // block
+    scores = q.new_zeros(q.shape[0], num_blocks, num_blocks, dtype=torch.float32)
+    for first, last, tiles in _tile_chunks(q, k, block):
+        scores[:, first:last, :last] = tiles
+    return scores
+
+
+def column_means(column_sums: torch.Tensor) -> torch.Tensor:
+    """Divide each key block's sum by the query blocks that see it (num_blocks - J under the causal mask)."""
+    num_blocks = column_sums.shape[-1]
+    return column_sums / torch.arange(num_blocks, 0, -1, device=column_sums.device)
+
+
+def _tile_chunks(q: torch.Tensor, k: torch.Tensor, block: int):
+    """(first, last, tiles [B, last - first, last]) for consecutive query-block ranges; SCORE_CHUNK_ELEMENTS bound the
+    scores held at once."""
     batch, heads, seq, dim = q.shape
     k = k.repeat_interleave(heads // k.shape[1], dim=1).float()
     num_blocks = seq // block
-    scores = q.new_zeros(batch, num_blocks, dtype=torch.float32)
     step = max(1, SCORE_CHUNK_ELEMENTS // (batch * heads * block * seq))
     for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step)
@@ -130,6 +175,4 @@ def block_informativeness(q: torch.Tensor, k: torch.Tensor, block: int) -> torch
         tile = (q[:, :, rows].float() @ keys.transpose(-1, -2)).relu_().sum(1) / dim ** 0.5
         query_pos = torch.arange(first * block, last * block, device=q.device)[:, None]
         tile.masked_fill_(torch.arange(last * block, device=q.device)[None, :] > query_pos, 0.0)
-        tile = tile.view(batch, last - first, block, last, block).amax(dim=(2, 4))
-        scores[:, :last] += tile.sum(1)
-    return scores / torch.arange(num_blocks, 0, -1, device=q.device)  # query blocks that see each key block
+        yield first, last, tile.view(batch, last - first, block, last, block).amax(dim=(2, 4))
