@@ -9,7 +9,8 @@ from orchestrator.errors import LongtrainError
 
 
 def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeats: int, out: Optional[str],
-                      profile_name: Optional[str], plan_fraction: Optional[float] = None, trace: bool = False) -> int:
+                      profile_name: Optional[str], plan_fraction: Optional[float] = None, trace: bool = False,
+                      policy: Optional[str] = None, swap_hidden: Optional[float] = None) -> int:
     import torch
 
     import orchestrator.bench
@@ -25,6 +26,11 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
     profile = load_profile(profile_name or detect_profile_name(torch.cuda.get_device_name()))
     orchestrator.bench.PLAN_FRACTION = plan_fraction
     orchestrator.bench.TRACE = trace
+    stem = Path(out or "profiles/runs") / f"{profile.name}_{time.strftime('%Y-%m-%d')}_bench-{layers}l"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    orchestrator.bench.TRACE_DIR = str(stem.parent) if trace else None
+    orchestrator.bench.HAND_POLICY = parse_policy(policy) if policy else None
+    orchestrator.bench.SWAP_HIDDEN_FRACTION = swap_hidden
     device = torch.cuda.get_device_name()
     print(f"longtrain bench: {layers} Llama-7B-shaped layers on {device} (profile {profile.name}), "
           f"seq_len {seq_lens}, {repeats} timed steps per row after one warm-up")
@@ -32,18 +38,35 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
     rows = run_bench(layers, seq_lens, modes, profile, repeats, on_row=_print_row)
     longest = longest_trained(rows)
     print("longest sequence trained: " + ", ".join(f"{mode} {seq:,}" for mode, seq in longest.items()))
-    stem = Path(out or "profiles/runs") / f"{profile.name}_{time.strftime('%Y-%m-%d')}_bench-{layers}l"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "profile": profile.name, "layers": layers, "repeats": repeats,
             "torch": torch.__version__, "command": f"longtrain bench --layers {layers} --seq-lens "
             f"{','.join(map(str, seq_lens))} --modes {','.join(modes)} --repeats {repeats}"
-                       + (f" --plan-fraction {plan_fraction}" if plan_fraction else "")}
+                       + (f" --plan-fraction {plan_fraction}" if plan_fraction else "")
+                       + (f" --policy {policy}" if policy else "")
+                       + (f" --swap-hidden {swap_hidden}" if swap_hidden is not None else "") + (" --trace" if trace else "")}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(markdown(meta, rows) + "\nLongest sequence trained: " + ", ".join(
         f"{mode} {seq:,}" for mode, seq in longest.items()) + "\n")
     plot(rows, stem.with_suffix(".png"), meta)
     print(f"wrote {stem}.json, .md, .png")
     return 0
+
+
+def parse_policy(text: str):
+    """'KEEP/SWAP/RECOMPUTE[/host]' -> LayerPolicy; the fractions must sum to 1."""
+    from orchestrator.memory.tokenwise import LayerPolicy
+
+    parts = text.split("/")
+    offload = parts[3:] == ["host"]
+    try:
+        keep, swap, recompute = (float(p) for p in parts[:3])
+    except ValueError:
+        keep = swap = recompute = -1.0
+    if len(parts) not in (3, 4) or (len(parts) == 4 and not offload) or min(keep, swap, recompute) < 0 \
+            or abs(keep + swap + recompute - 1) > 1e-6:
+        raise LongtrainError(f"--policy {text!r} must be KEEP/SWAP/RECOMPUTE fractions summing to 1, optionally "
+                             "followed by /host, e.g. 0/1/0 or 0.2/0.5/0.3/host")
+    return LayerPolicy(keep, swap, recompute, offload)
 
 
 def _print_row(row) -> None:
@@ -61,7 +84,7 @@ def _line(r: Dict) -> str:
     return (f"{r['mode']:<19} {r['seq_len']:>8} {r['status']:<12} {r['step_seconds']:>8.3f} "
             f"{r['tokens_per_second']:>9,.0f} {r['mfu']:>6.1%} {r['mfu_full_attention']:>8.1%} "
             f"{r['peak_allocated_gib']:>9.1f} {r['peak_reserved_gib']:>8.1f} {r['host_gib']:>8.1f} "
-            f"{r['after_forward_gib']:>7.1f}  {_prediction(r)}{r['note']}")
+            f"{r['after_forward_gib']:>7.1f}  {_prediction(r)}{_retries(r)}{r['note']}")
 
 
 def _prediction(r: Dict) -> str:
@@ -70,6 +93,10 @@ def _prediction(r: Dict) -> str:
         return ""
     return (f"predicted {r['predicted_step_seconds']:.3f} s ({r['predicted_step_seconds'] / r['step_seconds'] - 1:+.0%}), "
             f"{r['predicted_peak_gib']:.1f} GiB ({r['predicted_peak_gib'] / r['peak_allocated_gib'] - 1:+.0%}); ")
+
+
+def _retries(r: Dict) -> str:
+    return f"allocator retries {r['alloc_retries']}; " if r.get("alloc_retries") else ""
 
 
 def markdown(meta: Dict, rows: List[Dict]) -> str:
@@ -82,7 +109,7 @@ def markdown(meta: Dict, rows: List[Dict]) -> str:
         lines.append(f"| {r['mode']} | {r['seq_len']} | {r['status']} | {r['step_seconds']:.3f} | "
                      f"{r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | {r['mfu_full_attention']:.1%} | "
                      f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['host_gib']:.1f} | "
-                     f"{r.get('after_forward_gib', 0.0):.1f} | {_prediction(r)}{r['note']} |")
+                     f"{r.get('after_forward_gib', 0.0):.1f} | {_prediction(r)}{_retries(r)}{r['note']} |")
     return "\n".join(lines) + "\n"
 
 

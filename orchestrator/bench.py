@@ -58,6 +58,9 @@ class BenchRow:
     """longtrain rows: the planner's step time for these layers (LM head and optimizer left out)."""
     predicted_peak_gib: float = 0.0
     """longtrain rows: the planner's peak for what the bench allocates (no optimizer, embedding or LM head)."""
+    alloc_retries: int = 0
+    """Times the caching allocator freed its cache and retried in the timed steps (each one synchronises the
+    device, so a plan at the memory limit loses its copy overlap)."""
     note: str = ""
     trace: str = ""
     """With `--trace`: the top device operations of one more step, by self device time (torch.profiler)."""
@@ -65,6 +68,8 @@ class BenchRow:
 
 TRACE = False
 """Profile one extra step of the longtrain rows (`longtrain bench --trace`)."""
+TRACE_DIR = None
+"""Where `--trace` keeps each traced step's Chrome trace (gzip), next to the report."""
 
 
 def bench_job(num_layers: int, seq_len: int, preset: str) -> JobConfig:
@@ -109,6 +114,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     step(x, cos, sin, grad)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -122,18 +128,38 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     row.mfu_full_attention = layer_flops_per_token(job, False) * row.tokens_per_second / peak
     row.peak_allocated_gib = torch.cuda.max_memory_allocated() / GIB
     row.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
+    row.alloc_retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before
     row.host_gib = host_bytes() / GIB
     if TRACE and mode.startswith("longtrain"):
         row.trace = _trace_one_step(step, x, cos, sin, grad)
 
 
 def _trace_one_step(step, x, cos, sin, grad) -> str:
+    """The top device operations of one step, and whether its host copies hid under compute."""
+    import tempfile
+    from pathlib import Path
+
     from torch.profiler import ProfilerActivity, profile
+
+    from orchestrator.bench_trace import describe, load_events, timeline_summary
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
         step(x, cos, sin, grad)
         torch.cuda.synchronize()
-    return trace.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=48)
+    table = trace.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=48)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        trace.export_chrome_trace(str(path))
+        timeline = describe(timeline_summary(load_events(path)))
+        if TRACE_DIR:
+            import gzip
+            import shutil
+
+            saved = Path(TRACE_DIR) / f"trace_{x.shape[1]}.json.gz"
+            with path.open("rb") as source, gzip.open(saved, "wb") as target:
+                shutil.copyfileobj(source, target)
+            timeline += f"\nChrome trace (open in Perfetto): {saved}"
+    return table + "\n" + timeline
 
 
 def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow):
@@ -188,6 +214,11 @@ def _pinned_bytes() -> float:
     return float(stats.get("allocated_bytes.all.peak", stats.get("allocated_bytes.all.current", 0)))
 
 
+SWAP_HIDDEN_FRACTION = None
+"""Overrides planner.policy.SWAP_HIDDEN_FRACTION for the plans the bench makes (`--swap-hidden`), to calibrate it."""
+HAND_POLICY = None
+"""A `LayerPolicy` for every layer instead of the planner's plan (`longtrain bench --policy K/S/R[/host]`)."""
+
 PLAN_FRACTION = None
 """Overrides the plan's GPU budget fraction (`longtrain bench --plan-fraction`)."""
 
@@ -199,11 +230,20 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
     from orchestrator.trainer import plan_arena, plan_policies
     from planner.cost_model import CostModel
 
+    if HAND_POLICY is not None:
+        row.note = (f"hand policy keep/swap/recompute/skeletal-host: {HAND_POLICY.keep_fraction:.2f}/"
+                    f"{HAND_POLICY.swap_fraction:.2f}/{HAND_POLICY.recompute_fraction:.2f}/"
+                    f"{HAND_POLICY.offload_skeletal}")
+        return apply_policies(stack, {i: HAND_POLICY for i in range(len(stack.layers))})
     cost = CostModel(job, profile)
     static = cost.static_memory(0)
     device_bytes = profile.device_memory_gib * GIB
     job.plan.gpu_memory_fraction = PLAN_FRACTION or min(
         0.95, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
+    if SWAP_HIDDEN_FRACTION is not None:
+        import planner.policy
+
+        planner.policy.SWAP_HIDDEN_FRACTION = SWAP_HIDDEN_FRACTION
     outcome = make_plan(job, profile)
     plan = outcome.plan
     groups = {(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"], d["offload_skeletal"])

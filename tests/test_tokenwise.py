@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from orchestrator.config import load_job_config
-from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+from orchestrator.memory.tokenwise import LayerPolicy, apply_policies, dense_flat
 from orchestrator.model import LlamaModel
 from planner.cost_model import layer_saved_tensors
 
 SEQ_LEN, BATCH = 256, 2
 
 
-def _model_and_batch():
+def _model_and_batch(batch=BATCH):
     torch.manual_seed(0)
     job = load_job_config(None, [f"data.seq_len={SEQ_LEN}"])
     model = LlamaModel(job.model)
-    tokens = torch.randint(0, 256, (BATCH, SEQ_LEN + 1))
+    tokens = torch.randint(0, 256, (batch, SEQ_LEN + 1))
     return job, model, tokens[:, :-1], tokens[:, 1:]
 
 
@@ -52,6 +52,27 @@ def test_gradients_equal_the_plain_run_bitwise(name):
         assert torch.equal(loss, reference_loss)
         for key in reference:
             assert torch.equal(grads[key], reference[key]), key
+
+
+def test_one_sequence_swaps_its_slices_as_flat_blocks_and_stays_exact():
+    """Micro-batch 1 (the long-context case) copies each swapped slice as one dense block, head-major ones too."""
+    _, model, inputs, targets = _model_and_batch(batch=1)
+    reference_loss, reference = _loss_and_grads(model, inputs, targets)
+    memo = copy.deepcopy(model)
+    runtime = apply_policies(memo, dict(enumerate(SPLITS["three ways"])))
+    for _ in range(2):
+        loss, grads = _loss_and_grads(memo, inputs, targets)
+        assert torch.equal(loss, reference_loss)
+        assert all(torch.equal(grads[key], reference[key]) for key in reference)
+    assert all(buffer.dim() == 1 for buffer in runtime.pool.buffers.values())
+
+
+def test_dense_flat_finds_one_block_or_none():
+    head_major = torch.arange(8 * 3 * 4).view(1, 8, 3, 4).transpose(1, 2)  # [1, H=3, S=8, D=4] as [1, S, H, D]
+    token_slice = head_major.narrow(2, 2, 5)
+    flat = dense_flat(token_slice)
+    assert torch.equal(flat, torch.arange(2 * 12, 7 * 12))
+    assert dense_flat(torch.arange(48).view(2, 6, 4).narrow(1, 2, 3)) is None  # two sequences: two blocks
 
 
 def test_attention_runs_once_per_layer_even_when_everything_is_recomputed(monkeypatch):

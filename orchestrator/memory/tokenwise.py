@@ -18,8 +18,9 @@ are restored when the MLP backward first needs one, the attention inputs only wh
 reached (the two groups never coexist); each saved view is rebuilt from its restored base.
 """
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,6 +29,8 @@ from planner.token_split import token_ranges
 HEAD_MAJOR = {"q", "k", "v", "attn_out"}
 """Roles laid out [B, H, S, D] (tokens on dim 2); the others are [B, S, F] (tokens on dim 1)."""
 SKELETAL = ("layer_input", "attn_out")
+MAX_LAYERS_AHEAD = 2
+"""How many layers the host may queue ahead of the device (see `TokenwiseRuntime.throttle`)."""
 RECOMPUTE_CHUNK_TOKENS = 8192
 """Tokens recomputed at once: bounds the extra memory of recomputation to one chunk's token-wise tensors."""
 TOKEN_WISE = ("attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
@@ -127,6 +130,21 @@ class TokenwiseRuntime:
         self.stream = None
         self.recompute_chunk_tokens = RECOMPUTE_CHUNK_TOKENS
         self.prefetch = True
+        self.in_flight: Deque[object] = deque()
+        """Device events of the latest layers' copies (forward) or backward starts: the host waits for the oldest
+        beyond `MAX_LAYERS_AHEAD`, so it never queues more than that many layers ahead of the device."""
+
+    def throttle(self, event) -> None:
+        """Let the host run at most MAX_LAYERS_AHEAD layers ahead of the device.
+
+        Why: the host queues a whole step in milliseconds. A buffer freed while a copy still reads it cannot be
+        reused before the copy ends, so without a bound the caching allocator reserves new memory for every
+        layer's slices (reserved grew to 3x allocated at 64K tokens) until it must free its cache, which
+        synchronises the device; and prefetches queued for every layer at once all compete for the copy
+        engine with the one the device is waiting for."""
+        self.in_flight.append(event)
+        while len(self.in_flight) > MAX_LAYERS_AHEAD:
+            self.in_flight.popleft().synchronize()
 
     def hooks_for(self, layer_index: int):
         def factory(layer, x, cos, sin):
@@ -204,6 +222,11 @@ class _LayerHooks:
                     record.roles[role] = _split(self.runtime, record, role, self.tags[role])
         if record.roles:
             self.runtime.pending.append(record)
+            stream = self.runtime.stream
+            if stream is not None:
+                copied_out = torch.cuda.Event()
+                copied_out.record(stream)
+                self.runtime.throttle(copied_out)
         self.tags = {}  # autograd keeps these hooks until backward: the full tensors must not stay with them
         record.saved = []  # autograd holds each `_Saved`; the list was only needed to classify them
 
@@ -249,9 +272,28 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
         store.kept = kept_target.copy_(kept_part) if kept_target is not None else kept_part.clone()
     if swapped:
         part = base.narrow(dim, kept, swapped)
-        store.host = runtime.pool.buffer((record.layer_index, role), part)
-        _copy(runtime, store.host, part)
+        flat = dense_flat(part)
+        if flat is None:  # not one dense block (micro-batch > 1): gather it on the device first
+            flat = part.contiguous().view(-1)
+        store.host = runtime.pool.buffer((record.layer_index, role), flat)
+        _copy(runtime, store.host, flat)
     return store
+
+
+def dense_flat(tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    """A 1-D view of the tensor's memory in memory order, when it covers one dense block (None otherwise).
+
+    Why: a token slice of a head-major tensor ([B, H, S, D] stored as [B, S, H, D]) is one dense block but not
+    "contiguous" in its logical order, and copying it to a contiguous host buffer takes PyTorch's element-wise
+    cross-device path: 1.8 GB/s instead of 50 GB/s on an H200, with host synchronisations that serialise
+    the copy with compute. Copied as flat bytes it is one DMA each way."""
+    dims = sorted((d for d in range(tensor.dim()) if tensor.shape[d] != 1), key=lambda d: -tensor.stride(d))
+    expected = 1
+    for d in reversed(dims):
+        if tensor.stride(d) != expected:
+            return None
+        expected *= tensor.shape[d]
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
 
 
 def _copy(runtime: TokenwiseRuntime, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -280,12 +322,15 @@ def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord, group: str) ->
     if not record.materialized:
         if record in runtime.pending:
             runtime.pending.remove(record)
+        _mark_backward_start(runtime)
+        if record.prefetch_event is None:  # the last layer of the forward, or prefetching is off: fetch now
+            _start_fetch(runtime, record)
         _wait_for_prefetch(record)
         record.skeletal = {role: _restore(runtime, record, role) for role in SKELETAL if role in record.roles}
         record.restored.update({r: t for r, t in record.skeletal.items() if record.roles[r].num_views})
         record.materialized.add("skeletal")
-        if runtime.pending:
-            _prefetch(runtime, runtime.pending[-1])
+        if runtime.pending and runtime.prefetch:
+            _start_fetch(runtime, runtime.pending[-1])
     if group != "skeletal":
         outputs = {role: _restore(runtime, record, role) for role in record.roles if _group_of(role) == group}
         _recompute_into(runtime, record, record.skeletal, outputs, group)
@@ -302,23 +347,27 @@ def _restore(runtime: TokenwiseRuntime, record: _LayerRecord, role: str) -> torc
     if store.whole is not None:
         return store.whole
     out = torch.empty_strided(store.shape, store.stride, dtype=store.dtype, device=store.device)
-    dim, start = _token_dim(role), 0
-    for part in (store.kept, _fetch(runtime, record, role, store) if store.host is not None else None):
-        if part is not None:
-            out.narrow(dim, start, part.shape[dim]).copy_(part)
-            start += part.shape[dim]
+    dim = _token_dim(role)
+    kept = store.kept.shape[dim] if store.kept is not None else 0
+    if kept:
+        out.narrow(dim, 0, kept).copy_(store.kept)
+    if store.host is not None:
+        fetched = _fetch(runtime, record, role, store)
+        region = out.narrow(dim, kept, fetched.numel() // (out.numel() // out.shape[dim]))
+        flat = dense_flat(region)  # dense exactly when the swapped slice was: the same strides
+        if flat is not None:
+            flat.copy_(fetched)
+        else:
+            region.copy_(fetched.view(region.shape))
     return out
 
 
 def _fetch(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, store: _RoleStore) -> torch.Tensor:
-    """The swapped slice on the device: prefetched one layer ahead, or copied now (after the copy-out ended)."""
+    """The swapped slice on the device: brought in by `_start_fetch` (on GPU), or copied now (on CPU)."""
     prefetched = record.prefetched.pop(role, None)
     if prefetched is not None:
         return prefetched
-    stream = runtime.copy_stream()
-    if stream is not None and store.device.type == "cuda":
-        torch.cuda.current_stream().wait_stream(stream)
-    return store.host.to(store.device, non_blocking=True)
+    return store.host.to(store.device)
 
 
 def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: Dict[str, torch.Tensor],
@@ -345,24 +394,43 @@ def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: D
             outputs[role].narrow(_token_dim(role), start, length).copy_(tensors[role])
 
 
-def _prefetch(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
-    """Start the host -> device copies of the next layer backward will need, on the side stream."""
-    stream = runtime.copy_stream()
-    if stream is None or not runtime.prefetch:
+def _mark_backward_start(runtime: TokenwiseRuntime) -> None:
+    """Throttle the host on an event where this layer's backward starts on the compute stream (GPU only)."""
+    if runtime.stream is not None:
+        started = torch.cuda.Event()
+        started.record(torch.cuda.current_stream())
+        runtime.throttle(started)
+
+
+def _start_fetch(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
+    """Start the host -> device copies of a layer's swapped slices on the side stream.
+
+    The destinations come from the compute stream's pool (blocks of a side-stream pool would never serve the
+    compute stream: reserved memory doubles), and the copies start only once the compute stream reaches this
+    point: after every earlier use of those blocks, and after the backward of the layer above has started, so
+    a prefetch never competes for the copy engine with the copies the device is waiting for. The copy-out of
+    the same slices ran earlier on the same stream, so it has finished."""
+    stream = runtime.stream
+    if stream is None or record.prefetch_event is not None:
         return
+    swapped = {role: store for role, store in record.roles.items() if store.host is not None}
+    targets = {role: torch.empty(store.host.shape, dtype=store.dtype, device=store.device)
+               for role, store in swapped.items()}
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for role, store in record.roles.items():
-            if store.host is not None:
-                record.prefetched[role] = store.host.to(store.device, non_blocking=True)
+        stream.wait_event(ready)
+        for role, store in swapped.items():
+            targets[role].copy_(store.host, non_blocking=True)
         record.prefetch_event = torch.cuda.Event()
         record.prefetch_event.record(stream)
+    record.prefetched.update(targets)
 
 
 def _wait_for_prefetch(record: _LayerRecord) -> None:
+    """The compute stream waits for the layer's fetched slices (their blocks are the compute stream's own)."""
     if record.prefetch_event is not None:
         torch.cuda.current_stream().wait_event(record.prefetch_event)
-        for tensor in record.prefetched.values():
-            tensor.record_stream(torch.cuda.current_stream())
 
 
 def apply_policies(model, policies: Dict[int, LayerPolicy], arena=None) -> Optional[TokenwiseRuntime]:

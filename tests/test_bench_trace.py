@@ -1,0 +1,35 @@
+"""The timeline reader that tells whether host copies hid under compute, on a hand-made trace."""
+
+import pytest
+
+from launch.bench_command import parse_policy
+from orchestrator.bench_trace import describe, timeline_summary
+from orchestrator.errors import LongtrainError
+
+
+def _event(cat, name, ts, dur):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_copy_hidden_only_where_a_kernel_runs():
+    events = [_event("kernel", "gemm", 0, 100), _event("kernel", "gemm", 150, 50),
+              _event("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 50, 100),  # 50 us under kernels
+              _event("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 200, 40),  # after every kernel: exposed
+              _event("cuda_runtime", "cudaStreamSynchronize", 0, 30)]
+    summary = timeline_summary(events)
+    assert summary["span_s"] == pytest.approx(240e-6)
+    assert summary["kernel_busy_s"] == pytest.approx(150e-6)
+    assert summary["d2h_s"] == pytest.approx(100e-6) and summary["h2d_s"] == pytest.approx(40e-6)
+    assert summary["copy_hidden_s"] == pytest.approx(50e-6)
+    assert summary["idle_s"] == pytest.approx(90e-6)
+    assert summary["host_cudaStreamSynchronize_s"] == pytest.approx(30e-6)
+    assert "36% of it under kernels" in describe(summary)
+
+
+def test_policy_argument():
+    policy = parse_policy("0.2/0.5/0.3/host")
+    assert (policy.keep_fraction, policy.swap_fraction, policy.recompute_fraction, policy.offload_skeletal) == \
+        (0.2, 0.5, 0.3, True)
+    for bad in ("0/1", "0.5/0.6/0", "0/1/0/disk", "a/b/c"):
+        with pytest.raises(LongtrainError, match="--policy"):
+            parse_policy(bad)
