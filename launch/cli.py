@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", help="hardware profile for MFU and the plan (default: detected from the GPU)")
     bench.add_argument("--plan-fraction", type=float, help="GPU budget fraction for the longtrain plan "
                                                           "(default: plan.gpu_memory_fraction + the optimizer's share)")
+    bench.add_argument("--policy", help="run the longtrain rows with one hand-written policy for every layer instead "
+                                        "of the plan: KEEP/SWAP/RECOMPUTE fractions, '/host' to swap the skeletal "
+                                        "tensors too (e.g. 0/1/0 swaps every token)")
+    bench.add_argument("--swap-hidden", type=float, help="share of a neighbouring layer's compute a host copy hides "
+                                                         "behind, for the plans the bench makes (calibration)")
     bench.add_argument("--trace", action="store_true", help="print a torch.profiler summary of one step of each "
                                                              "longtrain row (where the time goes)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -158,7 +163,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise LongtrainError(f"--seq-lens {args.seq_lens!r} must be comma-separated integers, e.g. "
                              "32768,65536") from error
     return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
-                             args.plan_fraction, args.trace)
+                             args.plan_fraction, args.trace, args.policy,
+                             args.swap_hidden)
 
 
 def _train_predictors(args: argparse.Namespace) -> int:
