@@ -166,13 +166,15 @@ def _tile_chunks(q: torch.Tensor, k: torch.Tensor, block: int):
     """(first, last, tiles [B, last - first, last]) for consecutive query-block ranges; SCORE_CHUNK_ELEMENTS bound the
     scores held at once."""
     batch, heads, seq, dim = q.shape
-    k = k.repeat_interleave(heads // k.shape[1], dim=1).float()
+    kv_heads = k.shape[1]
+    grouped = q.view(batch, kv_heads, heads // kv_heads, seq, dim)
     num_blocks = seq // block
     step = max(1, SCORE_CHUNK_ELEMENTS // (batch * heads * block * seq))
     for first in range(0, num_blocks, step):
         last = min(num_blocks, first + step)
-        rows, keys = slice(first * block, last * block), k[:, :, :last * block]
-        tile = (q[:, :, rows].float() @ keys.transpose(-1, -2)).relu_().sum(1) / dim ** 0.5
+        rows = grouped[:, :, :, first * block:last * block].reshape(batch, kv_heads, -1, dim)  # GQA: k not repeated
+        logits = (rows @ k[:, :, :last * block].transpose(-1, -2)).float()  # one chunk in fp32
+        tile = logits.relu_().sum(1).view(batch, -1, (last - first) * block, last * block).sum(1) / dim ** 0.5
         query_pos = torch.arange(first * block, last * block, device=q.device)[:, None]
         tile.masked_fill_(torch.arange(last * block, device=q.device)[None, :] > query_pos, 0.0)
         yield first, last, tile.view(batch, last - first, block, last, block).amax(dim=(2, 4))
