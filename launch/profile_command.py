@@ -16,7 +16,7 @@ def run_profile_mfu(run_dir: str, warmup_steps: int) -> int:
     table = mfu_table(measured)
     report = Path(run_dir) / "mfu_report"
     report.with_suffix(".md").write_text(f"# MFU of {run_dir}\n\nCommand: `longtrain profile mfu {run_dir}` "
-                                         f"(steps after {warmup_steps} excluded as warm-up; MFU causal-halved, "
+                                         f"(steps up to {warmup_steps} excluded as warm-up; MFU causal-halved, "
                                          "full-attention in brackets)\n\n" + table + "\n")
     plot_mfu(steps, report.with_suffix(".png"))
     print(table)
