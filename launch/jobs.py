@@ -61,9 +61,20 @@ def submit(config_path: Optional[str], overrides: Sequence[str], address: str) -
 
 
 def status(job_id: str, address: str) -> int:
-    info = _job_info(connect(address), job_id, address)
+    client = connect(address)
+    info = _job_info(client, job_id, address)
     print(f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    if str(info.status) == "FAILED":
+        reason = failure_reason(client.get_job_logs(job_id))
+        if reason:
+            print(f"  why: {reason}")
     return 0
+
+
+def failure_reason(logs: str) -> Optional[str]:
+    """The last one-line error longtrain printed in the job's logs (what the user must change), if any."""
+    lines = [line for line in logs.splitlines() if line.startswith("longtrain: ")]
+    return lines[-1][len("longtrain: "):] if lines else None
 
 
 def logs(job_id: str, address: str, follow: bool) -> int:

@@ -18,8 +18,10 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from launch.placement import check_capacity
 from orchestrator.config import ClusterConfig, JobConfig
 from orchestrator.ds_config import uses_cuda
+from orchestrator.errors import LongtrainError
 from orchestrator.trainer import CheckpointRef, WorkerInfo, train
 
 POLL_SECONDS = 0.5
@@ -41,17 +43,36 @@ class ProgressBoard:
 
 
 def connect(cluster: ClusterConfig, log_dir: Path) -> None:
-    """Start a private Ray on loopback (address=local) or join a running cluster; Ray's logs go to log_dir."""
+    """Start a private Ray on loopback (address=local) or join a running cluster; Ray's logs go to log_dir.
+
+    Settles cluster.use_gpu first (unset: GPUs when the cluster has them; locally, when this machine sees CUDA),
+    because the workers' environment depends on it, then checks that the workers fit (one line if not)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     _route_ray_logs(log_dir / "ray_driver.log")
-    env = {"env_vars": worker_env(cluster)}
+    if cluster.use_gpu is None and cluster.address != "local":
+        _init(cluster, None)
+        cluster.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        ray.shutdown()
+    cluster.use_gpu = uses_cuda(cluster)
+    _init(cluster, {"env_vars": worker_env(cluster)})
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    where = "this machine's Ray" if cluster.address == "local" else f"the Ray cluster at {cluster.address}"
+    try:
+        check_capacity(cluster, nodes, cluster.use_gpu, where)
+    except LongtrainError:
+        ray.shutdown()
+        raise
+
+
+def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None:
     if cluster.address == "local":
         needed = cluster.num_workers * cluster.cpus_per_worker
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False, logging_level=logging.WARNING,
-                 runtime_env=env)
+                 runtime_env=runtime_env)
     else:
-        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=env)
+        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING,
+                 runtime_env=runtime_env)
 
 
 def worker_env(cluster: ClusterConfig) -> Dict[str, str]:
@@ -75,7 +96,8 @@ def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
         train_loop_config={"job": job, "run_dir": str(run_dir), "board": board, "initial": initial},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.cluster.num_workers, use_gpu=gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=job.cluster.placement_strategy),
         run_config=RunConfig(name="ray_train", storage_path=str(run_dir),
                              failure_config=FailureConfig(max_failures=job.train.max_failures)),
     )

@@ -1,5 +1,6 @@
 """`longtrain train`: load the job, place the run directory, start the workers, show progress and a summary."""
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     if needs_universal(job, checked):
         placement = convert_to_universal(job, placement, checked)
     run_dir = placement.run_dir
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(job, run_dir)
     resume = resume_command(config_path, overrides, run_dir)
@@ -38,9 +40,14 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     from launch.console import RunConsole
     from launch.ray_train import connect, run_workers
 
-    print(_header(job, run_dir, uses_cuda(job.cluster)), flush=True)
     started = time.time()
-    connect(job.cluster, run_dir / "logs")
+    try:
+        connect(job.cluster, run_dir / "logs")
+    except Exception:
+        if created:  # nothing ran: leave no empty run directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    print(_header(job, run_dir, uses_cuda(job.cluster)), flush=True)
     console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps)
     try:
         run_workers(job, run_dir, placement.initial, console.handle)

@@ -70,3 +70,12 @@ def test_unknown_job_and_bad_config_fail_in_one_line(ray_head, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not found" in err
     code, _, err = _cli(capsys, "submit", "model.num_layrs=3", "--address", ray_head)
     assert code == 2 and "model.num_layrs" in err
+
+
+def test_a_gpu_job_on_a_cluster_without_gpus_fails_with_the_reason_in_status(ray_head, capsys):
+    code, out, _ = _cli(capsys, "submit", "cluster.use_gpu=true", "--address", ray_head)
+    job_id = re.search(r"submitted (\S+)", out).group(1)
+    status = _wait_for(capsys, job_id, ("FAILED", "SUCCEEDED", "STOPPED"), 180)
+    assert "FAILED" in status
+    why = next(line for line in status.splitlines() if line.strip().startswith("why:"))
+    assert "0 GPUs" in why and "cluster.use_gpu=false" in why

@@ -180,6 +180,9 @@ class CheckpointConfig:
         return found
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ClusterConfig:
     """Where the workers run: a local Ray started on loopback, or an existing cluster."""
@@ -191,9 +194,15 @@ class ClusterConfig:
     """None: use GPUs when the driver sees CUDA."""
     cpus_per_worker: int = 1
     gpus_per_worker: int = 1
+    placement_strategy: str = "PACK"
+    """How Ray places the workers on nodes: PACK (fill nodes in turn), SPREAD, STRICT_PACK (one node),
+    STRICT_SPREAD (one worker per node)."""
 
     def problems(self) -> List[str]:
         found = _positive(self, "cluster", ["num_workers", "cpus_per_worker", "gpus_per_worker"])
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            found.append(f"cluster.placement_strategy ({self.placement_strategy!r}) must be one of "
+                         f"{', '.join(PLACEMENT_STRATEGIES)}")
         if not (self.address in ("local", "auto") or self.address.startswith("ray://")
                 or ":" in self.address):
             found.append(f"cluster.address ({self.address!r}) must be local, auto, ray://HOST:PORT or HOST:PORT")
