@@ -27,11 +27,14 @@ INT8_SECONDS_PER_BYTE = 2.0 / 2.0e12
 """Quantize on the way out and dequantize on the way in, both memory-bound (~2 TB/s effective on HBM3)."""
 HOST_TIE_BREAK = 1e-12
 """Seconds per host byte added to the objective: prefer keeping over swapping when time is equal."""
-SWAP_HIDDEN_FRACTION = 0.0
-"""Share of the neighbouring layer's compute a host copy may hide behind. MEMO's premise is 1; measured on the
-H100 (2026-11-26, 128K, a plan swapping 93% of the tokens) our runtime's copies did not overlap at all: the step
-grew by the full transfer time (+2.24 s for ~128 GB at ~55 GB/s). Until the runtime overlaps, plans pay for every
-byte they move, so they swap only when memory forces it (docs/log.md)."""
+SWAP_HIDDEN_FRACTION = 0.9
+"""Share of the neighbouring layer's compute a host copy may hide behind (MEMO's premise is 1). History: on
+2026-11-26 the runtime's copies did not overlap at all (a 93%-swap plan at 128K grew by the whole transfer time),
+so this was 0. After the runtime fix (flat DMA, prefetch gated on the layer above, host throttled to 2 layers
+ahead), a hand policy swapping 90% of the tokens at 128K on an H200 (`longtrain bench --layers 4 --seq-lens
+131072 --modes longtrain --policy 0/0.9/0.1/host --trace`) hid 74% of its copy time; the middle layers' copies
+(0.33 s each way against 0.40 s of forward and 0.79 s of backward) were fully hidden and the exposed time was the
+last layer's, which has no neighbour. 0.9 keeps a margin for copy-engine contention (docs/log.md)."""
 SMOOTHING_SECONDS = 1e-6
 """Seconds per unit change of a fraction between neighbouring layers (a tie-break, far below any real cost)."""
 
