@@ -11,6 +11,11 @@ optimizer are the same for all of them, so leaving them out isolates the differe
   longtrain           the planner's plan for this shape on this GPU's profile, run by the token-wise runtime,
                       kept activations in the plan's static arena
   longtrain_no_arena  the same plan with every buffer from the caching allocator (to measure fragmentation)
+  mesa_int8           store_all with Mesa int8 saved inputs (linears, norms, SiLU): approximate backward
+  s2a_int4            store_all with S2A 4-bit SwiGLU gate codes
+  wta_crs             store_all with WTA-CRS weight gradients from 30% of the token rows
+  compressed          all three at once
+  token_elim          store_all with LeMo token elimination in every layer (40% of the 64-token blocks kept)
 """
 
 import gc
@@ -30,7 +35,15 @@ from planner.flops import attention_forward_flops_per_token, layer_matmul_params
 from planner.hardware import HardwareProfile
 from planner.planning import PlanInfeasible, make_plan
 
-MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain", "longtrain_no_arena")
+COMPRESSION_MODES = {
+    "mesa_int8": dict(linear_inputs="int8", norm_inputs="int8", silu="int8"),
+    "s2a_int4": dict(silu="int4"),
+    "wta_crs": dict(wta_crs_keep_ratio=0.3),
+    "compressed": dict(linear_inputs="int8", norm_inputs="int8", silu="int4", wta_crs_keep_ratio=0.3),
+}
+"""Approximate techniques measured on their own (no recompute or swap), against store_all: memory and speed."""
+MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain", "longtrain_no_arena",
+         *COMPRESSION_MODES, "token_elim")
 GIB = 2**30
 
 
@@ -175,6 +188,20 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
     elif mode == "save_on_cpu":
         context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
         host_bytes = _pinned_bytes
+    elif mode in COMPRESSION_MODES:
+        from orchestrator.config.schema import CompressionConfig
+        from orchestrator.memory import compressed
+
+        settings = COMPRESSION_MODES[mode]
+        compressed.apply_config(stack, CompressionConfig(**settings), seed=0)
+        row.note = ", ".join(f"{key}={value}" for key, value in settings.items())
+    elif mode == "token_elim":
+        from orchestrator.config import TokenElimConfig
+        from orchestrator.memory import token_elim
+
+        settings = TokenElimConfig(enabled=True, keep_ratio=0.4, dense_first_layers=0, dense_last_layers=0)
+        token_elim.apply_config(stack, settings)
+        row.note = f"keep ratio {settings.keep_ratio} in every layer, blocks of {settings.block_size} tokens"
     elif mode in ("longtrain", "longtrain_no_arena"):
         runtime = _apply_longtrain_plan(stack, job, profile, row, use_arena=mode == "longtrain")
         host_bytes = (lambda: runtime.pool.bytes) if runtime else host_bytes
