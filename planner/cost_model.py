@@ -103,19 +103,23 @@ class CostModel:
         self.layer_overhead = fitted_layer_overhead(profile) or DEFAULT_LAYER_OVERHEAD
 
     def matmul_tflops(self) -> float:
-        measured = self.profile.measured.matmul_bf16_tflops if self.precision == "bf16" else None
+        measured = measured_matmul_tflops(self.profile, self.precision)
         return measured or self.profile.peak_tflops(self.precision) * DEFAULT_MATMUL_EFFICIENCY
 
     def attention_tflops(self, seq_len: int) -> float:
-        table = self.profile.measured.attention_fwd_bwd_tflops_by_seq_len if self.precision == "bf16" else {}
+        measured = self.profile.measured
+        table = measured.attention_fwd_bwd_tflops_by_seq_len if self.precision == measured.rates_precision else {}
         return interpolate_log(table, seq_len) or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY
 
     def layer(self) -> LayerCost:
         seq = self.job.data.seq_len
         matmul_forward = 2.0 * layer_matmul_params(self.model) * self.tokens_per_gpu
         attention_forward = attention_forward_flops_per_token(self.model, seq) * self.tokens_per_gpu
-        matmul_seconds = matmul_forward / (self.matmul_tflops() * 1e12) * self.layer_overhead
-        attention_seconds = attention_forward / (self.attention_tflops(seq) * 1e12) * self.layer_overhead
+        calibration = self.profile.calibration
+        matmul_seconds = (matmul_forward / (self.matmul_tflops() * 1e12) * self.layer_overhead
+                          * calibration.matmul_time_factor)
+        attention_seconds = (attention_forward / (self.attention_tflops(seq) * 1e12) * self.layer_overhead
+                             * calibration.attention_time_factor)
         tensors = layer_saved_tensors(self.model, self.element_bytes)
         return LayerCost(
             forward_seconds=matmul_seconds + attention_seconds,
@@ -176,20 +180,33 @@ def interpolate_log(table: Dict[int, float], x: float) -> float:
     return points[-1][1]
 
 
+def measured_matmul_tflops(profile: HardwareProfile, precision: str) -> float:
+    """The profile's measured matmul rate in this precision; 0 when it has none."""
+    rate = profile.measured.matmul_bf16_tflops if precision == "bf16" else profile.measured.matmul_fp32_tflops
+    return rate or 0.0
+
+
+def calibrated_peak_bytes(profile: HardwareProfile, static_bytes: float, arena_bytes: float) -> float:
+    """A plan's peak: static memory plus the activation arena, with the profile's fitted memory calibration."""
+    calibration = profile.calibration
+    return static_bytes + calibration.peak_memory_factor * arena_bytes + calibration.peak_memory_offset_gib * 2**30
+
+
 def fitted_layer_overhead(profile: HardwareProfile) -> float:
-    """The factor that makes the matmul + attention estimate match the profile's measured layer rates (they are
-    measured on a Llama-7B-shaped layer, so the fit uses that shape); averaged over sequence lengths; 0 if none."""
+    """The factor that makes the matmul + attention estimate match the profile's measured layer rates (measured on
+    the profile's `layer_shape`, Llama-7B when it names none); averaged over sequence lengths; 0 if none."""
     measured = profile.measured
-    model = ModelConfig(**MODEL_PRESETS["llama-7b"])
-    if not (measured.layer_fwd_bwd_tflops_by_seq_len and measured.matmul_bf16_tflops):
+    model = ModelConfig(**{**MODEL_PRESETS["llama-7b"], **measured.layer_shape})
+    matmul_tflops = measured_matmul_tflops(profile, measured.rates_precision)
+    if not (measured.layer_fwd_bwd_tflops_by_seq_len and matmul_tflops):
         return 0.0
     ratios = []
     for seq, layer_tflops in measured.layer_fwd_bwd_tflops_by_seq_len.items():
         matmul = 2.0 * layer_matmul_params(model)
         attention = attention_forward_flops_per_token(model, int(seq))
-        ideal_seconds = 3 * (matmul / measured.matmul_bf16_tflops
+        ideal_seconds = 3 * (matmul / matmul_tflops
                              + attention / (interpolate_log(measured.attention_fwd_bwd_tflops_by_seq_len, seq)
-                                            or measured.matmul_bf16_tflops))
+                                            or matmul_tflops))
         ratios.append((3 * (matmul + attention) / layer_tflops) / ideal_seconds)
     return sum(ratios) / len(ratios)
 

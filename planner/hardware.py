@@ -27,6 +27,35 @@ class MeasuredRates:
     pcie_pinned_gbps_each_way: Optional[float] = None
     pcie_pinned_gbps_both_ways: Optional[float] = None
     pcie_pageable_gbps: Optional[float] = None
+    # Written by `longtrain profile hardware` (older profiles leave them out):
+    matmul_fp32_tflops: Optional[float] = None
+    rates_precision: str = "bf16"
+    """Precision of the attention and layer tables (a CPU profile measures fp32, what CPU training runs)."""
+    layer_shape: Dict[str, int] = field(default_factory=dict)
+    """hidden_size, num_heads, num_kv_heads, intermediate_size of the measured layer; empty: Llama-7B."""
+    pcie_pinned_gbps_h2d: Optional[float] = None
+    pcie_pinned_gbps_d2h: Optional[float] = None
+    pcie_pageable_gbps_h2d: Optional[float] = None
+    pcie_pageable_gbps_d2h: Optional[float] = None
+    pcie_pageable_gbps_both_ways: Optional[float] = None
+    allreduce_busbw_gbps: Optional[float] = None
+    alltoall_busbw_gbps: Optional[float] = None
+    skipped: Dict[str, str] = field(default_factory=dict)
+    """Measurements that did not run on this machine, with the reason."""
+
+
+@dataclass
+class Calibration:
+    """Factors fitted to measured runs (`longtrain profile calibrate`); the defaults change nothing.
+
+    The cost model multiplies a layer's matmul and attention seconds by the time factors; a plan's predicted
+    peak is static + peak_memory_factor x activation arena + peak_memory_offset_gib."""
+
+    matmul_time_factor: float = 1.0
+    attention_time_factor: float = 1.0
+    peak_memory_factor: float = 1.0
+    peak_memory_offset_gib: float = 0.0
+    source: str = ""
 
 
 @dataclass
@@ -41,6 +70,7 @@ class HardwareProfile:
     peak_bf16_tflops: float
     peak_fp32_tflops: float
     measured: MeasuredRates = field(default_factory=MeasuredRates)
+    calibration: Calibration = field(default_factory=Calibration)
 
     def peak_tflops(self, precision: str) -> float:
         """Peak per device for the training precision (bf16 or fp32)."""
@@ -71,12 +101,15 @@ def detect_profile_name(cuda_device_name: Optional[str]) -> str:
 
 def _from_mapping(raw: dict, path: Path) -> HardwareProfile:
     measured = raw.pop("measured", None) or {}
+    calibration = raw.pop("calibration", None) or {}
     _check_keys(raw, HardwareProfile, path, "")
     _check_keys(measured, MeasuredRates, path, "measured.")
-    missing = [f.name for f in fields(HardwareProfile) if f.name not in raw and f.name != "measured"]
+    _check_keys(calibration, Calibration, path, "calibration.")
+    missing = [f.name for f in fields(HardwareProfile) if f.name not in raw and f.name not in ("measured",
+                                                                                                  "calibration")]
     if missing:
         raise ProfileError(f"hardware profile {path} lacks {', '.join(missing)}; add them (units in the names)")
-    return HardwareProfile(**raw, measured=MeasuredRates(**measured))
+    return HardwareProfile(**raw, measured=MeasuredRates(**measured), calibration=Calibration(**calibration))
 
 
 def _check_keys(raw: dict, schema: type, path: Path, prefix: str) -> None:

@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Tuple
 
 from orchestrator.config import TOKEN_BLOCK, JobConfig
 from orchestrator.errors import LongtrainError
-from planner.cost_model import CostModel
+from planner.cost_model import CostModel, calibrated_peak_bytes
 from planner.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
 from planner.plan_file import Plan, hash_inputs
@@ -99,7 +99,7 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
     predicted = {
         "step_seconds": round(step_seconds, 6), "mfu": round(mfu, 4),
         "mfu_convention": "model FLOPs, causal attention halved, peak of the profile",
-        "peak_gpu_gib": round((static_bytes + step.arena_bytes) / GIB, 3),
+        "peak_gpu_gib": round(calibrated_peak_bytes(profile, static_bytes, step.arena_bytes) / GIB, 3),
         "gpu_budget_gib": round(policy.gpu_budget_bytes / GIB, 3),
         "host_gib": round(policy.host_bytes / GIB, 3),
         "host_budget_gib": round(policy.host_budget_bytes / GIB, 3),
