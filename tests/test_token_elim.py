@@ -14,6 +14,7 @@ from orchestrator.data import RankSampler, build_windows
 from orchestrator.errors import ConfigError
 from orchestrator.memory import technique, token_elim
 from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
+from tests.conftest import requires_gpu
 
 SEQ_LEN, BATCH, BLOCK = 512, 2, 64
 
@@ -204,3 +205,18 @@ def _adamw_steps(model, batches, lr):
 @torch.no_grad()
 def _perplexity(model, rows):
     return math.exp(model(rows[:, :-1], targets=rows[:, 1:]).item())
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("heads,kv_heads,dim,seq", [(4, 2, 32, 512), (32, 8, 128, 4096)])
+def test_triton_scoring_matches_the_torch_path(monkeypatch, heads, kv_heads, dim, seq):
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16)
+    fused = token_elim.block_informativeness(q.transpose(1, 2).contiguous().transpose(1, 2), k, BLOCK)
+    monkeypatch.setenv("LONGTRAIN_TORCH_SCORING", "1")
+    reference = token_elim.block_informativeness(q, k, BLOCK)
+    torch.testing.assert_close(fused, reference, rtol=2e-2, atol=1e-2)
+    assert (fused.topk(seq // BLOCK // 2).indices.sort().values == reference.topk(seq // BLOCK // 2).indices
+            .sort().values).float().mean() > 0.9

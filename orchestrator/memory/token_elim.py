@@ -16,19 +16,21 @@ residual stream stay full length (LeMo's MLP forward is exact for all tokens; it
 saved tensors is a separate, biased backward approximation not built here). This changes the FORWARD function,
 so early layers and the last layer stay dense by default.
 
-Block score (LeMo's ground truth, `flash_block.py`): M[I, J] = max over i in I, j in J, i >= j of
-sum_h ReLU(q_i . k_j) / sqrt(d_h); LeMo's key-block informativeness is the column sum S_J = sum_I M[I, J]. Under
-the causal mask block J is seen by num_blocks - J query blocks, so a sum ranks blocks by position before content
-(at random init it keeps exactly the first blocks); we take the column MEAN over the query blocks that see J.
-We score with the rotated q and k, i.e. the logits attention really uses (LeMo trains its predictors on pre-RoPE
-q and k). As in LeMo, a block's score depends on later queries: the selection looks ahead within the sequence
-(a fine-tuning approximation; do not use the sparse forward to measure causal perplexity of a model). It is computed under
-no_grad, a few query blocks at a time against the causal prefix of keys, so the working set is
-SCORE_CHUNK_ELEMENTS, not N x N; its cost is that of one more attention forward. The kept indices are a pure
-function of the layer input (no randomness), so a recomputation of the layer picks the same tokens; the last
-ones are kept on the layer (`layer.token_elim.last_kept`) for inspection.
+Block score (LeMo's ground truth, `flash_block.py`): M[I, J] = max over i in I, j in J, i >= j of sum_h ReLU(q_i .
+k_j) / sqrt(d_h); LeMo's key-block informativeness is the column sum S_J = sum_I M[I, J]. Under the causal mask
+block J is seen by num_blocks - J query blocks, so a sum ranks blocks by position before content (at random init it
+keeps exactly the first blocks); we take the column MEAN over the query blocks that see J. We score with the rotated
+q and k, i.e. the logits attention really uses (LeMo trains its predictors on pre-RoPE q and k). As in LeMo, a
+block's score depends on later queries: the selection looks ahead within the sequence (a fine-tuning approximation;
+do not use the sparse forward to measure causal perplexity of a model). It is computed under no_grad, a few query
+blocks at a time against the causal prefix of keys, so the working set is SCORE_CHUNK_ELEMENTS, not N x N; on CUDA
+one Triton kernel (`token_elim_triton`) keeps the logits on chip. The kept indices are a pure function of the layer
+input (no randomness), so a recomputation of the layer picks the same tokens; the last ones are kept on the layer
+(`layer.token_elim.last_kept`) for inspection.
 """
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from types import MethodType
 from typing import Any, Dict, Optional
@@ -140,11 +142,23 @@ def rotated_query_key(layer: DecoderLayer, normed: torch.Tensor, cos: torch.Tens
 def block_informativeness(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
     """S_J = mean over I >= J of max_{i in I, j in J, i >= j} sum_h ReLU(q_i . k_j) / sqrt(d): [B, num_blocks] from
     q [B, H, S, D] and k [B, Hkv, S, D], a few query blocks at a time against their causal key prefix."""
+    if _triton_scoring(q, block):
+        from orchestrator.memory.token_elim_triton import block_column_sums
+
+        return column_means(block_column_sums(q, k, block))
     num_blocks = q.shape[2] // block
     scores = q.new_zeros(q.shape[0], num_blocks, dtype=torch.float32)
     for first, last, tiles in _tile_chunks(q, k, block):
         scores[:, :last] += tiles.sum(1)
     return column_means(scores)
+
+
+def _triton_scoring(q: torch.Tensor, block: int) -> bool:
+    """The fused kernel on CUDA (LONGTRAIN_TORCH_SCORING=1 forces the chunked torch path, for comparison)."""
+    if not q.is_cuda or os.environ.get("LONGTRAIN_TORCH_SCORING") == "1":
+        return False
+    power_of_two = lambda n: n >= 16 and n & (n - 1) == 0
+    return importlib.util.find_spec("triton") is not None and power_of_two(q.shape[-1]) and power_of_two(block)
 
 
 def block_score_map(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
