@@ -138,16 +138,17 @@ def checked_plan(job: JobConfig, profile, precision: str):
         return None
     plan = load_plan(Path(job.plan.path))
     check_plan_matches(plan, plan_inputs(job, profile, precision), Path(job.plan.path))
-    approximate = sorted({layer["compression"] for layer in plan.layers} - {"none"})
-    if approximate:
-        raise PlanError(f"plan {job.plan.path} uses {', '.join(approximate)}, which the runtime does not run yet; "
-                        "re-plan with plan.allow_approximate=false")
+    unknown = sorted({layer["compression"] for layer in plan.layers} - {"none", "quant_int8"})
+    if unknown:
+        raise PlanError(f"plan {job.plan.path} uses {', '.join(unknown)}, which this runtime does not run; "
+                        "re-plan with this version of longtrain")
     return plan
 
 
 def plan_policies(plan) -> dict:
     return {layer["layer"]: LayerPolicy(layer["keep_fraction"], layer["swap_fraction"], layer["recompute_fraction"],
-                                        layer["offload_skeletal"]) for layer in plan.layers}
+                                        layer["offload_skeletal"], int8_swap=layer["compression"] == "quant_int8")
+            for layer in plan.layers}
 
 
 def plan_arena(plan) -> Optional[KeptArena]:

@@ -205,3 +205,45 @@ def test_unknown_technique_lists_the_valid_names():
     assert technique("swap").__name__.endswith("tokenwise")
     with pytest.raises(ConfigError, match="recompute, swap"):
         technique("offload_everything")
+
+
+def test_int8_swap_restores_within_a_step_of_the_range_and_halves_host_bytes():
+    """The plan's quant_int8: swapped slices cross as uint8 codes; the skeletal tensors stay exact."""
+    from orchestrator.memory.tokenwise import Int8Swap
+
+    torch.manual_seed(0)
+    values = torch.randn(64, 4, 32) * torch.linspace(0.1, 10, 32)  # channel groups with very different ranges
+    values[3, 1, 7] = 80.0  # one outlier widens its group only
+    flat = values.view(-1)
+    generator = torch.Generator().manual_seed(0)
+    codes = Int8Swap.encode(flat, 32, generator)
+    assert codes.codes.dtype == torch.uint8 and codes.codes.numel() == flat.numel()
+    restored = torch.empty_like(flat)
+    codes.decode_into(restored, codes.codes)
+    step = (codes.width / 255).repeat_interleave(32 // codes.low.numel())  # per channel
+    assert ((restored.view(-1, 32) - flat.view(-1, 32)).abs() <= step + 1e-6).all()
+    assert restored.max() == pytest.approx(80.0, abs=float(step.max()))  # clamped to, not wrapped past, the range
+    draws = torch.stack([_decoded(Int8Swap.encode(flat, 32, generator)) for _ in range(400)])
+    bias = (draws.mean(0) - flat).abs().view(-1, 32) / step  # stochastic rounding: unbiased
+    assert bias.mean() < 0.02
+
+
+def _decoded(codes):
+    out = torch.empty(codes.codes.shape, dtype=torch.float32)
+    codes.decode_into(out, codes.codes)
+    return out
+
+
+def test_int8_swap_trains_close_to_exact_with_half_the_host_bytes():
+    _, model, inputs, targets = _model_and_batch()
+    reference_loss, reference = _loss_and_grads(model, inputs, targets)
+    exact, int8 = copy.deepcopy(model), copy.deepcopy(model)
+    exact_runtime = apply_policies(exact, {i: LayerPolicy(0.25, 0.5, 0.25, True) for i in range(4)})
+    int8_runtime = apply_policies(int8, {i: LayerPolicy(0.25, 0.5, 0.25, True, int8_swap=True) for i in range(4)})
+    _loss_and_grads(exact, inputs, targets)
+    loss, grads = _loss_and_grads(int8, inputs, targets)
+    assert torch.equal(loss, reference_loss)  # the forward is exact: only what backward reads is quantised
+    worst = max(((grads[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
+    assert 0 < worst < 0.05
+    skeletal = 2 * SEQ_LEN * BATCH * 128 * 4 * 4  # layer input + attention output, fp32, 4 layers: exact
+    assert int8_runtime.pool.bytes - skeletal == pytest.approx((exact_runtime.pool.bytes - skeletal) / 4, rel=0.01)

@@ -18,6 +18,7 @@ are restored when the MLP backward first needs one, the attention inputs only wh
 reached (the two groups never coexist); each saved view is rebuilt from its restored base.
 """
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Tuple
@@ -29,6 +30,7 @@ from planner.token_split import token_ranges
 HEAD_MAJOR = {"q", "k", "v", "attn_out"}
 """Roles laid out [B, H, S, D] (tokens on dim 2); the others are [B, S, F] (tokens on dim 1)."""
 SKELETAL = ("layer_input", "attn_out")
+INT8_SWAP_SEED = 20240717
 MAX_LAYERS_AHEAD = 2
 """How many layers the host may queue ahead of the device (see `TokenwiseRuntime.throttle`)."""
 RECOMPUTE_CHUNK_TOKENS = 8192
@@ -48,6 +50,8 @@ class LayerPolicy:
     swap_fraction: float = 0.0
     recompute_fraction: float = 0.0
     offload_skeletal: bool = False
+    int8_swap: bool = False
+    """Swap the token-wise slices as int8 codes (approximate: see `Int8Swap`); the plan's quant_int8."""
 
     def token_ranges(self, seq_len: int) -> Tuple[int, int, int]:
         """(kept, swapped, recomputed) token counts, exactly as the planner counts them."""
@@ -95,6 +99,8 @@ class _RoleStore:
     device: torch.device
     kept: Optional[torch.Tensor] = None
     host: Optional[torch.Tensor] = None
+    codes: Optional["Int8Swap"] = None
+    """Set when `host` holds int8 codes of the swapped slice instead of the slice."""
     whole: Optional[torch.Tensor] = None
     """Set when the role is not split (a skeletal tensor kept on the device)."""
     num_views: int = 0
@@ -130,9 +136,17 @@ class TokenwiseRuntime:
         self.stream = None
         self.recompute_chunk_tokens = RECOMPUTE_CHUNK_TOKENS
         self.prefetch = True
+        self._generator = None
         self.in_flight: Deque[object] = deque()
         """Device events of the latest layers' copies (forward) or backward starts: the host waits for the oldest
         beyond `MAX_LAYERS_AHEAD`, so it never queues more than that many layers ahead of the device."""
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The stochastic-rounding generator of int8 swaps (its own seed: the training RNG streams stay as they are)."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(INT8_SWAP_SEED)
+        return self._generator
 
     def throttle(self, event) -> None:
         """Let the host run at most MAX_LAYERS_AHEAD layers ahead of the device.
@@ -275,9 +289,59 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
         flat = dense_flat(part)
         if flat is None:  # not one dense block (micro-batch > 1): gather it on the device first
             flat = part.contiguous().view(-1)
+        if policy.int8_swap and role not in SKELETAL:  # skeletal tensors feed recomputation: they stay exact
+            store.codes = Int8Swap.encode(flat, part.shape[-1], runtime.generator(flat.device))
+            flat = store.codes.codes
         store.host = runtime.pool.buffer((record.layer_index, role), flat)
         _copy(runtime, store.host, flat)
     return store
+
+
+@dataclass
+class Int8Swap:
+    """A swapped slice as uint8 codes (what crosses PCIe: half the bf16 bytes) plus per-channel-group ranges
+    that stay on the device.
+
+    The slice's memory is read as rows of its innermost dimension (channels), split in `GROUPS` contiguous groups;
+    each group's range is the slice's own min and max (no running estimate: the whole slice is at hand), codes are
+    stochastically rounded (unbiased) and lie in the range by construction, so the error per element is below
+    width / 255. Encoding and decoding go chunk by chunk so their fp32 temporaries stay small."""
+
+    codes: torch.Tensor
+    low: torch.Tensor
+    width: torch.Tensor
+    channels: int
+
+    GROUPS = 8
+    CHUNK_ELEMENTS = 2**26
+
+    @classmethod
+    def encode(cls, flat: torch.Tensor, channels: int, generator) -> "Int8Swap":
+        groups = math.gcd(channels, cls.GROUPS)
+        rows = flat.view(-1, groups, channels // groups)
+        low = rows.amin(dim=(0, 2)).float()
+        width = (rows.amax(dim=(0, 2)).float() - low).clamp_min(1e-12)
+        codes = torch.empty(rows.shape, dtype=torch.uint8, device=flat.device)
+        scale = (255.0 / width).view(1, -1, 1)
+        for start, stop in _row_chunks(rows.shape[0], channels, cls.CHUNK_ELEMENTS):
+            scaled = (rows[start:stop].float() - low.view(1, -1, 1)) * scale
+            scaled += torch.rand(scaled.shape, generator=generator, device=flat.device)
+            codes[start:stop] = scaled.floor_().clamp_(0, 255).to(torch.uint8)
+        return cls(codes.view(-1), low, width, channels)
+
+    def decode_into(self, target: torch.Tensor, codes: torch.Tensor) -> None:
+        """Write the dequantised slice into `target` (a flat view of the restored tensor's region)."""
+        groups = self.low.numel()
+        rows = codes.view(-1, groups, self.channels // groups)
+        out = target.view(rows.shape)
+        step = (self.width / 255.0).view(1, -1, 1)
+        for start, stop in _row_chunks(rows.shape[0], self.channels, self.CHUNK_ELEMENTS):
+            out[start:stop] = (rows[start:stop].float() * step + self.low.view(1, -1, 1)).to(out.dtype)
+
+
+def _row_chunks(num_rows: int, channels: int, chunk_elements: int):
+    step = max(1, chunk_elements // channels)
+    return ((start, min(start + step, num_rows)) for start in range(0, num_rows, step))
 
 
 def dense_flat(tensor: torch.Tensor) -> Optional[torch.Tensor]:
@@ -355,7 +419,12 @@ def _restore(runtime: TokenwiseRuntime, record: _LayerRecord, role: str) -> torc
         fetched = _fetch(runtime, record, role, store)
         region = out.narrow(dim, kept, fetched.numel() // (out.numel() // out.shape[dim]))
         flat = dense_flat(region)  # dense exactly when the swapped slice was: the same strides
-        if flat is not None:
+        if store.codes is not None:
+            target = flat if flat is not None else torch.empty(region.shape, dtype=out.dtype, device=out.device)
+            store.codes.decode_into(target.view(-1), fetched)
+            if flat is None:
+                region.copy_(target)
+        elif flat is not None:
             flat.copy_(fetched)
         else:
             region.copy_(fetched.view(region.shape))
@@ -414,7 +483,7 @@ def _start_fetch(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
     if stream is None or record.prefetch_event is not None:
         return
     swapped = {role: store for role, store in record.roles.items() if store.host is not None}
-    targets = {role: torch.empty(store.host.shape, dtype=store.dtype, device=store.device)
+    targets = {role: torch.empty(store.host.shape, dtype=store.host.dtype, device=store.device)
                for role, store in swapped.items()}
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream())
