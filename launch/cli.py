@@ -83,14 +83,39 @@ def _parser() -> argparse.ArgumentParser:
     predictors.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     predictors.set_defaults(handler=_train_predictors)
     _add_job_commands(commands)
-    profile = commands.add_parser("profile", help="reports on machines and runs (profile mfu RUN_DIR)")
+    profile = commands.add_parser("profile", help="reports on machines and runs (profile mfu RUN_DIR, "
+                                                             "profile hardware, profile calibrate BENCH_JSON...)")
     profile_commands = profile.add_subparsers(dest="profile_command", required=True)
     mfu = profile_commands.add_parser("mfu", help="MFU per node and per rank of a run: Markdown table and PNG")
     mfu.add_argument("run_dir")
     mfu.add_argument("--warmup-steps", type=int, default=3, help="logged steps up to this step are left out")
     mfu.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     mfu.set_defaults(handler=_profile_mfu)
+    _add_profile_machine_commands(profile_commands)
     return parser
+
+
+def _add_profile_machine_commands(profile_commands) -> None:
+    """profile hardware (measure this machine into a profile) and profile calibrate (fit it to bench runs)."""
+    hardware = profile_commands.add_parser(
+        "hardware", help="measure this machine (GPU or CPU) into a hardware profile YAML",
+        description="longtrain profile hardware [CONFIG.yaml] [key=value ...] [--out profiles/hardware/NAME.yaml] "
+                    "[--quick]; the layer measured has the config's model shape (default llama-7b on a GPU, debug "
+                    "on CPU)")
+    hardware.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    hardware.add_argument("--out", help="profile to write (default profiles/hardware/<detected>_measured.yaml)")
+    hardware.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 20 s on a GPU)")
+    hardware.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    hardware.set_defaults(handler=_profile_hardware)
+    calibrate = profile_commands.add_parser(
+        "calibrate", help="planner predictions vs longtrain bench measurements; fit the profile's factors",
+        description="longtrain profile calibrate BENCH_JSON... [--profile NAME] [--out DIR]")
+    calibrate.add_argument("bench_json", nargs="+", help="JSON files written by longtrain bench")
+    calibrate.add_argument("--profile", help="profile the rows are predicted with (default: the JSON's meta.profile)")
+    calibrate.add_argument("--out", default="profiles/runs", help="directory for the report and the calibrated "
+                                                                 "profile (default profiles/runs)")
+    calibrate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    calibrate.set_defaults(handler=_profile_calibrate)
 
 
 def _add_job_commands(commands) -> None:
@@ -178,6 +203,19 @@ def _profile_mfu(args: argparse.Namespace) -> int:
     from launch.profile_command import run_profile_mfu
 
     return run_profile_mfu(args.run_dir, args.warmup_steps)
+
+
+def _profile_hardware(args: argparse.Namespace) -> int:
+    from launch.profile_hardware_command import run_profile_hardware
+
+    config_path, overrides = split_config_and_overrides(args.args)
+    return run_profile_hardware(config_path, overrides, args.out, args.quick)
+
+
+def _profile_calibrate(args: argparse.Namespace) -> int:
+    from launch.calibrate_command import run_profile_calibrate
+
+    return run_profile_calibrate(args.bench_json, args.profile, args.out)
 
 
 def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:

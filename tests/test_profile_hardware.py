@@ -1,0 +1,81 @@
+"""`longtrain profile hardware`: the profile it writes loads back, the CPU run measures positive rates and the
+layer's real saved bytes, and a failing measurement is recorded as skipped instead of stopping the run."""
+
+import pytest
+import yaml
+
+from launch.cli import main
+from launch.profile_hardware import Measurement, settings_for
+from launch.profile_hardware_command import profile_mapping
+from orchestrator.config import load_job_config
+from planner.cost_model import CostModel, fitted_layer_overhead, layer_saved_tensors
+from planner.hardware import load_profile
+
+
+def _measurement() -> Measurement:
+    result = Measurement()
+    result.measured.update({
+        "_memory": {"device_memory_gib": 79.1, "host_memory_gib": 251.0}, "matmul_bf16_tflops": 700.0,
+        "matmul_fp32_tflops": 50.0, "attention_fwd_bwd_tflops_by_seq_len": {8192: 480.0, 32768: 550.0},
+        "layer_fwd_bwd_tflops_by_seq_len": {16384: 520.0}, "layer_saved_bytes_per_token": 153728.0,
+        "pcie_pinned_gbps_h2d": 55.0, "pcie_pinned_gbps_d2h": 53.0, "pcie_pinned_gbps_both_ways": 90.0,
+        "pcie_pageable_gbps_h2d": 14.0, "pcie_pageable_gbps_d2h": 12.0, "pcie_pageable_gbps_both_ways": 20.0})
+    result.skipped["nccl"] = "1 GPU visible"
+    return result
+
+
+def test_profile_format_round_trips(tmp_path):
+    model = load_job_config(None, ["model.preset=llama-7b"]).model
+    mapping = profile_mapping("h100_test", "NVIDIA H100 80GB HBM3", load_profile("h100_sxm"), True, 1, model,
+                              _measurement())
+    path = tmp_path / "h100_test.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    profile = load_profile(path)
+    assert (profile.name, profile.device_kind, profile.devices_per_node) == ("h100_test", "cuda", 1)
+    assert (profile.device_memory_gib, profile.peak_bf16_tflops) == (79.1, 989.0)  # peak from the shipped profile
+    measured = profile.measured
+    assert measured.attention_fwd_bwd_tflops_by_seq_len == {8192: 480.0, 32768: 550.0}
+    assert measured.pcie_pinned_gbps_each_way == 53.0 and measured.pcie_pageable_gbps == 12.0  # the slower way
+    assert measured.skipped == {"nccl": "1 GPU visible"} and measured.layer_shape["hidden_size"] == 4096
+    assert "measured" in profile.source and "torch" in profile.source
+
+
+def test_cpu_quick_run_writes_a_loadable_profile_with_positive_rates(tmp_path, capsys):
+    out = tmp_path / "cpu_measured.yaml"
+    assert main(["profile", "hardware", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "GFLOP/s" in printed and "bytes/token" in printed and f"wrote {out}" in printed
+    profile = load_profile(out)
+    measured = profile.measured
+    assert profile.device_kind == "cpu" and measured.rates_precision == "fp32"
+    assert measured.matmul_fp32_tflops > 0 and measured.matmul_bf16_tflops > 0
+    settings = settings_for(False, True)
+    assert sorted(measured.attention_fwd_bwd_tflops_by_seq_len) == settings.attention_seq_lens
+    assert all(v > 0 for v in measured.attention_fwd_bwd_tflops_by_seq_len.values())
+    assert all(v > 0 for v in measured.layer_fwd_bwd_tflops_by_seq_len.values())
+    debug = load_job_config(None, []).model
+    predicted = sum(t.bytes_per_token for t in layer_saved_tensors(debug, 4))
+    assert measured.layer_saved_bytes_per_token == pytest.approx(predicted, rel=0.05)
+    assert set(measured.skipped) == {"pcie", "nccl"}
+    assert profile.host_memory_gib > 0 and profile.device_memory_gib > 0
+    # the planner can use it: its layer overhead comes from the measured (debug-shaped, fp32) layer
+    assert fitted_layer_overhead(profile) > 0
+    job = load_job_config(None, ["data.seq_len=512"])
+    assert CostModel(job, profile, "fp32").layer().forward_seconds > 0
+
+
+def test_a_failing_measurement_is_recorded_as_skipped(capsys):
+    result = Measurement()
+
+    def broken():
+        raise RuntimeError("CUDA error: out of memory\nmore")
+
+    result.attempt("attention_131072", broken)
+    result.attempt("fine", lambda: result.measured.update(matmul_bf16_tflops=1.0))
+    assert result.skipped == {"attention_131072": "RuntimeError: CUDA error: out of memory"}
+    assert result.measured == {"matmul_bf16_tflops": 1.0}
+
+
+def test_out_must_be_a_yaml_path(tmp_path, capsys):
+    assert main(["profile", "hardware", "--quick", "--out", str(tmp_path / "profile.txt")]) == 2
+    assert "must be a .yaml file path" in capsys.readouterr().err
