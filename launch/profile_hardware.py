@@ -117,15 +117,15 @@ def measure_matmul(result: Measurement, device, dtype_name: str, size: int, repe
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     cuda = device.type == "cuda"
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, not TF32
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # fp32 means fp32, not TF32
     try:
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
         out = torch.empty(size, size, device=device, dtype=dtype)
         seconds = median_seconds(lambda: torch.matmul(a, b, out=out), cuda, repeats, warmup=2)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.set_float32_matmul_precision(precision)
     tflops = 2.0 * size**3 / seconds / 1e12
     result.measured[f"matmul_{dtype_name}_tflops"] = round(tflops, 4 if tflops < 1 else 1)
     result.report(f"matmul {dtype_name} {size}x{size}x{size}", f"{_rate(tflops)}  ({seconds * 1e3:.2f} ms)")

@@ -10,6 +10,7 @@ from launch.profile_hardware_command import profile_mapping
 from orchestrator.config import load_job_config
 from planner.cost_model import CostModel, fitted_layer_overhead, layer_saved_tensors
 from planner.hardware import load_profile
+from tests.conftest import requires_gpu
 
 
 def _measurement() -> Measurement:
@@ -79,3 +80,21 @@ def test_a_failing_measurement_is_recorded_as_skipped(capsys):
 def test_out_must_be_a_yaml_path(tmp_path, capsys):
     assert main(["profile", "hardware", "--quick", "--out", str(tmp_path / "profile.txt")]) == 2
     assert "must be a .yaml file path" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_quick_run_measures_every_rate(tmp_path):
+    import torch
+
+    out = tmp_path / "gpu_measured.yaml"
+    assert main(["profile", "hardware", "--quick", "--out", str(out)]) == 0
+    profile = load_profile(out)
+    measured = profile.measured
+    expected_skips = {"nccl"} if torch.cuda.device_count() < 2 else set()
+    assert set(measured.skipped) == expected_skips, measured.skipped
+    assert measured.matmul_bf16_tflops > 50 and measured.matmul_fp32_tflops > 5
+    assert min(measured.attention_fwd_bwd_tflops_by_seq_len.values()) > 50
+    assert measured.pcie_pinned_gbps_each_way > 1 and measured.pcie_pinned_gbps_both_ways > 1
+    predicted = sum(t.bytes_per_token for t in layer_saved_tensors(load_job_config(None, ["model.preset=llama-7b"]).model, 2))
+    assert measured.layer_saved_bytes_per_token == pytest.approx(predicted, rel=0.05)
