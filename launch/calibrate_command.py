@@ -69,7 +69,8 @@ def calibration_report(rows: Sequence[BenchObservation], before: Sequence[Predic
                      f"{_error(b.peak_gib, row.peak_gib)} | {_error(a.peak_gib, row.peak_gib)} |")
     lines += ["", "| | step: max abs error | step: rows within goal | peak: max abs error | peak: rows within goal |",
               "| --- | --- | --- | --- | --- |"]
-    for label, step, peak in (("recorded", [r.recorded_step_seconds for r in rows], [r.recorded_peak_gib for r in rows]),
+    recorded = ([r.recorded_step_seconds for r in rows], [r.recorded_peak_gib for r in rows])
+    for label, step, peak in (("recorded", *recorded),
                               ("before", [p.step_seconds for p in before], [p.peak_gib for p in before]),
                               ("after", [p.step_seconds for p in after], [p.peak_gib for p in after])):
         step_errors = [abs(s / r.step_seconds - 1) for s, r in zip(step, rows)]

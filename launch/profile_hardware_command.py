@@ -26,16 +26,17 @@ def run_profile_hardware(config_path: Optional[str], overrides: List[str], out: 
     if path.suffix not in (".yaml", ".yml"):
         raise LongtrainError(f"--out {path} must be a .yaml file path, e.g. profiles/hardware/h100_sxm_measured.yaml")
     num_gpus = torch.cuda.device_count() if cuda else 0
-    print(f"longtrain profile hardware: {device_name} ({'CUDA, ' + str(num_gpus) + ' GPU(s) visible' if cuda else 'CPU'}"
-          f"), torch {torch.__version__}, layer hidden {model.hidden_size} x {model.num_heads} heads"
-          f"{', quick' if quick else ''}", flush=True)
+    where = f"CUDA, {num_gpus} GPU(s) visible" if cuda else "CPU"
+    print(f"longtrain profile hardware: {device_name} ({where}), torch {torch.__version__}, layer hidden "
+          f"{model.hidden_size} x {model.num_heads} heads{', quick' if quick else ''}", flush=True)
     started = time.perf_counter()
     result = measure_all(cuda, quick, model, num_gpus)
     profile = profile_mapping(path.stem, device_name, shipped, cuda, num_gpus, model, result)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(profile, sort_keys=False, width=120))
     load_profile(path)  # what we wrote must load
-    print(f"measured in {time.perf_counter() - started:.0f} s; {len(result.skipped)} skipped; wrote {path}")
+    skipped = "".join(f"\n  skipped {name}: {why}" for name, why in result.skipped.items())
+    print(f"measured in {time.perf_counter() - started:.0f} s; wrote {path}{skipped}")
     return 0
 
 

@@ -96,5 +96,6 @@ def test_gpu_quick_run_measures_every_rate(tmp_path):
     assert measured.matmul_bf16_tflops > 50 and measured.matmul_fp32_tflops > 5
     assert min(measured.attention_fwd_bwd_tflops_by_seq_len.values()) > 50
     assert measured.pcie_pinned_gbps_each_way > 1 and measured.pcie_pinned_gbps_both_ways > 1
-    predicted = sum(t.bytes_per_token for t in layer_saved_tensors(load_job_config(None, ["model.preset=llama-7b"]).model, 2))
+    llama = load_job_config(None, ["model.preset=llama-7b"]).model
+    predicted = sum(t.bytes_per_token for t in layer_saved_tensors(llama, 2))
     assert measured.layer_saved_bytes_per_token == pytest.approx(predicted, rel=0.05)
