@@ -84,8 +84,11 @@ def _free_device_memory() -> None:
     import torch
 
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except RuntimeError as error:  # a sticky CUDA error: the next measurements will say so themselves
+        print(f"    (could not free device memory: {str(error).splitlines()[0][:120]})", flush=True)
 
 
 def median_seconds(function: Callable[[], None], cuda: bool, repeats: int, warmup: int = 1) -> float:
