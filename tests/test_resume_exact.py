@@ -25,6 +25,7 @@ def _worker(rank, world, port, job, run_dir, queue):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), queue.put)
     dist.destroy_process_group()
+    os._exit(0)  # see tests/test_resume_reshape.py: skip C++ teardown, which sometimes aborts
 
 
 def _free_port() -> int:

@@ -116,6 +116,7 @@ def _runs(rank, world, port, root, queue):
     run("foreign", f"resume={root / 'ds_ours'}")
     run("init_hf", "train.max_steps=2", "optim.warmup_steps=1", f"model.init_from={root / 'hf_sharded'}")
     dist.destroy_process_group()
+    os._exit(0)  # see tests/test_resume_reshape.py: skip C++ teardown, which sometimes aborts
 
 
 def _free_port() -> int:

@@ -36,6 +36,8 @@ def _worker(rank, world, port, runs, queue):
             queue.put((name, {m["step"]: sum(r["loss"] for r in m["rows"]) / world
                               for m in messages if m["kind"] == "step"}))
     dist.destroy_process_group()
+    os._exit(0)  # the results are sent: skip C++ static teardown, which now and then aborts (std::terminate
+    # with no Python frame, about 1 in 9 two-rank ZeRO-3 processes, also before any resume code ran)
 
 
 def _spawn(world, runs):
