@@ -29,7 +29,8 @@ def run_train_predictors(config_path: Optional[str], overrides: Sequence[str], s
     print(f"trained {len(report.recall)} predictors for {steps} steps "
           f"({job.data.micro_batch_size} x {job.data.seq_len} tokens each) -> {report.path}")
     for layer, recall in sorted(report.recall.items()):
-        print(f"  layer {layer}: held-out top-k block recall {recall:.3f} (keep ratio {job.token_elim.keep_ratio}), "
-              f"final SmoothL1 {report.final_loss.get(layer, float('nan')):.4f}")
+        print(f"  layer {layer}: held-out top-k block recall {recall:.3f} (keep ratio {job.token_elim.keep_ratio}; "
+              f"keeping the last blocks: {report.last_blocks_recall[layer]:.3f}), "
+              f"final loss {report.final_loss.get(layer, float('nan')):.4f}")
     print(f"use them: longtrain train token_elim.enabled=true token_elim.predictors={report.path}")
     return 0

@@ -44,11 +44,13 @@ def test_trained_predictors_are_saved_loaded_and_choose_the_kept_blocks(tmp_path
     job = load_job_config(None, OVERRIDES)
     model, windows = _model(job), build_windows(job.data, job.model.vocab_size, job.train.seed)
     report = train_predictors(job, model, windows, steps=20, out=tmp_path / "p.pt")
-    print(f"\nheld-out top-k recall after 20 steps: {report.recall}, final SmoothL1 {report.final_loss}")
+    print(f"\nheld-out top-k recall after 20 steps: {report.recall} (last blocks: {report.last_blocks_recall}), "
+          f"final loss {report.final_loss}")
     assert set(report.recall) == {1, 2} and all(0 <= r <= 1 for r in report.recall.values())
-    assert max(report.recall.values()) > 0.5  # chance is 0.5 (4 of 8 blocks)
+    for layer, recall in report.recall.items():  # chance is 0.5 (4 of 8 blocks); the position prior is worse here
+        assert recall > max(0.6, report.last_blocks_recall[layer]), (report.recall, report.last_blocks_recall)
     exact = {i: _Exact(model.layers[i]) for i in (1, 2)}
-    assert held_out_recall(model, exact, windows, job.token_elim, 4) == {1: 1.0, 2: 1.0}
+    assert held_out_recall(model, exact, windows, job.token_elim, 4)[0] == {1: 1.0, 2: 1.0}
 
     sparse_job = load_job_config(None, OVERRIDES + ["token_elim.enabled=true", f"token_elim.predictors={report.path}"])
     token_elim.apply_config(model, sparse_job.token_elim)

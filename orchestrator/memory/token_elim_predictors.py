@@ -8,15 +8,18 @@ and is never trained by the fine-tuning run (it is not a submodule of the model)
 
 Shape (smaller than LeMo's, measured by recall): each 64-token block is pooled (mean and max of its normed rows,
 2 x hidden features); two branches, q and k, each Linear(2h, width) -> ReLU -> Linear(width, heads * rank), give a
-per-head query and key vector per block; M^[I, J] = sum_h q^_I^h . k^_J^h, and the key-block score is the causal
-column mean, as for the exact scores. LeMo feeds each head's whole block (64 x d_h values) instead of pooling.
-Training: SmoothL1 between M^ and the exact tile map M (entries I >= J) divided by its mean on the first batch.
-Quality: top-k block recall on held-out windows, k = the blocks the keep ratio keeps.
+per-head query and key vector per block; M^[I, J] = sum_h q^_I^h . k^_J^h below the diagonal, plus a third branch
+for a block's own (diagonal, causal) tile, which dominates the late blocks' scores; the key-block score is the
+causal column mean, as for the exact scores. LeMo feeds each head's whole block (64 x d_h values) instead of
+pooling. Training: SmoothL1 between M^ and the exact tile map M (entries I >= J, divided by its mean on the first
+batch) plus the MSE of the per-sequence standardised column scores (what the ranking uses).
+Quality: top-k block recall on held-out windows, k = the blocks the keep ratio keeps, next to the recall of
+keeping the last k blocks (the exact scores favour late blocks; a predictor that does not beat that adds nothing).
 """
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,7 @@ class BlockScorePredictor(nn.Module):
         self.num_heads, self.rank, self.block_size = num_heads, rank, block_size
         self.query = nn.Sequential(nn.Linear(2 * hidden_size, width), nn.ReLU(), nn.Linear(width, num_heads * rank))
         self.key = nn.Sequential(nn.Linear(2 * hidden_size, width), nn.ReLU(), nn.Linear(width, num_heads * rank))
+        self.diagonal = nn.Sequential(nn.Linear(2 * hidden_size, width), nn.ReLU(), nn.Linear(width, 1))
         self.register_buffer("target_scale", torch.ones(()))
 
     def score_map(self, normed: torch.Tensor) -> torch.Tensor:
@@ -48,7 +52,8 @@ class BlockScorePredictor(nn.Module):
         pooled = torch.cat((blocks.mean(2), blocks.amax(2)), dim=-1)
         q = self.query(pooled).view(batch, -1, self.num_heads, self.rank).transpose(1, 2)
         k = self.key(pooled).view(batch, -1, self.num_heads, self.rank).transpose(1, 2)
-        return (q @ k.transpose(-1, -2)).sum(1).tril()
+        own = torch.diag_embed(self.diagonal(pooled).squeeze(-1))  # a block's own causal tile (self-attention) is special
+        return (q @ k.transpose(-1, -2)).sum(1).tril(-1) + own
 
     @torch.no_grad()
     def scores(self, normed: torch.Tensor) -> torch.Tensor:
@@ -62,6 +67,8 @@ class PredictorReport:
     steps: int
     recall: Dict[int, float]
     """Top-k block recall per sparse layer on held-out windows."""
+    last_blocks_recall: Dict[int, float] = field(default_factory=dict)
+    """The recall of keeping the last k blocks, the baseline a predictor must beat."""
     final_loss: Dict[int, float] = field(default_factory=dict)
 
 
@@ -92,9 +99,9 @@ def train_predictors(job: JobConfig, model, windows, steps: int, out: Path, hold
         inputs = torch.stack([torch.from_numpy(windows.window(i)[:-1]) for i in picks])
         for index, (normed, target) in layer_targets(model, inputs, layers, config.block_size).items():
             losses[index] = _train_step(predictors[index], optimizers[index], normed, target, first=step == 0)
-    recall = held_out_recall(model, predictors, windows, config, holdout_sequences)
+    recall, baseline = held_out_recall(model, predictors, windows, config, holdout_sequences)
     save_predictors(out, predictors, job.model, config.block_size, recall)
-    return PredictorReport(out, steps, recall, losses)
+    return PredictorReport(out, steps, recall, baseline, losses)
 
 
 def _train_step(predictor: BlockScorePredictor, optimizer, normed, target, first: bool) -> float:
@@ -103,11 +110,17 @@ def _train_step(predictor: BlockScorePredictor, optimizer, normed, target, first
         predictor.target_scale.fill_(target[:, causal].mean().clamp(min=1e-6))
     predicted = predictor.score_map(normed)
     causal = torch.ones_like(target[0], dtype=torch.bool).tril()
-    loss = F.smooth_l1_loss(predicted[:, causal], target[:, causal] / predictor.target_scale)
+    ranking = F.mse_loss(_standardised(token_elim.column_means(predicted.sum(1))),
+                         _standardised(token_elim.column_means(target.sum(1))))
+    loss = F.smooth_l1_loss(predicted[:, causal], target[:, causal] / predictor.target_scale) + ranking
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.item()
+
+
+def _standardised(scores: torch.Tensor) -> torch.Tensor:
+    return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp(min=1e-6)
 
 
 @torch.no_grad()
@@ -129,20 +142,26 @@ def layer_targets(model, inputs: torch.Tensor, layers: List[int], block: int) ->
 
 @torch.no_grad()
 def held_out_recall(model, predictors: Dict[int, BlockScorePredictor], windows, config: TokenElimConfig,
-                    sequences: int) -> Dict[int, float]:
-    """Mean |predicted top-k & exact top-k| / k per layer over held-out windows."""
+                    sequences: int) -> Tuple[Dict[int, float], Dict[int, float]]:
+    """Mean |predicted top-k & exact top-k| / k per layer over held-out windows, and the same for keeping the last
+    k blocks."""
     count = min(sequences, windows.num_holdout)
     if count < 1:
         raise ConfigError("data.holdout_fraction leaves no held-out window to measure predictor recall on; raise it")
     inputs = torch.stack([torch.from_numpy(windows.window(i, holdout=True)[:-1]) for i in range(count)])
-    recall = {}
+    recall, baseline = {}, {}
     for index, (normed, target) in layer_targets(model, inputs, sorted(predictors), config.block_size).items():
         exact = token_elim.column_means(target.sum(1))
         keep = token_elim.LayerElimination(config.keep_ratio, config.block_size).num_kept_blocks(exact.shape[1])
-        truth = F.one_hot(exact.topk(keep, dim=1).indices, exact.shape[1]).sum(1)
-        guess = F.one_hot(predictors[index].scores(normed).topk(keep, dim=1).indices, exact.shape[1]).sum(1)
-        recall[index] = (truth * guess).sum().item() / (keep * count)
-    return recall
+        recall[index] = _recall(predictors[index].scores(normed), exact, keep)
+        baseline[index] = _recall(torch.arange(exact.shape[1], dtype=torch.float32).expand_as(exact), exact, keep)
+    return recall, baseline
+
+
+def _recall(guess: torch.Tensor, exact: torch.Tensor, keep: int) -> float:
+    truth = F.one_hot(exact.topk(keep, dim=1).indices, exact.shape[1]).sum(1)
+    chosen = F.one_hot(guess.topk(keep, dim=1).indices, exact.shape[1]).sum(1)
+    return (truth * chosen).sum().item() / (keep * exact.shape[0])
 
 
 def save_predictors(path: Path, predictors: Dict[int, BlockScorePredictor], model: ModelConfig, block: int,
