@@ -53,6 +53,28 @@ def layer_saved_tensors(model: ModelConfig, bytes_per_element: int) -> List[Save
     return ([SavedTensor(n, b, True) for n, b in skeletal] + [SavedTensor(n, b, False) for n, b in token_wise])
 
 
+SAMPLED_ROW_BYTES = 12
+"""Per token row a WTA-CRS sample keeps: its int64 index and fp32 importance weight."""
+
+
+def compressed_saved_tensors(model: ModelConfig, bytes_per_element: int, compression) -> List[SavedTensor]:
+    """`layer_saved_tensors` for a layer under the job's `compression` section, as orchestrator/memory/compressed.py
+    stores them (tests/test_compression.py checks the sums against saved-tensor hooks); per-group scales (64 B a
+    tensor) are left out. The int8/int4 forms are also what a swap of these roles would move over PCIe."""
+    h, inter, e = model.hidden_size, model.intermediate_size, bytes_per_element
+    linear = 1 if compression.linear_inputs == "int8" else e
+    keep = compression.wta_crs_keep_ratio
+    row_extra = SAMPLED_ROW_BYTES if keep < 1 else 0
+    norm = 1 if compression.norm_inputs == "int8" else e
+    silu = compression.silu
+    changed = {"layer_input": h * norm, "attn_residual": h * norm,
+               "attn_norm_out": keep * (h * linear + row_extra), "mlp_norm_out": keep * (h * linear + row_extra),
+               "gated": keep * (inter * linear + row_extra),
+               "gate": inter * {"none": e, "int8": 1, "int4": 0.5}[silu],
+               "up": inter * (e if silu == "none" else linear), "silu_gate": inter * e if silu == "none" else 0}
+    return [SavedTensor(t.name, changed.get(t.name, t.bytes_per_token), t.skeletal)
+            for t in layer_saved_tensors(model, bytes_per_element)]
+
 @dataclass
 class LayerCost:
     """One layer on one GPU for one micro-batch: seconds and bytes."""
