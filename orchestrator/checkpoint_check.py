@@ -3,11 +3,12 @@
 Why: DeepSpeed reports a missing `latest` as a warning and `(None, None)`, a missing ZeRO shard as a bare
 FileNotFoundError on one rank, and a truncated file as a zip error deep in `torch.load`, each after the workers
 have started and written logs into the run directory. Here the driver checks the tag directory first and says, in
-one line, which file is wrong and what to do. Nothing is unpickled: torch files are zip archives (a truncated one
-has no central directory), and DeepSpeed's model-states file loads with `weights_only=True`, which gives the
-data-parallel size that wrote it, the ZeRO stage, and the parameter names and shapes.
+one line, which file is wrong and what to do. Nothing is unpickled as code: torch files are zip archives (a
+truncated one has no central directory), and DeepSpeed's model-states file loads with `weights_only=True`, which
+gives the data-parallel size that wrote it, the ZeRO stage, and the parameter names and shapes.
 """
 
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -76,8 +77,14 @@ def _model_states_file(tag_dir: Path) -> Path:
 
 
 def _load_states(file: Path) -> dict:
+    """Tensors and plain containers only; a file whose client state holds other objects (another program's) is
+    unpickled in full, as the workers will do anyway once the user asked to load it."""
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        pass
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # noqa: BLE001 - any unreadable state is the user's file problem
         raise CheckpointError(f"checkpoint file {file} cannot be read as DeepSpeed model states "
                               f"({str(error).splitlines()[0]}); resume from another tag") from error
