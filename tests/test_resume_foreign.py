@@ -270,3 +270,21 @@ def test_a_bad_checkpoint_is_one_line_and_nothing_is_written(foreign, tmp_path, 
     print(err)
     assert code == 2 and len(err.splitlines()) == 1 and expected in err
     assert _tree(run_dir) == before and sorted(os.listdir(tmp_path)) == roots_before
+
+
+class ClientObject:
+    """What another training program might keep in DeepSpeed's client_state."""
+
+
+def test_client_state_of_another_program_does_not_block_the_checks(foreign, tmp_path):
+    import shutil
+
+    from orchestrator.checkpoint_check import inspect_checkpoint
+
+    root, _ = foreign
+    copy = Path(shutil.copytree(root / "ds_ours", tmp_path / "ds"))
+    states_file = copy / "global_step4" / "mp_rank_00_model_states.pt"
+    states = torch.load(states_file, weights_only=False)
+    torch.save(dict(states, trainer_state=ClientObject()), states_file)
+    info = inspect_checkpoint(copy, "global_step4")
+    assert (info.world_size, info.zero_stage, info.hf_names) == (1, 2, False)
