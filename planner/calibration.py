@@ -31,7 +31,7 @@ from planner.cost_model import CostModel, calibrated_peak_bytes
 from planner.hardware import Calibration, HardwareProfile
 from planner.layout import solve_layout
 from planner.policy import SWAP_HIDDEN_FRACTION, policy_inputs
-from planner.schedule import layer_block_buffers, step_buffers
+from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 
 GIB = 2**30
 LAYOUT_SECONDS = 10.0
@@ -168,6 +168,8 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[Dict], profile: H
     matmul = n * 3 * p.recompute_seconds + p.recompute_seconds * recomputed
     attention = n * 3 * attention_forward
     static = cost.static_memory(0)
+    if keeps_everything(decisions):
+        block = solve_layout(layer_block_buffers(layer, plain=True), LAYOUT_SECONDS)
     step = solve_layout(step_buffers(layer, decisions, block.arena_bytes, cost.head_and_loss_bytes(), [1.0] * n),
                         LAYOUT_SECONDS)
     not_in_bench = static.optimizer_states + static.buffers + static.embedding_activations + static.head_and_loss

@@ -17,7 +17,7 @@ from planner.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
 from planner.plan_file import Plan, hash_inputs
 from planner.policy import GIB, PolicyInputs, PolicyResult, policy_inputs, solve_policy
-from planner.schedule import layer_block_buffers, step_buffers
+from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 from planner.token_split import FRACTION_DECIMALS
 
 
@@ -61,6 +61,8 @@ def make_plan(job: JobConfig, profile: HardwareProfile) -> PlanOutcome:
     decisions = [vars(d) for d in policy.decisions]
     factors = [inputs.int8_factor if d.compression == "quant_int8" else 1.0 for d in policy.decisions]
     layer = cost.layer()
+    if keeps_everything(decisions):
+        block = solve_layout(layer_block_buffers(layer, plain=True), job.plan.time_limit_seconds)
     step = solve_layout(step_buffers(layer, decisions, block.arena_bytes, cost.head_and_loss_bytes(), factors),
                         job.plan.time_limit_seconds)
     plan = _assemble(job, profile, cost, policy, block, step)

@@ -31,16 +31,24 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
     ("grad_q_accum_fp32", 15, 16),  # the flash backward accumulates dq in fp32
     ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
 ]
+_TOKEN_WISE = {"attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate", "gated"}
 _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
                  "grad_layer_input"}
 
 
-def layer_block_buffers(layer: LayerCost) -> List[Buffer]:
-    """Level 1: one layer's transient buffers, sized for all of its tokens."""
+def layer_block_buffers(layer: LayerCost, plain: bool = False) -> List[Buffer]:
+    """Level 1: one layer's transient buffers, sized for all of its tokens.
+
+    `plain`: the layer keeps everything (no hooks), so its token-wise activations are the kept ones (level 2
+    counts them) and its backward reads them in place: only the projections' outputs and the gradients are
+    transient. Counting the full block for such a layer over-predicted the 32K and 64K keep-all peaks on an H100
+    by one layer's activations (+22% and +18%, profiles/runs/h100_sxm_2026-11-26_calibration.md)."""
     per_token = {t.name: t.bytes_per_token for t in layer.tensors}
     hidden_bytes = per_token["attn_out"]
     buffers = []
     for name, start, end in _LEVEL1:
+        if plain and (name in _TOKEN_WISE or name.endswith("@bwd")):
+            continue
         base = name.split("@")[0].removeprefix("grad_")
         if name == "grad_q_accum_fp32":
             size = per_token["q"] * 4 / layer.element_bytes
@@ -48,6 +56,11 @@ def layer_block_buffers(layer: LayerCost) -> List[Buffer]:
             size = hidden_bytes if name in _HIDDEN_SIZED else per_token[base]
         buffers.append(Buffer(name=name, layer=-1, size_bytes=align(size * layer.tokens), start=start, end=end))
     return buffers
+
+
+def keeps_everything(decisions: Sequence[Dict]) -> bool:
+    """Every layer plain (all tokens kept on the device): the level-1 block is `layer_block_buffers(plain=True)`."""
+    return all(d["keep_fraction"] >= 1 and not d["offload_skeletal"] for d in decisions)
 
 
 def kept_token_wise_bytes(layer: LayerCost, kept_tokens: int) -> int:

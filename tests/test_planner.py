@@ -130,3 +130,20 @@ def test_cbc_is_used_without_highs_and_finds_the_same_optimum(monkeypatch):
     shape = [(1, 0, 3), (4, 0, 2), (3, 2, 3), (3, 2, 3), (4, 1, 3)]
     result = solve_layout([Buffer(f"t{i}", -1, s * u, a, b) for i, (s, a, b) in enumerate(shape)], 5)
     assert result.solver == "CBC" and result.arena_bytes == 11 * u
+
+
+def test_a_keep_all_layer_block_holds_only_transients():
+    """A plain layer's activations are the kept ones (level 2) and its backward reads them in place."""
+    from planner.cost_model import CostModel
+    from planner.hardware import load_profile
+    from planner.schedule import keeps_everything, layer_block_buffers
+
+    layer = CostModel(load_job_config(None, ["model.preset=llama-7b", "data.seq_len=32768"]),
+                      load_profile("h100_sxm")).layer()
+    full = {b.name for b in layer_block_buffers(layer)}
+    plain = {b.name for b in layer_block_buffers(layer, plain=True)}
+    assert "gate@bwd" in full and "gate" in full
+    assert plain == full - {n for n in full if n.endswith("@bwd")} - {"attn_norm_out", "q", "k", "v", "attn_residual",
+                                                                        "mlp_norm_out", "gate", "up", "silu_gate", "gated"}
+    assert keeps_everything([{"keep_fraction": 1.0, "offload_skeletal": False}] * 2)
+    assert not keeps_everything([{"keep_fraction": 1.0, "offload_skeletal": True}])
