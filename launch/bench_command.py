@@ -43,7 +43,8 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
             f"{','.join(map(str, seq_lens))} --modes {','.join(modes)} --repeats {repeats}"
                        + (f" --plan-fraction {plan_fraction}" if plan_fraction else "")
                        + (f" --policy {policy}" if policy else "")
-                       + (f" --swap-hidden {swap_hidden}" if swap_hidden is not None else "") + (" --trace" if trace else "")}
+                       + (f" --swap-hidden {swap_hidden}" if swap_hidden is not None else "")
+                       + (" --trace" if trace else "")}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(markdown(meta, rows) + "\nLongest sequence trained: " + ", ".join(
         f"{mode} {seq:,}" for mode, seq in longest.items()) + "\n")
@@ -91,8 +92,10 @@ def _prediction(r: Dict) -> str:
     """Planner vs measured for longtrain rows: step time and peak allocated, as ratios."""
     if not r.get("predicted_step_seconds") or r["status"] != "ok":
         return ""
-    return (f"predicted {r['predicted_step_seconds']:.3f} s ({r['predicted_step_seconds'] / r['step_seconds'] - 1:+.0%}), "
-            f"{r['predicted_peak_gib']:.1f} GiB ({r['predicted_peak_gib'] / r['peak_allocated_gib'] - 1:+.0%}); ")
+    step_error = r["predicted_step_seconds"] / r["step_seconds"] - 1
+    peak_error = r["predicted_peak_gib"] / r["peak_allocated_gib"] - 1
+    return (f"predicted {r['predicted_step_seconds']:.3f} s ({step_error:+.0%}), "
+            f"{r['predicted_peak_gib']:.1f} GiB ({peak_error:+.0%}); ")
 
 
 def _retries(r: Dict) -> str:
