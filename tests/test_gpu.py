@@ -75,6 +75,30 @@ def test_layer_time_is_within_25_percent_of_the_cost_model(seq_len):
     assert measured == pytest.approx(predicted, rel=0.25)
 
 
+def _small_pair(seq_len: int, policy):
+    """A small bf16 model on the GPU and a copy running the token-wise runtime with `policy` in every layer."""
+    from orchestrator.memory.tokenwise import apply_policies
+
+    torch.manual_seed(0)
+    job = load_job_config(None, ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=4",
+                                 "model.intermediate_size=1408", f"data.seq_len={seq_len}"])
+    plain = LlamaModel(job.model).cuda().to(torch.bfloat16)
+    memo = LlamaModel(job.model).cuda().to(torch.bfloat16)
+    memo.load_state_dict(plain.state_dict())
+    return plain, memo, apply_policies(memo, {i: policy for i in range(job.model.num_layers)})
+
+
+def _loss_and_grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def _worst(a, b) -> float:
+    return max(((a[1][n] - b[1][n]).norm() / a[1][n].norm()).item() for n in a[1])
+
+
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("policy", [(0.0, 1.0, 0.0, False), (0.5, 0.5, 0.0, False), (1.0, 0.0, 0.0, True),
                                     (0.0, 0.0, 1.0, True), (0.5, 0.5, 0.0, True), (0.25, 0.25, 0.5, False)])
@@ -82,32 +106,16 @@ def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy, prefetch
     """Swaps are exact copies and recompute uses the same kernels, but the flash attention backward accumulates
     with atomics, so two plain runs already differ (seen on H100: up to 1.2e-3 relative on one gradient): the
     runtime is held to bf16 tolerance and the plain run's own run-to-run difference is printed beside it."""
-    from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+    from orchestrator.memory.tokenwise import LayerPolicy
 
-    torch.manual_seed(0)
-    job = load_job_config(None, ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=4",
-                                 "model.intermediate_size=1408", "data.seq_len=2048"])
-    plain = LlamaModel(job.model).cuda().to(torch.bfloat16)
-    memo = LlamaModel(job.model).cuda().to(torch.bfloat16)
-    memo.load_state_dict(plain.state_dict())
-    runtime = apply_policies(memo, {i: LayerPolicy(*policy) for i in range(job.model.num_layers)})
+    plain, memo, runtime = _small_pair(2048, LayerPolicy(*policy))
     runtime.prefetch = prefetch
     tokens = torch.randint(0, 256, (2, 2049), device="cuda")
-
-    def run(model):
-        model.zero_grad(set_to_none=True)
-        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-        loss.backward()
-        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
-
-    def worst(a, b):
-        return max(((a[1][n] - b[1][n]).norm() / a[1][n].norm()).item() for n in a[1])
-
-    first, again, ours = run(plain), run(plain), run(memo)
-    print(f"\npolicy {policy} prefetch {prefetch}: loss {first[0].item():.6f} vs {ours[0].item():.6f}; worst relative gradient "
-          f"difference {worst(first, ours):.2e} (plain vs plain {worst(first, again):.2e}); host pool "
-          f"{runtime.pool.bytes / 2**20:.1f} MiB")
-    assert torch.allclose(first[0], ours[0], rtol=1e-3) and worst(first, ours) < 5e-3
+    first, again, ours = _loss_and_grads(plain, tokens), _loss_and_grads(plain, tokens), _loss_and_grads(memo, tokens)
+    print(f"\npolicy {policy} prefetch {prefetch}: loss {first[0].item():.6f} vs {ours[0].item():.6f}; worst "
+          f"relative gradient difference {_worst(first, ours):.2e} (plain vs plain {_worst(first, again):.2e}); "
+          f"host pool {runtime.pool.bytes / 2**20:.1f} MiB")
+    assert torch.allclose(first[0], ours[0], rtol=1e-3) and _worst(first, ours) < 5e-3
 
 
 @pytest.mark.parametrize("int8_swap", [False, True])
@@ -115,27 +123,14 @@ def test_one_sequence_swap_on_gpu_flat_copies_and_int8(int8_swap):
     """Micro-batch 1 takes the flat-block copy path; with int8 codes the gradients stay close (approximate).
     Exact swap on H100: 6.3e-3 worst relative difference (recomputed chunks use other GEMM shapes, so bf16
     rounding differs, and flash backward is not deterministic); int8: 2.8e-2."""
-    from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+    from orchestrator.memory.tokenwise import LayerPolicy
 
-    torch.manual_seed(0)
-    job = load_job_config(None, ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=4",
-                                 "model.intermediate_size=1408", "data.seq_len=4096"])
-    plain = LlamaModel(job.model).cuda().to(torch.bfloat16)
-    memo = LlamaModel(job.model).cuda().to(torch.bfloat16)
-    memo.load_state_dict(plain.state_dict())
-    runtime = apply_policies(memo, {i: LayerPolicy(0.25, 0.5, 0.25, True, int8_swap=int8_swap)
-                                    for i in range(job.model.num_layers)})
+    plain, memo, runtime = _small_pair(4096, LayerPolicy(0.25, 0.5, 0.25, True, int8_swap=int8_swap))
     tokens = torch.randint(0, 256, (1, 4097), device="cuda")
-
-    def run(model):
-        model.zero_grad(set_to_none=True)
-        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-        loss.backward()
-        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
-
-    first, ours = run(plain), run(memo)
-    ours = run(memo)  # the second step reuses the host buffers
-    worst = max(((first[1][n] - ours[1][n]).norm() / first[1][n].norm()).item() for n in first[1])
+    first = _loss_and_grads(plain, tokens)
+    _loss_and_grads(memo, tokens)
+    ours = _loss_and_grads(memo, tokens)  # the second step reuses the host buffers
+    worst = _worst(first, ours)
     print(f"\nint8_swap {int8_swap}: worst relative gradient difference {worst:.2e}; host pool "
           f"{runtime.pool.bytes / 2**20:.1f} MiB")
     assert torch.allclose(first[0], ours[0], rtol=1e-3) and worst < (5e-2 if int8_swap else 1e-2)
