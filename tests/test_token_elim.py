@@ -220,3 +220,26 @@ def test_triton_scoring_matches_the_torch_path(monkeypatch, heads, kv_heads, dim
     torch.testing.assert_close(fused, reference, rtol=2e-2, atol=1e-2)
     assert (fused.topk(seq // BLOCK // 2).indices.sort().values == reference.topk(seq // BLOCK // 2).indices
             .sort().values).float().mean() > 0.9
+
+
+def test_composes_with_activation_compression_on_the_same_layers():
+    """Scoring runs the compressed q/k projections under no_grad: it must not move int8 ranges or random draws."""
+    from orchestrator.memory import compressed
+
+    job = load_job_config(None, ["compression.linear_inputs=int8", "compression.norm_inputs=int8",
+                                 "compression.silu=int4", "token_elim.enabled=true", "token_elim.keep_ratio=1.0",
+                                 "token_elim.dense_first_layers=1", "data.seq_len=256"])
+    torch.manual_seed(0)
+    alone = LlamaModel(job.model)
+    both = copy.deepcopy(alone)
+    compressed.apply_config(alone, job.compression, 0)
+    compressed.apply_config(both, job.compression, 0)
+    token_elim.apply_config(both, job.token_elim)
+    tokens = torch.randint(0, 256, (2, 257))
+    grads = []
+    for model in (alone, both):
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(torch.equal(grad, grads[0][name]) for name, grad in grads[1].items())
