@@ -21,6 +21,7 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
         raise ConfigError(f"parallel.sp_degree={job.parallel.sp_degree}: Ulysses sequence parallelism is planned "
                           "(`longtrain plan`) but `longtrain train` does not run it yet; set parallel.sp_degree=1")
     _check_plan_early(job)
+    _check_predictors_early(job)
     placement = place_run(job)
     check_same_model(job, placement)
     checked = check_resume(job, placement)
@@ -81,6 +82,15 @@ def _check_plan_early(job: JobConfig) -> None:
                                                    (use_cuda and not torch.cuda.is_available())):
         return  # the driver does not see the workers' devices
     checked_plan(job, load_profile(profile_name(job, use_cuda)), resolve_precision(job.train.precision, use_cuda))
+
+
+def _check_predictors_early(job: JobConfig) -> None:
+    """A missing or mismatched token_elim.predictors file fails here in one line, not in every worker (local runs:
+    a cluster's workers may see other files than the driver)."""
+    if job.token_elim.enabled and job.token_elim.predictors and job.cluster.address == "local":
+        from orchestrator.memory.token_elim_predictors import load_predictors
+
+        load_predictors(job.token_elim.predictors, job.model, job.token_elim.block_size)
 
 
 def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:

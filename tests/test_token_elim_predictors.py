@@ -84,3 +84,11 @@ def test_train_predictors_command_writes_the_file_and_reports_recall(tmp_path, c
     printed = capsys.readouterr().out
     assert out.is_file() and "recall" in printed and f"token_elim.predictors={out}" in printed
     assert set(torch.load(out, weights_only=True)["layers"]) == {1, 2}
+
+
+def test_train_refuses_a_missing_predictors_file_before_starting_workers(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    assert main(["train", "token_elim.enabled=true", f"token_elim.predictors={missing}",
+                 f"run.root={tmp_path / 'runs'}"]) == 2
+    assert f"token_elim.predictors ({missing}) does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
