@@ -13,7 +13,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -85,7 +85,7 @@ def _load_states(file: Path) -> dict:
         pass
     try:
         return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable state is the user's file problem
+    except Exception as error:  # any unreadable state is the user's file problem
         raise CheckpointError(f"checkpoint file {file} cannot be read as DeepSpeed model states "
                               f"({str(error).splitlines()[0]}); resume from another tag") from error
 
@@ -97,8 +97,9 @@ def _check_shards(tag_dir: Path, world: int, kind: str) -> None:
     for rank in range(world):
         if rank not in ranks:
             missing = tag_dir / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"
-            raise CheckpointError(f"checkpoint shard {missing} is missing (the checkpoint was written by "
-                                  f"{world} data-parallel rank(s), {len(ranks)} {kind} shard(s) are there); restore it or resume from an earlier tag")
+            raise CheckpointError(f"checkpoint shard {missing} is missing (the checkpoint was written by {world} "
+                                  f"data-parallel rank(s), {len(ranks)} {kind} shard(s) are there); restore it or "
+                                  "resume from an earlier tag")
 
 
 def _parameter_shapes(states: dict) -> Dict[str, Tuple[int, ...]]:

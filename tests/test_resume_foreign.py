@@ -24,7 +24,7 @@ HF_SEED = 7
 
 
 def hf_state(model) -> dict:
-    """Our model's weights under the names Hugging Face's LlamaForCausalLM uses (written out, not mapped by our code)."""
+    """Our model's weights under the names HF's LlamaForCausalLM uses (written out here, not mapped by our code)."""
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
     if not model.config.tie_embeddings:
         state["lm_head.weight"] = model.lm_head.weight
@@ -153,7 +153,7 @@ def foreign(tmp_path_factory):
 
 
 def test_plain_deepspeed_checkpoint_resumes_bitwise(foreign):
-    root, losses = foreign
+    _, losses = foreign
     print("straight:", losses["straight"], "\nplain DeepSpeed 1-4:", losses["plain"],
           "\nlongtrain resumed from it 5-8:", losses["foreign"])
     assert sorted(losses["foreign"]) == [5, 6, 7, 8]
@@ -164,7 +164,7 @@ def test_hf_weights_start_training(foreign):
     """Step 1 of a run started from HF safetensors has the loss of the reference model on the same batch."""
     from orchestrator.data import RankSampler, build_windows
 
-    root, losses = foreign
+    _, losses = foreign
     job = load_job_config(None, BASE)
     sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed), 4, 0, 1, job.train.seed)
     inputs, targets = sampler.next_batch()

@@ -67,8 +67,9 @@ def _resumed(root: Path, world: int, stage: int, converted: list, in_place: bool
     from launch.rundir import place_run
 
     other = f"w{3 - world}_z{stage}"
-    where = (["resume=" + str(root / other)] if in_place else
-             [f"run.dir={root / (other + '_to_w' + str(world))}", f"resume={root / other / 'checkpoints'}:step_00000004"])
+    new_run = [f"run.dir={root / (other + '_to_w' + str(world))}",
+               f"resume={root / other / 'checkpoints'}:step_00000004"]
+    where = [f"resume={root / other}"] if in_place else new_run
     job = load_job_config(None, [*BASE, *SHAPES[world], f"train.zero_stage={stage}", *where])
     placement = place_run(job)
     info = check_resume(job, placement)
