@@ -288,3 +288,25 @@ def test_client_state_of_another_program_does_not_block_the_checks(foreign, tmp_
     torch.save(dict(states, trainer_state=ClientObject()), states_file)
     info = inspect_checkpoint(copy, "global_step4")
     assert (info.world_size, info.zero_stage, info.hf_names) == (1, 2, False)
+
+
+def test_a_failed_conversion_leaves_nothing_behind(foreign, tmp_path):
+    """ds_to_universal failing (here: its optimizer shard is gone) removes what the conversion wrote."""
+    import shutil
+
+    from launch.resume_check import convert_to_universal
+    from launch.rundir import RunPlacement
+    from orchestrator.checkpoint_check import CheckpointInfo
+    from orchestrator.errors import CheckpointError
+
+    root, _ = foreign
+    broken = Path(shutil.copytree(root / "ds_ours" / "global_step4", tmp_path / "ckpt" / "global_step4"))
+    (broken / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    info = CheckpointInfo(broken, world_size=2, zero_stage=2, hf_names=False)
+    job = load_job_config(None, BASE)
+    run_dir = _own_run(foreign, tmp_path)
+    before = _tree(run_dir)
+    for placement in (RunPlacement(tmp_path / "new_run", continuing=False), RunPlacement(run_dir, continuing=True)):
+        with pytest.raises(CheckpointError, match="universal checkpoint failed .* cluster.num_workers=2 instead"):
+            convert_to_universal(job, placement, info, log=lambda line: None)
+    assert not (tmp_path / "new_run").exists() and _tree(run_dir) == before
