@@ -1,7 +1,6 @@
 """Segmented LM head + cross-entropy: same loss and gradients as the full logits path, without the tokens x vocab
 logits ever existing (checked on every tensor made in forward and backward, and on the bytes saved for backward)."""
 
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from orchestrator.config import load_job_config
 from orchestrator.loss import segmented_cross_entropy
 from orchestrator.model import LlamaModel
 

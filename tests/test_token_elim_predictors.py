@@ -1,7 +1,6 @@
 """Block-score predictors: trained on a frozen model, saved, loaded by the token_elim section and used to choose
 the kept blocks; held-out top-k recall is measured against the exact scores."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ forward+backward time), the Triton scoring kernel against the torch path, and th
 Run on the device from the repo root: `source .gpu-bundle/activate.sh && python3 docs/probes/token_elim_gpu.py`
 (writes $OUT/probe.json).
 """
-import json, os, sys, time, math
+import json, os, time
 import torch
 import torch.nn.functional as F
 from types import SimpleNamespace
@@ -116,7 +116,8 @@ def zero3_probe():
     engine.step()
     loss2 = engine(tokens[:, :-1], targets=tokens[:, 1:])
     results["zero3_segmented"] = {"plain_full_loss": ref.item(), "zero3_segmented_loss": loss.item(),
-                                  "plain_grad_norm": ref_norm, "zero3_grad_norm": float(norm) if norm is not None else None,
+                                  "plain_grad_norm": ref_norm,
+                                  "zero3_grad_norm": float(norm) if norm is not None else None,
                                   "loss_after_step": loss2.item()}
 
 
@@ -140,7 +141,8 @@ def kernel_probe():
 
 
 for name, fn in (("kernel", kernel_probe), ("elim32k", lambda: elim_probe(32768, ["dense", 1.0, 0.4, 0.2])),
-                 ("elim64k", lambda: elim_probe(65536, ["dense", 0.4])), ("elim128k", lambda: elim_probe(131072, ["dense", 0.4])),
+                 ("elim64k", lambda: elim_probe(65536, ["dense", 0.4])),
+                 ("elim128k", lambda: elim_probe(131072, ["dense", 0.4])),
                  ("zero3", zero3_probe)):
     try:
         fn()

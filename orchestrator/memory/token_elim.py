@@ -118,7 +118,7 @@ def attention_on_kept(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, s
 @torch.no_grad()
 def kept_token_indices(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Token indices [B, K * block] of the most informative blocks of each sequence, ascending."""
-    state, (batch, seq, _) = layer.token_elim, x.shape
+    state, seq = layer.token_elim, x.shape[1]
     block = state.block_size
     if seq % block:
         raise ConfigError(f"sequence length {seq} must be a multiple of token_elim.block_size ({block})")

@@ -19,7 +19,7 @@ keeping the last k blocks (the exact scores favour late blocks; a predictor that
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class BlockScorePredictor(nn.Module):
         pooled = torch.cat((blocks.mean(2), blocks.amax(2)), dim=-1)
         q = self.query(pooled).view(batch, -1, self.num_heads, self.rank).transpose(1, 2)
         k = self.key(pooled).view(batch, -1, self.num_heads, self.rank).transpose(1, 2)
-        own = torch.diag_embed(self.diagonal(pooled).squeeze(-1))  # a block's own causal tile (self-attention) is special
+        own = torch.diag_embed(self.diagonal(pooled).squeeze(-1))  # a block's own causal tile is special
         return (q @ k.transpose(-1, -2)).sum(1).tril(-1) + own
 
     @torch.no_grad()
