@@ -5,7 +5,7 @@ forward+backward time), the Triton scoring kernel against the torch path, and th
 Run on the device from the repo root: `source .gpu-bundle/activate.sh && python3 docs/probes/token_elim_gpu.py`
 (writes $OUT/probe.json).
 """
-import json, os, time
+import json, os, sys, time
 import torch
 import torch.nn.functional as F
 from types import SimpleNamespace
@@ -140,10 +140,14 @@ def kernel_probe():
     results["scoring_kernel"] = out
 
 
-for name, fn in (("kernel", kernel_probe), ("elim32k", lambda: elim_probe(32768, ["dense", 1.0, 0.4, 0.2])),
-                 ("elim64k", lambda: elim_probe(65536, ["dense", 0.4])),
-                 ("elim128k", lambda: elim_probe(131072, ["dense", 0.4])),
-                 ("zero3", zero3_probe)):
+PROBES = (("loss", loss_probe), ("kernel", kernel_probe),
+          ("elim32k", lambda: elim_probe(32768, ["dense", 1.0, 0.4, 0.2])),
+          ("elim64k", lambda: elim_probe(65536, ["dense", 0.4])),
+          ("elim128k", lambda: elim_probe(131072, ["dense", 0.4])),
+          ("zero3", zero3_probe))
+for name, fn in PROBES:
+    if len(sys.argv) > 1 and name not in sys.argv[1:]:  # e.g. `python3 docs/probes/token_elim_gpu.py loss kernel`
+        continue
     try:
         fn()
     except Exception as error:  # keep the other probes' numbers
