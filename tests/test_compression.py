@@ -132,3 +132,11 @@ def test_planner_bytes_match_the_saved_tensor_hooks(overrides):
     scales = 7 * 64  # at most 7 compressed tensors per layer, 64 B of fp32 scale and offset each
     print(f"{' '.join(overrides)}: saved {exact} -> {ours} B, planner delta {planned[0] - planned[1]:.0f} B")
     assert 0 <= (ours - exact) - (planned[1] - planned[0]) <= scales
+
+
+def test_installing_nothing_restores_the_plain_modules():
+    job, model, reference = _pair(FULL)
+    compressed.apply_config(model, job.compression, seed=0)
+    compressed.install(model, range(len(model.layers)), int8=None, silu_int4=None, keep_ratio=1.0)
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert not any(hasattr(m, "store") or hasattr(m, "gate_codec") for m in model.modules())

@@ -301,9 +301,13 @@ def _gate_codec(settings: LayerSettings, seed: int):
 
 
 def _become(module: nn.Module, cls: type, **attributes) -> None:
+    """Switch the module's class; the compressed classes get their stores, plain ones lose them."""
     module.__class__ = cls
     for name, value in attributes.items():
-        setattr(module, name, value)
+        if cls in (nn.Linear, RMSNorm, MLP):
+            module.__dict__.pop(name, None)
+        else:
+            setattr(module, name, value)
 
 
 def layer_indices(spec, num_layers: int) -> List[int]:
