@@ -62,10 +62,6 @@ class Int8Codes:
     def tensors(self) -> tuple:
         return self.codes, self.scale, self.offset
 
-    @classmethod
-    def from_tensors(cls, tensors, shape: tuple, dtype: torch.dtype) -> "Int8Codes":
-        return cls(tensors[0], tensors[1], tensors[2], shape, dtype)
-
 
 def grouped(x: torch.Tensor, num_groups: int, head_major: bool = False) -> torch.Tensor:
     """x as [P, G, Q]: G contiguous channel groups of the last dim, or (head_major, [B, H, S, D]) G head groups."""
