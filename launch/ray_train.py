@@ -45,16 +45,15 @@ class ProgressBoard:
 def connect(cluster: ClusterConfig, log_dir: Path) -> None:
     """Start a private Ray on loopback (address=local) or join a running cluster; Ray's logs go to log_dir.
 
-    Settles cluster.use_gpu first (unset: GPUs when the cluster has them; locally, when this machine sees CUDA),
-    because the workers' environment depends on it, then checks that the workers fit (one line if not)."""
+    Then settles cluster.use_gpu (unset: GPUs when the cluster has them; locally, when this machine sees CUDA) and
+    checks that the workers fit (one line if not). One `ray.init` only: inside a submitted job, a second one after
+    `ray.shutdown` loses the job's unpacked working directory (the run directory with it)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     _route_ray_logs(log_dir / "ray_driver.log")
-    if cluster.use_gpu is None and cluster.address != "local":
-        _init(cluster, None)
-        cluster.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        ray.shutdown()
-    cluster.use_gpu = uses_cuda(cluster)
     _init(cluster, {"env_vars": worker_env(cluster)})
+    if cluster.use_gpu is None and cluster.address != "local":
+        cluster.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cluster.use_gpu = uses_cuda(cluster)
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     where = "this machine's Ray" if cluster.address == "local" else f"the Ray cluster at {cluster.address}"
     try:
@@ -76,13 +75,15 @@ def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None
 
 
 def worker_env(cluster: ClusterConfig) -> Dict[str, str]:
-    """Environment every worker gets explicitly (a remote node does not inherit the driver's)."""
-    gpu = uses_cuda(cluster)
-    env = {"DS_ACCELERATOR": "cuda" if gpu else "cpu", "OMP_NUM_THREADS": str(cluster.cpus_per_worker),
-           "RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
-    if gpu:
-        env["NCCL_NVLS_ENABLE"] = os.environ.get("NCCL_NVLS_ENABLE", "0")
-    return env
+    """Environment every worker gets explicitly through the runtime env (a remote node does not inherit the
+    driver's). NVLink multicast stays off unless the caller turned it on (it hangs some shared machines)."""
+    return {"OMP_NUM_THREADS": str(cluster.cpus_per_worker), "RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1",
+            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
+
+
+def accelerator_env(use_gpu: bool) -> Dict[str, str]:
+    """What depends on the device choice, known only after connecting: set in each worker before DeepSpeed loads."""
+    return {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
 
 
 def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
@@ -93,7 +94,8 @@ def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
     resources = {"CPU": job.cluster.cpus_per_worker, **({"GPU": job.cluster.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"job": job, "run_dir": str(run_dir), "board": board, "initial": initial},
+        train_loop_config={"job": job, "run_dir": str(run_dir), "board": board, "initial": initial,
+                           "env": accelerator_env(gpu)},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.cluster.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources,
@@ -122,15 +124,22 @@ def _fit(trainer: TorchTrainer, outcome: Dict[str, Any]) -> None:
 
 
 def _worker_loop(config: Dict[str, Any]) -> None:
+    os.environ.update(config["env"])
     context = ray.train.get_context()
     run_dir = Path(config["run_dir"])
     rank = context.get_world_rank()
     _redirect_output(run_dir / "logs" / f"rank{rank}.log")
     (run_dir / "logs" / f"rank{rank}.pid").write_text(str(os.getpid()))  # for operators (and the failure test)
     worker = WorkerInfo(rank=rank, world_size=context.get_world_size(), local_rank=context.get_local_rank(),
-                        node=f"node{context.get_node_rank()}/{socket.gethostname()}")
+                        node=_node_label(context.get_node_rank()))
     board = config["board"]
     train(config["job"], run_dir, worker, lambda message: board.push.remote(message), config["initial"])
+
+
+def _node_label(node_rank: int) -> str:
+    """node{rank}/{host}/{Ray node id}: Ray Train numbers nodes by IP address, so two Ray nodes on one address (a
+    test cluster on loopback, containers sharing a host IP) would otherwise be reported as one."""
+    return f"node{node_rank}/{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:6]}"
 
 
 def _redirect_output(log_file: Path) -> None:

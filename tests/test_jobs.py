@@ -1,8 +1,10 @@
-"""Job submission through Ray's Jobs API against a real Ray head on loopback: submit the default job and follow
-it to SUCCEEDED, read its logs, stop a second job, and the one-line errors. About two minutes."""
+"""Job submission through Ray's Jobs API against a real two-node Ray cluster on loopback: submit the default job and
+follow it to SUCCEEDED with its workers on both nodes, read its logs, stop a second job, and the one-line errors.
+About two minutes."""
 
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -18,15 +20,27 @@ DASHBOARD = "http://127.0.0.1:8276"
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
+    """A two-node cluster on loopback (a head and a second Ray node, one CPU each, so a 2-worker job spans both),
+    with Ray's token authentication on and a token of its own, which longtrain's Jobs client sends."""
     temp = tmp_path_factory.mktemp("ray")
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    saved = {key: os.environ.get(key) for key in token}
+    os.environ.update(token)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     ray = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
-                    "--dashboard-host=127.0.0.1", "--dashboard-port=8276", "--num-cpus=2",
+                    "--dashboard-host=127.0.0.1", "--dashboard-port=8276", "--num-cpus=1",
                     f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True,
                    timeout=180)
+    subprocess.run([ray, "start", "--address=127.0.0.1:6391", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
     yield DASHBOARD
     subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _cli(capsys, *args):
@@ -53,6 +67,8 @@ def test_submitted_job_runs_to_success_and_its_logs_hold_the_summary(ray_head, c
     assert "SUCCEEDED" in _wait_for(capsys, job_id, ("SUCCEEDED", "FAILED", "STOPPED"), 420)
     code, logs, _ = _cli(capsys, "logs", job_id, "--address", ray_head)
     assert code == 0 and "run summary" in logs and "MFU" in logs
+    node_rows = re.findall(r"^\s+(node\d+/\S+)\s+1\s", logs, re.MULTILINE)  # one rank on each of two nodes
+    assert len(set(node_rows)) == 2, logs[-2000:]
     code, listing, _ = _cli(capsys, "jobs", "--address", ray_head)
     assert job_id in listing
 
