@@ -68,14 +68,15 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
     memory = apply_plan(job, model, profile, precision)
-    compressed.apply_config(model, job.compression, job.train.seed)  # after the plan: it refuses swapped layers
-    token_elim.apply_config(model, job.token_elim)  # after the plan: refuses a layer that has a token-wise split
+    # after the plan: compression and token elimination refuse layers that have a token-wise split
+    compressing = compressed.apply_config(model, job.compression, job.train.seed)
+    token_elim.apply_config(model, job.token_elim)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(),
         config=deepspeed_config(job, use_cuda, load_universal=bool(source and source.universal)))
     sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
                           job.data.micro_batch_size, worker.rank, worker.world_size, job.train.seed)
-    start_step = _resume(engine, checkpoints, sampler, source, publish if worker.rank == 0 else None)
+    start_step = _resume(engine, checkpoints, sampler, source, publish if worker.rank == 0 else None, model)
     torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
@@ -85,7 +86,10 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
                              swap_host_bytes=memory.pool.bytes if memory else 0)
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
         if _checkpoint_due(job, step):
-            path = checkpoints.save(engine, step, {"step": step}, {"data": sampler.state()})
+            rank_state = {"data": sampler.state()}
+            if compressing:
+                rank_state["compression"] = compressed.state_dict(model)
+            path = checkpoints.save(engine, step, {"step": step}, rank_state)
             if worker.rank == 0:
                 publish({"kind": "checkpoint", "step": step, "path": str(path)})
     return {"rank": worker.rank, "start_step": start_step, "final_step": last_step}
@@ -108,11 +112,13 @@ def resume_source(checkpoint_dir: Path, initial: Optional[CheckpointRef]) -> Opt
 
 
 def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, source: Optional[CheckpointRef],
-            publish: Optional[Publish]) -> int:
+            publish: Optional[Publish], model) -> int:
     if source is None:
         return 0
     state = checkpoints.load(engine, source.tag, Path(source.dir))
     sampler.load_state(state["data"])
+    if "compression" in state:
+        compressed.load_state_dict(model, state["compression"])
     step = int(state.get("step", engine.global_steps))
     if publish:
         publish({"kind": "resumed", "step": step, "path": str(Path(source.dir) / source.tag)})

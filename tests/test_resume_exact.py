@@ -57,3 +57,13 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, z
     second = _losses(tmp_path / "split", world, f"train.zero_stage={zero_stage}")
     assert sorted(first) == list(range(1, STOP + 1)) and sorted(second) == list(range(STOP + 1, TOTAL + 1))
     assert {**first, **second} == straight
+
+
+def test_resume_with_compression_restores_running_ranges_and_sampling_steps(tmp_path):
+    """Mesa/S2A ranges are running estimates and WTA-CRS draws are seeded by a step count: both travel in the
+    per-rank checkpoint file, or the resumed losses drift from the uninterrupted run's."""
+    compression = ["compression.linear_inputs=int8", "compression.silu=int4", "compression.wta_crs_keep_ratio=0.5"]
+    straight = _losses(tmp_path / "straight", 1, *compression)
+    first = _losses(tmp_path / "split", 1, *compression, f"train.stop_at_step={STOP}")
+    second = _losses(tmp_path / "split", 1, *compression)
+    assert {**first, **second} == straight

@@ -18,7 +18,7 @@ import contextlib
 import weakref
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -330,3 +330,47 @@ def apply_config(model, section, seed: int) -> bool:
             silu_int4=quant_int4_deriv.Config(section.range_decay, section.range_groups) if section.silu == "int4"
             else None, keep_ratio=section.wta_crs_keep_ratio)
     return True
+
+
+def _stores(model) -> Dict[str, InputStore]:
+    """Every InputStore of the model once (q/k/v share one), keyed by the first module path that holds it."""
+    found: Dict[str, InputStore] = {}
+    seen = set()
+    for name, module in model.named_modules():
+        codec = module.__dict__.get("gate_codec")
+        candidates = [("store", module.__dict__.get("store")), ("up_store", module.__dict__.get("up_store")),
+                      ("gate_codec", codec.store if codec is not None else None)]
+        for attribute, store in candidates:
+            if isinstance(store, InputStore) and id(store) not in seen:
+                seen.add(id(store))
+                found[f"{name}.{attribute}"] = store
+    return found
+
+
+def state_dict(model) -> Dict[str, dict]:
+    """What a resume needs to continue bit for bit: each store's running range and sampling step.
+
+    Why: the ranges are running estimates and the random draws are seeded by the step count, so a run resumed
+    without them quantises and samples differently from the run it continues."""
+    state = {}
+    for key, store in _stores(model).items():
+        running = store.running
+        state[key] = {"step": store.step,
+                      "alpha": running.alpha.cpu() if running is not None and running.alpha is not None else None,
+                      "beta": running.beta.cpu() if running is not None and running.beta is not None else None}
+    return state
+
+
+def load_state_dict(model, state: Dict[str, dict]) -> None:
+    """Restore `state_dict`'s output into a model compressed with the same settings (one line if it differs)."""
+    stores = _stores(model)
+    if set(stores) != set(state):
+        raise ConfigError(f"the checkpoint's compression state covers {len(state)} stores and this model has "
+                          f"{len(stores)}; resume with the compression section the run was started with")
+    device = next(model.parameters()).device
+    for key, store in stores.items():
+        saved = state[key]
+        store.step = saved["step"]
+        if store.running is not None and saved["alpha"] is not None:
+            store.running.alpha = saved["alpha"].to(device)
+            store.running.beta = saved["beta"].to(device)
