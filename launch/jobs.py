@@ -46,7 +46,13 @@ def _token_header() -> dict:
 
 
 def submit(config_path: Optional[str], overrides: Sequence[str], address: str) -> int:
-    load_job_config(config_path, overrides)  # a bad config fails here, in one line, not on the cluster
+    job = load_job_config(config_path, overrides)  # a bad config fails here, in one line, not on the cluster
+    run_place = job.run.dir or job.run.root
+    if not Path(run_place).is_absolute():
+        key = "run.dir" if job.run.dir else "run.root"
+        raise LongtrainError(f"{key}={run_place} is relative: on the cluster it would lie inside the job's working "
+                             "directory, which Ray deletes (the run and its checkpoints with it); pass "
+                             f"{key}=/ABSOLUTE/PATH on storage every node shares")
     client = connect(address)
     arguments = ([config_path] if config_path else []) + [o for o in overrides if not o.startswith("cluster.address")]
     entrypoint = " ".join(["python", "-m", "launch.cli", "train", *map(shlex.quote, arguments),

@@ -5,8 +5,10 @@ About two minutes."""
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from launch.cli import main
 
 pytestmark = pytest.mark.slow
 DASHBOARD = "http://127.0.0.1:8276"
+RUNS = Path(tempfile.mkdtemp(prefix="longtrain-test-jobs-"))
+"""Run directories of the submitted jobs: an absolute path, as on a real cluster's shared storage."""
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,7 @@ def ray_head(tmp_path_factory):
                     "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
     yield DASHBOARD
     subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(RUNS, ignore_errors=True)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -61,11 +66,12 @@ def _wait_for(capsys, job_id, wanted, seconds):
 
 def test_submitted_job_runs_to_success_and_its_logs_hold_the_summary(ray_head, capsys):
     code, out, _ = _cli(capsys, "submit", "train.max_steps=30", "train.log_every_steps=10",
-                        "checkpoint.every_steps=0", "--address", ray_head)
+                        "checkpoint.every_steps=0", f"run.root={RUNS}", "--address", ray_head)
     assert code == 0 and "longtrain logs" in out
     job_id = re.search(r"submitted (\S+)", out).group(1)
-    assert "SUCCEEDED" in _wait_for(capsys, job_id, ("SUCCEEDED", "FAILED", "STOPPED"), 420)
+    status = _wait_for(capsys, job_id, ("SUCCEEDED", "FAILED", "STOPPED"), 420)
     code, logs, _ = _cli(capsys, "logs", job_id, "--address", ray_head)
+    assert "SUCCEEDED" in status, logs[-3000:]
     assert code == 0 and "run summary" in logs and "MFU" in logs
     node_rows = re.findall(r"^\s+(node\d+/\S+)\s+1\s", logs, re.MULTILINE)  # one rank on each of two nodes
     assert len(set(node_rows)) == 2, logs[-2000:]
@@ -74,7 +80,7 @@ def test_submitted_job_runs_to_success_and_its_logs_hold_the_summary(ray_head, c
 
 
 def test_a_running_job_can_be_stopped(ray_head, capsys):
-    code, out, _ = _cli(capsys, "submit", "train.max_steps=5000", "--address", ray_head)
+    code, out, _ = _cli(capsys, "submit", "train.max_steps=5000", f"run.root={RUNS}", "--address", ray_head)
     job_id = re.search(r"submitted (\S+)", out).group(1)
     _wait_for(capsys, job_id, ("RUNNING",), 120)
     assert _cli(capsys, "stop", job_id, "--address", ray_head)[0] == 0
@@ -86,10 +92,12 @@ def test_unknown_job_and_bad_config_fail_in_one_line(ray_head, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not found" in err
     code, _, err = _cli(capsys, "submit", "model.num_layrs=3", "--address", ray_head)
     assert code == 2 and "model.num_layrs" in err
+    code, _, err = _cli(capsys, "submit", "run.root=runs", "--address", ray_head)  # would vanish with the job
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "run.root=runs is relative" in err
 
 
 def test_a_gpu_job_on_a_cluster_without_gpus_fails_with_the_reason_in_status(ray_head, capsys):
-    code, out, _ = _cli(capsys, "submit", "cluster.use_gpu=true", "--address", ray_head)
+    code, out, _ = _cli(capsys, "submit", "cluster.use_gpu=true", f"run.root={RUNS}", "--address", ray_head)
     job_id = re.search(r"submitted (\S+)", out).group(1)
     status = _wait_for(capsys, job_id, ("FAILED", "SUCCEEDED", "STOPPED"), 180)
     assert "FAILED" in status
