@@ -3,13 +3,13 @@ losses of an uninterrupted run, for ZeRO 0, 2 and 3 with 1 and 2 workers. The wo
 (`orchestrator.trainer.train`) in spawned processes over gloo, without Ray, to keep this matrix fast."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
 from orchestrator.config import load_job_config
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 STOP, TOTAL = 4, 8
@@ -28,19 +28,13 @@ def _worker(rank, world, port, job, run_dir, queue):
     os._exit(0)  # see tests/test_resume_reshape.py: skip C++ teardown, which sometimes aborts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(run_dir: Path, world: int, *overrides):
     job = load_job_config(None, [f"cluster.num_workers={world}", f"train.max_steps={TOTAL}", "train.log_every_steps=1",
                                  "optim.warmup_steps=2", "checkpoint.every_steps=0", "data.seq_len=128",
                                  "data.micro_batch_size=4", *overrides])
     with mp.get_context("spawn").Manager() as manager:
         queue = manager.Queue()
-        mp.start_processes(_worker, args=(world, _free_port(), job, str(run_dir), queue), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), job, str(run_dir), queue), nprocs=world,
                            start_method="spawn", join=True)
         messages = []
         while not queue.empty():

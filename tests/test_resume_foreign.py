@@ -7,7 +7,6 @@ The checkpoints are written by a small script that calls DeepSpeed directly (`de
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from orchestrator.config import load_job_config
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 BASE = ["cluster.num_workers=1", "train.max_steps=8", "train.log_every_steps=1", "optim.warmup_steps=2",
@@ -119,12 +119,6 @@ def _runs(rank, world, port, root, queue):
     os._exit(0)  # see tests/test_resume_reshape.py: skip C++ teardown, which sometimes aborts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _save_sharded(state: dict, directory: Path) -> None:
     from safetensors.torch import save_file
 
@@ -144,7 +138,7 @@ def foreign(tmp_path_factory):
     _save_sharded(hf_state(reference_model()), root / "hf_sharded")
     with mp.get_context("spawn").Manager() as manager:
         queue = manager.Queue()
-        mp.start_processes(_runs, args=(1, _free_port(), str(root), queue), nprocs=1, start_method="spawn")
+        mp.start_processes(_runs, args=(1, free_port(), str(root), queue), nprocs=1, start_method="spawn")
         losses = {}
         while not queue.empty():
             name, value = queue.get()
