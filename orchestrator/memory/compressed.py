@@ -29,6 +29,8 @@ from orchestrator.memory import quant_int4_deriv, quant_int8, wta_crs
 from orchestrator.model import MLP, RMSNorm, _RMSNormFunction
 
 _replay_depth = 0
+BACKWARD_CHUNK_ELEMENTS = 2**24
+"""Elements of the SwiGLU backward restored at once (fp32 temporaries of ~6 x 64 MiB)."""
 
 
 @contextlib.contextmanager
@@ -79,6 +81,23 @@ class Packed:
         if weight is not None:
             rows = rows.float() * weight.unsqueeze(1)
         return rows.to(self.dtype), index
+
+    def restore_rows(self, tensors, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of an unsampled compact tensor, in fp32, without restoring the rest (a backward that
+        works chunk by chunk keeps its fp32 temporaries to one chunk)."""
+        tensors = list(tensors)
+        columns = self.shape[-1]
+        if self.bits == 16:
+            return tensors[0].reshape(-1, columns)[start:stop].float()
+        codes, scale, offset = tensors
+        if self.bits == 4:  # two codes per byte in row-major order: `start * columns` must be even
+            assert start * columns % 2 == 0, "4-bit rows must start on a byte"
+            codes = quant_int4_deriv.unpack_nibbles(codes[start * columns // 2:(stop * columns + 1) // 2],
+                                                    (stop - start) * columns)
+        else:
+            codes = codes.reshape(-1, columns)[start:stop]
+        codes = codes.reshape(stop - start, scale.numel(), -1)
+        return quant_int8.Int8Codes(codes, scale, offset, (stop - start, columns), torch.float32).dequantize()
 
 
 class InputStore:
@@ -220,14 +239,22 @@ class _CompactSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """Chunk by chunk of rows: restoring the whole gate and up in fp32 (with silu and silu' beside them) made
+        this backward's peak larger than plain autograd's (H100, 64K tokens: 46.9 vs 42.9 GiB for 4 layers)."""
         tensors = ctx.saved_tensors
         up_tensors, gate_tensors = tensors[:ctx.num_up], tensors[ctx.num_up:]
-        up, _ = ctx.up_packed.restore(up_tensors)
-        value, slope = ctx.gate_codec.restore(ctx.gate_meta, gate_tensors, ctx.gate_shape)
-        grad32 = grad.float()
-        grad_gate = grad32 * up.reshape(grad.shape).float() * slope
-        grad_up = grad32 * value
-        return (grad_gate.to(grad.dtype), grad_up.to(grad.dtype), None, None, None, None) + (None,) * len(tensors)
+        columns = grad.shape[-1]
+        grad_rows = grad.reshape(-1, columns)
+        grad_gate, grad_up = torch.empty_like(grad_rows), torch.empty_like(grad_rows)
+        step = max(2, BACKWARD_CHUNK_ELEMENTS // columns // 2 * 2)  # even: 4-bit chunks start on a byte
+        for start in range(0, grad_rows.shape[0], step):
+            stop = min(start + step, grad_rows.shape[0])
+            up = ctx.up_packed.restore_rows(up_tensors, start, stop)
+            value, slope = ctx.gate_codec.evaluate(ctx.gate_meta.restore_rows(gate_tensors, start, stop))
+            grad32 = grad_rows[start:stop].float()
+            grad_gate[start:stop] = grad32 * up * slope
+            grad_up[start:stop] = grad32 * value
+        return (grad_gate.view(grad.shape), grad_up.view(grad.shape), None, None, None, None) + (None,) * len(tensors)
 
 
 class GateCodec:
@@ -241,7 +268,11 @@ class GateCodec:
 
     def restore(self, meta: Packed, tensors, shape: tuple):
         gate, _ = meta.restore(tensors)
-        gate = gate.float().reshape(shape)
+        return self.evaluate(gate.float().reshape(shape))
+
+    @staticmethod
+    def evaluate(gate: torch.Tensor):
+        """silu and silu' at the restored (fp32) gate levels."""
         return F.silu(gate), quant_int4_deriv.silu_derivative(gate)
 
 
