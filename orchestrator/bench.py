@@ -28,9 +28,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from orchestrator.config import JobConfig, load_job_config
+from orchestrator.config import JobConfig
 from orchestrator.memory.tokenwise import apply_policies
 from orchestrator.model import DecoderLayer, rope_tables
+from planner.calibration import bench_job, not_in_bench_bytes
 from planner.flops import attention_forward_flops_per_token, layer_matmul_params
 from planner.hardware import HardwareProfile
 from planner.planning import PlanInfeasible, make_plan
@@ -83,12 +84,6 @@ TRACE = False
 """Profile one extra step of the longtrain rows (`longtrain bench --trace`)."""
 TRACE_DIR = None
 """Where `--trace` keeps each traced step's Chrome trace (gzip), next to the report."""
-
-
-def bench_job(num_layers: int, seq_len: int, preset: str) -> JobConfig:
-    return load_job_config(None, [f"model.preset={preset}", f"model.num_layers={num_layers}",
-                                  f"data.seq_len={seq_len}", "data.micro_batch_size=1", "cluster.num_workers=1",
-                                  "train.zero_stage=0", "optim.warmup_steps=1", "train.max_steps=2"])
 
 
 def layer_flops_per_token(job: JobConfig, causal_halved: bool) -> float:
@@ -277,9 +272,7 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
               for d in plan.layers}
     row.note = "plan keep/swap/recompute/skeletal-host: " + "; ".join(
         f"{k:.2f}/{s:.2f}/{r:.2f}/{o}" for k, s, r, o in sorted(groups))
-    not_in_bench = (static.optimizer_states + static.buffers + static.embedding_activations
-                    + static.head_and_loss)
-    row.predicted_peak_gib = plan.predicted["peak_gpu_gib"] - not_in_bench / GIB
+    row.predicted_peak_gib = plan.predicted["peak_gpu_gib"] - not_in_bench_bytes(static) / GIB
     row.predicted_step_seconds = outcome.policy.micro_batch_seconds - 3 * cost.head_seconds()
 
     arena = plan_arena(plan) if use_arena else None

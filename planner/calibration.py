@@ -141,10 +141,16 @@ def assignments(num_groups: int, num_layers: int) -> List[Tuple[int, ...]]:
 
 
 def bench_job(num_layers: int, seq_len: int, preset: str = "llama-7b"):
-    """The job `longtrain bench` plans for (the same overrides as orchestrator.bench.bench_job)."""
+    """The job `longtrain bench` plans and measures (defined here, where the calibration re-predicts its rows)."""
     return load_job_config(None, [f"model.preset={preset}", f"model.num_layers={num_layers}",
                                   f"data.seq_len={seq_len}", "data.micro_batch_size=1", "cluster.num_workers=1",
                                   "train.zero_stage=0", "optim.warmup_steps=1", "train.max_steps=2"])
+
+
+def not_in_bench_bytes(static) -> float:
+    """The part of a plan's static memory the bench does not allocate (it runs layers only: no optimizer,
+    buffers, embedding or LM head)."""
+    return static.optimizer_states + static.buffers + static.embedding_activations + static.head_and_loss
 
 
 def predict(seq_len: int, num_layers: int, decisions: Sequence[Dict], profile: HardwareProfile,
@@ -172,7 +178,7 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[Dict], profile: H
         block = solve_layout(layer_block_buffers(layer, plain=True), LAYOUT_SECONDS)
     step = solve_layout(step_buffers(layer, decisions, block.arena_bytes, cost.head_and_loss_bytes(), [1.0] * n),
                         LAYOUT_SECONDS)
-    not_in_bench = static.optimizer_states + static.buffers + static.embedding_activations + static.head_and_loss
+    not_in_bench = not_in_bench_bytes(static)
     peak = calibrated_peak_bytes(profile, static.total - static.head_and_loss, step.arena_bytes) - not_in_bench
     return Prediction(step_seconds=matmul + attention + stalls, peak_gib=peak / GIB, matmul_seconds=matmul,
                       attention_seconds=attention, stall_seconds=stalls,
