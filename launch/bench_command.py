@@ -36,8 +36,8 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
           f"seq_len {seq_lens}, {repeats} timed steps per row after one warm-up")
     print(_header())
     rows = run_bench(layers, seq_lens, modes, profile, repeats, on_row=_print_row)
-    longest = longest_trained(rows)
-    print("longest sequence trained: " + ", ".join(f"{mode} {seq:,}" for mode, seq in longest.items()))
+    longest = ", ".join(f"{mode} {seq:,}" for mode, seq in longest_trained(rows).items())
+    print(f"longest sequence trained: {longest}")
     meta = {"device": device, "profile": profile.name, "layers": layers, "repeats": repeats,
             "torch": torch.__version__, "command": f"longtrain bench --layers {layers} --seq-lens "
             f"{','.join(map(str, seq_lens))} --modes {','.join(modes)} --repeats {repeats}"
@@ -46,8 +46,7 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
                        + (f" --swap-hidden {swap_hidden}" if swap_hidden is not None else "")
                        + (" --trace" if trace else "")}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(meta, rows) + "\nLongest sequence trained: " + ", ".join(
-        f"{mode} {seq:,}" for mode, seq in longest.items()) + "\n")
+    stem.with_suffix(".md").write_text(markdown(meta, rows) + f"\nLongest sequence trained: {longest}\n")
     plot(rows, stem.with_suffix(".png"), meta)
     print(f"wrote {stem}.json, .md, .png")
     return 0
