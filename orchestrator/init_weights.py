@@ -14,7 +14,7 @@ import torch
 
 from orchestrator.checkpoint_check import inspect_checkpoint, resolve_tag
 from orchestrator.config import ModelConfig
-from orchestrator.weights import (check_shapes, is_hf_name, is_safetensors_source, load_weights,
+from orchestrator.weights import (check_shapes, expected_shapes, is_hf_name, is_safetensors_source, load_weights,
                                   read_deepspeed_weights, read_safetensors, renamed_shapes, safetensors_shapes)
 
 
@@ -40,7 +40,7 @@ def model_shapes(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     from orchestrator.model import LlamaModel
 
     with torch.device("meta"):
-        return {name: tuple(t.shape) for name, t in LlamaModel(config).state_dict().items()}
+        return expected_shapes(LlamaModel(config))
 
 
 def _source_shapes(spec: str):

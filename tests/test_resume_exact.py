@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
+from launch.profile_hardware import free_port
 from orchestrator.config import load_job_config
-from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 STOP, TOTAL = 4, 8

@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from launch.profile_hardware import free_port
 from orchestrator.config import load_job_config
-from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 BASE = ["cluster.num_workers=1", "train.max_steps=8", "train.log_every_steps=1", "optim.warmup_steps=2",
