@@ -17,10 +17,10 @@ from planner.flops import parameter_count
 
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     job = load_job_config(config_path, overrides)
-    if job.parallel.sp_degree > 1:
-        raise ConfigError(f"parallel.sp_degree={job.parallel.sp_degree}: Ulysses sequence parallelism is planned "
-                          "(`longtrain plan`) but `longtrain train` does not run it yet; set parallel.sp_degree=1")
     _check_plan_early(job)
+    if job.train.activation_checkpointing == "deepspeed_cpu" and not uses_cuda(job.cluster):
+        raise ConfigError("train.activation_checkpointing=deepspeed_cpu needs GPUs (DeepSpeed loses the host copies "
+                          "of CPU tensors); use train.activation_checkpointing=deepspeed on CPU")
     _check_predictors_early(job)
     placement = place_run(job)
     check_same_model(job, placement)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from orchestrator.config import JobConfig
+from orchestrator.memory.ds_checkpointing import deepspeed_layer_runner
 from orchestrator.memory.tokenwise import apply_policies
 from orchestrator.model import DecoderLayer, rope_tables
 from planner.calibration import bench_job, not_in_bench_bytes
@@ -179,7 +180,7 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
 
         wrap = lambda layer, x, cos, sin: checkpoint(layer, x, cos, sin, use_reentrant=False)  # noqa: E731
     elif mode == "deepspeed_cpu_ckpt":
-        wrap = _deepspeed_checkpoint(job.model.num_layers)
+        wrap = deepspeed_layer_runner(job.model.num_layers, in_cpu=True)
     elif mode == "save_on_cpu":
         context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
         host_bytes = _pinned_bytes
@@ -213,22 +214,6 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
             p.grad = None
 
     return step, host_bytes
-
-
-def _deepspeed_checkpoint(num_layers: int):
-    """DeepSpeed's checkpointing needs its process group, even for one process: a one-rank group on loopback."""
-    import os
-
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", "29517")):
-            os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend="nccl")
-    deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=True,
-                                      contiguous_checkpointing=False, num_checkpoints=num_layers)
-    return lambda layer, x, cos, sin: deepspeed.checkpointing.checkpoint(layer, x, cos, sin)
 
 
 def _pinned_bytes() -> float:

@@ -86,6 +86,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.sequence_parallel = None
+        """Set by `orchestrator.sequence_parallel.install`: attention over the whole sequence from this rank's shard."""
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B, H, S, D], k and v [B, Hkv, S, D], RoPE applied: per token, so any token slice recomputes alone."""
@@ -97,6 +99,8 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over all tokens: [B, H, S, D]."""
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -180,6 +184,9 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.layer_runner = None
+        """Set by a technique that runs whole layers itself (DeepSpeed activation checkpointing): called as
+        runner(layer, x, cos, sin)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -199,7 +206,7 @@ class LlamaModel(nn.Module):
         x = self.embed(tokens)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin) if self.layer_runner is None else self.layer_runner(layer, x, cos, sin)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,

@@ -18,7 +18,8 @@ from orchestrator.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
 from orchestrator.init_weights import load_init_from
-from orchestrator.memory import compressed
+from orchestrator import sequence_parallel
+from orchestrator.memory import compressed, ds_checkpointing
 from orchestrator.memory.arena import KeptArena
 from orchestrator.memory import token_elim
 from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_policies
@@ -60,6 +61,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     _set_device_and_threads(worker, use_cuda, job.cluster.cpus_per_worker)
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    sp_group = sequence_parallel.sequence_groups(job.parallel.sp_degree)
     model = LlamaModel(job.model)
     checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier)
     source = resume_source(checkpoints.dir, initial)
@@ -71,17 +73,21 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     # after the plan: compression and token elimination refuse layers that have a token-wise split
     compressing = compressed.apply_config(model, job.compression, job.train.seed)
     token_elim.apply_config(model, job.token_elim)
+    ds_checkpointing.install(model, job.train.activation_checkpointing)
+    if sp_group is not None:
+        sequence_parallel.install(model, sp_group, split_layers=set(memory.policies) if memory else set())
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(),
         config=deepspeed_config(job, use_cuda, load_universal=bool(source and source.universal)))
+    sp = job.parallel.sp_degree  # the ranks of one sequence-parallel group read the same windows
     sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
-                          job.data.micro_batch_size, worker.rank, worker.world_size, job.train.seed)
+                          job.data.micro_batch_size, worker.rank // sp, worker.world_size // sp, job.train.seed)
     start_step = _resume(engine, checkpoints, sampler, source, publish if worker.rank == 0 else None, model)
     torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
     for step in range(start_step + 1, last_step + 1):
-        loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter)
+        loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group)
         reading = meter.stop(step, loss, scheduler.get_last_lr()[0], _tokens_per_step(job),
                              swap_host_bytes=memory.pool.bytes if memory else 0)
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
@@ -165,22 +171,31 @@ def plan_arena(plan) -> Optional[KeptArena]:
     return KeptArena(plan.runtime_arena, device)
 
 
-def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: StepMeter) -> float:
-    """One optimizer step (grad_accum_steps micro-batches); starts after a barrier so stragglers show."""
+def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: StepMeter, sp_group) -> float:
+    """One optimizer step (grad_accum_steps micro-batches); starts after a barrier so stragglers show. With
+    sequence parallelism each rank feeds its token shard at its global positions; the loss returned is the
+    whole sequence's (the mean over the group's shards)."""
     dist.barrier()
     meter.start()
     total = torch.zeros((), device=engine.device)
     for _ in range(grad_accum_steps):
-        inputs, targets = (t.to(engine.device) for t in sampler.next_batch())
-        loss = engine(inputs, targets=targets)
+        inputs, targets = sampler.next_batch()
+        shard = sequence_parallel.shard_of(inputs, sp_group)
+        positions = torch.arange(inputs.shape[1])[shard].to(engine.device)
+        loss = engine(inputs[:, shard].to(engine.device), targets=targets[:, shard].to(engine.device),
+                      positions=positions)
         engine.backward(loss)
         engine.step()
         total += loss.detach().float()
+    if sp_group is not None:
+        dist.all_reduce(total, group=sp_group)
+        total /= dist.get_world_size(sp_group)
     return (total / grad_accum_steps).item()
 
 
 def _tokens_per_step(job: JobConfig) -> int:
-    return job.data.micro_batch_size * job.data.seq_len * job.train.grad_accum_steps
+    """Tokens one rank processes per step (its shard of each sequence)."""
+    return job.data.micro_batch_size * job.data.seq_len * job.train.grad_accum_steps // job.parallel.sp_degree
 
 
 def _log_due(job: JobConfig, step: int, start_step: int) -> bool:

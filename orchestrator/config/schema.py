@@ -17,6 +17,7 @@ TOKEN_BLOCK = 64
 DATA_SOURCES = ("corpus", "synthetic", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("auto", "bf16", "fp32")
+ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu")
 
 
 @dataclass
@@ -146,6 +147,10 @@ class TrainConfig:
     log_every_steps: int = 10
     max_failures: int = 0
     """Times Ray restarts the worker group after a worker dies (it resumes from the latest checkpoint)."""
+    activation_checkpointing: str = "none"
+    """DeepSpeed's own activation checkpointing of every layer instead of a plan: `deepspeed` keeps each layer's
+    input on the GPU, `deepspeed_cpu` in host memory (with Ulysses: DeepSpeed's long-sequence recipe). The
+    baseline a plan is measured against; not with plan.path."""
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
     """Escape hatch: keys merged last into the generated DeepSpeed config (see README)."""
 
@@ -157,6 +162,9 @@ class TrainConfig:
             found.append(f"train.precision ({self.precision!r}) must be one of {', '.join(PRECISIONS)}")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
             found.append(f"train.stop_at_step ({self.stop_at_step}) must be in 1..train.max_steps ({self.max_steps})")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            found.append(f"train.activation_checkpointing ({self.activation_checkpointing!r}) must be one of "
+                         f"{', '.join(ACTIVATION_CHECKPOINTING)}")
         if self.max_failures < 0:
             found.append(f"train.max_failures ({self.max_failures}) must be >= 0 (-1 is not supported)")
         return found
@@ -380,6 +388,9 @@ class JobConfig:
             found.append(f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for data.source=corpus "
                          "(byte tokens); set model.vocab_size=256")
         found += self._parallel_problems() + self._token_elim_problems()
+        if self.train.activation_checkpointing != "none" and self.plan.path:
+            found.append(f"train.activation_checkpointing={self.train.activation_checkpointing} and plan.path "
+                         f"({self.plan.path}) both decide what layers keep; set one of them")
         if self.optim.warmup_steps >= self.train.max_steps > 0:
             found.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.max_steps "
                          f"({self.train.max_steps}); lower the warm-up or train longer")

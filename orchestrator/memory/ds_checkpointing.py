@@ -1,0 +1,38 @@
+"""DeepSpeed's activation checkpointing of whole layers: the baseline a memory plan is measured against.
+
+Each layer saves only its input (on the GPU, or in host memory with `in_cpu`, DeepSpeed's `checkpoint_in_cpu`) and
+runs its forward again in backward, attention included.
+"""
+
+import os
+
+import torch
+
+from orchestrator.errors import ConfigError
+
+
+def deepspeed_layer_runner(num_layers: int, in_cpu: bool):
+    """A `runner(layer, x, cos, sin)` that checkpoints the layer with DeepSpeed. DeepSpeed's checkpointing needs
+    its process group, even in one process (a benchmark): a one-rank group on loopback is made if none exists."""
+    import deepspeed
+
+    if in_cpu and not torch.cuda.is_available():
+        # deepspeed 0.19.8 copies a CPU input to the host with a no-op `.to("cpu")`, then empties it: the input is lost
+        raise ConfigError("train.activation_checkpointing=deepspeed_cpu needs a GPU (on CPU there is no device "
+                          "memory to free and DeepSpeed loses the copied inputs); use deepspeed on CPU")
+    if not torch.distributed.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", "29517")):
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=in_cpu,
+                                      contiguous_checkpointing=False, num_checkpoints=num_layers)
+    # cos and sin go in by closure: DeepSpeed's blocking host-copy path (CPU) empties every floating-point argument
+    # after copying it, and the position tables are shared by all layers
+    return lambda layer, x, cos, sin: deepspeed.checkpointing.checkpoint(lambda hidden: layer(hidden, cos, sin), x)
+
+
+def install(model, mode: str) -> None:
+    """train.activation_checkpointing: none, deepspeed or deepspeed_cpu."""
+    if mode != "none":
+        model.layer_runner = deepspeed_layer_runner(len(model.layers), in_cpu=mode == "deepspeed_cpu")

@@ -1,0 +1,104 @@
+"""Ulysses sequence parallelism (DeepSpeed's all-to-all) gives the unsplit model's loss and gradients, on both
+attention paths: DeepSpeed's DistributedAttention (plain layers) and the shard-saving path under a token-wise
+swap / recompute plan. Two gloo ranks on CPU, fp32."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from launch.profile_hardware import free_port
+from orchestrator.config import ModelConfig
+from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+from orchestrator.model import LlamaModel
+from orchestrator.sequence_parallel import install, sequence_groups, shard_of
+
+MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64)
+SEQ = 48
+POLICIES = {1: LayerPolicy(keep_fraction=0.25, swap_fraction=0.5, recompute_fraction=0.25),
+            2: LayerPolicy(keep_fraction=0.5, swap_fraction=0.0, recompute_fraction=0.5, offload_skeletal=True)}
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, MODEL.vocab_size, (2, SEQ + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _model(with_plan: bool):
+    torch.manual_seed(3)
+    model = LlamaModel(MODEL)
+    if with_plan:
+        apply_policies(model, POLICIES)
+    return model
+
+
+def _loss_and_grads(model, inputs, targets, positions=None):
+    loss = model(inputs, targets=targets, positions=positions)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _worker(rank, world, port, with_plan, out_path):
+    import os
+
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's all-to-all runs on its own comm layer
+    torch.set_num_threads(1)
+    group = sequence_groups(world)
+    model = _model(with_plan)
+    install(model, group, split_layers=set(POLICIES) if with_plan else set())
+    inputs, targets = _batch()
+    shard = shard_of(inputs, group)
+    positions = torch.arange(SEQ)[shard]
+    loss, grads = _loss_and_grads(model, inputs[:, shard], targets[:, shard], positions)
+    dist.all_reduce(loss)
+    for grad in grads.values():  # what ZeRO does: the average over ranks
+        dist.all_reduce(grad)
+        grad /= world
+    if rank == 0:
+        torch.save((loss.item() / world, grads), out_path)  # a file: a queue's pipe fills and blocks the rank
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_split(with_plan: bool, tmp_path):
+    out_path = str(tmp_path / "rank0.pt")
+    mp.start_processes(_worker, args=(2, free_port(), with_plan, out_path), nprocs=2, start_method="spawn")
+    return torch.load(out_path)
+
+
+def _check_equal_to_unsplit(with_plan: bool, tmp_path):
+    inputs, targets = _batch()
+    torch.set_num_threads(1)
+    reference_loss, reference = _loss_and_grads(_model(with_plan=False), inputs, targets)
+    loss, grads = _run_split(with_plan, tmp_path)
+    assert abs(loss - reference_loss.item()) < 1e-6
+    for name, grad in reference.items():
+        scale = grad.abs().max().item()
+        assert (grads[name] - grad).abs().max().item() <= 1e-5 * max(scale, 1e-3), name
+
+
+def test_ulysses_with_deepspeed_distributed_attention_equals_the_unsplit_model(tmp_path):
+    _check_equal_to_unsplit(False, tmp_path)
+
+
+def test_ulysses_under_a_swap_and_recompute_plan_equals_the_unsplit_model(tmp_path):
+    _check_equal_to_unsplit(True, tmp_path)
+
+
+def test_shard_saving_attention_equals_sdpa_on_one_rank_group():
+    """The flash forward/backward pair the shard-saving path calls equals SDPA's autograd bit for bit (CPU)."""
+    from orchestrator.sequence_parallel import flash_backward, flash_forward
+
+    q, k, v = (torch.randn(1, 4, 64, 8, requires_grad=True) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    grad = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, (q, k, v), grad)
+    out, lse, extras = flash_forward(q.detach(), k.detach(), v.detach())
+    assert torch.equal(out, reference.detach())
+    for got, want in zip(flash_backward(grad, q.detach(), k.detach(), v.detach(), out, lse, extras), expected):
+        assert torch.equal(got, want)

@@ -1,0 +1,40 @@
+"""`longtrain train` with Ulysses sequence parallelism (parallel.sp_degree=2: two Ray workers share each
+sequence) trains the same model as one worker holding the whole sequence: equal losses step by step, also with
+DeepSpeed's activation checkpointing (its long-sequence recipe keeps the inputs in host memory: GPU only). Real Ray, DeepSpeed and gloo on CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+COMMON = ["train.max_steps=5", "train.log_every_steps=1", "checkpoint.every_steps=0", "data.micro_batch_size=2",
+          "optim.warmup_steps=1", "train.zero_stage=3"]
+
+
+def _losses(cwd: Path, *overrides: str):
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", *COMMON, *overrides], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (cwd / "runs").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [message["rows"][0]["loss"] for message in rows if message.get("rows")], rows
+
+
+@pytest.fixture(scope="module")
+def whole_sequence(tmp_path_factory):
+    losses, _ = _losses(tmp_path_factory.mktemp("whole"), "cluster.num_workers=1")
+    return losses
+
+
+@pytest.mark.parametrize("recipe", ["none", "deepspeed"])  # deepspeed_cpu: GPU only (tests/test_gpu.py)
+def test_two_ranks_sharing_each_sequence_train_like_one(tmp_path, whole_sequence, recipe):
+    losses, rows = _losses(tmp_path, "cluster.num_workers=2", "parallel.sp_degree=2",
+                           f"train.activation_checkpointing={recipe}")
+    assert len(losses) == len(whole_sequence) == 5
+    for got, want in zip(losses, whole_sequence):
+        assert abs(got - want) <= 1e-4 * abs(want), (losses, whole_sequence)
+    # each rank counts its own shard: half the sequence's tokens
+    assert rows[-1]["rows"][0]["tokens"] == 2 * 256 // 2
