@@ -95,23 +95,21 @@ def _check_predictors_early(job: JobConfig) -> None:
 
 
 def _check_techniques_compose(job: JobConfig) -> None:
-    """Token elimination and hand-chosen compression do not run on layers the plan splits into kept / swapped /
-    recomputed tokens yet; say so in one line here rather than from every worker after Ray has started."""
-    from orchestrator.memory import compressed, token_elim
+    """Token elimination does not run on layers the plan splits into kept / swapped / recomputed tokens yet (its
+    kept indices are not reused on recompute); say so in one line here rather than from every worker after Ray
+    has started. Compression composes: the plan splits its compact tensors by token."""
+    from orchestrator.memory import token_elim
     from orchestrator.trainer import plan_policies
     from planner.plan_file import load_plan
 
+    if not job.token_elim.enabled:
+        return
     split = sorted(i for i, p in plan_policies(load_plan(Path(job.plan.path))).items() if not p.is_plain)
-    chosen = {"token_elim": token_elim.keep_ratios(job.token_elim, job.model.num_layers) if job.token_elim.enabled
-              else {},
-              "compression": compressed.layer_indices(job.compression.layers, job.model.num_layers)
-              if job.compression.is_active else []}
-    for section, layers in chosen.items():
-        both = sorted(set(split) & set(layers))
-        if both:
-            raise ConfigError(f"{section} applies to layers {both}, which the plan {job.plan.path} splits into "
-                              f"kept / swapped / recomputed tokens; they do not compose yet: re-plan with more "
-                              f"plan.gpu_memory_fraction, drop those layers from {section}, or run without plan.path")
+    both = sorted(set(split) & set(token_elim.keep_ratios(job.token_elim, job.model.num_layers)))
+    if both:
+        raise ConfigError(f"token_elim applies to layers {both}, which the plan {job.plan.path} splits into "
+                          f"kept / swapped / recomputed tokens; they do not compose yet: re-plan with more "
+                          f"plan.gpu_memory_fraction, drop those layers from token_elim, or run without plan.path")
 
 
 def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:

@@ -123,8 +123,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> dict:
+        """silu(gate) * up and the intermediates autograd saves (a compressed MLP saves compact codes instead)."""
+        silu_gate = F.silu(gate)
+        return {"silu_gate": silu_gate, "gated": silu_gate * up}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x))["gated"])
 
 
 class DecoderLayer(nn.Module):
@@ -166,10 +171,9 @@ class DecoderLayer(nn.Module):
         residual = x + self.attn.o_proj(merge_heads(attn_out))
         normed = self.mlp_norm(residual)
         gate, up = self.mlp.gate_proj(normed), self.mlp.up_proj(normed)
-        silu_gate = F.silu(gate)
-        gated = silu_gate * up
-        return {"attn_residual": residual, "mlp_norm_out": normed, "gate": gate, "up": up,
-                "silu_gate": silu_gate, "gated": gated, "out": residual + self.mlp.down_proj(gated)}
+        swiglu = self.mlp.swiglu(gate, up)
+        return {"attn_residual": residual, "mlp_norm_out": normed, "gate": gate, "up": up, **swiglu,
+                "out": residual + self.mlp.down_proj(swiglu["gated"])}
 
 
 class LlamaModel(nn.Module):

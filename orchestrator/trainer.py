@@ -70,7 +70,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
     memory = apply_plan(job, model, profile, precision)
-    # after the plan: compression and token elimination refuse layers that have a token-wise split
+    # after the plan: token elimination refuses layers that have a token-wise split (compression composes)
     compressing = compressed.apply_config(model, job.compression, job.train.seed)
     token_elim.apply_config(model, job.token_elim)
     ds_checkpointing.install(model, job.train.activation_checkpointing)

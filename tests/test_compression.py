@@ -54,13 +54,9 @@ def test_forward_is_bitwise_exact_and_parameters_stay_the_same_objects(dtype):
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
 
 
-def test_nothing_installed_by_default_and_swapped_layers_are_refused():
+def test_nothing_installed_by_default():
     job, model, _ = _pair([])
     assert not compressed.apply_config(model, job.compression, seed=0)
-    job, model, _ = _pair(["compression.silu=int4", "compression.layers=[1]"])
-    model.layers[1].activation_hooks = object()
-    with pytest.raises(ConfigError, match="compression.layers includes layer 1, which the plan swaps"):
-        compressed.apply_config(model, job.compression, seed=0)
 
 
 def _loss_curve(overrides, steps: int = 100):

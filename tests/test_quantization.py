@@ -20,7 +20,7 @@ def _range(x: torch.Tensor, groups: int = 4, decay: float = 0.5) -> quant_int8.R
 def test_round_trip_error_below_one_step_inside_the_range():
     x = torch.randn(64, 32) * torch.linspace(0.1, 10, 32)
     running = _range(x)
-    codes = quant_int8.quantize(x, running, 4, update=False, generator=torch.Generator().manual_seed(0))
+    codes = quant_int8.quantize(x, running, 4, update=False, noise_seed=0)
     step = (running.alpha / 255).repeat_interleave(8)  # per channel: 4 groups of 8
     error = (codes.dequantize() - x).abs()
     print(f"int8 round trip: max error / step = {float((error / step).max()):.3f} (bound 1)")
@@ -40,7 +40,7 @@ def test_stochastic_rounding_is_unbiased():
     x = torch.rand(1, 16)
     running = _range(torch.stack((torch.zeros(16), torch.ones(16))), groups=1)
     draws = x.expand(10_000, 16)
-    restored = quant_int8.quantize(draws, running, 1, update=False, generator=torch.Generator().manual_seed(1))
+    restored = quant_int8.quantize(draws, running, 1, update=False, noise_seed=1)
     mean_error = (restored.dequantize().mean(0) - x[0]).abs()
     bound = 5 * (0.5 / 255) / math.sqrt(10_000)  # 5 standard errors of the worst case (fraction 1/2)
     print(f"int8 stochastic rounding: max |mean - x| = {float(mean_error.max()):.2e} (5 SE {bound:.2e}, "

@@ -9,11 +9,15 @@ compact tensors, so they are stored once. The o projection stays exact: attentio
 output) for its own backward anyway, so a compressed copy would add bytes, not save them.
 
 The compact tensors are what `ctx.save_for_backward` receives, hence what saved-tensor hooks (a swap) see:
-uint8 codes with fp32 per-group scale/offset, packed 4-bit codes, or sampled rows with int64 indices and fp32
-importance weights. `replaying()` marks a recomputation forward: ranges do not move and the generator is reseeded
-with the original step's seed, so the same codes and rows come back.
+uint8 codes with fp32 per-group scale/offset, packed 4-bit codes, or sampled rows (in token order) with int64
+indices and fp32 importance weights. Under a token-wise plan (`tokenwise`) each store reports its `CompactForm`, and
+the plan keeps, swaps or recomputes its token ranges like any activation: the swap moves the compact bytes, and a
+recomputed range is encoded again with the stored ranges, sample and seed (rounding noise is seeded per block of
+rows), so it equals what was stored. `replaying()` marks a whole forward run again: ranges do not move and the
+step's seed is reused.
 """
 
+import bisect
 import contextlib
 import weakref
 from dataclasses import dataclass, replace
@@ -103,9 +107,11 @@ class Packed:
 class InputStore:
     """The compact form of one input tensor, shared by the linears it feeds, with its running range and seed."""
 
-    def __init__(self, seed: int, int8: Optional[quant_int8.Config], keep_ratio: float = 1.0, bits: int = 8):
-        """int8: the range settings (a `quant_int4_deriv.Config` with bits=4), None to keep the tensor."""
-        self.seed, self.int8, self.keep_ratio, self.bits = seed, int8, keep_ratio, bits
+    def __init__(self, seed: int, int8: Optional[quant_int8.Config], keep_ratio: float = 1.0, bits: int = 8,
+                 source: str = ""):
+        """int8: the range settings (a `quant_int4_deriv.Config` with bits=4), None to keep the tensor; source: the
+        layer's name for the input (`tokenwise` roles), under which a token-wise plan finds the compact form."""
+        self.seed, self.int8, self.keep_ratio, self.bits, self.source = seed, int8, keep_ratio, bits, source
         self.running = quant_int8.RunningRange(int8.range_decay) if int8 else None
         self.step = 0
         self._source = None
@@ -115,43 +121,145 @@ class InputStore:
         cached = self._cached(x)
         if cached is not None:
             return cached
-        generator = self.generator(x.device, advance=training)
+        updating = self.updating(training)
+        if updating:  # a training forward that is not a replay moves to the next step's draws
+            self.step += 1
+        seed = (self.seed * 1_000_003 + self.step) % (2**63 - 1)
         rows, index, weight = x.detach().reshape(-1, x.shape[-1]), None, None  # compact copies carry no graph
         k = wta_crs.budget(rows.shape[0], self.keep_ratio)
         if k < rows.shape[0]:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(seed)
             index, weight = (t[0] for t in wta_crs.draw_rows(wta_crs.row_norms(rows), k, generator))
+            index, weight = _token_major(index, weight, tuple(x.shape))
             rows = rows.index_select(0, index)
         tensors = (rows,)
         if self.int8:
             levels = quant_int4_deriv.LEVELS if self.bits == 4 else quant_int8.LEVELS
-            tensors = quant_int8.quantize(rows, self.running, self.int8.num_groups, self.updating(training),
-                                          generator, levels=levels).tensors
+            tensors = quant_int8.quantize(rows, self.running, self.int8.num_groups, updating, seed,
+                                          levels=levels).tensors
             if self.bits == 4:
                 tensors = (quant_int4_deriv.pack_nibbles(tensors[0]), *tensors[1:])
         if index is not None:
             tensors = (*tensors, index, weight)
         packed = Packed(self.bits if self.int8 else 16, index is not None, tuple(x.shape), x.dtype)
-        self._source = (weakref.ref(x), x._version)
-        self._packed = (packed, [weakref.ref(t) for t in tensors])
+        self._remember(x, packed, tensors)
+        if _collectors and self.source and (self.int8 or index is not None):
+            _collectors[-1][self.source] = CompactForm.of(self.source, packed, tensors, seed)
         return packed, tensors
+
+    def _remember(self, x: torch.Tensor, packed: Packed, tensors: tuple) -> None:
+        """Keep the compact tensors for the next linear fed the same x, for as long as x lives.
+
+        Why strong references: under a token-wise plan autograd holds only the plan's copies, so weak references
+        to the compact tensors died between q_proj and k_proj, and k and v drew their own samples."""
+        store = weakref.ref(self)
+
+        def forget(source):
+            if store() is not None and store()._source is not None and store()._source[0] is source:
+                store()._source = store()._packed = None
+
+        self._source = (weakref.ref(x, forget), x._version)
+        self._packed = (packed, tensors)
 
     def _cached(self, x: torch.Tensor):
         if self._source is None or self._source[0]() is not x or self._source[1] != x._version:
             return None
-        packed, refs = self._packed
-        tensors = tuple(ref() for ref in refs)
-        return None if any(t is None for t in tensors) else (packed, tensors)
+        return self._packed
 
     def updating(self, training: bool) -> bool:
         return training and _replay_depth == 0
 
-    def generator(self, device: torch.device, advance: bool) -> torch.Generator:
-        """A generator seeded by (seed, step); a training forward that is not a replay moves to the next step."""
-        if self.updating(advance):
-            self.step += 1
-        generator = torch.Generator(device=device)
-        generator.manual_seed((self.seed * 1_000_003 + self.step) % (2**63 - 1))
-        return generator
+
+def _token_major(index: torch.Tensor, weight: torch.Tensor, shape: tuple):
+    """The sample reordered by (token, sequence): the rows of any token range are then one slice, which a
+    token-wise plan keeps, swaps or recomputes like a token range of a dense tensor. The estimate is a sum over
+    the sample, so its order does not matter (duplicates carry equal weights)."""
+    seq = shape[-2] if len(shape) >= 2 else 1
+    batch = _rows(shape) // seq
+    order = torch.argsort((index % seq) * batch + index // seq)
+    return index.index_select(0, order), weight.index_select(0, order)
+
+
+_collectors: List[Dict[str, "CompactForm"]] = []
+
+
+@contextlib.contextmanager
+def collecting(into: Dict[str, "CompactForm"]):
+    """Inside, every store that packs a compact tensor records its `CompactForm` in `into`, keyed by its source
+    (the token-wise runtime collects one layer's forward this way)."""
+    _collectors.append(into)
+    try:
+        yield into
+    finally:
+        _collectors.pop()
+
+
+@dataclass
+class CompactForm:
+    """One store's compact tensor as a token-wise plan splits it: `view` lays it out [B, units, F], units being the
+    tokens (codes) or the sampled rows in token order; `encode` makes the units of a token range again from the
+    recomputed input rows, with the original forward's ranges, sample and seed, so they equal the stored ones."""
+
+    source: str
+    packed: Packed
+    view: Optional[torch.Tensor]
+    """The whole compact tensor; the runtime drops it once it has split it."""
+    scale: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    index: Optional[torch.Tensor]
+    seed: int
+    positions: Optional[List[int]] = None
+    """Token of each sampled row, ascending (on the host: ranges are found by bisection)."""
+
+    @classmethod
+    def of(cls, source: str, packed: Packed, tensors: tuple, seed: int) -> "CompactForm":
+        index = tensors[-2] if packed.sampled else None
+        scale, offset = tensors[1:3] if packed.bits < 16 else (None, None)
+        data, shape = tensors[0], packed.shape
+        seq = shape[-2] if len(shape) >= 2 else 1
+        if packed.sampled:
+            view = data.view(1, index.numel(), -1)
+        elif packed.bits == 4:
+            if shape[-1] % 2:
+                raise ConfigError(f"S2A int4 codes under a token-wise plan need an even width, got {shape[-1]}; "
+                                  "use compression.silu=int8 or an even model.intermediate_size")
+            view = data.view(-1, seq, shape[-1] // 2)
+        else:
+            view = data.view(-1, seq, shape[-1])
+        return cls(source, packed, view, scale, offset, index, seed)
+
+    @property
+    def seq_len(self) -> int:
+        shape = self.packed.shape
+        return shape[-2] if len(shape) >= 2 else 1
+
+    def units(self, token: int) -> int:
+        """How many units lie before `token`."""
+        if not self.packed.sampled:
+            return token
+        if self.positions is None:
+            self.positions = (self.index % self.seq_len).tolist()
+        return bisect.bisect_left(self.positions, token)
+
+    def encode(self, source: torch.Tensor, start: int) -> torch.Tensor:
+        """The units of tokens start .. start + n, from the input rows source [B, n, d] of those tokens."""
+        seq, columns = self.seq_len, self.packed.shape[-1]
+        if self.packed.sampled:
+            first, stop = self.units(start), self.units(start + source.shape[1])
+            chosen = self.index[first:stop]
+            rows = source[chosen // seq, chosen % seq - start]
+            if self.packed.bits == 16:
+                return rows.view(1, -1, columns)
+            return self._codes(rows, first, self.index.numel()).view(1, stop - first, -1)
+        pieces = [self._codes(source[b], b * seq + start, source.shape[0] * seq) for b in range(source.shape[0])]
+        return torch.stack(pieces).view(source.shape[0], source.shape[1], -1)
+
+    def _codes(self, rows: torch.Tensor, first_row: int, total_rows: int) -> torch.Tensor:
+        levels = quant_int4_deriv.LEVELS if self.packed.bits == 4 else quant_int8.LEVELS
+        grouped = rows.reshape(rows.shape[0], self.scale.numel(), -1)
+        codes = quant_int8.encode_rows(grouped, self.scale, self.offset, levels, self.seed, first_row, total_rows)
+        return quant_int4_deriv.pack_nibbles(codes) if self.packed.bits == 4 else codes
 
 
 def _rows(shape: tuple) -> int:
@@ -282,25 +390,19 @@ class CompressedMLP(MLP):
     gate_codec: object
     up_store: InputStore
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> dict:
         if not torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
+            return super().swiglu(gate, up)
         up_packed, up_tensors = self.up_store.pack(up, self.training)
         gate_meta, gate_tensors = self.gate_codec.pack(gate, self.training)
-        gated = _CompactSwiGLU.apply(gate, up, self.gate_codec, gate_meta, up_packed, len(up_tensors),
-                                     *up_tensors, *gate_tensors)
-        return self.down_proj(gated)
+        return {"gated": _CompactSwiGLU.apply(gate, up, self.gate_codec, gate_meta, up_packed, len(up_tensors),
+                                              *up_tensors, *gate_tensors)}
 
 
 def install(model, layers: Iterable[int], seed: int = 0, **changes) -> None:
     """Merge `changes` (fields of `LayerSettings`) into the listed layers' settings and switch their modules."""
     for index in layers:
         layer = model.layers[index]
-        if layer.activation_hooks is not None:
-            raise ConfigError(f"compression.layers includes layer {index}, which the plan swaps or recomputes; "
-                              "compression does not compose with token-wise swap yet: drop the layer from "
-                              "compression.layers or run without plan.path")
         settings = replace(getattr(layer, "compression", None) or LayerSettings(), **changes)
         layer.compression = settings
         _install_layer(layer, settings, seed * 1000 + index)
@@ -310,24 +412,26 @@ def _install_layer(layer, settings: LayerSettings, seed: int) -> None:
     int8 = settings.int8
     linears = int8 if int8 and int8.linears else None
     compress_linears = linears is not None or settings.keep_ratio < 1
-    stores = [InputStore(seed * 8 + i, linears, settings.keep_ratio) for i in range(3)]
+    stores = [InputStore(seed * 8 + i, linears, settings.keep_ratio, source=source)
+              for i, source in enumerate(("attn_norm_out", "mlp_norm_out", "gated"))]
     for store, projections in zip(stores, ((layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj),
                                            (layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,))):
         for projection in projections:
             _become(projection, CompressedLinear if compress_linears else nn.Linear, store=store)
     norm_int8 = int8 if int8 and int8.norms else None
-    for offset, norm in enumerate((layer.attn_norm, layer.mlp_norm)):
-        _become(norm, Int8RMSNorm if norm_int8 else RMSNorm, store=InputStore(seed * 8 + 3 + offset, norm_int8))
+    for offset, (norm, source) in enumerate(((layer.attn_norm, "layer_input"), (layer.mlp_norm, "attn_residual"))):
+        _become(norm, Int8RMSNorm if norm_int8 else RMSNorm,
+                store=InputStore(seed * 8 + 3 + offset, norm_int8, source=source))
     gate_codec = _gate_codec(settings, seed * 8 + 5)
     _become(layer.mlp, CompressedMLP if gate_codec else MLP, gate_codec=gate_codec,
-            up_store=InputStore(seed * 8 + 6, linears))
+            up_store=InputStore(seed * 8 + 6, linears, source="up"))
 
 
 def _gate_codec(settings: LayerSettings, seed: int):
     if settings.silu_int4:
-        return GateCodec(InputStore(seed, settings.silu_int4, bits=4))
+        return GateCodec(InputStore(seed, settings.silu_int4, bits=4, source="gate"))
     if settings.int8 and settings.int8.silu:
-        return GateCodec(InputStore(seed, settings.int8))
+        return GateCodec(InputStore(seed, settings.int8, source="gate"))
     return None
 
 

@@ -82,8 +82,8 @@ class RunningRange:
 
     def update(self, x3: torch.Tensor) -> None:
         """Fold one batch's per-group min and max (x3 is [P, G, Q]) into the estimate."""
-        low = x3.detach().float().amin(dim=(0, 2))
-        width = x3.detach().float().amax(dim=(0, 2)) - low
+        low = x3.detach().amin(dim=(0, 2)).float()  # min/max of the activation dtype: no fp32 copy of x
+        width = x3.detach().amax(dim=(0, 2)).float() - low
         if self.alpha is None or self.alpha.shape != width.shape:
             self.alpha, self.beta = width, low
             return
@@ -91,8 +91,14 @@ class RunningRange:
         self.beta = self.decay * self.beta + (1 - self.decay) * low
 
 
-def quantize(x: torch.Tensor, running: RunningRange, num_groups: int, update: bool,
-             generator: Optional[torch.Generator] = None, head_major: bool = False, levels: int = LEVELS) -> Int8Codes:
+NOISE_BLOCK_ELEMENTS = 2**22
+"""Rounding noise comes from one seeded draw per block of whole rows of about this many elements: the codes of any
+row range can be made again alone (a token-wise plan recomputes a slice of the tokens), and quantising keeps fp32
+temporaries of one block, not of the whole tensor."""
+
+
+def quantize(x: torch.Tensor, running: RunningRange, num_groups: int, update: bool, noise_seed: int = 0,
+             head_major: bool = False, levels: int = LEVELS) -> Int8Codes:
     """x's codes in [0, levels] under the running range (updated first when `update`), stochastically rounded,
     clamped (S2A uses levels=15)."""
     x3 = grouped(x.detach(), num_groups, head_major)
@@ -100,7 +106,28 @@ def quantize(x: torch.Tensor, running: RunningRange, num_groups: int, update: bo
         running.update(x3)
     scale = levels / running.alpha.clamp_min(MIN_RANGE)
     offset = running.beta.clone()
-    noise = torch.rand(x3.shape, generator=generator, device=x.device, dtype=torch.float32)
-    scaled = (x3.float() - offset.view(1, -1, 1)) * scale.view(1, -1, 1) + noise
-    codes = scaled.floor_().clamp_(0, levels).to(torch.uint8)
+    codes = encode_rows(x3, scale, offset, levels, noise_seed, first_row=0, total_rows=x3.shape[0])
     return Int8Codes(codes, scale, offset, tuple(x.shape), x.dtype)
+
+
+def encode_rows(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: int, noise_seed: int,
+                first_row: int, total_rows: int) -> torch.Tensor:
+    """Codes [P, G, Q] of rows first_row .. first_row + P of a tensor of total_rows rows quantised with this scale,
+    offset and seed: the same codes whether the rows are encoded alone or with the whole tensor."""
+    codes = torch.empty(x3.shape, dtype=torch.uint8, device=x3.device)
+    scale, offset = scale.view(1, -1, 1), offset.view(1, -1, 1)
+    stop_row = first_row + x3.shape[0]
+    block_rows = max(1, min(total_rows, NOISE_BLOCK_ELEMENTS // max(1, x3[0].numel())))
+    for block in range(first_row // block_rows, -(-stop_row // block_rows)):
+        lo, hi = max(first_row, block * block_rows), min(stop_row, (block + 1) * block_rows)
+        noise = _block_noise(noise_seed, block, (block_rows, *x3.shape[1:]), x3.device)
+        noise = noise[lo - block * block_rows:hi - block * block_rows]
+        scaled = (x3[lo - first_row:hi - first_row].float() - offset) * scale + noise
+        codes[lo - first_row:hi - first_row] = scaled.floor_().clamp_(0, levels).to(torch.uint8)
+    return codes
+
+
+def _block_noise(seed: int, block: int, shape: tuple, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(hash((seed, block)) % (2**63 - 1))  # int tuples hash the same in every process
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)

@@ -16,6 +16,10 @@ view of one) is replaced by its kept slice, its host copy and nothing for the re
 first unpack of a layer restores its skeletal tensors and starts the previous layer's prefetch; the MLP tensors
 are restored when the MLP backward first needs one, the attention inputs only when the attention backward is
 reached (the two groups never coexist); each saved view is rebuilt from its restored base.
+
+A compressed layer (`compressed`) saves compact forms (int8 or 4-bit codes, sampled rows) instead of some of these
+tensors; they are split by token the same way under their own roles (`COMPACT`), so what crosses PCIe is the
+compact bytes, and their recomputed range is encoded again exactly as stored.
 """
 
 import math
@@ -25,6 +29,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
+from orchestrator.memory import compressed
 from planner.token_split import token_ranges
 
 HEAD_MAJOR = {"q", "k", "v", "attn_out"}
@@ -38,6 +43,10 @@ RECOMPUTE_CHUNK_TOKENS = 8192
 TOKEN_WISE = ("attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
               "gated")
 ATTENTION_GROUP = ("attn_norm_out", "q", "k", "v")
+COMPACT = ".compact"
+"""Suffix of a role holding a compressed layer's compact form of a tensor (`compressed.CompactForm`): int8 or
+packed 4-bit codes, or sampled rows; split by token like the tensor itself, so a swap moves 2x / 4x /
+1 / keep_ratio fewer bytes."""
 """Restored (and recomputed) only when the attention backward is reached: backward runs the MLP part first, so
 the two groups are never restored at the same time, which bounds a layer's backward working set."""
 
@@ -122,6 +131,8 @@ class _LayerRecord:
     """Groups restored so far: skeletal, mlp, attention."""
     skeletal: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Restored layer input and attention output, held until both token-wise groups are restored."""
+    compact: Dict[str, "compressed.CompactForm"] = field(default_factory=dict)
+    """Compact roles (`COMPACT`) by name: how to find their token ranges and recompute them."""
 
 
 class TokenwiseRuntime:
@@ -177,15 +188,19 @@ class _LayerHooks:
     def __init__(self, runtime: TokenwiseRuntime, record: _LayerRecord):
         self.runtime, self.record = runtime, record
         self.tags: Dict[str, torch.Tensor] = {}
+        self.compact: Dict[str, compressed.CompactForm] = {}
         self.context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self.collector = compressed.collecting(self.compact)
 
     def __enter__(self):
         self.context.__enter__()
+        self.collector.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self.collector.__exit__(*exc)
         self.context.__exit__(*exc)
-        self.context = None  # it holds our bound methods: a cycle that only the garbage collector would break
+        self.context = self.collector = None  # they hold our bound methods: a cycle only the collector would break
         if exc[0] is None:
             self._finalize()
         return False
@@ -216,8 +231,12 @@ class _LayerHooks:
         """Replace every saved view of a tagged tensor by its role's split storage."""
         record = self.record
         kept_targets = self._kept_targets()
+        for source, form in self.compact.items():
+            record.compact[source + COMPACT] = form
+            self.tags[source + COMPACT] = form.view
+            form.view = None  # the runtime's split is all that may keep it
         by_storage = {t.untyped_storage().data_ptr(): (role, t) for role, t in self.tags.items()
-                      if role in TOKEN_WISE or role in SKELETAL}
+                      if role in TOKEN_WISE or role in SKELETAL or role in record.compact}
         for saved in record.saved:
             found = by_storage.get(saved.tensor.untyped_storage().data_ptr())
             if found is None:
@@ -241,7 +260,7 @@ class _LayerHooks:
                 copied_out = torch.cuda.Event()
                 copied_out.record(stream)
                 self.runtime.throttle(copied_out)
-        self.tags = {}  # autograd keeps these hooks until backward: the full tensors must not stay with them
+        self.tags, self.compact = {}, {}  # autograd keeps these hooks until backward: the full tensors must go
         record.saved = []  # autograd holds each `_Saved`; the list was only needed to classify them
 
     def _kept_targets(self) -> Dict[str, torch.Tensor]:
@@ -251,7 +270,9 @@ class _LayerHooks:
             return {}
         slices = []
         for role in TOKEN_WISE:
-            base = self.tags[role]
+            base = self.tags.get(role)
+            if base is None:  # silu_gate: a compressed MLP does not make it
+                continue
             kept, _, _ = self.record.policy.token_ranges(base.shape[_token_dim(role)])
             if kept == base.shape[_token_dim(role)]:
                 return {}  # kept whole, nothing to copy
@@ -272,10 +293,14 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
     see, and every step's activations would leak."""
     base = base.detach()
     store = _RoleStore(tuple(base.shape), tuple(base.stride()), base.dtype, base.device)
-    dim, policy = _token_dim(role), record.policy
+    dim, policy, form = _token_dim(role), record.policy, record.compact.get(role)
     seq_len = base.shape[dim]
     if role in SKELETAL:
         kept, swapped = (0, seq_len) if policy.offload_skeletal else (seq_len, 0)
+    elif form is not None:  # the units of the token ranges (sampled rows are not one per token)
+        kept_tokens, swapped_tokens, _ = policy.token_ranges(form.seq_len)
+        kept = form.units(kept_tokens)
+        swapped = form.units(kept_tokens + swapped_tokens) - kept
     else:
         kept, swapped, _ = policy.token_ranges(seq_len)
     if kept == seq_len:
@@ -289,7 +314,7 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
         flat = dense_flat(part)
         if flat is None:  # not one dense block (micro-batch > 1): gather it on the device first
             flat = part.contiguous().view(-1)
-        if policy.int8_swap and role not in SKELETAL:  # skeletal tensors feed recomputation: they stay exact
+        if policy.int8_swap and role not in SKELETAL and form is None:  # skeletal: exact; compact: already
             store.codes = Int8Swap.encode(flat, part.shape[-1], runtime.generator(flat.device))
             flat = store.codes.codes
         store.host = runtime.pool.buffer((record.layer_index, role), flat)
@@ -375,7 +400,8 @@ def _copy(runtime: TokenwiseRuntime, dst: torch.Tensor, src: torch.Tensor) -> No
 def _group_of(role: str) -> str:
     if role in SKELETAL:
         return "skeletal"
-    return "attention" if role in ATTENTION_GROUP else "mlp"
+    source = role[:-len(COMPACT)] if role.endswith(COMPACT) else role
+    return "attention" if source in ATTENTION_GROUP or source == "layer_input" else "mlp"
 
 
 def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord, group: str) -> None:
@@ -444,9 +470,9 @@ def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: D
     """Recompute the last token range of every token-wise tensor from the layer input and the attention output
     (no attention), a chunk of tokens at a time so the extra memory is one chunk's tensors, not the range's."""
     split = [role for role, out in outputs.items() if record.roles[role].whole is None]
-    if not split:
+    if not split or record.policy.recompute_fraction <= 0:
         return
-    seq_len = record.roles[split[0]].shape[_token_dim(split[0])]
+    seq_len = skeletal["layer_input"].shape[1]
     kept, swapped, recomputed = record.policy.token_ranges(seq_len)
     chunk = runtime.recompute_chunk_tokens
     for start in range(kept + swapped, seq_len, chunk):
@@ -459,8 +485,15 @@ def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: D
                 tensors = record.layer.attention_inputs(x, cos, sin)
             else:
                 tensors = record.layer.mlp_part(x, attn_out)
+        tensors["layer_input"] = x
         for role in split:
-            outputs[role].narrow(_token_dim(role), start, length).copy_(tensors[role])
+            form = record.compact.get(role)
+            if form is None:
+                outputs[role].narrow(_token_dim(role), start, length).copy_(tensors[role])
+                continue
+            first = form.units(start)
+            units = form.encode(tensors[form.source], start)
+            outputs[role].narrow(1, first, units.shape[1]).copy_(units)
 
 
 def _mark_backward_start(runtime: TokenwiseRuntime) -> None:
