@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from orchestrator.memory import token_elim
 from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_policies
 from orchestrator.metrics import StepMeter
 from orchestrator.model import LlamaModel
+from planner.cost_model import parse_compression_spec
 from planner.hardware import detect_profile_name, load_profile
 from planner.plan_file import PlanError, check_plan_matches, load_plan
 from planner.planning import plan_inputs
@@ -69,9 +70,9 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
         load_init_from(model, job.model.init_from)
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
-    memory = apply_plan(job, model, profile, precision)
+    memory, compressing = apply_plan(job, model, profile, precision)
     # after the plan: token elimination refuses layers that have a token-wise split (compression composes)
-    compressing = compressed.apply_config(model, job.compression, job.train.seed)
+    compressing = compressed.apply_config(model, job.compression, job.train.seed) or compressing
     token_elim.apply_config(model, job.token_elim)
     ds_checkpointing.install(model, job.train.activation_checkpointing)
     if sp_group is not None:
@@ -138,10 +139,26 @@ def profile_name(job: JobConfig, use_cuda: bool) -> str:
     return name
 
 
-def apply_plan(job: JobConfig, model: LlamaModel, profile, precision: str) -> Optional[TokenwiseRuntime]:
-    """Execute the plan file's per-layer decisions (none without plan.path)."""
+def apply_plan(job: JobConfig, model: LlamaModel, profile, precision: str) -> Tuple[Optional[TokenwiseRuntime], bool]:
+    """Execute the plan file's per-layer decisions (none without plan.path): the token-wise runtime, and whether
+    the plan compresses any layer (its checkpoints then carry the compression state)."""
     plan = checked_plan(job, profile, precision)
-    return apply_policies(model, plan_policies(plan), plan_arena(plan)) if plan else None
+    if not plan:
+        return None, False
+    return apply_policies(model, plan_policies(plan), plan_arena(plan)), apply_plan_compression(model, plan,
+                                                                                                job.train.seed)
+
+
+def apply_plan_compression(model: LlamaModel, plan, seed: int) -> bool:
+    """Install the compressed layers the planner chose (`activation_compression`, one setting per group)."""
+    groups: Dict[str, list] = {}
+    for layer in plan.layers:
+        spec = layer.get("activation_compression", "none")
+        if spec != "none":
+            groups.setdefault(spec, []).append(layer["layer"])
+    for spec, layers in groups.items():
+        compressed.install_settings(model, parse_compression_spec(spec), layers, seed)
+    return bool(groups)
 
 
 def checked_plan(job: JobConfig, profile, precision: str):

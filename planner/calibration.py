@@ -176,8 +176,8 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[Dict], profile: H
     static = cost.static_memory(0)
     if keeps_everything(decisions):
         block = solve_layout(layer_block_buffers(layer, plain=True), LAYOUT_SECONDS)
-    step = solve_layout(step_buffers(layer, decisions, block.arena_bytes, cost.head_and_loss_bytes(), [1.0] * n),
-                        LAYOUT_SECONDS)
+    step = solve_layout(step_buffers([layer] * n, decisions, block.arena_bytes, cost.head_and_loss_bytes(),
+                                     [1.0] * n), LAYOUT_SECONDS)
     not_in_bench = not_in_bench_bytes(static)
     peak = calibrated_peak_bytes(profile, static.total - static.head_and_loss, step.arena_bytes) - not_in_bench
     return Prediction(step_seconds=matmul + attention + stalls, peak_gib=peak / GIB, matmul_seconds=matmul,

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List
 
-from orchestrator.config import MODEL_PRESETS, JobConfig, ModelConfig
+from orchestrator.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
 from planner.flops import (attention_forward_flops_per_token, layer_matmul_params, parameter_count,
                            training_flops_per_token)
 from planner.hardware import HardwareProfile
@@ -74,6 +74,25 @@ def compressed_saved_tensors(model: ModelConfig, bytes_per_element: int, compres
                "up": inter * (e if silu == "none" else linear), "silu_gate": inter * e if silu == "none" else 0}
     return [SavedTensor(t.name, changed.get(t.name, t.bytes_per_token), t.skeletal)
             for t in layer_saved_tensors(model, bytes_per_element)]
+
+
+PLANNER_COMPRESSION = CompressionConfig(linear_inputs="int8", silu="int8")
+"""What the planner may give a layer when exact techniques do not fit (plan.allow_approximate): Mesa int8 on the
+linears' inputs and the SwiGLU gate, the technique whose loss stayed within 2% of the exact run on the corpus
+test (S2A int4 and WTA-CRS stayed within 5% only; a job can still ask for them in its compression section)."""
+SPEC_KEYS = ("linear_inputs", "norm_inputs", "silu", "wta_crs_keep_ratio", "range_decay", "range_groups")
+
+
+def compression_spec(settings) -> str:
+    """A compression section's settings as the plan file records them per layer: 'key=value ...' (all keys)."""
+    return " ".join(f"{key}={getattr(settings, key)}" for key in SPEC_KEYS)
+
+
+def parse_compression_spec(spec: str) -> CompressionConfig:
+    """The inverse of `compression_spec` (layers: all; the plan says which layers get it)."""
+    fields = dict(item.split("=", 1) for item in spec.split())
+    types = {"wta_crs_keep_ratio": float, "range_decay": float, "range_groups": int}
+    return CompressionConfig(**{key: types.get(key, str)(value) for key, value in fields.items()})
 
 @dataclass
 class LayerCost:
@@ -151,6 +170,23 @@ class CostModel:
             token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * self.tokens_per_gpu,
             tensors=tensors, tokens=self.tokens_per_gpu, element_bytes=self.element_bytes,
             sequences=self.job.data.micro_batch_size)
+
+    def compressed_layer(self, settings) -> LayerCost:
+        """`layer()` for a layer compressed with these settings: its token-wise tensors are the compact forms (the
+        layer input's int8 codes, when norms are compressed, count as one more: the plan keeps the input exact)."""
+        plain = self.layer()
+        tensors = compressed_saved_tensors(self.model, self.element_bytes, settings)
+        tensors = [t if not t.skeletal else SavedTensor(t.name, next(p.bytes_per_token for p in plain.tensors
+                                                                      if p.name == t.name), True) for t in tensors]
+        if settings.norm_inputs == "int8":
+            tensors.append(SavedTensor("layer_input_codes", self.model.hidden_size, False))
+        token_wise = sum(t.bytes_per_token for t in tensors if not t.skeletal) * self.tokens_per_gpu
+        return LayerCost(plain.forward_seconds, plain.backward_seconds, plain.recompute_seconds,
+                         plain.skeletal_bytes, token_wise, tensors, plain.tokens, plain.element_bytes,
+                         plain.sequences)
+
+    def compressed_token_wise_bytes(self, settings) -> float:
+        return self.compressed_layer(settings).token_wise_bytes
 
     def static_memory(self, zero_stage: int) -> StaticMemory:
         """Weights, gradients and Adam states by ZeRO stage (mixed precision: bf16 copies + fp32 master, m, v)."""

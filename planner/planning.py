@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Tuple
 
 from orchestrator.config import TOKEN_BLOCK, JobConfig
 from orchestrator.errors import LongtrainError
-from planner.cost_model import CostModel, calibrated_peak_bytes
+from planner.cost_model import CostModel, calibrated_peak_bytes, compression_spec, parse_compression_spec
 from planner.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
 from planner.plan_file import Plan, hash_inputs
@@ -36,7 +36,9 @@ class PlanOutcome:
 
 
 def plan_inputs(job: JobConfig, profile: HardwareProfile, precision: str) -> dict:
-    """What a plan depends on; the runtime compares these (via their hash) before executing a plan."""
+    """What a plan depends on; the runtime compares these (via their hash) before executing a plan. An active
+    compression section is one of them (the plan counts its layers' bytes); absent otherwise, so plans made
+    before it existed keep their hash."""
     m = job.model
     return {"model": {k: getattr(m, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                                                  "num_kv_heads", "intermediate_size", "tie_embeddings")},
@@ -44,7 +46,9 @@ def plan_inputs(job: JobConfig, profile: HardwareProfile, precision: str) -> dic
             "grad_accum_steps": job.train.grad_accum_steps, "world_size": job.cluster.num_workers,
             "sp_degree": job.parallel.sp_degree, "zero_stage": job.train.zero_stage, "precision": precision,
             "profile": profile.name, "gpu_memory_fraction": job.plan.gpu_memory_fraction,
-            "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate}
+            "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate,
+            **({"compression": compression_spec(job.compression)
+                + f" layers={job.compression.layer_indices(m.num_layers)}"} if job.compression.is_active else {})}
 
 
 def training_precision(profile: HardwareProfile) -> str:
@@ -61,12 +65,19 @@ def make_plan(job: JobConfig, profile: HardwareProfile) -> PlanOutcome:
     decisions = [vars(d) for d in policy.decisions]
     factors = [inputs.int8_factor if d.compression == "quant_int8" else 1.0 for d in policy.decisions]
     layer = cost.layer()
+    compact = cost.compressed_layer(parse_compression_spec(inputs.compression_spec)) \
+        if inputs.compression_spec != "none" else None
+    layers = [compact if d.activation_compression != "none" else layer for d in policy.decisions]
     if keeps_everything(decisions):
         block = solve_layout(layer_block_buffers(layer, plain=True), job.plan.time_limit_seconds)
-    step = solve_layout(step_buffers(layer, decisions, block.arena_bytes, cost.head_and_loss_bytes(), factors),
+    elif all(d.activation_compression != "none" for d in policy.decisions):
+        block = solve_layout(layer_block_buffers(layer, compact=compact), job.plan.time_limit_seconds)
+    step = solve_layout(step_buffers(layers, decisions, block.arena_bytes, cost.head_and_loss_bytes(), factors),
                         job.plan.time_limit_seconds)
     plan = _assemble(job, profile, cost, policy, block, step)
-    partly_kept = {d.layer for d in policy.decisions if 0 < d.keep_fraction < 1}
+    # compressed layers keep their compact forms in the caching allocator: the arena regions hold plain roles
+    partly_kept = {d.layer for d in policy.decisions
+                   if 0 < d.keep_fraction < 1 and d.activation_compression == "none"}
     plan.runtime_arena = runtime_arena(step, partly_kept, job.plan.time_limit_seconds)
     if plan.predicted["peak_gpu_gib"] > plan.predicted["gpu_budget_gib"]:
         plan.notes.append(f"the layout's peak ({plan.predicted['peak_gpu_gib']} GiB) is above the budget "
@@ -84,10 +95,16 @@ def _round_fractions(policy: PolicyResult) -> None:
 
 
 def _solve(job: JobConfig, profile: HardwareProfile) -> Tuple[CostModel, PolicyResult, PolicyInputs, LayoutResult]:
+    """Exact techniques first; approximate ones (int8 swaps, compressed layers) only if those do not fit and
+    plan.allow_approximate says they may be used."""
     cost = CostModel(job, profile, training_precision(profile))
     block = solve_layout(layer_block_buffers(cost.layer()), job.plan.time_limit_seconds)
-    inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes)
-    return cost, solve_policy(inputs, job.plan.time_limit_seconds), inputs, block
+    inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes, False, job.plan.time_limit_seconds)
+    policy = solve_policy(inputs, job.plan.time_limit_seconds)
+    if not policy.feasible and job.plan.allow_approximate:
+        inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes, True, job.plan.time_limit_seconds)
+        policy = solve_policy(inputs, job.plan.time_limit_seconds)
+    return cost, policy, inputs, block
 
 
 def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: LayoutResult,
@@ -176,7 +193,7 @@ def _candidate_changes(job: JobConfig) -> List[Tuple[str, Callable[[JobConfig], 
     if job.train.zero_stage < 3:
         candidates.append(("train.zero_stage=3", lambda j: _set(j, ("train", "zero_stage", 3))))
     if not job.plan.allow_approximate:
-        candidates.append(("plan.allow_approximate=true (int8 activations)",
+        candidates.append(("plan.allow_approximate=true (int8 activations, Mesa int8 compressed layers)",
                            lambda j: _set(j, ("plan", "allow_approximate", True))))
     if workers % (2 * sp) == 0:
         candidates.append((f"parallel.sp_degree={2 * sp} (same GPUs)",

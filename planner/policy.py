@@ -1,13 +1,17 @@
 """MIP 1: per layer, which share of the token-wise activations stays on the GPU, goes to host memory, or is
-recomputed, whether the skeletal tensors go to host too, and whether the swapped share is compressed to int8.
+recomputed, whether the skeletal tensors go to host too, whether the swapped share is compressed to int8, and
+whether the layer saves compact activations (Mesa / S2A / WTA-CRS, `orchestrator.memory.compressed`: comp_i).
 
 Model (per GPU, per micro-batch; layers in order, forward of layer i overlaps the host copy of layer i-1, backward
 of layer i+1 overlaps the prefetch of layer i):
   keep_i + swap_i + recompute_i = 1                                  (continuous token fractions)
   time   = sum_i F_i + B_i + R_i * recompute_i + stall_fwd_i + stall_bwd_i + Q_i * int8_i
   stall_fwd_i >= bytes_i / bw - F_{i+1},  stall_bwd_i >= bytes_i / bw - (B_{i+1} + R_{i+1} * recompute_{i+1})
-  bytes_i = T * (swap_i - (1 - 1/e) * swap_int8_i) + K * offload_i  (swap_int8 = swap * int8, linearised)
-  GPU:  static + K * sum(1 - offload_i) + T * sum keep_i + block + 2 * (prefetch + K * any_offload) <= budget
+  bytes_i = T * (swap_i - (1 - 1/e) * swap_int8_i) - (T - Tc) * swap_comp_i + K * offload_i
+        (swap_int8 = swap * int8 and swap_comp = swap * comp, linearised; a compressed layer's token-wise bytes
+        are Tc, split by token like T; int8_i + comp_i <= 1; compressing costs C_i seconds)
+  GPU:  static + K * sum(1 - offload_i) + T * sum keep_i - (T - Tc) * sum keep_comp_i + block_max
+        + 2 * (prefetch + K * any_offload) <= budget,  block_max >= block - (block - block_c) * comp_i
         (at the LM head the last layer's outgoing copy and its prefetch are both in flight: hence the 2)
   host: sum_i bytes_i <= host budget per GPU
 Minimise time, then (tiny weight) host bytes, so nothing is swapped that could simply stay.
@@ -15,16 +19,22 @@ Minimise time, then (tiny weight) host bytes, so nothing is swapped that could s
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pulp
 
-from planner.cost_model import CostModel
+from planner.cost_model import PLANNER_COMPRESSION, CostModel, compression_spec
+from planner.layout import solve_layout
+from planner.schedule import layer_block_buffers
 from planner.solver import make_solver, solve_quietly, solver_name, status_name
 
 GIB = 2**30
 INT8_SECONDS_PER_BYTE = 2.0 / 2.0e12
 """Quantize on the way out and dequantize on the way in, both memory-bound (~2 TB/s effective on HBM3)."""
+COMPRESS_SECONDS_PER_BYTE = 3.0 / 2.0e12
+"""A compressed layer reads each compressed tensor to quantise (or sample) it, and its backward writes it back
+in fp32 chunks: ~3 passes over the exact bytes, memory-bound. Modest; the H100 rows measured more (the
+running-range and rounding kernels are not fused), see profiles/runs/."""
 HOST_TIE_BREAK = 1e-12
 """Seconds per host byte added to the objective: prefer keeping over swapping when time is equal."""
 SWAP_HIDDEN_FRACTION = 0.9
@@ -48,10 +58,12 @@ class LayerDecision:
     offload_skeletal: bool
     compression: str
     """none or quant_int8 (the swapped share is stored as int8; approximate)."""
+    activation_compression: str = "none"
+    """none, or the compressed layer's settings (`planner.cost_model.compression_spec`; approximate)."""
 
     def key(self) -> tuple:
         return (round(self.keep_fraction, 3), round(self.swap_fraction, 3), round(self.recompute_fraction, 3),
-                self.offload_skeletal, self.compression)
+                self.offload_skeletal, self.compression, self.activation_compression)
 
 
 @dataclass
@@ -87,11 +99,31 @@ class PolicyInputs:
     host_budget_bytes: float
     int8_factor: float
     allow_int8: bool
+    compressed_token_wise_bytes: float = 0.0
+    """Tc: a compressed layer's token-wise bytes (the compact forms; 0 when no layer may be compressed)."""
+    compress: Tuple[str, ...] = ()
+    """Per layer: "no", "may" (the MIP chooses) or "must" (the job's compression section names the layer)."""
+    compressed_block_bytes: float = 0.0
+    """One compressed layer's working set (its restored activations are compact)."""
+    compression_spec: str = "none"
+    """The settings a compressed layer gets (`planner.cost_model.compression_spec`), recorded in its decision."""
 
 
-def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float) -> PolicyInputs:
+def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approximate: bool = False,
+                  time_limit_seconds: float = 5.0) -> PolicyInputs:
+    """approximate: may the MIP choose int8 swaps and compressed layers (`planning` asks only once the exact
+    techniques do not fit, and only under plan.allow_approximate). A job whose compression section is active gets
+    its layers compressed as it says, whatever the budget, so the plan counts their bytes."""
     layer, job, profile = cost.layer(), cost.job, cost.profile
     gpus_per_node = min(profile.devices_per_node, job.cluster.num_workers)
+    n = job.model.num_layers
+    settings, compress = None, ()
+    if job.compression.is_active:
+        settings = job.compression
+        chosen = set(job.compression.layer_indices(n))
+        compress = tuple("must" if i in chosen else "no" for i in range(n))
+    elif approximate:
+        settings, compress = PLANNER_COMPRESSION, ("may",) * n
     return PolicyInputs(
         num_layers=job.model.num_layers, forward_seconds=layer.forward_seconds,
         backward_seconds=layer.backward_seconds, recompute_seconds=layer.recompute_seconds,
@@ -100,7 +132,11 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float) -> Polic
         head_seconds=cost.head_seconds(), pcie_bytes_per_second=cost.pcie_bytes_per_second(),
         gpu_budget_bytes=profile.device_memory_gib * GIB * job.plan.gpu_memory_fraction,
         host_budget_bytes=profile.host_memory_gib * GIB * job.plan.host_memory_fraction / gpus_per_node,
-        int8_factor=1.0 / cost.element_bytes, allow_int8=job.plan.allow_approximate)
+        int8_factor=1.0 / cost.element_bytes, allow_int8=approximate,
+        compressed_token_wise_bytes=cost.compressed_token_wise_bytes(settings) if settings else 0.0,
+        compressed_block_bytes=solve_layout(layer_block_buffers(layer, compact=cost.compressed_layer(settings)),
+                                            time_limit_seconds).arena_bytes if settings else block_bytes,
+        compress=compress, compression_spec=compression_spec(settings) if settings else "none")
 
 
 def solve_policy(inputs: PolicyInputs, time_limit_seconds: float) -> PolicyResult:
@@ -113,7 +149,7 @@ def solve_policy(inputs: PolicyInputs, time_limit_seconds: float) -> PolicyResul
                           status=status, solver=solver_name(solver), solve_seconds=time.perf_counter() - started,
                           gpu_budget_bytes=inputs.gpu_budget_bytes, host_budget_bytes=inputs.host_budget_bytes)
     if result.feasible:
-        _fill(result, inputs, v)
+        _fill(result, inputs, v, inputs.compression_spec)
     return result
 
 
@@ -126,12 +162,18 @@ def _build(p: PolicyInputs):
     offload = [problem.add_variable(f"offload{i}", cat="Binary") for i in range(n)]
     int8 = [problem.add_variable(f"int8_{i}", cat="Binary") for i in range(n)]  # Binary resets bounds: fix below
     swap_int8 = [problem.add_variable(f"swap_int8_{i}", 0, 1) for i in range(n)]
+    comp = [problem.add_variable(f"comp{i}", cat="Binary") for i in range(n)]
+    keep_comp = [problem.add_variable(f"keep_comp{i}", 0, 1) for i in range(n)]
+    swap_comp = [problem.add_variable(f"swap_comp{i}", 0, 1) for i in range(n)]
+    saved = p.token_wise_bytes - p.compressed_token_wise_bytes
     stall_fwd = [problem.add_variable(f"stall_fwd{i}", 0) for i in range(n)]
     stall_bwd = [problem.add_variable(f"stall_bwd{i}", 0) for i in range(n)]
     prefetch = problem.add_variable("prefetch_bytes", 0)
+    block = problem.add_variable("block_bytes", 0)
     any_offload = problem.add_variable("any_offload", cat="Binary")
-    moved = [p.token_wise_bytes * (swap[i] - (1 - p.int8_factor) * swap_int8[i]) + p.skeletal_bytes * offload[i]
-             for i in range(n)]
+    swapped = [p.token_wise_bytes * (swap[i] - (1 - p.int8_factor) * swap_int8[i]) - saved * swap_comp[i]
+               for i in range(n)]
+    moved = [swapped[i] + p.skeletal_bytes * offload[i] for i in range(n)]
     bw = p.pcie_bytes_per_second
     for i in range(n):
         problem += keep[i] + swap[i] + recompute[i] == 1
@@ -140,22 +182,34 @@ def _build(p: PolicyInputs):
         problem += swap_int8[i] <= swap[i]
         problem += swap_int8[i] <= int8[i]
         problem += swap_int8[i] >= swap[i] + int8[i] - 1
+        mode = p.compress[i] if p.compress else "no"
+        if mode != "may":
+            problem += comp[i] == (1 if mode == "must" else 0)
+        problem += int8[i] + comp[i] <= 1
+        for product, fraction in ((keep_comp[i], keep[i]), (swap_comp[i], swap[i])):
+            problem += product <= fraction
+            problem += product <= comp[i]
+            problem += product >= fraction + comp[i] - 1
         next_forward = p.forward_seconds if i + 1 < n else p.head_seconds
         problem += stall_fwd[i] >= moved[i] * (1 / bw) - SWAP_HIDDEN_FRACTION * next_forward
         next_backward = (p.backward_seconds + p.recompute_seconds * recompute[i + 1]) if i + 1 < n \
             else 2 * p.head_seconds
         problem += stall_bwd[i] >= moved[i] * (1 / bw) - SWAP_HIDDEN_FRACTION * next_backward
-        problem += prefetch >= p.token_wise_bytes * (swap[i] - (1 - p.int8_factor) * swap_int8[i])
+        problem += prefetch >= swapped[i]
+        problem += block >= p.block_bytes - (p.block_bytes - p.compressed_block_bytes) * comp[i]
         problem += any_offload >= offload[i]
-    gpu = (p.static_bytes + p.block_bytes + 2 * prefetch + p.skeletal_bytes * (n - pulp.lpSum(offload))
-           + 2 * p.skeletal_bytes * any_offload + p.token_wise_bytes * pulp.lpSum(keep))
+    gpu = (p.static_bytes + block + 2 * prefetch + p.skeletal_bytes * (n - pulp.lpSum(offload))
+           + 2 * p.skeletal_bytes * any_offload + p.token_wise_bytes * pulp.lpSum(keep)
+           - saved * pulp.lpSum(keep_comp))
     problem += gpu <= p.gpu_budget_bytes
     problem += pulp.lpSum(moved) <= p.host_budget_bytes
     seconds = pulp.lpSum(p.recompute_seconds * recompute[i] + stall_fwd[i] + stall_bwd[i]
-                         + INT8_SECONDS_PER_BYTE * p.token_wise_bytes * swap_int8[i] for i in range(n))
+                         + INT8_SECONDS_PER_BYTE * p.token_wise_bytes * swap_int8[i]
+                         + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes * comp[i] for i in range(n))
     problem += seconds + HOST_TIE_BREAK * pulp.lpSum(moved) + SMOOTHING_SECONDS * _changes(problem, [keep, swap, offload])
     variables = dict(keep=keep, swap=swap, recompute=recompute, offload=offload, int8=int8, swap_int8=swap_int8,
-                     stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, any_offload=any_offload)
+                     comp=comp, stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, any_offload=any_offload,
+                     block=block)
     return problem, variables
 
 
@@ -175,22 +229,27 @@ def _has_values(v: Dict) -> bool:
     return all(x.value() is not None for x in v["keep"])
 
 
-def _fill(result: PolicyResult, p: PolicyInputs, v: Dict) -> None:
+def _fill(result: PolicyResult, p: PolicyInputs, v: Dict, spec: str) -> None:
     value = lambda x: max(0.0, float(x.value() or 0.0))  # noqa: E731 (solver noise below zero)
     for i in range(p.num_layers):
         result.decisions.append(LayerDecision(
             layer=i, keep_fraction=value(v["keep"][i]), swap_fraction=value(v["swap"][i]),
             recompute_fraction=value(v["recompute"][i]), offload_skeletal=value(v["offload"][i]) > 0.5,
-            compression="quant_int8" if value(v["int8"][i]) > 0.5 and value(v["swap"][i]) > 0 else "none"))
-    moved = [p.token_wise_bytes * d.swap_fraction * (p.int8_factor if d.compression == "quant_int8" else 1.0)
-             + p.skeletal_bytes * d.offload_skeletal for d in result.decisions]
-    extra = sum(p.recompute_seconds * d.recompute_fraction for d in result.decisions)
+            compression="quant_int8" if value(v["int8"][i]) > 0.5 and value(v["swap"][i]) > 0 else "none",
+            activation_compression=spec if value(v["comp"][i]) > 0.5 else "none"))
+    token_wise = [p.compressed_token_wise_bytes if d.activation_compression != "none" else p.token_wise_bytes
+                  for d in result.decisions]
+    moved = [t * d.swap_fraction * (p.int8_factor if d.compression == "quant_int8" else 1.0)
+             + p.skeletal_bytes * d.offload_skeletal for t, d in zip(token_wise, result.decisions)]
+    extra = sum(p.recompute_seconds * d.recompute_fraction
+                + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes * (d.activation_compression != "none")
+                for d in result.decisions)
     stalls = sum(value(s) for s in v["stall_fwd"] + v["stall_bwd"])
     result.micro_batch_seconds = (p.num_layers * (p.forward_seconds + p.backward_seconds) + 3 * p.head_seconds
                                   + extra + stalls)
     result.host_bytes = sum(moved)
     result.swap_bytes_per_micro_batch = 2 * sum(moved)
     offloaded = sum(d.offload_skeletal for d in result.decisions)
-    result.peak_gpu_bytes = (p.static_bytes + p.block_bytes + 2 * value(v["prefetch"])
+    result.peak_gpu_bytes = (p.static_bytes + value(v["block"]) + 2 * value(v["prefetch"])
                              + p.skeletal_bytes * (p.num_layers - offloaded + (2 if offloaded else 0))
-                             + p.token_wise_bytes * sum(d.keep_fraction for d in result.decisions))
+                             + sum(t * d.keep_fraction for t, d in zip(token_wise, result.decisions)))

@@ -13,13 +13,25 @@ GIB = 2**30
 def layer_groups(layers: List[dict]) -> List[tuple]:
     """(first, last, decision) for runs of consecutive layers with the same decision."""
     key = lambda d: (d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"],  # noqa: E731
-                     d["offload_skeletal"], d["compression"])
+                     d["offload_skeletal"], d["compression"], d.get("activation_compression", "none"))
     groups, index = [], 0
     for _, run in groupby(layers, key=key):
         run = list(run)
         groups.append((index, index + len(run) - 1, run[0]))
         index += len(run)
     return groups
+
+
+def _compression(decision: dict) -> str:
+    """The swap's int8 and the layer's compact activations, in the settings' own words (approximate)."""
+    parts = [] if decision["compression"] == "none" else [f"swap {decision['compression']}"]
+    spec = decision.get("activation_compression", "none")
+    if spec != "none":
+        defaults = {"linear_inputs": "none", "norm_inputs": "none", "silu": "none", "wta_crs_keep_ratio": "1.0"}
+        chosen = [item for item in spec.split() if item.split("=")[0] in defaults
+                  and item.split("=")[1] != defaults[item.split("=")[0]]]
+        parts.append(" ".join(chosen))
+    return "; ".join(parts) or "none"
 
 
 def plan_summary(plan: Plan, plan_path: Path, png_path: Path, seconds: float) -> str:
@@ -31,7 +43,7 @@ def plan_summary(plan: Plan, plan_path: Path, png_path: Path, seconds: float) ->
     for first, last, d in layer_groups(plan.layers):
         lines.append(f"  {first:>3}-{last:<3}   {d['keep_fraction']:>5.2f}  {d['swap_fraction']:>5.2f}   "
                      f"{d['recompute_fraction']:>7.2f}     {'host' if d['offload_skeletal'] else 'gpu':<8}    "
-                     f"{d['compression']}")
+                     f"{_compression(d)}")
     static = p["static_gib"]
     lines += [
         f"  step time   {p['step_seconds']:.3f} s   MFU {p['mfu']:.1%} ({p['mfu_convention']})   "

@@ -36,14 +36,17 @@ _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "gr
                  "grad_layer_input"}
 
 
-def layer_block_buffers(layer: LayerCost, plain: bool = False) -> List[Buffer]:
+def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCost = None) -> List[Buffer]:
     """Level 1: one layer's transient buffers, sized for all of its tokens.
 
     `plain`: the layer keeps everything (no hooks), so its token-wise activations are the kept ones (level 2
     counts them) and its backward reads them in place: only the projections' outputs and the gradients are
     transient. Counting the full block for such a layer over-predicted the 32K and 64K keep-all peaks on an H100
-    by one layer's activations (+22% and +18%, profiles/runs/h100_sxm_2026-11-26_calibration.md)."""
+    by one layer's activations (+22% and +18%, profiles/runs/h100_sxm_2026-11-26_calibration.md).
+    `compact`: a compressed layer's costs; its activations (forward and restored) are the compact forms, the
+    gradients stay full-size."""
     per_token = {t.name: t.bytes_per_token for t in layer.tensors}
+    activation = {t.name: t.bytes_per_token for t in (compact or layer).tensors}
     hidden_bytes = per_token["attn_out"]
     buffers = []
     for name, start, end in _LEVEL1:
@@ -53,7 +56,8 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False) -> List[Buffer]:
         if name == "grad_q_accum_fp32":
             size = per_token["q"] * 4 / layer.element_bytes
         else:
-            size = hidden_bytes if name in _HIDDEN_SIZED else per_token[base]
+            size = hidden_bytes if name in _HIDDEN_SIZED else (
+                activation[base] if name in _TOKEN_WISE or name.endswith("@bwd") else per_token[base])
         buffers.append(Buffer(name=name, layer=-1, size_bytes=align(size * layer.tokens), start=start, end=end))
     return buffers
 
@@ -70,14 +74,15 @@ def kept_token_wise_bytes(layer: LayerCost, kept_tokens: int) -> int:
     return sum(align(layer.sequences * kept_tokens * t.bytes_per_token) for t in layer.tensors if not t.skeletal)
 
 
-def step_buffers(layer: LayerCost, decisions: Sequence[Dict], block_bytes: int, head_bytes: float,
+def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[Dict], block_bytes: int, head_bytes: float,
                  compression_factor: Sequence[float]) -> List[Buffer]:
-    """Level 2: buffers across the whole step, given each layer's decision (keep, swap, offload_skeletal)."""
+    """Level 2: buffers across the whole step, given each layer's cost (a compressed layer has smaller token-wise
+    tensors) and decision (keep, swap, offload_skeletal)."""
     num_layers = len(decisions)
     last = 2 * num_layers + 1
     buffers = [Buffer("layer_block", -1, align(block_bytes), 0, last),
                Buffer("head_and_loss", -1, align(head_bytes), num_layers, num_layers + 1)]
-    for i, decision in enumerate(decisions):
+    for i, (layer, decision) in enumerate(zip(layers, decisions)):
         forward, backward = i, 2 * num_layers - i
         kept_tokens, swapped_tokens, _ = token_ranges(decision["swap_fraction"], decision["recompute_fraction"],
                                                       layer.tokens // layer.sequences)

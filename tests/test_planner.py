@@ -11,6 +11,7 @@ from planner.hardware import load_profile
 from planner.layout import ALIGN_BYTES, Buffer, lower_bound, solve_layout
 from planner.plan_file import PlanError, check_plan_matches, load_plan, save_plan
 from planner.planning import PlanInfeasible, make_plan, plan_inputs
+from planner.report import plan_summary
 
 
 def _random_buffers(rng: random.Random, count: int, horizon: int):
@@ -74,6 +75,48 @@ def test_approximate_techniques_only_when_allowed():
     job = _job("model.num_layers=8", "data.seq_len=131072", "cluster.num_workers=2", "train.zero_stage=3")
     plain = make_plan(job, load_profile("h200"))
     assert {layer["compression"] for layer in plain.plan.layers} == {"none"}
+
+
+TIGHT = ("model.num_layers=4", "data.seq_len=131072")  # 7B shape, 1 x H100: exact fits at 0.6, not at 0.55
+
+
+def test_compressed_layers_only_when_exact_techniques_do_not_fit_and_allowed(tmp_path):
+    h100 = load_profile("h100_sxm")
+    with pytest.raises(PlanInfeasible, match="does not fit"):
+        make_plan(_job(*TIGHT, "plan.gpu_memory_fraction=0.55"), h100)
+    outcome = make_plan(_job(*TIGHT, "plan.gpu_memory_fraction=0.55", "plan.allow_approximate=true"), h100)
+    chosen = {layer["activation_compression"] for layer in outcome.plan.layers}
+    assert chosen - {"none"} and all("linear_inputs=int8" in spec for spec in chosen - {"none"})
+    assert outcome.plan.predicted["peak_gpu_gib"] <= outcome.plan.predicted["gpu_budget_gib"] + 1e-3
+    summary = plan_summary(outcome.plan, tmp_path / "p.yaml", tmp_path / "p.png", 0.0)
+    assert "linear_inputs=int8 silu=int8" in summary
+    fits = make_plan(_job(*TIGHT, "plan.gpu_memory_fraction=0.6", "plan.allow_approximate=true"), h100)
+    assert {(layer["activation_compression"], layer["compression"]) for layer in fits.plan.layers} == {
+        ("none", "none")}  # it fits exactly: nothing approximate, even though allowed
+
+
+def test_a_compression_section_is_planned_for_its_layers():
+    job = _job(*TIGHT, "plan.gpu_memory_fraction=0.6", "compression.silu=int4", "compression.layers=[1,2]")
+    outcome = make_plan(job, load_profile("h100_sxm"))
+    specs = [layer["activation_compression"] for layer in outcome.plan.layers]
+    assert specs[0] == specs[3] == "none" and specs[1] == specs[2] and "silu=int4" in specs[1]
+    assert "silu=int4" in outcome.plan.inputs["compression"]  # another section needs another plan
+    assert "compression" not in plan_inputs(_job(*TIGHT), load_profile("h100_sxm"), "bf16")
+
+
+def test_the_trainer_installs_the_planned_compression(debug_model_config):
+    from types import SimpleNamespace
+
+    from orchestrator.model import LlamaModel
+    from orchestrator.trainer import apply_plan_compression
+    from planner.cost_model import PLANNER_COMPRESSION, compression_spec
+
+    model = LlamaModel(debug_model_config)
+    plan = SimpleNamespace(layers=[{"layer": i, "activation_compression": compression_spec(PLANNER_COMPRESSION)
+                                    if i in (1, 3) else "none"} for i in range(4)])
+    assert apply_plan_compression(model, plan, seed=0)
+    assert [type(layer.mlp).__name__ for layer in model.layers] == ["MLP", "CompressedMLP", "MLP", "CompressedMLP"]
+    assert type(model.layers[1].attn.q_proj).__name__ == "CompressedLinear"
 
 
 def test_infeasible_job_says_why_and_what_fits():

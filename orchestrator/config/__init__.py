@@ -2,11 +2,11 @@
 
 from orchestrator.config.loader import DEFAULT_CONFIG, job_to_yaml, list_shipped_configs, load_job_config
 from orchestrator.config.presets import MODEL_PRESETS
-from orchestrator.config.schema import (TOKEN_BLOCK, CheckpointConfig, ClusterConfig, DataConfig, JobConfig,
-                                        MetricsConfig, ModelConfig, OptimConfig, ParallelConfig, PlanConfig,
-                                        RunConfig, TokenElimConfig, TrainConfig)
+from orchestrator.config.schema import (TOKEN_BLOCK, CheckpointConfig, ClusterConfig, CompressionConfig, DataConfig,
+                                        JobConfig, MetricsConfig, ModelConfig, OptimConfig, ParallelConfig,
+                                        PlanConfig, RunConfig, TokenElimConfig, TrainConfig)
 
-__all__ = ["DEFAULT_CONFIG", "MODEL_PRESETS", "TOKEN_BLOCK", "CheckpointConfig", "ClusterConfig", "DataConfig",
-           "JobConfig", "MetricsConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PlanConfig", "RunConfig",
-           "TokenElimConfig", "TrainConfig",
+__all__ = ["DEFAULT_CONFIG", "MODEL_PRESETS", "TOKEN_BLOCK", "CheckpointConfig", "ClusterConfig",
+           "CompressionConfig", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig", "OptimConfig",
+           "ParallelConfig", "PlanConfig", "RunConfig", "TokenElimConfig", "TrainConfig",
            "job_to_yaml", "list_shipped_configs", "load_job_config"]

@@ -252,7 +252,9 @@ class PlanConfig:
     host_memory_fraction: float = 0.8
     """Share of a node's host memory that swapped activations may use (split evenly over its GPUs)."""
     allow_approximate: bool = False
-    """Let the planner pick approximate techniques (int8 / int4 activation compression) when exact ones do not fit."""
+    """Let the planner pick approximate techniques when exact ones (swap, recompute) do not fit: int8 swaps and
+    Mesa int8 compressed layers (`planner.cost_model.PLANNER_COMPRESSION`), chosen per layer by the MIP. A job that
+    fits exactly gets none. A `compression` section is planned for its layers whatever this says."""
     time_limit_seconds: float = 5.0
     """Per MIP; the best solution found so far is kept when the limit is hit."""
     path: Optional[str] = None
@@ -318,6 +320,14 @@ class CompressionConfig:
     def is_active(self) -> bool:
         chosen = self.wta_crs_keep_ratio < 1 or {self.linear_inputs, self.norm_inputs, self.silu} != {"none"}
         return chosen and self.layers not in ("none", [])
+
+    def layer_indices(self, num_layers: int) -> List[int]:
+        """`layers` ("all", "none" or a list of indices) as indices."""
+        if self.layers == "all":
+            return list(range(num_layers))
+        if self.layers in ("none", None):
+            return []
+        return sorted(int(i) for i in self.layers)
 
     def problems(self, num_layers: int = 0) -> List[str]:
         found = _positive(self, "compression", ["range_groups"])

@@ -445,26 +445,21 @@ def _become(module: nn.Module, cls: type, **attributes) -> None:
             setattr(module, name, value)
 
 
-def layer_indices(spec, num_layers: int) -> List[int]:
-    """compression.layers ("all", "none" or a list of indices) as indices."""
-    if spec == "all":
-        return list(range(num_layers))
-    if spec in ("none", None):
-        return []
-    return sorted(int(i) for i in spec)
-
-
 def apply_config(model, section, seed: int) -> bool:
     """Install the job config's `compression` section; False when it asks for nothing."""
     if not section.is_active:
         return False
-    layers = layer_indices(section.layers, len(model.layers))
+    install_settings(model, section, section.layer_indices(len(model.layers)), seed)
+    return True
+
+
+def install_settings(model, section, layers, seed: int) -> None:
+    """Compress these layers with a `compression` section's settings (its own `layers` is not read)."""
     int8 = quant_int8.Config(section.range_decay, section.range_groups, linears=section.linear_inputs == "int8",
                              norms=section.norm_inputs == "int8", silu=section.silu == "int8")
     install(model, layers, seed, int8=int8 if (int8.linears or int8.norms or int8.silu) else None,
             silu_int4=quant_int4_deriv.Config(section.range_decay, section.range_groups) if section.silu == "int4"
             else None, keep_ratio=section.wta_crs_keep_ratio)
-    return True
 
 
 def _stores(model) -> Dict[str, InputStore]:
