@@ -15,6 +15,8 @@ optimizer are the same for all of them, so leaving them out isolates the differe
   s2a_int4            store_all with S2A 4-bit SwiGLU gate codes
   wta_crs             store_all with WTA-CRS weight gradients from 30% of the token rows
   compressed          all three at once
+  compressed_swap     all three, their compact forms swapped to host by the token-wise runtime (every token, or
+                      --policy), to measure the host bytes against `longtrain --policy 0/1/0`
   token_elim          store_all with LeMo token elimination in every layer (40% of the 64-token blocks kept)
 """
 
@@ -44,8 +46,10 @@ COMPRESSION_MODES = {
     "compressed": dict(linear_inputs="int8", norm_inputs="int8", silu="int4", wta_crs_keep_ratio=0.3),
 }
 """Approximate techniques measured on their own (no recompute or swap), against store_all: memory and speed."""
+SWAP_ALL = (0.0, 1.0, 0.0)
+"""compressed_swap's token-wise policy unless --policy says otherwise: every token's compact forms to host."""
 MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain", "longtrain_no_arena",
-         *COMPRESSION_MODES, "token_elim")
+         *COMPRESSION_MODES, "compressed_swap", "token_elim")
 GIB = 2**30
 
 
@@ -191,6 +195,17 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
         settings = COMPRESSION_MODES[mode]
         compressed.apply_config(stack, CompressionConfig(**settings), seed=0)
         row.note = ", ".join(f"{key}={value}" for key, value in settings.items())
+    elif mode == "compressed_swap":
+        from orchestrator.config.schema import CompressionConfig
+        from orchestrator.memory import compressed
+        from orchestrator.memory.tokenwise import LayerPolicy
+
+        policy = HAND_POLICY or LayerPolicy(*SWAP_ALL)
+        runtime = apply_policies(stack, {i: policy for i in range(len(stack.layers))})
+        compressed.apply_config(stack, CompressionConfig(**COMPRESSION_MODES["compressed"]), seed=0)
+        host_bytes = lambda: runtime.pool.bytes  # noqa: E731
+        row.note = (f"compressed + keep/swap/recompute {policy.keep_fraction:.2f}/{policy.swap_fraction:.2f}/"
+                    f"{policy.recompute_fraction:.2f}")
     elif mode == "token_elim":
         from orchestrator.config import TokenElimConfig
         from orchestrator.memory import token_elim

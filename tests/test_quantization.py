@@ -255,3 +255,18 @@ def test_swiglu_backward_in_row_chunks_equals_the_one_chunk_result(monkeypatch, 
     # equal up to the last bit of fp32: vectorised sigmoid/silu kernels round a tensor's tail elements differently
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-7)
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-7)
+
+
+def test_int8_linear_weight_gradient_in_row_chunks_equals_the_one_chunk_result(monkeypatch):
+    """The weight gradient sums chunk products of restored rows (bounded fp32 temporaries): same result."""
+    torch.manual_seed(4)
+    linear, _ = _int8_linear()
+    x, g = torch.randn(3, 40, 32), torch.randn(3, 40, linear.out_features)
+    grads = []
+    for chunk in (10**9, 7 * 32):  # one chunk; 7 rows per chunk (not dividing the 120 rows)
+        monkeypatch.setattr(compressed, "BACKWARD_CHUNK_ELEMENTS", chunk)
+        linear.weight.grad = None
+        with compressed.replaying():  # the same codes both times
+            linear(x).backward(g)
+        grads.append(linear.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)

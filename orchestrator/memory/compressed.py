@@ -285,12 +285,26 @@ class _CompactInputLinear(torch.autograd.Function):
         grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            rows, index = ctx.packed.restore(tensors)
-            picked = grad2d if index is None else grad2d.index_select(0, index)
-            grad_w = picked.t().matmul(rows.to(picked.dtype))
+            grad_w = _weight_grad(ctx.packed, tensors, grad2d)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad2d.sum(0)
         return (grad_x, grad_w, grad_b, None) + (None,) * ctx.num_compact
+
+
+def _weight_grad(packed: Packed, tensors, grad2d: torch.Tensor) -> torch.Tensor:
+    """g^T x from the compact x; unsampled codes are restored a chunk of rows at a time, the products summed in
+    fp32, so the backward never holds the whole input in fp32 (it did: the H100 peak barely moved with int8)."""
+    step = max(1, BACKWARD_CHUNK_ELEMENTS // packed.shape[-1])
+    if packed.sampled or packed.bits == 16 or step >= grad2d.shape[0]:
+        rows, index = packed.restore(tensors)
+        picked = grad2d if index is None else grad2d.index_select(0, index)
+        return picked.t().matmul(rows.to(picked.dtype))
+    total = None
+    for start in range(0, grad2d.shape[0], step):
+        stop = min(start + step, grad2d.shape[0])
+        part = grad2d[start:stop].t().matmul(packed.restore_rows(tensors, start, stop).to(grad2d.dtype)).float()
+        total = part if total is None else total.add_(part)
+    return total.to(grad2d.dtype)
 
 
 class CompressedLinear(nn.Linear):
