@@ -134,3 +134,19 @@ def test_one_sequence_swap_on_gpu_flat_copies_and_int8(int8_swap):
     print(f"\nint8_swap {int8_swap}: worst relative gradient difference {worst:.2e}; host pool "
           f"{runtime.pool.bytes / 2**20:.1f} MiB")
     assert torch.allclose(first[0], ours[0], rtol=1e-3) and worst < (5e-2 if int8_swap else 1e-2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("with_plan", [False, True])
+def test_ulysses_on_two_gpus_matches_the_unsplit_model_in_bf16(tmp_path, with_plan):
+    """NCCL all-to-all, the flash kernel's forward/backward ops (shard-saving path) and DeepSpeed's
+    DistributedAttention: loss and gradients within bf16 rounding of one GPU holding the whole sequence."""
+    from tests import test_sequence_parallel as sp
+
+    inputs, targets = (t.cuda() for t in sp._batch())
+    reference_loss, reference = sp._loss_and_grads(sp._model(False, "cuda"), inputs, targets)
+    loss, grads = sp._run_split(with_plan, tmp_path, device="cuda")
+    assert abs(loss - reference_loss.item()) <= 2e-2 * abs(reference_loss.item())
+    for name, grad in reference.items():
+        grad = grad.float().cpu()
+        assert (grads[name] - grad).norm() <= 5e-2 * grad.norm() + 1e-6, name

@@ -25,9 +25,11 @@ def _batch():
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _model(with_plan: bool):
+def _model(with_plan: bool, device: str = "cpu"):
     torch.manual_seed(3)
     model = LlamaModel(MODEL)
+    if device != "cpu":
+        model = model.to(device, torch.bfloat16)
     if with_plan:
         apply_policies(model, POLICIES)
     return model
@@ -39,35 +41,39 @@ def _loss_and_grads(model, inputs, targets, positions=None):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank, world, port, with_plan, out_path):
+def _worker(rank, world, port, with_plan, out_path, device="cpu"):
     import os
 
     import deepspeed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
-    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's all-to-all runs on its own comm layer
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    # DeepSpeed's all-to-all runs on its own comm layer
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     torch.set_num_threads(1)
     group = sequence_groups(world)
-    model = _model(with_plan)
+    model = _model(with_plan, device)
     install(model, group, split_layers=set(POLICIES) if with_plan else set())
-    inputs, targets = _batch()
+    inputs, targets = (t.to(device) for t in _batch())
     shard = shard_of(inputs, group)
-    positions = torch.arange(SEQ)[shard]
+    positions = torch.arange(SEQ, device=device)[shard]
     loss, grads = _loss_and_grads(model, inputs[:, shard], targets[:, shard], positions)
     dist.all_reduce(loss)
     for grad in grads.values():  # what ZeRO does: the average over ranks
         dist.all_reduce(grad)
         grad /= world
     if rank == 0:
-        torch.save((loss.item() / world, grads), out_path)  # a file: a queue's pipe fills and blocks the rank
+        torch.save((loss.item() / world, {k: g.float().cpu() for k, g in grads.items()}), out_path)  # a file: a queue's pipe fills and blocks the rank
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _run_split(with_plan: bool, tmp_path):
+def _run_split(with_plan: bool, tmp_path, device: str = "cpu"):
     out_path = str(tmp_path / "rank0.pt")
-    mp.start_processes(_worker, args=(2, free_port(), with_plan, out_path), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), with_plan, out_path, device), nprocs=2, start_method="spawn")
     return torch.load(out_path)
 
 
