@@ -95,21 +95,22 @@ def _check_predictors_early(job: JobConfig) -> None:
 
 
 def _check_techniques_compose(job: JobConfig) -> None:
-    """Token elimination does not run on layers the plan splits into kept / swapped / recomputed tokens yet (its
-    kept indices are not reused on recompute); say so in one line here rather than from every worker after Ray
-    has started. Compression composes: the plan splits its compact tensors by token."""
-    from orchestrator.memory import token_elim
+    """Token elimination and compression each run on layers the plan splits, but not both on one such layer (a
+    sparse layer's compact attention forms would mix full-length and kept-row token ranges); say so in one line
+    here rather than from every worker after Ray has started."""
+    from orchestrator.memory import compressed
     from orchestrator.trainer import plan_policies
     from planner.plan_file import load_plan
 
-    if not job.token_elim.enabled:
+    if not (job.token_elim.enabled and job.compression.is_active):
         return
-    split = sorted(i for i, p in plan_policies(load_plan(Path(job.plan.path))).items() if not p.is_plain)
-    both = sorted(set(split) & set(token_elim.keep_ratios(job.token_elim, job.model.num_layers)))
+    split = {i for i, p in plan_policies(load_plan(Path(job.plan.path))).items() if not p.is_plain}
+    both = sorted(split & set(job.token_elim.keep_ratios(job.model.num_layers))
+                  & set(compressed.layer_indices(job.compression.layers, job.model.num_layers)))
     if both:
-        raise ConfigError(f"token_elim applies to layers {both}, which the plan {job.plan.path} splits into "
-                          f"kept / swapped / recomputed tokens; they do not compose yet: re-plan with more "
-                          f"plan.gpu_memory_fraction, drop those layers from token_elim, or run without plan.path")
+        raise ConfigError(f"token_elim and compression both apply to layers {both}, which the plan {job.plan.path} "
+                          f"splits into kept / swapped / recomputed tokens; they do not compose there yet: drop "
+                          f"those layers from compression.layers or token_elim, or run without plan.path")
 
 
 def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:

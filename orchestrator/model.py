@@ -168,12 +168,25 @@ class DecoderLayer(nn.Module):
 
     def mlp_part(self, x: torch.Tensor, attn_out: torch.Tensor) -> dict:
         """The per-token tensors after attention, from the layer input and the attention output."""
-        residual = x + self.attn.o_proj(merge_heads(attn_out))
+        return self.mlp_tensors(x + self.attn.o_proj(merge_heads(attn_out)))
+
+    def mlp_tensors(self, residual: torch.Tensor) -> dict:
+        """The per-token tensors of the MLP half, from the residual stream after attention."""
         normed = self.mlp_norm(residual)
         gate, up = self.mlp.gate_proj(normed), self.mlp.up_proj(normed)
         swiglu = self.mlp.swiglu(gate, up)
         return {"attn_residual": residual, "mlp_norm_out": normed, "gate": gate, "up": up, **swiglu,
                 "out": residual + self.mlp.down_proj(swiglu["gated"])}
+
+    def recompute_tokens(self, group: str, skeletal: dict, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                         length: int, context: dict) -> dict:
+        """The token-wise tensors of `group` ("attention" or "mlp") for tokens [start, start + length), from the
+        skeletal tensors (layer input, attention output): what the token-wise runtime recomputes. `context` holds
+        what else the forward tagged (a sparse layer's kept token indices: `token_elim` overrides this)."""
+        x = skeletal["layer_input"].narrow(1, start, length)
+        if group == "attention":
+            return self.attention_inputs(x, cos.narrow(0, start, length), sin.narrow(0, start, length))
+        return self.mlp_part(x, skeletal["attn_out"].narrow(2, start, length))
 
 
 class LlamaModel(nn.Module):

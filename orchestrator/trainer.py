@@ -71,7 +71,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
     memory, compressing = apply_plan(job, model, profile, precision)
-    # after the plan: token elimination refuses layers that have a token-wise split (compression composes)
+    # after the plan: both compose with its token-wise split (token elimination tags for it)
     compressing = compressed.apply_config(model, job.compression, job.train.seed) or compressing
     token_elim.apply_config(model, job.token_elim)
     ds_checkpointing.install(model, job.train.activation_checkpointing)

@@ -25,8 +25,12 @@ block's score depends on later queries: the selection looks ahead within the seq
 do not use the sparse forward to measure causal perplexity of a model). It is computed under no_grad, a few query
 blocks at a time against the causal prefix of keys, so the working set is SCORE_CHUNK_ELEMENTS, not N x N; on CUDA
 one Triton kernel (`token_elim_triton`) keeps the logits on chip. The kept indices are a pure function of the layer
-input (no randomness), so a recomputation of the layer picks the same tokens; the last ones are kept on the layer
-(`layer.token_elim.last_kept`) for inspection.
+input (no randomness); the last ones are kept on the layer (`layer.token_elim.last_kept`) for inspection.
+
+Under a token-wise swap/recompute plan (`tokenwise`) the forward tags the layer input (full length, skeletal), the
+kept rows' attention tensors (normed rows, q, k, v, attention output: their token axis is the kept sequence) and the
+full-length MLP tensors, so the plan's keep / swap / recompute shares apply to the kept rows in the attention half.
+The kept indices are tagged too: recomputation (`eliminated_recompute`) reuses them and never re-scores.
 """
 
 import importlib.util
@@ -39,7 +43,7 @@ import torch
 
 from orchestrator.config.schema import TokenElimConfig
 from orchestrator.errors import ConfigError
-from orchestrator.model import DecoderLayer, apply_rope
+from orchestrator.model import DecoderLayer, apply_rope, merge_heads
 
 Config = TokenElimConfig
 SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -90,20 +94,61 @@ def apply_elimination(model, ratios: Dict[int, float], block_size: int = 64) -> 
     objects (DeepSpeed ZeRO still finds and gathers them)."""
     for index, ratio in ratios.items():
         layer = model.layers[index]
-        if layer.activation_hooks is not None:
-            raise ConfigError(f"layer {index} has a token-wise swap/recompute plan and token_elim; they do not "
-                              "compose yet: set token_elim.enabled=false or plan without this layer")
         layer.token_elim = LayerElimination(ratio, block_size)
         layer.forward = MethodType(eliminated_forward, layer)
+        layer.recompute_tokens = MethodType(eliminated_recompute, layer)
 
 
 def eliminated_forward(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x + attention over the kept rows (zero elsewhere), then the MLP on every row."""
-    assert layer.activation_hooks is None, "token-wise hooks would be ignored by the eliminated forward"
     kept = kept_token_indices(layer, x, cos, sin)
     layer.token_elim.last_kept = kept
+    if layer.activation_hooks is not None and torch.is_grad_enabled():
+        return _forward_under_hooks(layer, x, cos, sin, kept)
     residual = x + attention_on_kept(layer, x, cos, sin, kept)
     return residual + layer.mlp(layer.mlp_norm(residual))
+
+
+def _forward_under_hooks(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         kept: torch.Tensor) -> torch.Tensor:
+    """The same function as the plain sparse forward, with its intermediates tagged for the token-wise runtime.
+    The attention norm runs on every row and its output is gathered, so the norm saves the layer input (skeletal,
+    kept anyway) rather than a gathered copy the runtime could not split; the per-row values are the same."""
+    sequences = torch.arange(x.shape[0], device=x.device)[:, None]
+    hooks = layer.activation_hooks(layer, x, cos, sin)
+    with hooks:
+        normed = layer.attn_norm(x)[sequences, kept]
+        q, k, v = layer.attn.project(normed, cos[kept][:, None], sin[kept][:, None])
+        hooks.tag(layer_input=x, kept_tokens=kept, attn_norm_out=normed, q=q, k=k, v=v)
+        attn_out = layer.attn.attend(q, k, v)
+        hooks.tag(attn_out=attn_out)
+        attention = torch.zeros_like(x).index_put((sequences, kept), layer.attn.o_proj(merge_heads(attn_out)))
+        mlp = layer.mlp_tensors(x + attention)
+        hooks.tag(**{key: value for key, value in mlp.items() if key != "out"})
+        return mlp["out"]
+
+
+def eliminated_recompute(layer: DecoderLayer, group: str, skeletal: dict, cos: torch.Tensor, sin: torch.Tensor,
+                         start: int, length: int, context: dict) -> dict:
+    """A sparse layer's token-wise tensors for a token range, from the skeletal tensors and the kept indices its
+    forward chose (`context["kept_tokens"]`, never re-scored). Attention tensors: [start, start + length) indexes the
+    kept sequence; MLP tensors: the full one, where only the kept rows in the range get an attention output."""
+    kept, x = context["kept_tokens"], skeletal["layer_input"]
+    sequences = torch.arange(x.shape[0], device=x.device)[:, None]
+    if group == "attention":
+        rows = kept[:, start:start + length]
+        normed = layer.attn_norm(x[sequences, rows])
+        q, k, v = layer.attn.project(normed, cos[rows][:, None], sin[rows][:, None])
+        return {"attn_norm_out": normed, "q": q, "k": k, "v": v}
+    x = x.narrow(1, start, length)
+    attention = torch.zeros_like(x)
+    bounds = torch.searchsorted(kept, torch.tensor([start, start + length], device=kept.device).expand(
+        kept.shape[0], 2).contiguous()).tolist()
+    for b, (first, last) in enumerate(bounds):  # kept is sorted: the range's kept rows are one slice of it
+        if last > first:
+            out = skeletal["attn_out"][b:b + 1, :, first:last]
+            attention[b, kept[b, first:last] - start] = layer.attn.o_proj(merge_heads(out))[0]
+    return layer.mlp_tensors(x + attention)
 
 
 def attention_on_kept(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -133,6 +133,9 @@ class _LayerRecord:
     """Restored layer input and attention output, held until both token-wise groups are restored."""
     compact: Dict[str, "compressed.CompactForm"] = field(default_factory=dict)
     """Compact roles (`COMPACT`) by name: how to find their token ranges and recompute them."""
+    context: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Other tensors the forward tagged, passed to the layer's `recompute_tokens` (a sparse layer's kept token
+    indices: recomputation reuses them, never re-scores)."""
 
 
 class TokenwiseRuntime:
@@ -260,6 +263,8 @@ class _LayerHooks:
                 copied_out = torch.cuda.Event()
                 copied_out.record(stream)
                 self.runtime.throttle(copied_out)
+        record.context = {role: t.detach() for role, t in self.tags.items()
+                          if role not in TOKEN_WISE and role not in SKELETAL and role not in record.compact}
         self.tags, self.compact = {}, {}  # autograd keeps these hooks until backward: the full tensors must go
         record.saved = []  # autograd holds each `_Saved`; the list was only needed to classify them
 
@@ -472,20 +477,16 @@ def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: D
     split = [role for role, out in outputs.items() if record.roles[role].whole is None]
     if not split or record.policy.recompute_fraction <= 0:
         return
-    seq_len = skeletal["layer_input"].shape[1]
+    plain = [role for role in split if role not in record.compact]  # a sparse layer's attention roles: kept rows
+    seq_len = record.roles[plain[0]].shape[_token_dim(plain[0])] if plain else skeletal["layer_input"].shape[1]
     kept, swapped, recomputed = record.policy.token_ranges(seq_len)
     chunk = runtime.recompute_chunk_tokens
     for start in range(kept + swapped, seq_len, chunk):
         length = min(chunk, seq_len - start)
-        x = skeletal["layer_input"].narrow(1, start, length)
-        attn_out = skeletal["attn_out"].narrow(2, start, length)
-        cos, sin = record.cos.narrow(0, start, length), record.sin.narrow(0, start, length)
         with torch.no_grad():
-            if group == "attention":
-                tensors = record.layer.attention_inputs(x, cos, sin)
-            else:
-                tensors = record.layer.mlp_part(x, attn_out)
-        tensors["layer_input"] = x
+            tensors = record.layer.recompute_tokens(group, skeletal, record.cos, record.sin, start, length,
+                                                    record.context)
+        tensors["layer_input"] = skeletal["layer_input"].narrow(1, start, length)
         for role in split:
             form = record.compact.get(role)
             if form is None:
