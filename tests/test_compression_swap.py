@@ -88,7 +88,7 @@ def test_swapped_bytes_fall_by_the_compression_factor():
         assert source not in ours and ours[role] * factor == exact[source]
 
 
-def test_token_elimination_is_still_refused_on_split_layers():
+def test_token_elimination_is_still_refused_on_compressed_split_layers():
     from orchestrator.errors import ConfigError
     from orchestrator.memory import token_elim
     model, _, _ = _compressed_model(SETTINGS["all"], batch=1)

@@ -159,34 +159,39 @@ def test_registered():
     assert technique("token_elim") is token_elim
 
 
-def test_held_out_perplexity_after_fine_tuning_is_within_5_percent_of_dense():
-    """Same base model (briefly pre-trained dense), same batches, same AdamW steps; then perplexity on the
-    corpus's held-out windows, of the sparse model evaluated dense and sparse (the sparse forward looks ahead
-    within a sequence when scoring blocks, so its own perplexity is printed and bounded but is not the claim).
-    Weak by budget: after ~30 CPU steps a byte model barely uses context (zeroing the attention of both sparse
-    layers also stays within 5% here); the row-level tests above are what pin the mechanism down."""
-    job = load_job_config(None, [f"data.seq_len={SEQ_LEN}", "data.micro_batch_size=2", "token_elim.enabled=true",
-                                 "token_elim.keep_ratio=0.5", "token_elim.dense_first_layers=1"])
+def test_held_out_perplexity_after_fine_tuning_is_within_5_percent_of_dense_and_an_absurd_setting_is_not():
+    """Same base model (pre-trained dense for 150 steps, until it uses context: held-out perplexity ~11.7), same
+    batches, same 20 AdamW steps; then perplexity on the corpus's held-out windows, of each fine-tuned model
+    evaluated dense and with its own sparse forward (which looks ahead within a sequence when scoring blocks, so it
+    is bounded but is not the claim). LeMo's setting (keep 0.5 in layers 1-2) stays within 5%; keeping one block
+    of eight in every layer does not, so the bound can fail. About 30 s on one core."""
+    job = load_job_config(None, [f"data.seq_len={SEQ_LEN}", "data.micro_batch_size=2"])
     windows = build_windows(job.data, job.model.vocab_size, job.train.seed)
     sampler = RankSampler(windows, 2, 0, 1, job.train.seed)
     torch.manual_seed(0)
     base = LlamaModel(job.model)
-    _adamw_steps(base, [sampler.next_batch() for _ in range(16)], lr=3e-3)
-    batches = [sampler.next_batch() for _ in range(10)]
-    dense, sparse = copy.deepcopy(base), copy.deepcopy(base)
-    _adamw_steps(dense, batches, lr=1e-3)
-    assert token_elim.apply_config(sparse, job.token_elim) == {1: 0.5, 2: 0.5}
-    _adamw_steps(sparse, batches, lr=1e-3)
+    _adamw_steps(base, [sampler.next_batch() for _ in range(150)], lr=3e-3)
+    batches = [sampler.next_batch() for _ in range(20)]
     rows = torch.stack([torch.from_numpy(windows.window(i, holdout=True)) for i in range(8)])
-    dense_ppl, sparse_own_ppl = _perplexity(dense, rows), _perplexity(sparse, rows)
-    for layer in sparse.layers:
-        layer.forward = MethodType(DecoderLayer.forward, layer)
-    sparse_dense_ppl = _perplexity(sparse, rows)
-    print(f"\nheld-out perplexity: dense {dense_ppl:.3f}, token_elim fine-tuned {sparse_dense_ppl:.3f} "
-          f"({sparse_dense_ppl / dense_ppl - 1:+.2%}), with the sparse forward {sparse_own_ppl:.3f} "
-          f"({sparse_own_ppl / dense_ppl - 1:+.2%})")
-    assert sparse_dense_ppl == pytest.approx(dense_ppl, rel=0.05)
-    assert sparse_own_ppl == pytest.approx(dense_ppl, rel=0.05)
+    dense = copy.deepcopy(base)
+    _adamw_steps(dense, batches, lr=1e-3)
+    dense_ppl = _perplexity(dense, rows)
+    gaps = {}
+    for name, settings in {"lemo": ["token_elim.keep_ratio=0.5", "token_elim.dense_first_layers=1"],
+                           "absurd": ["token_elim.keep_ratio=0.05", "token_elim.dense_first_layers=0",
+                                      "token_elim.dense_last_layers=0"]}.items():
+        sparse = copy.deepcopy(base)
+        token_elim.apply_config(sparse, load_job_config(None, [f"data.seq_len={SEQ_LEN}", "token_elim.enabled=true",
+                                                               *settings]).token_elim)
+        _adamw_steps(sparse, batches, lr=1e-3)
+        own = _perplexity(sparse, rows)
+        for layer in sparse.layers:
+            layer.forward = MethodType(DecoderLayer.forward, layer)
+        gaps[name] = (_perplexity(sparse, rows) / dense_ppl - 1, own / dense_ppl - 1)
+    print(f"\nheld-out perplexity: dense fine-tuned {dense_ppl:.3f}; token_elim fine-tuned, evaluated dense / with "
+          "its sparse forward: " + "; ".join(f"{n} {a:+.2%} / {b:+.2%}" for n, (a, b) in gaps.items()))
+    assert abs(gaps["lemo"][0]) < 0.05 and abs(gaps["lemo"][1]) < 0.05
+    assert gaps["absurd"][0] > 0.05 and gaps["absurd"][1] > 0.05
 
 
 def _adamw_steps(model, batches, lr):

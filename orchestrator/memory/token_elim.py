@@ -94,6 +94,9 @@ def apply_elimination(model, ratios: Dict[int, float], block_size: int = 64) -> 
     objects (DeepSpeed ZeRO still finds and gathers them)."""
     for index, ratio in ratios.items():
         layer = model.layers[index]
+        if layer.activation_hooks is not None and getattr(layer, "compression", None) is not None:
+            raise ConfigError(f"layer {index} is compressed and split by the token-wise plan; token_elim does not "
+                              "compose with both there yet: drop it from compression.layers or token_elim")
         layer.token_elim = LayerElimination(ratio, block_size)
         layer.forward = MethodType(eliminated_forward, layer)
         layer.recompute_tokens = MethodType(eliminated_recompute, layer)
