@@ -97,10 +97,10 @@ class LocalShardAttention:
 
     def __init__(self, group: dist.ProcessGroup, num_heads: int, num_kv_heads: int):
         self.group = group
-        self.repeats = num_heads // num_kv_heads
+        self.grouped = num_heads != num_kv_heads
 
     def __call__(self, q, k, v):
-        return _LocalShardFunction.apply(q, k, v, self.group, self.repeats)
+        return _LocalShardFunction.apply(q, k, v, self.group, self.grouped)
 
 
 def _to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -117,56 +117,59 @@ def _to_tokens(x: torch.Tensor, group) -> torch.Tensor:
     return single_all_to_all(x.transpose(1, 2).contiguous(), SEQUENCE, HEADS, BATCH, group).transpose(1, 2)
 
 
+class _Regathered:
+    """Saved-tensor hooks for the attention kernel's own autograd node: its saved q, k, v and output (whole
+    sequence, this rank's heads) are not kept but named, and rebuilt in backward by exchanging the local shards
+    again; everything else it saves (log-sum-exp, RNG state: small) is kept as is."""
+
+    def __init__(self):
+        self.saved = []
+        """[tensor, role] per saved tensor; after `name`, tensor is None where role is set."""
+        self.tensors = {}
+
+    def pack(self, tensor):
+        entry = [tensor, None]
+        self.saved.append(entry)
+        return entry
+
+    def unpack(self, entry):
+        tensor, role = entry
+        return tensor if role is None else self.tensors[role]
+
+    def name(self, **tensors) -> None:
+        """After the forward: replace each saved tensor that is one of `tensors` by its role."""
+        by_storage = {t.untyped_storage().data_ptr(): role for role, t in tensors.items()}
+        for entry in self.saved:
+            role = by_storage.get(entry[0].untyped_storage().data_ptr())
+            if role is not None:
+                entry[0], entry[1] = None, role
+
+
 class _LocalShardFunction(torch.autograd.Function):
+    """Exchange, SDPA (whatever kernel it picks for the plain model), exchange back; SDPA's autograd node is kept
+    (`ctx.inner`) with its large saved tensors replaced by names (`_Regathered`)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, group, repeats):
-        ctx.group, ctx.repeats = group, repeats
-        heads_q, heads_k, heads_v = (_to_heads(t, group) for t in (q, k, v))
-        out_heads, lse, extras = flash_forward(heads_q, _expand(heads_k, repeats), _expand(heads_v, repeats))
-        out = _to_tokens(out_heads, group)
-        ctx.extras = extras
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, group, grouped):
+        leaves = [_to_heads(t, group).detach().requires_grad_() for t in (q, k, v)]
+        regathered = _Regathered()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(regathered.pack, regathered.unpack):
+            out_heads = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=grouped)
+        regathered.name(q=leaves[0], k=leaves[1], v=leaves[2], out=out_heads)
+        out = _to_tokens(out_heads.detach(), group)
+        out_heads.untyped_storage().resize_(0)  # autograd below needs its node and shape only, not its data
+        for leaf in leaves:
+            leaf.untyped_storage().resize_(0)
+        ctx.group, ctx.inner = group, (leaves, out_heads, regathered)
+        ctx.save_for_backward(q, k, v, out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, repeats = ctx.group, ctx.repeats
-        heads_q, heads_k, heads_v, heads_out, heads_grad = (_to_heads(t, group) for t in (q, k, v, out, grad_out))
-        grad_q, grad_k, grad_v = flash_backward(heads_grad, heads_q, _expand(heads_k, repeats),
-                                                _expand(heads_v, repeats), heads_out, lse, ctx.extras)
-        grad_k, grad_v = _fold(grad_k, repeats), _fold(grad_v, repeats)
-        return (_to_tokens(grad_q, group), _to_tokens(grad_k, group), _to_tokens(grad_v, group), None, None)
-
-
-def _expand(kv: torch.Tensor, repeats: int) -> torch.Tensor:
-    """Grouped-query keys/values repeated to one per query head (the kernels below take equal head counts)."""
-    return kv if repeats == 1 else kv.repeat_interleave(repeats, dim=1)
-
-
-def _fold(grad: torch.Tensor, repeats: int) -> torch.Tensor:
-    if repeats == 1:
-        return grad
-    batch, heads, seq, dim = grad.shape
-    return grad.view(batch, heads // repeats, repeats, seq, dim).sum(2)
-
-
-def flash_forward(q, k, v):
-    """Causal flash attention on [B, H, S, D]: (output, log-sum-exp, what its backward needs besides)."""
-    if q.is_cuda:
-        if q.dtype not in (torch.bfloat16, torch.float16):
-            raise ConfigError(f"sequence parallelism on GPU needs train.precision bf16 or fp16 (got {q.dtype})")
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False)
-        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-    return out, lse, ()
-
-
-def flash_backward(grad, q, k, v, out, lse, extras):
-    if q.is_cuda:
-        cum_q, cum_k, max_q, max_k, seed, offset = extras
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad.contiguous(), q, k, v, out,
-                                                                               lse, 0.0, True)
+        q, k, v, out = ctx.saved_tensors
+        leaves, out_heads, regathered = ctx.inner
+        group = ctx.group
+        regathered.tensors = {role: _to_heads(t, group) for role, t in zip(("q", "k", "v", "out"), (q, k, v, out))}
+        grads = torch.autograd.grad(out_heads, leaves, _to_heads(grad_out, group))
+        regathered.tensors, ctx.inner = {}, None
+        return (*(_to_tokens(g, group) for g in grads), None, None)

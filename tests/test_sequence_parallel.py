@@ -2,6 +2,8 @@
 attention paths: DeepSpeed's DistributedAttention (plain layers) and the shard-saving path under a token-wise
 swap / recompute plan. Two gloo ranks on CPU, fp32."""
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -96,15 +98,28 @@ def test_ulysses_under_a_swap_and_recompute_plan_equals_the_unsplit_model(tmp_pa
     _check_equal_to_unsplit(True, tmp_path)
 
 
-def test_shard_saving_attention_equals_sdpa_on_one_rank_group():
-    """The flash forward/backward pair the shard-saving path calls equals SDPA's autograd bit for bit (CPU)."""
-    from orchestrator.sequence_parallel import flash_backward, flash_forward
+def test_shard_saving_attention_keeps_no_whole_sequence_tensor_and_matches_sdpa(tmp_path):
+    """In a one-rank group (the exchanges are identities): SDPA's node keeps its q, k, v and output only by name,
+    the exchanged copies are freed after the forward, and gradients equal plain SDPA's bit for bit."""
+    import deepspeed
 
-    q, k, v = (torch.randn(1, 4, 64, 8, requires_grad=True) for _ in range(3))
-    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    grad = torch.randn_like(reference)
-    expected = torch.autograd.grad(reference, (q, k, v), grad)
-    out, lse, extras = flash_forward(q.detach(), k.detach(), v.detach())
-    assert torch.equal(out, reference.detach())
-    for got, want in zip(flash_backward(grad, q.detach(), k.detach(), v.detach(), out, lse, extras), expected):
-        assert torch.equal(got, want)
+    from orchestrator.sequence_parallel import LocalShardAttention
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        group = dist.new_group([0])
+        q, k, v = (torch.randn(1, 4, 64, 8, requires_grad=True) for _ in range(3))
+        out = LocalShardAttention(group, 4, 4)(q, k, v)
+        leaves, out_heads, regathered = out.grad_fn.inner
+        assert sorted(role for _, role in regathered.saved if role) == ["k", "out", "q", "v"]
+        assert all(t is None or t.numel() < q.numel() for t, _ in regathered.saved)
+        assert all(t.untyped_storage().size() == 0 for t in (*leaves, out_heads))
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        grad = torch.randn_like(reference)
+        assert torch.equal(out, reference)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(reference, (q, k, v), grad)):
+            assert torch.equal(got, want)
+    finally:
+        dist.destroy_process_group()
