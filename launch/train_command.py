@@ -98,14 +98,13 @@ def _check_techniques_compose(job: JobConfig) -> None:
     """Token elimination and compression each run on layers the plan splits, but not both on one such layer (a
     sparse layer's compact attention forms would mix full-length and kept-row token ranges); say so in one line
     here rather than from every worker after Ray has started."""
-    from orchestrator.memory import token_elim
     from orchestrator.trainer import plan_policies
     from planner.plan_file import load_plan
 
     if not (job.token_elim.enabled and job.compression.is_active):
         return
     split = {i for i, p in plan_policies(load_plan(Path(job.plan.path))).items() if not p.is_plain}
-    both = sorted(split & set(token_elim.keep_ratios(job.token_elim, job.model.num_layers))
+    both = sorted(split & set(job.token_elim.keep_ratios(job.model.num_layers))
                   & set(job.compression.layer_indices(job.model.num_layers)))
     if both:
         raise ConfigError(f"token_elim and compression both apply to layers {both}, which the plan {job.plan.path} "

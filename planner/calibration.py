@@ -163,15 +163,17 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[Dict], profile: H
     n = num_layers
     stalls = 0.0
     for i, decision in enumerate(decisions):
-        moved = p.token_wise_bytes * decision["swap_fraction"] + p.skeletal_bytes * decision["offload_skeletal"]
-        next_forward = p.forward_seconds if i + 1 < n else p.head_seconds
-        next_backward = (p.backward_seconds + p.recompute_seconds * decisions[i + 1]["recompute_fraction"]
+        moved = (p.token_wise_bytes[i] * decision["swap_fraction"]
+                 + p.skeletal_bytes[i] * decision["offload_skeletal"])
+        next_forward = p.forward_seconds[i + 1] if i + 1 < n else p.head_seconds
+        next_backward = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * decisions[i + 1]["recompute_fraction"]
                          if i + 1 < n else 2 * p.head_seconds)
         stalls += max(0.0, moved / p.pcie_bytes_per_second - SWAP_HIDDEN_FRACTION * next_forward)
         stalls += max(0.0, moved / p.pcie_bytes_per_second - SWAP_HIDDEN_FRACTION * next_backward)
     recomputed = sum(d["recompute_fraction"] for d in decisions)
-    attention_forward = p.forward_seconds - p.recompute_seconds  # the layer's forward = matmul + attention parts
-    matmul = n * 3 * p.recompute_seconds + p.recompute_seconds * recomputed
+    # a dense layer's forward = matmul + attention parts (the bench job has no token elimination)
+    attention_forward = layer.forward_seconds - layer.recompute_seconds
+    matmul = n * 3 * layer.recompute_seconds + layer.recompute_seconds * recomputed
     attention = n * 3 * attention_forward
     static = cost.static_memory(0)
     if keeps_everything(decisions):

@@ -12,13 +12,14 @@ layer input for the rest. Times use the causal-halved attention FLOPs (what the 
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List
 
 from orchestrator.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
-from planner.flops import (attention_forward_flops_per_token, layer_matmul_params, parameter_count,
-                           training_flops_per_token)
+from planner.flops import (attention_forward_flops_per_token, attention_projection_params, layer_matmul_params,
+                           parameter_count, training_flops_per_token)
 from planner.hardware import HardwareProfile
+from planner.token_split import kept_blocks
 
 DEFAULT_MATMUL_EFFICIENCY = 0.75
 """Achieved / peak matmul rate assumed when a profile has no measurement (H100 measured 743/989 = 0.75)."""
@@ -38,7 +39,11 @@ CUDA_WORKSPACE_BYTES = 1.5 * 2**30
 class SavedTensor:
     name: str
     bytes_per_token: float
+    """Per token of the layer's sequence (a sparse layer's attention tensors: averaged over all its tokens)."""
     skeletal: bool
+    share: float = 1.0
+    """Share of the layer's tokens the tensor has rows for (a sparse layer's attention tensors: the kept ones);
+    the runtime splits each tensor's own rows into kept / swapped / recomputed ranges."""
 
 
 def layer_saved_tensors(model: ModelConfig, bytes_per_element: int) -> List[SavedTensor]:
@@ -94,6 +99,23 @@ def parse_compression_spec(spec: str) -> CompressionConfig:
     types = {"wta_crs_keep_ratio": float, "range_decay": float, "range_groups": int}
     return CompressionConfig(**{key: types.get(key, str)(value) for key, value in fields.items()})
 
+
+ATTENTION_BLOCK = ("attn_out", "attn_lse", "attn_norm_out", "q", "k", "v")
+"""The saved tensors a token-eliminated layer makes for its kept rows only (`orchestrator.memory.token_elim`)."""
+
+
+def sparse_saved_tensors(tensors: List[SavedTensor], model: ModelConfig, bytes_per_element: int,
+                         keep_share: float) -> List[SavedTensor]:
+    """A token-eliminated layer's inventory under the token-wise runtime: the attention block's tensors cover the
+    kept share of the tokens, the layer input (which recomputation needs) and the MLP half every token; the kept
+    rows' int64 index and their gathered cos/sin rows are kept whole (skeletal). Without a split the layer saves
+    its gathered input rows instead of the full input (less by (1 - share) x the input): counted as the split's."""
+    scaled = [SavedTensor(t.name, t.bytes_per_token * keep_share, t.skeletal, keep_share)
+              if t.name in ATTENTION_BLOCK else t for t in tensors]
+    index_and_rope = keep_share * (8 + 2 * model.head_dim * bytes_per_element)
+    return scaled + [SavedTensor("kept_index_rope", index_and_rope, True, keep_share)]
+
+
 @dataclass
 class LayerCost:
     """One layer on one GPU for one micro-batch: seconds and bytes."""
@@ -109,6 +131,13 @@ class LayerCost:
     element_bytes: int = 2
     sequences: int = 1
     """Sequences per micro-batch; tokens = sequences x tokens of one sequence on this GPU."""
+    keep_share: float = 1.0
+    """Share of the tokens the attention block sees (below 1: a token-eliminated layer)."""
+
+
+def largest_layer(layers: List[LayerCost]) -> LayerCost:
+    """The layer whose one-layer working set (the level-1 block, shared by all layers) is largest."""
+    return max(layers, key=lambda layer: layer.token_wise_bytes + layer.skeletal_bytes)
 
 
 @dataclass
@@ -152,41 +181,75 @@ class CostModel:
         table = measured.attention_fwd_bwd_tflops_by_seq_len if self.precision == measured.rates_precision else {}
         return interpolate_log(table, seq_len) or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY
 
-    def layer(self) -> LayerCost:
-        seq = self.job.data.seq_len
-        matmul_forward = 2.0 * layer_matmul_params(self.model) * self.tokens_per_gpu
-        attention_forward = attention_forward_flops_per_token(self.model, seq) * self.tokens_per_gpu
+    def layer(self, keep_share: float = 1.0) -> LayerCost:
+        """One layer; `keep_share` < 1: a token-eliminated layer whose attention block sees that share of the
+        tokens (its projections scale with it, attention with its square; exact block scoring adds q and k
+        projections of every token and half an attention forward, once: recomputation reuses the choice)."""
+        seq, tokens, model = self.job.data.seq_len, self.tokens_per_gpu, self.model
+        kept_seq = round(keep_share * seq)
+        projections = attention_projection_params(model)
+        matmul_forward = 2.0 * (layer_matmul_params(model) - (1 - keep_share) * projections) * tokens
+        attention_forward = attention_forward_flops_per_token(model, kept_seq) * keep_share * tokens
         calibration = self.profile.calibration
         matmul_seconds = (matmul_forward / (self.matmul_tflops() * 1e12) * self.layer_overhead
                           * calibration.matmul_time_factor)
-        attention_seconds = (attention_forward / (self.attention_tflops(seq) * 1e12) * self.layer_overhead
+        attention_seconds = (attention_forward / (self.attention_tflops(kept_seq) * 1e12) * self.layer_overhead
                              * calibration.attention_time_factor)
-        tensors = layer_saved_tensors(self.model, self.element_bytes)
+        scoring_seconds = 0.0
+        if keep_share < 1 and not self.job.token_elim.predictors:
+            kv = model.num_kv_heads * model.head_dim
+            scoring_flops = (2.0 * model.hidden_size * (model.hidden_size + kv) * tokens,
+                             attention_forward_flops_per_token(model, seq) * tokens / 2)
+            scoring_seconds = (scoring_flops[0] / (self.matmul_tflops() * 1e12)
+                               + scoring_flops[1] / (self.attention_tflops(seq) * 1e12)) * self.layer_overhead
+        tensors = layer_saved_tensors(model, self.element_bytes)
+        if keep_share < 1:
+            tensors = sparse_saved_tensors(tensors, model, self.element_bytes, keep_share)
         return LayerCost(
-            forward_seconds=matmul_seconds + attention_seconds,
+            forward_seconds=matmul_seconds + attention_seconds + scoring_seconds,
             backward_seconds=BACKWARD_TO_FORWARD * (matmul_seconds + attention_seconds),
             recompute_seconds=matmul_seconds,
-            skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * self.tokens_per_gpu,
-            token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * self.tokens_per_gpu,
-            tensors=tensors, tokens=self.tokens_per_gpu, element_bytes=self.element_bytes,
-            sequences=self.job.data.micro_batch_size)
+            skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * tokens,
+            token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * tokens,
+            tensors=tensors, tokens=tokens, element_bytes=self.element_bytes,
+            sequences=self.job.data.micro_batch_size, keep_share=keep_share)
 
-    def compressed_layer(self, settings) -> LayerCost:
-        """`layer()` for a layer compressed with these settings: its token-wise tensors are the compact forms (the
-        layer input's int8 codes, when norms are compressed, count as one more: the plan keeps the input exact)."""
-        plain = self.layer()
+    def keep_shares(self) -> Dict[int, float]:
+        """Each token-eliminated layer's kept share of the tokens (the job's token_elim section, rounded to whole
+        blocks as the runtime keeps them); empty when token elimination is off."""
+        elim = self.job.token_elim
+        if not elim.enabled:
+            return {}
+        blocks = self.job.data.seq_len // elim.block_size
+        return {index: kept_blocks(ratio, blocks) / blocks
+                for index, ratio in elim.keep_ratios(self.model.num_layers).items()}
+
+    def layers(self) -> List[LayerCost]:
+        """Every layer's cost in order (dense layers share one LayerCost)."""
+        shares = self.keep_shares()
+        by_share = {share: self.layer(share) for share in {1.0, *shares.values()}}
+        return [by_share[shares.get(index, 1.0)] for index in range(self.model.num_layers)]
+
+    def compressed_layer(self, settings, keep_share: float = 1.0) -> LayerCost:
+        """`layer(keep_share)` for a layer compressed with these settings: its token-wise tensors are the compact
+        forms (the layer input's int8 codes, when norms are compressed, count as one more: the plan keeps the input
+        exact); a token-eliminated layer's attention-block forms cover its kept rows only."""
+        plain = self.layer(keep_share)
         tensors = compressed_saved_tensors(self.model, self.element_bytes, settings)
-        tensors = [t if not t.skeletal else SavedTensor(t.name, next(p.bytes_per_token for p in plain.tensors
-                                                                      if p.name == t.name), True) for t in tensors]
+        if keep_share < 1:
+            tensors = sparse_saved_tensors(tensors, self.model, self.element_bytes, keep_share)
+        exact = {t.name: t for t in plain.tensors if t.skeletal}
+        tensors = [exact[t.name] if t.skeletal else t for t in tensors]
         if settings.norm_inputs == "int8":
             tensors.append(SavedTensor("layer_input_codes", self.model.hidden_size, False))
         token_wise = sum(t.bytes_per_token for t in tensors if not t.skeletal) * self.tokens_per_gpu
-        return LayerCost(plain.forward_seconds, plain.backward_seconds, plain.recompute_seconds,
-                         plain.skeletal_bytes, token_wise, tensors, plain.tokens, plain.element_bytes,
-                         plain.sequences)
+        return replace(plain, token_wise_bytes=token_wise, tensors=tensors)
 
-    def compressed_token_wise_bytes(self, settings) -> float:
-        return self.compressed_layer(settings).token_wise_bytes
+    def compressed_layers(self, settings) -> List[LayerCost]:
+        """`layers()` with every layer compressed with these settings (the MIP picks which ones are)."""
+        shares = self.keep_shares()
+        by_share = {share: self.compressed_layer(settings, share) for share in {1.0, *shares.values()}}
+        return [by_share[shares.get(index, 1.0)] for index in range(self.model.num_layers)]
 
     def static_memory(self, zero_stage: int) -> StaticMemory:
         """Weights, gradients and Adam states by ZeRO stage (mixed precision: bf16 copies + fp32 master, m, v)."""

@@ -11,9 +11,13 @@ from orchestrator.config import ModelConfig
 
 def layer_matmul_params(model: ModelConfig) -> int:
     """Weights of one decoder layer's projections (q, k, v, o, gate, up, down)."""
+    return attention_projection_params(model) + 3 * model.hidden_size * model.intermediate_size
+
+
+def attention_projection_params(model: ModelConfig) -> int:
+    """Weights of one layer's attention projections (q, k, v, o)."""
     kv_dim = model.num_kv_heads * model.head_dim
-    attention = 2 * model.hidden_size * model.hidden_size + 2 * model.hidden_size * kv_dim
-    return attention + 3 * model.hidden_size * model.intermediate_size
+    return 2 * model.hidden_size * model.hidden_size + 2 * model.hidden_size * kv_dim
 
 
 def matmul_params(model: ModelConfig) -> int:

@@ -12,7 +12,8 @@ from typing import Callable, List, Optional, Tuple
 
 from orchestrator.config import TOKEN_BLOCK, JobConfig
 from orchestrator.errors import LongtrainError
-from planner.cost_model import CostModel, calibrated_peak_bytes, compression_spec, parse_compression_spec
+from planner.cost_model import (CostModel, calibrated_peak_bytes, compression_spec, largest_layer,
+                                 parse_compression_spec)
 from planner.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
 from planner.plan_file import Plan, hash_inputs
@@ -48,7 +49,18 @@ def plan_inputs(job: JobConfig, profile: HardwareProfile, precision: str) -> dic
             "profile": profile.name, "gpu_memory_fraction": job.plan.gpu_memory_fraction,
             "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate,
             **({"compression": compression_spec(job.compression)
-                + f" layers={job.compression.layer_indices(m.num_layers)}"} if job.compression.is_active else {})}
+                + f" layers={job.compression.layer_indices(m.num_layers)}"} if job.compression.is_active else {}),
+            **_token_elim_inputs(job)}
+
+
+def _token_elim_inputs(job: JobConfig) -> dict:
+    """Token elimination changes each sparse layer's bytes and times: its layers and keep ratio are plan inputs
+    (absent when it is off, so plans made before it keep their hash)."""
+    elim = job.token_elim
+    if not elim.enabled:
+        return {}
+    return {"token_elim": {"keep_ratios": elim.keep_ratios(job.model.num_layers), "block_size": elim.block_size,
+                           "predictors": bool(elim.predictors)}}
 
 
 def training_precision(profile: HardwareProfile) -> str:
@@ -64,14 +76,19 @@ def make_plan(job: JobConfig, profile: HardwareProfile) -> PlanOutcome:
     _round_fractions(policy)
     decisions = [vars(d) for d in policy.decisions]
     factors = [inputs.int8_factor if d.compression == "quant_int8" else 1.0 for d in policy.decisions]
-    layer = cost.layer()
-    compact = cost.compressed_layer(parse_compression_spec(inputs.compression_spec)) \
-        if inputs.compression_spec != "none" else None
-    layers = [compact if d.activation_compression != "none" else layer for d in policy.decisions]
+    plain = cost.layers()
+    compact = cost.compressed_layers(parse_compression_spec(inputs.compression_spec)) \
+        if inputs.compression_spec != "none" else plain
+    compressed = [d.activation_compression != "none" for d in policy.decisions]
+    layers = [compact[i] if compressed[i] else plain[i] for i in range(len(plain))]
     if keeps_everything(decisions):
-        block = solve_layout(layer_block_buffers(layer, plain=True), job.plan.time_limit_seconds)
-    elif all(d.activation_compression != "none" for d in policy.decisions):
-        block = solve_layout(layer_block_buffers(layer, compact=compact), job.plan.time_limit_seconds)
+        block = solve_layout(layer_block_buffers(largest_layer(plain), plain=True), job.plan.time_limit_seconds)
+    elif any(compressed):  # the working set the MIP counted: the largest of the layers' own, compressed or not
+        needed = [inputs.compressed_block_bytes[i] if compressed[i] else inputs.layer_block_bytes[i]
+                  for i in range(len(plain))]
+        i = needed.index(max(needed))
+        block = solve_layout(layer_block_buffers(plain[i], compact=compact[i] if compressed[i] else None),
+                             job.plan.time_limit_seconds)
     step = solve_layout(step_buffers(layers, decisions, block.arena_bytes, cost.head_and_loss_bytes(), factors),
                         job.plan.time_limit_seconds)
     plan = _assemble(job, profile, cost, policy, block, step)
@@ -98,7 +115,7 @@ def _solve(job: JobConfig, profile: HardwareProfile) -> Tuple[CostModel, PolicyR
     """Exact techniques first; approximate ones (int8 swaps, compressed layers) only if those do not fit and
     plan.allow_approximate says they may be used."""
     cost = CostModel(job, profile, training_precision(profile))
-    block = solve_layout(layer_block_buffers(cost.layer()), job.plan.time_limit_seconds)
+    block = solve_layout(layer_block_buffers(largest_layer(cost.layers())), job.plan.time_limit_seconds)
     inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes, False, job.plan.time_limit_seconds)
     policy = solve_policy(inputs, job.plan.time_limit_seconds)
     if not policy.feasible and job.plan.allow_approximate:
@@ -161,9 +178,9 @@ def runtime_arena(step: LayoutResult, layers: set, time_limit_seconds: float) ->
 def explain_infeasible(job: JobConfig, profile: HardwareProfile, inputs: PolicyInputs) -> str:
     """Why no policy fits: skeletal tensors are never recomputed, so what the host cannot take stays on the GPU."""
     static = CostModel(job, profile, training_precision(profile)).static_memory(job.train.zero_stage)
-    skeletal_total = inputs.skeletal_bytes * inputs.num_layers
+    skeletal_total = sum(inputs.skeletal_bytes)
     on_gpu = max(0.0, skeletal_total - inputs.host_budget_bytes)
-    floor = inputs.static_bytes + inputs.block_bytes + 2 * inputs.skeletal_bytes + on_gpu
+    floor = inputs.static_bytes + inputs.block_bytes + 2 * max(inputs.skeletal_bytes) + on_gpu
     host_note = (f"; the {skeletal_total / GIB:.1f} GiB of layer inputs and attention outputs exceed the host "
                  f"budget of {inputs.host_budget_bytes / GIB:.1f} GiB per GPU, so {on_gpu / GIB:.1f} GiB stay on "
                  "the GPU" if on_gpu else "")

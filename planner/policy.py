@@ -7,14 +7,16 @@ of layer i+1 overlaps the prefetch of layer i):
   keep_i + swap_i + recompute_i = 1                                  (continuous token fractions)
   time   = sum_i F_i + B_i + R_i * recompute_i + stall_fwd_i + stall_bwd_i + Q_i * int8_i
   stall_fwd_i >= bytes_i / bw - F_{i+1},  stall_bwd_i >= bytes_i / bw - (B_{i+1} + R_{i+1} * recompute_{i+1})
-  bytes_i = T * (swap_i - (1 - 1/e) * swap_int8_i) - (T - Tc) * swap_comp_i + K * offload_i
+  bytes_i = T_i * (swap_i - (1 - 1/e) * swap_int8_i) - (T_i - Tc_i) * swap_comp_i + K_i * offload_i
         (swap_int8 = swap * int8 and swap_comp = swap * comp, linearised; a compressed layer's token-wise bytes
-        are Tc, split by token like T; int8_i + comp_i <= 1; compressing costs C_i seconds)
-  GPU:  static + K * sum(1 - offload_i) + T * sum keep_i - (T - Tc) * sum keep_comp_i + block_max
-        + 2 * (prefetch + K * any_offload) <= budget,  block_max >= block - (block - block_c) * comp_i
+        are Tc_i, split by token like T_i; int8_i + comp_i <= 1; compressing costs C_i seconds)
+  GPU:  static + sum K_i (1 - offload_i) + sum T_i keep_i - sum (T_i - Tc_i) keep_comp_i + block_max
+        + 2 * (prefetch + max K * any_offload) <= budget,  block_max >= block_i - (block_i - block_c_i) * comp_i
+        (block_i, block_c_i: layer i's working set, plain and compressed)
         (at the LM head the last layer's outgoing copy and its prefetch are both in flight: hence the 2)
   host: sum_i bytes_i <= host budget per GPU
 Minimise time, then (tiny weight) host bytes, so nothing is swapped that could simply stay.
+Per-layer constants (F, B, R, T, K) differ where token elimination makes a layer sparse (`CostModel.layers`).
 """
 
 import time
@@ -23,8 +25,8 @@ from typing import Dict, List, Tuple
 
 import pulp
 
-from planner.cost_model import PLANNER_COMPRESSION, CostModel, compression_spec
-from planner.layout import solve_layout
+from planner.cost_model import PLANNER_COMPRESSION, CostModel, LayerCost, compression_spec
+from planner.layout import LayoutResult, solve_layout
 from planner.schedule import layer_block_buffers
 from planner.solver import make_solver, solve_quietly, solver_name, status_name
 
@@ -86,11 +88,12 @@ class PolicyInputs:
     """The constants of MIP 1, taken from the cost model and the job."""
 
     num_layers: int
-    forward_seconds: float
-    backward_seconds: float
-    recompute_seconds: float
-    skeletal_bytes: float
-    token_wise_bytes: float
+    forward_seconds: List[float]
+    backward_seconds: List[float]
+    recompute_seconds: List[float]
+    skeletal_bytes: List[float]
+    token_wise_bytes: List[float]
+    """Each per layer (token-eliminated layers are cheaper)."""
     static_bytes: float
     block_bytes: float
     head_seconds: float
@@ -99,23 +102,30 @@ class PolicyInputs:
     host_budget_bytes: float
     int8_factor: float
     allow_int8: bool
-    compressed_token_wise_bytes: float = 0.0
-    """Tc: a compressed layer's token-wise bytes (the compact forms; 0 when no layer may be compressed)."""
+    compressed_token_wise_bytes: List[float] = field(default_factory=list)
+    """Tc_i: each layer's token-wise bytes if compressed (the compact forms; empty when no layer may be)."""
     compress: Tuple[str, ...] = ()
     """Per layer: "no", "may" (the MIP chooses) or "must" (the job's compression section names the layer)."""
-    compressed_block_bytes: float = 0.0
-    """One compressed layer's working set (its restored activations are compact)."""
+    layer_block_bytes: List[float] = field(default_factory=list)
+    compressed_block_bytes: List[float] = field(default_factory=list)
+    """Each layer's working set, plain and compressed (restored activations compact); empty when no layer may be
+    compressed: then every layer needs `block_bytes`, the largest layer's."""
     compression_spec: str = "none"
     """The settings a compressed layer gets (`planner.cost_model.compression_spec`), recorded in its decision."""
+    sparse: Tuple[bool, ...] = ()
+    """Per layer: token-eliminated. The runtime does not split a layer that is both sparse and compressed, so
+    such a layer keeps all its tokens and its skeletal tensors on the GPU."""
 
 
 def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approximate: bool = False,
                   time_limit_seconds: float = 5.0) -> PolicyInputs:
     """approximate: may the MIP choose int8 swaps and compressed layers (`planning` asks only once the exact
     techniques do not fit, and only under plan.allow_approximate). A job whose compression section is active gets
-    its layers compressed as it says, whatever the budget, so the plan counts their bytes."""
-    layer, job, profile = cost.layer(), cost.job, cost.profile
+    its layers compressed as it says, whatever the budget, so the plan counts their bytes. `block_bytes`: the
+    largest layer's working set (`largest_layer`)."""
+    layers, job, profile = cost.layers(), cost.job, cost.profile
     gpus_per_node = min(profile.devices_per_node, job.cluster.num_workers)
+    per_layer = lambda name: [getattr(layer, name) for layer in layers]  # noqa: E731
     n = job.model.num_layers
     settings, compress = None, ()
     if job.compression.is_active:
@@ -124,19 +134,35 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
         compress = tuple("must" if i in chosen else "no" for i in range(n))
     elif approximate:
         settings, compress = PLANNER_COMPRESSION, ("may",) * n
+    compact = cost.compressed_layers(settings) if settings else []
     return PolicyInputs(
-        num_layers=job.model.num_layers, forward_seconds=layer.forward_seconds,
-        backward_seconds=layer.backward_seconds, recompute_seconds=layer.recompute_seconds,
-        skeletal_bytes=layer.skeletal_bytes, token_wise_bytes=layer.token_wise_bytes,
+        num_layers=job.model.num_layers, forward_seconds=per_layer("forward_seconds"),
+        backward_seconds=per_layer("backward_seconds"), recompute_seconds=per_layer("recompute_seconds"),
+        skeletal_bytes=per_layer("skeletal_bytes"), token_wise_bytes=per_layer("token_wise_bytes"),
         static_bytes=cost.static_memory(zero_stage).total, block_bytes=block_bytes,
         head_seconds=cost.head_seconds(), pcie_bytes_per_second=cost.pcie_bytes_per_second(),
         gpu_budget_bytes=profile.device_memory_gib * GIB * job.plan.gpu_memory_fraction,
         host_budget_bytes=profile.host_memory_gib * GIB * job.plan.host_memory_fraction / gpus_per_node,
         int8_factor=1.0 / cost.element_bytes, allow_int8=approximate,
-        compressed_token_wise_bytes=cost.compressed_token_wise_bytes(settings) if settings else 0.0,
-        compressed_block_bytes=solve_layout(layer_block_buffers(layer, compact=cost.compressed_layer(settings)),
-                                            time_limit_seconds).arena_bytes if settings else block_bytes,
-        compress=compress, compression_spec=compression_spec(settings) if settings else "none")
+        compressed_token_wise_bytes=[layer.token_wise_bytes for layer in compact],
+        layer_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds)] if compact else [],
+        compressed_block_bytes=[b.arena_bytes for b in block_layouts(layers, compact, time_limit_seconds)]
+        if compact else [],
+        compress=compress, compression_spec=compression_spec(settings) if settings else "none",
+        sparse=tuple(layer.keep_share < 1 for layer in layers))
+
+
+def block_layouts(layers: List[LayerCost], compact: List[LayerCost], time_limit_seconds: float) -> List[LayoutResult]:
+    """Each layer's level-1 layout, with the compact activations of `compact` (when given); layers that share their
+    costs share one solve."""
+    solved, layouts = {}, []
+    for i, layer in enumerate(layers):
+        key = (id(layer), id(compact[i]) if compact else None)
+        if key not in solved:
+            solved[key] = solve_layout(layer_block_buffers(layer, compact=compact[i] if compact else None),
+                                       time_limit_seconds)
+        layouts.append(solved[key])
+    return layouts
 
 
 def solve_policy(inputs: PolicyInputs, time_limit_seconds: float) -> PolicyResult:
@@ -165,15 +191,17 @@ def _build(p: PolicyInputs):
     comp = [problem.add_variable(f"comp{i}", cat="Binary") for i in range(n)]
     keep_comp = [problem.add_variable(f"keep_comp{i}", 0, 1) for i in range(n)]
     swap_comp = [problem.add_variable(f"swap_comp{i}", 0, 1) for i in range(n)]
-    saved = p.token_wise_bytes - p.compressed_token_wise_bytes
+    saved = [t - c for t, c in zip(p.token_wise_bytes, p.compressed_token_wise_bytes or p.token_wise_bytes)]
     stall_fwd = [problem.add_variable(f"stall_fwd{i}", 0) for i in range(n)]
     stall_bwd = [problem.add_variable(f"stall_bwd{i}", 0) for i in range(n)]
     prefetch = problem.add_variable("prefetch_bytes", 0)
     block = problem.add_variable("block_bytes", 0)
     any_offload = problem.add_variable("any_offload", cat="Binary")
-    swapped = [p.token_wise_bytes * (swap[i] - (1 - p.int8_factor) * swap_int8[i]) - saved * swap_comp[i]
+    swapped = [p.token_wise_bytes[i] * (swap[i] - (1 - p.int8_factor) * swap_int8[i]) - saved[i] * swap_comp[i]
                for i in range(n)]
-    moved = [swapped[i] + p.skeletal_bytes * offload[i] for i in range(n)]
+    moved = [swapped[i] + p.skeletal_bytes[i] * offload[i] for i in range(n)]
+    plain_block = p.layer_block_bytes or [p.block_bytes] * n
+    compact_block = p.compressed_block_bytes or plain_block
     bw = p.pcie_bytes_per_second
     for i in range(n):
         problem += keep[i] + swap[i] + recompute[i] == 1
@@ -190,22 +218,26 @@ def _build(p: PolicyInputs):
             problem += product <= fraction
             problem += product <= comp[i]
             problem += product >= fraction + comp[i] - 1
-        next_forward = p.forward_seconds if i + 1 < n else p.head_seconds
+        if p.sparse and p.sparse[i]:
+            problem += keep[i] >= comp[i]
+            problem += offload[i] <= 1 - comp[i]
+        next_forward = p.forward_seconds[i + 1] if i + 1 < n else p.head_seconds
         problem += stall_fwd[i] >= moved[i] * (1 / bw) - SWAP_HIDDEN_FRACTION * next_forward
-        next_backward = (p.backward_seconds + p.recompute_seconds * recompute[i + 1]) if i + 1 < n \
+        next_backward = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute[i + 1]) if i + 1 < n \
             else 2 * p.head_seconds
         problem += stall_bwd[i] >= moved[i] * (1 / bw) - SWAP_HIDDEN_FRACTION * next_backward
         problem += prefetch >= swapped[i]
-        problem += block >= p.block_bytes - (p.block_bytes - p.compressed_block_bytes) * comp[i]
+        problem += block >= plain_block[i] - (plain_block[i] - compact_block[i]) * comp[i]
         problem += any_offload >= offload[i]
-    gpu = (p.static_bytes + block + 2 * prefetch + p.skeletal_bytes * (n - pulp.lpSum(offload))
-           + 2 * p.skeletal_bytes * any_offload + p.token_wise_bytes * pulp.lpSum(keep)
-           - saved * pulp.lpSum(keep_comp))
+    gpu = (p.static_bytes + block + 2 * prefetch
+           + pulp.lpSum(p.skeletal_bytes[i] * (1 - offload[i]) + p.token_wise_bytes[i] * keep[i]
+                        - saved[i] * keep_comp[i] for i in range(n))
+           + 2 * max(p.skeletal_bytes) * any_offload)
     problem += gpu <= p.gpu_budget_bytes
     problem += pulp.lpSum(moved) <= p.host_budget_bytes
-    seconds = pulp.lpSum(p.recompute_seconds * recompute[i] + stall_fwd[i] + stall_bwd[i]
-                         + INT8_SECONDS_PER_BYTE * p.token_wise_bytes * swap_int8[i]
-                         + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes * comp[i] for i in range(n))
+    seconds = pulp.lpSum(p.recompute_seconds[i] * recompute[i] + stall_fwd[i] + stall_bwd[i]
+                         + INT8_SECONDS_PER_BYTE * p.token_wise_bytes[i] * swap_int8[i]
+                         + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes[i] * comp[i] for i in range(n))
     problem += seconds + HOST_TIE_BREAK * pulp.lpSum(moved) + SMOOTHING_SECONDS * _changes(problem, [keep, swap, offload])
     variables = dict(keep=keep, swap=swap, recompute=recompute, offload=offload, int8=int8, swap_int8=swap_int8,
                      comp=comp, stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, any_offload=any_offload,
@@ -237,19 +269,20 @@ def _fill(result: PolicyResult, p: PolicyInputs, v: Dict, spec: str) -> None:
             recompute_fraction=value(v["recompute"][i]), offload_skeletal=value(v["offload"][i]) > 0.5,
             compression="quant_int8" if value(v["int8"][i]) > 0.5 and value(v["swap"][i]) > 0 else "none",
             activation_compression=spec if value(v["comp"][i]) > 0.5 else "none"))
-    token_wise = [p.compressed_token_wise_bytes if d.activation_compression != "none" else p.token_wise_bytes
-                  for d in result.decisions]
+    token_wise = [p.compressed_token_wise_bytes[i] if d.activation_compression != "none" else p.token_wise_bytes[i]
+                  for i, d in enumerate(result.decisions)]
     moved = [t * d.swap_fraction * (p.int8_factor if d.compression == "quant_int8" else 1.0)
-             + p.skeletal_bytes * d.offload_skeletal for t, d in zip(token_wise, result.decisions)]
-    extra = sum(p.recompute_seconds * d.recompute_fraction
-                + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes * (d.activation_compression != "none")
-                for d in result.decisions)
+             + p.skeletal_bytes[i] * d.offload_skeletal for i, (t, d) in enumerate(zip(token_wise, result.decisions))]
+    extra = sum(p.recompute_seconds[i] * d.recompute_fraction
+                + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes[i] * (d.activation_compression != "none")
+                for i, d in enumerate(result.decisions))
     stalls = sum(value(s) for s in v["stall_fwd"] + v["stall_bwd"])
-    result.micro_batch_seconds = (p.num_layers * (p.forward_seconds + p.backward_seconds) + 3 * p.head_seconds
+    result.micro_batch_seconds = (sum(p.forward_seconds) + sum(p.backward_seconds) + 3 * p.head_seconds
                                   + extra + stalls)
     result.host_bytes = sum(moved)
     result.swap_bytes_per_micro_batch = 2 * sum(moved)
-    offloaded = sum(d.offload_skeletal for d in result.decisions)
+    offloaded = any(d.offload_skeletal for d in result.decisions)
     result.peak_gpu_bytes = (p.static_bytes + value(v["block"]) + 2 * value(v["prefetch"])
-                             + p.skeletal_bytes * (p.num_layers - offloaded + (2 if offloaded else 0))
-                             + sum(t * d.keep_fraction for t, d in zip(token_wise, result.decisions)))
+                             + 2 * max(p.skeletal_bytes) * offloaded
+                             + sum(p.skeletal_bytes[i] * (not d.offload_skeletal) + t * d.keep_fraction
+                                   for i, (t, d) in enumerate(zip(token_wise, result.decisions))))

@@ -47,7 +47,8 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
     gradients stay full-size."""
     per_token = {t.name: t.bytes_per_token for t in layer.tensors}
     activation = {t.name: t.bytes_per_token for t in (compact or layer).tensors}
-    hidden_bytes = per_token["attn_out"]
+    attn_out = next(t for t in layer.tensors if t.name == "attn_out")
+    hidden_bytes = attn_out.bytes_per_token / attn_out.share  # every token (a sparse layer scatters its rows back)
     buffers = []
     for name, start, end in _LEVEL1:
         if plain and (name in _TOKEN_WISE or name.endswith("@bwd")):
@@ -67,28 +68,36 @@ def keeps_everything(decisions: Sequence[Dict]) -> bool:
     return all(d["keep_fraction"] >= 1 and not d["offload_skeletal"] for d in decisions)
 
 
-def kept_token_wise_bytes(layer: LayerCost, kept_tokens: int) -> int:
-    """The kept share of a layer's token-wise tensors, each role aligned: the runtime packs them in this order."""
-    if kept_tokens == layer.tokens // layer.sequences:
+def kept_token_wise_bytes(layer: LayerCost, swap_fraction: float, recompute_fraction: float) -> int:
+    """The kept share of a layer's token-wise tensors, each role aligned: the runtime packs them in this order, and
+    splits each role's own rows (a sparse layer's attention roles: its kept tokens)."""
+    seq = layer.tokens // layer.sequences
+    if swap_fraction == 0 and recompute_fraction == 0:
         return align(layer.token_wise_bytes)
-    return sum(align(layer.sequences * kept_tokens * t.bytes_per_token) for t in layer.tensors if not t.skeletal)
+    total = 0
+    for t in layer.tensors:
+        if not t.skeletal:
+            rows = round(t.share * seq)
+            kept, _, _ = token_ranges(swap_fraction, recompute_fraction, rows)
+            total += align(layer.sequences * kept * t.bytes_per_token / t.share)
+    return total
 
 
 def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[Dict], block_bytes: int, head_bytes: float,
                  compression_factor: Sequence[float]) -> List[Buffer]:
     """Level 2: buffers across the whole step, given each layer's cost (a compressed layer has smaller token-wise
-    tensors) and decision (keep, swap, offload_skeletal)."""
+    tensors, a token-eliminated one smaller attention tensors) and decision (keep, swap, offload_skeletal)."""
     num_layers = len(decisions)
     last = 2 * num_layers + 1
     buffers = [Buffer("layer_block", -1, align(block_bytes), 0, last),
                Buffer("head_and_loss", -1, align(head_bytes), num_layers, num_layers + 1)]
     for i, (layer, decision) in enumerate(zip(layers, decisions)):
         forward, backward = i, 2 * num_layers - i
-        kept_tokens, swapped_tokens, _ = token_ranges(decision["swap_fraction"], decision["recompute_fraction"],
-                                                      layer.tokens // layer.sequences)
+        _, swapped_tokens, _ = token_ranges(decision["swap_fraction"], decision["recompute_fraction"],
+                                            layer.tokens // layer.sequences)
         swapped = align(swapped_tokens / (layer.tokens // layer.sequences) * layer.token_wise_bytes
                         * compression_factor[i])
-        kept = kept_token_wise_bytes(layer, kept_tokens)
+        kept = kept_token_wise_bytes(layer, decision["swap_fraction"], decision["recompute_fraction"])
         skeletal = align(layer.skeletal_bytes)
         if decision["offload_skeletal"]:
             buffers += [Buffer("skeletal_out", i, skeletal, forward, forward + 2),

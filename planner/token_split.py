@@ -12,3 +12,9 @@ def token_ranges(swap_fraction: float, recompute_fraction: float, seq_len: int) 
     swapped = int(round(swap_fraction * seq_len))
     recomputed = min(seq_len - swapped, int(round(recompute_fraction * seq_len)))
     return seq_len - swapped - recomputed, swapped, recomputed
+
+
+def kept_blocks(keep_ratio: float, num_blocks: int) -> int:
+    """Blocks a token-eliminated layer keeps of a sequence's `num_blocks` (at least one): the runtime's rule and the
+    planner's, so a sparse layer's planned bytes are the ones it stores."""
+    return min(num_blocks, max(1, int(keep_ratio * num_blocks + 1e-6)))

@@ -102,3 +102,156 @@ def test_the_plan_splits_the_kept_rows_of_the_attention_half():
             assert tokens[layer, role] == ratio * tokens[0, role]
         for role in ("attn_residual", "gate", "gated"):
             assert tokens[layer, role] == tokens[0, role]
+
+
+# --- the planner counts the memory a sparse layer saves ---
+
+def _llama_job(*overrides):
+    return load_job_config(None, ["model.preset=llama-7b", "model.num_layers=4", "data.micro_batch_size=1",
+                                  "cluster.num_workers=1", "optim.warmup_steps=2", *overrides])
+
+
+ELIM = ["token_elim.enabled=true", "token_elim.keep_ratio=0.4", "token_elim.dense_first_layers=1",
+        "token_elim.dense_last_layers=1"]
+
+
+def test_predicted_peak_is_lower_by_the_attention_block_of_the_kept_share():
+    """Layers 1 and 2 keep 51 of 128 blocks at 8K tokens; both plans keep everything. Per token a sparse layer saves
+    (1 - share) x its attention block (attention output and log-sum-exp, normed rows, q, k, v) and adds the kept
+    rows' index and cos/sin rows."""
+    from planner.hardware import load_profile
+    from planner.planning import make_plan
+
+    profile = load_profile("h100_sxm")
+    dense = make_plan(_llama_job("data.seq_len=8192"), profile).plan
+    sparse = make_plan(_llama_job("data.seq_len=8192", *ELIM), profile).plan
+    assert all(layer["keep_fraction"] == 1 for layer in dense.layers + sparse.layers)
+    model, e, share, tokens = dense_model(), 2, 51 / 128, 8192
+    kv = model.num_kv_heads * model.head_dim
+    block = e * (3 * model.hidden_size + 2 * kv) + 4 * model.num_heads
+    saved = 2 * tokens * ((1 - share) * block - share * (8 + 2 * model.head_dim * e))
+    expected_gib = profile.calibration.peak_memory_factor * saved / 2**30
+    difference = dense.predicted["peak_gpu_gib"] - sparse.predicted["peak_gpu_gib"]
+    print(f"\npredicted peak at 8K: dense {dense.predicted['peak_gpu_gib']} GiB, token_elim "
+          f"{sparse.predicted['peak_gpu_gib']} GiB (expected difference {expected_gib:.3f})")
+    assert difference == pytest.approx(expected_gib, abs=0.003)
+    assert sparse.predicted["step_seconds"] < dense.predicted["step_seconds"]
+    assert sparse.inputs["token_elim"]["keep_ratios"] == {1: 0.4, 2: 0.4} and "token_elim" not in dense.inputs
+
+
+def dense_model():
+    return _llama_job().model
+
+
+def _floor_gib(job, profile):
+    """The smallest footprint any policy reaches, as `longtrain plan` reports it when nothing fits."""
+    import re
+
+    from planner.planning import PlanInfeasible, make_plan
+
+    job.plan.gpu_memory_fraction = 0.01
+    with pytest.raises(PlanInfeasible) as error:
+        make_plan(job, profile)
+    return float(re.search(r"needs at least ([0-9.]+) GiB", str(error.value)).group(1))
+
+
+def test_a_job_that_does_not_fit_dense_fits_with_token_elimination_and_the_mip_uses_the_freed_memory():
+    from planner.hardware import load_profile
+    from planner.planning import PlanInfeasible, make_plan
+
+    profile = load_profile("h100_sxm")
+    common = ["data.seq_len=65536", "plan.host_memory_fraction=0.02"]
+    floors = [_floor_gib(_llama_job(*common, *extra), profile) for extra in ([], ELIM)]
+    assert floors[1] < floors[0]
+    between = f"plan.gpu_memory_fraction={(floors[0] + floors[1]) / 2 / profile.device_memory_gib:.4f}"
+    with pytest.raises(PlanInfeasible):
+        make_plan(_llama_job(*common, between), profile)
+    assert make_plan(_llama_job(*common, *ELIM, between), profile).plan.predicted["peak_gpu_gib"] < floors[0]
+    # with room for some activations, the dense layers of the sparse job keep more than the dense job's layers
+    tight = [make_plan(_llama_job(*common, *extra, "plan.gpu_memory_fraction=0.6"), profile).plan
+             for extra in ([], ELIM)]
+    kept = [[tight[j].layers[i]["keep_fraction"] for i in (0, 3)] for j in (0, 1)]
+    print(f"\nfloors {floors} GiB; keep fractions of layers 0 and 3 at 60%: dense {kept[0]}, token_elim {kept[1]}; "
+          f"step {tight[0].predicted['step_seconds']} vs {tight[1].predicted['step_seconds']} s")
+    assert sum(kept[1]) > sum(kept[0]) and max(kept[0]) < 1
+    assert tight[1].predicted["step_seconds"] < tight[0].predicted["step_seconds"]
+
+
+def test_a_sparse_plan_places_the_kept_rows_in_their_planned_arena_regions():
+    """The plan sizes each sparse layer's arena region for its kept rows (attention roles split over the kept
+    sequence): the runtime's slices land in it with no fallback, and gradients stay those of the unplanned run."""
+    from orchestrator.memory.arena import KeptArena
+    from orchestrator.trainer import plan_policies
+    from planner.hardware import load_profile
+    from planner.layout import align
+    from planner.planning import make_plan
+
+    job = load_job_config(None, [f"data.seq_len={SEQ_LEN}", f"data.micro_batch_size={BATCH}",
+                                 "plan.gpu_memory_fraction=0.002", "token_elim.enabled=true",
+                                 "token_elim.keep_ratio=0.5", "token_elim.dense_first_layers=1",
+                                 "token_elim.dense_last_layers=0"])
+    plan = make_plan(job, load_profile("cpu")).plan
+    partly = [layer["layer"] for layer in plan.layers if 0 < layer["keep_fraction"] < 1]
+    assert set(partly) & {1, 2, 3}, plan.layers
+    torch.manual_seed(0)
+    model = LlamaModel(job.model)
+    tokens = torch.randint(0, 256, (BATCH, SEQ_LEN + 1))
+    reference = copy.deepcopy(model)
+    token_elim.apply_config(reference, job.token_elim)
+    reference_loss, reference_grads = _loss_and_grads(reference, tokens[:, :-1], tokens[:, 1:])
+    arena = KeptArena(plan.runtime_arena, torch.device("cpu"))
+    runtime = apply_policies(model, plan_policies(plan), arena)
+    token_elim.apply_config(model, job.token_elim)
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    start, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.bytes
+    kept = {r.layer_index: [s.kept for s in r.roles.values() if s.kept is not None] for r in runtime.pending}
+    assert all(start <= t.data_ptr() < end for i in partly for t in kept[i]) and arena.fallbacks == 0
+    regions = {b["layer"]: b["size_bytes"] for b in plan.runtime_arena["buffers"]}
+    for i in partly:  # exactly the planned bytes, not just within them
+        assert regions[i] == sum(align(t.numel() * t.element_size()) for t in kept[i]), i
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), reference_loss, rtol=1e-6, atol=1e-7)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# --- with compression (issue 7): per-layer compact bytes, and no plan that splits a sparse compressed layer ---
+
+def test_a_compressed_sparse_layer_stores_the_compact_forms_of_its_kept_rows():
+    from planner.cost_model import PLANNER_COMPRESSION, CostModel
+    from planner.hardware import load_profile
+
+    cost = CostModel(_llama_job("data.seq_len=8192", *ELIM), load_profile("h100_sxm"))
+    share = cost.keep_shares()[1]
+    dense, sparse = cost.compressed_layers(PLANNER_COMPRESSION)[0:2]
+    compact = {t.name: t.bytes_per_token for t in dense.tensors}
+    kept = {t.name: t.bytes_per_token for t in sparse.tensors}
+    for name in ("attn_norm_out", "q", "k", "v"):  # the attention block's compact forms, of the kept rows only
+        assert kept[name] == pytest.approx(share * compact[name])
+    for name in ("mlp_norm_out", "gate", "up", "gated"):
+        assert kept[name] == compact[name]
+    assert sparse.skeletal_bytes == cost.layers()[1].skeletal_bytes  # skeletal tensors stay exact
+    assert sparse.token_wise_bytes < dense.token_wise_bytes < cost.layers()[0].token_wise_bytes
+
+
+def test_the_plan_keeps_a_compressed_sparse_layer_whole_as_the_runtime_requires():
+    """The runtime refuses token elimination on a layer that is compressed and split; the MIP keeps such layers
+    whole with their skeletal tensors on the GPU (without that constraint it offloads them here)."""
+    from dataclasses import replace
+
+    from planner.hardware import load_profile
+    from planner.planning import _solve, make_plan
+    from planner.policy import solve_policy
+
+    job = _llama_job("data.seq_len=32768", "plan.gpu_memory_fraction=0.5", "compression.linear_inputs=int8",
+                     "compression.layers=[1,2]", *ELIM)
+    plan = make_plan(job, load_profile("h100_sxm")).plan
+    print("\n" + "\n".join(f"layer {d['layer']}: keep {d['keep_fraction']} offload {d['offload_skeletal']} "
+                           f"{d['activation_compression']}" for d in plan.layers))
+    assert [d["activation_compression"] != "none" for d in plan.layers] == [False, True, True, False]
+    assert all(d["keep_fraction"] == 1 and not d["offload_skeletal"] for d in plan.layers[1:3])
+    assert plan.layers[0]["keep_fraction"] < 1  # the dense layers still get split
+    _, _, inputs, _ = _solve(job, load_profile("h100_sxm"))
+    free = solve_policy(replace(inputs, sparse=()), job.plan.time_limit_seconds)
+    assert any(d.keep_fraction < 1 or d.offload_skeletal for d in free.decisions[1:3])

@@ -285,6 +285,10 @@ class TokenElimConfig:
     predictors: Optional[str] = None
     """Block-score predictors made by `longtrain train-predictors` (none: exact scores, one more attention pass)."""
 
+    def keep_ratios(self, num_layers: int) -> Dict[int, float]:
+        """Per-layer keep ratios of the sparse layers (all but the dense first and last ones), enabled or not."""
+        return {index: self.keep_ratio for index in range(self.dense_first_layers, num_layers - self.dense_last_layers)}
+
     def problems(self) -> List[str]:
         found = _positive(self, "token_elim", ["block_size"])
         if not 0.0 < self.keep_ratio <= 1.0:

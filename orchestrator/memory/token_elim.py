@@ -44,6 +44,7 @@ import torch
 from orchestrator.config.schema import TokenElimConfig
 from orchestrator.errors import ConfigError
 from orchestrator.model import DecoderLayer, apply_rope, merge_heads
+from planner.token_split import kept_blocks
 
 Config = TokenElimConfig
 SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -63,18 +64,12 @@ class LayerElimination:
     DeepSpeed neither trains nor checkpoints it."""
 
     def num_kept_blocks(self, num_blocks: int) -> int:
-        return min(num_blocks, max(1, int(self.keep_ratio * num_blocks + 1e-6)))
-
-
-def keep_ratios(config: Config, num_layers: int) -> Dict[int, float]:
-    """Per-layer keep ratios of the sparse layers (all but the dense first and last ones)."""
-    last_sparse = num_layers - config.dense_last_layers
-    return {index: config.keep_ratio for index in range(config.dense_first_layers, last_sparse)}
+        return kept_blocks(self.keep_ratio, num_blocks)
 
 
 def apply_config(model, config: Config) -> Dict[int, float]:
     """Apply the job's `token_elim` section (nothing when disabled); returns the per-layer keep ratios used."""
-    ratios = keep_ratios(config, len(model.layers)) if config.enabled else {}
+    ratios = config.keep_ratios(len(model.layers)) if config.enabled else {}
     apply_elimination(model, ratios, config.block_size)
     if ratios and config.predictors:
         from orchestrator.memory.token_elim_predictors import load_predictors  # it imports this module

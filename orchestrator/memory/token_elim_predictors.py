@@ -84,7 +84,7 @@ def train_predictors(job: JobConfig, model, windows, steps: int, out: Path, hold
                      lr: float = 3e-3) -> PredictorReport:
     """Train one predictor per sparse layer of `job.token_elim` on `model` (frozen, dense forward), save them."""
     config = job.token_elim
-    layers = sorted(token_elim.keep_ratios(config, len(model.layers)))
+    layers = sorted(config.keep_ratios(len(model.layers)))
     if not layers:
         raise ConfigError(f"token_elim.dense_first_layers ({config.dense_first_layers}) + dense_last_layers "
                           f"({config.dense_last_layers}) leave no sparse layer to train a predictor for; lower them")
