@@ -18,6 +18,8 @@ optimizer are the same for all of them, so leaving them out isolates the differe
   compressed_swap     all three, their compact forms swapped to host by the token-wise runtime (every token, or
                       --policy), to measure the host bytes against `longtrain --policy 0/1/0`
   token_elim          store_all with LeMo token elimination in every layer (40% of the 64-token blocks kept)
+  longtrain_token_elim  the planner's plan for this shape with that token elimination (sparse layers cost less),
+                      run by the token-wise runtime with its arena; recomputation reuses the kept blocks
 """
 
 import gc
@@ -49,7 +51,9 @@ COMPRESSION_MODES = {
 SWAP_ALL = (0.0, 1.0, 0.0)
 """compressed_swap's token-wise policy unless --policy says otherwise: every token's compact forms to host."""
 MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain", "longtrain_no_arena",
-         *COMPRESSION_MODES, "compressed_swap", "token_elim")
+         *COMPRESSION_MODES, "compressed_swap", "token_elim", "longtrain_token_elim")
+TOKEN_ELIM = dict(enabled=True, keep_ratio=0.4, dense_first_layers=0, dense_last_layers=0)
+"""The bench's token elimination (both modes): LeMo's end-to-end keep ratio in every layer."""
 GIB = 2**30
 
 
@@ -210,11 +214,18 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
         from orchestrator.config import TokenElimConfig
         from orchestrator.memory import token_elim
 
-        settings = TokenElimConfig(enabled=True, keep_ratio=0.4, dense_first_layers=0, dense_last_layers=0)
+        settings = TokenElimConfig(**TOKEN_ELIM)
         token_elim.apply_config(stack, settings)
         row.note = f"keep ratio {settings.keep_ratio} in every layer, blocks of {settings.block_size} tokens"
-    elif mode in ("longtrain", "longtrain_no_arena"):
-        runtime = _apply_longtrain_plan(stack, job, profile, row, use_arena=mode == "longtrain")
+    elif mode in ("longtrain", "longtrain_no_arena", "longtrain_token_elim"):
+        from orchestrator.config import TokenElimConfig
+        from orchestrator.memory import token_elim
+
+        if mode == "longtrain_token_elim":
+            job.token_elim = TokenElimConfig(**TOKEN_ELIM)
+        runtime = _apply_longtrain_plan(stack, job, profile, row, use_arena=mode != "longtrain_no_arena")
+        if token_elim.apply_config(stack, job.token_elim):
+            row.note += f"; token_elim keep ratio {job.token_elim.keep_ratio} in every layer"
         host_bytes = (lambda: runtime.pool.bytes) if runtime else host_bytes
 
     def step(x, cos, sin, grad):
