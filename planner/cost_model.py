@@ -184,7 +184,7 @@ class CostModel:
     def layer(self, keep_share: float = 1.0) -> LayerCost:
         """One layer; `keep_share` < 1: a token-eliminated layer whose attention block sees that share of the
         tokens (its projections scale with it, attention with its square; exact block scoring adds q and k
-        projections of every token and half an attention forward, once: recomputation reuses the choice)."""
+        projections of every token and about an attention forward's time, once: recomputation reuses the choice)."""
         seq, tokens, model = self.job.data.seq_len, self.tokens_per_gpu, self.model
         kept_seq = round(keep_share * seq)
         projections = attention_projection_params(model)
@@ -198,8 +198,10 @@ class CostModel:
         scoring_seconds = 0.0
         if keep_share < 1 and not self.job.token_elim.predictors:
             kv = model.num_kv_heads * model.head_dim
+            # q.k of every causal pair: half an attention forward's FLOPs, but the Triton kernel (tile maxima,
+            # ReLU sums) runs at half flash's rate: H100, 87 ms per layer at 64K, 367 ms at 128K (docs/log.md)
             scoring_flops = (2.0 * model.hidden_size * (model.hidden_size + kv) * tokens,
-                             attention_forward_flops_per_token(model, seq) * tokens / 2)
+                             attention_forward_flops_per_token(model, seq) * tokens)
             scoring_seconds = (scoring_flops[0] / (self.matmul_tflops() * 1e12)
                                + scoring_flops[1] / (self.attention_tflops(seq) * 1e12)) * self.layer_overhead
         tensors = layer_saved_tensors(model, self.element_bytes)
