@@ -16,7 +16,7 @@ from planner.flops import parameter_count
 
 
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
-    job = load_job_config(config_path, overrides)
+    job = with_absolute_paths(load_job_config(config_path, overrides))
     _check_plan_early(job)
     if job.train.activation_checkpointing == "deepspeed_cpu" and not uses_cuda(job.cluster):
         raise ConfigError("train.activation_checkpointing=deepspeed_cpu needs GPUs (DeepSpeed loses the host copies "
@@ -65,6 +65,26 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
               "train.max_steps to train further")
     print(f"  wall time       {time.time() - started:.0f} s")
     return 0
+
+
+def with_absolute_paths(job: JobConfig) -> JobConfig:
+    """Relative file paths in the job made absolute against the directory `longtrain train` runs in: Ray Train
+    starts its workers in the run's storage directory, where a relative plan.path (or data.path, ...) is not."""
+    def absolute(value: Optional[str]) -> Optional[str]:
+        if not value:
+            return value
+        if Path(value).exists():
+            return str(Path(value).resolve())
+        head, sep, tag = value.rpartition(":")  # model.init_from may be a DeepSpeed DIR:TAG
+        if sep and head and Path(head).is_dir():
+            return f"{Path(head).resolve()}:{tag}"
+        return value
+
+    job.plan.path = absolute(job.plan.path)
+    job.data.path = absolute(job.data.path)
+    job.token_elim.predictors = absolute(job.token_elim.predictors)
+    job.model.init_from = absolute(job.model.init_from)
+    return job
 
 
 def _check_plan_early(job: JobConfig) -> None:

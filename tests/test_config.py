@@ -93,7 +93,16 @@ def test_debug_flag_shows_the_traceback():
         main(["--debug", "train", "model.num_layrs=3"])
 
 
-def test_sequence_parallel_jobs_are_refused_by_train_until_the_runtime_runs_them(capsys):
-    config = next(p for p in list_shipped_configs() if p.name == "llama7b_1m_8xa800.yaml")
-    assert main(["train", str(config)]) == 2
-    assert "parallel.sp_degree=8" in capsys.readouterr().err
+def test_train_makes_relative_file_paths_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray Train runs workers in the run's storage directory: a relative plan.path failed there (found on 4 x H200)."""
+    from launch.train_command import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "p.plan.yaml").write_text("x")
+    (tmp_path / "ckpt").mkdir()
+    job = load_job_config(None, ["plan.path=plans/p.plan.yaml", "model.init_from=ckpt:global_step5"])
+    job = with_absolute_paths(job)
+    assert job.plan.path == str(tmp_path / "plans" / "p.plan.yaml")
+    assert job.model.init_from == f"{tmp_path / 'ckpt'}:global_step5"
+    assert with_absolute_paths(load_job_config(None, ["plan.path=missing.yaml"])).plan.path == "missing.yaml"
