@@ -248,7 +248,7 @@ def _pinned_bytes() -> float:
 
 
 SWAP_HIDDEN_FRACTION = None
-"""Overrides planner.policy.SWAP_HIDDEN_FRACTION for the plans the bench makes (`--swap-hidden`), to calibrate it."""
+"""The plans the bench makes use this instead of planner.policy.SWAP_HIDDEN_FRACTION (`--swap-hidden`), to calibrate it."""
 HAND_POLICY = None
 """A `LayerPolicy` for every layer instead of the planner's plan (`longtrain bench --policy K/S/R[/host]`)."""
 
@@ -273,11 +273,7 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
     device_bytes = profile.device_memory_gib * GIB
     job.plan.gpu_memory_fraction = PLAN_FRACTION or min(
         0.95, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
-    if SWAP_HIDDEN_FRACTION is not None:
-        import planner.policy
-
-        planner.policy.SWAP_HIDDEN_FRACTION = SWAP_HIDDEN_FRACTION
-    outcome = make_plan(job, profile)
+    outcome = make_plan(job, profile, SWAP_HIDDEN_FRACTION)
     plan = outcome.plan
     groups = {(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"], d["offload_skeletal"])
               for d in plan.layers}

@@ -30,7 +30,7 @@ from orchestrator.errors import LongtrainError
 from planner.cost_model import CostModel, calibrated_peak_bytes
 from planner.hardware import Calibration, HardwareProfile
 from planner.layout import solve_layout
-from planner.policy import SWAP_HIDDEN_FRACTION, policy_inputs
+from planner.policy import exposed_copy_seconds, policy_inputs
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 
 GIB = 2**30
@@ -165,11 +165,9 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[Dict], profile: H
     for i, decision in enumerate(decisions):
         moved = (p.token_wise_bytes[i] * decision["swap_fraction"]
                  + p.skeletal_bytes[i] * decision["offload_skeletal"])
-        next_forward = p.forward_seconds[i + 1] if i + 1 < n else p.head_seconds
-        next_backward = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * decisions[i + 1]["recompute_fraction"]
-                         if i + 1 < n else 2 * p.head_seconds)
-        stalls += max(0.0, moved / p.pcie_bytes_per_second - SWAP_HIDDEN_FRACTION * next_forward)
-        stalls += max(0.0, moved / p.pcie_bytes_per_second - SWAP_HIDDEN_FRACTION * next_backward)
+        recompute_next = decisions[i + 1]["recompute_fraction"] if i + 1 < n else 0.0
+        stalls += max(0.0, exposed_copy_seconds(p, i, moved, recompute_next, backward=False))
+        stalls += max(0.0, exposed_copy_seconds(p, i, moved, recompute_next, backward=True))
     recomputed = sum(d["recompute_fraction"] for d in decisions)
     # a dense layer's forward = matmul + attention parts (the bench job has no token elimination)
     attention_forward = layer.forward_seconds - layer.recompute_seconds

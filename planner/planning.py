@@ -7,7 +7,7 @@ parallelism over the same GPUs, more GPUs, and the longest sequence that fits as
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 from orchestrator.config import TOKEN_BLOCK, JobConfig
@@ -17,7 +17,7 @@ from planner.cost_model import (CostModel, calibrated_peak_bytes, compression_sp
 from planner.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
 from planner.plan_file import Plan, hash_inputs
-from planner.policy import GIB, PolicyInputs, PolicyResult, policy_inputs, solve_policy
+from planner.policy import GIB, SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, policy_inputs, solve_policy
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 from planner.token_split import FRACTION_DECIMALS
 
@@ -67,9 +67,11 @@ def training_precision(profile: HardwareProfile) -> str:
     return "bf16" if profile.device_kind == "cuda" else "fp32"
 
 
-def make_plan(job: JobConfig, profile: HardwareProfile) -> PlanOutcome:
+def make_plan(job: JobConfig, profile: HardwareProfile,
+              swap_hidden_fraction: Optional[float] = None) -> PlanOutcome:
+    """swap_hidden_fraction: None for `planner.policy.SWAP_HIDDEN_FRACTION` (the bench sets it to calibrate it)."""
     started = time.perf_counter()
-    solved = _solve(job, profile)
+    solved = _solve(job, profile, SWAP_HIDDEN_FRACTION if swap_hidden_fraction is None else swap_hidden_fraction)
     if not solved[1].feasible:
         raise PlanInfeasible(explain_infeasible(job, profile, solved[2]))
     cost, policy, inputs, block = solved
@@ -111,15 +113,18 @@ def _round_fractions(policy: PolicyResult) -> None:
         d.keep_fraction = round(max(0.0, 1 - d.swap_fraction - d.recompute_fraction), FRACTION_DECIMALS) + 0.0
 
 
-def _solve(job: JobConfig, profile: HardwareProfile) -> Tuple[CostModel, PolicyResult, PolicyInputs, LayoutResult]:
+def _solve(job: JobConfig, profile: HardwareProfile,
+           swap_hidden_fraction: float = SWAP_HIDDEN_FRACTION) -> Tuple[CostModel, PolicyResult, PolicyInputs, LayoutResult]:
     """Exact techniques first; approximate ones (int8 swaps, compressed layers) only if those do not fit and
     plan.allow_approximate says they may be used."""
     cost = CostModel(job, profile, training_precision(profile))
     block = solve_layout(layer_block_buffers(largest_layer(cost.layers())), job.plan.time_limit_seconds)
-    inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes, False, job.plan.time_limit_seconds)
+    inputs = replace(policy_inputs(cost, job.train.zero_stage, block.arena_bytes, False, job.plan.time_limit_seconds),
+                     swap_hidden_fraction=swap_hidden_fraction)
     policy = solve_policy(inputs, job.plan.time_limit_seconds)
     if not policy.feasible and job.plan.allow_approximate:
-        inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes, True, job.plan.time_limit_seconds)
+        inputs = replace(policy_inputs(cost, job.train.zero_stage, block.arena_bytes, True, job.plan.time_limit_seconds),
+                         swap_hidden_fraction=swap_hidden_fraction)
         policy = solve_policy(inputs, job.plan.time_limit_seconds)
     return cost, policy, inputs, block
 

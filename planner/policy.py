@@ -112,6 +112,8 @@ class PolicyInputs:
     compressed: then every layer needs `block_bytes`, the largest layer's."""
     compression_spec: str = "none"
     """The settings a compressed layer gets (`planner.cost_model.compression_spec`), recorded in its decision."""
+    swap_hidden_fraction: float = SWAP_HIDDEN_FRACTION
+    """Share of the neighbouring layer's compute a host copy may hide behind (`longtrain bench --swap-hidden`)."""
     sparse: Tuple[bool, ...] = ()
     """Per layer: token-eliminated. The runtime does not split a layer that is both sparse and compressed, so
     such a layer keeps all its tokens and its skeletal tensors on the GPU."""
@@ -179,6 +181,20 @@ def solve_policy(inputs: PolicyInputs, time_limit_seconds: float) -> PolicyResul
     return result
 
 
+def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backward: bool):
+    """Seconds of layer i's host copies (`moved` bytes each way) not hidden behind the neighbouring compute: the
+    next layer's forward, or in backward the next layer's backward and its recomputed share (the LM head after the
+    last layer). Negative when hidden. Works on numbers and on the MIP's affine expressions alike, so the MIP and
+    `planner.calibration.predict` share one formula."""
+    n = p.num_layers
+    if backward:
+        neighbour = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute_next) if i + 1 < n \
+            else 2 * p.head_seconds
+    else:
+        neighbour = p.forward_seconds[i + 1] if i + 1 < n else p.head_seconds
+    return moved * (1 / p.pcie_bytes_per_second) - p.swap_hidden_fraction * neighbour
+
+
 def _build(p: PolicyInputs):
     n = p.num_layers
     problem = pulp.LpProblem("activation_policy", pulp.LpMinimize)
@@ -202,7 +218,6 @@ def _build(p: PolicyInputs):
     moved = [swapped[i] + p.skeletal_bytes[i] * offload[i] for i in range(n)]
     plain_block = p.layer_block_bytes or [p.block_bytes] * n
     compact_block = p.compressed_block_bytes or plain_block
-    bw = p.pcie_bytes_per_second
     for i in range(n):
         problem += keep[i] + swap[i] + recompute[i] == 1
         if not p.allow_int8:
@@ -221,11 +236,9 @@ def _build(p: PolicyInputs):
         if p.sparse and p.sparse[i]:
             problem += keep[i] >= comp[i]
             problem += offload[i] <= 1 - comp[i]
-        next_forward = p.forward_seconds[i + 1] if i + 1 < n else p.head_seconds
-        problem += stall_fwd[i] >= moved[i] * (1 / bw) - SWAP_HIDDEN_FRACTION * next_forward
-        next_backward = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute[i + 1]) if i + 1 < n \
-            else 2 * p.head_seconds
-        problem += stall_bwd[i] >= moved[i] * (1 / bw) - SWAP_HIDDEN_FRACTION * next_backward
+        recompute_next = recompute[i + 1] if i + 1 < n else 0
+        problem += stall_fwd[i] >= exposed_copy_seconds(p, i, moved[i], recompute_next, backward=False)
+        problem += stall_bwd[i] >= exposed_copy_seconds(p, i, moved[i], recompute_next, backward=True)
         problem += prefetch >= swapped[i]
         problem += block >= plain_block[i] - (plain_block[i] - compact_block[i]) * comp[i]
         problem += any_offload >= offload[i]

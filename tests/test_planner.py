@@ -190,3 +190,16 @@ def test_a_keep_all_layer_block_holds_only_transients():
                                                                         "mlp_norm_out", "gate", "up", "silu_gate", "gated"}
     assert keeps_everything([{"keep_fraction": 1.0, "offload_skeletal": False}] * 2)
     assert not keeps_everything([{"keep_fraction": 1.0, "offload_skeletal": True}])
+
+
+def test_swap_hidden_fraction_is_a_parameter_of_the_plan_not_a_global():
+    """`longtrain bench --swap-hidden` calibrates it: copies that hide nothing make swapping pointless."""
+    import planner.policy
+
+    job = load_job_config("configs/llama7b4l_128k_1xh100.yaml", ["plan.time_limit_seconds=1"])
+    profile = load_profile("h100_sxm")
+    default = make_plan(job, profile).plan.layers
+    exposed = make_plan(job, profile, swap_hidden_fraction=0.0).plan.layers
+    assert any(d["swap_fraction"] > 0.3 for d in default)
+    assert all(d["swap_fraction"] == 0 for d in exposed)
+    assert planner.policy.SWAP_HIDDEN_FRACTION == 0.9
