@@ -83,8 +83,8 @@ def compressed_saved_tensors(model: ModelConfig, bytes_per_element: int, compres
 
 PLANNER_COMPRESSION = CompressionConfig(linear_inputs="int8", silu="int8")
 """What the planner may give a layer when exact techniques do not fit (plan.allow_approximate): Mesa int8 on the
-linears' inputs and the SwiGLU gate, the technique whose loss stayed within 2% of the exact run on the corpus
-test (S2A int4 and WTA-CRS stayed within 5% only; a job can still ask for them in its compression section)."""
+linears' inputs and the SwiGLU gate: one code path for both, the cheapest backward (S2A int4 and WTA-CRS@0.7 also
+stay within 2% on the corpus loss test; a job asks for them in its compression section)."""
 SPEC_KEYS = ("linear_inputs", "norm_inputs", "silu", "wta_crs_keep_ratio", "range_decay", "range_groups")
 
 

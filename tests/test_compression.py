@@ -59,15 +59,29 @@ def test_nothing_installed_by_default():
     assert not compressed.apply_config(model, job.compression, seed=0)
 
 
-def _loss_curve(overrides, steps: int = 100):
-    """(mean loss of the last half, first loss) of plain AdamW on the bundled corpus (debug model, 8 x 64 tokens a
-    step, the same batches for every run). The last half's mean, not the last steps': at lr 3e-3 from scratch a
-    1e-6 relative nudge of the initial weights moves the last-10 mean by 3.3% and the last-50 mean by 1.3%."""
-    job, model, _ = _pair(overrides + ["data.seq_len=64"])
-    compressed.apply_config(model, job.compression, seed=0)
+LOSS_SEEDS = (0, 1, 2)
+LOSS_BOUND = 0.02
+
+
+def _loss_curve(overrides, seed: int, steps: int = 100) -> list:
+    """Per-step training losses on the bundled corpus (debug model, 8 x 64 tokens a step) under the project's
+    optimiser recipe (`optim` defaults: AdamW lr 3e-3, betas (0.9, 0.95), weight decay 0.1, 20 warm-up steps, cosine
+    decay to 0.1 lr, gradient-norm clip 1.0). `seed` sets the initial weights, the batches and the compression's
+    draws; a technique and the exact run with the same seed see the same batches."""
+    import math
+
+    job = load_job_config(None, overrides + ["data.seq_len=64"])
+    torch.manual_seed(seed)
+    model = LlamaModel(job.model)
+    compressed.apply_config(model, job.compression, seed=seed)
     windows = build_windows(DataConfig(source="corpus", seq_len=64), 256, 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    batches = torch.Generator().manual_seed(0)
+    optim = job.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                  weight_decay=optim.weight_decay)
+    warmup, floor = optim.warmup_steps, optim.min_lr_ratio
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: (t + 1) / warmup if t < warmup else floor + (
+        1 - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup))))
+    batches = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
         rows = torch.randint(0, windows.num_train, (8,), generator=batches)
@@ -75,24 +89,46 @@ def _loss_curve(overrides, steps: int = 100):
         loss = model(batch[:, :-1], targets=batch[:, 1:])
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
-    return sum(losses[steps // 2:]) / (steps - steps // 2), losses[0]
+    return losses
+
+
+def loss_gap(overrides, exact_curves: dict) -> tuple:
+    """(mean over seeds of the relative gap of the last-50-step mean loss, per-seed gaps) against the exact runs."""
+    gaps = []
+    for seed, exact in exact_curves.items():
+        ours = _loss_curve(overrides, seed)
+        gaps.append((sum(ours[-50:]) - sum(exact[-50:])) / sum(exact[-50:]))
+    return sum(gaps) / len(gaps), gaps
 
 
 def test_loss_curves_track_the_exact_run():
-    """Mesa int8 stays within 2% (seeds 0-2 measured: -0.04%, -1.23%, -0.92%). S2A int4 and WTA-CRS@0.7 are
-    noisier backwards and early training at this learning rate feels it: seeds 0-2 measured +0.29/+3.41/+4.27%
-    and +0.21/+3.07/+1.80%, so they get 5%; their estimators are checked exactly in the other test files."""
-    exact, first = _loss_curve([])
-    assert exact < 0.8 * first  # it learned something, so the comparison means something
-    for name, overrides, bound in (("Mesa int8 linear inputs", ["compression.linear_inputs=int8"], 0.02),
-                                   ("S2A int4 silu", ["compression.silu=int4"], 0.05),
-                                   ("WTA-CRS@0.7", ["compression.wta_crs_keep_ratio=0.7"], 0.05)):
-        loss, _ = _loss_curve(overrides)
-        gap = (loss - exact) / exact
-        print(f"mean loss of steps 51-100: exact {exact:.4f}, {name} {loss:.4f} ({gap:+.2%}, bound {bound:.0%})")
-        assert abs(gap) < bound, f"{name}: {gap:+.2%}"
+    """Each technique's loss is within 2% of the exact run's: the mean of steps 51-100, as a relative gap averaged
+    over seeds 0-2 (the same criterion for all three).
+
+    Why averaged over seeds: 512 tokens a step is a chaotic regime where a 1e-6 relative nudge of the initial
+    weights alone moves one seed's last-50 mean by up to 1.5% (and the exact run of seed 1 has a bump that puts
+    every technique ~3% below it), so one seed's gap is mostly noise; a biased or too noisy estimator shows as the
+    same sign on every seed. Why the optimiser recipe: the earlier plain AdamW (lr 3e-3, no warm-up, no clip) sat on
+    a plateau whose escape step moved with any perturbation. Measured (docs/log.md, 2026-11-27): int8 -1.13%,
+    S2A int4 -1.52%, WTA-CRS@0.7 -0.06%. It fails for more gradient noise: the paper's i.i.d. WTA-CRS@0.7 +2.34%
+    (repeated rows, no finite-population factor), WTA-CRS@0.3 +2.71%, @0.1 +16.27%. It does NOT see mild biases
+    (round-down S2A codes -0.24%, WTA-CRS@0.7 without importance weights +0.67%): those are what the estimator tests
+    (test_quantization.py, test_wta_crs.py) catch with z-tests over 10^4 draws."""
+    exact_curves = {seed: _loss_curve([], seed) for seed in LOSS_SEEDS}
+    assert all(sum(c[-50:]) / 50 < 0.5 * c[0] for c in exact_curves.values())  # it learned: the gap means something
+    failures = []
+    for name, overrides in (("Mesa int8 linear inputs", ["compression.linear_inputs=int8"]),
+                            ("S2A int4 silu", ["compression.silu=int4"]),
+                            ("WTA-CRS@0.7", ["compression.wta_crs_keep_ratio=0.7"])):
+        gap, gaps = loss_gap(overrides, exact_curves)
+        print(f"{name}: mean gap of steps 51-100 {gap:+.2%} (seeds {', '.join(f'{g:+.2%}' for g in gaps)})")
+        if abs(gap) >= LOSS_BOUND:
+            failures.append(f"{name}: {gap:+.2%}")
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("overrides", [FULL, ["compression.linear_inputs=int8"], ["compression.silu=int8"],

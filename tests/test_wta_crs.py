@@ -38,24 +38,33 @@ def _max_z(estimates, exact) -> float:
     return float((error.abs() / standard_error.clamp_min(1e-12)).max())
 
 
+@pytest.mark.parametrize("scheme", ["systematic", "wta_crs"])
 @pytest.mark.parametrize("heavy, norms_only", [(True, False), (True, True), (False, False)])
-def test_unbiased_and_dropping_the_importance_weight_is_caught(heavy, norms_only):
+def test_unbiased_and_dropping_the_importance_weight_is_caught(heavy, norms_only, scheme):
     h, g = _problem(heavy)
     p = wta_crs.row_norms(h) if norms_only else wta_crs.row_norms(h) * wta_crs.row_norms(g)
     k = wta_crs.budget(48, 0.25)
-    num_c = wta_crs.num_winners(torch.sort(p, descending=True).values, k)
-    assert (num_c > 0) == heavy  # both branches of the estimator are exercised
-    index, weight = wta_crs.draw_rows(p, k, torch.Generator().manual_seed(1), DRAWS)
+    if scheme == "wta_crs":
+        num_c = wta_crs.num_winners(torch.sort(p, descending=True).values, k)
+    else:
+        num_c = int((wta_crs.inclusion_probabilities(p.double(), k) >= 1).sum())
+    assert (num_c > 0) == heavy  # both branches of the estimator (kept-for-sure rows or none) are exercised
+    index, weight = wta_crs.draw_rows(p, k, torch.Generator().manual_seed(1), DRAWS, scheme=scheme)
+    if scheme == "systematic":
+        assert all(len(set(row.tolist())) == k for row in index[:100])  # k distinct rows
     exact = g.t() @ h
     estimates = _estimates(h, g, index, weight)
     z = _max_z(estimates, exact)
     assert z < 5.0, f"max |z| {z:.2f}: biased"
     relative_error = float((estimates.mean(0) - exact).norm() / exact.norm())
-    # The public code's slip: drawn rows weighted as if uniformly drawn (no 1/p_j); the same test must reject it.
+    # The public code's slip: sampled rows weighted as if uniformly drawn (no 1/p_j); the same test must reject it.
     uniform = weight.clone()
-    uniform[:, num_c:] = (48 - num_c) / (k - num_c)
+    if scheme == "wta_crs":
+        uniform[:, num_c:] = (48 - num_c) / (k - num_c)
+    else:
+        uniform[weight > 1] = (48 - num_c) / (k - num_c)
     biased_z = _max_z(_estimates(h, g, index, uniform), exact)
-    print(f"WTA-CRS |C|={num_c} k={k} draws={DRAWS}: max|z|={z:.2f}, relative error of the mean "
+    print(f"{scheme} |C|={num_c} k={k} draws={DRAWS}: max|z|={z:.2f}, relative error of the mean "
           f"{relative_error:.4f}; without the importance weight max|z|={biased_z:.1f}")
     assert biased_z > 8.0, f"the test cannot see a dropped importance weight (max |z| {biased_z:.2f})"
 
@@ -69,20 +78,36 @@ def test_relative_error_of_the_mean_shrinks_like_one_over_sqrt_draws():
     assert errors[1] < errors[0] / 2 and errors[1] < single / 30
 
 
-def test_variance_no_worse_than_crs_when_winners_pay():
-    h, g = _problem(heavy=True)
+@pytest.mark.parametrize("heavy", [True, False])
+def test_variance_systematic_below_wta_crs_below_crs(heavy):
+    """WTA-CRS beats CRS when the winner condition holds; sampling without replacement beats both (no repeats)."""
+    h, g = _problem(heavy)
     p = wta_crs.row_norms(h) * wta_crs.row_norms(g)
     k = wta_crs.budget(48, 0.25)
     sorted_p = torch.sort(p, descending=True).values
     num_c = wta_crs.num_winners(sorted_p, k)
-    assert float(sorted_p[:num_c].sum() / p.sum()) > num_c / k  # the winner condition P_C > |C| / k
+    if heavy:
+        assert float(sorted_p[:num_c].sum() / p.sum()) > num_c / k  # the winner condition P_C > |C| / k
     exact = g.t() @ h
     mse = {}
-    for name, winners in (("wta", True), ("crs", False)):
-        index, weight = wta_crs.draw_rows(p, k, torch.Generator().manual_seed(3), DRAWS, winners=winners)
-        mse[name] = float(((_estimates(h, g, index, weight) - exact) ** 2).sum((1, 2)).mean())
-    print(f"E|G_hat - G|^2: WTA-CRS {mse['wta']:.3f}, CRS {mse['crs']:.3f}")
-    assert mse["wta"] < mse["crs"]
+    for scheme in wta_crs.SCHEMES:
+        index, weight = wta_crs.draw_rows(p, k, torch.Generator().manual_seed(3), DRAWS, scheme=scheme)
+        mse[scheme] = float(((_estimates(h, g, index, weight) - exact) ** 2).sum((1, 2)).mean())
+    print(f"E|G_hat - G|^2 ({'heavy' if heavy else 'flat'} norms): " + ", ".join(f"{s} {v:.3f}" for s, v in mse.items()))
+    assert mse["systematic"] < mse["wta_crs"] <= mse["crs"]
+
+
+def test_inclusion_probabilities_sum_to_the_budget_and_cap_at_one():
+    gen = torch.Generator().manual_seed(8)
+    for trial in range(30):
+        p = torch.exp(2 * torch.randn(40, generator=gen, dtype=torch.float64))
+        k = 5 + trial % 30
+        pi = wta_crs.inclusion_probabilities(p, k)
+        assert abs(float(pi.sum()) - k) < 1e-9 and float(pi.max()) <= 1.0
+        free = pi < 1  # below the cap pi is proportional to p, and every capped row has the larger p
+        assert torch.allclose(pi[free] / p[free], (pi[free] / p[free])[:1].expand(int(free.sum())))
+        if not free.all():
+            assert float(p[~free].min()) >= float(p[free].max())
 
 
 def test_winner_count_is_the_argmin_rule():
