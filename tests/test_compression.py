@@ -113,7 +113,7 @@ def test_loss_curves_track_the_exact_run():
     weights alone moves one seed's last-50 mean by up to 1.5% (and the exact run of seed 1 has a bump that puts
     every technique ~3% below it), so one seed's gap is mostly noise; a biased or too noisy estimator shows as the
     same sign on every seed. Why the optimiser recipe: the earlier plain AdamW (lr 3e-3, no warm-up, no clip) sat on
-    a plateau whose escape step moved with any perturbation. Measured (docs/log.md, 2026-11-27): int8 -1.13%,
+    a plateau whose escape step moved with any perturbation. Measured (docs/log.md, 2026-11-26): int8 -1.13%,
     S2A int4 -1.52%, WTA-CRS@0.7 -0.06%. It fails for more gradient noise: the paper's i.i.d. WTA-CRS@0.7 +2.34%
     (repeated rows, no finite-population factor), WTA-CRS@0.3 +2.71%, @0.1 +16.27%. It does NOT see mild biases
     (round-down S2A codes -0.24%, WTA-CRS@0.7 without importance weights +0.67%): those are what the estimator tests
