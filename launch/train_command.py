@@ -150,9 +150,14 @@ def _resume_hint(run_dir: Path, resume: str) -> str:
 def _header(job: JobConfig, run_dir: Path, gpu: bool) -> str:
     device = "GPU, nccl" if gpu else "CPU, gloo"
     params = parameter_count(job.model) / 1e6
+    sp = job.parallel.sp_degree
+    split = f" in groups of {sp} per sequence (Ulysses, {job.data.seq_len // sp} tokens each)" if sp > 1 else ""
+    memory = (f", plan {job.plan.path}" if job.plan.path else
+              f", activation checkpointing {job.train.activation_checkpointing}"
+              if job.train.activation_checkpointing != "none" else "")
     return (f"longtrain: {job.run.name}: model {job.model.preset} ({params:,.2f}M params, {job.model.num_layers} "
-            f"layers), seq_len {job.data.seq_len}, {job.cluster.num_workers} workers ({device}, Ray "
-            f"{job.cluster.address}), DeepSpeed ZeRO-{job.train.zero_stage}, {job.train.max_steps} steps\n"
+            f"layers), seq_len {job.data.seq_len}, {job.cluster.num_workers} workers{split} ({device}, Ray "
+            f"{job.cluster.address}), DeepSpeed ZeRO-{job.train.zero_stage}{memory}, {job.train.max_steps} steps\n"
             f"  run directory: {run_dir}")
 
 
