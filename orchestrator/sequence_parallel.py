@@ -120,29 +120,37 @@ def _to_tokens(x: torch.Tensor, group) -> torch.Tensor:
 class _Regathered:
     """Saved-tensor hooks for the attention kernel's own autograd node: its saved q, k, v and output (whole
     sequence, this rank's heads) are not kept but named, and rebuilt in backward by exchanging the local shards
-    again; everything else it saves (log-sum-exp, RNG state: small) is kept as is."""
+    again (a saved view of one of them is rebuilt as the same view of the rebuilt tensor); everything else it
+    saves (log-sum-exp, RNG state: small) is kept as is."""
 
     def __init__(self):
         self.saved = []
-        """[tensor, role] per saved tensor; after `name`, tensor is None where role is set."""
+        """[tensor, role, view] per saved tensor; after `name`, tensor is None where role is set."""
         self.tensors = {}
 
     def pack(self, tensor):
-        entry = [tensor, None]
+        entry = [tensor, None, None]
         self.saved.append(entry)
         return entry
 
     def unpack(self, entry):
-        tensor, role = entry
-        return tensor if role is None else self.tensors[role]
+        tensor, role, view = entry
+        if role is None:
+            return tensor
+        base = self.tensors[role]
+        shape, stride, offset = view
+        return base.as_strided(shape, stride, base.storage_offset() + offset)
 
     def name(self, **tensors) -> None:
-        """After the forward: replace each saved tensor that is one of `tensors` by its role."""
-        by_storage = {t.untyped_storage().data_ptr(): role for role, t in tensors.items()}
+        """After the forward: replace each saved tensor that is (a view of) one of `tensors` by its role."""
+        by_storage = {t.untyped_storage().data_ptr(): (role, t) for role, t in tensors.items()}
         for entry in self.saved:
-            role = by_storage.get(entry[0].untyped_storage().data_ptr())
-            if role is not None:
-                entry[0], entry[1] = None, role
+            found = by_storage.get(entry[0].untyped_storage().data_ptr())
+            if found is not None:
+                role, base = found
+                saved = entry[0]
+                entry[:] = [None, role, (tuple(saved.shape), tuple(saved.stride()),
+                                         saved.storage_offset() - base.storage_offset())]
 
 
 class _LocalShardFunction(torch.autograd.Function):
