@@ -18,9 +18,9 @@ from planner.flops import parameter_count
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     job = with_absolute_paths(load_job_config(config_path, overrides))
     _check_plan_early(job)
-    if job.train.activation_checkpointing == "deepspeed_cpu" and not uses_cuda(job.cluster):
-        raise ConfigError("train.activation_checkpointing=deepspeed_cpu needs GPUs (DeepSpeed loses the host copies "
-                          "of CPU tensors); use train.activation_checkpointing=deepspeed on CPU")
+    from orchestrator.memory.ds_checkpointing import check_supported
+
+    check_supported(job.train.activation_checkpointing, uses_cuda(job.cluster))
     _check_predictors_early(job)
     placement = place_run(job)
     check_same_model(job, placement)

@@ -7,9 +7,10 @@ Two attention paths, both on DeepSpeed's all-to-all (`deepspeed.sequence.layer`)
   sequence) q, k, v and output for backward.
 - `LocalShardAttention` for layers the plan splits by token (MEMO swap / recompute). Those must save only this
   rank's own token shard of q, k, v and the output, the tensors the token-wise runtime knows how to keep, swap
-  or recompute; so the exchange runs inside one autograd function that saves the local shards and the kernel's
-  log-sum-exp, and its backward repeats the forward exchanges (communication only: attention is never
-  recomputed) before calling the attention kernel's own backward. Gradients equal the unsplit model's.
+  or recompute; so the exchange runs inside one autograd function that saves the local shards, and SDPA (the
+  kernel the plain model gets) runs inside it in an inner autograd graph whose saved q, k, v and output are kept
+  only by name; its backward repeats the forward exchanges to rebuild them (communication only: attention is
+  never recomputed). Gradients equal the unsplit model's.
 
 Why gradients need nothing else: every rank's loss is the mean over its equal token shard, and ZeRO averages
 gradients over all ranks, so the average of shard means is the sequence mean.
@@ -21,8 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from orchestrator.errors import ConfigError
-
 HEADS, SEQUENCE, BATCH = 2, 1, 0
 """Dimensions of the [B, S, H, D] layout the exchanges use."""
 
@@ -32,9 +31,7 @@ def sequence_groups(sp_degree: int) -> Optional[dist.ProcessGroup]:
     in the same order, as torch.distributed requires."""
     if sp_degree == 1:
         return None
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world % sp_degree:
-        raise ConfigError(f"parallel.sp_degree ({sp_degree}) must divide the number of workers ({world})")
+    world, rank = dist.get_world_size(), dist.get_rank()  # a multiple of sp_degree: the job config checks it
     mine = None
     for start in range(0, world, sp_degree):
         group = dist.new_group(list(range(start, start + sp_degree)))

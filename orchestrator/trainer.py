@@ -198,7 +198,7 @@ def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: Step
     for _ in range(grad_accum_steps):
         inputs, targets = sampler.next_batch()
         shard = sequence_parallel.shard_of(inputs, sp_group)
-        positions = torch.arange(inputs.shape[1])[shard].to(engine.device)
+        positions = torch.arange(shard.start, shard.stop, device=engine.device)
         loss = engine(inputs[:, shard].to(engine.device), targets=targets[:, shard].to(engine.device),
                       positions=positions)
         engine.backward(loss)

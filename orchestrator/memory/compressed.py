@@ -291,6 +291,12 @@ class _CompactInputLinear(torch.autograd.Function):
         return (grad_x, grad_w, grad_b, None) + (None,) * ctx.num_compact
 
 
+def row_chunks(num_rows: int, step: int):
+    """(start, stop) of consecutive ranges of `step` rows (the last may be shorter) covering `num_rows`: the chunked
+    backwards here and the int8 swap (`tokenwise.Int8Swap`) bound their fp32 temporaries this way."""
+    return ((start, min(start + step, num_rows)) for start in range(0, num_rows, step))
+
+
 def _weight_grad(packed: Packed, tensors, grad2d: torch.Tensor) -> torch.Tensor:
     """g^T x from the compact x; unsampled codes are restored a chunk of rows at a time, the products summed in
     fp32, so the backward never holds the whole input in fp32 (it did: the H100 peak barely moved with int8)."""
@@ -300,8 +306,7 @@ def _weight_grad(packed: Packed, tensors, grad2d: torch.Tensor) -> torch.Tensor:
         picked = grad2d if index is None else grad2d.index_select(0, index)
         return picked.t().matmul(rows.to(picked.dtype))
     total = None
-    for start in range(0, grad2d.shape[0], step):
-        stop = min(start + step, grad2d.shape[0])
+    for start, stop in row_chunks(grad2d.shape[0], step):
         part = grad2d[start:stop].t().matmul(packed.restore_rows(tensors, start, stop).to(grad2d.dtype)).float()
         total = part if total is None else total.add_(part)
     return total.to(grad2d.dtype)
@@ -369,8 +374,7 @@ class _CompactSwiGLU(torch.autograd.Function):
         grad_rows = grad.reshape(-1, columns)
         grad_gate, grad_up = torch.empty_like(grad_rows), torch.empty_like(grad_rows)
         step = max(2, BACKWARD_CHUNK_ELEMENTS // columns // 2 * 2)  # even: 4-bit chunks start on a byte
-        for start in range(0, grad_rows.shape[0], step):
-            stop = min(start + step, grad_rows.shape[0])
+        for start, stop in row_chunks(grad_rows.shape[0], step):
             up = ctx.up_packed.restore_rows(up_tensors, start, stop)
             value, slope = ctx.gate_codec.evaluate(ctx.gate_meta.restore_rows(gate_tensors, start, stop))
             grad32 = grad_rows[start:stop].float()

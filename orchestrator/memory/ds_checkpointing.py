@@ -11,15 +11,20 @@ import torch
 from orchestrator.errors import ConfigError
 
 
+def check_supported(mode: str, use_cuda: bool) -> None:
+    """deepspeed_cpu needs GPUs: deepspeed 0.19.8 copies a CPU input to the host with a no-op `.to("cpu")` and then
+    empties it, so the input is lost. Called by the driver before Ray starts and by each worker."""
+    if mode == "deepspeed_cpu" and not use_cuda:
+        raise ConfigError("train.activation_checkpointing=deepspeed_cpu needs GPUs (DeepSpeed loses the host copies "
+                          "of CPU tensors); use train.activation_checkpointing=deepspeed on CPU")
+
+
 def deepspeed_layer_runner(num_layers: int, in_cpu: bool):
     """A `runner(layer, x, cos, sin)` that checkpoints the layer with DeepSpeed. DeepSpeed's checkpointing needs
     its process group, even in one process (a benchmark): a one-rank group on loopback is made if none exists."""
     import deepspeed
 
-    if in_cpu and not torch.cuda.is_available():
-        # deepspeed 0.19.8 copies a CPU input to the host with a no-op `.to("cpu")`, then empties it: the input is lost
-        raise ConfigError("train.activation_checkpointing=deepspeed_cpu needs a GPU (on CPU there is no device "
-                          "memory to free and DeepSpeed loses the copied inputs); use deepspeed on CPU")
+    check_supported("deepspeed_cpu" if in_cpu else "deepspeed", torch.cuda.is_available())
     if not torch.distributed.is_initialized():
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                            ("MASTER_PORT", "29517")):

@@ -43,12 +43,12 @@ RECOMPUTE_CHUNK_TOKENS = 8192
 TOKEN_WISE = ("attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
               "gated")
 ATTENTION_GROUP = ("attn_norm_out", "q", "k", "v")
+"""Restored (and recomputed) only when the attention backward is reached: backward runs the MLP part first, so
+the two groups are never restored at the same time, which bounds a layer's backward working set."""
 COMPACT = ".compact"
 """Suffix of a role holding a compressed layer's compact form of a tensor (`compressed.CompactForm`): int8 or
 packed 4-bit codes, or sampled rows; split by token like the tensor itself, so a swap moves 2x / 4x /
 1 / keep_ratio fewer bytes."""
-"""Restored (and recomputed) only when the attention backward is reached: backward runs the MLP part first, so
-the two groups are never restored at the same time, which bounds a layer's backward working set."""
 
 
 @dataclass
@@ -353,7 +353,7 @@ class Int8Swap:
         width = (rows.amax(dim=(0, 2)).float() - low).clamp_min(1e-12)
         codes = torch.empty(rows.shape, dtype=torch.uint8, device=flat.device)
         scale = (255.0 / width).view(1, -1, 1)
-        for start, stop in _row_chunks(rows.shape[0], channels, cls.CHUNK_ELEMENTS):
+        for start, stop in compressed.row_chunks(rows.shape[0], max(1, cls.CHUNK_ELEMENTS // channels)):
             scaled = (rows[start:stop].float() - low.view(1, -1, 1)) * scale
             scaled += torch.rand(scaled.shape, generator=generator, device=flat.device)
             codes[start:stop] = scaled.floor_().clamp_(0, 255).to(torch.uint8)
@@ -365,13 +365,8 @@ class Int8Swap:
         rows = codes.view(-1, groups, self.channels // groups)
         out = target.view(rows.shape)
         step = (self.width / 255.0).view(1, -1, 1)
-        for start, stop in _row_chunks(rows.shape[0], self.channels, self.CHUNK_ELEMENTS):
+        for start, stop in compressed.row_chunks(rows.shape[0], max(1, self.CHUNK_ELEMENTS // self.channels)):
             out[start:stop] = (rows[start:stop].float() * step + self.low.view(1, -1, 1)).to(out.dtype)
-
-
-def _row_chunks(num_rows: int, channels: int, chunk_elements: int):
-    step = max(1, chunk_elements // channels)
-    return ((start, min(start + step, num_rows)) for start in range(0, num_rows, step))
 
 
 def dense_flat(tensor: torch.Tensor) -> Optional[torch.Tensor]:
