@@ -52,7 +52,9 @@ def needs_universal(job: JobConfig, info: Optional[CheckpointInfo]) -> bool:
 
 
 def data_parallel_size(job: JobConfig) -> int:
-    return job.cluster.num_workers // job.parallel.sp_degree
+    """How many ranks ZeRO shards the optimizer state over: every worker, Ulysses groups included (DeepSpeed is
+    given no sequence-parallel group: its gradient average over all ranks is the sequence mean)."""
+    return job.cluster.num_workers
 
 
 def convert_to_universal(job: JobConfig, placement, info: CheckpointInfo, log=print):
@@ -77,7 +79,7 @@ def convert_to_universal(job: JobConfig, placement, info: CheckpointInfo, log=pr
         lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         raise CheckpointError(f"converting {info.tag_dir} to a universal checkpoint failed "
                               f"({lines[-1] if lines else 'no output'}); resume with "
-                              f"cluster.num_workers={info.world_size * job.parallel.sp_degree} instead")
+                              f"cluster.num_workers={info.world_size} instead")
     done.write_text(result.stdout + result.stderr)
     return universal
 

@@ -84,8 +84,14 @@ class CheckpointManager:
         self.barrier()
         return self.dir / tag
 
-    def load(self, engine, tag: str, checkpoint_dir: Optional[Path] = None) -> Dict[str, Any]:
-        """Restore engine, optimizer and scheduler; return client state merged with this rank's own state."""
+    def load(self, engine, tag: str, checkpoint_dir: Optional[Path] = None,
+             data_ranks: Optional[int] = None) -> Dict[str, Any]:
+        """Restore engine, optimizer and scheduler; return client state merged with this rank's own state.
+
+        data_ranks: how many ranks read different data (the sampler's world: DeepSpeed's ranks over the Ulysses
+        degree). Written by another number, this rank's state does not apply (its RNG cannot map rank to rank);
+        the data position then comes from rank 0's file (positions count global sequences), or for a checkpoint
+        without our files (plain DeepSpeed) from DeepSpeed's sample count."""
         source = Path(checkpoint_dir or self.dir)
         if not (source / tag).is_dir():
             raise CheckpointError(f"checkpoint {source / tag} does not exist; list the tags in {source} "
@@ -94,10 +100,10 @@ class CheckpointManager:
         if path is None:
             raise CheckpointError(f"DeepSpeed found no loadable checkpoint at {source / tag}; "
                                   "check the files or resume from an earlier tag")
-        rank_file = source / tag / f"longtrain_rank{self.rank}.pt"
-        rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
-        if rank_state.get("data", {}).get("world_size") != engine.dp_world_size:
-            rank_state = {"data": global_position(engine.global_samples)}
+        rank_state = _rank_state(source / tag, self.rank)
+        if rank_state.get("data", {}).get("world_size") != (data_ranks or engine.dp_world_size):
+            first = _rank_state(source / tag, 0).get("data")
+            rank_state = {"data": first or global_position(engine.global_samples)}
         if "rng" in rank_state:
             restore_rng_state(rank_state["rng"])
         return {**(client_state or {}), **rank_state}
@@ -107,10 +113,14 @@ class CheckpointManager:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
 
 
+def _rank_state(tag_dir: Path, rank: int) -> Dict[str, Any]:
+    rank_file = tag_dir / f"longtrain_rank{rank}.pt"
+    return torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+
+
 def global_position(global_samples: int) -> Dict[str, int]:
-    """A data position from DeepSpeed's global sample count, for checkpoints without our per-rank file (foreign)
-    or written by another number of ranks: every rank continues after the sequences all ranks consumed, and the
-    RNG states, which cannot map rank to rank, are not restored (the loop reseeds from seed, rank and step)."""
+    """A data position from DeepSpeed's global sample count, for checkpoints without our per-rank files (foreign):
+    every rank continues after the sequences all ranks consumed; the loop reseeds its RNG from seed, rank and step."""
     return {"consumed_micro_batches": int(global_samples), "world_size": 1, "micro_batch_size": 1}
 
 

@@ -122,7 +122,7 @@ def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, source
             publish: Optional[Publish], model) -> int:
     if source is None:
         return 0
-    state = checkpoints.load(engine, source.tag, Path(source.dir))
+    state = checkpoints.load(engine, source.tag, Path(source.dir), data_ranks=sampler.world_size)
     sampler.load_state(state["data"])
     if "compression" in state:
         compressed.load_state_dict(model, state["compression"])

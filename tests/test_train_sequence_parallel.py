@@ -18,6 +18,7 @@ def _losses(cwd: Path, *overrides: str):
     result = subprocess.run([sys.executable, "-m", "launch.cli", "train", *COMMON, *overrides], cwd=cwd,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "converting" not in result.stdout  # the same workers: ZeRO's shards fit as they are
     (run_dir,) = (cwd / "runs").iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [message["rows"][0]["loss"] for message in rows if message.get("rows")], rows
@@ -38,3 +39,14 @@ def test_two_ranks_sharing_each_sequence_train_like_one(tmp_path, whole_sequence
         assert abs(got - want) <= 1e-4 * abs(want), (losses, whole_sequence)
     # each rank counts its own shard: half the sequence's tokens
     assert rows[-1]["rows"][0]["tokens"] == 2 * 256 // 2
+
+
+def test_a_sequence_parallel_run_resumes_exactly(tmp_path, whole_sequence):
+    """Stopped at step 3 and resumed: ZeRO sharded its state over both ranks (the Ulysses group's too), so the
+    resume needs no conversion and steps 4-5 are the uninterrupted run's."""
+    sp = ["cluster.num_workers=2", "parallel.sp_degree=2"]
+    _losses(tmp_path, *sp, "train.stop_at_step=3")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    losses, _ = _losses(tmp_path, *sp, f"resume={run_dir}")
+    for got, want in zip(losses[-2:], whole_sequence[-2:]):
+        assert abs(got - want) <= 1e-4 * abs(want), (losses, whole_sequence)
