@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from orchestrator.errors import LongtrainError
+from spec.errors import LongtrainError
 
 
 def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeats: int, out: Optional[str],
@@ -15,7 +15,7 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
 
     import orchestrator.bench
     from orchestrator.bench import MODES, longest_trained, run_bench
-    from planner.hardware import detect_profile_name, load_profile
+    from spec.hardware import detect_profile_name, load_profile
 
     if not torch.cuda.is_available():
         raise LongtrainError("longtrain bench measures a GPU and this machine has no CUDA device; run it on the "

@@ -9,10 +9,10 @@ from typing import List, Optional, Sequence
 
 import yaml
 
-from orchestrator.errors import LongtrainError
+from spec.errors import LongtrainError
 from planner.calibration import BenchObservation, Prediction, fit, predict, read_bench_rows, resolve_decisions, \
     with_calibration
-from planner.hardware import Calibration, HardwareProfile, load_profile
+from spec.hardware import Calibration, HardwareProfile, load_profile
 
 STEP_GOAL, PEAK_GOAL = 0.10, 0.05
 """Issue 9's goal: predicted step time within 10% and peak memory within 5% of the measurement."""
@@ -109,7 +109,7 @@ def calibrated_profile_text(profile: HardwareProfile, calibration: Calibration) 
 
 
 def profile_path_of(profile: HardwareProfile) -> Path:
-    from planner.hardware import PROFILES_DIR
+    from spec.hardware import PROFILES_DIR
 
     path = getattr(profile, "path", None)
     return Path(path) if path else PROFILES_DIR / f"{profile.name}.yaml"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from orchestrator.errors import LongtrainError
+from spec.errors import LongtrainError
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1

@@ -12,9 +12,9 @@ import shlex
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from orchestrator.config import load_job_config
-from orchestrator.config.loader import REPO_ROOT
-from orchestrator.errors import LongtrainError
+from spec.config import load_job_config
+from spec.config.loader import REPO_ROOT
+from spec.errors import LongtrainError
 
 UPLOAD_EXCLUDES = [".git", ".gpu-bundle", ".whl", "runs", "plans", "*.egg-info", "__pycache__"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -6,8 +6,8 @@ asking for more GPUs than any one node has (a worker cannot span nodes), just ha
 
 from typing import Dict, List
 
-from orchestrator.config import ClusterConfig
-from orchestrator.errors import LongtrainError
+from spec.config import ClusterConfig
+from spec.errors import LongtrainError
 
 Node = Dict[str, float]
 """One alive node's total resources, as Ray reports them (CPU, GPU, memory, ...)."""

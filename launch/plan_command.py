@@ -3,10 +3,10 @@
 from pathlib import Path
 from typing import Optional, Sequence
 
-from orchestrator.config import JobConfig, load_job_config
-from orchestrator.errors import ConfigError
-from planner.hardware import PROFILES_DIR, load_profile
-from planner.plan_file import save_plan
+from spec.config import JobConfig, load_job_config
+from spec.errors import ConfigError
+from spec.hardware import PROFILES_DIR, load_profile
+from spec.plan import save_plan
 from planner.planning import make_plan
 from planner.report import plan_summary, plot_layout
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.data import build_windows
 from orchestrator.init_weights import load_init_from
 from orchestrator.memory.token_elim_predictors import default_path, train_predictors

@@ -7,7 +7,7 @@ from statistics import mean
 from typing import Dict, List
 
 from launch.aggregate import node_rows
-from orchestrator.errors import LongtrainError
+from spec.errors import LongtrainError
 
 
 def run_profile_mfu(run_dir: str, warmup_steps: int) -> int:

@@ -159,7 +159,7 @@ def measure_layer(result: Measurement, device, dtype, model, seq_len: int, repea
     import torch
 
     from orchestrator.model import DecoderLayer, rope_tables
-    from planner.flops import attention_forward_flops_per_token, layer_matmul_params
+    from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 
     torch.manual_seed(0)
     layer = DecoderLayer(model).to(device=device, dtype=dtype)

@@ -10,13 +10,13 @@ import yaml
 from launch.profile_hardware import (Measurement, cpu_name, host_name, measure_attention, measure_copies,
                                      measure_layer, measure_matmul, measure_memory, measure_nccl, optional_min,
                                      settings_for)
-from orchestrator.errors import LongtrainError
+from spec.errors import LongtrainError
 
 
 def run_profile_hardware(config_path: Optional[str], overrides: List[str], out: Optional[str], quick: bool) -> int:
     import torch
 
-    from planner.hardware import detect_profile_name, load_profile
+    from spec.hardware import detect_profile_name, load_profile
 
     cuda = torch.cuda.is_available()
     device_name = torch.cuda.get_device_name(0) if cuda else cpu_name()
@@ -42,7 +42,7 @@ def run_profile_hardware(config_path: Optional[str], overrides: List[str], out: 
 
 def _model_shape(config_path: Optional[str], overrides: List[str], cuda: bool):
     """The configured model's shape; without a config or model.* override: Llama-7B on a GPU, debug on CPU."""
-    from orchestrator.config import load_job_config
+    from spec.config import load_job_config
 
     if config_path is None and not any(o.startswith("model.") for o in overrides):
         overrides = [f"model.preset={'llama-7b' if cuda else 'debug'}"] + list(overrides)

@@ -19,9 +19,9 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from launch.placement import check_capacity
-from orchestrator.config import ClusterConfig, JobConfig
+from spec.config import ClusterConfig, JobConfig
 from orchestrator.ds_config import uses_cuda
-from orchestrator.errors import LongtrainError
+from spec.errors import LongtrainError
 from orchestrator.trainer import CheckpointRef, WorkerInfo, train
 
 POLL_SECONDS = 0.5

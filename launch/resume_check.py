@@ -17,8 +17,8 @@ from typing import Optional
 
 from orchestrator.checkpoint import latest_complete_tag
 from orchestrator.checkpoint_check import CheckpointInfo, inspect_checkpoint
-from orchestrator.config import JobConfig
-from orchestrator.errors import CheckpointError
+from spec.config import JobConfig
+from spec.errors import CheckpointError
 from orchestrator.init_weights import check_init_from, model_shapes
 from orchestrator.trainer import CheckpointRef
 from orchestrator.weights import check_shapes

@@ -14,8 +14,8 @@ import yaml
 
 from orchestrator.checkpoint import latest_complete_tag
 from orchestrator.checkpoint_check import resolve_tag
-from orchestrator.config import JobConfig
-from orchestrator.errors import CheckpointError, ConfigError
+from spec.config import JobConfig
+from spec.errors import CheckpointError, ConfigError
 from orchestrator.trainer import CheckpointRef
 
 

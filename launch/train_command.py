@@ -9,10 +9,10 @@ from typing import Optional, Sequence
 from launch.cli import EXIT_INTERRUPTED, EXIT_RUN_FAILED, resume_command
 from launch.resume_check import check_resume, convert_to_universal, needs_universal
 from launch.rundir import check_same_model, foreign_checkpoint_warning, place_run
-from orchestrator.config import JobConfig, job_to_yaml, load_job_config
+from spec.config import JobConfig, job_to_yaml, load_job_config
 from orchestrator.ds_config import uses_cuda
-from orchestrator.errors import ConfigError
-from planner.flops import parameter_count
+from spec.errors import ConfigError
+from spec.flops import parameter_count
 
 
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
@@ -96,7 +96,7 @@ def _check_plan_early(job: JobConfig) -> None:
 
     from orchestrator.ds_config import resolve_precision
     from orchestrator.trainer import checked_plan, profile_name
-    from planner.hardware import load_profile
+    from spec.hardware import load_profile
 
     use_cuda = uses_cuda(job.cluster)
     if job.metrics.hardware_profile == "auto" and (job.cluster.address != "local" or
@@ -119,7 +119,7 @@ def _check_techniques_compose(job: JobConfig) -> None:
     sparse layer's compact attention forms would mix full-length and kept-row token ranges); say so in one line
     here rather than from every worker after Ray has started."""
     from orchestrator.trainer import plan_policies
-    from planner.plan_file import load_plan
+    from spec.plan import load_plan
 
     if not (job.token_elim.enabled and job.compression.is_active):
         return

@@ -32,13 +32,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from orchestrator.config import JobConfig
+from spec.config import JobConfig
 from orchestrator.memory.ds_checkpointing import deepspeed_layer_runner
 from orchestrator.memory.tokenwise import apply_policies
 from orchestrator.model import DecoderLayer, rope_tables
 from planner.calibration import bench_job, not_in_bench_bytes
-from planner.flops import attention_forward_flops_per_token, layer_matmul_params
-from planner.hardware import HardwareProfile
+from spec.flops import attention_forward_flops_per_token, layer_matmul_params
+from spec.hardware import HardwareProfile
 from planner.planning import PlanInfeasible, make_plan
 
 COMPRESSION_MODES = {
@@ -193,14 +193,14 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
         context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
         host_bytes = _pinned_bytes
     elif mode in COMPRESSION_MODES:
-        from orchestrator.config.schema import CompressionConfig
+        from spec.config.schema import CompressionConfig
         from orchestrator.memory import compressed
 
         settings = COMPRESSION_MODES[mode]
         compressed.apply_config(stack, CompressionConfig(**settings), seed=0)
         row.note = ", ".join(f"{key}={value}" for key, value in settings.items())
     elif mode == "compressed_swap":
-        from orchestrator.config.schema import CompressionConfig
+        from spec.config.schema import CompressionConfig
         from orchestrator.memory import compressed
         from orchestrator.memory.tokenwise import LayerPolicy
 
@@ -211,14 +211,14 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
         row.note = (f"compressed + keep/swap/recompute {policy.keep_fraction:.2f}/{policy.swap_fraction:.2f}/"
                     f"{policy.recompute_fraction:.2f}")
     elif mode == "token_elim":
-        from orchestrator.config import TokenElimConfig
+        from spec.config import TokenElimConfig
         from orchestrator.memory import token_elim
 
         settings = TokenElimConfig(**TOKEN_ELIM)
         token_elim.apply_config(stack, settings)
         row.note = f"keep ratio {settings.keep_ratio} in every layer, blocks of {settings.block_size} tokens"
     elif mode in ("longtrain", "longtrain_no_arena", "longtrain_token_elim"):
-        from orchestrator.config import TokenElimConfig
+        from spec.config import TokenElimConfig
         from orchestrator.memory import token_elim
 
         if mode == "longtrain_token_elim":

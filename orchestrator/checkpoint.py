@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from orchestrator.errors import CheckpointError
+from spec.errors import CheckpointError
 
 COMPLETE_MARKER = "COMPLETE"
 TAG_PREFIX = "step_"

@@ -17,7 +17,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from orchestrator.errors import CheckpointError
+from spec.errors import CheckpointError
 from orchestrator.weights import is_hf_name, renamed_shapes
 
 _SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_(optim|model)_states\.pt$")

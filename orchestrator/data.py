@@ -15,8 +15,8 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from orchestrator.config import DataConfig
-from orchestrator.errors import ConfigError
+from spec.config import DataConfig
+from spec.errors import ConfigError
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus" / "kjv_genesis_proverbs.txt.gz"
 SYNTHETIC_WINDOWS = 2**31

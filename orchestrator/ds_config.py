@@ -7,7 +7,7 @@ run is reproducible from its YAML. `train.deepspeed_extra` is the documented esc
 import copy
 from typing import Any, Dict
 
-from orchestrator.config import ClusterConfig, JobConfig
+from spec.config import ClusterConfig, JobConfig
 from planner.cost_model import ZERO_BUCKET_ELEMENTS
 
 

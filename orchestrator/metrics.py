@@ -1,7 +1,7 @@
 """Analytic FLOPs, MFU and memory readings for one training step of one rank.
 
 Why analytic FLOPs: MFU must not depend on what a technique recomputes (recompute raises hardware FLOPs, not
-model FLOPs), so it is computed from the model shape (`planner.flops`, which states the convention). We report
+model FLOPs), so it is computed from the model shape (`spec.flops`, which states the convention). We report
 both MFUs, causal-halved and full-attention, labelled, because papers differ.
 """
 
@@ -13,8 +13,8 @@ from typing import Dict
 
 import torch
 
-from orchestrator.config import ModelConfig
-from planner.flops import training_flops_per_token
+from spec.config import ModelConfig
+from spec.flops import training_flops_per_token
 
 GIB = 1024**3
 

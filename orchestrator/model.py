@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.config import ModelConfig
+from spec.config import ModelConfig
 from orchestrator.loss import segmented_cross_entropy
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.checkpoint import CheckpointManager, latest_complete_tag
-from orchestrator.config import JobConfig
+from spec.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
 from orchestrator.init_weights import load_init_from
@@ -26,8 +26,8 @@ from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_p
 from orchestrator.metrics import StepMeter
 from orchestrator.model import LlamaModel
 from planner.cost_model import parse_compression_spec
-from planner.hardware import detect_profile_name, load_profile
-from planner.plan_file import PlanError, check_plan_matches, load_plan
+from spec.hardware import detect_profile_name, load_profile
+from spec.plan import PlanError, check_plan_matches, load_plan
 from planner.planning import plan_inputs
 
 

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-from orchestrator.errors import CheckpointError
+from spec.errors import CheckpointError
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"

@@ -25,10 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from orchestrator.config import load_job_config
-from orchestrator.errors import LongtrainError
+from spec.config import load_job_config
+from spec.errors import LongtrainError
 from planner.cost_model import CostModel, calibrated_peak_bytes
-from planner.hardware import Calibration, HardwareProfile
+from spec.hardware import Calibration, HardwareProfile
 from planner.layout import solve_layout
 from planner.policy import exposed_copy_seconds, policy_inputs
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers

@@ -15,11 +15,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Dict, List
 
-from orchestrator.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
-from planner.flops import (attention_forward_flops_per_token, attention_projection_params, layer_matmul_params,
+from spec.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
+from spec.flops import (attention_forward_flops_per_token, attention_projection_params, layer_matmul_params,
                            parameter_count, training_flops_per_token)
-from planner.hardware import HardwareProfile
-from planner.token_split import kept_blocks
+from spec.hardware import HardwareProfile
+from spec.activations import kept_blocks
 
 DEFAULT_MATMUL_EFFICIENCY = 0.75
 """Achieved / peak matmul rate assumed when a profile has no measurement (H100 measured 743/989 = 0.75)."""

@@ -10,16 +10,16 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
-from orchestrator.config import TOKEN_BLOCK, JobConfig
-from orchestrator.errors import LongtrainError
+from spec.config import TOKEN_BLOCK, JobConfig
+from spec.errors import LongtrainError
 from planner.cost_model import (CostModel, calibrated_peak_bytes, compression_spec, largest_layer,
                                  parse_compression_spec)
-from planner.hardware import HardwareProfile
+from spec.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
-from planner.plan_file import Plan, hash_inputs
+from spec.plan import Plan, hash_inputs
 from planner.policy import GIB, SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, policy_inputs, solve_policy
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
-from planner.token_split import FRACTION_DECIMALS
+from spec.activations import FRACTION_DECIMALS
 
 
 class PlanInfeasible(LongtrainError):

@@ -5,7 +5,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import List
 
-from planner.plan_file import Plan
+from spec.plan import Plan
 
 GIB = 2**30
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence
 
 from planner.cost_model import LayerCost
 from planner.layout import Buffer, align
-from planner.token_split import token_ranges
+from spec.activations import token_ranges
 
 # Level-1 events: forward ops 0..7, then swap-out / drop at 8, backward ops 8..17 (end exclusive).
 _FORWARD_END = 8

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orchestrator.config import ModelConfig, load_job_config
+from spec.config import ModelConfig, load_job_config
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 

@@ -4,7 +4,7 @@ import pytest
 
 from launch.bench_command import parse_policy
 from orchestrator.bench_trace import describe, timeline_summary
-from orchestrator.errors import LongtrainError
+from spec.errors import LongtrainError
 
 
 def _event(cat, name, ts, dur):

@@ -10,7 +10,7 @@ from launch.cli import main
 from planner.calibration import (BenchObservation, bench_job, decisions_from, fit, parse_plan_groups, predict,
                                  read_bench_rows, resolve_decisions, with_calibration)
 from planner.cost_model import CostModel
-from planner.hardware import Calibration, load_profile
+from spec.hardware import Calibration, load_profile
 from planner.planning import make_plan
 
 GIB = 2**30

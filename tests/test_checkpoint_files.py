@@ -4,8 +4,8 @@ import pytest
 
 from launch.rundir import foreign_checkpoint_warning, place_run
 from orchestrator.checkpoint import COMPLETE_MARKER, complete_tags, latest_complete_tag, tag_for_step
-from orchestrator.config import load_job_config
-from orchestrator.errors import CheckpointError, ConfigError
+from spec.config import load_job_config
+from spec.errors import CheckpointError, ConfigError
 
 
 def _fake_run(root, name, steps, complete=True):
@@ -73,7 +73,7 @@ def test_explicit_run_dir_with_checkpoints_is_not_overwritten(tmp_path):
 
 def test_continuing_a_run_with_another_model_shape_is_refused_before_writing(tmp_path):
     from launch.rundir import check_same_model
-    from orchestrator.config import job_to_yaml
+    from spec.config import job_to_yaml
 
     run_dir = _fake_run(tmp_path, "demo-20260101-000000", [5])
     (run_dir / "config.yaml").write_text(job_to_yaml(load_job_config()))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from orchestrator.config import DataConfig, load_job_config
+from spec.config import DataConfig, load_job_config
 from orchestrator.data import build_windows
-from orchestrator.errors import ConfigError
+from spec.errors import ConfigError
 from orchestrator.memory import compressed, technique
 from orchestrator.model import LlamaModel
 

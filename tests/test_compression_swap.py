@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.memory import compressed
 from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
 from orchestrator.model import LlamaModel
@@ -89,7 +89,7 @@ def test_swapped_bytes_fall_by_the_compression_factor():
 
 
 def test_token_elimination_is_still_refused_on_compressed_split_layers():
-    from orchestrator.errors import ConfigError
+    from spec.errors import ConfigError
     from orchestrator.memory import token_elim
     model, _, _ = _compressed_model(SETTINGS["all"], batch=1)
     apply_policies(model, {i: LayerPolicy(0.5, 0.5, 0.0) for i in range(4)})  # compression composes: no error

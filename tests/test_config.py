@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from launch.cli import main
-from orchestrator.config import MODEL_PRESETS, list_shipped_configs, load_job_config
-from orchestrator.errors import ConfigError
+from spec.config import MODEL_PRESETS, list_shipped_configs, load_job_config
+from spec.errors import ConfigError
 
 
 def test_default_config_is_the_demo_job():

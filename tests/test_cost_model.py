@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.model import DecoderLayer, rope_tables
 from planner.cost_model import CostModel, interpolate_log, layer_saved_tensors
-from planner.hardware import load_profile
+from spec.hardware import load_profile
 
 
 def _saved_bytes_per_token(model_config, seq_len, dtype):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from orchestrator.config import DataConfig
+from spec.config import DataConfig
 from orchestrator.data import RankSampler, TokenWindows, build_windows, corpus_bytes
-from orchestrator.errors import ConfigError
+from spec.errors import ConfigError
 
 
 def test_bundled_corpus_is_a_few_hundred_kb_of_text():

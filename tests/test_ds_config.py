@@ -1,6 +1,6 @@
 """The DeepSpeed config dict generated from the job, and its escape hatch."""
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.ds_config import deepspeed_config
 
 

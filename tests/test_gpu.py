@@ -6,10 +6,10 @@ import time
 import pytest
 import torch
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
 from planner.cost_model import CostModel, layer_saved_tensors
-from planner.hardware import detect_profile_name, load_profile
+from spec.hardware import detect_profile_name, load_profile
 from tests.conftest import requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]

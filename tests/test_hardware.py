@@ -2,8 +2,8 @@
 
 import pytest
 
-from planner.hardware import PROFILES_DIR, detect_profile_name, load_profile
-from orchestrator.errors import ProfileError
+from spec.hardware import PROFILES_DIR, detect_profile_name, load_profile
+from spec.errors import ProfileError
 
 
 @pytest.mark.parametrize("name", ["h100_sxm", "h200", "a100_80g", "a800", "cpu"])

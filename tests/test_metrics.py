@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from orchestrator.metrics import StepMeter
-from planner.flops import training_flops_per_token
+from spec.flops import training_flops_per_token
 from orchestrator.model import LlamaModel
 
 

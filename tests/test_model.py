@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import MODEL_PRESETS, ModelConfig
-from planner.flops import parameter_count
+from spec.config import MODEL_PRESETS, ModelConfig
+from spec.flops import parameter_count
 from orchestrator.model import (Attention, LlamaModel, _RMSNormFunction, apply_rope, count_parameters,
                                 rope_tables)
 

@@ -3,8 +3,8 @@
 import pytest
 
 from launch.placement import check_capacity, workers_that_fit
-from orchestrator.config import load_job_config
-from orchestrator.errors import LongtrainError
+from spec.config import load_job_config
+from spec.errors import LongtrainError
 
 TWO_NODES = [{"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 2.0}]
 
@@ -36,7 +36,7 @@ def test_gpu_job_without_gpus_names_the_fix():
 
 
 def test_unknown_strategy_is_a_config_error():
-    from orchestrator.errors import ConfigError
+    from spec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cluster.placement_strategy"):
         _cluster("cluster.placement_strategy=DENSE")

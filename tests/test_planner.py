@@ -6,10 +6,10 @@ import time
 import pytest
 
 from launch.cli import main
-from orchestrator.config import list_shipped_configs, load_job_config
-from planner.hardware import load_profile
+from spec.config import list_shipped_configs, load_job_config
+from spec.hardware import load_profile
 from planner.layout import ALIGN_BYTES, Buffer, lower_bound, solve_layout
-from planner.plan_file import PlanError, check_plan_matches, load_plan, save_plan
+from spec.plan import PlanError, check_plan_matches, load_plan, save_plan
 from planner.planning import PlanInfeasible, make_plan, plan_inputs
 from planner.report import plan_summary
 
@@ -178,7 +178,7 @@ def test_cbc_is_used_without_highs_and_finds_the_same_optimum(monkeypatch):
 def test_a_keep_all_layer_block_holds_only_transients():
     """A plain layer's activations are the kept ones (level 2) and its backward reads them in place."""
     from planner.cost_model import CostModel
-    from planner.hardware import load_profile
+    from spec.hardware import load_profile
     from planner.schedule import keeps_everything, layer_block_buffers
 
     layer = CostModel(load_job_config(None, ["model.preset=llama-7b", "data.seq_len=32768"]),

@@ -7,9 +7,9 @@ import yaml
 from launch.cli import main
 from launch.profile_hardware import Measurement, settings_for
 from launch.profile_hardware_command import profile_mapping
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from planner.cost_model import CostModel, fitted_layer_overhead, layer_saved_tensors
-from planner.hardware import load_profile
+from spec.hardware import load_profile
 from tests.conftest import requires_gpu
 
 

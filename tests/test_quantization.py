@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import ModelConfig
+from spec.config import ModelConfig
 from orchestrator.memory import compressed, quant_int4_deriv, quant_int8
 from orchestrator.model import MLP, DecoderLayer, rope_tables
 

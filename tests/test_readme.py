@@ -4,7 +4,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from orchestrator.config import JobConfig
+from spec.config import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -9,7 +9,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from launch.profile_hardware import free_port
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 
 pytestmark = pytest.mark.slow
 STOP, TOTAL = 4, 8

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from launch.profile_hardware import free_port
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 
 pytestmark = pytest.mark.slow
 BASE = ["cluster.num_workers=1", "train.max_steps=8", "train.log_every_steps=1", "optim.warmup_steps=2",
@@ -193,7 +193,7 @@ def test_init_from_loads_every_tensor_bitwise(foreign, source):
 
 
 def test_init_from_another_shape_names_the_tensor(foreign):
-    from orchestrator.errors import CheckpointError
+    from spec.errors import CheckpointError
     from orchestrator.init_weights import check_init_from
 
     root, _ = foreign
@@ -291,7 +291,7 @@ def test_a_failed_conversion_leaves_nothing_behind(foreign, tmp_path):
     from launch.resume_check import convert_to_universal
     from launch.rundir import RunPlacement
     from orchestrator.checkpoint_check import CheckpointInfo
-    from orchestrator.errors import CheckpointError
+    from spec.errors import CheckpointError
 
     root, _ = foreign
     broken = Path(shutil.copytree(root / "ds_ours" / "global_step4", tmp_path / "ckpt" / "global_step4"))

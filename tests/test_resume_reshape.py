@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 
 pytestmark = pytest.mark.slow
 BASE = ["train.max_steps=8", "train.log_every_steps=1", "optim.warmup_steps=2", "checkpoint.every_steps=4",

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launch.profile_hardware import free_port
-from orchestrator.config import ModelConfig
+from spec.config import ModelConfig
 from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
 from orchestrator.model import LlamaModel
 from orchestrator.sequence_parallel import install, sequence_groups, shard_of

@@ -9,9 +9,9 @@ from types import MethodType, SimpleNamespace
 import pytest
 import torch
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.data import RankSampler, build_windows
-from orchestrator.errors import ConfigError
+from spec.errors import ConfigError
 from orchestrator.memory import technique, token_elim
 from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
 from tests.conftest import requires_gpu

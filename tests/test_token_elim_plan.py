@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.memory import token_elim
 from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
 from orchestrator.model import LlamaModel
@@ -119,7 +119,7 @@ def test_predicted_peak_is_lower_by_the_attention_block_of_the_kept_share():
     """Layers 1 and 2 keep 51 of 128 blocks at 8K tokens; both plans keep everything. Per token a sparse layer saves
     (1 - share) x its attention block (attention output and log-sum-exp, normed rows, q, k, v) and adds the kept
     rows' index and cos/sin rows."""
-    from planner.hardware import load_profile
+    from spec.hardware import load_profile
     from planner.planning import make_plan
 
     profile = load_profile("h100_sxm")
@@ -156,7 +156,7 @@ def _floor_gib(job, profile):
 
 
 def test_a_job_that_does_not_fit_dense_fits_with_token_elimination_and_the_mip_uses_the_freed_memory():
-    from planner.hardware import load_profile
+    from spec.hardware import load_profile
     from planner.planning import PlanInfeasible, make_plan
 
     profile = load_profile("h100_sxm")
@@ -182,7 +182,7 @@ def test_a_sparse_plan_places_the_kept_rows_in_their_planned_arena_regions():
     sequence): the runtime's slices land in it with no fallback, and gradients stay those of the unplanned run."""
     from orchestrator.memory.arena import KeptArena
     from orchestrator.trainer import plan_policies
-    from planner.hardware import load_profile
+    from spec.hardware import load_profile
     from planner.layout import align
     from planner.planning import make_plan
 
@@ -220,7 +220,7 @@ def test_a_sparse_plan_places_the_kept_rows_in_their_planned_arena_regions():
 
 def test_a_compressed_sparse_layer_stores_the_compact_forms_of_its_kept_rows():
     from planner.cost_model import PLANNER_COMPRESSION, CostModel
-    from planner.hardware import load_profile
+    from spec.hardware import load_profile
 
     cost = CostModel(_llama_job("data.seq_len=8192", *ELIM), load_profile("h100_sxm"))
     share = cost.keep_shares()[1]
@@ -240,7 +240,7 @@ def test_the_plan_keeps_a_compressed_sparse_layer_whole_as_the_runtime_requires(
     whole with their skeletal tensors on the GPU (without that constraint it offloads them here)."""
     from dataclasses import replace
 
-    from planner.hardware import load_profile
+    from spec.hardware import load_profile
     from planner.planning import _solve, make_plan
     from planner.policy import solve_policy
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from launch.cli import main
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.data import build_windows
-from orchestrator.errors import ConfigError
+from spec.errors import ConfigError
 from orchestrator.memory import token_elim
 from orchestrator.memory.token_elim_predictors import held_out_recall, load_predictors, train_predictors
 from orchestrator.model import LlamaModel, rope_tables

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.memory.tokenwise import LayerPolicy, apply_policies, dense_flat
 from orchestrator.model import LlamaModel
 from planner.cost_model import layer_saved_tensors
@@ -174,7 +174,7 @@ def test_nothing_survives_a_step(name):
 
 def test_kept_slices_live_in_the_planned_arena_and_stay_exact():
     from orchestrator.memory.arena import KeptArena
-    from planner.hardware import load_profile
+    from spec.hardware import load_profile
     from planner.planning import make_plan
 
     job, model, inputs, targets = _model_and_batch()
@@ -199,7 +199,7 @@ def test_kept_slices_live_in_the_planned_arena_and_stay_exact():
 
 
 def test_unknown_technique_lists_the_valid_names():
-    from orchestrator.errors import ConfigError
+    from spec.errors import ConfigError
     from orchestrator.memory import technique
 
     assert technique("swap").__name__.endswith("tokenwise")

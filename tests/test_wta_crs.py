@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.config import ModelConfig
+from spec.config import ModelConfig
 from orchestrator.memory import compressed, wta_crs
 from orchestrator.model import DecoderLayer, rope_tables
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from types import SimpleNamespace
 
-from orchestrator.config import load_job_config
+from spec.config import load_job_config
 from orchestrator.loss import segmented_cross_entropy
 from orchestrator.memory import token_elim
 from orchestrator.model import DecoderLayer, LlamaModel, rope_tables

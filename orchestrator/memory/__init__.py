@@ -8,7 +8,7 @@ and recompute are one token-wise split, so both names lead to `tokenwise`. The a
 from types import ModuleType
 from typing import Dict
 
-from orchestrator.errors import ConfigError
+from spec.errors import ConfigError
 from orchestrator.memory import quant_int4_deriv, quant_int8, token_elim, tokenwise, wta_crs
 
 REGISTRY: Dict[str, ModuleType] = {"swap": tokenwise, "recompute": tokenwise, "token_elim": token_elim,

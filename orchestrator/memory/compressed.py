@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.errors import ConfigError
+from spec.errors import ConfigError
 from orchestrator.memory import quant_int4_deriv, quant_int8, wta_crs
 from orchestrator.model import MLP, RMSNorm, _RMSNormFunction
 

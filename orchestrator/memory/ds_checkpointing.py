@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from orchestrator.errors import ConfigError
+from spec.errors import ConfigError
 
 
 def check_supported(mode: str, use_cuda: bool) -> None:

@@ -41,10 +41,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from orchestrator.config.schema import TokenElimConfig
-from orchestrator.errors import ConfigError
+from spec.config.schema import TokenElimConfig
+from spec.errors import ConfigError
 from orchestrator.model import DecoderLayer, apply_rope, merge_heads
-from planner.token_split import kept_blocks
+from spec.activations import kept_blocks
 
 Config = TokenElimConfig
 SCORE_CHUNK_ELEMENTS = 1 << 24

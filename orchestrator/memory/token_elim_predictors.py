@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.config import JobConfig, ModelConfig, TokenElimConfig
-from orchestrator.errors import ConfigError
+from spec.config import JobConfig, ModelConfig, TokenElimConfig
+from spec.errors import ConfigError
 from orchestrator.memory import token_elim
 from orchestrator.model import rope_tables
 

@@ -30,7 +30,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import torch
 
 from orchestrator.memory import compressed
-from planner.token_split import token_ranges
+from spec.activations import token_ranges
 
 HEAD_MAJOR = {"q", "k", "v", "attn_out"}
 """Roles laid out [B, H, S, D] (tokens on dim 2); the others are [B, S, F] (tokens on dim 1)."""

@@ -9,7 +9,7 @@ cross-section rules, so the user sees every problem of a config at once.
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from orchestrator.errors import ConfigError
+from spec.errors import ConfigError
 
 TOKEN_BLOCK = 64
 """Sequences are planned, eliminated and swapped in blocks of this many tokens."""

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 
 import yaml
 
-from orchestrator.errors import LongtrainError
+from spec.errors import LongtrainError
 
 PLAN_FORMAT = "longtrain-plan"
 PLAN_VERSION = 1

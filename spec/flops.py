@@ -6,7 +6,7 @@ the full square (`causal_halved=False`) or half of it (`causal_halved=True`, wha
 training = 3 x forward. Recomputation never enters: these are model FLOPs.
 """
 
-from orchestrator.config import ModelConfig
+from spec.config import ModelConfig
 
 
 def layer_matmul_params(model: ModelConfig) -> int:

@@ -1,8 +1,8 @@
 """Typed job configuration (see `schema`) and its loader (see `loader`)."""
 
-from orchestrator.config.loader import DEFAULT_CONFIG, job_to_yaml, list_shipped_configs, load_job_config
-from orchestrator.config.presets import MODEL_PRESETS
-from orchestrator.config.schema import (TOKEN_BLOCK, CheckpointConfig, ClusterConfig, CompressionConfig, DataConfig,
+from spec.config.loader import DEFAULT_CONFIG, job_to_yaml, list_shipped_configs, load_job_config
+from spec.config.presets import MODEL_PRESETS
+from spec.config.schema import (TOKEN_BLOCK, CheckpointConfig, ClusterConfig, CompressionConfig, DataConfig,
                                         JobConfig, MetricsConfig, ModelConfig, OptimConfig, ParallelConfig,
                                         PlanConfig, RunConfig, TokenElimConfig, TrainConfig)
 

@@ -12,9 +12,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.config.presets import MODEL_PRESETS
-from orchestrator.config.schema import JobConfig
-from orchestrator.errors import ConfigError
+from spec.config.presets import MODEL_PRESETS
+from spec.config.schema import JobConfig
+from spec.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS_DIR = REPO_ROOT / "configs"
