@@ -48,13 +48,7 @@ def check_resume(job: JobConfig, placement) -> Optional[CheckpointInfo]:
 
 
 def needs_universal(job: JobConfig, info: Optional[CheckpointInfo]) -> bool:
-    return info is not None and info.zero_stage > 0 and info.world_size != data_parallel_size(job)
-
-
-def data_parallel_size(job: JobConfig) -> int:
-    """How many ranks ZeRO shards the optimizer state over: every worker, Ulysses groups included (DeepSpeed is
-    given no sequence-parallel group: its gradient average over all ranks is the sequence mean)."""
-    return job.cluster.num_workers
+    return info is not None and info.zero_stage > 0 and info.world_size != job.parallel_dims().zero_world_size
 
 
 def convert_to_universal(job: JobConfig, placement, info: CheckpointInfo, log=print):
@@ -67,7 +61,7 @@ def convert_to_universal(job: JobConfig, placement, info: CheckpointInfo, log=pr
     if done.is_file():
         return universal
     log(f"longtrain: {info.tag_dir} was written by {info.world_size} data-parallel ranks, this job has "
-        f"{data_parallel_size(job)}: converting it to a DeepSpeed universal checkpoint in {out_dir}")
+        f"{job.parallel_dims().zero_world_size}: converting it to a DeepSpeed universal checkpoint in {out_dir}")
     created = _first_missing(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(info.tag_dir),

@@ -21,23 +21,22 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+
+from spec.parallel import ParallelDims
 
 HEADS, SEQUENCE, BATCH = 2, 1, 0
 """Dimensions of the [B, S, H, D] layout the exchanges use."""
 
 
-def sequence_groups(sp_degree: int) -> Optional[dist.ProcessGroup]:
-    """This rank's group of `sp_degree` consecutive ranks (None for sp_degree 1). Every rank creates every group,
-    in the same order, as torch.distributed requires."""
-    if sp_degree == 1:
+def sequence_groups(dims: ParallelDims) -> Optional[dist.ProcessGroup]:
+    """This rank's Ulysses group: the "sp" dimension of a (dp, sp) device mesh, i.e. `sp_degree` consecutive
+    ranks (None for sp_degree 1). DeepSpeed itself is given no group: ZeRO spans every rank."""
+    if dims.sp_degree == 1:
         return None
-    world, rank = dist.get_world_size(), dist.get_rank()  # a multiple of sp_degree: the job config checks it
-    mine = None
-    for start in range(0, world, sp_degree):
-        group = dist.new_group(list(range(start, start + sp_degree)))
-        if start <= rank < start + sp_degree:
-            mine = group
-    return mine
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, (dims.dp_degree, dims.sp_degree), mesh_dim_names=("dp", "sp"))
+    return mesh["sp"].get_group()
 
 
 def shard_of(tokens: torch.Tensor, group: Optional[dist.ProcessGroup]) -> slice:

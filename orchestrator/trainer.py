@@ -62,7 +62,8 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     _set_device_and_threads(worker, use_cuda, job.cluster.cpus_per_worker)
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-    sp_group = sequence_parallel.sequence_groups(job.parallel.sp_degree)
+    dims = job.parallel_dims()
+    sp_group = sequence_parallel.sequence_groups(dims)
     model = LlamaModel(job.model)
     checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier)
     source = resume_source(checkpoints.dir, initial)
@@ -80,16 +81,15 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(),
         config=deepspeed_config(job, use_cuda, load_universal=bool(source and source.universal)))
-    sp = job.parallel.sp_degree  # the ranks of one sequence-parallel group read the same windows
     sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
-                          job.data.micro_batch_size, worker.rank // sp, worker.world_size // sp, job.train.seed)
+                          job.data.micro_batch_size, dims.sampler_rank(worker.rank), dims.dp_degree, job.train.seed)
     start_step = _resume(engine, checkpoints, sampler, source, publish if worker.rank == 0 else None, model)
     torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
     for step in range(start_step + 1, last_step + 1):
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group)
-        reading = meter.stop(step, loss, scheduler.get_last_lr()[0], _tokens_per_step(job),
+        reading = meter.stop(step, loss, scheduler.get_last_lr()[0], dims.tokens_per_step_per_rank,
                              swap_host_bytes=memory.pool.bytes if memory else 0)
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
         if _checkpoint_due(job, step):
@@ -208,11 +208,6 @@ def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: Step
         dist.all_reduce(total, group=sp_group)
         total /= dist.get_world_size(sp_group)
     return (total / grad_accum_steps).item()
-
-
-def _tokens_per_step(job: JobConfig) -> int:
-    """Tokens one rank processes per step (its shard of each sequence)."""
-    return job.data.micro_batch_size * job.data.seq_len * job.train.grad_accum_steps // job.parallel.sp_degree
 
 
 def _log_due(job: JobConfig, step: int, start_step: int) -> bool:

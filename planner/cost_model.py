@@ -167,9 +167,9 @@ class CostModel:
         self.job, self.model, self.profile = job, job.model, profile
         self.precision = precision
         self.element_bytes = 2 if precision == "bf16" else 4
-        self.world_size = job.cluster.num_workers
-        self.sp_degree = job.parallel.sp_degree
-        self.tokens_per_gpu = job.data.seq_len * job.data.micro_batch_size // self.sp_degree
+        self.dims = job.parallel_dims()
+        self.world_size, self.sp_degree = self.dims.world_size, self.dims.sp_degree
+        self.tokens_per_gpu = self.dims.tokens_per_rank
         self.layer_overhead = fitted_layer_overhead(profile) or DEFAULT_LAYER_OVERHEAD
 
     def matmul_tflops(self) -> float:

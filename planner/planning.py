@@ -231,8 +231,7 @@ def _candidate_changes(job: JobConfig) -> List[Tuple[str, Callable[[JobConfig], 
 def _set(job: JobConfig, *changes) -> Optional[JobConfig]:
     for section, key, value in changes:
         setattr(getattr(job, section), key, value)
-    sp = job.parallel.sp_degree
-    if job.model.num_heads % sp or job.model.num_kv_heads % sp or job.data.seq_len % (TOKEN_BLOCK * sp):
+    if job.parallel_dims().problems(job.model.num_heads, job.model.num_kv_heads):
         return None  # Ulysses cannot split this model or sequence that way
     return job
 

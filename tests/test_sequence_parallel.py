@@ -13,6 +13,7 @@ from launch.profile_hardware import free_port
 from spec.config import ModelConfig
 from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
 from orchestrator.model import LlamaModel
+from spec.parallel import ParallelDims
 from orchestrator.sequence_parallel import install, sequence_groups, shard_of
 
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -57,7 +58,7 @@ def _worker(rank, world, port, with_plan, out_path, device="cpu"):
     # DeepSpeed's all-to-all runs on its own comm layer
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     torch.set_num_threads(1)
-    group = sequence_groups(world)
+    group = sequence_groups(ParallelDims(world_size=world, sp_degree=world, seq_len=SEQ))
     model = _model(with_plan, device)
     install(model, group, split_layers=set(POLICIES) if with_plan else set())
     inputs, targets = (t.to(device) for t in _batch())

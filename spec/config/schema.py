@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from spec.errors import ConfigError
+from spec.parallel import TOKEN_BLOCK, ParallelDims
 
-TOKEN_BLOCK = 64
 """Sequences are planned, eliminated and swapped in blocks of this many tokens."""
 
 DATA_SOURCES = ("corpus", "synthetic", "tokens")
@@ -427,19 +427,11 @@ class JobConfig:
         return found
 
     def _parallel_problems(self) -> List[str]:
-        sp, found = self.parallel.sp_degree, []
-        if sp <= 1:
-            return found
-        if self.data.seq_len % (TOKEN_BLOCK * sp):
-            found.append(f"data.seq_len ({self.data.seq_len}) must be divisible by {TOKEN_BLOCK}*parallel.sp_degree "
-                         f"({TOKEN_BLOCK * sp}); change data.seq_len or parallel.sp_degree")
-        if self.model.num_heads % sp or self.model.num_kv_heads % sp:
-            found.append(f"parallel.sp_degree ({sp}) must divide model.num_heads ({self.model.num_heads}) and "
-                         f"model.num_kv_heads ({self.model.num_kv_heads}) (Ulysses splits heads)")
-        if self.cluster.num_workers % sp:
-            found.append(f"cluster.num_workers ({self.cluster.num_workers}) must be a multiple of "
-                         f"parallel.sp_degree ({sp})")
-        return found
+        return self.parallel_dims().problems(self.model.num_heads, self.model.num_kv_heads)
+
+    def parallel_dims(self) -> ParallelDims:
+        """The job's parallel sizes (world, sp, dp, tokens per rank): the one place they are computed."""
+        return ParallelDims.from_job(self)
 
 
 def _positive(section: Any, prefix: str, keys: List[str]) -> List[str]:
