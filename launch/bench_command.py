@@ -13,8 +13,7 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
                       policy: Optional[str] = None, swap_hidden: Optional[float] = None) -> int:
     import torch
 
-    import orchestrator.bench
-    from orchestrator.bench import MODES, longest_trained, run_bench
+    from launch.measure.bench import MODES, BenchOptions, longest_trained, run_bench
     from spec.hardware import detect_profile_name, load_profile
 
     if not torch.cuda.is_available():
@@ -24,18 +23,16 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
     if unknown:
         raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(MODES)}")
     profile = load_profile(profile_name or detect_profile_name(torch.cuda.get_device_name()))
-    orchestrator.bench.PLAN_FRACTION = plan_fraction
-    orchestrator.bench.TRACE = trace
     stem = Path(out or "profiles/runs") / f"{profile.name}_{time.strftime('%Y-%m-%d')}_bench-{layers}l"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    orchestrator.bench.TRACE_DIR = str(stem.parent) if trace else None
-    orchestrator.bench.HAND_POLICY = parse_policy(policy) if policy else None
-    orchestrator.bench.SWAP_HIDDEN_FRACTION = swap_hidden
+    options = BenchOptions(plan_fraction=plan_fraction, swap_hidden_fraction=swap_hidden,
+                           hand_policy=parse_policy(policy) if policy else None, trace=trace,
+                           trace_dir=str(stem.parent) if trace else None)
     device = torch.cuda.get_device_name()
     print(f"longtrain bench: {layers} Llama-7B-shaped layers on {device} (profile {profile.name}), "
           f"seq_len {seq_lens}, {repeats} timed steps per row after one warm-up")
     print(_header())
-    rows = run_bench(layers, seq_lens, modes, profile, repeats, on_row=_print_row)
+    rows = run_bench(layers, seq_lens, modes, profile, repeats, on_row=_print_row, options=options)
     longest = ", ".join(f"{mode} {seq:,}" for mode, seq in longest_trained(rows).items())
     print(f"longest sequence trained: {longest}")
     meta = {"device": device, "profile": profile.name, "layers": layers, "repeats": repeats,

@@ -10,8 +10,8 @@ from typing import List, Optional, Sequence
 import yaml
 
 from spec.errors import LongtrainError
-from planner.calibration import BenchObservation, Prediction, fit, predict, read_bench_rows, resolve_decisions, \
-    with_calibration
+from launch.measure.calibration import BenchObservation, Prediction, fit, predict, read_bench_rows, \
+    resolve_decisions, with_calibration
 from spec.hardware import Calibration, HardwareProfile, load_profile
 
 STEP_GOAL, PEAK_GOAL = 0.10, 0.05

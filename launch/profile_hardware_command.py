@@ -1,5 +1,5 @@
 """`longtrain profile hardware [CONFIG] [key=value ...] [--out PATH] [--quick]`: run the measurements of
-`launch.profile_hardware` on this machine and write a hardware profile YAML that `load_profile` reads."""
+`launch.measure.hardware` on this machine and write a hardware profile YAML that `load_profile` reads."""
 
 import time
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import yaml
 
-from launch.profile_hardware import (Measurement, cpu_name, host_name, measure_attention, measure_copies,
+from launch.measure.hardware import (Measurement, cpu_name, host_name, measure_attention, measure_copies,
                                      measure_layer, measure_matmul, measure_memory, measure_nccl, optional_min,
                                      settings_for)
 from spec.errors import LongtrainError

@@ -1,4 +1,7 @@
-"""Shared test helpers: the debug model shape, and a skip marker for GPU-only tests."""
+"""Shared test helpers: the debug model shape, a skip marker for GPU-only tests, and a free port for the tests'
+process groups."""
+
+import socket
 
 import pytest
 import torch
@@ -11,3 +14,10 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 @pytest.fixture
 def debug_model_config() -> ModelConfig:
     return load_job_config(None, []).model
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for a spawned test's process group (gloo or NCCL)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

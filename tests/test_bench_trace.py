@@ -3,7 +3,7 @@
 import pytest
 
 from launch.bench_command import parse_policy
-from orchestrator.bench_trace import describe, timeline_summary
+from launch.measure.trace import describe, timeline_summary
 from spec.errors import LongtrainError
 
 

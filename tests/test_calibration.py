@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from launch.cli import main
-from planner.calibration import (BenchObservation, bench_job, decisions_from, fit, parse_plan_groups, predict,
-                                 read_bench_rows, resolve_decisions, with_calibration)
+from launch.measure.calibration import (BenchObservation, bench_job, decisions_from, fit, parse_plan_groups,
+                                        predict, read_bench_rows, resolve_decisions, with_calibration)
 from planner.cost_model import CostModel
 from spec.hardware import Calibration, load_profile
 from planner.planning import make_plan
@@ -76,7 +76,7 @@ def test_prediction_matches_the_planner_for_its_own_plan():
 
 
 def test_bench_job_is_the_one_the_bench_plans_for():
-    from orchestrator.bench import bench_job as the_bench_job
+    from launch.measure.bench import bench_job as the_bench_job
 
     assert bench_job(4, 65536) == the_bench_job(4, 65536, "llama-7b")
 

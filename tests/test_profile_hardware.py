@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from launch.cli import main
-from launch.profile_hardware import Measurement, settings_for
+from launch.measure.hardware import Measurement, settings_for
 from launch.profile_hardware_command import profile_mapping
 from spec.config import load_job_config
 from planner.cost_model import CostModel, fitted_layer_overhead, layer_saved_tensors

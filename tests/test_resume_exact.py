@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from launch.profile_hardware import free_port
+from tests.conftest import free_port
 from spec.config import load_job_config
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from launch.profile_hardware import free_port
+from tests.conftest import free_port
 from spec.config import load_job_config
 
 pytestmark = pytest.mark.slow

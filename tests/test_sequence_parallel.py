@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launch.profile_hardware import free_port
+from tests.conftest import free_port
 from spec.config import ModelConfig
 from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
 from orchestrator.model import LlamaModel

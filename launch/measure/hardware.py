@@ -270,7 +270,7 @@ def measure_nccl(result: Measurement, num_gpus: int, num_bytes: int, repeats: in
 
     with tempfile.TemporaryDirectory() as tmp:
         out_path = Path(tmp) / "nccl.json"
-        context = mp.start_processes(_nccl_worker, args=(num_gpus, free_port(), num_bytes, repeats, str(out_path)),
+        context = mp.start_processes(_nccl_worker, args=(num_gpus, _free_port(), num_bytes, repeats, str(out_path)),
                                      nprocs=num_gpus, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_seconds
         while not context.join(timeout=1.0):
@@ -314,8 +314,8 @@ def _nccl_worker(rank: int, world_size: int, port: int, num_bytes: int, repeats:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    """A free TCP port on loopback for a process group (NCCL here; the spawned-worker tests use it too)."""
+def _free_port() -> int:
+    """A free TCP port on loopback for the NCCL process group (the tests have their own in tests/conftest.py)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -1,7 +1,7 @@
 """Calibrate a hardware profile against `longtrain bench` runs: predict each measured longtrain row with the real
 cost model and layout, fit the profile's `calibration:` factors by least squares, predict again with them.
 
-What a row is predicted as: the bench's own accounting (`orchestrator.bench._apply_longtrain_plan`) for the plan
+What a row is predicted as: the bench's own accounting (`launch.measure.bench._apply_longtrain_plan`) for the plan
 that row ran - layers only (LM head time and optimizer, buffers, embedding and LM-head memory left out). The plan
 is read from the row's note ("plan keep/swap/recompute/skeletal-host: K/S/R/OFFLOAD; ..."), not re-planned,
 because the planner has changed since most runs were measured and a different plan costs differently. When the

@@ -1,5 +1,5 @@
 """Deliberately worse variants against the loss-curve criterion of tests/test_compression.py; run from the repo root:
-`PYTHONPATH=. python profiles/runs/cpu_2026-11-26_loss-criterion-variants.py` (2 cores, ~65 s). Output 2026-11-26:
+`PYTHONPATH=. python docs/probes/loss_criterion_variants.py` (2 cores, ~65 s). Output 2026-11-26:
 paper i.i.d. WTA-CRS@0.7: +2.34% (+3.33%, -3.21%, +6.90%) -> FAILS
 WTA-CRS@0.3 (systematic): +2.71% (+2.74%, +0.39%, +4.99%) -> FAILS
 WTA-CRS@0.1 (systematic): +16.27% (+9.12%, +16.82%, +22.88%) -> FAILS

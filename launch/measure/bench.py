@@ -27,6 +27,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -34,9 +35,9 @@ from torch import nn
 
 from spec.config import JobConfig
 from orchestrator.memory.ds_checkpointing import deepspeed_layer_runner
-from orchestrator.memory.tokenwise import apply_policies
+from launch.measure.calibration import bench_job, not_in_bench_bytes
+from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
 from orchestrator.model import DecoderLayer, rope_tables
-from planner.calibration import bench_job, not_in_bench_bytes
 from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 from spec.hardware import HardwareProfile
 from planner.planning import PlanInfeasible, make_plan
@@ -50,8 +51,6 @@ COMPRESSION_MODES = {
 """Approximate techniques measured on their own (no recompute or swap), against store_all: memory and speed."""
 SWAP_ALL = (0.0, 1.0, 0.0)
 """compressed_swap's token-wise policy unless --policy says otherwise: every token's compact forms to host."""
-MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain", "longtrain_no_arena",
-         *COMPRESSION_MODES, "compressed_swap", "token_elim", "longtrain_token_elim")
 TOKEN_ELIM = dict(enabled=True, keep_ratio=0.4, dense_first_layers=0, dense_last_layers=0)
 """The bench's token elimination (both modes): LeMo's end-to-end keep ratio in every layer."""
 GIB = 2**30
@@ -89,10 +88,21 @@ class BenchRow:
     """With `--trace`: the top device operations of one more step, by self device time (torch.profiler)."""
 
 
-TRACE = False
-"""Profile one extra step of the longtrain rows (`longtrain bench --trace`)."""
-TRACE_DIR = None
-"""Where `--trace` keeps each traced step's Chrome trace (gzip), next to the report."""
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `longtrain bench`'s flags change in the measurement (the defaults: none of them given)."""
+
+    plan_fraction: Optional[float] = None
+    """Overrides the plan's GPU budget fraction (`--plan-fraction`)."""
+    swap_hidden_fraction: Optional[float] = None
+    """The plans the bench makes use this instead of planner.policy.SWAP_HIDDEN_FRACTION (`--swap-hidden`), to
+    calibrate it."""
+    hand_policy: Optional[LayerPolicy] = None
+    """A `LayerPolicy` for every layer instead of the planner's plan (`--policy K/S/R[/host]`)."""
+    trace: bool = False
+    """Profile one extra step of the longtrain rows (`--trace`)."""
+    trace_dir: Optional[str] = None
+    """Where `--trace` keeps each traced step's Chrome trace (gzip), next to the report."""
 
 
 def layer_flops_per_token(job: JobConfig, causal_halved: bool) -> float:
@@ -101,11 +111,12 @@ def layer_flops_per_token(job: JobConfig, causal_halved: bool) -> float:
     return 3.0 * per_layer * job.model.num_layers
 
 
-def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int) -> BenchRow:
+def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int,
+             options: BenchOptions = BenchOptions()) -> BenchRow:
     """One row: median step time over `repeats` after one warm-up step; OOM and errors become the status."""
     row = BenchRow(mode, job.data.seq_len, "ok")
     try:
-        _measure(mode, job, profile, repeats, row)
+        _measure(mode, job, profile, repeats, row, options)
     except torch.cuda.OutOfMemoryError as error:
         row.status = "OOM"
         row.note = (row.note + "; " if row.note else "") + str(error).split(". GPU")[0][:120]
@@ -119,10 +130,11 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int) 
     return row
 
 
-def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, row: BenchRow) -> None:
+def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, row: BenchRow,
+             options: BenchOptions) -> None:
     torch.manual_seed(0)
     stack = LayerStack(job).cuda().to(torch.bfloat16)
-    step, host_bytes = _mode_step(mode, stack, job, profile, row)
+    step, host_bytes = _mode_step(mode, stack, job, profile, row, options)
     seq = job.data.seq_len
     x = torch.randn(1, seq, job.model.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cos, sin = rope_tables(torch.arange(seq, device="cuda"), job.model.head_dim, job.model.rope_theta,
@@ -147,18 +159,18 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     row.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
     row.alloc_retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before
     row.host_gib = host_bytes() / GIB
-    if TRACE and mode.startswith("longtrain"):
-        row.trace = _trace_one_step(step, x, cos, sin, grad)
+    if options.trace and mode.startswith("longtrain"):
+        row.trace = _trace_one_step(step, x, cos, sin, grad, options.trace_dir)
 
 
-def _trace_one_step(step, x, cos, sin, grad) -> str:
+def _trace_one_step(step, x, cos, sin, grad, trace_dir: Optional[str]) -> str:
     """The top device operations of one step, and whether its host copies hid under compute."""
     import tempfile
     from pathlib import Path
 
     from torch.profiler import ProfilerActivity, profile
 
-    from orchestrator.bench_trace import describe, load_events, timeline_summary
+    from launch.measure.trace import describe, load_events, timeline_summary
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
         step(x, cos, sin, grad)
@@ -168,78 +180,128 @@ def _trace_one_step(step, x, cos, sin, grad) -> str:
         path = Path(tmp) / "trace.json"
         trace.export_chrome_trace(str(path))
         timeline = describe(timeline_summary(load_events(path)))
-        if TRACE_DIR:
+        if trace_dir:
             import gzip
             import shutil
 
-            saved = Path(TRACE_DIR) / f"trace_{x.shape[1]}.json.gz"
+            saved = Path(trace_dir) / f"trace_{x.shape[1]}.json.gz"
             with path.open("rb") as source, gzip.open(saved, "wb") as target:
                 shutil.copyfileobj(source, target)
             timeline += f"\nChrome trace (open in Perfetto): {saved}"
     return table + "\n" + timeline
 
 
-def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow):
+@dataclass
+class _StepParts:
+    """How a mode runs the stack: the call around each layer, the context around the forward, and the host bytes
+    it holds (the defaults are plain autograd, store_all)."""
+
     wrap: Callable = lambda layer, x, cos, sin: layer(x, cos, sin)  # noqa: E731
     context: Callable = nullcontext
     host_bytes: Callable[[], float] = lambda: 0.0  # noqa: E731
-    if mode == "full_recompute":
-        from torch.utils.checkpoint import checkpoint
 
-        wrap = lambda layer, x, cos, sin: checkpoint(layer, x, cos, sin, use_reentrant=False)  # noqa: E731
-    elif mode == "deepspeed_cpu_ckpt":
-        wrap = deepspeed_layer_runner(job.model.num_layers, in_cpu=True)
-    elif mode == "save_on_cpu":
-        context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
-        host_bytes = _pinned_bytes
-    elif mode in COMPRESSION_MODES:
-        from spec.config.schema import CompressionConfig
-        from orchestrator.memory import compressed
 
-        settings = COMPRESSION_MODES[mode]
-        compressed.apply_config(stack, CompressionConfig(**settings), seed=0)
-        row.note = ", ".join(f"{key}={value}" for key, value in settings.items())
-    elif mode == "compressed_swap":
-        from spec.config.schema import CompressionConfig
-        from orchestrator.memory import compressed
-        from orchestrator.memory.tokenwise import LayerPolicy
+def _store_all(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
+               options: BenchOptions) -> _StepParts:
+    return _StepParts()
 
-        policy = HAND_POLICY or LayerPolicy(*SWAP_ALL)
-        runtime = apply_policies(stack, {i: policy for i in range(len(stack.layers))})
-        compressed.apply_config(stack, CompressionConfig(**COMPRESSION_MODES["compressed"]), seed=0)
-        host_bytes = lambda: runtime.pool.bytes  # noqa: E731
-        row.note = (f"compressed + keep/swap/recompute {policy.keep_fraction:.2f}/{policy.swap_fraction:.2f}/"
-                    f"{policy.recompute_fraction:.2f}")
-    elif mode == "token_elim":
-        from spec.config import TokenElimConfig
-        from orchestrator.memory import token_elim
 
-        settings = TokenElimConfig(**TOKEN_ELIM)
-        token_elim.apply_config(stack, settings)
-        row.note = f"keep ratio {settings.keep_ratio} in every layer, blocks of {settings.block_size} tokens"
-    elif mode in ("longtrain", "longtrain_no_arena", "longtrain_token_elim"):
-        from spec.config import TokenElimConfig
-        from orchestrator.memory import token_elim
+def _full_recompute(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
+                    options: BenchOptions) -> _StepParts:
+    from torch.utils.checkpoint import checkpoint
 
-        if mode == "longtrain_token_elim":
-            job.token_elim = TokenElimConfig(**TOKEN_ELIM)
-        runtime = _apply_longtrain_plan(stack, job, profile, row, use_arena=mode != "longtrain_no_arena")
-        if token_elim.apply_config(stack, job.token_elim):
-            row.note += f"; token_elim keep ratio {job.token_elim.keep_ratio} in every layer"
-        host_bytes = (lambda: runtime.pool.bytes) if runtime else host_bytes
+    return _StepParts(wrap=lambda layer, x, cos, sin: checkpoint(layer, x, cos, sin, use_reentrant=False))
+
+
+def _deepspeed_cpu_ckpt(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
+                        options: BenchOptions) -> _StepParts:
+    return _StepParts(wrap=deepspeed_layer_runner(job.model.num_layers, in_cpu=True))
+
+
+def _save_on_cpu(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
+                 options: BenchOptions) -> _StepParts:
+    return _StepParts(context=lambda: torch.autograd.graph.save_on_cpu(pin_memory=True), host_bytes=_pinned_bytes)
+
+
+def _compression(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow, options: BenchOptions,
+                 settings: Dict) -> _StepParts:
+    from spec.config.schema import CompressionConfig
+    from orchestrator.memory import compressed
+
+    compressed.apply_config(stack, CompressionConfig(**settings), seed=0)
+    row.note = ", ".join(f"{key}={value}" for key, value in settings.items())
+    return _StepParts()
+
+
+def _compressed_swap(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
+                     options: BenchOptions) -> _StepParts:
+    from spec.config.schema import CompressionConfig
+    from orchestrator.memory import compressed
+
+    policy = options.hand_policy or LayerPolicy(*SWAP_ALL)
+    runtime = apply_policies(stack, {i: policy for i in range(len(stack.layers))})
+    compressed.apply_config(stack, CompressionConfig(**COMPRESSION_MODES["compressed"]), seed=0)
+    row.note = (f"compressed + keep/swap/recompute {policy.keep_fraction:.2f}/{policy.swap_fraction:.2f}/"
+                f"{policy.recompute_fraction:.2f}")
+    return _StepParts(host_bytes=lambda: runtime.pool.bytes)
+
+
+def _token_elim(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
+                options: BenchOptions) -> _StepParts:
+    from spec.config import TokenElimConfig
+    from orchestrator.memory import token_elim
+
+    settings = TokenElimConfig(**TOKEN_ELIM)
+    token_elim.apply_config(stack, settings)
+    row.note = f"keep ratio {settings.keep_ratio} in every layer, blocks of {settings.block_size} tokens"
+    return _StepParts()
+
+
+def _longtrain(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow, options: BenchOptions,
+               use_arena: bool, with_token_elim: bool) -> _StepParts:
+    from spec.config import TokenElimConfig
+    from orchestrator.memory import token_elim
+
+    if with_token_elim:
+        job.token_elim = TokenElimConfig(**TOKEN_ELIM)
+    runtime = _apply_longtrain_plan(stack, job, profile, row, use_arena, options)
+    if token_elim.apply_config(stack, job.token_elim):
+        row.note += f"; token_elim keep ratio {job.token_elim.keep_ratio} in every layer"
+    return _StepParts(host_bytes=lambda: runtime.pool.bytes) if runtime else _StepParts()
+
+
+MODE_PARTS: Dict[str, Callable[..., _StepParts]] = {
+    "store_all": _store_all,
+    "full_recompute": _full_recompute,
+    "deepspeed_cpu_ckpt": _deepspeed_cpu_ckpt,
+    "save_on_cpu": _save_on_cpu,
+    "longtrain": partial(_longtrain, use_arena=True, with_token_elim=False),
+    "longtrain_no_arena": partial(_longtrain, use_arena=False, with_token_elim=False),
+    **{mode: partial(_compression, settings=settings) for mode, settings in COMPRESSION_MODES.items()},
+    "compressed_swap": _compressed_swap,
+    "token_elim": _token_elim,
+    "longtrain_token_elim": partial(_longtrain, use_arena=True, with_token_elim=True),
+}
+"""Each mode's setup of the stack: (stack, job, profile, row, options) -> how its step runs."""
+MODES = tuple(MODE_PARTS)
+
+
+def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
+               options: BenchOptions):
+    parts = MODE_PARTS[mode](stack, job, profile, row, options)
 
     def step(x, cos, sin, grad):
-        with context():
+        with parts.context():
             out = x
             for layer in stack.layers:
-                out = wrap(layer, out, cos, sin)
+                out = parts.wrap(layer, out, cos, sin)
         row.after_forward_gib = max(row.after_forward_gib, torch.cuda.memory_allocated() / GIB)
         out.backward(grad)
         x.grad = None
         for p in stack.parameters():
             p.grad = None
 
-    return step, host_bytes
+    return step, parts.host_bytes
 
 
 def _pinned_bytes() -> float:
@@ -247,33 +309,24 @@ def _pinned_bytes() -> float:
     return float(stats.get("allocated_bytes.all.peak", stats.get("allocated_bytes.all.current", 0)))
 
 
-SWAP_HIDDEN_FRACTION = None
-"""The plans the bench makes use this instead of planner.policy.SWAP_HIDDEN_FRACTION (`--swap-hidden`), to calibrate it."""
-HAND_POLICY = None
-"""A `LayerPolicy` for every layer instead of the planner's plan (`longtrain bench --policy K/S/R[/host]`)."""
-
-PLAN_FRACTION = None
-"""Overrides the plan's GPU budget fraction (`longtrain bench --plan-fraction`)."""
-
-
 def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
-                          use_arena: bool):
+                          use_arena: bool, options: BenchOptions):
     """Plan this shape for this GPU; the stack has no optimizer, so the plan's budget gets the optimizer's share
     back (the baselines use the whole GPU too)."""
     from orchestrator.trainer import plan_arena, plan_policies
     from planner.cost_model import CostModel
 
-    if HAND_POLICY is not None:
-        row.note = (f"hand policy keep/swap/recompute/skeletal-host: {HAND_POLICY.keep_fraction:.2f}/"
-                    f"{HAND_POLICY.swap_fraction:.2f}/{HAND_POLICY.recompute_fraction:.2f}/"
-                    f"{HAND_POLICY.offload_skeletal}")
-        return apply_policies(stack, {i: HAND_POLICY for i in range(len(stack.layers))})
+    hand = options.hand_policy
+    if hand is not None:
+        row.note = (f"hand policy keep/swap/recompute/skeletal-host: {hand.keep_fraction:.2f}/"
+                    f"{hand.swap_fraction:.2f}/{hand.recompute_fraction:.2f}/{hand.offload_skeletal}")
+        return apply_policies(stack, {i: hand for i in range(len(stack.layers))})
     cost = CostModel(job, profile)
     static = cost.static_memory(0)
     device_bytes = profile.device_memory_gib * GIB
-    job.plan.gpu_memory_fraction = PLAN_FRACTION or min(
+    job.plan.gpu_memory_fraction = options.plan_fraction or min(
         0.95, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
-    outcome = make_plan(job, profile, SWAP_HIDDEN_FRACTION)
+    outcome = make_plan(job, profile, options.swap_hidden_fraction)
     plan = outcome.plan
     groups = {(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"], d["offload_skeletal"])
               for d in plan.layers}
@@ -299,7 +352,8 @@ def longest_trained(rows: List[Dict]) -> Dict[str, int]:
 
 
 def run_bench(num_layers: int, seq_lens: List[int], modes: List[str], profile: HardwareProfile, repeats: int,
-              preset: str = "llama-7b", on_row: Optional[Callable[[BenchRow], None]] = None) -> List[Dict]:
+              preset: str = "llama-7b", on_row: Optional[Callable[[BenchRow], None]] = None,
+              options: BenchOptions = BenchOptions()) -> List[Dict]:
     """Every (sequence length, mode) row; a mode that ran out of memory is not retried at longer sequences."""
     rows, out_of_memory = [], set()
     for seq_len in sorted(seq_lens):
@@ -311,7 +365,7 @@ def run_bench(num_layers: int, seq_lens: List[int], modes: List[str], profile: H
                 row = BenchRow(mode, seq_len, "skipped", note=f"needs ~{_pinned_need_bytes(job) / GIB:.0f} GiB "
                                f"of pinned host memory, over {HOST_SHARE:.0%} of this host's")
             else:
-                row = run_mode(mode, job, profile, repeats)
+                row = run_mode(mode, job, profile, repeats, options)
             if row.status == "OOM":
                 out_of_memory.add(mode)
             rows.append(asdict(row))
