@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from spec.config import load_job_config
-from spec.config.loader import REPO_ROOT
+from spec.resources import SOURCE_ROOT
 from spec.errors import LongtrainError
 
 UPLOAD_EXCLUDES = [".git", ".gpu-bundle", ".whl", "runs", "plans", "*.egg-info", "__pycache__"]
@@ -58,7 +58,7 @@ def submit(config_path: Optional[str], overrides: Sequence[str], address: str) -
     entrypoint = " ".join(["python", "-m", "launch.cli", "train", *map(shlex.quote, arguments),
                            "cluster.address=auto"])
     job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES})
+                               runtime_env={"working_dir": str(SOURCE_ROOT), "excludes": UPLOAD_EXCLUDES})
     print(f"submitted {job_id} to {address}\n"
           f"  status: longtrain status {job_id} --address {address}\n"
           f"  logs:   longtrain logs {job_id} --address {address} --follow\n"

@@ -8,7 +8,7 @@ import copy
 from typing import Any, Dict
 
 from spec.config import ClusterConfig, JobConfig
-from planner.cost_model import ZERO_BUCKET_ELEMENTS
+from spec.activations import ZERO_BUCKET_ELEMENTS
 
 
 def uses_cuda(cluster: ClusterConfig) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from planner.cost_model import LOSS_CHUNK_TOKENS  # the planner budgets one chunk's logits in the arena
+from spec.activations import LOSS_CHUNK_TOKENS  # the planner budgets one chunk's logits in the arena
 
 IGNORE_INDEX = -100
 

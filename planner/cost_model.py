@@ -19,7 +19,8 @@ from spec.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
 from spec.flops import (attention_forward_flops_per_token, attention_projection_params, layer_matmul_params,
                            parameter_count, training_flops_per_token)
 from spec.hardware import HardwareProfile
-from spec.activations import kept_blocks
+from spec.activations import (LOSS_CHUNK_TOKENS, ZERO_BUCKET_ELEMENTS, SavedTensor, compressed_saved_tensors,
+                              kept_blocks, layer_saved_tensors, sparse_saved_tensors)
 
 DEFAULT_MATMUL_EFFICIENCY = 0.75
 """Achieved / peak matmul rate assumed when a profile has no measurement (H100 measured 743/989 = 0.75)."""
@@ -27,95 +28,14 @@ DEFAULT_ATTENTION_EFFICIENCY = 0.55
 DEFAULT_LAYER_OVERHEAD = 1.2
 """Layer time / (matmul time + attention time): norms, RoPE, SwiGLU and copies are memory-bound extras."""
 BACKWARD_TO_FORWARD = 2.0
-LOSS_CHUNK_TOKENS = 8192
-"""Tokens per LM-head + cross-entropy segment (the full tokens x vocab logits never exist)."""
-ZERO_BUCKET_ELEMENTS = int(2e8)
-"""DeepSpeed reduce / all-gather bucket size (elements); `orchestrator.ds_config` sets the same value."""
 CUDA_WORKSPACE_BYTES = 1.5 * 2**30
 """cuBLAS / flash workspaces and NCCL buffers the caching allocator holds besides tensors."""
-
-
-@dataclass(frozen=True)
-class SavedTensor:
-    name: str
-    bytes_per_token: float
-    """Per token of the layer's sequence (a sparse layer's attention tensors: averaged over all its tokens)."""
-    skeletal: bool
-    share: float = 1.0
-    """Share of the layer's tokens the tensor has rows for (a sparse layer's attention tensors: the kept ones);
-    the runtime splits each tensor's own rows into kept / swapped / recomputed ranges."""
-
-
-def layer_saved_tensors(model: ModelConfig, bytes_per_element: int) -> List[SavedTensor]:
-    """What one decoder layer saves for backward, per token on this GPU (Ulysses keeps per-GPU bytes equal)."""
-    h, kv, inter = model.hidden_size, model.num_kv_heads * model.head_dim, model.intermediate_size
-    e = bytes_per_element
-    skeletal = [("layer_input", h * e), ("attn_out", h * e), ("attn_lse", model.num_heads * 4)]
-    # The output projection's input is a view of attn_out (SDPA writes B,S,H,D), so it costs nothing extra.
-    token_wise = [("attn_norm_out", h * e), ("q", h * e), ("k", kv * e), ("v", kv * e), ("attn_residual", h * e),
-                  ("mlp_norm_out", h * e), ("gate", inter * e), ("up", inter * e),
-                  ("silu_gate", inter * e), ("gated", inter * e)]
-    return ([SavedTensor(n, b, True) for n, b in skeletal] + [SavedTensor(n, b, False) for n, b in token_wise])
-
-
-SAMPLED_ROW_BYTES = 12
-"""Per token row a WTA-CRS sample keeps: its int64 index and fp32 importance weight."""
-
-
-def compressed_saved_tensors(model: ModelConfig, bytes_per_element: int, compression) -> List[SavedTensor]:
-    """`layer_saved_tensors` for a layer under the job's `compression` section, as orchestrator/memory/compressed.py
-    stores them (tests/test_compression.py checks the sums against saved-tensor hooks); per-group scales (64 B a
-    tensor) are left out. The int8/int4 forms are also what a swap of these roles would move over PCIe."""
-    h, inter, e = model.hidden_size, model.intermediate_size, bytes_per_element
-    linear = 1 if compression.linear_inputs == "int8" else e
-    keep = compression.wta_crs_keep_ratio
-    row_extra = SAMPLED_ROW_BYTES if keep < 1 else 0
-    norm = 1 if compression.norm_inputs == "int8" else e
-    silu = compression.silu
-    changed = {"layer_input": h * norm, "attn_residual": h * norm,
-               "attn_norm_out": keep * (h * linear + row_extra), "mlp_norm_out": keep * (h * linear + row_extra),
-               "gated": keep * (inter * linear + row_extra),
-               "gate": inter * {"none": e, "int8": 1, "int4": 0.5}[silu],
-               "up": inter * (e if silu == "none" else linear), "silu_gate": inter * e if silu == "none" else 0}
-    return [SavedTensor(t.name, changed.get(t.name, t.bytes_per_token), t.skeletal)
-            for t in layer_saved_tensors(model, bytes_per_element)]
 
 
 PLANNER_COMPRESSION = CompressionConfig(linear_inputs="int8", silu="int8")
 """What the planner may give a layer when exact techniques do not fit (plan.allow_approximate): Mesa int8 on the
 linears' inputs and the SwiGLU gate: one code path for both, the cheapest backward (S2A int4 and WTA-CRS@0.7 also
 stay within 2% on the corpus loss test; a job asks for them in its compression section)."""
-SPEC_KEYS = ("linear_inputs", "norm_inputs", "silu", "wta_crs_keep_ratio", "range_decay", "range_groups")
-
-
-def compression_spec(settings) -> str:
-    """A compression section's settings as the plan file records them per layer: 'key=value ...' (all keys)."""
-    return " ".join(f"{key}={getattr(settings, key)}" for key in SPEC_KEYS)
-
-
-def parse_compression_spec(spec: str) -> CompressionConfig:
-    """The inverse of `compression_spec` (layers: all; the plan says which layers get it)."""
-    fields = dict(item.split("=", 1) for item in spec.split())
-    types = {"wta_crs_keep_ratio": float, "range_decay": float, "range_groups": int}
-    return CompressionConfig(**{key: types.get(key, str)(value) for key, value in fields.items()})
-
-
-ATTENTION_BLOCK = ("attn_out", "attn_lse", "attn_norm_out", "q", "k", "v")
-"""The saved tensors a token-eliminated layer makes for its kept rows only (`orchestrator.memory.token_elim`)."""
-
-
-def sparse_saved_tensors(tensors: List[SavedTensor], model: ModelConfig, bytes_per_element: int,
-                         keep_share: float) -> List[SavedTensor]:
-    """A token-eliminated layer's inventory under the token-wise runtime: the attention block's tensors cover the
-    kept share of the tokens, the layer input (which recomputation needs) and the MLP half every token; the kept
-    rows' int64 index and their gathered cos/sin rows are kept whole (skeletal). Without a split the layer saves
-    its gathered input rows instead of the full input (less by (1 - share) x the input): counted as the split's."""
-    scaled = [SavedTensor(t.name, t.bytes_per_token * keep_share, t.skeletal, keep_share)
-              if t.name in ATTENTION_BLOCK else t for t in tensors]
-    index_and_rope = keep_share * (8 + 2 * model.head_dim * bytes_per_element)
-    return scaled + [SavedTensor("kept_index_rope", index_and_rope, True, keep_share)]
-
-
 @dataclass
 class LayerCost:
     """One layer on one GPU for one micro-batch: seconds and bytes."""

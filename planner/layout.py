@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Sequence
 
 import pulp
 
+from spec.plan import ALIGN_BYTES, align
 from planner.solver import make_solver, solve_quietly, solver_name, status_name
 
-ALIGN_BYTES = 512
 MAX_MIP_PAIRS = 4000
 """Beyond this many overlapping pairs the MIP is not attempted (the greedy result is kept and reported)."""
 
@@ -54,10 +54,6 @@ class LayoutResult:
     @property
     def greedy_ratio(self) -> float:
         return self.greedy_arena_bytes / max(self.lower_bound_bytes, 1)
-
-
-def align(size: float) -> int:
-    return int(-(-int(size) // ALIGN_BYTES) * ALIGN_BYTES)
 
 
 def lower_bound(buffers: Sequence[Buffer]) -> int:

@@ -12,11 +12,10 @@ from typing import Callable, List, Optional, Tuple
 
 from spec.config import TOKEN_BLOCK, JobConfig
 from spec.errors import LongtrainError
-from planner.cost_model import (CostModel, calibrated_peak_bytes, compression_spec, largest_layer,
-                                 parse_compression_spec)
+from planner.cost_model import CostModel, calibrated_peak_bytes, largest_layer
 from spec.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
-from spec.plan import Plan, hash_inputs
+from spec.plan import Plan, hash_inputs, parse_compression_spec, plan_inputs
 from planner.policy import GIB, SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, policy_inputs, solve_policy
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 from spec.activations import FRACTION_DECIMALS
@@ -36,33 +35,6 @@ class PlanOutcome:
     seconds: float
 
 
-def plan_inputs(job: JobConfig, profile: HardwareProfile, precision: str) -> dict:
-    """What a plan depends on; the runtime compares these (via their hash) before executing a plan. An active
-    compression section is one of them (the plan counts its layers' bytes); absent otherwise, so plans made
-    before it existed keep their hash."""
-    m = job.model
-    return {"model": {k: getattr(m, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                                                 "num_kv_heads", "intermediate_size", "tie_embeddings")},
-            "seq_len": job.data.seq_len, "micro_batch_size": job.data.micro_batch_size,
-            "grad_accum_steps": job.train.grad_accum_steps, "world_size": job.cluster.num_workers,
-            "sp_degree": job.parallel.sp_degree, "zero_stage": job.train.zero_stage, "precision": precision,
-            "profile": profile.name, "gpu_memory_fraction": job.plan.gpu_memory_fraction,
-            "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate,
-            **({"compression": compression_spec(job.compression)
-                + f" layers={job.compression.layer_indices(m.num_layers)}"} if job.compression.is_active else {}),
-            **_token_elim_inputs(job)}
-
-
-def _token_elim_inputs(job: JobConfig) -> dict:
-    """Token elimination changes each sparse layer's bytes and times: its layers and keep ratio are plan inputs
-    (absent when it is off, so plans made before it keep their hash)."""
-    elim = job.token_elim
-    if not elim.enabled:
-        return {}
-    return {"token_elim": {"keep_ratios": elim.keep_ratios(job.model.num_layers), "block_size": elim.block_size,
-                           "predictors": bool(elim.predictors)}}
-
-
 def training_precision(profile: HardwareProfile) -> str:
     return "bf16" if profile.device_kind == "cuda" else "fp32"
 
@@ -76,8 +48,8 @@ def make_plan(job: JobConfig, profile: HardwareProfile,
         raise PlanInfeasible(explain_infeasible(job, profile, solved[2]))
     cost, policy, inputs, block = solved
     _round_fractions(policy)
-    decisions = [vars(d) for d in policy.decisions]
-    factors = [inputs.int8_factor if d.compression == "quant_int8" else 1.0 for d in policy.decisions]
+    decisions = policy.decisions
+    factors = [inputs.int8_factor if d.swap_codec == "int8" else 1.0 for d in policy.decisions]
     plain = cost.layers()
     compact = cost.compressed_layers(parse_compression_spec(inputs.compression_spec)) \
         if inputs.compression_spec != "none" else plain
@@ -152,7 +124,7 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
                        "offset_bytes": b.offset_bytes, "start": b.start, "end": b.end}
     return Plan(
         inputs=inputs, inputs_hash=hash_inputs(inputs),
-        layers=[vars(d) for d in policy.decisions],
+        layers=list(policy.decisions),
         layout=[entry(b) for b in step.buffers], layer_block_layout=[entry(b) for b in block.buffers],
         arena_bytes=step.arena_bytes, lower_bound_bytes=step.lower_bound_bytes,
         layer_block={"arena_bytes": block.arena_bytes, "lower_bound_bytes": block.lower_bound_bytes,

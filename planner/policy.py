@@ -25,9 +25,10 @@ from typing import Dict, List, Tuple
 
 import pulp
 
-from planner.cost_model import PLANNER_COMPRESSION, CostModel, LayerCost, compression_spec
+from planner.cost_model import PLANNER_COMPRESSION, CostModel, LayerCost
 from planner.layout import LayoutResult, solve_layout
 from planner.schedule import layer_block_buffers
+from spec.plan import LayerPlan, compression_spec
 from planner.solver import make_solver, solve_quietly, solver_name, status_name
 
 GIB = 2**30
@@ -52,29 +53,12 @@ SMOOTHING_SECONDS = 1e-6
 
 
 @dataclass
-class LayerDecision:
-    layer: int
-    keep_fraction: float
-    swap_fraction: float
-    recompute_fraction: float
-    offload_skeletal: bool
-    compression: str
-    """none or quant_int8 (the swapped share is stored as int8; approximate)."""
-    activation_compression: str = "none"
-    """none, or the compressed layer's settings (`planner.cost_model.compression_spec`; approximate)."""
-
-    def key(self) -> tuple:
-        return (round(self.keep_fraction, 3), round(self.swap_fraction, 3), round(self.recompute_fraction, 3),
-                self.offload_skeletal, self.compression, self.activation_compression)
-
-
-@dataclass
 class PolicyResult:
     feasible: bool
     status: str
     solver: str
     solve_seconds: float
-    decisions: List[LayerDecision] = field(default_factory=list)
+    decisions: List[LayerPlan] = field(default_factory=list)
     micro_batch_seconds: float = 0.0
     peak_gpu_bytes: float = 0.0
     host_bytes: float = 0.0
@@ -111,7 +95,7 @@ class PolicyInputs:
     """Each layer's working set, plain and compressed (restored activations compact); empty when no layer may be
     compressed: then every layer needs `block_bytes`, the largest layer's."""
     compression_spec: str = "none"
-    """The settings a compressed layer gets (`planner.cost_model.compression_spec`), recorded in its decision."""
+    """The settings a compressed layer gets (`spec.plan.compression_spec`), recorded in its decision."""
     swap_hidden_fraction: float = SWAP_HIDDEN_FRACTION
     """Share of the neighbouring layer's compute a host copy may hide behind (`longtrain bench --swap-hidden`)."""
     sparse: Tuple[bool, ...] = ()
@@ -277,14 +261,14 @@ def _has_values(v: Dict) -> bool:
 def _fill(result: PolicyResult, p: PolicyInputs, v: Dict, spec: str) -> None:
     value = lambda x: max(0.0, float(x.value() or 0.0))  # noqa: E731 (solver noise below zero)
     for i in range(p.num_layers):
-        result.decisions.append(LayerDecision(
+        result.decisions.append(LayerPlan(
             layer=i, keep_fraction=value(v["keep"][i]), swap_fraction=value(v["swap"][i]),
             recompute_fraction=value(v["recompute"][i]), offload_skeletal=value(v["offload"][i]) > 0.5,
-            compression="quant_int8" if value(v["int8"][i]) > 0.5 and value(v["swap"][i]) > 0 else "none",
+            swap_codec="int8" if value(v["int8"][i]) > 0.5 and value(v["swap"][i]) > 0 else "none",
             activation_compression=spec if value(v["comp"][i]) > 0.5 else "none"))
     token_wise = [p.compressed_token_wise_bytes[i] if d.activation_compression != "none" else p.token_wise_bytes[i]
                   for i, d in enumerate(result.decisions)]
-    moved = [t * d.swap_fraction * (p.int8_factor if d.compression == "quant_int8" else 1.0)
+    moved = [t * d.swap_fraction * (p.int8_factor if d.swap_codec == "int8" else 1.0)
              + p.skeletal_bytes[i] * d.offload_skeletal for i, (t, d) in enumerate(zip(token_wise, result.decisions))]
     extra = sum(p.recompute_seconds[i] * d.recompute_fraction
                 + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes[i] * (d.activation_compression != "none")

@@ -5,15 +5,15 @@ from itertools import groupby
 from pathlib import Path
 from typing import List
 
-from spec.plan import Plan
+from spec.plan import LayerPlan, Plan
 
 GIB = 2**30
 
 
-def layer_groups(layers: List[dict]) -> List[tuple]:
+def layer_groups(layers: List[LayerPlan]) -> List[tuple]:
     """(first, last, decision) for runs of consecutive layers with the same decision."""
-    key = lambda d: (d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"],  # noqa: E731
-                     d["offload_skeletal"], d["compression"], d.get("activation_compression", "none"))
+    key = lambda d: (d.keep_fraction, d.swap_fraction, d.recompute_fraction,  # noqa: E731
+                     d.offload_skeletal, d.swap_codec, d.activation_compression)
     groups, index = [], 0
     for _, run in groupby(layers, key=key):
         run = list(run)
@@ -22,10 +22,10 @@ def layer_groups(layers: List[dict]) -> List[tuple]:
     return groups
 
 
-def _compression(decision: dict) -> str:
+def _compression(decision: LayerPlan) -> str:
     """The swap's int8 and the layer's compact activations, in the settings' own words (approximate)."""
-    parts = [] if decision["compression"] == "none" else [f"swap {decision['compression']}"]
-    spec = decision.get("activation_compression", "none")
+    parts = [] if decision.swap_codec == "none" else [f"swap {decision.swap_codec}"]
+    spec = decision.activation_compression
     if spec != "none":
         defaults = {"linear_inputs": "none", "norm_inputs": "none", "silu": "none", "wta_crs_keep_ratio": "1.0"}
         chosen = [item for item in spec.split() if item.split("=")[0] in defaults
@@ -41,8 +41,8 @@ def plan_summary(plan: Plan, plan_path: Path, png_path: Path, seconds: float) ->
              f"(sp_degree {inputs['sp_degree']}, ZeRO-{inputs['zero_stage']}, {inputs['precision']})",
              "  layers      keep   swap   recompute   skeletal    compression"]
     for first, last, d in layer_groups(plan.layers):
-        lines.append(f"  {first:>3}-{last:<3}   {d['keep_fraction']:>5.2f}  {d['swap_fraction']:>5.2f}   "
-                     f"{d['recompute_fraction']:>7.2f}     {'host' if d['offload_skeletal'] else 'gpu':<8}    "
+        lines.append(f"  {first:>3}-{last:<3}   {d.keep_fraction:>5.2f}  {d.swap_fraction:>5.2f}   "
+                     f"{d.recompute_fraction:>7.2f}     {'host' if d.offload_skeletal else 'gpu':<8}    "
                      f"{_compression(d)}")
     static = p["static_gib"]
     lines += [

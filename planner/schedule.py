@@ -10,8 +10,9 @@ the swap staging buffers, and the head's buffers.
 from typing import Dict, List, Sequence
 
 from planner.cost_model import LayerCost
-from planner.layout import Buffer, align
-from spec.activations import token_ranges
+from planner.layout import Buffer
+from spec.plan import LayerPlan, align
+from spec.activations import TOKEN_WISE, token_ranges
 
 # Level-1 events: forward ops 0..7, then swap-out / drop at 8, backward ops 8..17 (end exclusive).
 _FORWARD_END = 8
@@ -31,7 +32,6 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
     ("grad_q_accum_fp32", 15, 16),  # the flash backward accumulates dq in fp32
     ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
 ]
-_TOKEN_WISE = {"attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate", "gated"}
 _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
                  "grad_layer_input"}
 
@@ -51,21 +51,21 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
     hidden_bytes = attn_out.bytes_per_token / attn_out.share  # every token (a sparse layer scatters its rows back)
     buffers = []
     for name, start, end in _LEVEL1:
-        if plain and (name in _TOKEN_WISE or name.endswith("@bwd")):
+        if plain and (name in TOKEN_WISE or name.endswith("@bwd")):
             continue
         base = name.split("@")[0].removeprefix("grad_")
         if name == "grad_q_accum_fp32":
             size = per_token["q"] * 4 / layer.element_bytes
         else:
             size = hidden_bytes if name in _HIDDEN_SIZED else (
-                activation[base] if name in _TOKEN_WISE or name.endswith("@bwd") else per_token[base])
+                activation[base] if name in TOKEN_WISE or name.endswith("@bwd") else per_token[base])
         buffers.append(Buffer(name=name, layer=-1, size_bytes=align(size * layer.tokens), start=start, end=end))
     return buffers
 
 
-def keeps_everything(decisions: Sequence[Dict]) -> bool:
+def keeps_everything(decisions: Sequence[LayerPlan]) -> bool:
     """Every layer plain (all tokens kept on the device): the level-1 block is `layer_block_buffers(plain=True)`."""
-    return all(d["keep_fraction"] >= 1 and not d["offload_skeletal"] for d in decisions)
+    return all(d.is_plain for d in decisions)
 
 
 def kept_token_wise_bytes(layer: LayerCost, swap_fraction: float, recompute_fraction: float) -> int:
@@ -83,7 +83,7 @@ def kept_token_wise_bytes(layer: LayerCost, swap_fraction: float, recompute_frac
     return total
 
 
-def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[Dict], block_bytes: int, head_bytes: float,
+def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[LayerPlan], block_bytes: int, head_bytes: float,
                  compression_factor: Sequence[float]) -> List[Buffer]:
     """Level 2: buffers across the whole step, given each layer's cost (a compressed layer has smaller token-wise
     tensors, a token-eliminated one smaller attention tensors) and decision (keep, swap, offload_skeletal)."""
@@ -93,13 +93,13 @@ def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[Dict], block_b
                Buffer("head_and_loss", -1, align(head_bytes), num_layers, num_layers + 1)]
     for i, (layer, decision) in enumerate(zip(layers, decisions)):
         forward, backward = i, 2 * num_layers - i
-        _, swapped_tokens, _ = token_ranges(decision["swap_fraction"], decision["recompute_fraction"],
+        _, swapped_tokens, _ = token_ranges(decision.swap_fraction, decision.recompute_fraction,
                                             layer.tokens // layer.sequences)
         swapped = align(swapped_tokens / (layer.tokens // layer.sequences) * layer.token_wise_bytes
                         * compression_factor[i])
-        kept = kept_token_wise_bytes(layer, decision["swap_fraction"], decision["recompute_fraction"])
+        kept = kept_token_wise_bytes(layer, decision.swap_fraction, decision.recompute_fraction)
         skeletal = align(layer.skeletal_bytes)
-        if decision["offload_skeletal"]:
+        if decision.offload_skeletal:
             buffers += [Buffer("skeletal_out", i, skeletal, forward, forward + 2),
                         Buffer("skeletal_in", i, skeletal, backward - 1, backward + 1)]
         else:

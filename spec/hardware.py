@@ -11,8 +11,8 @@ from typing import Dict, Optional, Union
 import yaml
 
 from spec.errors import ProfileError
+from spec.resources import HARDWARE_PROFILES_DIR as PROFILES_DIR
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles" / "hardware"
 GPU_NAME_TO_PROFILE = (("H200", "h200"), ("H100", "h100_sxm"), ("A800", "a800"), ("A100", "a100_80g"))
 
 

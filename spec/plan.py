@@ -2,21 +2,36 @@
 
 Why a hash of the inputs: the runtime never re-plans. A plan made for another model shape, sequence length,
 world size, ZeRO stage or profile must be refused with a message saying how to re-plan, so the plan carries
-its inputs and a hash of them.
+its inputs (`plan_inputs`, computed the same way by the planner and the runtime) and a hash of them.
+
+Why typed layers: each layer's decision is a `LayerPlan` record, loaded and validated once through an OmegaConf
+structured schema, so a malformed plan fails at load naming the key, and no reader spells dict keys.
+
+Versions: 2 names the swap's codec `swap_codec: none|int8` (version 1 called it `compression: quant_int8`, a name
+that also meant Mesa elsewhere); version-1 files are migrated on load (their inputs hash is unchanged).
 """
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from spec.activations import token_ranges
+from spec.config.schema import CompressionConfig, JobConfig
 from spec.errors import LongtrainError
 
 PLAN_FORMAT = "longtrain-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+SWAP_CODECS = ("none", "int8")
+ALIGN_BYTES = 512
+"""Every buffer of a layout starts at a multiple of this (the planner's offsets and the runtime's arena)."""
+COMPRESSION_SPEC_KEYS = ("linear_inputs", "norm_inputs", "silu", "wta_crs_keep_ratio", "range_decay",
+                         "range_groups")
 
 
 class PlanError(LongtrainError):
@@ -24,10 +39,40 @@ class PlanError(LongtrainError):
 
 
 @dataclass
+class LayerPlan:
+    """One layer's decision: how its token-wise activations are kept, swapped and recomputed, and compressed."""
+
+    layer: int
+    keep_fraction: float = 1.0
+    swap_fraction: float = 0.0
+    recompute_fraction: float = 0.0
+    offload_skeletal: bool = False
+    """The layer's skeletal tensors go to host memory too (prefetched one layer ahead in backward)."""
+    swap_codec: str = "none"
+    """none, or int8: the swapped share crosses PCIe as int8 (approximate)."""
+    activation_compression: str = "none"
+    """none, or the compressed layer's settings (`compression_spec`; approximate)."""
+
+    @property
+    def is_plain(self) -> bool:
+        """Everything kept on the GPU: the layer runs without the token-wise runtime."""
+        return self.keep_fraction >= 1.0 and not self.offload_skeletal
+
+    def token_ranges(self, seq_len: int) -> Tuple[int, int, int]:
+        """(kept, swapped, recomputed) token counts, exactly as the planner counts them."""
+        return token_ranges(self.swap_fraction, self.recompute_fraction, seq_len)
+
+    def key(self) -> tuple:
+        """What makes two layers' decisions the same (fractions to 3 decimals)."""
+        return (round(self.keep_fraction, 3), round(self.swap_fraction, 3), round(self.recompute_fraction, 3),
+                self.offload_skeletal, self.swap_codec, self.activation_compression)
+
+
+@dataclass
 class Plan:
     inputs: Dict[str, Any]
     inputs_hash: str
-    layers: List[Dict[str, Any]]
+    layers: List[LayerPlan]
     layout: List[Dict[str, Any]]
     layer_block_layout: List[Dict[str, Any]]
     arena_bytes: int
@@ -48,6 +93,49 @@ class Plan:
         return {**head, **data}
 
 
+def align(size: float) -> int:
+    return int(-(-int(size) // ALIGN_BYTES) * ALIGN_BYTES)
+
+
+def compression_spec(settings) -> str:
+    """A compression section's settings as the plan file records them per layer: 'key=value ...' (all keys)."""
+    return " ".join(f"{key}={getattr(settings, key)}" for key in COMPRESSION_SPEC_KEYS)
+
+
+def parse_compression_spec(spec: str) -> CompressionConfig:
+    """The inverse of `compression_spec` (layers: all; the plan says which layers get it)."""
+    fields = dict(item.split("=", 1) for item in spec.split())
+    types = {"wta_crs_keep_ratio": float, "range_decay": float, "range_groups": int}
+    return CompressionConfig(**{key: types.get(key, str)(value) for key, value in fields.items()})
+
+
+def plan_inputs(job: JobConfig, profile, precision: str) -> dict:
+    """What a plan depends on; the runtime compares these (via their hash) before executing a plan. An active
+    compression section is one of them (the plan counts its layers' bytes); absent otherwise, so plans made
+    before it existed keep their hash."""
+    m = job.model
+    return {"model": {k: getattr(m, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                                 "num_kv_heads", "intermediate_size", "tie_embeddings")},
+            "seq_len": job.data.seq_len, "micro_batch_size": job.data.micro_batch_size,
+            "grad_accum_steps": job.train.grad_accum_steps, "world_size": job.cluster.num_workers,
+            "sp_degree": job.parallel.sp_degree, "zero_stage": job.train.zero_stage, "precision": precision,
+            "profile": profile.name, "gpu_memory_fraction": job.plan.gpu_memory_fraction,
+            "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate,
+            **({"compression": compression_spec(job.compression)
+                + f" layers={job.compression.layer_indices(m.num_layers)}"} if job.compression.is_active else {}),
+            **_token_elim_inputs(job)}
+
+
+def _token_elim_inputs(job: JobConfig) -> dict:
+    """Token elimination changes each sparse layer's bytes and times: its layers and keep ratio are plan inputs
+    (absent when it is off, so plans made before it keep their hash)."""
+    elim = job.token_elim
+    if not elim.enabled:
+        return {}
+    return {"token_elim": {"keep_ratios": elim.keep_ratios(job.model.num_layers), "block_size": elim.block_size,
+                           "predictors": bool(elim.predictors)}}
+
+
 def hash_inputs(inputs: Dict[str, Any]) -> str:
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -61,20 +149,60 @@ def save_plan(plan: Plan, path: Path) -> None:
 
 
 def load_plan(path: Path) -> Plan:
+    """The plan file at `path`, migrated to this version and validated (types, codecs, its own hash)."""
     if not Path(path).is_file():
         raise PlanError(f"plan file {path} not found; make one with `longtrain plan CONFIG --out {path}`")
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
-        raise PlanError(f"plan file {path} is format {data.get('format')!r} version {data.get('version')!r}, "
-                        f"expected {PLAN_FORMAT!r} version {PLAN_VERSION}; re-plan with `longtrain plan`")
+    data = _migrated(yaml.safe_load(Path(path).read_text()) or {}, path)
     try:
-        plan = Plan(**data)
-    except TypeError as error:
-        raise PlanError(f"plan file {path} is malformed ({error}); re-plan with `longtrain plan`") from error
+        plan = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Plan), data))
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "plan"
+        raise PlanError(f"plan file {path} is malformed at {key} ({str(error).splitlines()[0]}); re-plan with "
+                        "`longtrain plan`") from error
+    _check_layers(plan, path)
     if hash_inputs(plan.inputs) != plan.inputs_hash:
         raise PlanError(f"plan file {path}: its inputs do not match its inputs_hash (edited by hand?); re-plan "
                         "with `longtrain plan`")
     return plan
+
+
+def _migrated(data: dict, path: Path) -> dict:
+    """Version 1 -> 2: a layer's `compression: none|quant_int8` (the swap's codec) becomes `swap_codec: none|int8`."""
+    if data.get("format") != PLAN_FORMAT or data.get("version") not in (1, PLAN_VERSION):
+        raise PlanError(f"plan file {path} is format {data.get('format')!r} version {data.get('version')!r}, "
+                        f"expected {PLAN_FORMAT!r} version {PLAN_VERSION}; re-plan with `longtrain plan`")
+    if data["version"] == 1:
+        for layer in data.get("layers") or []:
+            codec = layer.pop("compression", "none")
+            layer["swap_codec"] = {"quant_int8": "int8"}.get(codec, codec)
+        data["version"] = PLAN_VERSION
+    return data
+
+
+def _check_layers(plan: Plan, path: Path) -> None:
+    """Rules on the layers a loader cannot type-check: the codecs this runtime runs, one record per layer."""
+    unknown = sorted({layer.swap_codec for layer in plan.layers} - set(SWAP_CODECS))
+    if unknown:
+        raise PlanError(f"plan {path} uses swap_codec {', '.join(unknown)}, which this runtime does not run; "
+                        "re-plan with this version of longtrain")
+    indices = [layer.layer for layer in plan.layers]
+    if indices != list(range(len(indices))):
+        raise PlanError(f"plan {path} has layers {indices}, expected 0..{len(indices) - 1} once each; re-plan "
+                        "with `longtrain plan`")
+
+
+def check_plan_composes(plan: Plan, job: JobConfig, path: Path) -> None:
+    """Token elimination and compression each run on layers the plan splits, but not both on one such layer (a
+    sparse layer's compact attention forms would mix full-length and kept-row token ranges)."""
+    if not (job.token_elim.enabled and job.compression.is_active):
+        return
+    split = {layer.layer for layer in plan.layers if not layer.is_plain}
+    both = sorted(split & set(job.token_elim.keep_ratios(job.model.num_layers))
+                  & set(job.compression.layer_indices(job.model.num_layers)))
+    if both:
+        raise PlanError(f"token_elim and compression both apply to layers {both}, which the plan {path} "
+                        f"splits into kept / swapped / recomputed tokens; they do not compose there yet: drop "
+                        f"those layers from compression.layers or token_elim, or run without plan.path")
 
 
 def check_plan_matches(plan: Plan, inputs: Dict[str, Any], path: Path) -> None:

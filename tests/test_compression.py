@@ -135,7 +135,7 @@ def test_loss_curves_track_the_exact_run():
                                        ["compression.wta_crs_keep_ratio=0.25", "compression.norm_inputs=int8"]])
 def test_planner_bytes_match_the_saved_tensor_hooks(overrides):
     """The planner's per-token bytes of a compressed layer, against what autograd holds (bf16, 512 tokens)."""
-    from planner.cost_model import compressed_saved_tensors, layer_saved_tensors
+    from spec.activations import compressed_saved_tensors, layer_saved_tensors
     from orchestrator.model import rope_tables
 
     job, model, _ = _pair(overrides, torch.bfloat16)

@@ -5,7 +5,8 @@ import torch
 
 from spec.config import load_job_config
 from orchestrator.model import DecoderLayer, rope_tables
-from planner.cost_model import CostModel, interpolate_log, layer_saved_tensors
+from planner.cost_model import CostModel, interpolate_log
+from spec.activations import layer_saved_tensors
 from spec.hardware import load_profile
 
 

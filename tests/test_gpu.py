@@ -8,7 +8,8 @@ import torch
 
 from spec.config import load_job_config
 from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
-from planner.cost_model import CostModel, layer_saved_tensors
+from planner.cost_model import CostModel
+from spec.activations import layer_saved_tensors
 from spec.hardware import detect_profile_name, load_profile
 from tests.conftest import requires_gpu
 

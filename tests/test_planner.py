@@ -8,9 +8,9 @@ import pytest
 from launch.cli import main
 from spec.config import list_shipped_configs, load_job_config
 from spec.hardware import load_profile
-from planner.layout import ALIGN_BYTES, Buffer, lower_bound, solve_layout
-from spec.plan import PlanError, check_plan_matches, load_plan, save_plan
-from planner.planning import PlanInfeasible, make_plan, plan_inputs
+from planner.layout import Buffer, lower_bound, solve_layout
+from spec.plan import ALIGN_BYTES, LayerPlan, PlanError, check_plan_matches, load_plan, plan_inputs, save_plan
+from planner.planning import PlanInfeasible, make_plan
 from planner.report import plan_summary
 
 
@@ -59,14 +59,14 @@ def _job(*overrides):
 
 def test_short_sequences_keep_everything_on_the_gpu():
     outcome = make_plan(_job("model.num_layers=4", "data.seq_len=8192"), load_profile("h100_sxm"))
-    assert all(layer["keep_fraction"] == 1.0 for layer in outcome.plan.layers)
+    assert all(layer.keep_fraction == 1.0 for layer in outcome.plan.layers)
     assert outcome.plan.predicted["host_gib"] == 0
 
 
 def test_long_sequences_move_activations_off_the_gpu_within_budget():
     outcome = make_plan(_job("model.num_layers=4", "data.seq_len=131072"), load_profile("h100_sxm"))
     predicted = outcome.plan.predicted
-    assert any(layer["keep_fraction"] < 1 for layer in outcome.plan.layers)
+    assert any(layer.keep_fraction < 1 for layer in outcome.plan.layers)
     assert predicted["peak_gpu_gib"] <= predicted["gpu_budget_gib"] + 1e-3
     assert predicted["host_gib"] <= predicted["host_budget_gib"]
 
@@ -74,7 +74,7 @@ def test_long_sequences_move_activations_off_the_gpu_within_budget():
 def test_approximate_techniques_only_when_allowed():
     job = _job("model.num_layers=8", "data.seq_len=131072", "cluster.num_workers=2", "train.zero_stage=3")
     plain = make_plan(job, load_profile("h200"))
-    assert {layer["compression"] for layer in plain.plan.layers} == {"none"}
+    assert {layer.swap_codec for layer in plain.plan.layers} == {"none"}
 
 
 TIGHT = ("model.num_layers=4", "data.seq_len=131072")  # 7B shape, 1 x H100: exact fits at 0.6, not at 0.55
@@ -85,20 +85,20 @@ def test_compressed_layers_only_when_exact_techniques_do_not_fit_and_allowed(tmp
     with pytest.raises(PlanInfeasible, match="does not fit"):
         make_plan(_job(*TIGHT, "plan.gpu_memory_fraction=0.55"), h100)
     outcome = make_plan(_job(*TIGHT, "plan.gpu_memory_fraction=0.55", "plan.allow_approximate=true"), h100)
-    chosen = {layer["activation_compression"] for layer in outcome.plan.layers}
+    chosen = {layer.activation_compression for layer in outcome.plan.layers}
     assert chosen - {"none"} and all("linear_inputs=int8" in spec for spec in chosen - {"none"})
     assert outcome.plan.predicted["peak_gpu_gib"] <= outcome.plan.predicted["gpu_budget_gib"] + 1e-3
     summary = plan_summary(outcome.plan, tmp_path / "p.yaml", tmp_path / "p.png", 0.0)
     assert "linear_inputs=int8 silu=int8" in summary
     fits = make_plan(_job(*TIGHT, "plan.gpu_memory_fraction=0.6", "plan.allow_approximate=true"), h100)
-    assert {(layer["activation_compression"], layer["compression"]) for layer in fits.plan.layers} == {
+    assert {(layer.activation_compression, layer.swap_codec) for layer in fits.plan.layers} == {
         ("none", "none")}  # it fits exactly: nothing approximate, even though allowed
 
 
 def test_a_compression_section_is_planned_for_its_layers():
     job = _job(*TIGHT, "plan.gpu_memory_fraction=0.6", "compression.silu=int4", "compression.layers=[1,2]")
     outcome = make_plan(job, load_profile("h100_sxm"))
-    specs = [layer["activation_compression"] for layer in outcome.plan.layers]
+    specs = [layer.activation_compression for layer in outcome.plan.layers]
     assert specs[0] == specs[3] == "none" and specs[1] == specs[2] and "silu=int4" in specs[1]
     assert "silu=int4" in outcome.plan.inputs["compression"]  # another section needs another plan
     assert "compression" not in plan_inputs(_job(*TIGHT), load_profile("h100_sxm"), "bf16")
@@ -109,11 +109,12 @@ def test_the_trainer_installs_the_planned_compression(debug_model_config):
 
     from orchestrator.model import LlamaModel
     from orchestrator.trainer import apply_plan_compression
-    from planner.cost_model import PLANNER_COMPRESSION, compression_spec
+    from planner.cost_model import PLANNER_COMPRESSION
+    from spec.plan import LayerPlan, compression_spec
 
     model = LlamaModel(debug_model_config)
-    plan = SimpleNamespace(layers=[{"layer": i, "activation_compression": compression_spec(PLANNER_COMPRESSION)
-                                    if i in (1, 3) else "none"} for i in range(4)])
+    plan = SimpleNamespace(layers=[LayerPlan(i, activation_compression=compression_spec(PLANNER_COMPRESSION)
+                                             if i in (1, 3) else "none") for i in range(4)])
     assert apply_plan_compression(model, plan, seed=0)
     assert [type(layer.mlp).__name__ for layer in model.layers] == ["MLP", "CompressedMLP", "MLP", "CompressedMLP"]
     assert type(model.layers[1].attn.q_proj).__name__ == "CompressedLinear"
@@ -188,8 +189,8 @@ def test_a_keep_all_layer_block_holds_only_transients():
     assert "gate@bwd" in full and "gate" in full
     assert plain == full - {n for n in full if n.endswith("@bwd")} - {"attn_norm_out", "q", "k", "v", "attn_residual",
                                                                         "mlp_norm_out", "gate", "up", "silu_gate", "gated"}
-    assert keeps_everything([{"keep_fraction": 1.0, "offload_skeletal": False}] * 2)
-    assert not keeps_everything([{"keep_fraction": 1.0, "offload_skeletal": True}])
+    assert keeps_everything([LayerPlan(0), LayerPlan(1)])
+    assert not keeps_everything([LayerPlan(0, offload_skeletal=True)])
 
 
 def test_swap_hidden_fraction_is_a_parameter_of_the_plan_not_a_global():
@@ -200,6 +201,6 @@ def test_swap_hidden_fraction_is_a_parameter_of_the_plan_not_a_global():
     profile = load_profile("h100_sxm")
     default = make_plan(job, profile).plan.layers
     exposed = make_plan(job, profile, swap_hidden_fraction=0.0).plan.layers
-    assert any(d["swap_fraction"] > 0.3 for d in default)
-    assert all(d["swap_fraction"] == 0 for d in exposed)
+    assert any(d.swap_fraction > 0.3 for d in default)
+    assert all(d.swap_fraction == 0 for d in exposed)
     assert planner.policy.SWAP_HIDDEN_FRACTION == 0.9

@@ -8,7 +8,8 @@ from launch.cli import main
 from launch.measure.hardware import Measurement, settings_for
 from launch.profile_hardware_command import profile_mapping
 from spec.config import load_job_config
-from planner.cost_model import CostModel, fitted_layer_overhead, layer_saved_tensors
+from planner.cost_model import CostModel, fitted_layer_overhead
+from spec.activations import layer_saved_tensors
 from spec.hardware import load_profile
 from tests.conftest import requires_gpu
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from planner.layout import align
+from spec.plan import align
 
 
 class KeptArena:

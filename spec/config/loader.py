@@ -15,9 +15,8 @@ from omegaconf.errors import OmegaConfBaseException
 from spec.config.presets import MODEL_PRESETS
 from spec.config.schema import JobConfig
 from spec.errors import ConfigError
+from spec.resources import CONFIGS_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
 
 
@@ -31,7 +30,7 @@ def load_job_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -
 
 
 def merge_job_config(path: Optional[str], overrides: Sequence[str]) -> DictConfig:
-    file_layer = _read_yaml(Path(path) if path else DEFAULT_CONFIG)
+    file_layer = _read_yaml(resolve_config_path(path))
     override_layer = _parse_overrides(overrides)
     preset_layer = OmegaConf.create({"model": _preset_fields(file_layer, override_layer)})
     try:
@@ -43,6 +42,18 @@ def merge_job_config(path: Optional[str], overrides: Sequence[str]) -> DictConfi
 def job_to_yaml(job: JobConfig) -> str:
     """The resolved job as YAML, written into every run directory so a run documents itself."""
     return yaml.safe_dump(asdict(job), sort_keys=False)
+
+
+def resolve_config_path(path: Optional[str]) -> Path:
+    """The YAML file for a config argument: an existing file; else a shipped config named bare or as
+    `configs/NAME.yaml` (`.yaml` optional), so an installed package runs its shipped configs from any folder."""
+    if not path:
+        return DEFAULT_CONFIG
+    given = Path(path)
+    if given.is_file() or given.parent not in (Path("."), Path("configs")):
+        return given
+    shipped = CONFIGS_DIR / (given.name if given.suffix else f"{given.name}.yaml")
+    return shipped if shipped.is_file() else given
 
 
 def _read_yaml(path: Path) -> DictConfig:
