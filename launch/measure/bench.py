@@ -328,8 +328,7 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
         0.95, job.plan.gpu_memory_fraction + static.optimizer_states / device_bytes)
     outcome = make_plan(job, profile, options.swap_hidden_fraction)
     plan = outcome.plan
-    groups = {(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"], d["offload_skeletal"])
-              for d in plan.layers}
+    groups = {(d.keep_fraction, d.swap_fraction, d.recompute_fraction, d.offload_skeletal) for d in plan.layers}
     row.note = "plan keep/swap/recompute/skeletal-host: " + "; ".join(
         f"{k:.2f}/{s:.2f}/{r:.2f}/{o}" for k, s, r, o in sorted(groups))
     row.predicted_peak_gib = plan.predicted["peak_gpu_gib"] - not_in_bench_bytes(static) / GIB

@@ -29,6 +29,7 @@ from spec.config import load_job_config
 from spec.errors import LongtrainError
 from planner.cost_model import CostModel, calibrated_peak_bytes
 from spec.hardware import Calibration, HardwareProfile
+from spec.plan import LayerPlan
 from planner.layout import solve_layout
 from planner.policy import exposed_copy_seconds, policy_inputs
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
@@ -50,7 +51,7 @@ class BenchObservation:
     recorded_step_seconds: float
     recorded_peak_gib: float
     groups: List[Tuple[float, float, float, bool]]
-    decisions: List[Dict] = field(default_factory=list)
+    decisions: List[LayerPlan] = field(default_factory=list)
 
 
 @dataclass
@@ -126,12 +127,11 @@ def parse_plan_groups(note: str) -> List[Tuple[float, float, float, bool]]:
     return groups
 
 
-def decisions_from(groups: Sequence[Tuple[float, float, float, bool]], assignment: Sequence[int]) -> List[Dict]:
+def decisions_from(groups: Sequence[Tuple[float, float, float, bool]], assignment: Sequence[int]) -> List[LayerPlan]:
     decisions = []
     for group in assignment:
         keep, swap, recompute, offload = groups[group]
-        decisions.append({"keep_fraction": keep, "swap_fraction": swap, "recompute_fraction": recompute,
-                          "offload_skeletal": offload, "compression": "none"})
+        decisions.append(LayerPlan(len(decisions), keep, swap, recompute, offload))
     return decisions
 
 
@@ -153,7 +153,7 @@ def not_in_bench_bytes(static) -> float:
     return static.optimizer_states + static.buffers + static.embedding_activations + static.head_and_loss
 
 
-def predict(seq_len: int, num_layers: int, decisions: Sequence[Dict], profile: HardwareProfile,
+def predict(seq_len: int, num_layers: int, decisions: Sequence[LayerPlan], profile: HardwareProfile,
             preset: str = "llama-7b") -> Prediction:
     """The planner's step time and peak for the bench's layers running these per-layer decisions."""
     cost = CostModel(bench_job(num_layers, seq_len, preset), profile)
@@ -163,12 +163,12 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[Dict], profile: H
     n = num_layers
     stalls = 0.0
     for i, decision in enumerate(decisions):
-        moved = (p.token_wise_bytes[i] * decision["swap_fraction"]
-                 + p.skeletal_bytes[i] * decision["offload_skeletal"])
-        recompute_next = decisions[i + 1]["recompute_fraction"] if i + 1 < n else 0.0
+        moved = (p.token_wise_bytes[i] * decision.swap_fraction
+                 + p.skeletal_bytes[i] * decision.offload_skeletal)
+        recompute_next = decisions[i + 1].recompute_fraction if i + 1 < n else 0.0
         stalls += max(0.0, exposed_copy_seconds(p, i, moved, recompute_next, backward=False))
         stalls += max(0.0, exposed_copy_seconds(p, i, moved, recompute_next, backward=True))
-    recomputed = sum(d["recompute_fraction"] for d in decisions)
+    recomputed = sum(d.recompute_fraction for d in decisions)
     # a dense layer's forward = matmul + attention parts (the bench job has no token elimination)
     attention_forward = layer.forward_seconds - layer.recompute_seconds
     matmul = n * 3 * layer.recompute_seconds + layer.recompute_seconds * recomputed
