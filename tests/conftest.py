@@ -8,7 +8,7 @@ import torch
 
 from spec.config import ModelConfig, load_job_config
 
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""GPU checks (skipped without CUDA; run through the device tool): bf16 training step, the saved-bytes inventory
+"""GPU checks (skipped without CUDA; run on a lent GPU machine): bf16 training step, the saved-bytes inventory
 with the flash kernel, and the cost model's layer time against a measurement on the card."""
 
 import time
