@@ -11,7 +11,7 @@ import torch
 
 from spec.config import load_job_config
 from orchestrator.data import build_windows
-from orchestrator.init_weights import load_init_from
+from orchestrator.checkpoint import load_init_from
 from orchestrator.memory.token_elim_predictors import default_path, train_predictors
 from orchestrator.model import LlamaModel
 

@@ -20,9 +20,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from launch.placement import check_capacity
 from spec.config import ClusterConfig, JobConfig
+from orchestrator.checkpoint import CheckpointRef
 from orchestrator.ds_config import uses_cuda
 from spec.errors import LongtrainError
-from orchestrator.trainer import CheckpointRef, WorkerInfo, train
+from orchestrator.trainer import WorkerInfo, train
 
 POLL_SECONDS = 0.5
 

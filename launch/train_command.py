@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from launch.cli import EXIT_INTERRUPTED, EXIT_RUN_FAILED, resume_command
-from launch.resume_check import check_resume, convert_to_universal, needs_universal
-from launch.rundir import check_same_model, foreign_checkpoint_warning, place_run
+from launch.rundir import place_run
 from spec.config import JobConfig, job_to_yaml, load_job_config
+from orchestrator.checkpoint import prepare_resume
 from orchestrator.ds_config import uses_cuda
 from spec.errors import ConfigError
 from spec.flops import parameter_count
@@ -22,14 +22,7 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
 
     check_supported(job.train.activation_checkpointing, uses_cuda(job.cluster))
     _check_predictors_early(job)
-    placement = place_run(job)
-    check_same_model(job, placement)
-    checked = check_resume(job, placement)
-    warning = foreign_checkpoint_warning(placement)
-    if warning:
-        print(warning, file=sys.stderr)
-    if needs_universal(job, checked):
-        placement = convert_to_universal(job, placement, checked)
+    placement = prepare_resume(job, place_run(job))
     run_dir = placement.run_dir
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from orchestrator.checkpoint import CheckpointManager, latest_complete_tag
+from orchestrator.checkpoint import CheckpointManager, CheckpointRef, load_init_from, resume_source
 from spec.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
-from orchestrator.init_weights import load_init_from
 from orchestrator import sequence_parallel
 from orchestrator.memory import compressed, ds_checkpointing
 from orchestrator.memory.arena import KeptArena
@@ -37,16 +36,6 @@ class WorkerInfo:
     world_size: int
     local_rank: int
     node: str
-
-
-@dataclass
-class CheckpointRef:
-    """A checkpoint to start from: DIR holding TAG (outside this run, or a universal copy of this run's own)."""
-
-    dir: str
-    tag: str
-    universal: bool = False
-    """A DeepSpeed universal checkpoint (converted because the data-parallel size changed)."""
 
 
 Publish = Callable[[Dict[str, Any]], None]
@@ -108,14 +97,6 @@ def _set_device_and_threads(worker: WorkerInfo, use_cuda: bool, cpus_per_worker:
     else:
         torch.set_num_threads(cpus_per_worker)
     os.environ.setdefault("LOCAL_RANK", str(worker.local_rank))
-
-
-def resume_source(checkpoint_dir: Path, initial: Optional[CheckpointRef]) -> Optional[CheckpointRef]:
-    """This run's latest complete checkpoint, unless `initial` is a universal copy of it (world size changed)."""
-    own = latest_complete_tag(checkpoint_dir)
-    if own and (initial is None or own != initial.tag):
-        return CheckpointRef(str(checkpoint_dir), own)
-    return initial
 
 
 def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, source: Optional[CheckpointRef],

@@ -2,8 +2,9 @@
 
 import pytest
 
-from launch.rundir import foreign_checkpoint_warning, place_run
-from orchestrator.checkpoint import COMPLETE_MARKER, complete_tags, latest_complete_tag, tag_for_step
+from launch.rundir import place_run
+from orchestrator.checkpoint import (COMPLETE_MARKER, complete_tags, foreign_checkpoint_warning, latest_complete_tag,
+                                     tag_for_step)
 from spec.config import load_job_config
 from spec.errors import CheckpointError, ConfigError
 
@@ -72,7 +73,7 @@ def test_explicit_run_dir_with_checkpoints_is_not_overwritten(tmp_path):
 
 
 def test_continuing_a_run_with_another_model_shape_is_refused_before_writing(tmp_path):
-    from launch.rundir import check_same_model
+    from orchestrator.checkpoint import check_same_model
     from spec.config import job_to_yaml
 
     run_dir = _fake_run(tmp_path, "demo-20260101-000000", [5])

@@ -95,7 +95,7 @@ def _runs(rank, world, port, root, queue):
                       DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
-    from launch.resume_check import check_resume
+    from orchestrator.checkpoint import check_resume
     from launch.rundir import place_run
     from orchestrator.trainer import WorkerInfo, train
 
@@ -173,7 +173,7 @@ def test_hf_weights_start_training(foreign):
 def test_init_from_loads_every_tensor_bitwise(foreign, source):
     from safetensors.torch import save_file
 
-    from orchestrator.init_weights import check_init_from, load_init_from
+    from orchestrator.checkpoint import check_init_from, load_init_from
     from orchestrator.model import LlamaModel
 
     root, _ = foreign
@@ -194,7 +194,7 @@ def test_init_from_loads_every_tensor_bitwise(foreign, source):
 
 def test_init_from_another_shape_names_the_tensor(foreign):
     from spec.errors import CheckpointError
-    from orchestrator.init_weights import check_init_from
+    from orchestrator.checkpoint import check_init_from
 
     root, _ = foreign
     job = load_job_config(None, ["model.intermediate_size=256", f"model.init_from={root / 'hf_sharded'}"])
@@ -273,7 +273,7 @@ class ClientObject:
 def test_client_state_of_another_program_does_not_block_the_checks(foreign, tmp_path):
     import shutil
 
-    from orchestrator.checkpoint_check import inspect_checkpoint
+    from orchestrator.checkpoint import inspect_checkpoint
 
     root, _ = foreign
     copy = Path(shutil.copytree(root / "ds_ours", tmp_path / "ds"))
@@ -288,9 +288,8 @@ def test_a_failed_conversion_leaves_nothing_behind(foreign, tmp_path):
     """ds_to_universal failing (here: its optimizer shard is gone) removes what the conversion wrote."""
     import shutil
 
-    from launch.resume_check import convert_to_universal
     from launch.rundir import RunPlacement
-    from orchestrator.checkpoint_check import CheckpointInfo
+    from orchestrator.checkpoint import CheckpointInfo, convert_to_universal
     from spec.errors import CheckpointError
 
     root, _ = foreign

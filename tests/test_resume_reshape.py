@@ -63,7 +63,7 @@ def _straight(root: Path, world: int, stage: int, *extra):
 def _resumed(root: Path, world: int, stage: int, converted: list, in_place: bool = False):
     """A run at `world` workers from the other world size's step-4 checkpoint, placed as the driver does: a new
     run from DIR:TAG, or (in_place) the stopped run itself continued with resume=RUN_DIR."""
-    from launch.resume_check import check_resume, convert_to_universal, needs_universal
+    from orchestrator.checkpoint import check_resume, convert_to_universal, needs_universal
     from launch.rundir import place_run
 
     other = f"w{3 - world}_z{stage}"

@@ -12,10 +12,11 @@ from typing import Dict, Tuple
 
 import torch
 
-from orchestrator.checkpoint_check import inspect_checkpoint, resolve_tag
+from orchestrator.checkpoint.inspect import inspect_checkpoint, resolve_tag
+from orchestrator.checkpoint.weights import (check_shapes, expected_shapes, is_hf_name, is_safetensors_source,
+                                             load_weights, read_deepspeed_weights, read_safetensors, renamed_shapes,
+                                             safetensors_shapes)
 from spec.config import ModelConfig
-from orchestrator.weights import (check_shapes, expected_shapes, is_hf_name, is_safetensors_source, load_weights,
-                                  read_deepspeed_weights, read_safetensors, renamed_shapes, safetensors_shapes)
 
 
 def check_init_from(config: ModelConfig) -> None:

@@ -17,8 +17,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from orchestrator.checkpoint.weights import is_hf_name, renamed_shapes
 from spec.errors import CheckpointError
-from orchestrator.weights import is_hf_name, renamed_shapes
 
 _SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_(optim|model)_states\.pt$")
 
@@ -107,7 +107,6 @@ def _parameter_shapes(states: dict) -> Dict[str, Tuple[int, ...]]:
     if groups:
         return {name: tuple(shape) for group in groups for name, shape in group.items()}
     return {name: tuple(t.shape) for name, t in (states.get("module") or {}).items()}
-
 
 
 def resolve_tag(path: Path, tag: str, what: str) -> Tuple[Path, str]:

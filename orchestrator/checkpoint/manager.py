@@ -5,6 +5,9 @@ from `load_checkpoint` when it finds nothing. We write every tag with `save_late
 `longtrain_rank{R}.pt` per rank, and only after a barrier does rank 0 drop a `COMPLETE` marker and replace
 `latest` atomically. A crash mid-write leaves an incomplete tag that is skipped with a warning, and the previous
 checkpoint stays the one `resume` finds. `latest` keeps DeepSpeed's format, so plain DeepSpeed can load ours.
+
+A worker resumes from `resume_source`: this run's latest complete tag, or the `CheckpointRef` the driver handed it
+(a checkpoint outside the run, or a universal copy of the run's own).
 """
 
 import json
@@ -13,6 +16,7 @@ import random
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -44,6 +48,24 @@ def complete_tags(checkpoint_dir: Path) -> List[str]:
 def latest_complete_tag(checkpoint_dir: Path) -> Optional[str]:
     tags = complete_tags(checkpoint_dir)
     return tags[-1] if tags else None
+
+
+@dataclass
+class CheckpointRef:
+    """A checkpoint to start from: DIR holding TAG (outside this run, or a universal copy of this run's own)."""
+
+    dir: str
+    tag: str
+    universal: bool = False
+    """A DeepSpeed universal checkpoint (converted because the data-parallel size changed)."""
+
+
+def resume_source(checkpoint_dir: Path, initial: Optional[CheckpointRef]) -> Optional[CheckpointRef]:
+    """This run's latest complete checkpoint, unless `initial` is a universal copy of it (world size changed)."""
+    own = latest_complete_tag(checkpoint_dir)
+    if own and (initial is None or own != initial.tag):
+        return CheckpointRef(str(checkpoint_dir), own)
+    return initial
 
 
 def capture_rng_state() -> Dict[str, Any]:
