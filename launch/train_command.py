@@ -11,7 +11,6 @@ from launch.rundir import place_run
 from spec.config import JobConfig, job_to_yaml, load_job_config
 from orchestrator.checkpoint import prepare_resume
 from orchestrator.ds_config import uses_cuda
-from spec.errors import ConfigError
 from spec.flops import parameter_count
 
 
@@ -81,21 +80,26 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
 
 
 def _check_plan_early(job: JobConfig) -> None:
-    """Refuse a plan made for another job before any worker starts (the workers check again on their device)."""
+    """Load the plan once and refuse it here, before any worker starts, if it was made for another job or its
+    techniques do not compose (each worker then checks it against its own device's profile)."""
     if not job.plan.path:
         return
-    _check_techniques_compose(job)
     import torch
 
     from orchestrator.ds_config import resolve_precision
-    from orchestrator.trainer import checked_plan, profile_name
+    from orchestrator.trainer import profile_name
     from spec.hardware import load_profile
+    from spec.plan import check_plan_composes, check_plan_matches, load_plan, plan_inputs
 
+    path = Path(job.plan.path)
+    plan = load_plan(path)
+    check_plan_composes(plan, job, path)
     use_cuda = uses_cuda(job.cluster)
     if job.metrics.hardware_profile == "auto" and (job.cluster.address != "local" or
                                                    (use_cuda and not torch.cuda.is_available())):
         return  # the driver does not see the workers' devices
-    checked_plan(job, load_profile(profile_name(job, use_cuda)), resolve_precision(job.train.precision, use_cuda))
+    profile = load_profile(profile_name(job, use_cuda))
+    check_plan_matches(plan, plan_inputs(job, profile, resolve_precision(job.train.precision, use_cuda)), path)
 
 
 def _check_predictors_early(job: JobConfig) -> None:
@@ -105,24 +109,6 @@ def _check_predictors_early(job: JobConfig) -> None:
         from orchestrator.memory.token_elim_predictors import load_predictors
 
         load_predictors(job.token_elim.predictors, job.model, job.token_elim.block_size)
-
-
-def _check_techniques_compose(job: JobConfig) -> None:
-    """Token elimination and compression each run on layers the plan splits, but not both on one such layer (a
-    sparse layer's compact attention forms would mix full-length and kept-row token ranges); say so in one line
-    here rather than from every worker after Ray has started."""
-    from orchestrator.trainer import plan_policies
-    from spec.plan import load_plan
-
-    if not (job.token_elim.enabled and job.compression.is_active):
-        return
-    split = {i for i, p in plan_policies(load_plan(Path(job.plan.path))).items() if not p.is_plain}
-    both = sorted(split & set(job.token_elim.keep_ratios(job.model.num_layers))
-                  & set(job.compression.layer_indices(job.model.num_layers)))
-    if both:
-        raise ConfigError(f"token_elim and compression both apply to layers {both}, which the plan {job.plan.path} "
-                          f"splits into kept / swapped / recomputed tokens; they do not compose there yet: drop "
-                          f"those layers from compression.layers or token_elim, or run without plan.path")
 
 
 def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:

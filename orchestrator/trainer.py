@@ -24,10 +24,8 @@ from orchestrator.memory import token_elim
 from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_policies
 from orchestrator.metrics import StepMeter
 from orchestrator.model import LlamaModel
-from planner.cost_model import parse_compression_spec
 from spec.hardware import detect_profile_name, load_profile
-from spec.plan import PlanError, check_plan_matches, load_plan
-from planner.planning import plan_inputs
+from spec.plan import Plan, check_plan_matches, load_plan, parse_compression_spec, plan_inputs
 
 
 @dataclass
@@ -130,34 +128,30 @@ def apply_plan(job: JobConfig, model: LlamaModel, profile, precision: str) -> Tu
                                                                                                 job.train.seed)
 
 
-def apply_plan_compression(model: LlamaModel, plan, seed: int) -> bool:
+def apply_plan_compression(model: LlamaModel, plan: Plan, seed: int) -> bool:
     """Install the compressed layers the planner chose (`activation_compression`, one setting per group)."""
     groups: Dict[str, list] = {}
     for layer in plan.layers:
-        spec = layer.get("activation_compression", "none")
-        if spec != "none":
-            groups.setdefault(spec, []).append(layer["layer"])
+        if layer.activation_compression != "none":
+            groups.setdefault(layer.activation_compression, []).append(layer.layer)
     for spec, layers in groups.items():
         compressed.install_settings(model, parse_compression_spec(spec), layers, seed)
     return bool(groups)
 
 
-def checked_plan(job: JobConfig, profile, precision: str):
-    """The job's plan file, refused in one line if it was made for another job or hardware."""
+def checked_plan(job: JobConfig, profile, precision: str) -> Optional[Plan]:
+    """The job's plan file (loaded once per worker), refused in one line if it was made for another job or
+    hardware; the driver has checked everything that does not depend on this worker's device."""
     if not job.plan.path:
         return None
     plan = load_plan(Path(job.plan.path))
     check_plan_matches(plan, plan_inputs(job, profile, precision), Path(job.plan.path))
-    unknown = sorted({layer["compression"] for layer in plan.layers} - {"none", "quant_int8"})
-    if unknown:
-        raise PlanError(f"plan {job.plan.path} uses {', '.join(unknown)}, which this runtime does not run; "
-                        "re-plan with this version of longtrain")
     return plan
 
 
-def plan_policies(plan) -> dict:
-    return {layer["layer"]: LayerPolicy(layer["keep_fraction"], layer["swap_fraction"], layer["recompute_fraction"],
-                                        layer["offload_skeletal"], int8_swap=layer["compression"] == "quant_int8")
+def plan_policies(plan: Plan) -> dict:
+    return {layer.layer: LayerPolicy(layer.keep_fraction, layer.swap_fraction, layer.recompute_fraction,
+                                     layer.offload_skeletal, int8_swap=layer.swap_codec == "int8")
             for layer in plan.layers}
 
 

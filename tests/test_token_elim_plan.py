@@ -125,7 +125,7 @@ def test_predicted_peak_is_lower_by_the_attention_block_of_the_kept_share():
     profile = load_profile("h100_sxm")
     dense = make_plan(_llama_job("data.seq_len=8192"), profile).plan
     sparse = make_plan(_llama_job("data.seq_len=8192", *ELIM), profile).plan
-    assert all(layer["keep_fraction"] == 1 for layer in dense.layers + sparse.layers)
+    assert all(layer.keep_fraction == 1 for layer in dense.layers + sparse.layers)
     model, e, share, tokens = dense_model(), 2, 51 / 128, 8192
     kv = model.num_kv_heads * model.head_dim
     block = e * (3 * model.hidden_size + 2 * kv) + 4 * model.num_heads
@@ -183,7 +183,7 @@ def test_a_sparse_plan_places_the_kept_rows_in_their_planned_arena_regions():
     from orchestrator.memory.arena import KeptArena
     from orchestrator.trainer import plan_policies
     from spec.hardware import load_profile
-    from planner.layout import align
+    from spec.plan import align
     from planner.planning import make_plan
 
     job = load_job_config(None, [f"data.seq_len={SEQ_LEN}", f"data.micro_batch_size={BATCH}",
@@ -191,7 +191,7 @@ def test_a_sparse_plan_places_the_kept_rows_in_their_planned_arena_regions():
                                  "token_elim.keep_ratio=0.5", "token_elim.dense_first_layers=1",
                                  "token_elim.dense_last_layers=0"])
     plan = make_plan(job, load_profile("cpu")).plan
-    partly = [layer["layer"] for layer in plan.layers if 0 < layer["keep_fraction"] < 1]
+    partly = [layer.layer for layer in plan.layers if 0 < layer.keep_fraction < 1]
     assert set(partly) & {1, 2, 3}, plan.layers
     torch.manual_seed(0)
     model = LlamaModel(job.model)
@@ -249,8 +249,8 @@ def test_the_plan_keeps_a_compressed_sparse_layer_whole_as_the_runtime_requires(
     plan = make_plan(job, load_profile("h100_sxm")).plan
     print("\n" + "\n".join(f"layer {d['layer']}: keep {d['keep_fraction']} offload {d['offload_skeletal']} "
                            f"{d['activation_compression']}" for d in plan.layers))
-    assert [d["activation_compression"] != "none" for d in plan.layers] == [False, True, True, False]
-    assert all(d["keep_fraction"] == 1 and not d["offload_skeletal"] for d in plan.layers[1:3])
+    assert [d.activation_compression != "none" for d in plan.layers] == [False, True, True, False]
+    assert all(d.keep_fraction == 1 and not d.offload_skeletal for d in plan.layers[1:3])
     assert plan.layers[0]["keep_fraction"] < 1  # the dense layers still get split
     _, _, inputs, _ = _solve(job, load_profile("h100_sxm"))
     free = solve_policy(replace(inputs, sparse=()), job.plan.time_limit_seconds)

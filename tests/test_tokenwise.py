@@ -9,7 +9,7 @@ import torch
 from spec.config import load_job_config
 from orchestrator.memory.tokenwise import LayerPolicy, apply_policies, dense_flat
 from orchestrator.model import LlamaModel
-from planner.cost_model import layer_saved_tensors
+from spec.activations import layer_saved_tensors
 
 SEQ_LEN, BATCH = 256, 2
 
@@ -181,11 +181,11 @@ def test_kept_slices_live_in_the_planned_arena_and_stay_exact():
     planned = load_job_config(None, [f"data.seq_len={SEQ_LEN}", f"data.micro_batch_size={BATCH}",
                                      "plan.gpu_memory_fraction=0.002"])
     plan = make_plan(planned, load_profile("cpu")).plan
-    assert any(0 < layer["keep_fraction"] < 1 for layer in plan.layers), plan.layers
+    assert any(0 < layer.keep_fraction < 1 for layer in plan.layers), plan.layers
     reference_loss, reference = _loss_and_grads(model, inputs, targets)
     arena = KeptArena(plan.runtime_arena, torch.device("cpu"))
-    policies = {d["layer"]: LayerPolicy(d["keep_fraction"], d["swap_fraction"], d["recompute_fraction"],
-                                        d["offload_skeletal"]) for d in plan.layers}
+    policies = {d.layer: LayerPolicy(d.keep_fraction, d.swap_fraction, d.recompute_fraction,
+                                        d.offload_skeletal) for d in plan.layers}
     runtime = apply_policies(model, policies, arena)
     model.zero_grad(set_to_none=True)
     loss = model(inputs, targets=targets)
