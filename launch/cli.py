@@ -6,16 +6,16 @@ training run exits 1 and says where its logs are and how to resume.
 
 import argparse
 import os
-import shlex
 import sys
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from spec.errors import LongtrainError
 
 EXIT_USER_ERROR = 2
-EXIT_RUN_FAILED = 1
-EXIT_INTERRUPTED = 130
+DEBUG_FLAG = argparse.ArgumentParser(add_help=False)
+"""`--debug` after any command (a parent of every command's parser)."""
+DEBUG_FLAG.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,24 +37,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtrain", description="Long-context LLM training orchestrator.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command")
-    train = commands.add_parser("train", help="train a job (default: configs/default.yaml)",
-                                description="longtrain train [CONFIG.yaml] [key=value ...]; e.g. "
-                                            "longtrain train model.num_layers=2 resume=auto")
+    train = _command(commands, "train", help="train a job (default: configs/default.yaml)",
+                     description="longtrain train [CONFIG.yaml] [key=value ...]; e.g. "
+                                 "longtrain train model.num_layers=2 resume=auto")
     train.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
-    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     train.set_defaults(handler=_train)
-    plan = commands.add_parser("plan", help="make an offline memory plan (no GPU needed)",
-                               description="longtrain plan [CONFIG.yaml] [key=value ...] [--profile NAME] "
-                                           "[--out plan.yaml]; e.g. longtrain plan configs/llama7b_1m_8xa800.yaml")
+    plan = _command(commands, "plan", help="make an offline memory plan (no GPU needed)",
+                    description="longtrain plan [CONFIG.yaml] [key=value ...] [--profile NAME] "
+                                "[--out plan.yaml]; e.g. longtrain plan configs/llama7b_1m_8xa800.yaml")
     plan.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     plan.add_argument("--profile", help="hardware profile name in profiles/hardware/ or a YAML path "
                                         "(default: metrics.hardware_profile of the config)")
     plan.add_argument("--out", help="plan file to write (default: plans/CONFIG_NAME.plan.yaml; PNG next to it)")
-    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     plan.set_defaults(handler=_plan)
-    bench = commands.add_parser("bench", help="measure activation strategies side by side on this GPU",
-                                description="longtrain bench [--layers 4] [--seq-lens 32768,65536,131072] "
-                                            "[--modes ...] [--repeats 3] [--out DIR]")
+    bench = _command(commands, "bench", help="measure activation strategies side by side on this GPU",
+                     description="longtrain bench [--layers 4] [--seq-lens 32768,65536,131072] "
+                                 "[--modes ...] [--repeats 3] [--out DIR]")
     bench.add_argument("--layers", type=int, default=4, help="Llama-7B-shaped layers in the stack")
     bench.add_argument("--seq-lens", default="32768,65536,131072", help="comma-separated sequence lengths")
     bench.add_argument("--modes", default="store_all,full_recompute,deepspeed_cpu_ckpt,save_on_cpu,longtrain,"
@@ -71,76 +69,76 @@ def _parser() -> argparse.ArgumentParser:
                                                          "behind, for the plans the bench makes (calibration)")
     bench.add_argument("--trace", action="store_true", help="print a torch.profiler summary of one step of each "
                                                              "longtrain row (where the time goes)")
-    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     bench.set_defaults(handler=_bench)
-    predictors = commands.add_parser("train-predictors", help="fit token elimination's block-score predictors",
-                                     description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "
-                                                 "[--steps 200] [--out PATH]")
+    predictors = _command(commands, "train-predictors", help="fit token elimination's block-score predictors",
+                          description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "
+                                      "[--steps 200] [--out PATH]")
     predictors.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     predictors.add_argument("--steps", type=int, default=200, help="optimizer steps (one micro-batch each)")
     predictors.add_argument("--out", help="file to write (default: next to model.init_from, else ./"
                                           "token_elim_predictors.pt)")
-    predictors.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     predictors.set_defaults(handler=_train_predictors)
     _add_job_commands(commands)
-    profile = commands.add_parser("profile", help="reports on machines and runs (profile mfu RUN_DIR, "
+    profile = _command(commands, "profile", help="reports on machines and runs (profile mfu RUN_DIR, "
                                                              "profile hardware, profile calibrate BENCH_JSON...)")
     profile_commands = profile.add_subparsers(dest="profile_command", required=True)
-    mfu = profile_commands.add_parser("mfu", help="MFU per node and per rank of a run: Markdown table and PNG")
+    mfu = _command(profile_commands, "mfu", help="MFU per node and per rank of a run: Markdown table and PNG")
     mfu.add_argument("run_dir")
     mfu.add_argument("--warmup-steps", type=int, default=3, help="logged steps up to this step are left out")
-    mfu.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     mfu.set_defaults(handler=_profile_mfu)
     _add_profile_machine_commands(profile_commands)
     return parser
 
 
+def _command(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A command's parser; every command takes `--debug`."""
+    return subparsers.add_parser(name, parents=[DEBUG_FLAG], **kwargs)
+
+
 def _add_profile_machine_commands(profile_commands) -> None:
     """profile hardware (measure this machine into a profile) and profile calibrate (fit it to bench runs)."""
-    hardware = profile_commands.add_parser(
-        "hardware", help="measure this machine (GPU or CPU) into a hardware profile YAML",
+    hardware = _command(
+        profile_commands, "hardware", help="measure this machine (GPU or CPU) into a hardware profile YAML",
         description="longtrain profile hardware [CONFIG.yaml] [key=value ...] [--out profiles/hardware/NAME.yaml] "
                     "[--quick]; the layer measured has the config's model shape (default llama-7b on a GPU, debug "
                     "on CPU)")
     hardware.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     hardware.add_argument("--out", help="profile to write (default profiles/hardware/<detected>_measured.yaml)")
     hardware.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 20 s on a GPU)")
-    hardware.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     hardware.set_defaults(handler=_profile_hardware)
-    calibrate = profile_commands.add_parser(
-        "calibrate", help="planner predictions vs longtrain bench measurements; fit the profile's factors",
+    calibrate = _command(
+        profile_commands, "calibrate",
+        help="planner predictions vs longtrain bench measurements; fit the profile's factors",
         description="longtrain profile calibrate BENCH_JSON... [--profile NAME] [--out DIR]")
     calibrate.add_argument("bench_json", nargs="+", help="JSON files written by longtrain bench")
     calibrate.add_argument("--profile", help="profile the rows are predicted with (default: the JSON's meta.profile)")
     calibrate.add_argument("--out", default="profiles/runs", help="directory for the report and the calibrated "
                                                                  "profile (default profiles/runs)")
-    calibrate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     calibrate.set_defaults(handler=_profile_calibrate)
 
 
 def _add_job_commands(commands) -> None:
     """submit / status / logs / stop / jobs: the Ray Jobs API of a cluster (its dashboard URL)."""
-    submit = commands.add_parser("submit", help="submit the training job to a Ray cluster",
-                                 description="longtrain submit [CONFIG.yaml] [key=value ...] --address http://HEAD:8265")
+    submit = _command(commands, "submit", help="submit the training job to a Ray cluster",
+                      description="longtrain submit [CONFIG.yaml] [key=value ...] --address http://HEAD:8265")
     submit.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     for name, help_text in (("status", "a submitted job's state"), ("logs", "a submitted job's output"),
                             ("stop", "stop a submitted job")):
-        sub = commands.add_parser(name, help=help_text)
+        sub = _command(commands, name, help=help_text)
         sub.add_argument("job_id")
         if name == "logs":
             sub.add_argument("--follow", action="store_true", help="stream until the job ends")
         sub.set_defaults(handler=_job_command)
-        _address_and_debug(sub)
-    jobs = commands.add_parser("jobs", help="list the jobs of a Ray cluster")
+        _address(sub)
+    jobs = _command(commands, "jobs", help="list the jobs of a Ray cluster")
     for sub in (submit, jobs):
         sub.set_defaults(handler=_job_command)
-        _address_and_debug(sub)
+        _address(sub)
 
 
-def _address_and_debug(sub) -> None:
+def _address(sub) -> None:
     sub.add_argument("--address", default=os.environ.get("RAY_ADDRESS_DASHBOARD", "http://127.0.0.1:8265"),
                      help="the cluster's dashboard URL (default $RAY_ADDRESS_DASHBOARD or http://127.0.0.1:8265)")
-    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
 
 def _job_command(args: argparse.Namespace) -> int:
@@ -216,12 +214,6 @@ def _profile_calibrate(args: argparse.Namespace) -> int:
     from launch.calibrate_command import run_profile_calibrate
 
     return run_profile_calibrate(args.bench_json, args.profile, args.out)
-
-
-def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:
-    kept = [o for o in overrides if not o.startswith("resume=")]
-    parts = ["longtrain", "train"] + ([config_path] if config_path else []) + kept + [f"resume={run_dir}"]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 if __name__ == "__main__":

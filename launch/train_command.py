@@ -1,26 +1,23 @@
 """`longtrain train`: load the job, place the run directory, start the workers, show progress and a summary."""
 
+import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from launch.cli import EXIT_INTERRUPTED, EXIT_RUN_FAILED, resume_command
+from launch.preflight import check_job
 from launch.rundir import place_run
-from spec.config import JobConfig, job_to_yaml, load_job_config
 from orchestrator.checkpoint import prepare_resume
 from orchestrator.ds_config import uses_cuda
+from spec.config import JobConfig, job_to_yaml, load_job_config
 from spec.flops import parameter_count
 
 
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     job = with_absolute_paths(load_job_config(config_path, overrides))
-    _check_plan_early(job)
-    from orchestrator.memory.ds_checkpointing import check_supported
-
-    check_supported(job.train.activation_checkpointing, uses_cuda(job.cluster))
-    _check_predictors_early(job)
+    check_job(job)
     placement = prepare_resume(job, place_run(job))
     run_dir = placement.run_dir
     created = not run_dir.exists()
@@ -79,36 +76,15 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
     return job
 
 
-def _check_plan_early(job: JobConfig) -> None:
-    """Load the plan once and refuse it here, before any worker starts, if it was made for another job or its
-    techniques do not compose (each worker then checks it against its own device's profile)."""
-    if not job.plan.path:
-        return
-    import torch
-
-    from orchestrator.ds_config import resolve_precision
-    from orchestrator.trainer import profile_name
-    from spec.hardware import load_profile
-    from spec.plan import check_plan_composes, check_plan_matches, load_plan, plan_inputs
-
-    path = Path(job.plan.path)
-    plan = load_plan(path)
-    check_plan_composes(plan, job, path)
-    use_cuda = uses_cuda(job.cluster)
-    if job.metrics.hardware_profile == "auto" and (job.cluster.address != "local" or
-                                                   (use_cuda and not torch.cuda.is_available())):
-        return  # the driver does not see the workers' devices
-    profile = load_profile(profile_name(job, use_cuda))
-    check_plan_matches(plan, plan_inputs(job, profile, resolve_precision(job.train.precision, use_cuda)), path)
+EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
-def _check_predictors_early(job: JobConfig) -> None:
-    """A missing or mismatched token_elim.predictors file fails here in one line, not in every worker (local runs:
-    a cluster's workers may see other files than the driver)."""
-    if job.token_elim.enabled and job.token_elim.predictors and job.cluster.address == "local":
-        from orchestrator.memory.token_elim_predictors import load_predictors
-
-        load_predictors(job.token_elim.predictors, job.model, job.token_elim.block_size)
+def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:
+    """The command that continues this run (printed when it stops)."""
+    kept = [o for o in overrides if not o.startswith("resume=")]
+    parts = ["longtrain", "train"] + ([config_path] if config_path else []) + kept + [f"resume={run_dir}"]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:
