@@ -2,43 +2,28 @@
 losses of an uninterrupted run, for ZeRO 0, 2 and 3 with 1 and 2 workers. The workers run the real DeepSpeed loop
 (`orchestrator.trainer.train`) in spawned processes over gloo, without Ray, to keep this matrix fast."""
 
-import os
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import spawn_gloo
 from spec.config import load_job_config
 
 pytestmark = pytest.mark.slow
 STOP, TOTAL = 4, 8
 
 
-def _worker(rank, world, port, job, run_dir, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    import torch.distributed as dist
-
+def _worker(rank, world, put, job, run_dir):
     from orchestrator.trainer import WorkerInfo, train
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), queue.put)
-    dist.destroy_process_group()
-    os._exit(0)  # see tests/test_resume_reshape.py: skip C++ teardown, which sometimes aborts
+    train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), put)
 
 
 def _losses(run_dir: Path, world: int, *overrides):
     job = load_job_config(None, [f"cluster.num_workers={world}", f"train.max_steps={TOTAL}", "train.log_every_steps=1",
                                  "optim.warmup_steps=2", "checkpoint.every_steps=0", "data.seq_len=128",
                                  "data.micro_batch_size=4", *overrides])
-    with mp.get_context("spawn").Manager() as manager:
-        queue = manager.Queue()
-        mp.start_processes(_worker, args=(world, free_port(), job, str(run_dir), queue), nprocs=world,
-                           start_method="spawn", join=True)
-        messages = []
-        while not queue.empty():
-            messages.append(queue.get())
+    messages = spawn_gloo(_worker, world, job, str(run_dir))
     return {m["step"]: [r["loss"] for r in sorted(m["rows"], key=lambda r: r["rank"])]
             for m in messages if m["kind"] == "step"}
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
-from tests.conftest import free_port
+from tests.conftest import spawn_gloo
 from spec.config import load_job_config
 
 pytestmark = pytest.mark.slow
@@ -90,17 +89,12 @@ def _plain_deepspeed_checkpoints(root: Path, job):
     return losses
 
 
-def _runs(rank, world, port, root, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      DS_ACCELERATOR="cpu")
-    import torch.distributed as dist
-
+def _runs(rank, world, put, root):
     from orchestrator.checkpoint import check_resume
     from launch.rundir import place_run
     from orchestrator.trainer import WorkerInfo, train
 
     root = Path(root)
-    dist.init_process_group("gloo", rank=0, world_size=1)
     torch.set_num_threads(1)
 
     def run(name, *overrides):
@@ -109,14 +103,12 @@ def _runs(rank, world, port, root, queue):
         check_resume(job, placement)
         messages = []
         train(job, placement.run_dir, WorkerInfo(0, 1, 0, "node0"), messages.append, placement.initial)
-        queue.put((name, {m["step"]: [r["loss"] for r in m["rows"]] for m in messages if m["kind"] == "step"}))
+        put((name, {m["step"]: [r["loss"] for r in m["rows"]] for m in messages if m["kind"] == "step"}))
 
-    queue.put(("plain", _plain_deepspeed_checkpoints(root, load_job_config(None, BASE))))
+    put(("plain", _plain_deepspeed_checkpoints(root, load_job_config(None, BASE))))
     run("straight")
     run("foreign", f"resume={root / 'ds_ours'}")
     run("init_hf", "train.max_steps=2", "optim.warmup_steps=1", f"model.init_from={root / 'hf_sharded'}")
-    dist.destroy_process_group()
-    os._exit(0)  # see tests/test_resume_reshape.py: skip C++ teardown, which sometimes aborts
 
 
 def _save_sharded(state: dict, directory: Path) -> None:
@@ -136,14 +128,7 @@ def _save_sharded(state: dict, directory: Path) -> None:
 def foreign(tmp_path_factory):
     root = tmp_path_factory.mktemp("foreign")
     _save_sharded(hf_state(reference_model()), root / "hf_sharded")
-    with mp.get_context("spawn").Manager() as manager:
-        queue = manager.Queue()
-        mp.start_processes(_runs, args=(1, free_port(), str(root), queue), nprocs=1, start_method="spawn")
-        losses = {}
-        while not queue.empty():
-            name, value = queue.get()
-            losses[name] = value
-    return root, losses
+    return root, dict(spawn_gloo(_runs, 1, str(root)))
 
 
 def test_plain_deepspeed_checkpoint_resumes_bitwise(foreign):

@@ -4,14 +4,12 @@ as it is. With the global batch kept (1 worker x 2 accumulation steps = 2 worker
 losses match the uninterrupted run's to float rounding: weights, optimizer moments, LR schedule, step and data
 position all survive. A lost optimizer state would change step 6 onwards by far more than the tolerance."""
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from spec.config import load_job_config
+from tests.conftest import spawn_gloo
 
 pytestmark = pytest.mark.slow
 BASE = ["train.max_steps=8", "train.log_every_steps=1", "optim.warmup_steps=2", "checkpoint.every_steps=4",
@@ -21,37 +19,19 @@ SHAPES = {1: ["cluster.num_workers=1", "train.grad_accum_steps=2"], 2: ["cluster
 STAGES = (0, 1, 2, 3)
 
 
-def _worker(rank, world, port, runs, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    import torch.distributed as dist
-
+def _worker(rank, world, put, runs):
     from orchestrator.trainer import WorkerInfo, train
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     for name, job, run_dir, initial in runs:
         messages = []
         train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), messages.append, initial)
         if rank == 0:
-            queue.put((name, {m["step"]: sum(r["loss"] for r in m["rows"]) / world
-                              for m in messages if m["kind"] == "step"}))
-    dist.destroy_process_group()
-    os._exit(0)  # the results are sent: skip C++ static teardown, which now and then aborts (std::terminate
-    # with no Python frame, about 1 in 9 two-rank ZeRO-3 processes, also before any resume code ran)
+            put((name, {m["step"]: sum(r["loss"] for r in m["rows"]) / world
+                        for m in messages if m["kind"] == "step"}))
 
 
 def _spawn(world, runs):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.get_context("spawn").Manager() as manager:
-        queue = manager.Queue()
-        mp.start_processes(_worker, args=(world, port, runs, queue), nprocs=world, start_method="spawn")
-        out = {}
-        while not queue.empty():
-            name, losses = queue.get()
-            out[name] = losses
-    return out
+    return dict(spawn_gloo(_worker, world, runs))
 
 
 def _straight(root: Path, world: int, stage: int, *extra):
