@@ -60,8 +60,8 @@ def calibration_report(rows: Sequence[BenchObservation], before: Sequence[Predic
              "| file | mode | seq | plan (keep/swap/recompute/host per layer) | step s | recorded | before | after "
              "| peak GiB | recorded | before | after |", "|" + " --- |" * 12]
     for row, b, a in zip(rows, before, after):
-        plan = ", ".join(f"{d['keep_fraction']:.2f}/{d['swap_fraction']:.2f}/{d['recompute_fraction']:.2f}/"
-                         f"{'H' if d['offload_skeletal'] else '-'}" for d in row.decisions)
+        plan = ", ".join(f"{d.keep_fraction:.2f}/{d.swap_fraction:.2f}/{d.recompute_fraction:.2f}/"
+                         f"{'H' if d.offload_skeletal else '-'}" for d in row.decisions)
         lines.append(f"| {row.source} | {row.mode} | {row.seq_len} | {plan} | {row.step_seconds:.3f} | "
                      f"{_error(row.recorded_step_seconds, row.step_seconds)} | "
                      f"{_error(b.step_seconds, row.step_seconds)} | {_error(a.step_seconds, row.step_seconds)} | "
