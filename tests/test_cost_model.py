@@ -5,29 +5,18 @@ import torch
 
 from spec.config import load_job_config
 from orchestrator.model import DecoderLayer, rope_tables
+from launch.measure.hardware import saved_bytes_per_token
 from planner.cost_model import CostModel, interpolate_log
 from spec.activations import layer_saved_tensors
 from spec.hardware import load_profile
 
 
 def _saved_bytes_per_token(model_config, seq_len, dtype):
-    """Bytes the layer's autograd graph keeps per token (parameters and the shared RoPE tables excluded)."""
+    """Bytes the layer's autograd graph keeps per token, measured as `longtrain profile hardware` measures it."""
     layer = DecoderLayer(model_config).to(dtype)
     x = torch.randn(1, seq_len, model_config.hidden_size, dtype=dtype, requires_grad=True)
     cos, sin = rope_tables(torch.arange(seq_len), model_config.head_dim, 1e4, dtype)
-    excluded = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    excluded |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, cos, sin)
-    return sum(storages.values()) / seq_len
+    return saved_bytes_per_token(layer, x, cos, sin)
 
 
 @pytest.mark.parametrize("dtype,element_bytes", [(torch.bfloat16, 2), (torch.float32, 4)])
