@@ -169,7 +169,7 @@ def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backwar
     """Seconds of layer i's host copies (`moved` bytes each way) not hidden behind the neighbouring compute: the
     next layer's forward, or in backward the next layer's backward and its recomputed share (the LM head after the
     last layer). Negative when hidden. Works on numbers and on the MIP's affine expressions alike, so the MIP and
-    `planner.calibration.predict` share one formula."""
+    `launch.measure.calibration.predict` share one formula."""
     n = p.num_layers
     if backward:
         neighbour = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute_next) if i + 1 < n \
