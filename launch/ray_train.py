@@ -18,6 +18,7 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from launch import loopback
 from launch.placement import check_capacity
 from spec.config import ClusterConfig, JobConfig
 from orchestrator.checkpoint import CheckpointRef
@@ -67,9 +68,11 @@ def connect(cluster: ClusterConfig, log_dir: Path) -> None:
 def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None:
     if cluster.address == "local":
         needed = cluster.num_workers * cluster.cpus_per_worker
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+        loopback.prepare()
+        ray.init(address="local", _node_ip_address=loopback.LOOPBACK, include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False, logging_level=logging.WARNING,
-                 runtime_env=runtime_env)
+                 runtime_env=dict(runtime_env or {}, worker_process_setup_hook=loopback.WORKER_SETUP_HOOK))
+        loopback.check()
     else:
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING,
                  runtime_env=runtime_env)
