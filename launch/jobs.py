@@ -3,14 +3,18 @@ Jobs API (the cluster's dashboard address, http://HOST:8265).
 
 The job ships this repository as its working directory and runs `python -m launch.cli train CONFIG ...
 cluster.address=auto` on the cluster, so it joins that cluster instead of starting its own Ray. Ray 2.60 dashboards
-ask for a token: we send the one Ray keeps for this user (RAY_AUTH_TOKEN or ~/.ray/auth_token) when there is one.
+ask for a token: we send the one Ray keeps for this user (RAY_AUTH_TOKEN or ~/.ray/auth_token) when there is one,
+with a warning when it would travel over plain http to another machine.
 """
 
 import asyncio
+import ipaddress
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
+from urllib.parse import urlparse
 
 from spec.config import load_job_config
 from spec.resources import SOURCE_ROOT
@@ -27,14 +31,36 @@ def connect(address: str):
 
     if not address.startswith(("http://", "https://")):
         raise LongtrainError(f"--address {address!r} must be the dashboard URL, e.g. http://HEAD:8265")
+    headers = _token_header()
+    warning = plain_http_warning(address, bool(headers))
+    if warning:
+        print(warning, file=sys.stderr)
     try:
-        return JobSubmissionClient(address, headers=_token_header())
+        return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as error:
         raise LongtrainError(f"the Ray cluster at {address} refused our token; set RAY_AUTH_TOKEN to the "
                              "cluster's token (or put it in ~/.ray/auth_token)") from error
     except (ConnectionError, RuntimeError) as error:
         raise LongtrainError(f"cannot reach a Ray dashboard at {address} ({str(error).splitlines()[0][:120]}); "
                              "check the address and that the head runs (`ray start --head`)") from error
+
+
+def plain_http_warning(address: str, sends_token: bool) -> Optional[str]:
+    """One line when the token would cross the network unencrypted (http:// to a host that is not this machine)."""
+    host = urlparse(address).hostname or ""
+    if not sends_token or not address.startswith("http://") or _is_loopback(host):
+        return None
+    return (f"longtrain: warning: the Ray token goes to {address} over plain http, readable on the network; "
+            "use https:// or reach the dashboard through an SSH tunnel (ssh -L 8265:localhost:8265 HEAD)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _token_header() -> dict:
