@@ -50,8 +50,9 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
 
 
 def parse_policy(text: str):
-    """'KEEP/SWAP/RECOMPUTE[/host]' -> LayerPolicy; the fractions must sum to 1."""
-    from orchestrator.memory.tokenwise import LayerPolicy
+    """'KEEP/SWAP/RECOMPUTE[/host]' -> one layer's decision (a `LayerPlan`, given to every layer); the fractions
+    must sum to 1."""
+    from spec.plan import LayerPlan
 
     parts = text.split("/")
     offload = parts[3:] == ["host"]
@@ -63,7 +64,7 @@ def parse_policy(text: str):
             or abs(keep + swap + recompute - 1) > 1e-6:
         raise LongtrainError(f"--policy {text!r} must be KEEP/SWAP/RECOMPUTE fractions summing to 1, optionally "
                              "followed by /host, e.g. 0/1/0 or 0.2/0.5/0.3/host")
-    return LayerPolicy(keep, swap, recompute, offload)
+    return LayerPlan(0, keep, swap, recompute, offload)
 
 
 def _print_row(row) -> None:

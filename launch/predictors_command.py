@@ -18,7 +18,7 @@ from orchestrator.model import LlamaModel
 
 def run_train_predictors(config_path: Optional[str], overrides: Sequence[str], steps: int,
                          out: Optional[str]) -> int:
-    job = load_job_config(config_path, overrides)
+    job = load_job_config(config_path, [*overrides, "token_elim.enabled=true"])  # checked as the job it serves
     torch.manual_seed(job.train.seed)  # the same initial weights as `longtrain train` when there is no init_from
     model = LlamaModel(job.model)
     if job.model.init_from:

@@ -4,6 +4,21 @@ Why our own: the memory techniques (swap, recompute, quantization, token elimina
 what each block saves for backward. So the layer is spelled out as explicit modules (`DecoderLayer`, its
 `Attention` and `MLP`), attention goes through `scaled_dot_product_attention` (flash kernels on GPU), and the
 layers live in one `ModuleList` a technique can wrap one by one. Shapes: B batch, S tokens, H heads, D head dim.
+
+Slots: a memory technique (`orchestrator.memory`) changes a layer only through these attributes, each None until
+it sets one, and this module imports none of them. The forward stays this module's; a slot decides what is kept
+for backward, or (token elimination) which rows the attention block sees.
+- `Linear.saved_input`, `RMSNorm.saved_input`: an object with `pack(x, training) -> (packed, tensors)`; the module
+  computes its exact output and saves `tensors` (a compact form of x) instead of x. Backward reads x back with
+  `packed.restore_tensor(tensors)` (the norm) or the weight gradient with `packed.weight_grad(tensors, grad)` (the
+  linear; from sampled rows it is an estimate).
+- `MLP.saved_swiglu`: an object whose `swiglu(gate, up, training)` computes silu(gate) * up exactly and keeps
+  compact codes of gate and up.
+- `DecoderLayer.activation_hooks`: saved-tensor hooks for one forward (the token-wise swap and recompute).
+- `DecoderLayer.token_elim`: runs the layer's `forward` and `recompute_tokens` instead (a sparse layer).
+- `DecoderLayer.compression`: what the layer's saved-input slots were set from (a record, read by techniques).
+- `Attention.sequence_parallel`, `LlamaModel.layer_runner`: attention over the whole sequence from a shard, and
+  a runner of whole layers (activation checkpointing).
 """
 
 import math
@@ -13,33 +28,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spec import activations as role
 from spec.config import ModelConfig
 from orchestrator.loss import segmented_cross_entropy
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm that saves only its input (activation dtype) and one fp32 scale per token for backward.
+    """RMSNorm that saves only its input (activation dtype) and one fp32 scale per token for backward, or instead
+    of the input its compact form (`packed` and its tensors, from `RMSNorm.saved_input`).
 
     Why not plain autograd: the fp32 upcast would be saved by autograd (2x the bytes of a bf16 input, in every
     layer, twice); at 1M tokens that is gigabytes per layer. The backward recomputes the normalised input.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, packed=None, *compact: torch.Tensor):
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
+        ctx.packed = packed
+        if packed is None:
+            ctx.save_for_backward(x, weight, rstd)
+        else:
+            ctx.save_for_backward(weight, rstd, *compact)
         return (x32 * rstd).type_as(x) * weight
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
+        if ctx.packed is None:
+            x, weight, rstd = ctx.saved_tensors
+            compact = ()
+        else:
+            weight, rstd, *compact = ctx.saved_tensors
+            x = ctx.packed.restore_tensor(compact)
         normed = x.float() * rstd
         grad_out32 = grad_out.float()
         grad_weight = (grad_out32 * normed.type_as(x).float()).flatten(0, -2).sum(0)
         grad_normed = grad_out32 * weight.float()
         grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-        return grad_x.type_as(x), grad_weight.type_as(weight), None
+        return (grad_x.type_as(x), grad_weight.type_as(weight), None, None) + (None,) * len(compact)
 
 
 class RMSNorm(nn.Module):
@@ -49,9 +75,48 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.saved_input = None
+        """Slot (see the module docstring): keeps a compact form of the input for backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if self.saved_input is None or not torch.is_grad_enabled():
+            return _RMSNormFunction.apply(x, self.weight, self.eps, None)
+        packed, compact = self.saved_input.pack(x, self.training)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, packed, *compact)
+
+
+class _CompactInputLinear(torch.autograd.Function):
+    """y = x W^T + b exactly; backward: dx = g W and db = sum g exactly, dW from the compact input's `packed`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, packed, *compact):
+        ctx.packed, ctx.has_bias, ctx.num_compact = packed, bias is not None, len(compact)
+        ctx.save_for_backward(weight, *compact)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *compact = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_w = ctx.packed.weight_grad(compact, grad2d) if ctx.needs_input_grad[1] else None
+        grad_b = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (grad_x, grad_w, grad_b, None) + (None,) * ctx.num_compact
+
+
+class Linear(nn.Linear):
+    """nn.Linear with a slot (see the module docstring): `saved_input` keeps a compact form of the input, from
+    which backward makes the weight gradient; the output and the input gradient stay exact."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.saved_input = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.saved_input is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        packed, compact = self.saved_input.pack(x, self.training)
+        return _CompactInputLinear.apply(x, self.weight, self.bias, packed, *compact)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
@@ -82,10 +147,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         kv_dim = config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = Linear(config.hidden_size, kv_dim, bias=False)
+        self.v_proj = Linear(config.hidden_size, kv_dim, bias=False)
+        self.o_proj = Linear(config.hidden_size, config.hidden_size, bias=False)
         self.sequence_parallel = None
         """Set by `orchestrator.sequence_parallel.install`: attention over the whole sequence from this rank's shard."""
 
@@ -119,24 +184,28 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.saved_swiglu = None
+        """Slot (see the module docstring): computes silu(gate) * up keeping compact codes of gate and up."""
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> dict:
-        """silu(gate) * up and the intermediates autograd saves (a compressed MLP saves compact codes instead)."""
+        """silu(gate) * up and the intermediates autograd saves (with `saved_swiglu`, compact codes instead)."""
+        if self.saved_swiglu is not None and torch.is_grad_enabled():
+            return {role.GATED: self.saved_swiglu.swiglu(gate, up, self.training)}
         silu_gate = F.silu(gate)
-        return {"silu_gate": silu_gate, "gated": silu_gate * up}
+        return {role.SILU_GATE: silu_gate, role.GATED: silu_gate * up}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x))["gated"])
+        return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x))[role.GATED])
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
 
-    `activation_hooks`, when a memory technique sets it, is a factory of saved-tensor hooks for one forward; the
-    forward then names its intermediates (`tag`) so the hooks know which saved tensor is which."""
+    Under `activation_hooks` the forward names its intermediates by role (`hooks.tag`, roles from
+    `spec.activations`) so the hooks know which saved tensor is which."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -145,26 +214,33 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
         self.activation_hooks = None
+        """Slot: called as activation_hooks(layer, x, cos, sin), gives the saved-tensor hooks of one forward."""
+        self.token_elim = None
+        """Slot: an object whose forward(layer, x, cos, sin) and recompute_tokens(layer, ...) run instead."""
+        self.compression = None
+        """Slot: the settings this layer's saved-input slots were filled from."""
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.token_elim is not None:
+            return self.token_elim.forward(self, x, cos, sin)
         if self.activation_hooks is None or not torch.is_grad_enabled():
             x = x + self.attn(self.attn_norm(x), cos, sin)
             return x + self.mlp(self.mlp_norm(x))
         hooks = self.activation_hooks(self, x, cos, sin)
         with hooks:
             attn_inputs = self.attention_inputs(x, cos, sin)
-            hooks.tag(layer_input=x, **attn_inputs)
-            attn_out = self.attn.attend(attn_inputs["q"], attn_inputs["k"], attn_inputs["v"])
-            hooks.tag(attn_out=attn_out)
+            hooks.tag({role.LAYER_INPUT: x, **attn_inputs})
+            attn_out = self.attn.attend(attn_inputs[role.Q], attn_inputs[role.K], attn_inputs[role.V])
+            hooks.tag({role.ATTN_OUT: attn_out})
             mlp = self.mlp_part(x, attn_out)
-            hooks.tag(**{k: v for k, v in mlp.items() if k != "out"})
+            hooks.tag({k: v for k, v in mlp.items() if k != "out"})
             return mlp["out"]
 
     def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict:
         """The per-token tensors before attention."""
         normed = self.attn_norm(x)
         q, k, v = self.attn.project(normed, cos, sin)
-        return {"attn_norm_out": normed, "q": q, "k": k, "v": v}
+        return {role.ATTN_NORM_OUT: normed, role.Q: q, role.K: k, role.V: v}
 
     def mlp_part(self, x: torch.Tensor, attn_out: torch.Tensor) -> dict:
         """The per-token tensors after attention, from the layer input and the attention output."""
@@ -175,18 +251,20 @@ class DecoderLayer(nn.Module):
         normed = self.mlp_norm(residual)
         gate, up = self.mlp.gate_proj(normed), self.mlp.up_proj(normed)
         swiglu = self.mlp.swiglu(gate, up)
-        return {"attn_residual": residual, "mlp_norm_out": normed, "gate": gate, "up": up, **swiglu,
-                "out": residual + self.mlp.down_proj(swiglu["gated"])}
+        return {role.ATTN_RESIDUAL: residual, role.MLP_NORM_OUT: normed, role.GATE: gate, role.UP: up, **swiglu,
+                "out": residual + self.mlp.down_proj(swiglu[role.GATED])}
 
     def recompute_tokens(self, group: str, skeletal: dict, cos: torch.Tensor, sin: torch.Tensor, start: int,
                          length: int, context: dict) -> dict:
         """The token-wise tensors of `group` ("attention" or "mlp") for tokens [start, start + length), from the
         skeletal tensors (layer input, attention output): what the token-wise runtime recomputes. `context` holds
-        what else the forward tagged (a sparse layer's kept token indices: `token_elim` overrides this)."""
-        x = skeletal["layer_input"].narrow(1, start, length)
+        what else the forward tagged (a sparse layer's kept token indices, read by its `token_elim`)."""
+        if self.token_elim is not None:
+            return self.token_elim.recompute_tokens(self, group, skeletal, cos, sin, start, length, context)
+        x = skeletal[role.LAYER_INPUT].narrow(1, start, length)
         if group == "attention":
             return self.attention_inputs(x, cos.narrow(0, start, length), sin.narrow(0, start, length))
-        return self.mlp_part(x, skeletal["attn_out"].narrow(2, start, length))
+        return self.mlp_part(x, skeletal[role.ATTN_OUT].narrow(2, start, length))
 
 
 class LlamaModel(nn.Module):

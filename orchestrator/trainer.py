@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,14 +18,11 @@ from spec.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
 from orchestrator import sequence_parallel
-from orchestrator.memory import compressed, ds_checkpointing
-from orchestrator.memory.arena import KeptArena
-from orchestrator.memory import token_elim
-from orchestrator.memory.tokenwise import LayerPolicy, TokenwiseRuntime, apply_policies
+from orchestrator.memory import apply_plan, compressed
 from orchestrator.metrics import StepMeter
 from orchestrator.model import LlamaModel
 from spec.hardware import detect_profile_name, load_profile
-from spec.plan import Plan, check_plan_matches, load_plan, parse_compression_spec, plan_inputs
+from spec.plan import Plan, check_plan_matches, load_plan, plan_inputs
 
 
 @dataclass
@@ -58,13 +55,10 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
         load_init_from(model, job.model.init_from)
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
-    memory, compressing = apply_plan(job, model, profile, precision)
-    # after the plan: both compose with its token-wise split (token elimination tags for it)
-    compressing = compressed.apply_config(model, job.compression, job.train.seed) or compressing
-    token_elim.apply_config(model, job.token_elim)
-    ds_checkpointing.install(model, job.train.activation_checkpointing)
+    plan = checked_plan(job, profile, precision)
+    memory = apply_plan(model, plan, job.compression, job.token_elim, job.train)
     if sp_group is not None:
-        sequence_parallel.install(model, sp_group, split_layers=set(memory.policies) if memory else set())
+        sequence_parallel.install(model, sp_group, split_layers=memory.split_layers)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(),
         config=deepspeed_config(job, use_cuda, load_universal=bool(source and source.universal)))
@@ -77,11 +71,11 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     for step in range(start_step + 1, last_step + 1):
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group)
         reading = meter.stop(step, loss, scheduler.get_last_lr()[0], dims.tokens_per_step_per_rank,
-                             swap_host_bytes=memory.pool.bytes if memory else 0)
+                             swap_host_bytes=memory.host_bytes)
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
         if _checkpoint_due(job, step):
             rank_state = {"data": sampler.state()}
-            if compressing:
+            if memory.compressed_layers:
                 rank_state["compression"] = compressed.state_dict(model)
             path = checkpoints.save(engine, step, {"step": step}, rank_state)
             if worker.rank == 0:
@@ -118,27 +112,6 @@ def profile_name(job: JobConfig, use_cuda: bool) -> str:
     return name
 
 
-def apply_plan(job: JobConfig, model: LlamaModel, profile, precision: str) -> Tuple[Optional[TokenwiseRuntime], bool]:
-    """Execute the plan file's per-layer decisions (none without plan.path): the token-wise runtime, and whether
-    the plan compresses any layer (its checkpoints then carry the compression state)."""
-    plan = checked_plan(job, profile, precision)
-    if not plan:
-        return None, False
-    return apply_policies(model, plan_policies(plan), plan_arena(plan)), apply_plan_compression(model, plan,
-                                                                                                job.train.seed)
-
-
-def apply_plan_compression(model: LlamaModel, plan: Plan, seed: int) -> bool:
-    """Install the compressed layers the planner chose (`activation_compression`, one setting per group)."""
-    groups: Dict[str, list] = {}
-    for layer in plan.layers:
-        if layer.activation_compression != "none":
-            groups.setdefault(layer.activation_compression, []).append(layer.layer)
-    for spec, layers in groups.items():
-        compressed.install_settings(model, parse_compression_spec(spec), layers, seed)
-    return bool(groups)
-
-
 def checked_plan(job: JobConfig, profile, precision: str) -> Optional[Plan]:
     """The job's plan file (loaded once per worker), refused in one line if it was made for another job or
     hardware; the driver has checked everything that does not depend on this worker's device."""
@@ -147,20 +120,6 @@ def checked_plan(job: JobConfig, profile, precision: str) -> Optional[Plan]:
     plan = load_plan(Path(job.plan.path))
     check_plan_matches(plan, plan_inputs(job, profile, precision), Path(job.plan.path))
     return plan
-
-
-def plan_policies(plan: Plan) -> dict:
-    return {layer.layer: LayerPolicy(layer.keep_fraction, layer.swap_fraction, layer.recompute_fraction,
-                                     layer.offload_skeletal, int8_swap=layer.swap_codec == "int8")
-            for layer in plan.layers}
-
-
-def plan_arena(plan) -> Optional[KeptArena]:
-    """The plan's runtime arena on this worker's device (None when nothing is kept in part)."""
-    if not plan.runtime_arena:
-        return None
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return KeptArena(plan.runtime_arena, device)
 
 
 def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: StepMeter, sp_group) -> float:

@@ -14,15 +14,20 @@ from typing import List, Tuple
 
 from spec.config.schema import ModelConfig
 
-SKELETAL = ("layer_input", "attn_out")
+LAYER_INPUT, ATTN_OUT = "layer_input", "attn_out"
+ATTN_NORM_OUT, Q, K, V = "attn_norm_out", "q", "k", "v"
+ATTN_RESIDUAL, MLP_NORM_OUT, GATE, UP, SILU_GATE, GATED = ("attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
+                                                           "gated")
+"""The roles: the names the model tags its intermediates with (`orchestrator.model`), the token-wise runtime splits
+and the planner sizes. Spelled here only."""
+SKELETAL = (LAYER_INPUT, ATTN_OUT)
 """Skeletal roles the runtime tags (the attention's log-sum-exp, also skeletal, is saved by the kernel itself)."""
-TOKEN_WISE = ("attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
-              "gated")
+TOKEN_WISE = (ATTN_NORM_OUT, Q, K, V, ATTN_RESIDUAL, MLP_NORM_OUT, GATE, UP, SILU_GATE, GATED)
 """Token-wise roles in forward order."""
-ATTENTION_GROUP = ("attn_norm_out", "q", "k", "v")
+ATTENTION_GROUP = (ATTN_NORM_OUT, Q, K, V)
 """Restored (and recomputed) only when the attention backward is reached: backward runs the MLP part first, so
 the two groups are never restored at the same time, which bounds a layer's backward working set."""
-HEAD_MAJOR = frozenset({"q", "k", "v", "attn_out"})
+HEAD_MAJOR = frozenset({Q, K, V, ATTN_OUT})
 """Roles laid out [B, H, S, D] (tokens on dim 2); the others are [B, S, F] (tokens on dim 1)."""
 COMPACT = ".compact"
 """Suffix of a role holding a compressed layer's compact form of a tensor (int8 or packed 4-bit codes, or sampled

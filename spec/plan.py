@@ -192,13 +192,16 @@ def _check_layers(plan: Plan, path: Path) -> None:
 
 
 def check_plan_composes(plan: Plan, job: JobConfig, path: Path) -> None:
-    """Token elimination and compression each run on layers the plan splits, but not both on one such layer (a
-    sparse layer's compact attention forms would mix full-length and kept-row token ranges)."""
-    if not (job.token_elim.enabled and job.compression.is_active):
+    """Token elimination and compression (the job's section, or the plan's own `activation_compression`) each run on
+    layers the plan splits, but not both on one such layer (a sparse layer's compact attention forms would mix
+    full-length and kept-row token ranges)."""
+    if not job.token_elim.enabled:
         return
     split = {layer.layer for layer in plan.layers if not layer.is_plain}
-    both = sorted(split & set(job.token_elim.keep_ratios(job.model.num_layers))
-                  & set(job.compression.layer_indices(job.model.num_layers)))
+    compressed = {layer.layer for layer in plan.layers if layer.activation_compression != "none"}
+    if job.compression.is_active:
+        compressed |= set(job.compression.layer_indices(job.model.num_layers))
+    both = sorted(split & set(job.token_elim.keep_ratios(job.model.num_layers)) & compressed)
     if both:
         raise PlanError(f"token_elim and compression both apply to layers {both}, which the plan {path} "
                         f"splits into kept / swapped / recomputed tokens; they do not compose there yet: drop "

@@ -50,3 +50,21 @@ def _gloo_rank(rank: int, world: int, port: int, fn: Callable, args: tuple, queu
     dist.destroy_process_group()
     os._exit(0)  # the results are sent: skip C++ static teardown, which now and then aborts (std::terminate with
     # no Python frame, about 1 in 9 two-rank ZeRO-3 processes, also before any resume code ran)
+
+
+def loss_and_grads(model, inputs, targets):
+    """One step's loss and every parameter's gradient (cloned), from zeroed gradients: what the memory techniques'
+    parity tests compare bit for bit."""
+    model.zero_grad(set_to_none=True)
+    loss = model(inputs, targets=targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def layer_plans(decisions) -> list:
+    """`LayerPlan` records from per-layer decisions, each (keep, swap, recompute[, offload_skeletal[, swap_codec]]):
+    a list (the layer is the position) or a dict by layer."""
+    from spec.plan import LayerPlan
+
+    items = decisions.items() if isinstance(decisions, dict) else enumerate(decisions)
+    return [LayerPlan(index, *decision) for index, decision in items]

@@ -1,12 +1,14 @@
 """The compression section: validation, installation on the model, exact forward, and loss curves on the corpus."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from spec.config import DataConfig, load_job_config
+from spec.config import CompressionConfig, DataConfig, load_job_config
 from orchestrator.data import build_windows
 from spec.errors import ConfigError
-from orchestrator.memory import compressed, technique
+from orchestrator.memory import apply_plan, compressed, technique
 from orchestrator.model import LlamaModel
 
 FULL = ["compression.linear_inputs=int8", "compression.norm_inputs=int8", "compression.silu=int4",
@@ -32,6 +34,11 @@ def test_registry_names():
         "quant_int8", "quant_int4_deriv", "wta_crs"}
 
 
+def _compress(model, job, seed: int) -> list:
+    """The job's compression section on its layers, as `apply_plan` applies it: the layers compressed."""
+    return apply_plan(model, None, job.compression, job.token_elim, replace(job.train, seed=seed)).compressed_layers
+
+
 def _pair(overrides, dtype=torch.float32):
     job = load_job_config(None, overrides)
     torch.manual_seed(0)
@@ -44,9 +51,9 @@ def _pair(overrides, dtype=torch.float32):
 def test_forward_is_bitwise_exact_and_parameters_stay_the_same_objects(dtype):
     job, model, reference = _pair(FULL + ["compression.layers=[0,2]"], dtype)
     before = [(name, id(p)) for name, p in model.named_parameters()]
-    assert compressed.apply_config(model, job.compression, seed=1)
+    assert _compress(model, job, seed=1)
     assert [(name, id(p)) for name, p in model.named_parameters()] == before
-    assert type(model.layers[0].mlp).__name__ == "CompressedMLP" and type(model.layers[1].mlp).__name__ == "MLP"
+    assert model.layers[0].mlp.saved_swiglu is not None and model.layers[1].mlp.saved_swiglu is None
     tokens = torch.randint(0, 256, (2, 64))
     loss, exact = model(tokens, targets=tokens), reference(tokens, targets=tokens)
     assert torch.equal(loss, exact)
@@ -56,7 +63,7 @@ def test_forward_is_bitwise_exact_and_parameters_stay_the_same_objects(dtype):
 
 def test_nothing_installed_by_default():
     job, model, _ = _pair([])
-    assert not compressed.apply_config(model, job.compression, seed=0)
+    assert not _compress(model, job, seed=0)
 
 
 LOSS_SEEDS = (0, 1, 2)
@@ -73,7 +80,7 @@ def _loss_curve(overrides, seed: int, steps: int = 100) -> list:
     job = load_job_config(None, overrides + ["data.seq_len=64"])
     torch.manual_seed(seed)
     model = LlamaModel(job.model)
-    compressed.apply_config(model, job.compression, seed=seed)
+    _compress(model, job, seed=seed)
     windows = build_windows(DataConfig(source="corpus", seq_len=64), 256, 0)
     optim = job.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
@@ -157,7 +164,7 @@ def test_planner_bytes_match_the_saved_tensor_hooks(overrides):
         return sum(seen.values())
 
     exact = saved_bytes(layer_exact)
-    compressed.apply_config(model, job.compression, seed=0)
+    _compress(model, job, seed=0)
     ours = saved_bytes(model.layers[0])
     planned = [sum(t.bytes_per_token for t in tensors) * 512 for tensors in (
         layer_saved_tensors(job.model, 2), compressed_saved_tensors(job.model, 2, job.compression))]
@@ -168,7 +175,8 @@ def test_planner_bytes_match_the_saved_tensor_hooks(overrides):
 
 def test_installing_nothing_restores_the_plain_modules():
     job, model, reference = _pair(FULL)
-    compressed.apply_config(model, job.compression, seed=0)
-    compressed.install(model, range(len(model.layers)), int8=None, silu_int4=None, keep_ratio=1.0)
+    _compress(model, job, seed=0)
+    compressed.apply(model, compressed.Config(CompressionConfig()), range(len(model.layers)))  # nothing
     assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
-    assert not any(hasattr(m, "store") or hasattr(m, "gate_codec") for m in model.modules())
+    assert not any(getattr(m, slot, None) is not None for m in model.modules()
+                   for slot in ("saved_input", "saved_swiglu", "compression"))

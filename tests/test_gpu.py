@@ -76,9 +76,11 @@ def test_layer_time_is_within_25_percent_of_the_cost_model(seq_len):
     assert measured == pytest.approx(predicted, rel=0.25)
 
 
-def _small_pair(seq_len: int, policy):
-    """A small bf16 model on the GPU and a copy running the token-wise runtime with `policy` in every layer."""
-    from orchestrator.memory.tokenwise import apply_policies
+def _small_pair(seq_len: int, decision, **config):
+    """A small bf16 model on the GPU and a copy running the token-wise runtime with `decision` (keep, swap,
+    recompute, skeletal to host[, swap codec]) in every layer."""
+    from orchestrator.memory import tokenwise
+    from tests.conftest import layer_plans
 
     torch.manual_seed(0)
     job = load_job_config(None, ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=4",
@@ -86,7 +88,8 @@ def _small_pair(seq_len: int, policy):
     plain = LlamaModel(job.model).cuda().to(torch.bfloat16)
     memo = LlamaModel(job.model).cuda().to(torch.bfloat16)
     memo.load_state_dict(plain.state_dict())
-    return plain, memo, apply_policies(memo, {i: policy for i in range(job.model.num_layers)})
+    split = layer_plans([decision] * job.model.num_layers)
+    return plain, memo, tokenwise.apply(memo, tokenwise.Config(**config), split)
 
 
 def _loss_and_grads(model, tokens):
@@ -107,10 +110,7 @@ def test_tokenwise_runtime_in_bf16_on_gpu_matches_the_plain_run(policy, prefetch
     """Swaps are exact copies and recompute uses the same kernels, but the flash attention backward accumulates
     with atomics, so two plain runs already differ (seen on H100: up to 1.2e-3 relative on one gradient): the
     runtime is held to bf16 tolerance and the plain run's own run-to-run difference is printed beside it."""
-    from orchestrator.memory.tokenwise import LayerPolicy
-
-    plain, memo, runtime = _small_pair(2048, LayerPolicy(*policy))
-    runtime.prefetch = prefetch
+    plain, memo, runtime = _small_pair(2048, policy, prefetch=prefetch)
     tokens = torch.randint(0, 256, (2, 2049), device="cuda")
     first, again, ours = _loss_and_grads(plain, tokens), _loss_and_grads(plain, tokens), _loss_and_grads(memo, tokens)
     print(f"\npolicy {policy} prefetch {prefetch}: loss {first[0].item():.6f} vs {ours[0].item():.6f}; worst "
@@ -124,9 +124,7 @@ def test_one_sequence_swap_on_gpu_flat_copies_and_int8(int8_swap):
     """Micro-batch 1 takes the flat-block copy path; with int8 codes the gradients stay close (approximate).
     Exact swap on H100: 6.3e-3 worst relative difference (recomputed chunks use other GEMM shapes, so bf16
     rounding differs, and flash backward is not deterministic); int8: 2.8e-2."""
-    from orchestrator.memory.tokenwise import LayerPolicy
-
-    plain, memo, runtime = _small_pair(4096, LayerPolicy(0.25, 0.5, 0.25, True, int8_swap=int8_swap))
+    plain, memo, runtime = _small_pair(4096, (0.25, 0.5, 0.25, True, "int8" if int8_swap else "none"))
     tokens = torch.randint(0, 256, (1, 4097), device="cuda")
     first = _loss_and_grads(plain, tokens)
     _loss_and_grads(memo, tokens)

@@ -107,17 +107,18 @@ def test_a_compression_section_is_planned_for_its_layers():
 def test_the_trainer_installs_the_planned_compression(debug_model_config):
     from types import SimpleNamespace
 
+    from orchestrator.memory import apply_plan
     from orchestrator.model import LlamaModel
-    from orchestrator.trainer import apply_plan_compression
     from planner.cost_model import PLANNER_COMPRESSION
     from spec.plan import LayerPlan, compression_spec
 
     model = LlamaModel(debug_model_config)
     plan = SimpleNamespace(layers=[LayerPlan(i, activation_compression=compression_spec(PLANNER_COMPRESSION)
-                                             if i in (1, 3) else "none") for i in range(4)])
-    assert apply_plan_compression(model, plan, seed=0)
-    assert [type(layer.mlp).__name__ for layer in model.layers] == ["MLP", "CompressedMLP", "MLP", "CompressedMLP"]
-    assert type(model.layers[1].attn.q_proj).__name__ == "CompressedLinear"
+                                             if i in (1, 3) else "none") for i in range(4)], runtime_arena={})
+    job = load_job_config(None, [])
+    assert apply_plan(model, plan, job.compression, job.token_elim, job.train).compressed_layers == [1, 3]
+    assert [layer.mlp.saved_swiglu is not None for layer in model.layers] == [False, True, False, True]
+    assert model.layers[1].attn.q_proj.saved_input is not None
 
 
 def test_infeasible_job_says_why_and_what_fits():

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from spec.config import ModelConfig
-from orchestrator.memory import compressed, quant_int4_deriv, quant_int8
-from orchestrator.model import MLP, DecoderLayer, rope_tables
+from orchestrator.memory import compact, compressed, quant_int4_deriv, quant_int8
+from orchestrator.model import MLP, DecoderLayer, Linear, rope_tables
 
 
 def _range(x: torch.Tensor, groups: int = 4, decay: float = 0.5) -> quant_int8.RunningRange:
@@ -73,10 +73,9 @@ def test_head_major_tensors_get_one_range_per_head():
 
 def _int8_linear(decay: float = 0.5):
     torch.manual_seed(0)
-    linear, reference = torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 16, bias=False)
+    linear, reference = Linear(32, 16, bias=False), torch.nn.Linear(32, 16, bias=False)
     reference.load_state_dict(linear.state_dict())
-    compressed._become(linear, compressed.CompressedLinear,
-                       store=compressed.InputStore(3, quant_int8.Config(decay, num_groups=4)))
+    linear.saved_input = compact.InputStore(3, quant_int8.Config(decay, num_groups=4))
     return linear, reference
 
 
@@ -92,7 +91,7 @@ def test_linear_forward_bitwise_input_gradient_exact_weight_gradient_within_boun
         grads.append((xx.grad, module.weight.grad))
     assert torch.equal(outs[0], outs[1])
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
-    step = (linear.store.running.alpha / 255).repeat_interleave(8)
+    step = (linear.saved_input.running.alpha / 255).repeat_interleave(8)
     bound = g.reshape(-1, 16).abs().sum(0)[:, None] * step[None, :]  # |sum_i g_i (x_hat_i - x_i)|
     error = (grads[0][1] - grads[1][1]).abs()
     print(f"int8 linear dW: max error / bound = {float((error / bound).max()):.3f}")
@@ -103,7 +102,7 @@ def test_ranges_move_only_in_training_forwards():
     linear, _ = _int8_linear(decay=0.5)
     x = torch.randn(2, 8, 32, requires_grad=True)
     linear(x)
-    store = linear.store
+    store = linear.saved_input
     alpha = store.running.alpha.clone()
     linear(x * 4)  # a new training batch: the range moves
     moved = store.running.alpha.clone()
@@ -113,7 +112,7 @@ def test_ranges_move_only_in_training_forwards():
     linear.train()
     with torch.no_grad():
         linear(x * 16)
-    with compressed.replaying():
+    with compact.replaying():
         linear(x * 16)
     assert torch.equal(store.running.alpha, moved)
 
@@ -121,9 +120,9 @@ def test_ranges_move_only_in_training_forwards():
 def test_replayed_forward_stores_the_same_codes():
     linear, _ = _int8_linear()
     x = torch.randn(2, 8, 32)
-    first = linear.store.pack(x.clone(), training=True)[1]
-    with compressed.replaying():
-        again = linear.store.pack(x.clone(), training=True)[1]
+    first = linear.saved_input.pack(x.clone(), training=True)[1]
+    with compact.replaying():
+        again = linear.saved_input.pack(x.clone(), training=True)[1]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -149,7 +148,7 @@ def _layer(config: ModelConfig, **settings):
     model = torch.nn.Module()
     model.layers = [layer]
     if settings:
-        compressed.install(model, [0], **settings)
+        compressed.update(model, [0], 0, **settings)
     return layer
 
 
@@ -194,7 +193,7 @@ def test_s2a_codes_pack_two_per_byte():
 
 def test_s2a_value_and_derivative_error_bounds():
     gate = torch.linspace(-4, 3, 7001).view(1, -1, 1).expand(1, -1, 8).reshape(-1, 8)
-    store = compressed.InputStore(0, quant_int4_deriv.Config(num_groups=1), bits=4)
+    store = compact.InputStore(0, quant_int4_deriv.Config(num_groups=1), bits=4)
     meta, tensors = store.pack(gate, training=True)
     value, slope = compressed.GateCodec(store).restore(meta, tensors, tuple(gate.shape))
     value_bound, slope_bound = quant_int4_deriv.error_bounds(store.running.alpha)
@@ -210,9 +209,8 @@ def test_s2a_mlp_forward_bitwise_and_gradients_within_the_bounds(debug_model_con
     torch.manual_seed(2)
     mlp, reference = MLP(debug_model_config), MLP(debug_model_config)
     reference.load_state_dict(mlp.state_dict())
-    store = compressed.InputStore(0, quant_int4_deriv.Config(num_groups=8), bits=4)
-    compressed._become(mlp, compressed.CompressedMLP, gate_codec=compressed.GateCodec(store),
-                       up_store=compressed.InputStore(1, None))
+    store = compact.InputStore(0, quant_int4_deriv.Config(num_groups=8), bits=4)
+    mlp.saved_swiglu = compressed.CompactSwiGLU(compressed.GateCodec(store), compact.InputStore(1, None))
     x = torch.randn(2, 32, debug_model_config.hidden_size)
     gate = reference.gate_proj(x).detach().requires_grad_()
     up = reference.up_proj(x).detach().requires_grad_()
@@ -220,8 +218,9 @@ def test_s2a_mlp_forward_bitwise_and_gradients_within_the_bounds(debug_model_con
     exact.backward(torch.ones_like(exact))
     gate2, up2 = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
     meta, tensors = store.pack(gate2, training=True)
-    ours = compressed._CompactSwiGLU.apply(gate2, up2, mlp.gate_codec, meta, compressed.Packed(16, False,
-                                           tuple(up2.shape), up2.dtype), 1, up2.detach(), *tensors)
+    up_meta = compact.Packed(16, False, tuple(up2.shape), up2.dtype)
+    ours = compressed._CompactSwiGLU.apply(gate2, up2, mlp.saved_swiglu.gate_codec, meta, up_meta, 1, up2.detach(),
+                                           *tensors)
     ours.backward(torch.ones_like(ours))
     assert torch.equal(ours, exact)
     value_bound, slope_bound = quant_int4_deriv.error_bounds(store.running.alpha.repeat_interleave(44))
@@ -239,12 +238,12 @@ def test_swiglu_backward_in_row_chunks_equals_the_one_chunk_result(monkeypatch, 
     torch.manual_seed(3)
     gate = torch.randn(9, 7, 11)  # 63 rows of 11 codes: odd width
     up = torch.randn(9, 7, 11)
-    codec = compressed.GateCodec(compressed.InputStore(
+    codec = compressed.GateCodec(compact.InputStore(
         0, quant_int4_deriv.Config(num_groups=1) if bits == 4 else quant_int8.Config(num_groups=1), bits=bits))
-    up_store = compressed.InputStore(1, quant_int8.Config(num_groups=1))
+    up_store = compact.InputStore(1, quant_int8.Config(num_groups=1))
     grads = []
     for chunk in (10**9, 4 * 11):  # one chunk; 4 rows per chunk
-        monkeypatch.setattr(compressed, "BACKWARD_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(compact, "BACKWARD_CHUNK_ELEMENTS", chunk)
         gate1, up1 = gate.clone().requires_grad_(), up.clone().requires_grad_()
         meta, gate_tensors = codec.pack(gate1, training=False)
         up_meta, up_tensors = up_store.pack(up1, training=False)
@@ -264,9 +263,9 @@ def test_int8_linear_weight_gradient_in_row_chunks_equals_the_one_chunk_result(m
     x, g = torch.randn(3, 40, 32), torch.randn(3, 40, linear.out_features)
     grads = []
     for chunk in (10**9, 7 * 32):  # one chunk; 7 rows per chunk (not dividing the 120 rows)
-        monkeypatch.setattr(compressed, "BACKWARD_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(compact, "BACKWARD_CHUNK_ELEMENTS", chunk)
         linear.weight.grad = None
-        with compressed.replaying():  # the same codes both times
+        with compact.replaying():  # the same codes both times
             linear(x).backward(g)
         grads.append(linear.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)

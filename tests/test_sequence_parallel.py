@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, layer_plans
 from spec.config import ModelConfig
-from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+from orchestrator.memory import tokenwise
 from orchestrator.model import LlamaModel
 from spec.parallel import ParallelDims
 from orchestrator.sequence_parallel import install, sequence_groups, shard_of
@@ -19,8 +19,8 @@ from orchestrator.sequence_parallel import install, sequence_groups, shard_of
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
                     intermediate_size=64)
 SEQ = 48
-POLICIES = {1: LayerPolicy(keep_fraction=0.25, swap_fraction=0.5, recompute_fraction=0.25),
-            2: LayerPolicy(keep_fraction=0.5, swap_fraction=0.0, recompute_fraction=0.5, offload_skeletal=True)}
+POLICIES = {1: (0.25, 0.5, 0.25), 2: (0.5, 0.0, 0.5, True)}
+"""Split layers: keep, swap, recompute[, skeletal to host]."""
 
 
 def _batch():
@@ -35,7 +35,7 @@ def _model(with_plan: bool, device: str = "cpu"):
     if device != "cpu":
         model = model.to(device, torch.bfloat16)
     if with_plan:
-        apply_policies(model, POLICIES)
+        tokenwise.apply(model, tokenwise.Config(), layer_plans(POLICIES))
     return model
 
 

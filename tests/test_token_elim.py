@@ -4,15 +4,15 @@ block scores never need the N x N map, saved bytes scale with the keep ratio."""
 
 import copy
 import math
-from types import MethodType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from spec.config import load_job_config
+from spec.config import TokenElimConfig, load_job_config
 from orchestrator.data import RankSampler, build_windows
 from spec.errors import ConfigError
-from orchestrator.memory import technique, token_elim
+from orchestrator.memory import apply_plan, technique, token_elim
 from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
 from tests.conftest import requires_gpu
 
@@ -33,7 +33,7 @@ def _layer_and_input(seed=0):
 
 def _sparse(layer, ratio):
     sparse = copy.deepcopy(layer)
-    token_elim.apply_elimination(SimpleNamespace(layers=[sparse]), {0: ratio}, BLOCK)
+    token_elim.apply(SimpleNamespace(layers=[sparse]), TokenElimConfig(keep_ratio=ratio, block_size=BLOCK), [0])
     return sparse
 
 
@@ -79,13 +79,17 @@ def test_a_token_dropped_at_one_layer_returns_at_the_next():
     job = load_job_config(None, ["token_elim.enabled=true", "token_elim.keep_ratio=0.5",
                                  "token_elim.dense_first_layers=0", f"data.seq_len={SEQ_LEN}"])
     model = LlamaModel(job.model)
-    assert token_elim.apply_config(model, job.token_elim) == {0: 0.5, 1: 0.5, 2: 0.5}
+    assert _apply_job(model, job).sparse_layers == {0: 0.5, 1: 0.5, 2: 0.5}
     with torch.no_grad():
         model(torch.randint(0, 256, (BATCH, SEQ_LEN)))
     kept = [set(model.layers[i].token_elim.last_kept[0, ::BLOCK].tolist()) for i in range(3)]
     returned = [(i, sorted((kept[i + 1] - kept[i]))) for i in range(2) if kept[i + 1] - kept[i]]
     assert returned, kept
-    assert not hasattr(model.layers[3], "token_elim")  # the last layer stays dense
+    assert model.layers[3].token_elim is None  # the last layer stays dense
+
+
+def _apply_job(model, job):
+    return apply_plan(model, None, job.compression, job.token_elim, job.train)
 
 
 def _reference_scores(q, k, block):
@@ -181,12 +185,11 @@ def test_held_out_perplexity_after_fine_tuning_is_within_5_percent_of_dense_and_
                            "absurd": ["token_elim.keep_ratio=0.05", "token_elim.dense_first_layers=0",
                                       "token_elim.dense_last_layers=0"]}.items():
         sparse = copy.deepcopy(base)
-        token_elim.apply_config(sparse, load_job_config(None, [f"data.seq_len={SEQ_LEN}", "token_elim.enabled=true",
-                                                               *settings]).token_elim)
+        _apply_job(sparse, load_job_config(None, [f"data.seq_len={SEQ_LEN}", "token_elim.enabled=true", *settings]))
         _adamw_steps(sparse, batches, lr=1e-3)
         own = _perplexity(sparse, rows)
         for layer in sparse.layers:
-            layer.forward = MethodType(DecoderLayer.forward, layer)
+            layer.token_elim = None  # the same weights, dense
         gaps[name] = (_perplexity(sparse, rows) / dense_ppl - 1, own / dense_ppl - 1)
     print(f"\nheld-out perplexity: dense fine-tuned {dense_ppl:.3f}; token_elim fine-tuned, evaluated dense / with "
           "its sparse forward: " + "; ".join(f"{n} {a:+.2%} / {b:+.2%}" for n, (a, b) in gaps.items()))
@@ -232,9 +235,9 @@ def test_composes_with_activation_compression_on_the_same_layers():
     torch.manual_seed(0)
     alone = LlamaModel(job.model)
     both = copy.deepcopy(alone)
-    compressed.apply_config(alone, job.compression, 0)
-    compressed.apply_config(both, job.compression, 0)
-    token_elim.apply_config(both, job.token_elim)
+    for model in (alone, both):
+        compressed.apply(model, compressed.Config(job.compression, seed=0), range(job.model.num_layers))
+    token_elim.apply(both, job.token_elim, sorted(job.token_elim.keep_ratios(job.model.num_layers)))
     tokens = torch.randint(0, 256, (2, 257))
     grads = []
     for model in (alone, both):

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from spec.config import load_job_config
-from orchestrator.memory import token_elim
-from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+from spec.config import TokenElimConfig, load_job_config
+from orchestrator.memory import token_elim, tokenwise
 from orchestrator.model import LlamaModel
+from tests.conftest import layer_plans, loss_and_grads
 
 SEQ_LEN, BATCH, BLOCK = 256, 2, 64
 RATIOS = {1: 0.5, 2: 0.5, 3: 0.25}
@@ -24,37 +24,35 @@ def _sparse_model_and_batch():
     for name, param in model.named_parameters():  # larger weights: scores that differ between sequences and layers
         if "layers" in name and not name.endswith("norm.weight"):
             torch.nn.init.normal_(param, std=0.08)
-    token_elim.apply_elimination(model, RATIOS, BLOCK)
+    for ratio in sorted(set(RATIOS.values())):
+        token_elim.apply(model, TokenElimConfig(keep_ratio=ratio, block_size=BLOCK),
+                         [i for i, r in RATIOS.items() if r == ratio])
     tokens = torch.randint(0, 256, (BATCH, SEQ_LEN + 1))
     return model, tokens[:, :-1], tokens[:, 1:]
 
 
-def _loss_and_grads(model, inputs, targets):
-    model.zero_grad(set_to_none=True)
-    loss = model(inputs, targets=targets)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-SPLITS = {
-    "swap all": LayerPolicy(0.0, 1.0, 0.0),
-    "recompute all": LayerPolicy(0.0, 0.0, 1.0),
-    "three ways": LayerPolicy(0.25, 0.25, 0.5),
-    "skeletal to host, rest recomputed": LayerPolicy(0.3, 0.0, 0.7, offload_skeletal=True),
+SPLITS = {  # every layer: keep, swap, recompute[, skeletal to host]
+    "swap all": (0.0, 1.0, 0.0),
+    "recompute all": (0.0, 0.0, 1.0),
+    "three ways": (0.25, 0.25, 0.5),
+    "skeletal to host, rest recomputed": (0.3, 0.0, 0.7, True),
 }
+
+
+def _split(model, decision, **config):
+    return tokenwise.apply(model, tokenwise.Config(**config), layer_plans([decision] * 4))
 
 
 @pytest.mark.parametrize("name", SPLITS)
 def test_sparse_layers_under_a_plan_give_the_gradients_of_the_sparse_model_without_it(name):
     model, inputs, targets = _sparse_model_and_batch()
-    reference_loss, reference = _loss_and_grads(model, inputs, targets)
+    reference_loss, reference = loss_and_grads(model, inputs, targets)
     kept_plain = [model.layers[i].token_elim.last_kept for i in RATIOS]
     assert not torch.equal(kept_plain[0][0], kept_plain[0][1])  # the two sequences keep different blocks
     planned = copy.deepcopy(model)
-    runtime = apply_policies(planned, {i: SPLITS[name] for i in range(4)})
-    runtime.recompute_chunk_tokens = 48  # chunks that cut the kept sequence and the blocks anywhere
+    _split(planned, SPLITS[name], recompute_chunk_tokens=48)  # chunks that cut the kept sequence and blocks anywhere
     for _ in range(2):  # the second step reuses the host buffers
-        loss, grads = _loss_and_grads(planned, inputs, targets)
+        loss, grads = loss_and_grads(planned, inputs, targets)
         assert all(torch.equal(planned.layers[i].token_elim.last_kept, kept) for i, kept in zip(RATIOS, kept_plain))
         torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-7)
         for key in reference:  # not bitwise: under a plan the attention norm's backward sums over every row
@@ -65,9 +63,9 @@ def test_recomputation_reuses_the_kept_indices_and_never_rescores(monkeypatch):
     """After the forward the scorer is made to choose other blocks: gradients still equal the plain sparse run's
     (a recomputation that re-scored would recompute other rows), and it is not called during backward."""
     model, inputs, targets = _sparse_model_and_batch()
-    reference_loss, reference = _loss_and_grads(model, inputs, targets)
+    reference_loss, reference = loss_and_grads(model, inputs, targets)
     planned = copy.deepcopy(model)
-    apply_policies(planned, {i: LayerPolicy(0.0, 0.0, 1.0) for i in range(4)})
+    _split(planned, SPLITS["recompute all"])
     calls, original = [], token_elim.kept_token_indices
 
     def counting(layer, x, cos, sin):
@@ -94,7 +92,7 @@ def test_the_plan_splits_the_kept_rows_of_the_attention_half():
     """Swapping everything: a sparse layer's attention tensors on the host have the kept tokens only, its MLP
     tensors every token."""
     model, inputs, targets = _sparse_model_and_batch()
-    runtime = apply_policies(model, {i: LayerPolicy(0.0, 1.0, 0.0) for i in range(4)})
+    runtime = _split(model, SPLITS["swap all"])
     model(inputs, targets=targets).backward()
     tokens = {(key[0], key[1]): buffer.numel() for key, buffer in runtime.pool.buffers.items()}
     for layer, ratio in {0: 1.0, **RATIOS}.items():
@@ -170,7 +168,7 @@ def test_a_job_that_does_not_fit_dense_fits_with_token_elimination_and_the_mip_u
     # with room for some activations, the dense layers of the sparse job keep more than the dense job's layers
     tight = [make_plan(_llama_job(*common, *extra, "plan.gpu_memory_fraction=0.6"), profile).plan
              for extra in ([], ELIM)]
-    kept = [[tight[j].layers[i]["keep_fraction"] for i in (0, 3)] for j in (0, 1)]
+    kept = [[tight[j].layers[i].keep_fraction for i in (0, 3)] for j in (0, 1)]
     print(f"\nfloors {floors} GiB; keep fractions of layers 0 and 3 at 60%: dense {kept[0]}, token_elim {kept[1]}; "
           f"step {tight[0].predicted['step_seconds']} vs {tight[1].predicted['step_seconds']} s")
     assert sum(kept[1]) > sum(kept[0]) and max(kept[0]) < 1
@@ -180,8 +178,7 @@ def test_a_job_that_does_not_fit_dense_fits_with_token_elimination_and_the_mip_u
 def test_a_sparse_plan_places_the_kept_rows_in_their_planned_arena_regions():
     """The plan sizes each sparse layer's arena region for its kept rows (attention roles split over the kept
     sequence): the runtime's slices land in it with no fallback, and gradients stay those of the unplanned run."""
-    from orchestrator.memory.arena import KeptArena
-    from orchestrator.trainer import plan_policies
+    from orchestrator.memory import arena as memory_arena
     from spec.hardware import load_profile
     from spec.plan import align
     from planner.planning import make_plan
@@ -197,11 +194,13 @@ def test_a_sparse_plan_places_the_kept_rows_in_their_planned_arena_regions():
     model = LlamaModel(job.model)
     tokens = torch.randint(0, 256, (BATCH, SEQ_LEN + 1))
     reference = copy.deepcopy(model)
-    token_elim.apply_config(reference, job.token_elim)
-    reference_loss, reference_grads = _loss_and_grads(reference, tokens[:, :-1], tokens[:, 1:])
-    arena = KeptArena(plan.runtime_arena, torch.device("cpu"))
-    runtime = apply_policies(model, plan_policies(plan), arena)
-    token_elim.apply_config(model, job.token_elim)
+    sparse = sorted(job.token_elim.keep_ratios(job.model.num_layers))
+    token_elim.apply(reference, job.token_elim, sparse)
+    reference_loss, reference_grads = loss_and_grads(reference, tokens[:, :-1], tokens[:, 1:])
+    runtime = tokenwise.apply(model, tokenwise.Config(), plan.layers)
+    arena = memory_arena.apply(model, memory_arena.Config(plan.runtime_arena, torch.device("cpu")),
+                               [layer.layer for layer in plan.layers])
+    token_elim.apply(model, job.token_elim, sparse)
     model.zero_grad(set_to_none=True)
     loss = model(tokens[:, :-1], targets=tokens[:, 1:])
     start, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.bytes
@@ -236,8 +235,9 @@ def test_a_compressed_sparse_layer_stores_the_compact_forms_of_its_kept_rows():
 
 
 def test_the_plan_keeps_a_compressed_sparse_layer_whole_as_the_runtime_requires():
-    """The runtime refuses token elimination on a layer that is compressed and split; the MIP keeps such layers
-    whole with their skeletal tensors on the GPU (without that constraint it offloads them here)."""
+    """Token elimination on a layer that is compressed and split is refused (`spec.plan.check_plan_composes`); the
+    MIP keeps such layers whole with their skeletal tensors on the GPU (without that constraint it offloads them
+    here)."""
     from dataclasses import replace
 
     from spec.hardware import load_profile
@@ -247,11 +247,11 @@ def test_the_plan_keeps_a_compressed_sparse_layer_whole_as_the_runtime_requires(
     job = _llama_job("data.seq_len=32768", "plan.gpu_memory_fraction=0.5", "compression.linear_inputs=int8",
                      "compression.layers=[1,2]", *ELIM)
     plan = make_plan(job, load_profile("h100_sxm")).plan
-    print("\n" + "\n".join(f"layer {d['layer']}: keep {d['keep_fraction']} offload {d['offload_skeletal']} "
-                           f"{d['activation_compression']}" for d in plan.layers))
+    print("\n" + "\n".join(f"layer {d.layer}: keep {d.keep_fraction} offload {d.offload_skeletal} "
+                           f"{d.activation_compression}" for d in plan.layers))
     assert [d.activation_compression != "none" for d in plan.layers] == [False, True, True, False]
     assert all(d.keep_fraction == 1 and not d.offload_skeletal for d in plan.layers[1:3])
-    assert plan.layers[0]["keep_fraction"] < 1  # the dense layers still get split
+    assert plan.layers[0].keep_fraction < 1  # the dense layers still get split
     _, _, inputs, _ = _solve(job, load_profile("h100_sxm"))
     free = solve_policy(replace(inputs, sparse=()), job.plan.time_limit_seconds)
     assert any(d.keep_fraction < 1 or d.offload_skeletal for d in free.decisions[1:3])

@@ -9,7 +9,7 @@ from launch.cli import main
 from spec.config import load_job_config
 from orchestrator.data import build_windows
 from spec.errors import ConfigError
-from orchestrator.memory import token_elim
+from orchestrator.memory import apply_plan, token_elim
 from orchestrator.memory.token_elim_predictors import held_out_recall, load_predictors, train_predictors
 from orchestrator.model import LlamaModel, rope_tables
 
@@ -52,7 +52,7 @@ def test_trained_predictors_are_saved_loaded_and_choose_the_kept_blocks(tmp_path
     assert held_out_recall(model, exact, windows, job.token_elim, 4)[0] == {1: 1.0, 2: 1.0}
 
     sparse_job = load_job_config(None, OVERRIDES + ["token_elim.enabled=true", f"token_elim.predictors={report.path}"])
-    token_elim.apply_config(model, sparse_job.token_elim)
+    apply_plan(model, None, sparse_job.compression, sparse_job.token_elim, sparse_job.train)
     tokens = torch.from_numpy(windows.window(0, holdout=True)[:-1])[None]
     with torch.no_grad():
         model(tokens)

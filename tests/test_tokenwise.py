@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from spec.config import load_job_config
-from orchestrator.memory.tokenwise import LayerPolicy, apply_policies, dense_flat
+from orchestrator.memory import tokenwise
+from orchestrator.memory.swap_stream import dense_flat
 from orchestrator.model import LlamaModel
 from spec.activations import layer_saved_tensors
+from tests.conftest import layer_plans, loss_and_grads
 
 SEQ_LEN, BATCH = 256, 2
 
@@ -22,33 +24,29 @@ def _model_and_batch(batch=BATCH):
     return job, model, tokens[:, :-1], tokens[:, 1:]
 
 
-def _loss_and_grads(model, inputs, targets):
-    model.zero_grad(set_to_none=True)
-    loss = model(inputs, targets=targets)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-SPLITS = {
-    "swap all": [LayerPolicy(0.0, 1.0, 0.0)] * 4,
-    "swap half": [LayerPolicy(0.5, 0.5, 0.0)] * 4,
-    "recompute all": [LayerPolicy(0.0, 0.0, 1.0)] * 4,
-    "recompute half": [LayerPolicy(0.5, 0.0, 0.5)] * 4,
-    "three ways": [LayerPolicy(0.25, 0.25, 0.5)] * 4,
-    "skeletal to host": [LayerPolicy(1.0, 0.0, 0.0, offload_skeletal=True)] * 4,
-    "mixed per layer": [LayerPolicy(1.0, 0.0, 0.0), LayerPolicy(0.0, 0.5, 0.5, offload_skeletal=True),
-                        LayerPolicy(0.0, 1.0, 0.0), LayerPolicy(0.3, 0.0, 0.7)],
+SPLITS = {  # per layer: keep, swap, recompute[, skeletal to host[, swap codec]]
+    "swap all": [(0.0, 1.0, 0.0)] * 4,
+    "swap half": [(0.5, 0.5, 0.0)] * 4,
+    "recompute all": [(0.0, 0.0, 1.0)] * 4,
+    "recompute half": [(0.5, 0.0, 0.5)] * 4,
+    "three ways": [(0.25, 0.25, 0.5)] * 4,
+    "skeletal to host": [(1.0, 0.0, 0.0, True)] * 4,
+    "mixed per layer": [(1.0, 0.0, 0.0), (0.0, 0.5, 0.5, True), (0.0, 1.0, 0.0), (0.3, 0.0, 0.7)],
 }
+
+
+def _split(model, decisions, **config):
+    return tokenwise.apply(model, tokenwise.Config(**config), layer_plans(decisions))
 
 
 @pytest.mark.parametrize("name", SPLITS)
 def test_gradients_equal_the_plain_run_bitwise(name):
     _, model, inputs, targets = _model_and_batch()
-    reference_loss, reference = _loss_and_grads(model, inputs, targets)
+    reference_loss, reference = loss_and_grads(model, inputs, targets)
     memo = copy.deepcopy(model)
-    apply_policies(memo, dict(enumerate(SPLITS[name])))
+    _split(memo, SPLITS[name])
     for _ in range(2):  # the second step reuses the host buffers
-        loss, grads = _loss_and_grads(memo, inputs, targets)
+        loss, grads = loss_and_grads(memo, inputs, targets)
         assert torch.equal(loss, reference_loss)
         for key in reference:
             assert torch.equal(grads[key], reference[key]), key
@@ -57,11 +55,11 @@ def test_gradients_equal_the_plain_run_bitwise(name):
 def test_one_sequence_swaps_its_slices_as_flat_blocks_and_stays_exact():
     """Micro-batch 1 (the long-context case) copies each swapped slice as one dense block, head-major ones too."""
     _, model, inputs, targets = _model_and_batch(batch=1)
-    reference_loss, reference = _loss_and_grads(model, inputs, targets)
+    reference_loss, reference = loss_and_grads(model, inputs, targets)
     memo = copy.deepcopy(model)
-    runtime = apply_policies(memo, dict(enumerate(SPLITS["three ways"])))
+    runtime = _split(memo, SPLITS["three ways"])
     for _ in range(2):
-        loss, grads = _loss_and_grads(memo, inputs, targets)
+        loss, grads = loss_and_grads(memo, inputs, targets)
         assert torch.equal(loss, reference_loss)
         assert all(torch.equal(grads[key], reference[key]) for key in reference)
     assert all(buffer.dim() == 1 for buffer in runtime.pool.buffers.values())
@@ -77,19 +75,19 @@ def test_dense_flat_finds_one_block_or_none():
 
 def test_attention_runs_once_per_layer_even_when_everything_is_recomputed(monkeypatch):
     _, model, inputs, targets = _model_and_batch()
-    apply_policies(model, dict(enumerate(SPLITS["recompute all"])))
+    _split(model, SPLITS["recompute all"])
     calls = []
     for layer in model.layers:
         original = layer.attn.attend
         monkeypatch.setattr(layer.attn, "attend", lambda *a, _f=original: calls.append(1) or _f(*a))
-    _loss_and_grads(model, inputs, targets)
+    loss_and_grads(model, inputs, targets)
     assert len(calls) == len(model.layers)
 
 
 def test_host_bytes_are_the_swapped_share_of_the_planned_inventory():
     job, model, inputs, targets = _model_and_batch()
-    runtime = apply_policies(model, dict(enumerate(SPLITS["swap half"])))
-    _loss_and_grads(model, inputs, targets)
+    runtime = _split(model, SPLITS["swap half"])
+    loss_and_grads(model, inputs, targets)
     token_wise = sum(t.bytes_per_token for t in layer_saved_tensors(job.model, 4) if not t.skeletal)
     expected = len(model.layers) * 0.5 * SEQ_LEN * BATCH * token_wise
     assert runtime.pool.bytes == pytest.approx(expected, rel=0.01)
@@ -98,7 +96,7 @@ def test_host_bytes_are_the_swapped_share_of_the_planned_inventory():
 def test_dropped_tokens_free_their_activations():
     """After forward, what the layers hold on the device is the kept share plus the skeletal tensors."""
     job, model, inputs, targets = _model_and_batch()
-    runtime = apply_policies(model, dict(enumerate(SPLITS["recompute all"])))
+    runtime = _split(model, SPLITS["recompute all"])
     loss = model(inputs, targets=targets)
     held = 0
     for record in runtime.pending:
@@ -113,10 +111,9 @@ def test_dropped_tokens_free_their_activations():
 
 def test_recompute_in_chunks_is_still_exact():
     _, model, inputs, targets = _model_and_batch()
-    reference_loss, reference = _loss_and_grads(model, inputs, targets)
-    runtime = apply_policies(model, dict(enumerate(SPLITS["three ways"])))
-    runtime.recompute_chunk_tokens = 48  # not a divisor of the 128 recomputed tokens
-    loss, grads = _loss_and_grads(model, inputs, targets)
+    reference_loss, reference = loss_and_grads(model, inputs, targets)
+    _split(model, SPLITS["three ways"], recompute_chunk_tokens=48)  # not a divisor of the 128 recomputed tokens
+    loss, grads = loss_and_grads(model, inputs, targets)
     assert torch.equal(loss, reference_loss)
     assert all(torch.equal(grads[k], reference[k]) for k in reference)
 
@@ -140,7 +137,7 @@ def test_after_forward_only_the_skeletal_tensors_stay_alive():
     plain_loss = model(inputs, targets=targets)
     plain_bytes = _live_activation_bytes(model) - before
     del plain_loss
-    apply_policies(model, dict(enumerate(SPLITS["recompute all"])))
+    _split(model, SPLITS["recompute all"])
     before = _live_activation_bytes(model)
     loss = model(inputs, targets=targets)
     memo_bytes = _live_activation_bytes(model) - before
@@ -158,14 +155,14 @@ def test_nothing_survives_a_step(name):
     import gc
 
     _, model, inputs, targets = _model_and_batch()
-    runtime = apply_policies(model, dict(enumerate(SPLITS[name])))
+    runtime = _split(model, SPLITS[name])
     gc.collect()
     gc.disable()  # memory must be freed by reference counting, as soon as backward is done, not by a later sweep
     try:
-        _loss_and_grads(model, inputs, targets)
+        loss_and_grads(model, inputs, targets)
         settled = _live_activation_bytes(model)
         for _ in range(3):
-            _loss_and_grads(model, inputs, targets)
+            loss_and_grads(model, inputs, targets)
             assert _live_activation_bytes(model) == settled
     finally:
         gc.enable()
@@ -173,7 +170,7 @@ def test_nothing_survives_a_step(name):
 
 
 def test_kept_slices_live_in_the_planned_arena_and_stay_exact():
-    from orchestrator.memory.arena import KeptArena
+    from orchestrator.memory import arena as memory_arena
     from spec.hardware import load_profile
     from planner.planning import make_plan
 
@@ -182,11 +179,10 @@ def test_kept_slices_live_in_the_planned_arena_and_stay_exact():
                                      "plan.gpu_memory_fraction=0.002"])
     plan = make_plan(planned, load_profile("cpu")).plan
     assert any(0 < layer.keep_fraction < 1 for layer in plan.layers), plan.layers
-    reference_loss, reference = _loss_and_grads(model, inputs, targets)
-    arena = KeptArena(plan.runtime_arena, torch.device("cpu"))
-    policies = {d.layer: LayerPolicy(d.keep_fraction, d.swap_fraction, d.recompute_fraction,
-                                        d.offload_skeletal) for d in plan.layers}
-    runtime = apply_policies(model, policies, arena)
+    reference_loss, reference = loss_and_grads(model, inputs, targets)
+    runtime = tokenwise.apply(model, tokenwise.Config(), plan.layers)
+    arena = memory_arena.apply(model, memory_arena.Config(plan.runtime_arena, torch.device("cpu")),
+                               [layer.layer for layer in plan.layers])
     model.zero_grad(set_to_none=True)
     loss = model(inputs, targets=targets)
     start, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.bytes
@@ -208,22 +204,22 @@ def test_unknown_technique_lists_the_valid_names():
 
 
 def test_int8_swap_restores_within_a_step_of_the_range_and_halves_host_bytes():
-    """The plan's quant_int8: swapped slices cross as uint8 codes; the skeletal tensors stay exact."""
-    from orchestrator.memory.tokenwise import Int8Swap
+    """The plan's swap_codec int8: swapped slices cross as uint8 codes; the skeletal tensors stay exact."""
+    from orchestrator.memory.quant_int8 import SwapCodes
 
     torch.manual_seed(0)
     values = torch.randn(64, 4, 32) * torch.linspace(0.1, 10, 32)  # channel groups with very different ranges
     values[3, 1, 7] = 80.0  # one outlier widens its group only
     flat = values.view(-1)
     generator = torch.Generator().manual_seed(0)
-    codes = Int8Swap.encode(flat, 32, generator)
+    codes = SwapCodes.encode(flat, 32, generator)
     assert codes.codes.dtype == torch.uint8 and codes.codes.numel() == flat.numel()
     restored = torch.empty_like(flat)
     codes.decode_into(restored, codes.codes)
     step = (codes.width / 255).repeat_interleave(32 // codes.low.numel())  # per channel
     assert ((restored.view(-1, 32) - flat.view(-1, 32)).abs() <= step + 1e-6).all()
     assert restored.max() == pytest.approx(80.0, abs=float(step.max()))  # clamped to, not wrapped past, the range
-    draws = torch.stack([_decoded(Int8Swap.encode(flat, 32, generator)) for _ in range(400)])
+    draws = torch.stack([_decoded(SwapCodes.encode(flat, 32, generator)) for _ in range(400)])
     bias = (draws.mean(0) - flat).abs().view(-1, 32) / step  # stochastic rounding: unbiased
     assert bias.mean() < 0.02
 
@@ -236,12 +232,12 @@ def _decoded(codes):
 
 def test_int8_swap_trains_close_to_exact_with_half_the_host_bytes():
     _, model, inputs, targets = _model_and_batch()
-    reference_loss, reference = _loss_and_grads(model, inputs, targets)
+    reference_loss, reference = loss_and_grads(model, inputs, targets)
     exact, int8 = copy.deepcopy(model), copy.deepcopy(model)
-    exact_runtime = apply_policies(exact, {i: LayerPolicy(0.25, 0.5, 0.25, True) for i in range(4)})
-    int8_runtime = apply_policies(int8, {i: LayerPolicy(0.25, 0.5, 0.25, True, int8_swap=True) for i in range(4)})
-    _loss_and_grads(exact, inputs, targets)
-    loss, grads = _loss_and_grads(int8, inputs, targets)
+    exact_runtime = _split(exact, [(0.25, 0.5, 0.25, True)] * 4)
+    int8_runtime = _split(int8, [(0.25, 0.5, 0.25, True, "int8")] * 4)
+    loss_and_grads(exact, inputs, targets)
+    loss, grads = loss_and_grads(int8, inputs, targets)
     assert torch.equal(loss, reference_loss)  # the forward is exact: only what backward reads is quantised
     worst = max(((grads[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
     assert 0 < worst < 0.05

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spec.config import ModelConfig
-from orchestrator.memory import compressed, wta_crs
-from orchestrator.model import DecoderLayer, rope_tables
+from orchestrator.memory import compact, wta_crs
+from orchestrator.model import DecoderLayer, Linear, rope_tables
 
 DRAWS = 20_000
 
@@ -131,11 +131,10 @@ def test_keep_ratio_one_is_exact():
 
 def _sampled_linear(keep_ratio: float, bias: bool = True):
     torch.manual_seed(5)
-    linear = torch.nn.Linear(16, 8, bias=bias)
+    linear = Linear(16, 8, bias=bias)
     reference = torch.nn.Linear(16, 8, bias=bias)
     reference.load_state_dict(linear.state_dict())
-    store = compressed.InputStore(7, None, keep_ratio)
-    compressed._become(linear, compressed.CompressedLinear, store=store)
+    linear.saved_input = compact.InputStore(7, None, keep_ratio)
     return linear, reference
 
 
@@ -184,9 +183,9 @@ def test_saved_bytes_are_the_kept_rows_plus_indices_and_replay_reuses_the_rows()
     assert sorted(sizes.values(), key=str) == sorted([(torch.bfloat16, k * 16 * 2), (torch.int64, k * 8),
                                                        (torch.float32, k * 4)], key=str)
     print(f"WTA-CRS@0.25 saved {sum(s for _, s in sizes.values())} B vs {x.numel() * 2} B of bf16 input")
-    store = linear.store
+    store = linear.saved_input
     first = store.pack(x.detach().clone(), training=True)[1]
-    with compressed.replaying():
+    with compact.replaying():
         again = store.pack(x.detach().clone(), training=True)[1]
     later = store.pack(x.detach().clone(), training=True)[1]
     assert torch.equal(first[1], again[1]) and not torch.equal(first[1], later[1])

@@ -73,9 +73,9 @@ def elim_probe(seq, ratios):
     rows = {}
     for ratio in ratios:
         for layer in layers:
-            layer.__dict__.pop("forward", None)
+            layer.token_elim = None
         if ratio != "dense":
-            token_elim.apply_elimination(SimpleNamespace(layers=list(layers)), {i: float(ratio) for i in range(4)})
+            token_elim.apply(SimpleNamespace(layers=list(layers)), token_elim.Config(keep_ratio=float(ratio)), range(4))
         try:
             mem, ms = measure(step)
             rows[str(ratio)] = {"peak_gib": round(mem, 2), "fwd_bwd_ms": round(ms, 1)}

@@ -26,7 +26,7 @@ import gc
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Callable, Dict, List, Optional
 
@@ -36,10 +36,11 @@ from torch import nn
 from spec.config import JobConfig
 from orchestrator.memory.ds_checkpointing import deepspeed_layer_runner
 from launch.measure.calibration import bench_job, not_in_bench_bytes
-from orchestrator.memory.tokenwise import LayerPolicy, apply_policies
+from orchestrator.memory import tokenwise
 from orchestrator.model import DecoderLayer, rope_tables
 from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 from spec.hardware import HardwareProfile
+from spec.plan import LayerPlan
 from planner.planning import PlanInfeasible, make_plan
 
 COMPRESSION_MODES = {
@@ -97,8 +98,8 @@ class BenchOptions:
     swap_hidden_fraction: Optional[float] = None
     """The plans the bench makes use this instead of planner.policy.SWAP_HIDDEN_FRACTION (`--swap-hidden`), to
     calibrate it."""
-    hand_policy: Optional[LayerPolicy] = None
-    """A `LayerPolicy` for every layer instead of the planner's plan (`--policy K/S/R[/host]`)."""
+    hand_policy: Optional[LayerPlan] = None
+    """One layer's decision for every layer instead of the planner's plan (`--policy K/S/R[/host]`)."""
     trace: bool = False
     """Profile one extra step of the longtrain rows (`--trace`)."""
     trace_dir: Optional[str] = None
@@ -228,7 +229,7 @@ def _compression(stack: LayerStack, job: JobConfig, profile: HardwareProfile, ro
     from spec.config.schema import CompressionConfig
     from orchestrator.memory import compressed
 
-    compressed.apply_config(stack, CompressionConfig(**settings), seed=0)
+    compressed.apply(stack, compressed.Config(CompressionConfig(**settings), seed=0), range(len(stack.layers)))
     row.note = ", ".join(f"{key}={value}" for key, value in settings.items())
     return _StepParts()
 
@@ -238,9 +239,10 @@ def _compressed_swap(stack: LayerStack, job: JobConfig, profile: HardwareProfile
     from spec.config.schema import CompressionConfig
     from orchestrator.memory import compressed
 
-    policy = options.hand_policy or LayerPolicy(*SWAP_ALL)
-    runtime = apply_policies(stack, {i: policy for i in range(len(stack.layers))})
-    compressed.apply_config(stack, CompressionConfig(**COMPRESSION_MODES["compressed"]), seed=0)
+    policy = options.hand_policy or LayerPlan(0, *SWAP_ALL)
+    runtime = tokenwise.apply(stack, tokenwise.Config(), _every_layer(policy, len(stack.layers)))
+    compressed.apply(stack, compressed.Config(CompressionConfig(**COMPRESSION_MODES["compressed"]), seed=0),
+                     range(len(stack.layers)))
     row.note = (f"compressed + keep/swap/recompute {policy.keep_fraction:.2f}/{policy.swap_fraction:.2f}/"
                 f"{policy.recompute_fraction:.2f}")
     return _StepParts(host_bytes=lambda: runtime.pool.bytes)
@@ -252,7 +254,7 @@ def _token_elim(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row
     from orchestrator.memory import token_elim
 
     settings = TokenElimConfig(**TOKEN_ELIM)
-    token_elim.apply_config(stack, settings)
+    token_elim.apply(stack, settings, sorted(settings.keep_ratios(len(stack.layers))))
     row.note = f"keep ratio {settings.keep_ratio} in every layer, blocks of {settings.block_size} tokens"
     return _StepParts()
 
@@ -265,7 +267,8 @@ def _longtrain(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row:
     if with_token_elim:
         job.token_elim = TokenElimConfig(**TOKEN_ELIM)
     runtime = _apply_longtrain_plan(stack, job, profile, row, use_arena, options)
-    if token_elim.apply_config(stack, job.token_elim):
+    if job.token_elim.enabled:
+        token_elim.apply(stack, job.token_elim, sorted(job.token_elim.keep_ratios(len(stack.layers))))
         row.note += f"; token_elim keep ratio {job.token_elim.keep_ratio} in every layer"
     return _StepParts(host_bytes=lambda: runtime.pool.bytes) if runtime else _StepParts()
 
@@ -313,14 +316,14 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
                           use_arena: bool, options: BenchOptions):
     """Plan this shape for this GPU; the stack has no optimizer, so the plan's budget gets the optimizer's share
     back (the baselines use the whole GPU too)."""
-    from orchestrator.trainer import plan_arena, plan_policies
+    from orchestrator.memory import arena
     from planner.cost_model import CostModel
 
     hand = options.hand_policy
     if hand is not None:
         row.note = (f"hand policy keep/swap/recompute/skeletal-host: {hand.keep_fraction:.2f}/"
                     f"{hand.swap_fraction:.2f}/{hand.recompute_fraction:.2f}/{hand.offload_skeletal}")
-        return apply_policies(stack, {i: hand for i in range(len(stack.layers))})
+        return tokenwise.apply(stack, tokenwise.Config(), _every_layer(hand, len(stack.layers)))
     cost = CostModel(job, profile)
     static = cost.static_memory(0)
     device_bytes = profile.device_memory_gib * GIB
@@ -334,10 +337,16 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
     row.predicted_peak_gib = plan.predicted["peak_gpu_gib"] - not_in_bench_bytes(static) / GIB
     row.predicted_step_seconds = outcome.policy.micro_batch_seconds - 3 * cost.head_seconds()
 
-    arena = plan_arena(plan) if use_arena else None
-    if arena is not None:
-        row.note += f"; arena {arena.bytes / GIB:.1f} GiB"
-    return apply_policies(stack, plan_policies(plan), arena)
+    runtime = tokenwise.apply(stack, tokenwise.Config(), plan.layers)
+    kept = arena.apply(stack, arena.Config(plan.runtime_arena), range(len(stack.layers))) if use_arena else None
+    if kept is not None:
+        row.note += f"; arena {kept.bytes / GIB:.1f} GiB"
+    return runtime
+
+
+def _every_layer(decision: LayerPlan, num_layers: int) -> List[LayerPlan]:
+    """One layer's decision (`--policy`) as every layer's."""
+    return [replace(decision, layer=index) for index in range(num_layers)]
 
 
 def longest_trained(rows: List[Dict]) -> Dict[str, int]:

@@ -1,21 +1,131 @@
-"""Memory techniques, one module each, applied per layer from the plan.
+"""Memory techniques, one module each, applied per layer from the plan and the job's sections.
 
-The registry maps the stable names a plan or job config uses to the module that implements them; MEMO's swap
-and recompute are one token-wise split, so both names lead to `tokenwise`. The approximate ones (`quant_int8`,
-`quant_int4_deriv`, `wta_crs`) each offer `apply(model, config, layers)`; `compressed` wires them into layers.
+The contract: a technique module exposes a typed `Config` and one entry point, `apply(model, config, layers)`, that
+applies it to those layers of the model (indices; for the token-wise split, the plan's `LayerPlan` records, which
+name their layer). It changes a layer only through the model's slots (`orchestrator.model`). The registry maps the
+stable names to the modules; `apply_plan` applies them in their order, through the registry, with one log line
+each (logger `longtrain.memory`). MEMO's swap and recompute are one token-wise split, so both names lead to
+`tokenwise`; `compression` is the job's section (all three approximate parts at once, `compressed`), and
+`quant_int8` (Mesa), `quant_int4_deriv` (S2A) and `wta_crs` each apply their own part.
 """
 
+import logging
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Dict
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from spec.config import CompressionConfig, TokenElimConfig, TrainConfig
 from spec.errors import ConfigError
-from orchestrator.memory import quant_int4_deriv, quant_int8, token_elim, tokenwise, wta_crs
+from spec.plan import Plan, compression_spec, parse_compression_spec
+from orchestrator.memory import (arena, compressed, ds_checkpointing, quant_int4_deriv, quant_int8, token_elim,
+                                 tokenwise, wta_crs)
 
-REGISTRY: Dict[str, ModuleType] = {"swap": tokenwise, "recompute": tokenwise, "token_elim": token_elim,
-                                   "quant_int8": quant_int8, "quant_int4_deriv": quant_int4_deriv, "wta_crs": wta_crs}
+log = logging.getLogger("longtrain.memory")
+
+REGISTRY: Dict[str, ModuleType] = {
+    "swap": tokenwise, "recompute": tokenwise, "arena": arena, "compression": compressed, "quant_int8": quant_int8,
+    "quant_int4_deriv": quant_int4_deriv, "wta_crs": wta_crs, "token_elim": token_elim,
+    "activation_checkpointing": ds_checkpointing}
 
 
 def technique(name: str) -> ModuleType:
     if name not in REGISTRY:
         raise ConfigError(f"memory technique {name!r} is unknown; valid: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
+
+
+@dataclass
+class AppliedMemory:
+    """What `apply_plan` installed, as the trainer reads it."""
+
+    runtime: Optional[tokenwise.TokenwiseRuntime] = None
+    """The token-wise split's runtime (None: no layer is split)."""
+    kept_arena: Optional[arena.KeptArena] = None
+    compressed_layers: List[int] = field(default_factory=list)
+    """Layers whose saved inputs are compressed (a checkpoint then carries their ranges: `compressed.state_dict`)."""
+    sparse_layers: Dict[int, float] = field(default_factory=dict)
+
+    @property
+    def split_layers(self) -> Set[int]:
+        return set(self.runtime.layers) if self.runtime is not None else set()
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the swap's buffers hold."""
+        return self.runtime.pool.bytes if self.runtime is not None else 0
+
+
+def apply_plan(model, plan: Optional[Plan], compression: CompressionConfig, elimination: TokenElimConfig,
+               train: TrainConfig) -> AppliedMemory:
+    """Apply the plan's per-layer decisions (none without a plan) and the job's technique sections to the model.
+
+    Order, and why. Only one step needs another before it: the arena is the token-wise runtime's, so it follows
+    the split. The others fill separate slots of a layer (saved-tensor hooks, saved-input slots, the sparse
+    forward, the model's layer runner) and give the same model in any order; the order is fixed so that every run
+    applies and logs them alike: first the plan's decisions (1. swap / recompute, 2. arena, 3. compression of the
+    layers it chose), then what the job's sections add (the compression section on its layers, where it replaces
+    the plan's choice; 4. token elimination), and 5. DeepSpeed's activation checkpointing last, as it wraps whole
+    layers as the others left them (the job config allows it only without a plan)."""
+    applied, num_layers = AppliedMemory(), len(model.layers)
+    split = [layer for layer in plan.layers if not layer.is_plain] if plan is not None else []
+    if split:
+        applied.runtime = _apply("swap", model, tokenwise.Config(), split, _split_summary(split))
+        if plan.runtime_arena:
+            applied.kept_arena = _apply("arena", model, arena.Config(plan.runtime_arena), [p.layer for p in split],
+                                   f"{plan.runtime_arena['arena_bytes'] / 2**30:.2f} GiB")
+    for section, layers in _compression_groups(plan, compression, num_layers):
+        _apply("compression", model, compressed.Config(section, train.seed), layers, compression_spec(section))
+        applied.compressed_layers += layers
+    if elimination.enabled:
+        applied.sparse_layers = _apply("token_elim", model, elimination, sorted(elimination.keep_ratios(num_layers)),
+                                       f"keep {elimination.keep_ratio} of {elimination.block_size}-token blocks"
+                                       + (f", predictors {elimination.predictors}" if elimination.predictors else ""))
+    if train.activation_checkpointing != "none":
+        _apply("activation_checkpointing", model, ds_checkpointing.Config.of(train.activation_checkpointing),
+               list(range(num_layers)), train.activation_checkpointing)
+    applied.compressed_layers.sort()
+    return applied
+
+
+def _apply(name: str, model, config, layers: list, summary: str):
+    result = technique(name).apply(model, config, layers)
+    indices = [getattr(layer, "layer", layer) for layer in layers]
+    log.info("applied %s to layers %s: %s", name, _spans(indices), summary)
+    return result
+
+
+def _compression_groups(plan: Optional[Plan], section: CompressionConfig,
+                        num_layers: int) -> List[Tuple[CompressionConfig, List[int]]]:
+    """Each layer's compression settings, grouped: the plan's `activation_compression`, replaced by the job's
+    section on the section's layers."""
+    chosen: Dict[int, Tuple[str, CompressionConfig]] = {}
+    for layer in plan.layers if plan is not None else []:
+        if layer.activation_compression != "none":
+            chosen[layer.layer] = (layer.activation_compression, parse_compression_spec(layer.activation_compression))
+    if section.is_active:
+        for index in section.layer_indices(num_layers):
+            chosen[index] = (compression_spec(section), section)
+    groups: Dict[str, Tuple[CompressionConfig, List[int]]] = {}
+    for index in sorted(chosen):
+        spec, settings = chosen[index]
+        groups.setdefault(spec, (settings, []))[1].append(index)
+    return list(groups.values())
+
+
+def _split_summary(split) -> str:
+    shares = sorted({(p.keep_fraction, p.swap_fraction, p.recompute_fraction, p.offload_skeletal, p.swap_codec)
+                     for p in split})
+    return "keep/swap/recompute " + "; ".join(
+        f"{k:.2f}/{s:.2f}/{r:.2f}" + (" skeletal to host" if o else "") + (f" {codec} swap" if codec != "none" else "")
+        for k, s, r, o, codec in shares)
+
+
+def _spans(indices: Iterable[int]) -> str:
+    """Layer indices as ranges: 0-3, 6."""
+    spans: List[List[int]] = []
+    for index in sorted(indices):
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

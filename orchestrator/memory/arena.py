@@ -7,19 +7,45 @@ buffers out offline (`runtime_arena` in the plan file); the runtime copies each 
 region instead of asking the allocator, so they can never fragment it.
 """
 
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from orchestrator.memory.tokenwise import runtime_of
 from spec.plan import align
+
+
+@dataclass
+class Config:
+    """The plan's `runtime_arena` (its size and each layer's region) and the device it lives on (None: this
+    worker's CUDA device, else the CPU)."""
+
+    runtime_arena: Dict[str, Any] = field(default_factory=dict)
+    device: Optional[torch.device] = None
+
+
+def apply(model, config: Config, layers: Iterable[int]) -> Optional["KeptArena"]:
+    """Place the kept slices of these split layers in the arena's planned regions: it goes to the token-wise
+    runtime of the model (`tokenwise.apply` first). The arena, or None when there is none or no layer is split."""
+    runtime = runtime_of(model)
+    chosen = set(layers)
+    if not config.runtime_arena or runtime is None or not chosen & set(runtime.layers):
+        return None
+    device = config.device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                               else torch.device("cpu"))
+    arena = KeptArena(config.runtime_arena, device, chosen)
+    runtime.arena = arena
+    return arena
 
 
 class KeptArena:
     """Each layer's region holds its kept token-wise slices, roles in inventory order, each aligned."""
 
-    def __init__(self, runtime_arena: Dict, device: torch.device):
+    def __init__(self, runtime_arena: Dict, device: torch.device, layers: Optional[set] = None):
         self.buffer = torch.empty(int(runtime_arena["arena_bytes"]), dtype=torch.uint8, device=device)
-        self.regions = {b["layer"]: (b["offset_bytes"], b["size_bytes"]) for b in runtime_arena["buffers"]}
+        self.regions = {b["layer"]: (b["offset_bytes"], b["size_bytes"]) for b in runtime_arena["buffers"]
+                        if layers is None or b["layer"] in layers}
         self.fallbacks = 0
         """Layers whose slices did not fit their region (then the allocator is used; a plan/runtime mismatch)."""
 

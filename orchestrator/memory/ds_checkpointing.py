@@ -5,10 +5,23 @@ runs its forward again in backward, attention included.
 """
 
 import os
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
 from spec.errors import ConfigError
+
+
+@dataclass
+class Config:
+    """`train.activation_checkpointing`: deepspeed (inputs kept on the GPU) or deepspeed_cpu (in host memory)."""
+
+    in_cpu: bool = False
+
+    @classmethod
+    def of(cls, mode: str) -> "Config":
+        return cls(in_cpu=mode == "deepspeed_cpu")
 
 
 def check_supported(mode: str, use_cuda: bool) -> None:
@@ -37,7 +50,9 @@ def deepspeed_layer_runner(num_layers: int, in_cpu: bool):
     return lambda layer, x, cos, sin: deepspeed.checkpointing.checkpoint(lambda hidden: layer(hidden, cos, sin), x)
 
 
-def install(model, mode: str) -> None:
-    """train.activation_checkpointing: none, deepspeed or deepspeed_cpu."""
-    if mode != "none":
-        model.layer_runner = deepspeed_layer_runner(len(model.layers), in_cpu=mode == "deepspeed_cpu")
+def apply(model, config: Config, layers: Iterable[int]) -> None:
+    """Checkpoint these layers with DeepSpeed (the model's `layer_runner`); the others run as they are."""
+    chosen = {id(model.layers[index]) for index in layers}
+    checkpointed = deepspeed_layer_runner(len(chosen), in_cpu=config.in_cpu)
+    model.layer_runner = lambda layer, x, cos, sin: (checkpointed(layer, x, cos, sin) if id(layer) in chosen
+                                                     else layer(x, cos, sin))

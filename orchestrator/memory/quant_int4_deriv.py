@@ -15,6 +15,7 @@ debug model's gates (|gate| ~ 0.2 early in training) into 3 bins and cost 11% of
 """
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -25,8 +26,12 @@ SILU_DERIVATIVE_MAX = 1.0998
 
 @dataclass
 class Config:
+    """The gate codes' running ranges (as Mesa's, `quant_int8`) and the run's seed."""
+
     range_decay: float = 0.5
     num_groups: int = 8
+    seed: int = 0
+    """Each layer's rounding noise is seeded from it and the layer index."""
 
 
 def silu_derivative(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +58,9 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=1).reshape(-1)[:numel]
 
 
-def apply(model, config: Config, layers, seed: int = 0) -> None:
-    """Store the SwiGLU gate of these layers as packed 4-bit codes (see `compressed.install`)."""
+def apply(model, config: Config, layers: Iterable[int]) -> None:
+    """Store the SwiGLU gate of these layers as packed 4-bit codes (`compressed.update` wires them in; it uses
+    this module's codes, hence the import here)."""
     from orchestrator.memory import compressed
-    compressed.install(model, layers, seed, silu_int4=config)
+
+    compressed.update(model, layers, config.seed, silu_int4=config)

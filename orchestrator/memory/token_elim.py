@@ -25,7 +25,9 @@ block's score depends on later queries: the selection looks ahead within the seq
 do not use the sparse forward to measure causal perplexity of a model). It is computed under no_grad, a few query
 blocks at a time against the causal prefix of keys, so the working set is SCORE_CHUNK_ELEMENTS, not N x N; on CUDA
 one Triton kernel (`token_elim_triton`) keeps the logits on chip. The kept indices are a pure function of the layer
-input (no randomness); the last ones are kept on the layer (`layer.token_elim.last_kept`) for inspection.
+input (no randomness); the last ones are kept on the layer (`layer.token_elim.last_kept`) for inspection. A sparse
+layer is a plain `DecoderLayer` whose `token_elim` slot holds its `LayerElimination`, which runs its forward and its
+recomputation.
 
 Under a token-wise swap/recompute plan (`tokenwise`) the forward tags the layer input (full length, skeletal), the
 kept rows' attention tensors (normed rows, q, k, v, attention output: their token axis is the kept sequence) and the
@@ -36,24 +38,28 @@ The kept indices are tagged too: recomputation (`eliminated_recompute`) reuses t
 import importlib.util
 import os
 from dataclasses import dataclass
-from types import MethodType
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 
+from spec import activations as role
 from spec.config.schema import TokenElimConfig
 from spec.errors import ConfigError
 from orchestrator.model import DecoderLayer, apply_rope, merge_heads
 from spec.activations import kept_blocks
 
 Config = TokenElimConfig
+"""The job's `token_elim` section: keep ratio, block size, predictors (its `enabled` and dense layers say where
+`memory.apply_plan` applies it)."""
 SCORE_CHUNK_ELEMENTS = 1 << 24
 """Query-key scores held at once while scoring (64 MiB in fp32)."""
+KEPT_TOKENS = "kept_tokens"
+"""The tag of a sparse layer's kept token indices (context for recomputation, not a role)."""
 
 
 @dataclass
 class LayerElimination:
-    """One sparse layer's setting, attached to the layer as `layer.token_elim`."""
+    """One sparse layer's setting, in the layer's `token_elim` slot: runs the layer's forward and recomputation."""
 
     keep_ratio: float
     block_size: int = 64
@@ -66,35 +72,36 @@ class LayerElimination:
     def num_kept_blocks(self, num_blocks: int) -> int:
         return kept_blocks(self.keep_ratio, num_blocks)
 
+    def forward(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return eliminated_forward(layer, x, cos, sin)
 
-def apply_config(model, config: Config) -> Dict[int, float]:
-    """Apply the job's `token_elim` section (nothing when disabled); returns the per-layer keep ratios used."""
-    ratios = config.keep_ratios(len(model.layers)) if config.enabled else {}
-    apply_elimination(model, ratios, config.block_size)
-    if ratios and config.predictors:
-        from orchestrator.memory.token_elim_predictors import load_predictors  # it imports this module
+    def recompute_tokens(self, layer: DecoderLayer, group: str, skeletal: dict, cos: torch.Tensor,
+                         sin: torch.Tensor, start: int, length: int, context: dict) -> dict:
+        return eliminated_recompute(layer, group, skeletal, cos, sin, start, length, context)
 
-        predictors = load_predictors(config.predictors, model.config, config.block_size)
-        missing = sorted(set(ratios) - set(predictors))
-        if missing:
-            raise ConfigError(f"token_elim.predictors ({config.predictors}) has no predictor for sparse layers "
-                              f"{missing}; retrain it with these token_elim.dense_* settings")
-        for index in ratios:
-            model.layers[index].token_elim.predictor = predictors[index]
+
+def apply(model, config: Config, layers: Iterable[int]) -> Dict[int, float]:
+    """Make these layers sparse with the section's keep ratio and block size, scored by its predictors if it names
+    a file (exact scores otherwise); the layers' parameters stay the same objects (DeepSpeed ZeRO still finds and
+    gathers them). Returns the keep ratio of each layer made sparse."""
+    ratios = {index: config.keep_ratio for index in layers}
+    predictors = _predictors(model, config, ratios) if ratios and config.predictors else {}
+    for index in ratios:
+        model.layers[index].token_elim = LayerElimination(config.keep_ratio, config.block_size,
+                                                          predictor=predictors.get(index))
     return ratios
 
 
-def apply_elimination(model, ratios: Dict[int, float], block_size: int = 64) -> None:
-    """Make the given layers sparse. The layer's forward is replaced on the instance; its parameters stay the same
-    objects (DeepSpeed ZeRO still finds and gathers them)."""
-    for index, ratio in ratios.items():
-        layer = model.layers[index]
-        if layer.activation_hooks is not None and getattr(layer, "compression", None) is not None:
-            raise ConfigError(f"layer {index} is compressed and split by the token-wise plan; token_elim does not "
-                              "compose with both there yet: drop it from compression.layers or token_elim")
-        layer.token_elim = LayerElimination(ratio, block_size)
-        layer.forward = MethodType(eliminated_forward, layer)
-        layer.recompute_tokens = MethodType(eliminated_recompute, layer)
+def _predictors(model, config: Config, ratios: Dict[int, float]) -> dict:
+    """The predictors file's estimators of these layers (the file's own checks: `load_predictors`)."""
+    from orchestrator.memory.token_elim_predictors import load_predictors  # it imports this module
+
+    predictors = load_predictors(config.predictors, model.config, config.block_size)
+    missing = sorted(set(ratios) - set(predictors))
+    if missing:
+        raise ConfigError(f"token_elim.predictors ({config.predictors}) has no predictor for sparse layers "
+                          f"{missing}; retrain it with these token_elim.dense_* settings")
+    return predictors
 
 
 def eliminated_forward(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -117,34 +124,35 @@ def _forward_under_hooks(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor
     with hooks:
         normed = layer.attn_norm(x)[sequences, kept]
         q, k, v = layer.attn.project(normed, cos[kept][:, None], sin[kept][:, None])
-        hooks.tag(layer_input=x, kept_tokens=kept, attn_norm_out=normed, q=q, k=k, v=v)
+        hooks.tag({role.LAYER_INPUT: x, KEPT_TOKENS: kept, role.ATTN_NORM_OUT: normed, role.Q: q, role.K: k,
+                   role.V: v})
         attn_out = layer.attn.attend(q, k, v)
-        hooks.tag(attn_out=attn_out)
+        hooks.tag({role.ATTN_OUT: attn_out})
         attention = torch.zeros_like(x).index_put((sequences, kept), layer.attn.o_proj(merge_heads(attn_out)))
         mlp = layer.mlp_tensors(x + attention)
-        hooks.tag(**{key: value for key, value in mlp.items() if key != "out"})
+        hooks.tag({key: value for key, value in mlp.items() if key != "out"})
         return mlp["out"]
 
 
 def eliminated_recompute(layer: DecoderLayer, group: str, skeletal: dict, cos: torch.Tensor, sin: torch.Tensor,
                          start: int, length: int, context: dict) -> dict:
     """A sparse layer's token-wise tensors for a token range, from the skeletal tensors and the kept indices its
-    forward chose (`context["kept_tokens"]`, never re-scored). Attention tensors: [start, start + length) indexes the
+    forward chose (`context[KEPT_TOKENS]`, never re-scored). Attention tensors: [start, start + length) indexes the
     kept sequence; MLP tensors: the full one, where only the kept rows in the range get an attention output."""
-    kept, x = context["kept_tokens"], skeletal["layer_input"]
+    kept, x = context[KEPT_TOKENS], skeletal[role.LAYER_INPUT]
     sequences = torch.arange(x.shape[0], device=x.device)[:, None]
     if group == "attention":
         rows = kept[:, start:start + length]
         normed = layer.attn_norm(x[sequences, rows])
         q, k, v = layer.attn.project(normed, cos[rows][:, None], sin[rows][:, None])
-        return {"attn_norm_out": normed, "q": q, "k": k, "v": v}
+        return {role.ATTN_NORM_OUT: normed, role.Q: q, role.K: k, role.V: v}
     x = x.narrow(1, start, length)
     attention = torch.zeros_like(x)
     bounds = torch.searchsorted(kept, torch.tensor([start, start + length], device=kept.device).expand(
         kept.shape[0], 2).contiguous()).tolist()
     for b, (first, last) in enumerate(bounds):  # kept is sorted: the range's kept rows are one slice of it
         if last > first:
-            out = skeletal["attn_out"][b:b + 1, :, first:last]
+            out = skeletal[role.ATTN_OUT][b:b + 1, :, first:last]
             attention[b, kept[b, first:last] - start] = layer.attn.o_proj(merge_heads(out))[0]
     return layer.mlp_tensors(x + attention)
 
@@ -162,9 +170,7 @@ def attention_on_kept(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, s
 def kept_token_indices(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Token indices [B, K * block] of the most informative blocks of each sequence, ascending."""
     state, seq = layer.token_elim, x.shape[1]
-    block = state.block_size
-    if seq % block:
-        raise ConfigError(f"sequence length {seq} must be a multiple of token_elim.block_size ({block})")
+    block = state.block_size  # data.seq_len is a multiple of it (the job config's rule)
     normed = layer.attn_norm(x)
     if state.predictor is not None:
         scores = state.predictor.to(x.device).scores(normed)

@@ -82,12 +82,11 @@ def default_path(job: JobConfig) -> Path:
 
 def train_predictors(job: JobConfig, model, windows, steps: int, out: Path, holdout_sequences: int = 8,
                      lr: float = 3e-3) -> PredictorReport:
-    """Train one predictor per sparse layer of `job.token_elim` on `model` (frozen, dense forward), save them."""
+    """Train one predictor per sparse layer of `job.token_elim` on `model` (frozen, dense forward), save them. The
+    job is loaded with token_elim enabled (`longtrain train-predictors`), so its config has a sparse layer."""
     config = job.token_elim
     layers = sorted(config.keep_ratios(len(model.layers)))
-    if not layers:
-        raise ConfigError(f"token_elim.dense_first_layers ({config.dense_first_layers}) + dense_last_layers "
-                          f"({config.dense_last_layers}) leave no sparse layer to train a predictor for; lower them")
+    assert layers, "the job config leaves no sparse layer (JobConfig checks this with token_elim.enabled=true)"
     model.eval().requires_grad_(False)
     predictors = {i: BlockScorePredictor(job.model.hidden_size, job.model.num_heads, config.block_size)
                   for i in layers}

@@ -19,75 +19,34 @@ reached (the two groups never coexist); each saved view is rebuilt from its rest
 
 A compressed layer (`compressed`) saves compact forms (int8 or 4-bit codes, sampled rows) instead of some of these
 tensors; they are split by token the same way under their own roles (`COMPACT`), so what crosses PCIe is the
-compact bytes, and their recomputed range is encoded again exactly as stored.
+compact bytes, and their recomputed range is encoded again exactly as stored. The copies themselves (side stream,
+prefetch, throttle) are `swap_stream`'s.
 """
 
-import math
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from orchestrator.memory import compressed
-from spec.activations import token_ranges
-
-HEAD_MAJOR = {"q", "k", "v", "attn_out"}
-"""Roles laid out [B, H, S, D] (tokens on dim 2); the others are [B, S, F] (tokens on dim 1)."""
-SKELETAL = ("layer_input", "attn_out")
-INT8_SWAP_SEED = 20240717
-MAX_LAYERS_AHEAD = 2
-"""How many layers the host may queue ahead of the device (see `TokenwiseRuntime.throttle`)."""
-RECOMPUTE_CHUNK_TOKENS = 8192
-"""Tokens recomputed at once: bounds the extra memory of recomputation to one chunk's token-wise tensors."""
-TOKEN_WISE = ("attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up", "silu_gate",
-              "gated")
-ATTENTION_GROUP = ("attn_norm_out", "q", "k", "v")
-"""Restored (and recomputed) only when the attention backward is reached: backward runs the MLP part first, so
-the two groups are never restored at the same time, which bounds a layer's backward working set."""
-COMPACT = ".compact"
-"""Suffix of a role holding a compressed layer's compact form of a tensor (`compressed.CompactForm`): int8 or
-packed 4-bit codes, or sampled rows; split by token like the tensor itself, so a swap moves 2x / 4x /
-1 / keep_ratio fewer bytes."""
+from orchestrator.memory.compact import CompactForm, collecting
+from orchestrator.memory.quant_int8 import SwapCodes
+from orchestrator.memory.swap_stream import HostPool, SwapStream, dense_flat
+from spec.activations import ATTENTION_GROUP, COMPACT, HEAD_MAJOR, LAYER_INPUT, SKELETAL, TOKEN_WISE
+from spec.plan import LayerPlan
 
 
 @dataclass
-class LayerPolicy:
-    """One layer's decision, as in the plan file."""
+class Config:
+    """The runtime's knobs; the plan's per-layer decisions come as `apply`'s layers."""
 
-    keep_fraction: float = 1.0
-    swap_fraction: float = 0.0
-    recompute_fraction: float = 0.0
-    offload_skeletal: bool = False
-    int8_swap: bool = False
-    """Swap the token-wise slices as int8 codes (approximate: see `Int8Swap`); the plan's quant_int8."""
-
-    def token_ranges(self, seq_len: int) -> Tuple[int, int, int]:
-        """(kept, swapped, recomputed) token counts, exactly as the planner counts them."""
-        return token_ranges(self.swap_fraction, self.recompute_fraction, seq_len)
-
-    @property
-    def is_plain(self) -> bool:
-        return self.keep_fraction >= 1.0 and not self.offload_skeletal
-
-
-class HostPool:
-    """Host buffers for swapped slices, allocated once per (layer, role, shape) and reused every step; pinned
-    on a CUDA machine so copies are asynchronous."""
-
-    def __init__(self):
-        self.buffers: Dict[tuple, torch.Tensor] = {}
-
-    def buffer(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
-        full_key = (*key, tuple(like.shape), like.dtype)
-        if full_key not in self.buffers:
-            pin = like.is_cuda
-            self.buffers[full_key] = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
-        return self.buffers[full_key]
-
-    @property
-    def bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+    recompute_chunk_tokens: int = 8192
+    """Tokens recomputed at once: bounds the extra memory of recomputation to one chunk's token-wise tensors."""
+    max_layers_ahead: int = 2
+    """How many layers the host may queue ahead of the device (`swap_stream.SwapStream.throttle`)."""
+    prefetch: bool = True
+    """Bring the next layer's swapped slices back while this layer's backward runs (GPU)."""
+    int8_swap_seed: int = 20240717
+    """Seed of the int8 swap's stochastic rounding (its own generator: the training RNG streams stay as they are)."""
 
 
 @dataclass
@@ -108,7 +67,7 @@ class _RoleStore:
     device: torch.device
     kept: Optional[torch.Tensor] = None
     host: Optional[torch.Tensor] = None
-    codes: Optional["Int8Swap"] = None
+    codes: Optional[SwapCodes] = None
     """Set when `host` holds int8 codes of the swapped slice instead of the slice."""
     whole: Optional[torch.Tensor] = None
     """Set when the role is not split (a skeletal tensor kept on the device)."""
@@ -119,7 +78,7 @@ class _RoleStore:
 class _LayerRecord:
     layer: torch.nn.Module
     layer_index: int
-    policy: LayerPolicy
+    plan: LayerPlan
     cos: torch.Tensor
     sin: torch.Tensor
     saved: List[_Saved] = field(default_factory=list)
@@ -131,7 +90,7 @@ class _LayerRecord:
     """Groups restored so far: skeletal, mlp, attention."""
     skeletal: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Restored layer input and attention output, held until both token-wise groups are restored."""
-    compact: Dict[str, "compressed.CompactForm"] = field(default_factory=dict)
+    compact: Dict[str, CompactForm] = field(default_factory=dict)
     """Compact roles (`COMPACT`) by name: how to find their token ranges and recompute them."""
     context: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Other tensors the forward tagged, passed to the layer's `recompute_tokens` (a sparse layer's kept token
@@ -139,50 +98,33 @@ class _LayerRecord:
 
 
 class TokenwiseRuntime:
-    """Shared by all layers of one model: the host pool, the side stream and the records of layers awaiting
-    their backward (for prefetching the next one)."""
+    """Shared by all split layers of one model: their plans, the host pool, the swap stream, the arena (set by
+    `arena.apply`) and the records of layers awaiting their backward (for prefetching the next one)."""
 
-    def __init__(self, policies: Dict[int, LayerPolicy], arena=None):
-        self.policies = policies
-        self.arena = arena
+    def __init__(self, layers: Dict[int, LayerPlan], config: Config):
+        self.layers, self.config = layers, config
+        self.arena = None
         self.pool = HostPool()
+        self.swap = SwapStream(config.max_layers_ahead)
         self.pending: List[_LayerRecord] = []
-        self.stream = None
-        self.recompute_chunk_tokens = RECOMPUTE_CHUNK_TOKENS
-        self.prefetch = True
         self._generator = None
-        self.in_flight: Deque[object] = deque()
-        """Device events of the latest layers' copies (forward) or backward starts: the host waits for the oldest
-        beyond `MAX_LAYERS_AHEAD`, so it never queues more than that many layers ahead of the device."""
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The stochastic-rounding generator of int8 swaps (its own seed: the training RNG streams stay as they are)."""
         if self._generator is None:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(INT8_SWAP_SEED)
+            self._generator.manual_seed(self.config.int8_swap_seed)
         return self._generator
 
-    def throttle(self, event) -> None:
-        """Let the host run at most MAX_LAYERS_AHEAD layers ahead of the device.
 
-        Why: the host queues a whole step in milliseconds. A buffer freed while a copy still reads it cannot be
-        reused before the copy ends, so without a bound the caching allocator reserves new memory for every
-        layer's slices (reserved grew to 3x allocated at 64K tokens) until it must free its cache, which
-        synchronises the device; and prefetches queued for every layer at once all compete for the copy
-        engine with the one the device is waiting for."""
-        self.in_flight.append(event)
-        while len(self.in_flight) > MAX_LAYERS_AHEAD:
-            self.in_flight.popleft().synchronize()
+class _LayerSplit:
+    """A split layer's `activation_hooks` slot: makes the saved-tensor hooks of each forward."""
 
-    def hooks_for(self, layer_index: int):
-        def factory(layer, x, cos, sin):
-            return _LayerHooks(self, _LayerRecord(layer, layer_index, self.policies[layer_index], cos, sin))
-        return factory
+    def __init__(self, runtime: TokenwiseRuntime, index: int):
+        self.runtime, self.index = runtime, index
 
-    def copy_stream(self):
-        if self.stream is None and torch.cuda.is_available():
-            self.stream = torch.cuda.Stream()
-        return self.stream
+    def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> "_LayerHooks":
+        return _LayerHooks(self.runtime, _LayerRecord(layer, self.index, self.runtime.layers[self.index], cos, sin))
 
 
 class _LayerHooks:
@@ -191,9 +133,9 @@ class _LayerHooks:
     def __init__(self, runtime: TokenwiseRuntime, record: _LayerRecord):
         self.runtime, self.record = runtime, record
         self.tags: Dict[str, torch.Tensor] = {}
-        self.compact: Dict[str, compressed.CompactForm] = {}
+        self.compact: Dict[str, CompactForm] = {}
         self.context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self.collector = compressed.collecting(self.compact)
+        self.collector = collecting(self.compact)
 
     def __enter__(self):
         self.context.__enter__()
@@ -208,7 +150,8 @@ class _LayerHooks:
             self._finalize()
         return False
 
-    def tag(self, **tensors: torch.Tensor) -> None:
+    def tag(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Name tensors of this forward by role (`spec.activations`); other names are context for recomputation."""
         self.tags.update(tensors)
 
     def _pack(self, tensor: torch.Tensor) -> _Saved:
@@ -252,17 +195,13 @@ class _LayerHooks:
                           saved.tensor.storage_offset() - base.storage_offset())
             record.roles[role].num_views += 1
             saved.tensor = None
-        if record.policy.recompute_fraction > 0:  # recompute needs them even if autograd saved neither
+        if record.plan.recompute_fraction > 0:  # recompute needs them even if autograd saved neither
             for role in SKELETAL:
                 if role not in record.roles:
                     record.roles[role] = _split(self.runtime, record, role, self.tags[role])
         if record.roles:
             self.runtime.pending.append(record)
-            stream = self.runtime.stream
-            if stream is not None:
-                copied_out = torch.cuda.Event()
-                copied_out.record(stream)
-                self.runtime.throttle(copied_out)
+            self.runtime.swap.forward_done()
         record.context = {role: t.detach() for role, t in self.tags.items()
                           if role not in TOKEN_WISE and role not in SKELETAL and role not in record.compact}
         self.tags, self.compact = {}, {}  # autograd keeps these hooks until backward: the full tensors must go
@@ -278,7 +217,7 @@ class _LayerHooks:
             base = self.tags.get(role)
             if base is None:  # silu_gate: a compressed MLP does not make it
                 continue
-            kept, _, _ = self.record.policy.token_ranges(base.shape[_token_dim(role)])
+            kept, _, _ = self.record.plan.token_ranges(base.shape[_token_dim(role)])
             if kept == base.shape[_token_dim(role)]:
                 return {}  # kept whole, nothing to copy
             shape = list(base.shape)
@@ -298,16 +237,16 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
     see, and every step's activations would leak."""
     base = base.detach()
     store = _RoleStore(tuple(base.shape), tuple(base.stride()), base.dtype, base.device)
-    dim, policy, form = _token_dim(role), record.policy, record.compact.get(role)
+    dim, plan, form = _token_dim(role), record.plan, record.compact.get(role)
     seq_len = base.shape[dim]
     if role in SKELETAL:
-        kept, swapped = (0, seq_len) if policy.offload_skeletal else (seq_len, 0)
+        kept, swapped = (0, seq_len) if plan.offload_skeletal else (seq_len, 0)
     elif form is not None:  # the units of the token ranges (sampled rows are not one per token)
-        kept_tokens, swapped_tokens, _ = policy.token_ranges(form.seq_len)
+        kept_tokens, swapped_tokens, _ = plan.token_ranges(form.seq_len)
         kept = form.units(kept_tokens)
         swapped = form.units(kept_tokens + swapped_tokens) - kept
     else:
-        kept, swapped, _ = policy.token_ranges(seq_len)
+        kept, swapped, _ = plan.token_ranges(seq_len)
     if kept == seq_len:
         store.whole = base
         return store
@@ -319,89 +258,19 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
         flat = dense_flat(part)
         if flat is None:  # not one dense block (micro-batch > 1): gather it on the device first
             flat = part.contiguous().view(-1)
-        if policy.int8_swap and role not in SKELETAL and form is None:  # skeletal: exact; compact: already
-            store.codes = Int8Swap.encode(flat, part.shape[-1], runtime.generator(flat.device))
+        if plan.swap_codec == "int8" and role not in SKELETAL and form is None:  # skeletal: exact; compact: is
+            store.codes = SwapCodes.encode(flat, part.shape[-1], runtime.generator(flat.device))
             flat = store.codes.codes
         store.host = runtime.pool.buffer((record.layer_index, role), flat)
-        _copy(runtime, store.host, flat)
+        runtime.swap.copy_out(store.host, flat)
     return store
-
-
-@dataclass
-class Int8Swap:
-    """A swapped slice as uint8 codes (what crosses PCIe: half the bf16 bytes) plus per-channel-group ranges
-    that stay on the device.
-
-    The slice's memory is read as rows of its innermost dimension (channels), split in `GROUPS` contiguous groups;
-    each group's range is the slice's own min and max (no running estimate: the whole slice is at hand), codes are
-    stochastically rounded (unbiased) and lie in the range by construction, so the error per element is below
-    width / 255. Encoding and decoding go chunk by chunk so their fp32 temporaries stay small."""
-
-    codes: torch.Tensor
-    low: torch.Tensor
-    width: torch.Tensor
-    channels: int
-
-    GROUPS = 8
-    CHUNK_ELEMENTS = 2**26
-
-    @classmethod
-    def encode(cls, flat: torch.Tensor, channels: int, generator) -> "Int8Swap":
-        groups = math.gcd(channels, cls.GROUPS)
-        rows = flat.view(-1, groups, channels // groups)
-        low = rows.amin(dim=(0, 2)).float()
-        width = (rows.amax(dim=(0, 2)).float() - low).clamp_min(1e-12)
-        codes = torch.empty(rows.shape, dtype=torch.uint8, device=flat.device)
-        scale = (255.0 / width).view(1, -1, 1)
-        for start, stop in compressed.row_chunks(rows.shape[0], max(1, cls.CHUNK_ELEMENTS // channels)):
-            scaled = (rows[start:stop].float() - low.view(1, -1, 1)) * scale
-            scaled += torch.rand(scaled.shape, generator=generator, device=flat.device)
-            codes[start:stop] = scaled.floor_().clamp_(0, 255).to(torch.uint8)
-        return cls(codes.view(-1), low, width, channels)
-
-    def decode_into(self, target: torch.Tensor, codes: torch.Tensor) -> None:
-        """Write the dequantised slice into `target` (a flat view of the restored tensor's region)."""
-        groups = self.low.numel()
-        rows = codes.view(-1, groups, self.channels // groups)
-        out = target.view(rows.shape)
-        step = (self.width / 255.0).view(1, -1, 1)
-        for start, stop in compressed.row_chunks(rows.shape[0], max(1, self.CHUNK_ELEMENTS // self.channels)):
-            out[start:stop] = (rows[start:stop].float() * step + self.low.view(1, -1, 1)).to(out.dtype)
-
-
-def dense_flat(tensor: torch.Tensor) -> Optional[torch.Tensor]:
-    """A 1-D view of the tensor's memory in memory order, when it covers one dense block (None otherwise).
-
-    Why: a token slice of a head-major tensor ([B, H, S, D] stored as [B, S, H, D]) is one dense block but not
-    "contiguous" in its logical order, and copying it to a contiguous host buffer takes PyTorch's element-wise
-    cross-device path: 1.8 GB/s instead of 50 GB/s on an H200, with host synchronisations that serialise
-    the copy with compute. Copied as flat bytes it is one DMA each way."""
-    dims = sorted((d for d in range(tensor.dim()) if tensor.shape[d] != 1), key=lambda d: -tensor.stride(d))
-    expected = 1
-    for d in reversed(dims):
-        if tensor.stride(d) != expected:
-            return None
-        expected *= tensor.shape[d]
-    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
-
-
-def _copy(runtime: TokenwiseRuntime, dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Device -> host on the side stream (the compute stream does not wait); a plain copy on CPU."""
-    stream = runtime.copy_stream()
-    if stream is None or not src.is_cuda:
-        dst.copy_(src)
-        return
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        dst.copy_(src, non_blocking=True)
-    src.record_stream(stream)
 
 
 def _group_of(role: str) -> str:
     if role in SKELETAL:
         return "skeletal"
     source = role[:-len(COMPACT)] if role.endswith(COMPACT) else role
-    return "attention" if source in ATTENTION_GROUP or source == "layer_input" else "mlp"
+    return "attention" if source in ATTENTION_GROUP or source == LAYER_INPUT else "mlp"
 
 
 def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord, group: str) -> None:
@@ -412,14 +281,14 @@ def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord, group: str) ->
     if not record.materialized:
         if record in runtime.pending:
             runtime.pending.remove(record)
-        _mark_backward_start(runtime)
+        runtime.swap.backward_started()
         if record.prefetch_event is None:  # the last layer of the forward, or prefetching is off: fetch now
             _start_fetch(runtime, record)
-        _wait_for_prefetch(record)
+        runtime.swap.wait(record.prefetch_event)
         record.skeletal = {role: _restore(runtime, record, role) for role in SKELETAL if role in record.roles}
         record.restored.update({r: t for r, t in record.skeletal.items() if record.roles[r].num_views})
         record.materialized.add("skeletal")
-        if runtime.pending and runtime.prefetch:
+        if runtime.pending and runtime.config.prefetch:
             _start_fetch(runtime, runtime.pending[-1])
     if group != "skeletal":
         outputs = {role: _restore(runtime, record, role) for role in record.roles if _group_of(role) == group}
@@ -470,18 +339,18 @@ def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: D
     """Recompute the last token range of every token-wise tensor from the layer input and the attention output
     (no attention), a chunk of tokens at a time so the extra memory is one chunk's tensors, not the range's."""
     split = [role for role, out in outputs.items() if record.roles[role].whole is None]
-    if not split or record.policy.recompute_fraction <= 0:
+    if not split or record.plan.recompute_fraction <= 0:
         return
     plain = [role for role in split if role not in record.compact]  # a sparse layer's attention roles: kept rows
-    seq_len = record.roles[plain[0]].shape[_token_dim(plain[0])] if plain else skeletal["layer_input"].shape[1]
-    kept, swapped, recomputed = record.policy.token_ranges(seq_len)
-    chunk = runtime.recompute_chunk_tokens
+    seq_len = record.roles[plain[0]].shape[_token_dim(plain[0])] if plain else skeletal[LAYER_INPUT].shape[1]
+    kept, swapped, recomputed = record.plan.token_ranges(seq_len)
+    chunk = runtime.config.recompute_chunk_tokens
     for start in range(kept + swapped, seq_len, chunk):
         length = min(chunk, seq_len - start)
         with torch.no_grad():
             tensors = record.layer.recompute_tokens(group, skeletal, record.cos, record.sin, start, length,
                                                     record.context)
-        tensors["layer_input"] = skeletal["layer_input"].narrow(1, start, length)
+        tensors[LAYER_INPUT] = skeletal[LAYER_INPUT].narrow(1, start, length)
         for role in split:
             form = record.compact.get(role)
             if form is None:
@@ -492,52 +361,32 @@ def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: D
             outputs[role].narrow(1, first, units.shape[1]).copy_(units)
 
 
-def _mark_backward_start(runtime: TokenwiseRuntime) -> None:
-    """Throttle the host on an event where this layer's backward starts on the compute stream (GPU only)."""
-    if runtime.stream is not None:
-        started = torch.cuda.Event()
-        started.record(torch.cuda.current_stream())
-        runtime.throttle(started)
-
-
 def _start_fetch(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
-    """Start the host -> device copies of a layer's swapped slices on the side stream.
-
-    The destinations come from the compute stream's pool (blocks of a side-stream pool would never serve the
-    compute stream: reserved memory doubles), and the copies start only once the compute stream reaches this
-    point: after every earlier use of those blocks, and after the backward of the layer above has started, so
-    a prefetch never competes for the copy engine with the copies the device is waiting for. The copy-out of
-    the same slices ran earlier on the same stream, so it has finished."""
-    stream = runtime.stream
-    if stream is None or record.prefetch_event is not None:
-        return
-    swapped = {role: store for role, store in record.roles.items() if store.host is not None}
-    targets = {role: torch.empty(store.host.shape, dtype=store.host.dtype, device=store.device)
-               for role, store in swapped.items()}
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        stream.wait_event(ready)
-        for role, store in swapped.items():
-            targets[role].copy_(store.host, non_blocking=True)
-        record.prefetch_event = torch.cuda.Event()
-        record.prefetch_event.record(stream)
-    record.prefetched.update(targets)
-
-
-def _wait_for_prefetch(record: _LayerRecord) -> None:
-    """The compute stream waits for the layer's fetched slices (their blocks are the compute stream's own)."""
+    """Start bringing a layer's swapped slices back on the swap stream (GPU; on CPU `_fetch` copies on use)."""
     if record.prefetch_event is not None:
-        torch.cuda.current_stream().wait_event(record.prefetch_event)
+        return
+    hosts = {role: (store.host, store.device) for role, store in record.roles.items() if store.host is not None}
+    started = runtime.swap.prefetch(hosts)
+    if started is not None:
+        targets, record.prefetch_event = started
+        record.prefetched.update(targets)
 
 
-def apply_policies(model, policies: Dict[int, LayerPolicy], arena=None) -> Optional[TokenwiseRuntime]:
-    """Install the token-wise hooks on the layers whose policy is not plain; None when every layer is plain.
-    With an arena (`orchestrator.memory.arena.KeptArena`), kept slices go to its planned regions."""
-    active = {i: p for i, p in policies.items() if not p.is_plain}
+def apply(model, config: Config, layers: Iterable[LayerPlan]) -> Optional[TokenwiseRuntime]:
+    """Split the activations of the layers whose plan is not plain (keep / swap / recompute token ranges, each
+    `LayerPlan` naming its layer); the others run plain. The runtime, or None when every layer is plain."""
+    active = {plan.layer: plan for plan in layers if not plan.is_plain}
     if not active:
         return None
-    runtime = TokenwiseRuntime(active, arena)
+    runtime = TokenwiseRuntime(active, config)
     for index, layer in enumerate(model.layers):
-        layer.activation_hooks = runtime.hooks_for(index) if index in active else None
+        layer.activation_hooks = _LayerSplit(runtime, index) if index in active else None
     return runtime
+
+
+def runtime_of(model) -> Optional[TokenwiseRuntime]:
+    """The token-wise runtime installed on the model's layers (None if no layer is split)."""
+    for layer in model.layers:
+        if isinstance(layer.activation_hooks, _LayerSplit):
+            return layer.activation_hooks.runtime
+    return None

@@ -26,7 +26,7 @@ generator seeded by (seed, layer, step), so a replayed forward (recomputation) d
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -35,6 +35,8 @@ import torch
 class Config:
     keep_ratio: float = 1.0
     """Share of the token rows kept for the weight gradient; 1 keeps every row (exact)."""
+    seed: int = 0
+    """The run's seed: each layer's draws are seeded from it, the layer index and the step."""
 
 
 def budget(num_rows: int, keep_ratio: float) -> int:
@@ -132,7 +134,9 @@ def estimate_weight_grad(inputs: torch.Tensor, grad_outputs: torch.Tensor, keep_
     return estimates if num_draws else estimates[0]
 
 
-def apply(model, config: Config, layers, seed: int = 0) -> None:
-    """Sample the weight gradients of these layers' linears (see `compressed.install`)."""
+def apply(model, config: Config, layers: Iterable[int]) -> None:
+    """Sample the weight gradients of these layers' linears (`compressed.update` wires the sampling in; it uses
+    this module's draws, hence the import here)."""
     from orchestrator.memory import compressed
-    compressed.install(model, layers, seed, keep_ratio=config.keep_ratio)
+
+    compressed.update(model, layers, config.seed, keep_ratio=config.keep_ratio)

@@ -408,6 +408,11 @@ class JobConfig:
         if self.optim.warmup_steps >= self.train.max_steps > 0:
             found.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.max_steps "
                          f"({self.train.max_steps}); lower the warm-up or train longer")
+        if (self.compression.silu == "int4" and self.compression.is_active and self.plan.path
+                and self.model.intermediate_size % 2):
+            found.append(f"compression.silu=int4 under plan.path needs an even model.intermediate_size "
+                         f"({self.model.intermediate_size}): the plan splits the gate's 4-bit codes, two a byte, by "
+                         "token; use compression.silu=int8 or an even model.intermediate_size")
         return found
 
     def _token_elim_problems(self) -> List[str]:
