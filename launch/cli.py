@@ -12,7 +12,26 @@ from typing import List, Optional, Sequence, Tuple
 from spec.errors import LongtrainError
 
 EXIT_USER_ERROR = 2
-DEBUG_FLAG = argparse.ArgumentParser(add_help=False)
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(LongtrainError):
+    """The command line itself is wrong (unknown flag or command, missing argument)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that takes whole option names only (`--profil` is not `--profile`) and reports a usage mistake as
+    one `UsageError` line instead of printing the usage text and exiting."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+DEBUG_FLAG = Parser(add_help=False)
 """`--debug` after any command (a parent of every command's parser)."""
 DEBUG_FLAG.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
@@ -20,21 +39,36 @@ DEBUG_FLAG.add_argument("--debug", action="store_true", default=argparse.SUPPRES
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        print(f"longtrain: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USER_ERROR
     try:
         return args.handler(args)
-    except LongtrainError as error:
-        if args.debug:
-            raise
-        print(f"longtrain: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except (LongtrainError, KeyboardInterrupt, OSError) as error:
+        if args.debug or (isinstance(error, OSError) and not error.filename):
+            raise  # an OSError without a file name is not about the user's files: a bug to see whole
+        return _one_line(error)
+
+
+def _one_line(error: BaseException) -> int:
+    """Print the error as one line; its exit code (2 for a mistake to fix, 130 for Ctrl-C)."""
+    if isinstance(error, KeyboardInterrupt):
+        print("longtrain: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(error, OSError):  # a file read or written: the machine's state (space, rights), not a bug
+        other = f" -> {error.filename2}" if error.filename2 else ""
+        error = f"{error.filename}{other}: {error.strerror or error}; check the path, its permissions and free space"
+    print(f"longtrain: error: {error}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longtrain", description="Long-context LLM training orchestrator.")
+    parser = Parser(prog="longtrain", description="Long-context LLM training orchestrator.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command")
     train = _command(commands, "train", help="train a job (default: configs/default.yaml)",

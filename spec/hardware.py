@@ -8,10 +8,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from spec.errors import ProfileError
 from spec.resources import HARDWARE_PROFILES_DIR as PROFILES_DIR
+from spec.yamlio import read_yaml
 
 GPU_NAME_TO_PROFILE = (("H200", "h200"), ("H100", "h100_sxm"), ("A800", "a800"), ("A100", "a100_80g"))
 
@@ -85,8 +87,9 @@ def load_profile(name_or_path: Union[str, Path]) -> HardwareProfile:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
         raise ProfileError(f"hardware profile {name_or_path!r} not found ({path}); known profiles: {known}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    return _from_mapping(raw, path)
+    raw = read_yaml(path, "hardware profile", ProfileError, "fix the file or measure one with `longtrain profile "
+                                                             "hardware`")
+    return _from_mapping(raw or {}, path)
 
 
 def detect_profile_name(cuda_device_name: Optional[str]) -> str:
@@ -100,8 +103,11 @@ def detect_profile_name(cuda_device_name: Optional[str]) -> str:
 
 
 def _from_mapping(raw: dict, path: Path) -> HardwareProfile:
+    _check_mapping(raw, path, "")
     measured = raw.pop("measured", None) or {}
     calibration = raw.pop("calibration", None) or {}
+    _check_mapping(measured, path, "measured")
+    _check_mapping(calibration, path, "calibration")
     _check_keys(raw, HardwareProfile, path, "")
     _check_keys(measured, MeasuredRates, path, "measured.")
     _check_keys(calibration, Calibration, path, "calibration.")
@@ -109,7 +115,25 @@ def _from_mapping(raw: dict, path: Path) -> HardwareProfile:
                                                                                                   "calibration")]
     if missing:
         raise ProfileError(f"hardware profile {path} lacks {', '.join(missing)}; add them (units in the names)")
-    return HardwareProfile(**raw, measured=MeasuredRates(**measured), calibration=Calibration(**calibration))
+    return _typed(HardwareProfile, {**raw, "measured": measured, "calibration": calibration}, path)
+
+
+def _check_mapping(raw, path: Path, section: str) -> None:
+    if not isinstance(raw, dict):
+        where = f"its section {section}" if section else "it"
+        raise ProfileError(f"hardware profile {path}: {where} must be a mapping of 'key: value' lines, not "
+                           f"{type(raw).__name__} {raw!r:.40}")
+
+
+def _typed(schema: type, raw: dict, path: Path):
+    """`raw` as the dataclass `schema`, each value checked against its field's type by OmegaConf."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        message = str(error).strip().splitlines()[0]
+        raise ProfileError(f"hardware profile {path}: {key} has a value of the wrong type ({message}); "
+                           "fix it (units in the key's name)") from error
 
 
 def _check_keys(raw: dict, schema: type, path: Path, prefix: str) -> None:

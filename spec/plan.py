@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from spec.activations import token_ranges
 from spec.config.schema import CompressionConfig, JobConfig
 from spec.errors import LongtrainError
+from spec.yamlio import read_yaml
 
 PLAN_FORMAT = "longtrain-plan"
 PLAN_VERSION = 2
@@ -152,7 +153,10 @@ def load_plan(path: Path) -> Plan:
     """The plan file at `path`, migrated to this version and validated (types, codecs, its own hash)."""
     if not Path(path).is_file():
         raise PlanError(f"plan file {path} not found; make one with `longtrain plan CONFIG --out {path}`")
-    data = _migrated(yaml.safe_load(Path(path).read_text()) or {}, path)
+    data = read_yaml(Path(path), "plan file", PlanError, "re-plan with `longtrain plan`") or {}
+    if not isinstance(data, dict):
+        raise PlanError(f"plan file {path} holds a {type(data).__name__}, not a plan; re-plan with `longtrain plan`")
+    data = _migrated(data, path)
     try:
         plan = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Plan), data))
     except OmegaConfBaseException as error:

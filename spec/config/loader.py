@@ -4,7 +4,7 @@ Why one function: every entry point (train, plan, submit, tests) must see the sa
 and every way it can be wrong must surface as one `ConfigError` line naming the dotted key.
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -16,6 +16,7 @@ from spec.config.presets import MODEL_PRESETS
 from spec.config.schema import JobConfig
 from spec.errors import ConfigError
 from spec.resources import CONFIGS_DIR
+from spec.yamlio import read_yaml
 
 DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
 
@@ -61,17 +62,29 @@ def _read_yaml(path: Path) -> DictConfig:
         shipped = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.yaml")))
         raise ConfigError(f"config file {path} not found; pass an existing YAML file (shipped in "
                           f"{CONFIGS_DIR}: {shipped})")
-    try:
-        content = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: "
-                          f"{getattr(error, 'problem', error)}; fix the syntax") from error
+    content = read_yaml(path, "config file", ConfigError, "fix the syntax") or {}
     if not isinstance(content, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), "
                           f"not a {type(content).__name__}")
-    return OmegaConf.create(content)
+    return OmegaConf.create(_checked_sections(content, f"config file {path}"))
+
+
+def _checked_sections(content: dict, source: str) -> dict:
+    """The file's (or the overrides') sections, each a mapping (an empty `model:` is dropped); a section written as
+    a list or a scalar is one line naming it (OmegaConf's own message for it is a traceback or a type name)."""
+    sections = {f.name for f in fields(JobConfig) if is_dataclass(f.type)}
+    for key, value in list(content.items()):
+        if key in sections and value is None:
+            del content[key]
+        elif key in sections and not isinstance(value, dict):
+            how = (f"set its keys, e.g. {key}.KEY=VALUE" if source == "overrides" else
+                   f"write '{key}:' and its 'key: value' lines indented below it")
+            raise ConfigError(f"{source}: {key} is a section, not a {_KINDS.get(type(value), type(value).__name__)} "
+                              f"({value!r:.40}); {how}")
+    return content
+
+
+_KINDS = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -80,7 +93,8 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"override {item!r} must be KEY=VALUE with a dotted key, e.g. "
                               "model.num_layers=4")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        layer = OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.create(_checked_sections(OmegaConf.to_container(layer), "overrides"))
     except OmegaConfBaseException as error:
         raise ConfigError(f"overrides {' '.join(overrides)!r} cannot be parsed: "
                           f"{_first_line(error)}") from error
