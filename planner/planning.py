@@ -2,10 +2,14 @@
 
 When no policy fits, say why (the smallest GPU footprint any policy reaches, and what it is made of) and search
 the smallest change that fits, in order of cost to the user: a higher ZeRO stage, int8 compression, sequence
-parallelism over the same GPUs, more GPUs, and the longest sequence that fits as configured.
+parallelism over the same GPUs, more GPUs, and the longest sequence that fits as configured. A policy whose laid-out
+plan peaks above the GPU budget (the policy's estimate leaves out fraction rounding, buffer alignment and the
+profile's memory calibration) is solved again under a budget lowered by the excess; a plan still above it is refused
+the same way, never written.
 """
 
 import copy
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
@@ -41,11 +45,47 @@ def training_precision(profile: HardwareProfile) -> str:
 
 def make_plan(job: JobConfig, profile: HardwareProfile,
               swap_hidden_fraction: Optional[float] = None) -> PlanOutcome:
-    """swap_hidden_fraction: None for `planner.policy.SWAP_HIDDEN_FRACTION` (the bench sets it to calibrate it)."""
+    """swap_hidden_fraction: None for `planner.policy.SWAP_HIDDEN_FRACTION` (the bench sets it to calibrate it).
+    Raises PlanInfeasible when no policy fits, or when the laid-out plan's peak is above the GPU budget."""
     started = time.perf_counter()
     solved = _solve(job, profile, SWAP_HIDDEN_FRACTION if swap_hidden_fraction is None else swap_hidden_fraction)
     if not solved[1].feasible:
         raise PlanInfeasible(explain_infeasible(job, profile, solved[2]))
+    plan, block, step, solved = _fitted_layout(job, profile, solved)
+    if _over_budget(plan):
+        raise PlanInfeasible(explain_over_budget(job, profile, plan))
+    return PlanOutcome(plan=plan, cost=solved[0], policy=solved[1], layer_block=block, step_layout=step,
+                       seconds=time.perf_counter() - started)
+
+
+TIGHTEN_ATTEMPTS = 3
+TIGHTEN_MARGIN_BYTES = 2**20
+
+
+def _fitted_layout(job: JobConfig, profile: HardwareProfile, solved):
+    """The laid-out plan of a feasible policy. The policy's GPU estimate leaves out what only the layout knows
+    (fractions rounded for the plan file, buffers aligned) and the profile's memory calibration, so a policy that
+    fills its budget can lay out a little above it: the policy is then solved again with its budget lowered by the
+    excess (a few times at most). Returns (plan, layer block, step layout, solved) of the last attempt."""
+    cost, _, inputs, first_block = solved
+    plan, block, step = _lay_out(job, profile, solved)
+    for _ in range(TIGHTEN_ATTEMPTS):
+        if not _over_budget(plan):
+            break
+        excess = (plan.predicted["peak_gpu_gib"] - plan.predicted["gpu_budget_gib"]) * GIB + TIGHTEN_MARGIN_BYTES
+        inputs = replace(inputs, gpu_budget_bytes=inputs.gpu_budget_bytes
+                         - excess / max(profile.calibration.peak_memory_factor, 1e-6))
+        policy = solve_policy(inputs, job.plan.time_limit_seconds)
+        if not policy.feasible:
+            break
+        policy.gpu_budget_bytes = solved[2].gpu_budget_bytes  # the plan reports the job's own budget
+        solved = (cost, policy, inputs, first_block)
+        plan, block, step = _lay_out(job, profile, solved)
+    return plan, block, step, solved
+
+
+def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, LayoutResult, LayoutResult]:
+    """The plan of a feasible policy: its layer block and step laid out in the arena, and the runtime arena."""
     cost, policy, inputs, block = solved
     _round_fractions(policy)
     decisions = policy.decisions
@@ -70,11 +110,25 @@ def make_plan(job: JobConfig, profile: HardwareProfile,
     partly_kept = {d.layer for d in policy.decisions
                    if 0 < d.keep_fraction < 1 and d.activation_compression == "none"}
     plan.runtime_arena = runtime_arena(step, partly_kept, job.plan.time_limit_seconds)
-    if plan.predicted["peak_gpu_gib"] > plan.predicted["gpu_budget_gib"]:
-        plan.notes.append(f"the layout's peak ({plan.predicted['peak_gpu_gib']} GiB) is above the budget "
-                          f"({plan.predicted['gpu_budget_gib']} GiB): the layout could not reach its lower bound")
-    return PlanOutcome(plan=plan, cost=cost, policy=policy, layer_block=block, step_layout=step,
-                       seconds=time.perf_counter() - started)
+    return plan, block, step
+
+
+def _over_budget(plan: Plan) -> bool:
+    return plan.predicted["peak_gpu_gib"] > plan.predicted["gpu_budget_gib"]
+
+
+def explain_over_budget(job: JobConfig, profile: HardwareProfile, plan: Plan) -> str:
+    """The policy fitted its estimate, but the laid-out buffers (with the profile's memory calibration) do not."""
+    predicted = plan.predicted
+    static = sum(v for k, v in predicted["static_gib"].items() if k != "head_and_loss")
+    arena = plan.arena_bytes / GIB
+    calibrated = predicted["peak_gpu_gib"] - static - arena
+    calibration = f", the profile's memory calibration {calibrated:+.2f}" if abs(calibrated) >= 0.005 else ""
+    return (f"does not fit on {profile.name}: the laid-out plan peaks at {predicted['peak_gpu_gib']} GiB per GPU "
+            f"(weights, gradients, optimizer and buffers {static:.2f}, activation arena {arena:.2f}{calibration} "
+            "GiB) but "
+            f"plan.gpu_memory_fraction={job.plan.gpu_memory_fraction} leaves {predicted['gpu_budget_gib']} GiB; "
+            f"{suggest_fix(job, profile, laid_out=True, peak_gib=predicted['peak_gpu_gib'])}")
 
 
 def _round_fractions(policy: PolicyResult) -> None:
@@ -170,12 +224,16 @@ def explain_infeasible(job: JobConfig, profile: HardwareProfile, inputs: PolicyI
     return f"{why}; {suggest_fix(job, profile)}"
 
 
-def suggest_fix(job: JobConfig, profile: HardwareProfile) -> str:
-    for label, change in _candidate_changes(job):
+def suggest_fix(job: JobConfig, profile: HardwareProfile, laid_out: bool = False,
+                peak_gib: Optional[float] = None) -> str:
+    """The cheapest change that fits. laid_out: a change must fit once laid out (not only in the policy's
+    estimate); peak_gib: the laid-out peak of the job as it is, which a larger budget fraction may cover first."""
+    candidates = ([_budget_change(job, profile, peak_gib)] if peak_gib else []) + _candidate_changes(job)
+    for label, change in candidates:
         changed = change(copy.deepcopy(job))
-        if changed is not None and _fits(changed, profile):
+        if changed is not None and _fits(changed, profile, laid_out):
             return f"it fits with {label}"
-    longest = _longest_fitting_seq_len(job, profile)
+    longest = _longest_fitting_seq_len(job, profile, laid_out)
     if longest:
         return f"no single change fits; the longest sequence that fits as configured is data.seq_len={longest}"
     return "nothing fits even at the shortest sequence: use more GPUs (cluster.num_workers) or a smaller model"
@@ -200,6 +258,18 @@ def _candidate_changes(job: JobConfig) -> List[Tuple[str, Callable[[JobConfig], 
     return candidates
 
 
+MAX_GPU_MEMORY_FRACTION = 0.95
+"""The largest budget fraction suggested: the rest is for the CUDA context, NCCL and allocator slack."""
+
+
+def _budget_change(job: JobConfig, profile: HardwareProfile, peak_gib: float):
+    """plan.gpu_memory_fraction raised, in hundredths, to cover the laid-out peak (no change above the cap)."""
+    needed = math.ceil(peak_gib / profile.device_memory_gib * 100 + 1e-9) / 100
+    if needed > MAX_GPU_MEMORY_FRACTION:
+        return "", lambda j: None
+    return f"plan.gpu_memory_fraction={needed}", lambda j: _set(j, ("plan", "gpu_memory_fraction", needed))
+
+
 def _set(job: JobConfig, *changes) -> Optional[JobConfig]:
     for section, key, value in changes:
         setattr(getattr(job, section), key, value)
@@ -208,16 +278,19 @@ def _set(job: JobConfig, *changes) -> Optional[JobConfig]:
     return job
 
 
-def _fits(job: JobConfig, profile: HardwareProfile) -> bool:
-    return _solve(job, profile)[1].feasible
+def _fits(job: JobConfig, profile: HardwareProfile, laid_out: bool = False) -> bool:
+    solved = _solve(job, profile)
+    if not solved[1].feasible:
+        return False
+    return not laid_out or not _over_budget(_fitted_layout(job, profile, solved)[0])
 
 
-def _longest_fitting_seq_len(job: JobConfig, profile: HardwareProfile) -> int:
+def _longest_fitting_seq_len(job: JobConfig, profile: HardwareProfile, laid_out: bool = False) -> int:
     unit = TOKEN_BLOCK * job.parallel.sp_degree
     low, high = 0, job.data.seq_len // unit
     while low < high:
         middle = (low + high + 1) // 2
         trial = copy.deepcopy(job)
         trial.data.seq_len = middle * unit
-        low, high = (middle, high) if _fits(trial, profile) else (low, middle - 1)
+        low, high = (middle, high) if _fits(trial, profile, laid_out) else (low, middle - 1)
     return low * unit
