@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from launch.paths import check_writable_dir
 from spec.errors import LongtrainError
 
 
@@ -23,6 +24,7 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
     if unknown:
         raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(MODES)}")
     profile = load_profile(profile_name or detect_profile_name(torch.cuda.get_device_name()))
+    check_writable_dir(out or "profiles/runs", "--out")
     stem = Path(out or "profiles/runs") / f"{profile.name}_{time.strftime('%Y-%m-%d')}_bench-{layers}l"
     stem.parent.mkdir(parents=True, exist_ok=True)
     options = BenchOptions(plan_fraction=plan_fraction, swap_hidden_fraction=swap_hidden,

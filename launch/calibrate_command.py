@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 
 import yaml
 
+from launch.paths import check_writable_dir
 from spec.errors import LongtrainError
 from launch.measure.calibration import BenchObservation, Prediction, fit, predict, read_bench_rows, \
     resolve_decisions, with_calibration
@@ -19,6 +20,7 @@ STEP_GOAL, PEAK_GOAL = 0.10, 0.05
 
 
 def run_profile_calibrate(paths: Sequence[str], profile_name: Optional[str], out: str) -> int:
+    check_writable_dir(out, "--out")
     rows, profiles, left_out = read_bench_rows(paths)
     profile = load_profile(profile_name or _one_profile(profiles))
     before = [resolve_decisions(row, profile) for row in rows]

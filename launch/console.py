@@ -3,7 +3,6 @@
 Everything printed here is also in the run directory (metrics.jsonl), so the console can stay terse.
 """
 
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -11,10 +10,11 @@ from typing import Dict, List, Optional
 from tqdm import tqdm
 
 from launch.aggregate import RunSummary, mean_loss, node_rows, summarize
+from launch.metrics_file import MetricsFile
 
 
 class RunConsole:
-    """Consumes the messages workers publish (tick, step, checkpoint, resumed) and renders them."""
+    """Consumes the messages workers publish (tick, step, checkpoint, resumed, nonfinite) and renders them."""
 
     def __init__(self, run_dir: Path, max_steps: int, warmup_steps: int, stream=sys.stdout):
         self.run_dir = run_dir
@@ -25,7 +25,9 @@ class RunConsole:
         self.bar = tqdm(total=max_steps, desc="train", unit="step", file=stream, dynamic_ncols=True,
                         leave=True, disable=not _is_terminal(stream),
                         bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
-        self.metrics_file = (run_dir / "metrics.jsonl").open("a")
+        self.metrics_file = MetricsFile(run_dir / "metrics.jsonl")
+        self.stopped_by: Optional[Dict] = None
+        """The `nonfinite` message that ended the run (train.on_nonfinite=stop)."""
 
     def handle(self, message: Dict) -> None:
         kind = message["kind"]
@@ -41,12 +43,15 @@ class RunConsole:
         elif kind == "resumed":
             self.bar.n = message["step"]
             self.bar.write(f"resumed from {message['path']} at step {message['step']}")
+        elif kind == "nonfinite" and message["action"] == "skip":
+            self.bar.write(f"step {message['step']}: {message['why']}; update skipped (train.on_nonfinite=skip)")
+        elif kind == "nonfinite":
+            self.stopped_by = message
 
     def _log_step(self, message: Dict) -> None:
         self.steps.append(message)
         nodes = node_rows(message["rows"])
-        self.metrics_file.write(json.dumps({**message, "nodes": [vars(n) for n in nodes]}) + "\n")
-        self.metrics_file.flush()
+        self.metrics_file.append({**message, "nodes": [vars(n) for n in nodes]})
         loss = mean_loss(message)
         self.bar.set_postfix_str(f"loss {loss:.3f}")
         self.bar.write(step_line(message["step"], loss, message["rows"], nodes))

@@ -3,6 +3,7 @@
 from pathlib import Path
 from typing import Optional, Sequence
 
+from launch.paths import check_writable_file
 from spec.config import JobConfig, load_job_config
 from spec.errors import ConfigError
 from spec.hardware import PROFILES_DIR, load_profile
@@ -15,8 +16,9 @@ def run_planning(config_path: Optional[str], overrides: Sequence[str], profile_n
                  out: Optional[str]) -> int:
     job = load_job_config(config_path, overrides)
     profile = load_profile(_profile_name(job, profile_name))
-    outcome = make_plan(job, profile)
     plan_path = Path(out) if out else Path("plans") / f"{_stem(config_path, job)}.plan.yaml"
+    check_writable_file(plan_path, "--out" if out else "the plan file")
+    outcome = make_plan(job, profile)
     png_path = plan_path.with_suffix(".png")
     save_plan(outcome.plan, plan_path)
     plot_layout(outcome.plan, png_path)

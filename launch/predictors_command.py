@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from launch.paths import check_writable_file
 from spec.config import load_job_config
 from orchestrator.data import build_windows
 from orchestrator.checkpoint import load_init_from
@@ -19,12 +20,13 @@ from orchestrator.model import LlamaModel
 def run_train_predictors(config_path: Optional[str], overrides: Sequence[str], steps: int,
                          out: Optional[str]) -> int:
     job = load_job_config(config_path, [*overrides, "token_elim.enabled=true"])  # checked as the job it serves
+    check_writable_file(out or default_path(job), "--out" if out else "the predictors file")
     torch.manual_seed(job.train.seed)  # the same initial weights as `longtrain train` when there is no init_from
     model = LlamaModel(job.model)
     if job.model.init_from:
         load_init_from(model, job.model.init_from)
     windows = build_windows(job.data, job.model.vocab_size, job.train.seed)
-    path = Path(out) if out else default_path(job)
+    path = Path(out or default_path(job))
     report = train_predictors(job, model, windows, steps, path)
     print(f"trained {len(report.recall)} predictors for {steps} steps "
           f"({job.data.micro_batch_size} x {job.data.seq_len} tokens each) -> {report.path}")

@@ -4,20 +4,34 @@ Why here and only here: a mistake found in a worker is found once per worker, af
 started, and surfaces as a wrapped traceback. The job config validates itself when it is loaded (`spec.config`);
 this adds what needs files or the machine: the plan (loaded once; its composition, and its inputs against this
 machine's profile when the driver sees the workers' devices), the activation-checkpointing backend, the token
-elimination predictors. Workers check only what depends on their own device (the plan's profile hash).
+elimination predictors, the token file, the hardware profile, `train.deepspeed_extra` (through DeepSpeed's own
+config validation) and that a cluster address answers. Workers check only what depends on their own device (the
+plan's profile hash). Files are checked for local runs only: a cluster's workers may see other files.
 """
 
+import os
+import socket
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from orchestrator.ds_config import uses_cuda
 from spec.config import JobConfig
+from spec.errors import ConfigError
+
+CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 def check_job(job: JobConfig) -> None:
     """Raise a one-line `LongtrainError` for the first rule the job breaks (its config is already valid)."""
+    _check_cluster_address(job)
+    _check_data(job)
+    _check_profile(job)
     _check_plan(job)
     _check_activation_checkpointing(job)
     _check_predictors(job)
+    _check_deepspeed_extra(job)
 
 
 def _check_plan(job: JobConfig) -> None:
@@ -53,3 +67,106 @@ def _check_predictors(job: JobConfig) -> None:
         from orchestrator.memory.token_elim_predictors import load_predictors
 
         load_predictors(job.token_elim.predictors, job.model, job.token_elim.block_size)
+
+
+def _check_cluster_address(job: JobConfig) -> None:
+    """ray://HOST:PORT (Ray Client) or HOST:PORT (the GCS) must accept a TCP connection; `ray.init` would otherwise
+    retry for a minute and fail with a traceback."""
+    address = job.cluster.address
+    if address in ("local", "auto"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=CONNECT_TIMEOUT_SECONDS):
+            pass
+    except (OSError, ValueError) as error:
+        why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise ConfigError(f"cluster.address ({address}) does not answer ({why}); start the cluster, fix the address "
+                          "or use cluster.address=local") from error
+
+
+def _check_data(job: JobConfig) -> None:
+    """The token file of data.source=tokens: there, of a whole number of tokens, with a training window."""
+    if job.data.source != "tokens" or job.cluster.address != "local":
+        return
+    from orchestrator.data import TokenWindows, open_token_file
+
+    TokenWindows(open_token_file(job.data.path, job.data.token_dtype), job.data.seq_len, job.data.holdout_fraction)
+
+
+def _check_profile(job: JobConfig) -> None:
+    """metrics.hardware_profile names a profile that loads (auto: the one this machine's device maps to, when the
+    driver sees the workers' devices)."""
+    if job.metrics.hardware_profile == "auto" and job.cluster.address != "local":
+        return
+    from orchestrator.trainer import profile_name
+    from spec.hardware import load_profile
+
+    load_profile(profile_name(job, uses_cuda(job.cluster)))
+
+
+def _check_deepspeed_extra(job: JobConfig) -> None:
+    """The generated DeepSpeed config with train.deepspeed_extra merged in, through DeepSpeed's own validation
+    (`DeepSpeedConfig` runs without a process group; the world size is set to the job's)."""
+    if not job.train.deepspeed_extra:
+        return
+    from orchestrator.ds_config import deepspeed_config
+
+    with _stdout_silenced():  # DeepSpeed prints its accelerator choice on import
+        from deepspeed.runtime.config import DeepSpeedConfig
+    config = deepspeed_config(job, uses_cuda(job.cluster))
+
+    class JobWorldConfig(DeepSpeedConfig):
+        def _configure_train_batch_size(self):
+            self.world_size = job.cluster.num_workers // int(config.get("sequence_parallel_size", 1))
+            super()._configure_train_batch_size()
+
+    try:
+        with _stdout_silenced():  # DeepSpeed logs to stdout (e.g. a scheduler read before its first step)
+            JobWorldConfig(config)
+            _build_scheduler(config)
+    except Exception as error:  # pydantic's ValidationError, AssertionError, ValueError, DeepSpeedConfigError, ...
+        raise ConfigError(f"train.deepspeed_extra ({job.train.deepspeed_extra}) is refused by DeepSpeed: "
+                          f"{_deepspeed_reason(error)}; fix or remove the key") from error
+
+
+def _build_scheduler(config: dict) -> None:
+    """The LR schedule as DeepSpeed's engine builds it (its parameters are checked only then), on a stand-in
+    optimizer; and the optimizer type, which DeepSpeed looks up only in `initialize`."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    kind = str(config.get("optimizer", {}).get("type", "AdamW"))
+    if kind.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, kind):
+        raise ValueError(f"optimizer.type {kind!r} is neither a DeepSpeed optimizer nor one of torch.optim")
+    scheduler = config.get("scheduler")
+    if not scheduler:
+        return
+    name = scheduler.get("type")
+    factory = getattr(lr_schedules, str(name), None) or getattr(torch.optim.lr_scheduler, str(name), None)
+    if factory is None:
+        raise ValueError(f"scheduler.type {name!r} is neither a DeepSpeed nor a torch LR scheduler")
+    factory(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **scheduler.get("params", {}))
+
+
+def _deepspeed_reason(error: Exception) -> str:
+    errors = getattr(error, "errors", None)
+    if callable(errors):  # pydantic: one entry per bad field, with its location
+        return "; ".join(f"{getattr(error, 'title', 'config')}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                         for e in errors())
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+@contextmanager
+def _stdout_silenced():
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)

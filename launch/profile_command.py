@@ -1,12 +1,12 @@
 """`longtrain profile mfu RUN_DIR`: MFU per node and per rank of a finished (or running) run, from its
 metrics.jsonl, as a Markdown table and a PNG chart over steps, written into the run directory."""
 
-import json
 from pathlib import Path
 from statistics import mean
 from typing import Dict, List
 
 from launch.aggregate import node_rows
+from launch.metrics_file import read_records
 from spec.errors import LongtrainError
 
 
@@ -29,8 +29,11 @@ def read_metrics(run_dir: Path) -> List[Dict]:
     if not path.is_file():
         raise LongtrainError(f"{path} not found; pass the run directory a `longtrain train` printed "
                              "(it holds metrics.jsonl)")
-    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [m for m in steps if m.get("kind") == "step"]
+    steps = [m for m in read_records(path) if m.get("kind") == "step"]
+    broken = next((m for m in steps if not isinstance(m.get("step"), int) or not isinstance(m.get("rows"), list)), None)
+    if broken is not None:
+        raise LongtrainError(f"{path} has a step record without 'step' and 'rows' ({str(broken):.60}); it was not "
+                             "written by `longtrain train`")
     if not steps:
         raise LongtrainError(f"{path} holds no logged step yet; wait for the first metrics line")
     return steps

@@ -10,6 +10,7 @@ import yaml
 from launch.measure.hardware import (Measurement, cpu_name, host_name, measure_attention, measure_copies,
                                      measure_layer, measure_matmul, measure_memory, measure_nccl, optional_min,
                                      settings_for)
+from launch.paths import check_writable_file
 from spec.errors import LongtrainError
 
 
@@ -25,6 +26,7 @@ def run_profile_hardware(config_path: Optional[str], overrides: List[str], out: 
     path = Path(out) if out else Path("profiles/hardware") / f"{shipped.name}_measured.yaml"
     if path.suffix not in (".yaml", ".yml"):
         raise LongtrainError(f"--out {path} must be a .yaml file path, e.g. profiles/hardware/h100_sxm_measured.yaml")
+    check_writable_file(path, "--out" if out else "the profile file")
     num_gpus = torch.cuda.device_count() if cuda else 0
     where = f"CUDA, {num_gpus} GPU(s) visible" if cuda else "CPU"
     print(f"longtrain profile hardware: {device_name} ({where}), torch {torch.__version__}, layer hidden "

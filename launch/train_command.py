@@ -1,24 +1,37 @@
-"""`longtrain train`: load the job, place the run directory, start the workers, show progress and a summary."""
+"""`longtrain train`: load the job, place the run directory, start the workers, show progress and a summary.
 
+However the run ends (finished, a worker failure, a non-finite step, a full disk, Ctrl-C), the driver's last word
+on stderr is one line: what happened and the command that resumes. A local run's processes never outlive the
+driver (`launch.guard`), not even a SIGKILLed one.
+"""
+
+import re
 import shlex
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from launch.guard import start_guard
+from launch.interrupts import second_interrupt_exits
+from launch.paths import check_writable_dir
 from launch.preflight import check_job
 from launch.rundir import place_run
 from orchestrator.checkpoint import prepare_resume
 from orchestrator.ds_config import uses_cuda
 from spec.config import JobConfig, job_to_yaml, load_job_config
+from spec.errors import ConfigError
 from spec.flops import parameter_count
 
 
 def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     job = with_absolute_paths(load_job_config(config_path, overrides))
     check_job(job)
-    placement = prepare_resume(job, place_run(job))
+    placement = place_run(job)
+    check_writable_dir(placement.run_dir, "run.dir" if job.run.dir else "run.root")
+    placement = prepare_resume(job, placement)
     run_dir = placement.run_dir
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -28,26 +41,18 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     import ray  # heavy: imported after the config is known to be valid
 
     from launch.console import RunConsole
-    from launch.ray_train import connect, run_workers
 
     started = time.time()
-    try:
-        connect(job.cluster, run_dir / "logs")
-    except Exception:
-        if created:  # nothing ran: leave no empty run directory behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    print(_header(job, run_dir, uses_cuda(job.cluster)), flush=True)
-    console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps)
-    try:
-        run_workers(job, run_dir, placement.initial, console.handle)
-    except KeyboardInterrupt:
-        return _stopped(console, run_dir, resume, "interrupted", EXIT_INTERRUPTED)
-    except Exception as error:  # Ray wraps the worker's exception; the user needs the gist and the way out
-        return _stopped(console, run_dir, resume,
-                        f"training failed: {_first_line(error)}\n  worker logs: {run_dir / 'logs'}", EXIT_RUN_FAILED)
-    finally:
-        ray.shutdown()
+    with second_interrupt_exits(lambda: _resume_hint(run_dir, resume), EXIT_INTERRUPTED):
+        try:
+            _connect(job, run_dir, created)
+            print(_header(job, run_dir, uses_cuda(job.cluster)), flush=True)
+            console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps)
+            code = _run_workers(job, run_dir, placement.initial, console, resume)
+        finally:
+            ray.shutdown()
+    if code is not None:
+        return code
     summary = console.finish(_resume_hint(run_dir, resume))
     if summary is None:
         print(f"nothing to do: {run_dir} is already at train.max_steps={job.train.max_steps}; raise "
@@ -87,17 +92,65 @@ def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _connect(job: JobConfig, run_dir: Path, created: bool) -> None:
+    """Start or join Ray (a local one watched by the guard); a run directory this run created is removed again
+    when Ray does not start (nothing ran)."""
+    from launch.ray_train import connect
+
+    (run_dir / "logs").mkdir(exist_ok=True)
+    if job.cluster.address == "local":
+        start_guard(run_dir / "logs" / "guard.log")
+    try:
+        connect(job.cluster, run_dir / "logs")
+    except BaseException as error:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(error, ConnectionError):
+            raise ConfigError(f"cluster.address ({job.cluster.address}): {_first_line(error)}; start the cluster or "
+                              "use cluster.address=local") from error
+        raise
+
+
+def _run_workers(job: JobConfig, run_dir: Path, initial, console, resume: str) -> Optional[int]:
+    """Train; the exit code when the run stopped early (None: it finished)."""
+    from launch.ray_train import run_workers
+
+    try:
+        run_workers(job, run_dir, initial, console.handle)
+    except KeyboardInterrupt:
+        return _stopped(console, run_dir, resume, "interrupted", EXIT_INTERRUPTED)
+    except OSError as error:  # the driver's own writes (metrics.jsonl) on a full or read-only disk
+        return _stopped(console, run_dir, resume, f"cannot write {error.filename}: {error.strerror}; free space",
+                        EXIT_RUN_FAILED)
+    except Exception as error:  # Ray wraps the worker's exception; the user needs the gist and the way out
+        return _stopped(console, run_dir, resume, f"training failed: {_first_line(error)} (worker logs: "
+                                                  f"{run_dir / 'logs'})", EXIT_RUN_FAILED)
+    if console.stopped_by:
+        stop = console.stopped_by
+        return _stopped(console, run_dir, resume, f"stopped at step {stop['step']}: {stop['why']} "
+                                                  "(train.on_nonfinite=stop; that step was not checkpointed); change "
+                                                  "what diverged (e.g. lower optim.lr)", EXIT_RUN_FAILED)
+    return None
+
+
 def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:
+    """The summary so far on stdout, and one line on stderr: why the run stopped and how to resume."""
     hint = _resume_hint(run_dir, resume)
-    console.finish(hint)
-    print(f"longtrain: {why}\n  {hint}", file=sys.stderr)
+    try:
+        console.finish(hint)
+    except OSError:  # the summary is a courtesy; the line below is what must reach the user
+        pass
+    print(f"longtrain: {why}; {re.sub(r'^resume with +', 'resume with: ', hint)}", file=sys.stderr, flush=True)
     return code
 
 
 def _resume_hint(run_dir: Path, resume: str) -> str:
     from orchestrator.checkpoint import latest_complete_tag
 
-    if latest_complete_tag(run_dir / "checkpoints"):
+    with warnings.catch_warnings():  # a tag cut short by the stop is expected here, not news
+        warnings.simplefilter("ignore")
+        latest = latest_complete_tag(run_dir / "checkpoints")
+    if latest:
         return f"resume with     {resume}"
     return "no checkpoint was written yet: run the same command again (without resume=)"
 
@@ -124,8 +177,12 @@ def _write_config(job: JobConfig, run_dir: Path) -> None:
 
 
 def _first_line(error: BaseException) -> str:
+    """The gist of an error that may wrap a worker's traceback: the last `Type: message` line (our own error types'
+    names dropped), else the last line."""
     text = str(error).strip()
     cause = error.__cause__ or error.__context__
     if not text and cause is not None:
         return _first_line(cause)
-    return text.splitlines()[-1] if text else type(error).__name__
+    lines = text.splitlines() or [type(error).__name__]
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
+    return re.sub(r"^spec\.errors\.\w+: ", "", raised[-1] if raised else lines[-1])

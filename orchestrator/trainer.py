@@ -6,6 +6,7 @@ same loop runs under Ray Train, in a test's process group, or under a plain `dee
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -20,7 +21,9 @@ from orchestrator.ds_config import deepspeed_config, resolve_precision
 from orchestrator import sequence_parallel
 from orchestrator.memory import apply_plan, compressed
 from orchestrator.metrics import StepMeter
+from orchestrator.nonfinite import step_is_usable
 from orchestrator.model import LlamaModel
+from spec.errors import CheckpointError
 from spec.hardware import detect_profile_name, load_profile
 from spec.plan import Plan, check_plan_matches, load_plan, plan_inputs
 
@@ -69,18 +72,34 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
     for step in range(start_step + 1, last_step + 1):
+        skipped_before = engine.skipped_steps
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group)
         reading = meter.stop(step, loss, scheduler.get_last_lr()[0], dims.tokens_per_step_per_rank,
                              swap_host_bytes=memory.host_bytes)
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
+        if not step_is_usable(engine, step, loss, skipped_before, job.train.on_nonfinite,
+                              publish if worker.rank == 0 else None):
+            return {"rank": worker.rank, "start_step": start_step, "final_step": step, "stopped": "nonfinite"}
         if _checkpoint_due(job, step):
             rank_state = {"data": sampler.state()}
             if memory.compressed_layers:
                 rank_state["compression"] = compressed.state_dict(model)
-            path = checkpoints.save(engine, step, {"step": step}, rank_state)
+            path = _save(checkpoints, engine, step, rank_state)
             if worker.rank == 0:
                 publish({"kind": "checkpoint", "step": step, "path": str(path)})
     return {"rank": worker.rank, "start_step": start_step, "final_step": last_step}
+
+
+def _save(checkpoints: CheckpointManager, engine, step: int, rank_state: Dict[str, Any]) -> Path:
+    """This step's checkpoint; a failed write is one line naming the directory and its free space (a full disk
+    reaches us from torch.save as a RuntimeError without an errno)."""
+    try:
+        return checkpoints.save(engine, step, {"step": step}, rank_state)
+    except (OSError, RuntimeError) as error:
+        free_mib = shutil.disk_usage(checkpoints.dir).free / 2**20
+        gist = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
+        raise CheckpointError(f"the checkpoint of step {step} could not be written to {checkpoints.dir} ({gist}; "
+                              f"{free_mib:.1f} MiB free there)") from error
 
 
 def _set_device_and_threads(worker: WorkerInfo, use_cuda: bool, cpus_per_worker: int) -> None:

@@ -95,9 +95,10 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     try:
         layer = OmegaConf.from_dotlist(list(overrides))
         return OmegaConf.create(_checked_sections(OmegaConf.to_container(layer), "overrides"))
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"overrides {' '.join(overrides)!r} cannot be parsed: "
-                          f"{_first_line(error)}") from error
+    except (OmegaConfBaseException, yaml.YAMLError) as error:  # a value is parsed as YAML (`k={a: 1}`)
+        why = (f"{error.problem} (a value is read as YAML: write {{key: value}} with a space after each ':')"
+               if isinstance(error, yaml.YAMLError) and getattr(error, "problem", None) else _first_line(error))
+        raise ConfigError(f"overrides {' '.join(overrides)!r} cannot be parsed: {why}") from error
 
 
 def _preset_fields(file_layer: DictConfig, override_layer: DictConfig) -> dict:

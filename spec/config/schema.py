@@ -6,6 +6,7 @@ messages, each naming the key, the value and the fix); `JobConfig.__post_init__`
 cross-section rules, so the user sees every problem of a config at once.
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -18,6 +19,8 @@ DATA_SOURCES = ("corpus", "synthetic", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("auto", "bf16", "fp32")
 ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu")
+ON_NONFINITE = ("stop", "skip")
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass
@@ -120,8 +123,9 @@ class OptimConfig:
             found.append(f"optim.lr ({self.lr}) must be > 0; a typical value is 3e-4")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             found.append(f"optim.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
-        if self.warmup_steps < 0:
-            found.append(f"optim.warmup_steps ({self.warmup_steps}) must be >= 0")
+        if self.warmup_steps < 1:
+            found.append(f"optim.warmup_steps ({self.warmup_steps}) must be >= 1: DeepSpeed's WarmupCosineLR always "
+                         "warms up (it refuses 0); use 1 for the shortest warm-up")
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 found.append(f"optim.{key} ({getattr(self, key)}) must be in [0, 1)")
@@ -153,6 +157,10 @@ class TrainConfig:
     baseline a plan is measured against; not with plan.path."""
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
     """Escape hatch: keys merged last into the generated DeepSpeed config (see README)."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is NaN or infinite: stop (the run ends with one line naming the step; no
+    checkpoint is written after it) or skip (the update is dropped, as DeepSpeed's ZeRO 1-3 optimizers drop a step
+    with non-finite gradients, and training goes on)."""
 
     def problems(self) -> List[str]:
         found = _positive(self, "train", ["max_steps", "grad_accum_steps", "log_every_steps"])
@@ -167,6 +175,11 @@ class TrainConfig:
                          f"{', '.join(ACTIVATION_CHECKPOINTING)}")
         if self.max_failures < 0:
             found.append(f"train.max_failures ({self.max_failures}) must be >= 0 (-1 is not supported)")
+        if self.on_nonfinite not in ON_NONFINITE:
+            found.append(f"train.on_nonfinite ({self.on_nonfinite!r}) must be one of {', '.join(ON_NONFINITE)}")
+        elif self.on_nonfinite == "skip" and self.zero_stage == 0:
+            found.append("train.on_nonfinite=skip needs train.zero_stage 1, 2 or 3 (their optimizers drop a step with "
+                         "non-finite gradients; ZeRO-0's applies it); raise the stage or use on_nonfinite=stop")
         return found
 
 
@@ -362,8 +375,9 @@ class RunConfig:
     """Explicit run directory; default: ROOT/NAME-YYYYmmdd-HHMMSS."""
 
     def problems(self) -> List[str]:
-        if not self.name or "/" in self.name:
-            return [f"run.name ({self.name!r}) must be a non-empty name without '/'"]
+        if not RUN_NAME.fullmatch(self.name or ""):
+            return [f"run.name ({self.name!r}) may hold only letters, digits, '.', '_' and '-', not starting with "
+                    "'.' or '-', up to 100 characters: it names the run directory and resume=auto matches it"]
         return []
 
 
