@@ -1,15 +1,18 @@
 """Where a run writes, and what `resume=` points at.
 
-A fresh run gets RUN_ROOT/NAME-YYYYmmdd-HHMMSS. `resume=auto` continues the newest run of the same name that has
-a complete checkpoint, `resume=RUN_DIR` continues that run in place, and `resume=CHECKPOINT_DIR[:TAG]` starts a
-new run from a DeepSpeed checkpoint directory (ours or one plain DeepSpeed wrote). Which of the last two a path is,
-and the checks of the checkpoint itself, are the checkpoint package's (orchestrator/checkpoint/resume.py).
+A fresh run gets RUN_ROOT/NAME-YYYYmmdd-HHMMSS. `resume=auto` continues the newest run of exactly this name (the
+directory name is NAME-YYYYmmdd-HHMMSS[-N]: `exp` never picks up `exp-big-...`) that has a complete checkpoint,
+`resume=RUN_DIR` continues that run in place, and `resume=RUN_DIR:TAG` or `resume=CHECKPOINT_DIR[:TAG]` starts a new
+run from one checkpoint (a run's tag, or one plain DeepSpeed wrote). Which of these a path is, and the checks of
+the checkpoint itself, are the checkpoint package's (orchestrator/checkpoint/resume.py); the run directory's lock is
+launch/runlock.py's.
 """
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from orchestrator.checkpoint import CheckpointRef, continued_run, foreign_checkpoint, latest_complete_tag
 from spec.config import JobConfig
@@ -48,17 +51,22 @@ def _fresh_run_dir(job: JobConfig) -> Path:
     return run_dir
 
 
+def runs_named(root: Path, name: str) -> List[Path]:
+    """The run directories of exactly this run name under root, newest first."""
+    pattern = re.compile(re.escape(name) + r"-(\d{8}-\d{6})(?:-(\d+))?")
+    found = [(m.group(1), int(m.group(2) or 0), p) for p in (root.iterdir() if root.is_dir() else [])
+             if p.is_dir() and (m := pattern.fullmatch(p.name))]
+    return [p for *_, p in sorted(found, key=lambda f: f[:2], reverse=True)]
+
+
 def _newest_resumable_run(job: JobConfig) -> Path:
-    if job.run.dir:
-        candidates = [Path(job.run.dir)]
-    else:
-        candidates = sorted(Path(job.run.root).glob(f"{job.run.name}-*"), key=lambda p: p.name, reverse=True)
+    candidates = [Path(job.run.dir)] if job.run.dir else runs_named(Path(job.run.root), job.run.name)
     for run_dir in candidates:
         if latest_complete_tag(run_dir / "checkpoints"):
             return run_dir.resolve()
-    raise CheckpointError(f"resume=auto found no run with a complete checkpoint under "
-                          f"{job.run.dir or Path(job.run.root) / (job.run.name + '-*')}; start without resume "
-                          "or pass resume=RUN_DIR")
+    raise CheckpointError(f"resume=auto found no run named {job.run.name} with a complete checkpoint under "
+                          f"{job.run.dir or Path(job.run.root) / (job.run.name + '-YYYYmmdd-HHMMSS')}; start "
+                          "without resume or pass resume=RUN_DIR")
 
 
 def _place_from_path(job: JobConfig, spec: str) -> RunPlacement:

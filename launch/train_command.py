@@ -19,6 +19,7 @@ from launch.interrupts import second_interrupt_exits
 from launch.paths import check_writable_dir
 from launch.preflight import check_job
 from launch.rundir import place_run
+from launch.runlock import hold_run_lock
 from orchestrator.checkpoint import prepare_resume
 from orchestrator.ds_config import uses_cuda
 from spec.config import JobConfig, job_to_yaml, load_job_config
@@ -35,6 +36,7 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     run_dir = placement.run_dir
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(run_dir)  # before anything is written there; held until this process exits
     _write_config(job, run_dir)
     resume = resume_command(config_path, overrides, run_dir)
 

@@ -52,10 +52,11 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     dims = job.parallel_dims()
     sp_group = sequence_parallel.sequence_groups(dims)
     model = LlamaModel(job.model)
-    checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier,
+                                    trust_pickles=job.checkpoint.trust_pickles)
     source = resume_source(checkpoints.dir, initial)
     if source is None and job.model.init_from:
-        load_init_from(model, job.model.init_from)
+        load_init_from(model, job.model.init_from, trust=job.checkpoint.trust_pickles)
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
     plan = checked_plan(job, profile, precision)

@@ -81,7 +81,7 @@ def _plain_deepspeed_checkpoints(root: Path, job):
         engine.backward(loss)
         engine.step()
         losses[step] = [loss.item()]
-    engine.save_checkpoint(str(root / "ds_ours"))
+    engine.save_checkpoint(str(root / "ds_ours"), client_state={"step": 3})  # DeepSpeed's tutorial: 0-based
     hf = _Named(hf_state(reference_model()))
     config = dict(deepspeed_config(job, False), zero_optimization={"stage": 3})
     engine, *_ = deepspeed.initialize(model=hf, model_parameters=hf.parameters(), config=config)
@@ -132,6 +132,8 @@ def foreign(tmp_path_factory):
 
 
 def test_plain_deepspeed_checkpoint_resumes_bitwise(foreign):
+    """Its client state holds `step: 3` (the last data-loader index, as DeepSpeed's tutorial saves it): the step
+    count is DeepSpeed's own (4), so the run continues at step 5."""
     _, losses = foreign
     print("straight:", losses["straight"], "\nplain DeepSpeed 1-4:", losses["plain"],
           "\nlongtrain resumed from it 5-8:", losses["foreign"])
@@ -209,6 +211,13 @@ def _corrupt(kind: str, run_dir: Path, root: Path, tmp_path: Path):
         states = tag_dir / "mp_rank_00_model_states.pt"
         states.write_bytes(states.read_bytes()[:1000])
         return str(run_dir), [], f"checkpoint file {states} is truncated"
+    if kind == "flipped":  # 16 bytes of an optimizer shard's tensor data: loads, but not as written
+        shard = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        data = bytearray(shard.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+        shard.write_bytes(bytes(data))
+        return str(run_dir), [], f"checkpoint file {shard} does not match the checksum written with it"
     if kind == "missing_shard":
         shard = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
         shard.unlink()
@@ -234,7 +243,7 @@ def _corrupt(kind: str, run_dir: Path, root: Path, tmp_path: Path):
     return str(run_dir), [f"plan.path={tmp_path / 'p.yaml'}"], "re-plan"
 
 
-@pytest.mark.parametrize("kind", ["truncated", "missing_shard", "no_latest", "not_a_checkpoint", "a_file",
+@pytest.mark.parametrize("kind", ["truncated", "flipped", "missing_shard", "no_latest", "not_a_checkpoint", "a_file",
                                   "hf_names", "shape", "zero_stage", "plan"])
 def test_a_bad_checkpoint_is_one_line_and_nothing_is_written(foreign, tmp_path, capsys, kind):
     from launch.cli import main
@@ -255,17 +264,22 @@ class ClientObject:
     """What another training program might keep in DeepSpeed's client_state."""
 
 
-def test_client_state_of_another_program_does_not_block_the_checks(foreign, tmp_path):
+def test_client_state_of_another_program_needs_trust_pickles(foreign, tmp_path):
+    """Its own objects are not tensors: loading them could run code, so only checkpoint.trust_pickles loads them."""
     import shutil
 
     from orchestrator.checkpoint import inspect_checkpoint
+    from spec.errors import CheckpointError
 
     root, _ = foreign
     copy = Path(shutil.copytree(root / "ds_ours", tmp_path / "ds"))
     states_file = copy / "global_step4" / "mp_rank_00_model_states.pt"
     states = torch.load(states_file, weights_only=False)
     torch.save(dict(states, trainer_state=ClientObject()), states_file)
-    info = inspect_checkpoint(copy, "global_step4")
+    with pytest.raises(CheckpointError, match=f"{states_file} holds Python objects of type "
+                                              "tests.test_resume_foreign.ClientObject.*trust_pickles=true"):
+        inspect_checkpoint(copy, "global_step4")
+    info = inspect_checkpoint(copy, "global_step4", trust=True)
     assert (info.world_size, info.zero_stage, info.hf_names) == (1, 2, False)
 
 

@@ -4,11 +4,11 @@ Why: DeepSpeed reports a missing `latest` as a warning and `(None, None)`, a mis
 FileNotFoundError on one rank, and a truncated file as a zip error deep in `torch.load`, each after the workers
 have started and written logs into the run directory. Here the driver checks the tag directory first and says, in
 one line, which file is wrong and what to do. Nothing is unpickled as code: torch files are zip archives (a
-truncated one has no central directory), and DeepSpeed's model-states file loads with `weights_only=True`, which
-gives the data-parallel size that wrote it, the ZeRO stage, and the parameter names and shapes.
+truncated one has no central directory), every one of them must pass the restricted unpickler (pickles.py) unless
+the user trusts the source, and DeepSpeed's model-states file then gives the data-parallel size that wrote it, the
+ZeRO stage, and the parameter names and shapes.
 """
 
-import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from orchestrator.checkpoint.pickles import check_files, load_file
 from orchestrator.checkpoint.weights import is_hf_name, renamed_shapes
 from spec.errors import CheckpointError
 
@@ -35,15 +36,17 @@ class CheckpointInfo:
     """Parameter shapes under longtrain's names."""
 
 
-def inspect_checkpoint(checkpoint_dir: Path, tag: str) -> CheckpointInfo:
+def inspect_checkpoint(checkpoint_dir: Path, tag: str, trust: bool = False) -> CheckpointInfo:
+    """trust: checkpoint.trust_pickles (files that need a full unpickle are read, not refused)."""
     tag_dir = Path(checkpoint_dir) / tag
     if not tag_dir.is_dir():
         raise CheckpointError(f"checkpoint {tag_dir} does not exist; list the tags in {checkpoint_dir} and pass "
                               "resume=DIR:TAG")
     for file in sorted(tag_dir.glob("*.pt")):
         check_torch_file(file)
+    check_files(tag_dir, trust)
     states_file = _model_states_file(tag_dir)
-    states = _load_states(states_file)
+    states = _load_states(states_file, trust)
     stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
     world = int(states.get("dp_world_size") or 1)
     if stage > 0:
@@ -76,15 +79,11 @@ def _model_states_file(tag_dir: Path) -> Path:
                           "or DIR:TAG")
 
 
-def _load_states(file: Path) -> dict:
-    """Tensors and plain containers only; a file whose client state holds other objects (another program's) is
-    unpickled in full, as the workers will do anyway once the user asked to load it."""
+def _load_states(file: Path, trust: bool) -> dict:
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        pass
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        return load_file(file, trust, mmap=True, real=False)
+    except CheckpointError:
+        raise
     except Exception as error:  # any unreadable state is the user's file problem
         raise CheckpointError(f"checkpoint file {file} cannot be read as DeepSpeed model states "
                               f"({str(error).splitlines()[0]}); resume from another tag") from error

@@ -170,12 +170,16 @@ def is_safetensors_source(path: Path) -> bool:
     return path.suffix == ".safetensors" or (path / HF_INDEX).is_file() or (path / HF_SINGLE).is_file()
 
 
-def read_deepspeed_weights(checkpoint_dir: Path, tag: str) -> Dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint (ZeRO shards consolidated), with the names it was saved under."""
+def read_deepspeed_weights(checkpoint_dir: Path, tag: str, trust: bool = False) -> Dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed checkpoint (ZeRO shards consolidated), with the names it was saved under.
+    DeepSpeed's `zero_to_fp32` unpickles in full, so its files pass the restricted unpickler first (unless trust)."""
+    from orchestrator.checkpoint.pickles import check_files, load_file
+
     tag_dir = checkpoint_dir / tag
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        check_files(tag_dir, trust)
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag))
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = load_file(tag_dir / "mp_rank_00_model_states.pt", trust)
     return {name: t.float() for name, t in states["module"].items()}

@@ -92,6 +92,9 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} must be KEY=VALUE with a dotted key, e.g. "
                               "model.num_layers=4")
+        if item.strip() == "resume=":  # an empty value is null, which would silently start a fresh run
+            raise ConfigError("resume= is empty: pass resume=auto, resume=RUN_DIR, resume=RUN_DIR:TAG or "
+                              "resume=CHECKPOINT_DIR[:TAG], or leave resume out to start a new run")
     try:
         layer = OmegaConf.from_dotlist(list(overrides))
         return OmegaConf.create(_checked_sections(OmegaConf.to_container(layer), "overrides"))

@@ -190,7 +190,11 @@ class CheckpointConfig:
     every_steps: int = 100
     """0 writes only the final checkpoint."""
     keep_last: int = 2
+    """Complete checkpoints kept; the one a run resumed from is kept as well, until the run ends."""
     at_end: bool = True
+    trust_pickles: bool = False
+    """Load checkpoint files (resume=, model.init_from) that hold Python objects other than tensors and DeepSpeed's
+    own, with a full unpickle, which can run code: only for a source you trust. Off: such a file is refused."""
 
     def problems(self) -> List[str]:
         found = []
