@@ -45,6 +45,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     import deepspeed  # imported here: slow, and only workers need it
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    _log_to_stderr()
     use_cuda = torch.cuda.is_available()
     _set_device_and_threads(worker, use_cuda, job.cluster.cpus_per_worker)
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
@@ -101,6 +102,17 @@ def _save(checkpoints: CheckpointManager, engine, step: int, rank_state: Dict[st
         gist = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
         raise CheckpointError(f"the checkpoint of step {step} could not be written to {checkpoints.dir} ({gist}; "
                               f"{free_mib:.1f} MiB free there)") from error
+
+
+def _log_to_stderr() -> None:
+    """longtrain's own log lines (e.g. each memory technique applied) go to the worker's stderr, which the
+    launcher keeps as logs/rank{R}.log."""
+    logger = logging.getLogger("longtrain")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _set_device_and_threads(worker: WorkerInfo, use_cuda: bool, cpus_per_worker: int) -> None:

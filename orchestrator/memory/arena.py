@@ -7,6 +7,7 @@ buffers out offline (`runtime_arena` in the plan file); the runtime copies each 
 region instead of asking the allocator, so they can never fragment it.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -14,6 +15,8 @@ import torch
 
 from orchestrator.memory.tokenwise import runtime_of
 from spec.plan import align
+
+log = logging.getLogger("longtrain.memory")
 
 
 @dataclass
@@ -47,7 +50,8 @@ class KeptArena:
         self.regions = {b["layer"]: (b["offset_bytes"], b["size_bytes"]) for b in runtime_arena["buffers"]
                         if layers is None or b["layer"] in layers}
         self.fallbacks = 0
-        """Layers whose slices did not fit their region (then the allocator is used; a plan/runtime mismatch)."""
+        """Slice sets that did not fit their region (then the allocator is used; a plan/runtime mismatch)."""
+        self.fallen_back: set = set()
 
     def views(self, layer: int, slices: List[Tuple[str, tuple, torch.dtype]]) -> Optional[Dict[str, torch.Tensor]]:
         """Contiguous tensors for the layer's kept slices (role, shape, dtype), or None if the plan has no room."""
@@ -59,11 +63,19 @@ class KeptArena:
             itemsize = torch.empty((), dtype=dtype).element_size()
             nbytes = itemsize * int(torch.Size(shape).numel())
             if cursor + nbytes > offset + size:
-                self.fallbacks += 1
+                self._fall_back(layer, cursor + nbytes - offset, size)
                 return None
             out[role] = self.buffer[cursor:cursor + nbytes].view(dtype).view(shape)
             cursor += align(nbytes)
         return out
+
+    def _fall_back(self, layer: int, needed: int, size: int) -> None:
+        """Count a slice set that does not fit; say so once per layer (the run degrades, it does not fail)."""
+        self.fallbacks += 1
+        if layer not in self.fallen_back:
+            self.fallen_back.add(layer)
+            log.warning("arena: layer %d needs %d bytes, its planned region has %d: its kept slices use the "
+                        "caching allocator (the plan does not match this run; re-plan)", layer, needed, size)
 
     @property
     def bytes(self) -> int:
