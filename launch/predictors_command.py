@@ -24,7 +24,7 @@ def run_train_predictors(config_path: Optional[str], overrides: Sequence[str], s
     torch.manual_seed(job.train.seed)  # the same initial weights as `longtrain train` when there is no init_from
     model = LlamaModel(job.model)
     if job.model.init_from:
-        load_init_from(model, job.model.init_from)
+        load_init_from(model, job.model.init_from, trust=job.checkpoint.trust_pickles)
     windows = build_windows(job.data, job.model.vocab_size, job.train.seed)
     path = Path(out or default_path(job))
     report = train_predictors(job, model, windows, steps, path)
