@@ -224,6 +224,26 @@ def test_int8_swap_restores_within_a_step_of_the_range_and_halves_host_bytes():
     assert bias.mean() < 0.02
 
 
+class _AlmostOneNoise:
+    """Rounding noise just under 1: the worst case for the top of the range."""
+
+    block_elements = 1 << 20
+
+    def draw(self, block, block_shape, lo, hi, device):
+        return torch.full((hi - lo, *block_shape[1:]), 0.9999)
+
+
+def test_int8_codes_clamp_at_both_ends_of_the_range_instead_of_wrapping():
+    """floor((x - low) * 255 / width + u) reaches 256 at the top in fp32 (and below 0 for a value under a stale
+    range); a uint8 cast would wrap those to 0 and 255, the far end of the range."""
+    from orchestrator.memory.quant_int8 import encode_rows
+
+    low, width = torch.tensor([-1.0]), torch.tensor([2.0])
+    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.0 + 2e-7, 1.5]).view(-1, 1, 1)
+    codes = encode_rows(x, 255.0 / width, low, 255, _AlmostOneNoise())
+    assert codes.view(-1).tolist() == [0, 0, 128, 255, 255, 255]
+
+
 def _decoded(codes):
     out = torch.empty(codes.codes.shape, dtype=torch.float32)
     codes.decode_into(out, codes.codes)
