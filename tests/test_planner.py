@@ -71,13 +71,17 @@ def test_long_sequences_move_activations_off_the_gpu_within_budget():
     assert predicted["host_gib"] <= predicted["host_budget_gib"]
 
 
-def test_approximate_techniques_only_when_allowed():
-    job = _job("model.num_layers=8", "data.seq_len=131072", "cluster.num_workers=2", "train.zero_stage=3")
-    plain = make_plan(job, load_profile("h200"))
-    assert {layer.swap_codec for layer in plain.plan.layers} == {"none"}
-
-
 TIGHT = ("model.num_layers=4", "data.seq_len=131072")  # 7B shape, 1 x H100: exact fits at 0.6, not at 0.55
+
+
+def test_approximate_techniques_only_when_allowed():
+    """A job that fits only with approximate techniques is refused without plan.allow_approximate, and the refusal
+    names that key; with it, the plan uses them."""
+    h100 = load_profile("h100_sxm")
+    with pytest.raises(PlanInfeasible, match="plan.allow_approximate=true"):
+        make_plan(_job(*TIGHT, "plan.gpu_memory_fraction=0.55"), h100)
+    allowed = make_plan(_job(*TIGHT, "plan.gpu_memory_fraction=0.55", "plan.allow_approximate=true"), h100)
+    assert any(layer.swap_codec != "none" or layer.activation_compression != "none" for layer in allowed.plan.layers)
 
 
 def test_compressed_layers_only_when_exact_techniques_do_not_fit_and_allowed(tmp_path):
