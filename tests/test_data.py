@@ -57,6 +57,20 @@ def test_world_size_change_keeps_the_global_position():
     assert one_rank.consumed_micro_batches == 3
 
 
+def test_a_smaller_world_resumes_at_the_same_global_sequence():
+    """2 ranks x 2 sequences for 3 steps = 12 sequences; one rank taking 2 per step continues at its 7th step with
+    the windows rank 0 of the 2-rank run would have read next (a resume that ignored the world size would
+    restart at its own 4th step, sequence 6)."""
+    windows = TokenWindows(np.arange(64 * 50 + 1), 64, 0.0)
+    rank0, rank1 = (RankSampler(windows, 2, rank, 2, seed=7) for rank in (0, 1))
+    for _ in range(3):
+        rank0.next_batch(), rank1.next_batch()
+    one_rank = RankSampler(windows, 2, 0, 1, seed=7)
+    one_rank.load_state(rank0.state())
+    assert one_rank.consumed_micro_batches == 6
+    assert (one_rank.next_batch()[0] == rank0.next_batch()[0]).all()
+
+
 def test_token_file_is_memory_mapped(tmp_path):
     path = tmp_path / "tokens.bin"
     (np.arange(5000) % 1000).astype(np.uint16).tofile(path)
