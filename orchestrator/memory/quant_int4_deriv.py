@@ -20,8 +20,6 @@ from typing import Iterable
 import torch
 
 LEVELS = 15
-SILU_SECOND_DERIVATIVE_MAX = 0.5
-SILU_DERIVATIVE_MAX = 1.0998
 
 
 @dataclass
@@ -37,12 +35,6 @@ class Config:
 def silu_derivative(x: torch.Tensor) -> torch.Tensor:
     sig = torch.sigmoid(x)
     return sig * (1 + x * (1 - sig))
-
-
-def error_bounds(width: torch.Tensor):
-    """(value bound, derivative bound) for gates inside a range of this width."""
-    step = width / LEVELS
-    return SILU_DERIVATIVE_MAX * step, SILU_SECOND_DERIVATIVE_MAX * step
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
