@@ -9,12 +9,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from orchestrator.checkpoint import CheckpointManager, CheckpointRef, load_init_from, resume_source
+from orchestrator.checkpoint import CheckpointManager, CheckpointRef, resume_source
 from spec.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
@@ -22,7 +22,8 @@ from orchestrator import sequence_parallel
 from orchestrator.memory import apply_plan, compressed
 from orchestrator.metrics import StepMeter
 from orchestrator.nonfinite import step_is_usable
-from orchestrator.model import LlamaModel
+from orchestrator import lora
+from orchestrator.build import build_model, initialize_engine
 from spec.errors import CheckpointError
 from spec.hardware import detect_profile_name, load_profile
 from spec.plan import Plan, check_plan_matches, load_plan, plan_inputs
@@ -52,25 +53,24 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     dims = job.parallel_dims()
     sp_group = sequence_parallel.sequence_groups(dims)
-    model = LlamaModel(job.model)
     checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier,
-                                    trust_pickles=job.checkpoint.trust_pickles)
+                                    trust_pickles=job.checkpoint.trust_pickles, trainable_only=job.model.lora.enabled)
     source = resume_source(checkpoints.dir, initial)
-    if source is None and job.model.init_from:
-        load_init_from(model, job.model.init_from, trust=job.checkpoint.trust_pickles)
+    ds_config = deepspeed_config(job, use_cuda, load_universal=bool(source and source.universal))
+    model = build_model(job, use_cuda, ds_config, load_base=source is None or job.model.lora.enabled)
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
     plan = checked_plan(job, profile, precision)
     memory = apply_plan(model, plan, job.compression, job.token_elim, job.train)
     if sp_group is not None:
         sequence_parallel.install(model, sp_group, split_layers=memory.split_layers)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(),
-        config=deepspeed_config(job, use_cuda, load_universal=bool(source and source.universal)))
+    engine, _, _, scheduler = initialize_engine(model, ds_config, job.train.offload)
     sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
                           job.data.micro_batch_size, dims.sampler_rank(worker.rank), dims.dp_degree, job.train.seed)
-    start_step = _resume(engine, checkpoints, sampler, source, publish if worker.rank == 0 else None, model)
-    torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
+    start_step, rng_restored = _resume(engine, checkpoints, sampler, source, publish if worker.rank == 0 else None,
+                                       model)
+    if not rng_restored:  # a fresh run, or a rank file that does not apply (another world size, plain DeepSpeed)
+        torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
     for step in range(start_step + 1, last_step + 1):
@@ -96,7 +96,7 @@ def _save(checkpoints: CheckpointManager, engine, step: int, rank_state: Dict[st
     """This step's checkpoint; a failed write is one line naming the directory and its free space (a full disk
     reaches us from torch.save as a RuntimeError without an errno)."""
     try:
-        return checkpoints.save(engine, step, {"step": step}, rank_state)
+        return checkpoints.save(engine, step, {"step": step, **lora.client_state(engine.module)}, rank_state)
     except (OSError, RuntimeError) as error:
         free_mib = shutil.disk_usage(checkpoints.dir).free / 2**20
         gist = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
@@ -124,17 +124,19 @@ def _set_device_and_threads(worker: WorkerInfo, use_cuda: bool, cpus_per_worker:
 
 
 def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, source: Optional[CheckpointRef],
-            publish: Optional[Publish], model) -> int:
+            publish: Optional[Publish], model) -> Tuple[int, bool]:
+    """(the step to continue after, whether this rank's RNG states were restored: its own rank file applied)."""
     if source is None:
-        return 0
+        return 0, False
     state = checkpoints.load(engine, source.tag, Path(source.dir), data_ranks=sampler.world_size)
     sampler.load_state(state["data"])
     if "compression" in state:
         compressed.load_state_dict(model, state["compression"])
+    lora.check_resumed(state, model, str(Path(source.dir) / source.tag))
     step = int(state.get("step", engine.global_steps))
     if publish:
         publish({"kind": "resumed", "step": step, "path": str(Path(source.dir) / source.tag)})
-    return step
+    return step, "rng" in state
 
 
 def profile_name(job: JobConfig, use_cuda: bool) -> str:
@@ -157,16 +159,23 @@ def checked_plan(job: JobConfig, profile, precision: str) -> Optional[Plan]:
 def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: StepMeter, sp_group) -> float:
     """One optimizer step (grad_accum_steps micro-batches); starts after a barrier so stragglers show. With
     sequence parallelism each rank feeds its token shard at its global positions; the loss returned is the
-    whole sequence's (the mean over the group's shards)."""
+    whole sequence's (the mean over the group's shards). Packed documents also bring each row's positions and
+    their layout; a shard's mean is then weighted by its share of the predicted tokens (`_shard_weight`)."""
     dist.barrier()
     meter.start()
     total = torch.zeros((), device=engine.device)
     for _ in range(grad_accum_steps):
-        inputs, targets = sampler.next_batch()
+        batch = sampler.next_micro_batch()
+        inputs, targets = batch.inputs, batch.targets
         shard = sequence_parallel.shard_of(inputs, sp_group)
-        positions = torch.arange(shard.start, shard.stop, device=engine.device)
-        loss = engine(inputs[:, shard].to(engine.device), targets=targets[:, shard].to(engine.device),
-                      positions=positions)
+        if batch.documents is None:
+            placement = {"positions": torch.arange(shard.start, shard.stop, device=engine.device)}
+        else:
+            placement = {"positions": batch.positions[:, shard].to(engine.device), "documents": batch.documents}
+        loss = engine(inputs[:, shard].to(engine.device), targets=targets[:, shard].to(engine.device), **placement)
+        if batch.documents is not None:
+            loss = loss * _shard_weight(targets, shard, sp_group)
+            meter.count_documents(batch.documents, 1 if sp_group is None else dist.get_world_size(sp_group))
         engine.backward(loss)
         engine.step()
         total += loss.detach().float()
@@ -174,6 +183,15 @@ def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: Step
         dist.all_reduce(total, group=sp_group)
         total /= dist.get_world_size(sp_group)
     return (total / grad_accum_steps).item()
+
+
+def _shard_weight(targets: torch.Tensor, shard: slice, sp_group) -> float:
+    """What makes the mean over the sp ranks of their shard means the whole sequence's mean when shards predict
+    unequal numbers of tokens: shard's predicted tokens x sp / the sequence's (1 without sequence parallelism)."""
+    if sp_group is None:
+        return 1.0
+    predicted = int((targets != -100).sum())
+    return int((targets[:, shard] != -100).sum()) * dist.get_world_size(sp_group) / max(predicted, 1)
 
 
 def _log_due(job: JobConfig, step: int, start_step: int) -> bool:

@@ -14,9 +14,12 @@ STOP, TOTAL = 4, 8
 
 
 def _worker(rank, world, put, job, run_dir):
+    import torch
+
     from orchestrator.trainer import WorkerInfo, train
 
     train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), put)
+    put({"kind": "rng", "rank": rank, "draws": torch.rand(4).tolist()})  # where this rank's RNG stream stands
 
 
 def _losses(run_dir: Path, world: int, *overrides):
@@ -24,25 +27,27 @@ def _losses(run_dir: Path, world: int, *overrides):
                                  "optim.warmup_steps=2", "checkpoint.every_steps=0", "data.seq_len=128",
                                  "data.micro_batch_size=4", *overrides])
     messages = spawn_gloo(_worker, world, job, str(run_dir))
-    return {m["step"]: [r["loss"] for r in sorted(m["rows"], key=lambda r: r["rank"])]
-            for m in messages if m["kind"] == "step"}
+    losses = {m["step"]: [r["loss"] for r in sorted(m["rows"], key=lambda r: r["rank"])]
+              for m in messages if m["kind"] == "step"}
+    return losses, {m["rank"]: m["draws"] for m in messages if m["kind"] == "rng"}
 
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, zero_stage, world):
-    straight = _losses(tmp_path / "straight", world, f"train.zero_stage={zero_stage}")
-    first = _losses(tmp_path / "split", world, f"train.zero_stage={zero_stage}", f"train.stop_at_step={STOP}")
-    second = _losses(tmp_path / "split", world, f"train.zero_stage={zero_stage}")
+    straight, straight_rng = _losses(tmp_path / "straight", world, f"train.zero_stage={zero_stage}")
+    first, _ = _losses(tmp_path / "split", world, f"train.zero_stage={zero_stage}", f"train.stop_at_step={STOP}")
+    second, second_rng = _losses(tmp_path / "split", world, f"train.zero_stage={zero_stage}")
     assert sorted(first) == list(range(1, STOP + 1)) and sorted(second) == list(range(STOP + 1, TOTAL + 1))
     assert {**first, **second} == straight
+    assert second_rng == straight_rng  # each rank's RNG stream continues where the checkpoint left it
 
 
 def test_resume_with_compression_restores_running_ranges_and_sampling_steps(tmp_path):
     """Mesa/S2A ranges are running estimates and WTA-CRS draws are seeded by a step count: both travel in the
     per-rank checkpoint file, or the resumed losses drift from the uninterrupted run's."""
     compression = ["compression.linear_inputs=int8", "compression.silu=int4", "compression.wta_crs_keep_ratio=0.5"]
-    straight = _losses(tmp_path / "straight", 1, *compression)
-    first = _losses(tmp_path / "split", 1, *compression, f"train.stop_at_step={STOP}")
-    second = _losses(tmp_path / "split", 1, *compression)
+    straight, _ = _losses(tmp_path / "straight", 1, *compression)
+    first, _ = _losses(tmp_path / "split", 1, *compression, f"train.stop_at_step={STOP}")
+    second, _ = _losses(tmp_path / "split", 1, *compression)
     assert {**first, **second} == straight
