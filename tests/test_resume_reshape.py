@@ -63,7 +63,7 @@ def _assert_continues(straight: dict, resumed: dict, label: str):
     worst = max(abs(resumed[s] - straight[s]) / abs(straight[s]) for s in resumed)
     print(f"{label}: steps 5-8 uninterrupted {[round(straight[s], 6) for s in resumed]}, resumed "
           f"{[round(resumed[s], 6) for s in resumed]}, max relative difference {worst:.1e}")
-    assert worst < 1e-5, label
+    assert worst < 2e-7, label  # what the README promises (measured 3.1e-08 on 2026-12-01)
 
 
 def test_world_size_change_keeps_the_training_state(tmp_path):
