@@ -165,10 +165,33 @@ def _header(job: JobConfig, run_dir: Path, gpu: bool) -> str:
     memory = (f", plan {job.plan.path}" if job.plan.path else
               f", activation checkpointing {job.train.activation_checkpointing}"
               if job.train.activation_checkpointing != "none" else "")
-    return (f"longtrain: {job.run.name}: model {job.model.preset} ({params:,.2f}M params, {job.model.num_layers} "
-            f"layers), seq_len {job.data.seq_len}, {job.cluster.num_workers} workers{split} ({device}, Ray "
+    return (f"longtrain: {job.run.name}: model {_model_label(job.model)} ({params:,.2f}M params, "
+            f"{job.model.num_layers} layers{_rope_label(job.model)}), seq_len {job.data.seq_len}, "
+            f"{job.cluster.num_workers} workers{split} ({device}, Ray "
             f"{job.cluster.address}), DeepSpeed ZeRO-{job.train.zero_stage}{memory}, {job.train.max_steps} steps\n"
-            f"  run directory: {run_dir}")
+            f"{_extension_line(job.model)}  run directory: {run_dir}")
+
+
+def _model_label(model) -> str:
+    """The preset, or the Hugging Face class and directory the shape came from (model.init_from's config.json)."""
+    from spec.config.hf import ARCHITECTURES, HF_PRESET
+
+    return f"{ARCHITECTURES[model.architecture]} from {model.init_from}" if model.preset == HF_PRESET else model.preset
+
+
+def _rope_label(model) -> str:
+    from spec.config.hf import rope_scaling_text
+
+    scaling = "" if model.rope_scaling.type == "none" else f", {rope_scaling_text(model.rope_scaling)}"
+    return f", RoPE theta {model.rope_theta:g}{scaling}"
+
+
+def _extension_line(model) -> str:
+    """'  context extension: rope_theta 500000 -> 8e+06 (config.json: ...)' when the job changes the source's RoPE."""
+    from spec.config.hf import extension
+
+    change = extension(model, model.init_from)
+    return f"  context extension: {change} (from {model.init_from}/config.json)\n" if change else ""
 
 
 def _write_config(job: JobConfig, run_dir: Path) -> None:

@@ -4,6 +4,8 @@ Why our own: the memory techniques (swap, recompute, quantization, token elimina
 what each block saves for backward. So the layer is spelled out as explicit modules (`DecoderLayer`, its
 `Attention` and `MLP`), attention goes through `scaled_dot_product_attention` (flash kernels on GPU), and the
 layers live in one `ModuleList` a technique can wrap one by one. Shapes: B batch, S tokens, H heads, D head dim.
+Hugging Face's Llama, Mistral (without a sliding window) and Qwen2 (q/k/v biases) are this model
+(`model.architecture`); RoPE scaling for context extension is in `orchestrator.rope`.
 
 Slots: a memory technique (`orchestrator.memory`) changes a layer only through these attributes, each None until
 it sets one, and this module imports none of them. The forward stays this module's; a slot decides what is kept
@@ -31,6 +33,7 @@ from torch import nn
 from spec import activations as role
 from spec.config import ModelConfig
 from orchestrator.loss import segmented_cross_entropy
+from orchestrator.rope import inverse_frequencies
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -119,13 +122,17 @@ class Linear(nn.Linear):
         return _CompactInputLinear.apply(x, self.weight, self.bias, packed, *compact)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
-                dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [S, D] for the given token positions (rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                scaling=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [S, D] for the given token positions (rotate-half layout); `scaling`:
+    model.rope_scaling (orchestrator/rope.py), none for plain RoPE."""
+    inv_freq, attention_factor = inverse_frequencies(head_dim, theta, scaling, positions.device)
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:  # YaRN: scales the attention logits by its square
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,9 +154,9 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         kv_dim = config.num_kv_heads * config.head_dim
-        self.q_proj = Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.k_proj = Linear(config.hidden_size, kv_dim, bias=False)
-        self.v_proj = Linear(config.hidden_size, kv_dim, bias=False)
+        self.q_proj = Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k_proj = Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
         self.o_proj = Linear(config.hidden_size, config.hidden_size, bias=False)
         self.sequence_parallel = None
         """Set by `orchestrator.sequence_parallel.install`: attention over the whole sequence from this rank's shard."""
@@ -285,11 +292,14 @@ class LlamaModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers) (GPT-2)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers) (GPT-2); biases
+        (Qwen2's q/k/v) zero."""
         residual_std = self.config.init_std / math.sqrt(2 * self.config.num_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(param)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, std=residual_std)
             else:
@@ -299,7 +309,8 @@ class LlamaModel(nn.Module):
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens)
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype,
+                               self.config.rope_scaling)
         for layer in self.layers:
             x = layer(x, cos, sin) if self.layer_runner is None else self.layer_runner(layer, x, cos, sin)
         return self.norm(x)

@@ -37,8 +37,14 @@ def training_flops_per_token(model: ModelConfig, seq_len: int, causal_halved: bo
     return 3.0 * (2 * matmul_params(model) + attention)
 
 
+def bias_params(model: ModelConfig) -> int:
+    """Biases of all layers' q/k/v projections (Qwen2; none for Llama and Mistral). Their FLOPs (one add per
+    output) are left out of the model FLOPs, as the norms' are."""
+    return model.num_layers * (model.hidden_size + 2 * model.num_kv_heads * model.head_dim) if model.qkv_bias else 0
+
+
 def parameter_count(model: ModelConfig) -> int:
     """Distinct parameters of the model, from its shape alone (no weights are allocated)."""
     norms = (2 * model.num_layers + 1) * model.hidden_size
     embedding = 0 if model.tie_embeddings else model.vocab_size * model.hidden_size
-    return matmul_params(model) + embedding + norms
+    return matmul_params(model) + embedding + norms + bias_params(model)

@@ -117,6 +117,7 @@ def plan_inputs(job: JobConfig, profile, precision: str) -> dict:
     m = job.model
     return {"model": {k: getattr(m, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                                                  "num_kv_heads", "intermediate_size", "tie_embeddings")},
+            **({"qkv_bias": True} if m.qkv_bias else {}),  # absent without biases: older plans keep their hash
             "seq_len": job.data.seq_len, "micro_batch_size": job.data.micro_batch_size,
             "grad_accum_steps": job.train.grad_accum_steps, "world_size": job.cluster.num_workers,
             "sp_degree": job.parallel.sp_degree, "zero_stage": job.train.zero_stage, "precision": precision,

@@ -134,7 +134,8 @@ def layer_targets(model, inputs: torch.Tensor, layers: List[int], block: int) ->
     finally:
         for handle in handles:
             handle.remove()
-    cos, sin = rope_tables(torch.arange(seq), model.config.head_dim, model.config.rope_theta, captured[layers[0]].dtype)
+    cos, sin = rope_tables(torch.arange(seq), model.config.head_dim, model.config.rope_theta, captured[layers[0]].dtype,
+                           model.config.rope_scaling)
     return {i: (captured[i], token_elim.block_score_map(
         *token_elim.rotated_query_key(model.layers[i], captured[i], cos, sin), block)) for i in layers}
 

@@ -1,4 +1,5 @@
-"""Load a job: schema defaults <- model preset <- YAML file <- `key=value` overrides, then validate.
+"""Load a job: schema defaults <- model preset <- model.init_from's config.json <- YAML file <- `key=value` overrides,
+then validate.
 
 Why one function: every entry point (train, plan, submit, tests) must see the same merged, validated config,
 and every way it can be wrong must surface as one `ConfigError` line naming the dotted key.
@@ -12,6 +13,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from spec.config.hf import HF_PRESET, hf_layer
 from spec.config.presets import MODEL_PRESETS
 from spec.config.schema import JobConfig
 from spec.errors import ConfigError
@@ -31,11 +33,14 @@ def load_job_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -
 
 
 def merge_job_config(path: Optional[str], overrides: Sequence[str]) -> DictConfig:
-    file_layer = _read_yaml(resolve_config_path(path))
+    config_path = resolve_config_path(path)
+    file_layer = _read_yaml(config_path)
     override_layer = _parse_overrides(overrides)
     preset_layer = OmegaConf.create({"model": _preset_fields(file_layer, override_layer)})
+    hf_model = hf_layer(_model_section(file_layer), _model_section(override_layer), f"config file {config_path}")
     try:
-        return OmegaConf.merge(OmegaConf.structured(JobConfig), preset_layer, file_layer, override_layer)
+        return OmegaConf.merge(OmegaConf.structured(JobConfig), preset_layer, OmegaConf.create({"model": hf_model}),
+                               file_layer, override_layer)
     except OmegaConfBaseException as error:
         raise _config_error(error) from error
 
@@ -107,10 +112,17 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
 def _preset_fields(file_layer: DictConfig, override_layer: DictConfig) -> dict:
     name = OmegaConf.select(override_layer, "model.preset",
                             default=OmegaConf.select(file_layer, "model.preset", default="debug"))
+    if name == HF_PRESET:
+        return {}  # the shape comes from model.init_from's config.json (hf_layer)
     if name not in MODEL_PRESETS:
         raise ConfigError(f"model.preset ({name!r}) is not a known preset; choose one of "
                           f"{', '.join(MODEL_PRESETS)} or set the shape keys yourself")
     return MODEL_PRESETS[name]
+
+
+def _model_section(layer: DictConfig) -> dict:
+    section = OmegaConf.select(layer, "model", default=None)
+    return OmegaConf.to_container(section) if isinstance(section, DictConfig) else {}
 
 
 def _config_error(error: OmegaConfBaseException) -> ConfigError:

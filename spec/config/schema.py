@@ -23,9 +23,63 @@ ON_NONFINITE = ("stop", "skip")
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for a context longer than the model was trained at, as Hugging Face's `rope_scaling`
+    (orchestrator/rope.py computes it): none; linear (position interpolation: every frequency / factor); llama3
+    (Llama 3.1: low frequencies / factor, high ones kept, a smooth ramp between); yarn (YaRN: per-frequency ramp
+    between interpolation and extrapolation, attention logits scaled)."""
+
+    type: str = "none"
+    factor: float = 1.0
+    """Context growth: the scaled positions reach factor x original_max_position_embeddings."""
+    original_max_position_embeddings: Optional[int] = None
+    """Context the model was pretrained at (llama3, yarn)."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original / high_freq_factor are kept."""
+    beta_fast: float = 32.0
+    """yarn: rotations at which the ramp starts (extrapolation above)."""
+    beta_slow: float = 1.0
+    """yarn: rotations at which the ramp ends (interpolation below)."""
+    attention_factor: Optional[float] = None
+    """yarn: scale of cos and sin (none: 0.1 ln(factor) + 1, the paper's)."""
+    truncate: bool = True
+    """yarn: round the ramp's ends to whole dimensions (Hugging Face's default)."""
+
+    def problems(self) -> List[str]:
+        key = "model.rope_scaling"
+        if self.type == "dynamic":
+            return [f"{key}.type=dynamic is refused: dynamic NTK scaling changes the frequencies with each "
+                    "sequence's length, an inference trick that training cannot match; use linear, llama3 or yarn"]
+        if self.type not in ROPE_SCALING_TYPES:
+            return [f"{key}.type ({self.type!r}) must be one of {', '.join(ROPE_SCALING_TYPES)}"]
+        if self.type == "none":
+            return []
+        found = [] if self.factor >= 1.0 else [f"{key}.factor ({self.factor}) must be >= 1 for {self.type}"]
+        if self.type in ("llama3", "yarn") and not (self.original_max_position_embeddings or 0) > 0:
+            found.append(f"{key}.original_max_position_embeddings is required for {self.type}: the context length "
+                         "the model was pretrained at (config.json's max_position_embeddings before extension)")
+        if self.type == "llama3" and not self.low_freq_factor < self.high_freq_factor:
+            found.append(f"{key}.low_freq_factor ({self.low_freq_factor}) must be < high_freq_factor "
+                         f"({self.high_freq_factor}); Llama 3.1 uses 1 and 4")
+        if self.type == "yarn" and not self.beta_slow < self.beta_fast:
+            found.append(f"{key}.beta_slow ({self.beta_slow}) must be < beta_fast ({self.beta_fast}); YaRN uses 1 "
+                         "and 32")
+        if self.type == "yarn" and self.attention_factor is not None and self.attention_factor <= 0:
+            found.append(f"{key}.attention_factor ({self.attention_factor}) must be > 0 (or unset)")
+        return found
+
+
 @dataclass
 class ModelConfig:
-    """Shape of the Llama-style decoder; `preset` fills every other field, explicit keys override it."""
+    """Shape of the Llama-style decoder; `preset` fills every other field, explicit keys override it; with
+    model.init_from=HF_DIR its config.json fills the shape instead (spec.config.hf)."""
 
     preset: str = "debug"
     vocab_size: int = 256
@@ -41,7 +95,21 @@ class ModelConfig:
     init_from: Optional[str] = None
     """Weights a fresh run starts from (fine-tuning): a .safetensors file, a Hugging Face model directory
     (model.safetensors or sharded with model.safetensors.index.json) or a DeepSpeed checkpoint DIR[:TAG]; Hugging
-    Face Llama names are mapped onto ours. Ignored when the run resumes from a checkpoint."""
+    Face Llama names are mapped onto ours. A Hugging Face directory's config.json fills the shape (spec.config.hf).
+    Ignored when the run resumes from a checkpoint."""
+    architecture: str = "llama"
+    """llama (LlamaForCausalLM), mistral (MistralForCausalLM without a sliding window) or qwen2 (Qwen2ForCausalLM:
+    q/k/v projections with biases); from config.json with model.init_from, and what `longtrain export` writes."""
+    max_position_embeddings: Optional[int] = None
+    """Context length the model is made for (config.json's); none: data.seq_len. Export writes at least the trained
+    length."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE frequency scaling (Hugging Face's rope_scaling); with model.rope_theta, how the context is extended."""
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q/k/v projections carry biases (Qwen2)."""
+        return self.architecture == "qwen2"
 
     @property
     def head_dim(self) -> int:
@@ -68,7 +136,11 @@ class ModelConfig:
         if self.init_from is not None and not self.init_from.strip():
             found.append("model.init_from is empty; pass a .safetensors file, a Hugging Face model directory or a "
                          "DeepSpeed checkpoint DIR[:TAG], or leave it unset")
-        return found
+        if self.architecture not in ARCHITECTURES:
+            found.append(f"model.architecture ({self.architecture!r}) must be one of {', '.join(ARCHITECTURES)}")
+        if self.max_position_embeddings is not None and self.max_position_embeddings <= 0:
+            found.append(f"model.max_position_embeddings ({self.max_position_embeddings}) must be a positive integer")
+        return found + self.rope_scaling.problems()
 
 
 @dataclass
