@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     predictors.add_argument("--out", help="file to write (default: next to model.init_from, else ./"
                                           "token_elim_predictors.pt)")
     predictors.set_defaults(handler=_train_predictors)
+    prepare = _command(commands, "prepare-data", help="tokenize a jsonl / parquet / text source once (cached)",
+                       description="longtrain prepare-data [CONFIG.yaml] [key=value ...] [--workers N]; e.g. "
+                                   "longtrain prepare-data data.source=jsonl data.path='docs/*.jsonl' "
+                                   "data.tokenizer=/models/Llama-3.2-1B")
+    prepare.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    prepare.add_argument("--workers", type=int, help="tokenizing processes (default: the CPUs this process may use)")
+    prepare.set_defaults(handler=_prepare_data)
     _add_job_commands(commands)
     profile = _command(commands, "profile", help="reports on machines and runs (profile mfu RUN_DIR, "
                                                              "profile hardware, profile calibrate BENCH_JSON...)")
@@ -222,6 +229,13 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
                              args.plan_fraction, args.trace, args.policy,
                              args.swap_hidden)
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from launch.prepare_command import run_prepare_data
+
+    config_path, overrides = split_config_and_overrides(args.args)
+    return run_prepare_data(config_path, overrides, args.workers)
 
 
 def _train_predictors(args: argparse.Namespace) -> int:

@@ -15,6 +15,10 @@ from planner.report import plan_summary, plot_layout
 def run_planning(config_path: Optional[str], overrides: Sequence[str], profile_name: Optional[str],
                  out: Optional[str]) -> int:
     job = load_job_config(config_path, overrides)
+    if job.data.packs_documents:  # the cost model reads the document lengths of the prepared data
+        from launch.prepare_command import ensure_prepared
+
+        ensure_prepared(job)
     profile = load_profile(_profile_name(job, profile_name))
     plan_path = Path(out) if out else Path("plans") / f"{_stem(config_path, job)}.plan.yaml"
     check_writable_file(plan_path, "--out" if out else "the plan file")

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from orchestrator.ds_config import uses_cuda
 from spec.config import JobConfig
+from spec.config.schema import TEXT_SOURCES
 from spec.errors import ConfigError
 
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -86,12 +87,32 @@ def _check_cluster_address(job: JobConfig) -> None:
 
 
 def _check_data(job: JobConfig) -> None:
-    """The token file of data.source=tokens: there, of a whole number of tokens, with a training window."""
+    """The token file of data.source=tokens: there, of a whole number of tokens, with a training window. A jsonl,
+    parquet or text source is prepared here (tokenized now unless its content hash is cached; for a cluster too:
+    the driver reads the documents, the workers the prepared directory, which they must see) and its sequences
+    checked the same way."""
+    if job.data.source in TEXT_SOURCES:
+        _prepare_documents(job)
+        return
     if job.data.source != "tokens" or job.cluster.address != "local":
         return
     from orchestrator.data import TokenWindows, open_token_file
 
     TokenWindows(open_token_file(job.data.path, job.data.token_dtype), job.data.seq_len, job.data.holdout_fraction)
+
+
+def _prepare_documents(job: JobConfig) -> None:
+    from launch.prepare_command import ensure_prepared
+    from orchestrator.data import prepared_windows
+
+    if job.data.packs_documents and job.data.document_attention == "flex" and not uses_cuda(job.cluster):
+        raise ConfigError("data.document_attention=flex needs CUDA workers (FlexAttention has no CPU backward); use "
+                          "data.document_attention=auto or sdpa_mask on CPU")
+    prepared = ensure_prepared(job)
+    print(prepared.report(job) if prepared.created else
+          f"data       {prepared.directory} (prepared earlier: {prepared.summary['documents']:,} documents, "
+          f"{prepared.summary['tokens']:,} tokens)", flush=True)
+    prepared_windows(job.data, job.model.vocab_size)
 
 
 def _check_profile(job: JobConfig) -> None:

@@ -3,20 +3,26 @@
 Why this shape: a long-context job packs a token stream into fixed windows of seq_len + 1 tokens (inputs and
 shifted targets). Which window a rank reads at a given micro-batch is a pure function of (seed, epoch, counter),
 so the only state a checkpoint must keep is one counter, and every rank can recompute its position after a
-restart or on a different world size.
+restart or on a different world size. Documents (jsonl, parquet, text) are read from their prepared directory
+(`spec.prepared`): as one stream (data.packing=stream) or packed whole (`orchestrator.documents`), in which case a
+batch also carries per-row RoPE positions and the document layout its attention is masked by.
 """
 
 import gzip
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
+from orchestrator.attention import DocumentLayout
+from orchestrator.documents import packed_documents
 from spec.config import DataConfig
+from spec.config.schema import TEXT_SOURCES
 from spec.errors import ConfigError
+from spec.prepared import TOKENS_FILE, read_summary
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus" / "kjv_genesis_proverbs.txt.gz"
 SYNTHETIC_WINDOWS = 2**31
@@ -56,10 +62,29 @@ def build_windows(config: DataConfig, vocab_size: int, seed: int):
     """The token windows the job config names."""
     if config.source == "synthetic":
         return SyntheticWindows(vocab_size, config.seq_len, seed)
+    if config.source in TEXT_SOURCES:
+        return prepared_windows(config, vocab_size)
     stream = corpus_bytes() if config.source == "corpus" else open_token_file(config.path, config.token_dtype)
     if int(stream.max(initial=0)) >= vocab_size:
         raise ConfigError(f"data.path ({config.path}) holds token id {int(stream.max())} >= model.vocab_size "
                           f"({vocab_size}); raise model.vocab_size or check data.token_dtype")
+    return TokenWindows(stream, config.seq_len, config.holdout_fraction)
+
+
+def prepared_windows(config: DataConfig, vocab_size: int):
+    """The sequences of a prepared text source (`data.prepared`, set on the driver): packed documents or windows
+    over its token stream."""
+    if not config.prepared:
+        raise ConfigError(f"data.source={config.source} reads its prepared data, and data.prepared is unset; run "
+                          "`longtrain prepare-data CONFIG` (`longtrain train` prepares it itself)")
+    summary = read_summary(config.prepared)
+    if summary["vocab_size"] > vocab_size:
+        raise ConfigError(f"the tokenizer of {config.prepared} has {summary['vocab_size']} ids > model.vocab_size "
+                          f"({vocab_size}); raise model.vocab_size or use the model's tokenizer")
+    stream = open_token_file(str(Path(config.prepared) / TOKENS_FILE), summary["token_dtype"])
+    if config.packs_documents:
+        return packed_documents(config.prepared, stream, config.seq_len, config.holdout_fraction,
+                                config.document_attention)
     return TokenWindows(stream, config.seq_len, config.holdout_fraction)
 
 
@@ -89,6 +114,17 @@ def _epoch_permutation(seed: int, epoch: int, total: int) -> np.ndarray:
 
 
 @dataclass
+class Batch:
+    """One micro-batch: inputs and targets [B, S] (-100: not predicted); for packed documents also per-row RoPE
+    positions [B, S] and the document layout (None: one causal sequence per row, positions 0..S-1)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+    documents: Optional[DocumentLayout] = None
+
+
+@dataclass
 class RankSampler:
     """Yields this rank's micro-batches; `state()` / `load_state()` carry the position across restarts.
 
@@ -104,13 +140,20 @@ class RankSampler:
     consumed_micro_batches: int = 0
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        batch = self.next_micro_batch()
+        return batch.inputs, batch.targets
+
+    def next_micro_batch(self) -> Batch:
         per_step = self.micro_batch_size * self.world_size
         first = self.consumed_micro_batches * per_step + self.rank * self.micro_batch_size
-        rows = np.stack([self.windows.window(self._window_index(first + i))
-                         for i in range(self.micro_batch_size)])
+        windows = [self.windows.window(self._window_index(first + i)) for i in range(self.micro_batch_size)]
         self.consumed_micro_batches += 1
-        batch = torch.from_numpy(rows)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if not isinstance(windows[0], np.ndarray):  # packed documents
+            stacked = [torch.from_numpy(np.stack([getattr(w, key) for w in windows]))
+                       for key in ("tokens", "targets", "positions")]
+            return Batch(*stacked, documents=self.windows.layout(windows))
+        batch = torch.from_numpy(np.stack(windows))
+        return Batch(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
 
     def _window_index(self, position: int) -> int:
         total = self.windows.num_train

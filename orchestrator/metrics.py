@@ -2,7 +2,9 @@
 
 Why analytic FLOPs: MFU must not depend on what a technique recomputes (recompute raises hardware FLOPs, not
 model FLOPs), so it is computed from the model shape (`spec.flops`, which states the convention). We report
-both MFUs, causal-halved and full-attention, labelled, because papers differ.
+both MFUs, causal-halved and full-attention, labelled, because papers differ. With packed documents
+(data.packing=documents) the attention FLOPs are the ones the document mask leaves: summed over the step's
+documents (length^2 each, halved or not), not seq_len^2 per sequence; the matmul FLOPs count every token.
 """
 
 import resource
@@ -14,7 +16,7 @@ from typing import Dict
 import torch
 
 from spec.config import ModelConfig
-from spec.flops import training_flops_per_token
+from spec.flops import attention_training_flops, matmul_training_flops_per_token, training_flops_per_token
 
 GIB = 1024**3
 
@@ -51,23 +53,42 @@ class StepMeter:
         self.flops_per_token_full = training_flops_per_token(model, seq_len, causal_halved=False)
         self.peak_tflops = peak_tflops
         self.rank, self.node = rank, node
+        self.model = model
         self._started = 0.0
+        self._document_squares = None
 
     def start(self) -> None:
         _synchronize()
         self._started = time.perf_counter()
+        self._document_squares = None
+
+    def count_documents(self, layout, sp_degree: int = 1) -> None:
+        """A micro-batch of packed documents in this step: its attention FLOPs are summed over its documents (this
+        rank's share: 1 / sp_degree of the heads)."""
+        self._document_squares = (self._document_squares or 0) + layout.sum_squared_lengths() / sp_degree
 
     def stop(self, step: int, loss: float, lr: float, tokens: int, swap_host_bytes: int = 0) -> StepReading:
         _synchronize()
         seconds = max(time.perf_counter() - self._started, 1e-9)
-        tflops = self.flops_per_token * tokens / seconds / 1e12
-        tflops_full = self.flops_per_token_full * tokens / seconds / 1e12
+        flops, flops_full = self._flops(tokens)
+        tflops = flops / seconds / 1e12
+        tflops_full = flops_full / seconds / 1e12
         allocated, reserved = device_peak_memory_gib()
         return StepReading(step=step, rank=self.rank, node=self.node, loss=loss, lr=lr, step_seconds=seconds,
                            tokens=tokens, tokens_per_second=tokens / seconds, tflops=tflops,
                            mfu=tflops / self.peak_tflops, mfu_full_attention=tflops_full / self.peak_tflops,
                            peak_allocated_gib=allocated, peak_reserved_gib=reserved,
                            host_rss_gib=host_peak_rss_gib(), swap_host_gib=swap_host_bytes / GIB)
+
+
+    def _flops(self, tokens: int) -> tuple:
+        """Model FLOPs of the step (causal-halved, full-attention): per token of seq_len, or with packed documents
+        the matmuls per token plus attention summed over the documents."""
+        if self._document_squares is None:
+            return self.flops_per_token * tokens, self.flops_per_token_full * tokens
+        matmuls = matmul_training_flops_per_token(self.model) * tokens
+        return (matmuls + attention_training_flops(self.model, self._document_squares, causal_halved=True),
+                matmuls + attention_training_flops(self.model, self._document_squares, causal_halved=False))
 
 
 def device_peak_memory_gib() -> tuple:

@@ -21,6 +21,8 @@ for backward, or (token elimination) which rows the attention block sees.
 - `DecoderLayer.compression`: what the layer's saved-input slots were set from (a record, read by techniques).
 - `Attention.sequence_parallel`, `LlamaModel.layer_runner`: attention over the whole sequence from a shard, and
   a runner of whole layers (activation checkpointing).
+- `Attention.documents`: not a technique's: the micro-batch's packed documents (`orchestrator.attention`), set by
+  `LlamaModel.forward` for one forward and its backward; attention then stays within each document.
 """
 
 import math
@@ -32,6 +34,7 @@ from torch import nn
 
 from spec import activations as role
 from spec.config import ModelConfig
+from orchestrator.attention import document_attention
 from orchestrator.loss import segmented_cross_entropy
 from orchestrator.rope import inverse_frequencies
 
@@ -160,6 +163,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.hidden_size, config.hidden_size, bias=False)
         self.sequence_parallel = None
         """Set by `orchestrator.sequence_parallel.install`: attention over the whole sequence from this rank's shard."""
+        self.documents = None
+        """The packed documents of this forward (a `DocumentLayout`, whole sequence), set by `LlamaModel.forward`;
+        None: causal attention over the whole sequence."""
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B, H, S, D], k and v [B, Hkv, S, D], RoPE applied: per token, so any token slice recomputes alone."""
@@ -172,7 +178,9 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over all tokens: [B, H, S, D]."""
         if self.sequence_parallel is not None:
-            return self.sequence_parallel(q, k, v)
+            return self.sequence_parallel(q, k, v, documents=self.documents)
+        if self.documents is not None:
+            return document_attention(q, k, v, self.documents)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -270,7 +278,7 @@ class DecoderLayer(nn.Module):
             return self.token_elim.recompute_tokens(self, group, skeletal, cos, sin, start, length, context)
         x = skeletal[role.LAYER_INPUT].narrow(1, start, length)
         if group == "attention":
-            return self.attention_inputs(x, cos.narrow(0, start, length), sin.narrow(0, start, length))
+            return self.attention_inputs(x, cos.narrow(-2, start, length), sin.narrow(-2, start, length))
         return self.mlp_part(x, skeletal[role.ATTN_OUT].narrow(2, start, length))
 
 
@@ -305,21 +313,32 @@ class LlamaModel(nn.Module):
             else:
                 nn.init.normal_(param, std=self.config.init_std)
 
-    def hidden_states(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                      documents=None) -> torch.Tensor:
+        """`positions`: [S] for every row, or [B, S] per row (packed documents restart them); `documents`: the
+        `DocumentLayout` of packed documents (attention within each), None for one causal sequence per row."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
+        rows = positions if positions.dim() == 2 else None
+        if rows is not None:
+            positions = rows.flatten()
         x = self.embed(tokens)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype,
                                self.config.rope_scaling)
+        if rows is not None:  # [B, 1, S, D]: per row, broadcast over heads
+            cos, sin = (table.view(*rows.shape, -1)[:, None] for table in (cos, sin))
+        for layer in self.layers:
+            layer.attn.documents = documents
         for layer in self.layers:
             x = layer(x, cos, sin) if self.layer_runner is None else self.layer_runner(layer, x, cos, sin)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                positions: Optional[torch.Tensor] = None, documents=None) -> torch.Tensor:
         """Logits, or with `targets` the mean cross-entropy (so a DeepSpeed engine call returns the loss), computed
-        in token chunks so the tokens x vocab logits never exist (`orchestrator.loss`)."""
-        hidden = self.hidden_states(tokens, positions)
+        in token chunks so the tokens x vocab logits never exist (`orchestrator.loss`); targets of -100 are not
+        predicted (a packed document's last token). `positions`, `documents`: see `hidden_states`."""
+        hidden = self.hidden_states(tokens, positions, documents)
         if targets is None:
             return self.lm_head(hidden)
         return segmented_cross_entropy(hidden, self.lm_head, targets)

@@ -13,7 +13,12 @@ Two attention paths, both on DeepSpeed's all-to-all (`deepspeed.sequence.layer`)
   never recomputed). Gradients equal the unsplit model's.
 
 Why gradients need nothing else: every rank's loss is the mean over its equal token shard, and ZeRO averages
-gradients over all ranks, so the average of shard means is the sequence mean.
+gradients over all ranks, so the average of shard means is the sequence mean. (Packed documents leave some targets
+out, so shards predict unequal numbers of tokens: the trainer weights each shard's mean by its share of the
+sequence's predicted tokens.)
+
+Packed documents: each rank's head group sees the whole sequence after the exchange, so both paths apply the
+same document layout (`orchestrator.attention`, built from the whole sequence) to every head group.
 """
 
 from typing import Optional
@@ -23,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
+from orchestrator.attention import document_attention
 from spec.parallel import ParallelDims
 
 HEADS, SEQUENCE, BATCH = 2, 1, 0
@@ -70,7 +76,9 @@ class _LocalAttention(torch.nn.Module):
         super().__init__()
         self.grouped = grouped
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, documents=None):
+        if documents is not None:
+            return document_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents).transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, enable_gqa=self.grouped)
         return out.transpose(1, 2)
@@ -82,9 +90,10 @@ class _HeadMajor:
     def __init__(self, inner):
         self.inner = inner
 
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, documents=None):
+        extra = () if documents is None else (None, documents)  # DeepSpeed passes what follows rotary_pos_emb on
         out = self.inner(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
-                         v.transpose(1, 2).contiguous(), BATCH)
+                         v.transpose(1, 2).contiguous(), BATCH, *extra)
         return out.transpose(1, 2)
 
 
@@ -95,8 +104,8 @@ class LocalShardAttention:
         self.group = group
         self.grouped = num_heads != num_kv_heads
 
-    def __call__(self, q, k, v):
-        return _LocalShardFunction.apply(q, k, v, self.group, self.grouped)
+    def __call__(self, q, k, v, documents=None):
+        return _LocalShardFunction.apply(q, k, v, self.group, self.grouped, documents)
 
 
 def _to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -154,11 +163,14 @@ class _LocalShardFunction(torch.autograd.Function):
     (`ctx.inner`) with its large saved tensors replaced by names (`_Regathered`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, grouped):
+    def forward(ctx, q, k, v, group, grouped, documents=None):
         leaves = [_to_heads(t, group).detach().requires_grad_() for t in (q, k, v)]
         regathered = _Regathered()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(regathered.pack, regathered.unpack):
-            out_heads = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=grouped)
+            if documents is None:
+                out_heads = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=grouped)
+            else:
+                out_heads = document_attention(*leaves, documents)
         regathered.name(q=leaves[0], k=leaves[1], v=leaves[2], out=out_heads)
         out = _to_tokens(out_heads.detach(), group)
         out_heads.untyped_storage().resize_(0)  # autograd below needs its node and shape only, not its data
@@ -176,4 +188,4 @@ class _LocalShardFunction(torch.autograd.Function):
         regathered.tensors = {role: _to_heads(t, group) for role, t in zip(("q", "k", "v", "out"), (q, k, v, out))}
         grads = torch.autograd.grad(out_heads, leaves, _to_heads(grad_out, group))
         regathered.tensors, ctx.inner = {}, None
-        return (*(_to_tokens(g, group) for g in grads), None, None)
+        return (*(_to_tokens(g, group) for g in grads), None, None, None)

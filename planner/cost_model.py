@@ -8,7 +8,9 @@ depend on the plan (weights, gradients, optimizer states by ZeRO stage, LM head 
 Saved-activation classes (MEMO): *skeletal* tensors are kept for every token because recomputing them would
 repeat the quadratic attention (layer input, attention output, its log-sum-exp); *token-wise* tensors (norm outputs,
 q/k/v, MLP intermediates) are, per layer, swapped to host for a fraction alpha of the tokens and recomputed from the
-layer input for the rest. Times use the causal-halved attention FLOPs (what the kernel executes).
+layer input for the rest. Times use the causal-halved attention FLOPs (what the kernel executes); for packed
+documents (data.packing=documents) the share of them the document mask leaves, at the rate of the documents'
+FLOP-weighted mean length, both from the prepared data's packing summary (`spec.prepared`).
 """
 
 import math
@@ -16,8 +18,10 @@ from dataclasses import dataclass, replace
 from typing import Dict, List
 
 from spec.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
-from spec.flops import (attention_forward_flops_per_token, attention_projection_params, layer_matmul_params,
-                           parameter_count, training_flops_per_token)
+from spec.flops import (attention_forward_flops_per_token, attention_projection_params, attention_training_flops,
+                        layer_matmul_params, matmul_training_flops_per_token, parameter_count,
+                        training_flops_per_token)
+from spec.prepared import document_attention_stats
 from spec.hardware import HardwareProfile
 from spec.activations import (LOSS_CHUNK_TOKENS, ZERO_BUCKET_ELEMENTS, SavedTensor, compressed_saved_tensors,
                               kept_blocks, layer_saved_tensors, sparse_saved_tensors)
@@ -91,6 +95,8 @@ class CostModel:
         self.world_size, self.sp_degree = self.dims.world_size, self.dims.sp_degree
         self.tokens_per_gpu = self.dims.tokens_per_rank
         self.layer_overhead = fitted_layer_overhead(profile) or DEFAULT_LAYER_OVERHEAD
+        self.documents = document_attention_stats(job.data)
+        """Packed documents' attention share and effective length (None: one causal sequence)."""
 
     def matmul_tflops(self) -> float:
         measured = measured_matmul_tflops(self.profile, self.precision)
@@ -110,11 +116,15 @@ class CostModel:
         projections = attention_projection_params(model)
         matmul_forward = 2.0 * (layer_matmul_params(model) - (1 - keep_share) * projections) * tokens
         attention_forward = attention_forward_flops_per_token(model, kept_seq) * keep_share * tokens
+        attention_length = kept_seq
+        if self.documents is not None:  # token elimination does not run with packed documents
+            attention_forward *= self.documents["attention_share"]
+            attention_length = max(self.documents["effective_length"], 1)
         calibration = self.profile.calibration
         matmul_seconds = (matmul_forward / (self.matmul_tflops() * 1e12) * self.layer_overhead
                           * calibration.matmul_time_factor)
-        attention_seconds = (attention_forward / (self.attention_tflops(kept_seq) * 1e12) * self.layer_overhead
-                             * calibration.attention_time_factor)
+        attention_seconds = (attention_forward / (self.attention_tflops(attention_length) * 1e12)
+                             * self.layer_overhead * calibration.attention_time_factor)
         scoring_seconds = 0.0
         if keep_share < 1 and not self.job.token_elim.predictors:
             kv = model.num_kv_heads * model.head_dim
@@ -196,8 +206,11 @@ class CostModel:
         return chunk * self.model.vocab_size * (self.element_bytes + 8)
 
     def step_flops_per_gpu(self) -> float:
-        """Model FLOPs of one optimizer step on one GPU (causal-halved), for MFU."""
+        """Model FLOPs of one optimizer step on one GPU (causal-halved; packed documents: their attention), for MFU."""
         tokens = self.tokens_per_gpu * self.job.train.grad_accum_steps
+        if self.documents is not None:
+            squares = self.documents["attention_share"] * self.job.data.seq_len * tokens  # share x S^2 per S tokens
+            return matmul_training_flops_per_token(self.model) * tokens + attention_training_flops(self.model, squares)
         return training_flops_per_token(self.model, self.job.data.seq_len) * tokens
 
     def head_seconds(self) -> float:

@@ -165,7 +165,8 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
     mfu = cost.step_flops_per_gpu() / (step_seconds * profile.peak_tflops(precision) * 1e12)
     predicted = {
         "step_seconds": round(step_seconds, 6), "mfu": round(mfu, 4),
-        "mfu_convention": "model FLOPs, causal attention halved, peak of the profile",
+        "mfu_convention": "model FLOPs, causal attention halved"
+                          + (" and summed over packed documents" if cost.documents else "") + ", peak of the profile",
         "peak_gpu_gib": round(calibrated_peak_bytes(profile, static_bytes, step.arena_bytes) / GIB, 3),
         "gpu_budget_gib": round(policy.gpu_budget_bytes / GIB, 3),
         "host_gib": round(policy.host_bytes / GIB, 3),

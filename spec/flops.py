@@ -4,6 +4,9 @@ Convention: every weight matmul counts 2 FLOPs per multiply-add (the LM head inc
 not); attention scores and the weighted sum count 4 * seq_len * hidden FLOPs per token per layer forward over
 the full square (`causal_halved=False`) or half of it (`causal_halved=True`, what a causal kernel does);
 training = 3 x forward. Recomputation never enters: these are model FLOPs.
+Packed documents (data.packing=documents) attend only within each document, so their attention counts the sum over
+documents of length^2 in place of seq_len^2 (`attention_training_flops`), halved or not as above: the FLOPs the
+masked attention needs, not the ones a full causal kernel would run.
 """
 
 from spec.config import ModelConfig
@@ -41,6 +44,18 @@ def bias_params(model: ModelConfig) -> int:
     """Biases of all layers' q/k/v projections (Qwen2; none for Llama and Mistral). Their FLOPs (one add per
     output) are left out of the model FLOPs, as the norms' are."""
     return model.num_layers * (model.hidden_size + 2 * model.num_kv_heads * model.head_dim) if model.qkv_bias else 0
+
+
+def matmul_training_flops_per_token(model: ModelConfig) -> float:
+    """Forward + backward FLOPs of every weight matmul for one token (no attention scores)."""
+    return 3.0 * 2 * matmul_params(model)
+
+
+def attention_training_flops(model: ModelConfig, sum_squared_lengths: float, causal_halved: bool = True) -> float:
+    """Forward + backward attention FLOPs of all layers over sequences (or packed documents) whose lengths squared sum
+    to `sum_squared_lengths`: each attends within itself."""
+    full = 4.0 * model.hidden_size * sum_squared_lengths * model.num_layers
+    return 3.0 * (full / 2 if causal_halved else full)
 
 
 def parameter_count(model: ModelConfig) -> int:

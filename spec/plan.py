@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from spec.activations import token_ranges
 from spec.config.schema import CompressionConfig, JobConfig
 from spec.errors import LongtrainError
+from spec.prepared import document_inputs
 from spec.yamlio import read_yaml
 
 PLAN_FORMAT = "longtrain-plan"
@@ -113,7 +114,8 @@ def parse_compression_spec(spec: str) -> CompressionConfig:
 def plan_inputs(job: JobConfig, profile, precision: str) -> dict:
     """What a plan depends on; the runtime compares these (via their hash) before executing a plan. An active
     compression section is one of them (the plan counts its layers' bytes); absent otherwise, so plans made
-    before it existed keep their hash."""
+    before it existed keep their hash. So are packed documents' attention share and length (data.packing=documents:
+    the plan's times depend on them; absent for packing=stream)."""
     m = job.model
     return {"model": {k: getattr(m, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                                                  "num_kv_heads", "intermediate_size", "tie_embeddings")},
@@ -125,7 +127,7 @@ def plan_inputs(job: JobConfig, profile, precision: str) -> dict:
             "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate,
             **({"compression": compression_spec(job.compression)
                 + f" layers={job.compression.layer_indices(m.num_layers)}"} if job.compression.is_active else {}),
-            **_token_elim_inputs(job)}
+            **_token_elim_inputs(job), **document_inputs(job.data)}
 
 
 def _token_elim_inputs(job: JobConfig) -> dict:

@@ -15,7 +15,11 @@ from spec.parallel import TOKEN_BLOCK, ParallelDims
 
 """Sequences are planned, eliminated and swapped in blocks of this many tokens."""
 
-DATA_SOURCES = ("corpus", "synthetic", "tokens")
+DATA_SOURCES = ("corpus", "synthetic", "tokens", "jsonl", "parquet", "text")
+TEXT_SOURCES = ("jsonl", "parquet", "text")
+"""Sources of documents (text), tokenized by `longtrain prepare-data`."""
+PACKINGS = ("auto", "stream", "documents")
+DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask")
 TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("auto", "bf16", "fp32")
 ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu")
@@ -148,10 +152,33 @@ class DataConfig:
     """Where tokens come from and how they are packed into fixed-length sequences."""
 
     source: str = "corpus"
-    """corpus: the bundled public-domain text, byte tokens; synthetic: random tokens; tokens: a token file."""
+    """corpus: the bundled public-domain text, byte tokens; synthetic: random tokens; tokens: a token file; jsonl,
+    parquet, text: your documents (JSON lines, a Parquet column, or one plain-text file per document), tokenized once
+    by `longtrain prepare-data` (or by `longtrain train` when they are not yet)."""
     path: Optional[str] = None
-    """For source=tokens: a flat binary (.bin) or .npy file of token ids."""
+    """For source=tokens: a flat binary (.bin) or .npy file of token ids; for jsonl, parquet and text: a file, a glob
+    (quoted: 'data/*.jsonl') or a directory of them."""
     token_dtype: str = "uint16"
+    text_field: str = "text"
+    """jsonl and parquet: the field (column) that holds each document's text."""
+    tokenizer: Optional[str] = None
+    """jsonl, parquet, text: a Hugging Face tokenizer.json or a directory holding one (with its tokenizer_config.json,
+    which says whether each document gets BOS and EOS); default: model.init_from's directory's."""
+    packing: str = "auto"
+    """documents: whole documents packed into each sequence (one longer than a sequence is cut into sequence-length
+    pieces), attention never crossing a document, RoPE positions restarting at each one, no document's first token
+    predicted from another; stream: one token stream cut into windows; auto: documents for jsonl, parquet and text,
+    stream otherwise."""
+    document_attention: str = "auto"
+    """The attention kernel of packing=documents: flex (PyTorch FlexAttention with a block mask built from the
+    document boundaries: skips masked blocks; CUDA), sdpa_mask (SDPA with a dense sequence x sequence mask: any
+    device, for tests and small sequences), auto: flex on CUDA, sdpa_mask elsewhere."""
+    cache_dir: Optional[str] = None
+    """Where prepared text sources go, one directory per content hash of the source files and the tokenizer
+    (default $LONGTRAIN_DATA_CACHE, else ~/.cache/longtrain/data)."""
+    prepared: Optional[str] = None
+    """Set on the driver by `longtrain train` (and printed by `longtrain prepare-data`): the prepared directory of a
+    jsonl, parquet or text source that the workers read. Leave it unset."""
     seq_len: int = 256
     micro_batch_size: int = 8
     """Sequences per worker per forward pass."""
@@ -164,6 +191,7 @@ class DataConfig:
             found.append(f"data.source ({self.source!r}) must be one of {', '.join(DATA_SOURCES)}")
         if self.source == "tokens" and not self.path:
             found.append("data.path is required when data.source=tokens; set data.path=/path/to/tokens.bin")
+        found += self._document_problems()
         if self.token_dtype not in TOKEN_DTYPES:
             found.append(f"data.token_dtype ({self.token_dtype!r}) must be one of {', '.join(TOKEN_DTYPES)}")
         if self.seq_len > 0 and self.seq_len % TOKEN_BLOCK:
@@ -172,6 +200,30 @@ class DataConfig:
                          f"use {lower} or {lower + TOKEN_BLOCK}")
         if not 0.0 <= self.holdout_fraction < 0.5:
             found.append(f"data.holdout_fraction ({self.holdout_fraction}) must be in [0, 0.5)")
+        return found
+
+    @property
+    def packs_documents(self) -> bool:
+        """Sequences are packed from whole documents with document masking (packing=documents, or auto on a text
+        source)."""
+        return self.packing == "documents" or (self.packing == "auto" and self.source in TEXT_SOURCES)
+
+    def _document_problems(self) -> List[str]:
+        found = []
+        if self.source in TEXT_SOURCES and not self.path:
+            found.append(f"data.path is required when data.source={self.source}; set data.path to a file, a quoted "
+                         "glob or a directory")
+        if self.packing not in PACKINGS:
+            found.append(f"data.packing ({self.packing!r}) must be one of {', '.join(PACKINGS)}")
+        elif self.packing == "documents" and self.source not in TEXT_SOURCES:
+            found.append(f"data.packing=documents needs a source of documents (data.source=jsonl, parquet or text); "
+                         f"data.source={self.source} is one token stream without document boundaries: use "
+                         "data.packing=stream")
+        if self.document_attention not in DOCUMENT_ATTENTION:
+            found.append(f"data.document_attention ({self.document_attention!r}) must be one of "
+                         f"{', '.join(DOCUMENT_ATTENTION)}")
+        if not self.text_field:
+            found.append("data.text_field is empty; name the JSON field or Parquet column that holds the text")
         return found
 
 
@@ -491,7 +543,7 @@ class JobConfig:
         if self.data.source == "corpus" and self.model.vocab_size < 256:
             found.append(f"model.vocab_size ({self.model.vocab_size}) must be >= 256 for data.source=corpus "
                          "(byte tokens); set model.vocab_size=256")
-        found += self._parallel_problems() + self._token_elim_problems()
+        found += self._parallel_problems() + self._token_elim_problems() + self._document_problems()
         if self.train.activation_checkpointing != "none" and self.plan.path:
             found.append(f"train.activation_checkpointing={self.train.activation_checkpointing} and plan.path "
                          f"({self.plan.path}) both decide what layers keep; set one of them")
@@ -519,6 +571,16 @@ class JobConfig:
         if self.parallel.sp_degree > 1:
             found.append(f"token_elim.enabled=true does not run with parallel.sp_degree ({self.parallel.sp_degree}) "
                          "> 1 yet (blocks are chosen per whole sequence); set parallel.sp_degree=1")
+        return found
+
+    def _document_problems(self) -> List[str]:
+        data, found = self.data, []
+        if data.source in TEXT_SOURCES and not data.tokenizer and not self.model.init_from:
+            found.append(f"data.tokenizer is required for data.source={data.source}: set it to a Hugging Face "
+                         "tokenizer.json (or its directory), or set model.init_from to a model directory holding one")
+        if data.packs_documents and self.token_elim.enabled:
+            found.append("token_elim.enabled=true does not run with data.packing=documents yet (its blocks are scored "
+                         "and kept across document boundaries); set token_elim.enabled=false or data.packing=stream")
         return found
 
     def _parallel_problems(self) -> List[str]:

@@ -1,0 +1,141 @@
+"""Tokenizing tasks in parallel processes into one token file and its document offsets, in constant memory.
+
+Why processes writing part files: JSON parsing and tokenizing both hold the GIL or a core, so each process takes
+whole tasks (`sources.Task`), tokenizes a batch of documents at a time (`BATCH_BYTES`) and appends the ids to its
+own part file; the driver takes the results in task order, appends each part to `tokens.bin` and deletes it. No
+process holds more than a batch of text and its ids, whatever the size of the source; the document lengths (8
+bytes a document) are the only thing that grows.
+"""
+
+import multiprocessing
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from launch.prepare.sources import Task, documents
+from launch.prepare.tokenizer import TokenizerSpec, load_tokenizer
+from spec.prepared import OFFSETS_FILE, TOKENS_FILE
+
+BATCH_BYTES = 2**20
+"""Text encoded per call of the tokenizer (encode_batch_fast) in one process."""
+BATCH_DOCUMENTS = 1024
+
+
+@dataclass
+class TaskResult:
+    index: int
+    part: str
+    lengths: np.ndarray
+    size: int
+    empty: int
+
+
+@dataclass
+class Tokenized:
+    documents: int
+    tokens: int
+    empty: int
+    lengths: np.ndarray
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def tokenize(directory: Path, tasks: List[Task], spec: TokenizerSpec, source: str, text_field: str, workers: int,
+             progress) -> Tokenized:
+    """Write directory/tokens.bin and directory/offsets.npy from the tasks' documents, in task order."""
+    parts = directory / "parts"
+    parts.mkdir()
+    lengths_path = directory / "lengths.tmp"
+    empty = 0
+    with open(directory / TOKENS_FILE, "wb") as out, open(lengths_path, "wb") as lengths_out:
+        for result in _results(tasks, (spec, source, text_field, str(parts)), workers):
+            with open(result.part, "rb") as part:
+                shutil.copyfileobj(part, out, 2**22)
+            os.unlink(result.part)
+            lengths_out.write(result.lengths.astype(np.int64).tobytes())
+            empty += result.empty
+            progress(result.size, len(result.lengths))
+    parts.rmdir()
+    lengths = np.fromfile(lengths_path, dtype=np.int64)
+    lengths_path.unlink()
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    np.save(directory / OFFSETS_FILE, offsets)
+    return Tokenized(len(lengths), int(offsets[-1]), empty, lengths)
+
+
+def _results(tasks: List[Task], setup: tuple, workers: int) -> Iterator[TaskResult]:
+    if workers <= 1 or len(tasks) <= 1:
+        _start_worker(*setup)
+        yield from map(tokenize_task, tasks)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose tokenizer threads may be running
+    with context.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=setup) as pool:
+        yield from pool.imap(tokenize_task, tasks)
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(spec: TokenizerSpec, source: str, text_field: str, parts: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER.update(tokenizer=load_tokenizer(spec.path), spec=spec, source=source, field=text_field, parts=parts)
+
+
+def tokenize_task(task: Task) -> TaskResult:
+    """Tokenize one task's documents into its part file; returns their lengths in tokens."""
+    spec, tokenizer = _WORKER["spec"], _WORKER["tokenizer"]
+    part = Path(_WORKER["parts"]) / f"{task.index:08d}.bin"
+    with open(part, "wb") as handle:
+        writer = _PartWriter(handle, spec)
+        batch: list = []
+        size = 0
+        for text, ends in documents(task, _WORKER["source"], _WORKER["field"]):
+            batch.append((text, ends))
+            size += len(text)
+            if size >= BATCH_BYTES or len(batch) >= BATCH_DOCUMENTS:
+                writer.add_batch(tokenizer, batch)
+                batch, size = [], 0
+        writer.add_batch(tokenizer, batch)
+    return TaskResult(task.index, str(part), np.asarray(writer.lengths, dtype=np.int64), task.size, writer.empty)
+
+
+class _PartWriter:
+    """Frames each document with the tokenizer's prefix and suffix ids and writes them to a part file."""
+
+    def __init__(self, handle, spec: TokenizerSpec):
+        self.handle, self.dtype = handle, np.dtype(spec.token_dtype)
+        self.prefix = np.asarray(spec.prefix, dtype=self.dtype)
+        self.suffix = np.asarray(spec.suffix, dtype=self.dtype)
+        self.lengths: List[int] = []
+        self.open: Optional[int] = None
+        """Tokens so far of a document not yet ended (a text file's pieces); None between documents."""
+        self.empty = 0
+
+    def add_batch(self, tokenizer, batch: list) -> None:
+        if not batch:
+            return
+        encodings = tokenizer.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
+        chunks = []
+        for (text, ends), encoding in zip(batch, encodings):
+            if self.open is None:
+                if not text and ends:
+                    self.empty += 1
+                    continue
+                chunks.append(self.prefix)
+                self.open = len(self.prefix)
+            ids = np.asarray(encoding.ids, dtype=self.dtype)
+            chunks.append(ids)
+            self.open += len(ids)
+            if ends:
+                chunks.append(self.suffix)
+                self.lengths.append(self.open + len(self.suffix))
+                self.open = None
+        if chunks:
+            self.handle.write(np.concatenate(chunks).tobytes())
