@@ -56,9 +56,13 @@ class RunConsole:
         self.bar.set_postfix_str(f"loss {loss:.3f}")
         self.bar.write(step_line(message["step"], loss, message["rows"], nodes))
 
-    def finish(self, resume_hint: str) -> Optional[RunSummary]:
+    def finish(self, resume_hint: str, latest_checkpoint: Optional[Path] = None) -> Optional[RunSummary]:
+        """Close the bar and metrics.jsonl, print the summary table. `latest_checkpoint`: the run's newest complete
+        checkpoint, whose message may not have arrived when the run was stopped."""
         self.bar.close()
         self.metrics_file.close()
+        if latest_checkpoint and str(latest_checkpoint) not in self.checkpoints:
+            self.checkpoints.append(str(latest_checkpoint))
         if not self.steps:
             return None
         summary = summarize(self.steps, self.warmup_steps)

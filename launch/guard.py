@@ -3,10 +3,12 @@
 Why a separate process: a killed driver (SIGKILL, the OOM killer, a closed terminal) runs no cleanup code. Ray's
 own fate sharing ends the GCS and the raylet with the driver, and the workers notice their raylet's death in a few
 seconds, but the dashboard and runtime-env agents then wait up to a minute trying to report the raylet's death to
-the dead GCS (Ray 2.60), and a double Ctrl-C leaves no time for `ray.shutdown`. The driver marks its environment
-with a run id before it starts Ray, so every process of the local cluster inherits it (Ray's workers are forked
-from the raylet with its environment); the guard, started in its own session (a Ctrl-C to the terminal's process
-group does not reach it), polls the driver and, once it is gone, kills each process that carries the mark.
+the dead GCS (Ray 2.60), and a double Ctrl-C leaves no time for `ray.shutdown`. The guard, started in its own
+session (a Ctrl-C to the terminal's process group does not reach it), polls the driver and remembers every process
+below it (the GCS, the raylet, the agents and the workers the raylet starts); once the driver is gone it kills
+those still running. The driver also marks its environment with a run id before it starts Ray, which every process
+of the local cluster inherits, for one started between two polls; the mark alone is not enough, as Ray's long
+process titles (`ray::DashboardAgent`) overwrite the memory /proc reads the environment from.
 """
 
 import os
@@ -16,6 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Dict
 
 import psutil
 
@@ -36,10 +39,10 @@ def start_guard(log_file: Path) -> None:
 def watch(driver_pid: int, mark: str) -> None:
     """Wait for the driver to end, then kill the marked processes until none is left (or 10 s have passed)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _wait_for_end(driver_pid)
+    known = _watch_tree(driver_pid)
     deadline = time.time() + KILL_ROUNDS_SECONDS
     while time.time() < deadline:
-        left = marked_processes(mark)
+        left = [p for p in known.values() if _alive(p)] + [p for p in marked_processes(mark) if p.pid not in known]
         if not left:
             return
         for process in left:
@@ -48,13 +51,27 @@ def watch(driver_pid: int, mark: str) -> None:
         psutil.wait_procs(left, timeout=POLL_SECONDS)
 
 
-def _wait_for_end(pid: int) -> None:
+def _watch_tree(pid: int) -> Dict[int, psutil.Process]:
+    """Every process seen below the driver until the driver ends (a psutil.Process knows its start time, so a
+    reused pid is not mistaken for it)."""
+    known: Dict[int, psutil.Process] = {}
     try:
         driver = psutil.Process(pid)
-        while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:  # a killed, unreaped driver: gone
+        while _alive(driver):
+            known.update((child.pid, child) for child in driver.children(recursive=True) if child.pid not in known)
             time.sleep(POLL_SECONDS)
     except psutil.NoSuchProcess:
         pass
+    known.pop(os.getpid(), None)
+    return known
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (a killed process its parent has not reaped yet is gone for our purpose)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def marked_processes(mark: str) -> list:
@@ -64,7 +81,7 @@ def marked_processes(mark: str) -> list:
         if process.pid == os.getpid():
             continue
         try:
-            if process.environ().get(RUN_MARK) == mark and process.status() != psutil.STATUS_ZOMBIE:
+            if process.environ().get(RUN_MARK) == mark and _alive(process):
                 found.append(process)
         except (psutil.Error, OSError):  # gone meanwhile, or another user's
             continue

@@ -23,7 +23,7 @@ class MetricsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         _cut_partial_tail(self.fd)
 
     def append(self, record: Dict) -> None:

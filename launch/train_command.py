@@ -5,6 +5,7 @@ on stderr is one line: what happened and the command that resumes. A local run's
 driver (`launch.guard`), not even a SIGKILLed one.
 """
 
+import os
 import re
 import shlex
 import shutil
@@ -12,7 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from launch.guard import start_guard
 from launch.interrupts import second_interrupt_exits
@@ -120,10 +121,10 @@ def _run_workers(job: JobConfig, run_dir: Path, initial, console, resume: str) -
     try:
         run_workers(job, run_dir, initial, console.handle)
     except KeyboardInterrupt:
-        return _stopped(console, run_dir, resume, "interrupted", EXIT_INTERRUPTED)
+        _leave_now(_stopped(console, run_dir, resume, "interrupted", EXIT_INTERRUPTED))
     except OSError as error:  # the driver's own writes (metrics.jsonl) on a full or read-only disk
-        return _stopped(console, run_dir, resume, f"cannot write {error.filename}: {error.strerror}; free space",
-                        EXIT_RUN_FAILED)
+        _leave_now(_stopped(console, run_dir, resume, f"cannot write {error.filename}: {error.strerror}; free space",
+                            EXIT_RUN_FAILED))
     except Exception as error:  # Ray wraps the worker's exception; the user needs the gist and the way out
         return _stopped(console, run_dir, resume, f"training failed: {_first_line(error)} (worker logs: "
                                                   f"{run_dir / 'logs'})", EXIT_RUN_FAILED)
@@ -135,11 +136,21 @@ def _run_workers(job: JobConfig, run_dir: Path, initial, console, resume: str) -
     return None
 
 
+def _leave_now(code: int) -> NoReturn:
+    """End the driver at once, its last line printed. The run stopped while Ray Train's fit() still runs in its
+    thread, and once `ray.shutdown` has run, that thread's next call into Ray ends the process with exit code 1
+    (core_worker_process.cc: "The core worker has already been shutdown ... The process will exit"). The guard ends
+    a local Ray's processes; a cluster ends the job's actors when their owner, this driver, is gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:
     """The summary so far on stdout, and one line on stderr: why the run stopped and how to resume."""
     hint = _resume_hint(run_dir, resume)
     try:
-        console.finish(hint)
+        console.finish(hint, _latest_checkpoint(run_dir))
     except OSError:  # the summary is a courtesy; the line below is what must reach the user
         pass
     print(f"longtrain: {why}; {re.sub(r'^resume with +', 'resume with: ', hint)}", file=sys.stderr, flush=True)
@@ -147,14 +158,18 @@ def _stopped(console, run_dir: Path, resume: str, why: str, code: int) -> int:
 
 
 def _resume_hint(run_dir: Path, resume: str) -> str:
+    if _latest_checkpoint(run_dir):
+        return f"resume with     {resume}"
+    return "no checkpoint was written yet: run the same command again (without resume=)"
+
+
+def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
     from orchestrator.checkpoint import latest_complete_tag
 
     with warnings.catch_warnings():  # a tag cut short by the stop is expected here, not news
         warnings.simplefilter("ignore")
         latest = latest_complete_tag(run_dir / "checkpoints")
-    if latest:
-        return f"resume with     {resume}"
-    return "no checkpoint was written yet: run the same command again (without resume=)"
+    return run_dir / "checkpoints" / latest if latest else None
 
 
 def _header(job: JobConfig, run_dir: Path, gpu: bool) -> str:
