@@ -13,26 +13,40 @@ worker setup hook replaces torch's `env://` handler with one that hands the stor
 import importlib
 import os
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Dict
+from typing import Dict, Iterator
 from urllib.parse import parse_qs, urlparse
 
 from spec.errors import LongtrainError
 
 LOOPBACK = "127.0.0.1"
+_CLUSTER_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 WORKER_SETUP_HOOK = "launch.loopback.install_rendezvous"
 """Ray's runtime_env `worker_process_setup_hook`: runs in every worker process of a local run at its start."""
 
 
-def prepare() -> None:
-    """Before `ray.init` of a local run. The variable is read when Ray is imported, so the driver's already imported
-    copy is set too; Ray's processes inherit the environment."""
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Around `ray.init` of a local run, which starts the GCS and the raylet (whose children, the agents and the
+    workers, inherit their environment). The variable is read when Ray is imported, so the driver's already
+    imported copy is set too; both are put back afterwards, so a later `ray start` from this process (a test
+    cluster of several nodes, which the variable would refuse) is not affected."""
     from ray._private import ray_constants
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    saved = os.environ.get(_CLUSTER_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
         os.environ.pop("RAY_AUTH_MODE")
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop(_CLUSTER_VAR, None)
+        else:
+            os.environ[_CLUSTER_VAR] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
 
 
 def check() -> None:

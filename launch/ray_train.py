@@ -68,10 +68,10 @@ def connect(cluster: ClusterConfig, log_dir: Path) -> None:
 def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None:
     if cluster.address == "local":
         needed = cluster.num_workers * cluster.cpus_per_worker
-        loopback.prepare()
-        ray.init(address="local", _node_ip_address=loopback.LOOPBACK, include_dashboard=False,
-                 num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False, logging_level=logging.WARNING,
-                 runtime_env=dict(runtime_env or {}, worker_process_setup_hook=loopback.WORKER_SETUP_HOOK))
+        with loopback.loopback_only():
+            ray.init(address="local", _node_ip_address=loopback.LOOPBACK, include_dashboard=False,
+                     num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env=dict(runtime_env or {}, worker_process_setup_hook=loopback.WORKER_SETUP_HOOK))
         loopback.check()
     else:
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING,
