@@ -106,11 +106,16 @@ def _tokenize_into(tmp: Path, files, tokenizer, job: JobConfig, workers: int) ->
                "prefix_tokens": list(tokenizer.prefix_tokens), "suffix_tokens": list(tokenizer.suffix_tokens),
                "token_dtype": tokenizer.token_dtype, "documents": done.documents, "tokens": done.tokens,
                "empty_documents_skipped": done.empty, "lengths": length_stats(done.lengths),
-               "seconds": round(seconds, 2), "workers": 1 if workers <= 1 or len(tasks) <= 1 else min(workers, len(tasks)), "peak_rss_mib": _peak_rss_mib(),
-               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "seconds": round(seconds, 2), "workers": _processes(workers, len(tasks)),
+               "peak_rss_mib": _peak_rss_mib(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     histogram_png(done.lengths, tmp / HISTOGRAM_FILE, f"{done.documents:,} documents, {done.tokens:,} tokens "
                                                       f"({data.source}: {data.path})")
     return summary
+
+
+def _processes(workers: int, tasks: int) -> int:
+    """Tokenizing processes the pipeline ran (one task or one worker: in this process)."""
+    return 1 if workers <= 1 or tasks <= 1 else min(workers, tasks)
 
 
 def _peak_rss_mib() -> dict:

@@ -92,7 +92,7 @@ _FLEX = None
 
 
 def _compiled_flex():
-    """flex_attention compiled once per process (uncompiled it materialises the scores; compiled it is a fused kernel)."""
+    """flex_attention compiled once per process (uncompiled it materialises the scores; compiled, a fused kernel)."""
     global _FLEX
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention

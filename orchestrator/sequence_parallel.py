@@ -78,7 +78,8 @@ class _LocalAttention(torch.nn.Module):
 
     def forward(self, q, k, v, documents=None):
         if documents is not None:
-            return document_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents).transpose(1, 2)
+            out = document_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
+            return out.transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, enable_gqa=self.grouped)
         return out.transpose(1, 2)

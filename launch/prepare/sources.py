@@ -3,8 +3,9 @@
 Why tasks by byte range (JSONL) and row group (Parquet): a process reads only its own part of a file, so any number
 of processes share one large file and none holds more than one batch of documents. A JSONL line belongs to the task
 its first byte lies in. A plain-text file is one document, read in pieces cut at line starts (`TEXT_PIECE_BYTES`),
-so even a huge one needs constant memory. Every bad input is one `ConfigError` line naming the file (and the line
-of a JSONL file).
+so even a huge one needs constant memory (a byte-level BPE tokenizes the pieces as it would the whole; a
+SentencePiece-style one may differ by a token at each cut, every 8 MiB). Every bad input is one `ConfigError`
+line naming the file (and the line of a JSONL file).
 """
 
 import glob
@@ -185,13 +186,15 @@ def _text_pieces(task: Task) -> Iterator[Tuple[str, bool]]:
 
 
 def _line_start_before_end(data: bytes) -> int:
-    """The last position that starts a line with a non-space byte (where tokenizers' pre-tokenizers split
-    anyway); 0 if none."""
+    """The last position after a single newline between two non-space bytes ("x\nW": where byte-level
+    pre-tokenizers split anyway, so the pieces tokenize as the whole would); 0 if none."""
     at = len(data)
     while True:
         at = data.rfind(b"\n", 0, at)
-        if at < 0 or at + 1 < len(data) and data[at + 1] not in WHITESPACE:
-            return at + 1 if at >= 0 else 0
+        if at < 0:
+            return 0
+        if 0 < at < len(data) - 1 and data[at - 1] not in WHITESPACE and data[at + 1] not in WHITESPACE:
+            return at + 1
 
 
 def _decoded(data: bytes, path: str) -> str:
