@@ -27,6 +27,7 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 def check_job(job: JobConfig) -> None:
     """Raise a one-line `LongtrainError` for the first rule the job breaks (its config is already valid)."""
     _check_cluster_address(job)
+    _check_local_devices(job)
     _check_data(job)
     _check_profile(job)
     _check_plan(job)
@@ -86,6 +87,20 @@ def _check_cluster_address(job: JobConfig) -> None:
                           "or use cluster.address=local") from error
 
 
+def _check_local_devices(job: JobConfig) -> None:
+    """A local run's GPUs are this machine's: cluster.use_gpu=true needs one per worker (x gpus_per_worker)."""
+    if job.cluster.address != "local" or not job.cluster.use_gpu:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    need = job.cluster.num_workers * job.cluster.gpus_per_worker
+    if have < need:
+        raise ConfigError(f"cluster.use_gpu=true needs {need} GPU(s) here ({job.cluster.num_workers} worker(s) x "
+                          f"cluster.gpus_per_worker={job.cluster.gpus_per_worker}) and this machine has {have}; lower "
+                          "cluster.num_workers or set cluster.use_gpu=false")
+
+
 def _check_data(job: JobConfig) -> None:
     """The token file of data.source=tokens: there, of a whole number of tokens, with a training window. A jsonl,
     parquet or text source is prepared here (tokenized now unless its content hash is cached; for a cluster too:
@@ -119,7 +134,7 @@ def _check_profile(job: JobConfig) -> None:
     """metrics.hardware_profile names a profile that loads (auto: the one this machine's device maps to, when the
     driver sees the workers' devices)."""
     if job.metrics.hardware_profile == "auto" and job.cluster.address != "local":
-        return
+        return  # the driver does not see the workers' devices: each worker checks the profile
     from orchestrator.trainer import profile_name
     from spec.hardware import load_profile
 

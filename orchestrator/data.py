@@ -100,7 +100,11 @@ def open_token_file(path: str, dtype: str) -> np.ndarray:
     if not file.is_file():
         raise ConfigError(f"data.path ({path}) does not exist; point it at a .bin or .npy token file")
     if file.suffix == ".npy":
-        return np.load(file, mmap_mode="r")
+        try:
+            return np.load(file, mmap_mode="r")
+        except (ValueError, OSError) as error:  # not an .npy header, or an object array (which needs pickle)
+            raise ConfigError(f"data.path ({path}) is not a readable .npy array ({' '.join(str(error).split())}); "
+                              "save the tokens with numpy.save, or write a flat .bin") from error
     itemsize = np.dtype(dtype).itemsize
     if file.stat().st_size % itemsize:
         raise ConfigError(f"data.path ({path}) has {file.stat().st_size} bytes, not a multiple of "

@@ -39,6 +39,7 @@ def _inputs(folder: Path) -> None:
     (folder / "plan_scalar.yaml").write_text("42\n")
     (folder / "a_file").write_text("not a directory\n")
     (folder / "odd_tokens.bin").write_bytes(b"\x01\x02\x03")
+    (folder / "broken.npy").write_bytes(b"\x93NUMPY garbage")
     (folder / "run_truncated").mkdir()
     (folder / "run_truncated" / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "rows": [{"ra')
 
@@ -80,6 +81,8 @@ BAD = {
     "missing data.path": (["train", "data.source=tokens", "data.path=missing.bin"], "data.path (missing.bin) does "
                                                                                     "not exist"),
     "token file of a wrong size": (["train", "data.source=tokens", "data.path=odd_tokens.bin"], "not a multiple of 2"),
+    "token file not an array": (["train", "data.source=tokens", "data.path=broken.npy"], "is not a readable .npy"),
+    "GPUs this machine lacks": (["train", "cluster.use_gpu=true", "cluster.num_workers=64"], "needs 64 GPU(s) here"),
     "cluster that does not answer": (["train", "cluster.address=ray://127.0.0.1:1"], "does not answer"),
     "deepspeed_extra with a bad value": (["train", "train.deepspeed_extra={zero_optimization: {stage: x}}"],
                                          "refused by DeepSpeed: DeepSpeedZeroConfig.stage"),
