@@ -22,11 +22,14 @@ def _worker(rank, world, put, job, run_dir):
     put({"kind": "rng", "rank": rank, "draws": torch.rand(4).tolist()})  # where this rank's RNG stream stands
 
 
+def _job(world: int, *overrides):
+    return load_job_config(None, [f"cluster.num_workers={world}", f"train.max_steps={TOTAL}", "train.log_every_steps=1",
+                                  "optim.warmup_steps=2", "checkpoint.every_steps=0", "data.seq_len=128",
+                                  "data.micro_batch_size=4", *overrides])
+
+
 def _losses(run_dir: Path, world: int, *overrides):
-    job = load_job_config(None, [f"cluster.num_workers={world}", f"train.max_steps={TOTAL}", "train.log_every_steps=1",
-                                 "optim.warmup_steps=2", "checkpoint.every_steps=0", "data.seq_len=128",
-                                 "data.micro_batch_size=4", *overrides])
-    messages = spawn_gloo(_worker, world, job, str(run_dir))
+    messages = spawn_gloo(_worker, world, _job(world, *overrides), str(run_dir))
     losses = {m["step"]: [r["loss"] for r in sorted(m["rows"], key=lambda r: r["rank"])]
               for m in messages if m["kind"] == "step"}
     return losses, {m["rank"]: m["draws"] for m in messages if m["kind"] == "rng"}
@@ -50,4 +53,22 @@ def test_resume_with_compression_restores_running_ranges_and_sampling_steps(tmp_
     straight, _ = _losses(tmp_path / "straight", 1, *compression)
     first, _ = _losses(tmp_path / "split", 1, *compression, f"train.stop_at_step={STOP}")
     second, _ = _losses(tmp_path / "split", 1, *compression)
+    assert {**first, **second} == straight
+
+
+def test_zero_1_and_2_share_a_format_so_a_run_may_switch_between_them_on_resume(tmp_path):
+    """The driver lets a ZeRO-1 run resume under ZeRO-2 (and refuses ZeRO-3), and the optimizer state carries over:
+    steps 5-8 equal the uninterrupted ZeRO-1 run's."""
+    from launch.rundir import place_run
+    from orchestrator.checkpoint import prepare_resume
+    from spec.errors import CheckpointError
+
+    straight, _ = _losses(tmp_path / "straight", 1, "train.zero_stage=1")
+    first, _ = _losses(tmp_path / "split", 1, "train.zero_stage=1", f"train.stop_at_step={STOP}")
+    resume = f"resume={tmp_path / 'split'}"
+    prepare_resume(_job(1, "train.zero_stage=2", resume), place_run(_job(1, "train.zero_stage=2", resume)))
+    with pytest.raises(CheckpointError, match="train.zero_stage=1 to resume it"):
+        prepare_resume(_job(1, "train.zero_stage=3", resume), place_run(_job(1, "train.zero_stage=3", resume)))
+    second, _ = _losses(tmp_path / "split", 1, "train.zero_stage=2")
+    assert sorted(second) == list(range(STOP + 1, TOTAL + 1))
     assert {**first, **second} == straight
