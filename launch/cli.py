@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     prepare.add_argument("--workers", type=int, help="tokenizing processes (default: the CPUs this process may use)")
     prepare.set_defaults(handler=_prepare_data)
+    _add_export_command(commands)
     _add_job_commands(commands)
     profile = _command(commands, "profile", help="reports on machines and runs (profile mfu RUN_DIR, "
                                                              "profile hardware, profile calibrate BENCH_JSON...)")
@@ -156,6 +157,23 @@ def _add_profile_machine_commands(profile_commands) -> None:
     calibrate.add_argument("--out", default="profiles/runs", help="directory for the report and the calibrated "
                                                                  "profile (default profiles/runs)")
     calibrate.set_defaults(handler=_profile_calibrate)
+
+
+def _add_export_command(commands) -> None:
+    export = _command(commands, "export", help="write a run's checkpoint as a Hugging Face model directory",
+                      description="longtrain export RUN_DIR[:TAG] OUT_DIR [--dtype bf16|fp32] [--overwrite]; the "
+                                  "newest complete checkpoint unless TAG names one")
+    export.add_argument("source", metavar="RUN_DIR[:TAG]")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights' dtype (default bf16)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is a model directory")
+    export.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from launch.export_command import run_export
+
+    return run_export(args.source, args.out_dir, args.dtype, args.overwrite)
 
 
 def _add_job_commands(commands) -> None:

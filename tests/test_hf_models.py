@@ -215,3 +215,16 @@ def test_a_matching_preset_and_matching_keys_are_accepted(tmp_path):
     (directory / "config.json").write_text(json.dumps(config))  # the debug preset's shape (weights not read here)
     job = load_job_config(None, ["model.preset=debug", "model.num_layers=4", f"model.init_from={directory}"])
     assert (job.model.preset, job.model.hidden_size, job.model.norm_eps) == ("debug", 128, 1e-5)
+
+
+def test_transformers_is_a_test_dependency_only():
+    """No package of longtrain imports transformers: it is the reference here, not part of training or export."""
+    import ast
+
+    found = [str(path.relative_to(ROOT)) for package in ("spec", "planner", "orchestrator", "launch")
+             for path in (ROOT / package).rglob("*.py")
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, (ast.Import, ast.ImportFrom))
+             and any((name or "").split(".")[0] == "transformers"
+                     for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]))]
+    assert not found, found

@@ -1,4 +1,6 @@
 """Start from weights trained elsewhere: Hugging Face Llama names, safetensors files, plain DeepSpeed checkpoints.
+The one name mapping between Hugging Face and longtrain: `longtrain_name` imports, `hf_name` (its inverse) exports
+(`export.py`); Mistral and Qwen2 (with q/k/v `.bias`) use Llama's names.
 
 Why: fine-tuning starts from published weights (HF `model.safetensors`, possibly sharded) or from a checkpoint
 another DeepSpeed program wrote; neither uses our parameter names or our per-rank files. Every source is read as
@@ -170,9 +172,12 @@ def is_safetensors_source(path: Path) -> bool:
     return path.suffix == ".safetensors" or (path / HF_INDEX).is_file() or (path / HF_SINGLE).is_file()
 
 
-def read_deepspeed_weights(checkpoint_dir: Path, tag: str, trust: bool = False) -> Dict[str, torch.Tensor]:
+def read_deepspeed_weights(checkpoint_dir: Path, tag: str, trust: bool = False,
+                           lazy: bool = False) -> Dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed checkpoint (ZeRO shards consolidated), with the names it was saved under.
-    DeepSpeed's `zero_to_fp32` unpickles in full, so its files pass the restricted unpickler first (unless trust)."""
+    DeepSpeed's `zero_to_fp32` unpickles in full, so its files pass the restricted unpickler first (unless trust).
+    lazy (export): the files are mapped, not read, and ZeRO-3 tensors are DeepSpeed's `GatheredTensor`s, gathered
+    one at a time by `.contiguous()` (ZeRO 1-2: views of the partitions concatenated by DeepSpeed)."""
     from orchestrator.checkpoint.pickles import check_files, load_file
 
     tag_dir = checkpoint_dir / tag
@@ -180,6 +185,6 @@ def read_deepspeed_weights(checkpoint_dir: Path, tag: str, trust: bool = False) 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         check_files(tag_dir, trust)
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag))
-    states = load_file(tag_dir / "mp_rank_00_model_states.pt", trust)
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=lazy))
+    states = load_file(tag_dir / "mp_rank_00_model_states.pt", trust, mmap=lazy)
     return {name: t.float() for name, t in states["module"].items()}

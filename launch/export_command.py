@@ -1,0 +1,21 @@
+"""`longtrain export RUN_DIR[:TAG] OUT_DIR [--dtype bf16|fp32] [--overwrite]`: a run's checkpoint as a Hugging Face
+model directory (the work is orchestrator/checkpoint/export.py; this prints what was written)."""
+
+
+def run_export(source: str, out_dir: str, dtype: str, overwrite: bool) -> int:
+    from orchestrator.checkpoint.export import export_run  # torch and DeepSpeed: imported only for this command
+
+    result = export_run(source, out_dir, dtype, overwrite)
+    copied = (f"; from {result.source}: {', '.join(result.copied)}" if result.copied else
+              "; no tokenizer (the run did not start from a Hugging Face directory that has one)")
+    print(f"exported {result.tag_dir} (ZeRO-{result.zero_stage}, {result.world_size} rank(s)) in "
+          f"{result.seconds:.1f} s\n"
+          f"  -> {result.out_dir}: {_class(result.architecture)}, {result.shards} shard(s), "
+          f"{result.total_bytes / 2**30:.2f} GiB {dtype}{copied}")
+    return 0
+
+
+def _class(architecture: str) -> str:
+    from spec.config.hf import ARCHITECTURES
+
+    return ARCHITECTURES[architecture]
