@@ -56,7 +56,21 @@ def deepspeed_config(job: JobConfig, use_cuda: bool, load_universal: bool = Fals
     }
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
+    _add_offload(config, train)
     return deep_merge(config, train.deepspeed_extra)
+
+
+def _add_offload(config: Dict[str, Any], train) -> None:
+    """ZeRO-Offload / ZeRO-Infinity as DeepSpeed documents them (`zero_optimization.offload_optimizer` and
+    `offload_param`, device cpu, pinned). An offloaded optimizer is stepped by DeepSpeed's CPU Adam, which
+    DeepSpeed picks for an Adam-type optimizer only when `torch_adam` is off; the ALST recipe offloads the
+    optimizer unless a frozen LoRA base leaves almost nothing to optimize."""
+    zero = config["zero_optimization"]
+    if train.offload.optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        config["optimizer"]["params"]["torch_adam"] = False
+    if train.offload.params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
 
 
 def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:

@@ -21,6 +21,10 @@ for backward, or (token elimination) which rows the attention block sees.
 - `DecoderLayer.compression`: what the layer's saved-input slots were set from (a record, read by techniques).
 - `Attention.sequence_parallel`, `LlamaModel.layer_runner`: attention over the whole sequence from a shard, and
   a runner of whole layers (activation checkpointing).
+- `MLP.tiling`: runs the MLP in sequence tiles that save only the MLP's input (`memory.tiled_mlp`, DeepSpeed's
+  TiledMLP); `LlamaModel.loss_function`: replaces the segmented loss (the ALST recipe's TiledFusedLogitsLoss).
+- LoRA (`orchestrator.lora`, peft) wraps the projections; the frozen base `Linear` then saves nothing for its
+  weight, and the slot that keeps a compact input is the adapter's `lora_A` (`input_linears` finds it).
 - `Attention.documents`: not a technique's: the micro-batch's packed documents (`orchestrator.attention`), set by
   `LlamaModel.forward` for one forward and its backward; attention then stays within each document.
 """
@@ -204,6 +208,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.saved_swiglu = None
         """Slot (see the module docstring): computes silu(gate) * up keeping compact codes of gate and up."""
+        self.tiling = None
+        """Slot: called as tiling(mlp, x) instead of the forward (the tiled MLP)."""
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> dict:
         """silu(gate) * up and the intermediates autograd saves (with `saved_swiglu`, compact codes instead)."""
@@ -213,6 +219,11 @@ class MLP(nn.Module):
         return {role.SILU_GATE: silu_gate, role.GATED: silu_gate * up}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiling is not None:
+            return self.tiling(self, x)
+        return self.untiled(x)
+
+    def untiled(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x))[role.GATED])
 
 
@@ -264,6 +275,9 @@ class DecoderLayer(nn.Module):
     def mlp_tensors(self, residual: torch.Tensor) -> dict:
         """The per-token tensors of the MLP half, from the residual stream after attention."""
         normed = self.mlp_norm(residual)
+        if self.mlp.tiling is not None:  # the tiled MLP saves only its input; recomputation needs nothing more
+            tensors = {role.ATTN_RESIDUAL: residual, role.MLP_NORM_OUT: normed}
+            return {**tensors, "out": residual + self.mlp(normed)} if torch.is_grad_enabled() else tensors
         gate, up = self.mlp.gate_proj(normed), self.mlp.up_proj(normed)
         swiglu = self.mlp.swiglu(gate, up)
         return {role.ATTN_RESIDUAL: residual, role.MLP_NORM_OUT: normed, role.GATE: gate, role.UP: up, **swiglu,
@@ -297,6 +311,8 @@ class LlamaModel(nn.Module):
         self.layer_runner = None
         """Set by a technique that runs whole layers itself (DeepSpeed activation checkpointing): called as
         runner(layer, x, cos, sin)."""
+        self.loss_function = None
+        """Set by a technique that computes the loss itself: called as loss_function(hidden, lm_head, targets)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -341,7 +357,15 @@ class LlamaModel(nn.Module):
         hidden = self.hidden_states(tokens, positions, documents)
         if targets is None:
             return self.lm_head(hidden)
-        return segmented_cross_entropy(hidden, self.lm_head, targets)
+        return (self.loss_function or segmented_cross_entropy)(hidden, self.lm_head, targets)
+
+
+def input_linears(projection: nn.Module) -> list:
+    """The `Linear`s under a projection whose weight gradient needs the projection's input: the projection itself,
+    or with LoRA (peft wraps it; its frozen base needs no input) the adapter's `lora_A`. Compression fills their
+    `saved_input` slots."""
+    return [module for module in projection.modules()
+            if isinstance(module, Linear) and module.weight.requires_grad]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -22,6 +22,7 @@ from spec.flops import (attention_forward_flops_per_token, attention_projection_
                         layer_matmul_params, matmul_training_flops_per_token, parameter_count,
                         training_flops_per_token)
 from spec.prepared import document_attention_stats
+from planner import whole_job
 from spec.hardware import HardwareProfile
 from spec.activations import (LOSS_CHUNK_TOKENS, ZERO_BUCKET_ELEMENTS, SavedTensor, compressed_saved_tensors,
                               kept_blocks, layer_saved_tensors, sparse_saved_tensors)
@@ -57,6 +58,8 @@ class LayerCost:
     """Sequences per micro-batch; tokens = sequences x tokens of one sequence on this GPU."""
     keep_share: float = 1.0
     """Share of the tokens the attention block sees (below 1: a token-eliminated layer)."""
+    mlp_tile_bytes: float = 0.0
+    """A tiled MLP's intermediates of one tile (whatever the sequence); 0: the MLP is not tiled."""
 
 
 def largest_layer(layers: List[LayerCost]) -> LayerCost:
@@ -74,14 +77,17 @@ class StaticMemory:
     buffers: float
     head_and_loss: float
     embedding_activations: float
+    adapter_activations: float = 0.0
+    """LoRA: what the adapters save whole on the GPU in every layer (`spec.activations.lora_adapter_bytes_per_token`)."""
 
     @property
     def total(self) -> float:
         return (self.parameters + self.gradients + self.optimizer_states + self.buffers + self.head_and_loss
-                + self.embedding_activations)
+                + self.embedding_activations + self.adapter_activations)
 
     def as_gib(self) -> Dict[str, float]:
-        return {k: v / 2**30 for k, v in vars(self).items()}
+        """In GiB; the LoRA entry only when there is one (plan files of other jobs stay as they were)."""
+        return {k: v / 2**30 for k, v in vars(self).items() if k != "adapter_activations" or v}
 
 
 class CostModel:
@@ -137,6 +143,8 @@ class CostModel:
         tensors = layer_saved_tensors(model, self.element_bytes)
         if keep_share < 1:
             tensors = sparse_saved_tensors(tensors, model, self.element_bytes, keep_share)
+        if model.lora.enabled or self.job.train.tiled_mlp:
+            return whole_job.layer_cost(self, tensors, matmul_seconds, attention_seconds, scoring_seconds, keep_share)
         return LayerCost(
             forward_seconds=matmul_seconds + attention_seconds + scoring_seconds,
             backward_seconds=BACKWARD_TO_FORWARD * (matmul_seconds + attention_seconds),
@@ -195,10 +203,13 @@ class CostModel:
         optimizer_states = optimizer / (n if zero_stage >= 1 else 1)
         buckets = 2 * min(ZERO_BUCKET_ELEMENTS, params) * low if zero_stage >= 1 else 0
         workspace = CUDA_WORKSPACE_BYTES if self.profile.device_kind == "cuda" else 0
+        if self.model.lora.enabled or self.job.train.offload.any:  # frozen base, adapters, offloaded states
+            parameters, gradients, optimizer_states, buckets = whole_job.trained_states(self, zero_stage)
         buffers = buckets + workspace
         return StaticMemory(parameters=parameters, gradients=gradients, optimizer_states=optimizer_states,
                             buffers=buffers, head_and_loss=self.head_and_loss_bytes(),
-                            embedding_activations=2 * self.tokens_per_gpu * self.model.hidden_size * low)
+                            embedding_activations=2 * self.tokens_per_gpu * self.model.hidden_size * low,
+                            adapter_activations=whole_job.adapter_activation_bytes(self))
 
     def head_and_loss_bytes(self) -> float:
         """Segmented LM head + cross-entropy: one chunk's logits (low precision + fp32 + fp32 gradient)."""

@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Tuple
 
 from spec.config import TOKEN_BLOCK, JobConfig
 from spec.errors import LongtrainError
+from planner import whole_job
 from planner.cost_model import CostModel, calibrated_peak_bytes, largest_layer
 from spec.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
@@ -48,6 +49,7 @@ def make_plan(job: JobConfig, profile: HardwareProfile,
     """swap_hidden_fraction: None for `planner.policy.SWAP_HIDDEN_FRACTION` (the bench sets it to calibrate it).
     Raises PlanInfeasible when no policy fits, or when the laid-out plan's peak is above the GPU budget."""
     started = time.perf_counter()
+    check_host_static(job, profile)
     solved = _solve(job, profile, SWAP_HIDDEN_FRACTION if swap_hidden_fraction is None else swap_hidden_fraction)
     if not solved[1].feasible:
         raise PlanInfeasible(explain_infeasible(job, profile, solved[2]))
@@ -56,6 +58,30 @@ def make_plan(job: JobConfig, profile: HardwareProfile,
         raise PlanInfeasible(explain_over_budget(job, profile, plan))
     return PlanOutcome(plan=plan, cost=solved[0], policy=solved[1], layer_block=block, step_layout=step,
                        seconds=time.perf_counter() - started)
+
+
+def check_host_static(job: JobConfig, profile: HardwareProfile) -> None:
+    """The offloaded optimizer and parameters must fit the host before any activation goes there: one line with
+    the host memory the job needs, and where the machine's figure came from."""
+    static = whole_job.host_static_bytes(job, 2 if training_precision(profile) == "bf16" else 4)
+    budget = whole_job.host_budget_bytes(job, profile)
+    if static <= budget:
+        return
+    host = whole_job.host_memory(job, profile)
+    gpus = min(profile.devices_per_node, job.cluster.num_workers)
+    needed = static * gpus / job.plan.host_memory_fraction / GIB
+    raise PlanInfeasible(
+        f"does not fit the host memory: the offloaded {_offloaded(job)} need {static / GIB:.1f} GiB per GPU "
+        f"({whole_job.trainable_parameter_count(job.model) / 1e9:.2f}B trainable parameters) but {host.gib:g} GiB of "
+        f"host memory ({host.source}) x plan.host_memory_fraction={job.plan.host_memory_fraction} over {gpus} "
+        f"GPU(s) leaves {budget / GIB:.1f} GiB; it needs a node with at least {needed:.0f} GiB, more nodes "
+        "(cluster.num_workers), or LoRA (model.lora.rank) instead of full fine-tuning")
+
+
+def _offloaded(job: JobConfig) -> str:
+    offload = job.train.offload
+    parts = ["optimizer states (16 bytes a parameter)"] * offload.optimizer + ["parameters"] * offload.params
+    return " and ".join(parts)
 
 
 TIGHTEN_ATTEMPTS = 3
@@ -161,7 +187,8 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
     inputs = plan_inputs(job, profile, precision)
     static = cost.static_memory(job.train.zero_stage)
     static_bytes = static.total - static.head_and_loss  # the head's buffers are in the arena
-    step_seconds = policy.micro_batch_seconds * job.train.grad_accum_steps
+    step_seconds = policy.micro_batch_seconds * job.train.grad_accum_steps + whole_job.optimizer_step_seconds(cost)
+    host_static = whole_job.host_static_bytes(job, cost.element_bytes)
     mfu = cost.step_flops_per_gpu() / (step_seconds * profile.peak_tflops(precision) * 1e12)
     predicted = {
         "step_seconds": round(step_seconds, 6), "mfu": round(mfu, 4),
@@ -169,12 +196,16 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
                           + (" and summed over packed documents" if cost.documents else "") + ", peak of the profile",
         "peak_gpu_gib": round(calibrated_peak_bytes(profile, static_bytes, step.arena_bytes) / GIB, 3),
         "gpu_budget_gib": round(policy.gpu_budget_bytes / GIB, 3),
-        "host_gib": round(policy.host_bytes / GIB, 3),
-        "host_budget_gib": round(policy.host_budget_bytes / GIB, 3),
+        "host_gib": round((policy.host_bytes + host_static) / GIB, 3),
+        "host_budget_gib": round((policy.host_budget_bytes + host_static) / GIB, 3),
         "swap_gb_per_step": round(policy.swap_bytes_per_micro_batch * job.train.grad_accum_steps / 1e9, 3),
         "tokens_per_second_per_gpu": round(cost.tokens_per_gpu * job.train.grad_accum_steps / step_seconds, 1),
         "static_gib": {k: round(v, 3) for k, v in static.as_gib().items()},
     }
+    if whole_job.uses_whole_job_features(job):
+        host = whole_job.host_memory(job, profile)
+        predicted["host_memory"] = {"node_gib": host.gib, "source": host.source,
+                                    "offloaded_gib": round(host_static / GIB, 3)}
     entry = lambda b: {"name": b.name, "layer": b.layer, "size_bytes": b.size_bytes,  # noqa: E731
                        "offset_bytes": b.offset_bytes, "start": b.start, "end": b.end}
     return Plan(

@@ -25,6 +25,7 @@ from typing import Dict, List, Tuple
 
 import pulp
 
+from planner import whole_job
 from planner.cost_model import PLANNER_COMPRESSION, CostModel, LayerCost
 from planner.layout import LayoutResult, solve_layout
 from planner.schedule import layer_block_buffers
@@ -110,7 +111,6 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
     its layers compressed as it says, whatever the budget, so the plan counts their bytes. `block_bytes`: the
     largest layer's working set (`largest_layer`)."""
     layers, job, profile = cost.layers(), cost.job, cost.profile
-    gpus_per_node = min(profile.devices_per_node, job.cluster.num_workers)
     per_layer = lambda name: [getattr(layer, name) for layer in layers]  # noqa: E731
     n = job.model.num_layers
     settings, compress = None, ()
@@ -128,7 +128,8 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
         static_bytes=cost.static_memory(zero_stage).total, block_bytes=block_bytes,
         head_seconds=cost.head_seconds(), pcie_bytes_per_second=cost.pcie_bytes_per_second(),
         gpu_budget_bytes=profile.device_memory_gib * GIB * job.plan.gpu_memory_fraction,
-        host_budget_bytes=profile.host_memory_gib * GIB * job.plan.host_memory_fraction / gpus_per_node,
+        host_budget_bytes=(whole_job.host_budget_bytes(job, profile)
+                           - whole_job.host_static_bytes(job, cost.element_bytes)),  # offload comes first
         int8_factor=1.0 / cost.element_bytes, allow_int8=approximate,
         compressed_token_wise_bytes=[layer.token_wise_bytes for layer in compact],
         layer_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds)] if compact else [],

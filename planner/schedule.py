@@ -34,6 +34,20 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
 ]
 _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
                  "grad_layer_input"}
+_LEVEL1_TILED = [  # the MLP through DeepSpeed's TiledMLP: it saves its input only; tiles are tile-sized
+    ("attn_norm_out", 0, _FORWARD_END), ("q", 1, _FORWARD_END), ("k", 1, _FORWARD_END), ("v", 1, _FORWARD_END),
+    ("attn_residual", 3, _FORWARD_END), ("mlp_norm_out", 4, _FORWARD_END), ("o_proj_out", 3, 4),
+    ("mlp_tile", 5, 6), ("mlp_out_tiles", 5, 7), ("down_out", 6, 8),  # TiledMLP concatenates its tiles' outputs
+    ("mlp_norm_out@bwd", 8, 13), ("attn_residual@bwd", 8, 14), ("grad_out", 8, 11),
+    ("grad_mlp_norm_out", 9, 14),  # TiledMLP's x_grad, filled tile by tile
+    ("mlp_tile@bwd", 9, 11), ("grad_attn_residual", 13, 15),
+    ("q@bwd", 14, 16), ("k@bwd", 14, 16), ("v@bwd", 14, 16), ("attn_norm_out@bwd", 14, 17),
+    ("grad_attn_out", 14, 16), ("grad_q", 15, 17), ("grad_k", 15, 17), ("grad_v", 15, 17),
+    ("grad_q_accum_fp32", 15, 16), ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
+]
+_TILE_COPIES = {"mlp_tile": 4, "mlp_tile@bwd": 8}
+"""A tile's intermediates alive at once: forward (no_grad) gate, up, silu and product; backward those four
+recomputed with autograd and their gradients (`planner.whole_job`)."""
 
 
 def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCost = None) -> List[Buffer]:
@@ -50,11 +64,17 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
     attn_out = next(t for t in layer.tensors if t.name == "attn_out")
     hidden_bytes = attn_out.bytes_per_token / attn_out.share  # every token (a sparse layer scatters its rows back)
     buffers = []
-    for name, start, end in _LEVEL1:
-        if plain and (name in TOKEN_WISE or name.endswith("@bwd")):
+    for name, start, end in (_LEVEL1_TILED if layer.mlp_tile_bytes else _LEVEL1):
+        if plain and (name in TOKEN_WISE or name.endswith("@bwd")) and name not in _TILE_COPIES:
             continue
         base = name.split("@")[0].removeprefix("grad_")
-        if name == "grad_q_accum_fp32":
+        if name in _TILE_COPIES:
+            buffers.append(Buffer(name=name, layer=-1, size_bytes=align(_TILE_COPIES[name] * layer.mlp_tile_bytes),
+                                  start=start, end=end))
+            continue
+        if name == "mlp_out_tiles":
+            size = hidden_bytes
+        elif name == "grad_q_accum_fp32":
             size = per_token["q"] * 4 / layer.element_bytes
         else:
             size = hidden_bytes if name in _HIDDEN_SIZED else (

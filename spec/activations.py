@@ -81,6 +81,27 @@ def layer_saved_tensors(model: ModelConfig, bytes_per_element: int) -> List[Save
     return skeletal + [lse] + [SavedTensor(name, width[name] * e, False) for name in TOKEN_WISE]
 
 
+MLP_INTERMEDIATES = (GATE, UP, SILU_GATE, GATED)
+"""What a tiled MLP (`orchestrator.memory.tiled_mlp`) never saves: it keeps only its input."""
+
+
+def tiled_mlp_saved_tensors(tensors: List[SavedTensor]) -> List[SavedTensor]:
+    """A layer's inventory when its MLP runs tiled (DeepSpeed's TiledMLP): the MLP's intermediates are gone."""
+    return [t for t in tensors if t.name not in MLP_INTERMEDIATES]
+
+
+def lora_adapter_bytes_per_token(model: ModelConfig, bytes_per_element: int, tiled_mlp: bool) -> float:
+    """Per token and layer, what LoRA adds that the token-wise runtime does not split: each adapter's lora_B saves
+    its rank-wide input (lora_A's output) whole on the GPU; a tiled MLP's adapters save nothing outside a tile.
+    (lora_A saves the projection's input, the very tensor the layer tags.)"""
+    lora = model.lora
+    if not lora.enabled:
+        return 0.0
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    counted = [name for name in lora.target_modules if not (tiled_mlp and name in mlp)]
+    return len(counted) * lora.rank * bytes_per_element
+
+
 SAMPLED_ROW_BYTES = 12
 """Per token row a WTA-CRS sample keeps: its int64 index and fp32 importance weight."""
 

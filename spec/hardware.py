@@ -44,6 +44,8 @@ class MeasuredRates:
     alltoall_busbw_gbps: Optional[float] = None
     skipped: Dict[str, str] = field(default_factory=dict)
     """Measurements that did not run on this machine, with the reason."""
+    cpu_adam_params_per_second: Optional[float] = None
+    """DeepSpeed's CPU Adam (the offloaded optimizer's step) on this host: parameters updated per second."""
 
 
 @dataclass

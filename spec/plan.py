@@ -127,7 +127,22 @@ def plan_inputs(job: JobConfig, profile, precision: str) -> dict:
             "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate,
             **({"compression": compression_spec(job.compression)
                 + f" layers={job.compression.layer_indices(m.num_layers)}"} if job.compression.is_active else {}),
-            **_token_elim_inputs(job), **document_inputs(job.data)}
+            **_token_elim_inputs(job), **document_inputs(job.data), **_whole_job_inputs(job)}
+
+
+def _whole_job_inputs(job: JobConfig) -> dict:
+    """LoRA, offload, the tiled MLP and an explicit host memory change a plan's bytes and times: plan inputs when
+    set (absent otherwise, so plans made before they existed keep their hash)."""
+    inputs, lora, train = {}, job.model.lora, job.train
+    if lora.enabled:
+        inputs["lora"] = {"rank": lora.rank, "target_modules": sorted(lora.target_modules)}
+    if train.offload.any:
+        inputs["offload"] = {"optimizer": train.offload.optimizer, "params": train.offload.params}
+    if train.tiled_mlp:
+        inputs["tiled_mlp"] = True
+    if job.plan.host_memory_gib is not None:
+        inputs["host_memory_gib"] = job.plan.host_memory_gib
+    return inputs
 
 
 def _token_elim_inputs(job: JobConfig) -> dict:

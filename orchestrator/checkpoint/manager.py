@@ -114,21 +114,26 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 class CheckpointManager:
     """Saves and loads one run's checkpoints from inside a worker (every rank calls save and load).
 
-    trust_pickles: files that need a full unpickle are loaded (checkpoint.trust_pickles), not refused."""
+    trust_pickles: files that need a full unpickle are loaded (checkpoint.trust_pickles), not refused.
+    trainable_only: save only the parameters that train (LoRA's adapters; DeepSpeed's exclude_frozen_parameters)
+    and load them into a model whose frozen base was built from its source (not strict)."""
 
-    def __init__(self, checkpoint_dir: Path, keep_last: int, rank: int, barrier, trust_pickles: bool = False):
+    def __init__(self, checkpoint_dir: Path, keep_last: int, rank: int, barrier, trust_pickles: bool = False,
+                 trainable_only: bool = False):
         self.dir = Path(checkpoint_dir)
         self.keep_last = keep_last
         self.rank = rank
         self.barrier = barrier
         self.trust_pickles = trust_pickles
+        self.trainable_only = trainable_only
         self.resumed_tag: Optional[str] = None
         """The tag of this directory the run resumed from: verified on the driver, never pruned by this run."""
 
     def save(self, engine, step: int, client_state: Dict[str, Any], rank_state: Dict[str, Any]) -> Path:
         tag = tag_for_step(step)
         self._forget_complete(tag)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=self.trainable_only)
         rank_state = dict(rank_state, format=RANK_FILE_FORMAT, rng=capture_rng_state())
         _atomic_torch_save(rank_state, self.dir / tag / f"longtrain_rank{self.rank}.pt")
         self.barrier()
@@ -163,7 +168,8 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {source / tag} does not exist; list the tags in {source} "
                                   "and pass resume=DIR:TAG")
         with safe_loads(engine, self.trust_pickles):
-            path, client_state = engine.load_checkpoint(str(source), tag=tag)
+            path, client_state = engine.load_checkpoint(str(source), tag=tag,
+                                                        load_module_strict=not self.trainable_only)
         if path is None:
             raise CheckpointError(f"DeepSpeed found no loadable checkpoint at {source / tag}; "
                                   "check the files or resume from an earlier tag")

@@ -115,7 +115,13 @@ def check_resume(job: JobConfig, placement) -> Optional[CheckpointInfo]:
         raise CheckpointError(f"checkpoint {info.tag_dir} names its parameters as Hugging Face Llama does, so its "
                               "optimizer state cannot be restored into longtrain's model; start from its weights "
                               f"instead: model.init_from={source.dir}:{source.tag} (without resume=)")
-    check_shapes(info.shapes, model_shapes(job.model), f"checkpoint {info.tag_dir}", job.model.tie_embeddings)
+    expected = model_shapes(job.model)
+    if job.model.lora.enabled:  # a LoRA checkpoint holds the adapters; the base comes from model.init_from again
+        from orchestrator.lora import adapter_shapes
+
+        check_init_from(job.model, trust)
+        expected = adapter_shapes(job.model)
+    check_shapes(info.shapes, expected, f"checkpoint {info.tag_dir}", job.model.tie_embeddings)
     _check_zero_stage(info, job.train.zero_stage)
     return info
 

@@ -17,15 +17,15 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 from spec.config import CompressionConfig, TokenElimConfig, TrainConfig
 from spec.errors import ConfigError
 from spec.plan import Plan, compression_spec, parse_compression_spec
-from orchestrator.memory import (arena, compressed, ds_checkpointing, quant_int4_deriv, quant_int8, token_elim,
-                                 tokenwise, wta_crs)
+from orchestrator.memory import (arena, compressed, ds_checkpointing, quant_int4_deriv, quant_int8, tiled_loss,
+                                 tiled_mlp, token_elim, tokenwise, wta_crs)
 
 log = logging.getLogger("longtrain.memory")
 
 REGISTRY: Dict[str, ModuleType] = {
     "swap": tokenwise, "recompute": tokenwise, "arena": arena, "compression": compressed, "quant_int8": quant_int8,
     "quant_int4_deriv": quant_int4_deriv, "wta_crs": wta_crs, "token_elim": token_elim,
-    "activation_checkpointing": ds_checkpointing}
+    "activation_checkpointing": ds_checkpointing, "tiled_mlp": tiled_mlp, "tiled_loss": tiled_loss}
 
 
 def technique(name: str) -> ModuleType:
@@ -65,7 +65,9 @@ def apply_plan(model, plan: Optional[Plan], compression: CompressionConfig, elim
     applies and logs them alike: first the plan's decisions (1. swap / recompute, 2. arena, 3. compression of the
     layers it chose), then what the job's sections add (the compression section on its layers, where it replaces
     the plan's choice; 4. token elimination), and 5. DeepSpeed's activation checkpointing last, as it wraps whole
-    layers as the others left them (the job config allows it only without a plan)."""
+    layers as the others left them (the job config allows it only without a plan). The tiled MLP (train.tiled_mlp)
+    fills the MLPs' own slot and the ALST recipe's tiled loss the model's loss slot: both are applied just before
+    the checkpointing, whose `alst` mode brings them."""
     applied, num_layers = AppliedMemory(), len(model.layers)
     split = [layer for layer in plan.layers if not layer.is_plain] if plan is not None else []
     if split:
@@ -80,6 +82,11 @@ def apply_plan(model, plan: Optional[Plan], compression: CompressionConfig, elim
         applied.sparse_layers = _apply("token_elim", model, elimination, sorted(elimination.keep_ratios(num_layers)),
                                        f"keep {elimination.keep_ratio} of {elimination.block_size}-token blocks"
                                        + (f", predictors {elimination.predictors}" if elimination.predictors else ""))
+    if train.tiled_mlp or train.activation_checkpointing == "alst":
+        _apply("tiled_mlp", model, tiled_mlp.Config(), list(range(num_layers)),
+               f"DeepSpeed's TiledMLP, tiles of {tiled_mlp.tile_tokens(model.config.hidden_size)} tokens")
+    if train.activation_checkpointing == "alst":
+        _apply("tiled_loss", model, tiled_loss.Config(), [], "DeepSpeed's TiledFusedLogitsLoss")
     if train.activation_checkpointing != "none":
         _apply("activation_checkpointing", model, ds_checkpointing.Config.of(train.activation_checkpointing),
                list(range(num_layers)), train.activation_checkpointing)

@@ -22,6 +22,7 @@ from spec.config import CompressionConfig
 from spec.errors import ConfigError
 from orchestrator.memory import compact, quant_int4_deriv, quant_int8
 from orchestrator.memory.compact import InputStore, Packed
+from orchestrator.model import input_linears
 
 
 @dataclass
@@ -75,8 +76,8 @@ def _fill_slots(layer, settings: LayerSettings, seed: int) -> None:
               for i, source in enumerate((role.ATTN_NORM_OUT, role.MLP_NORM_OUT, role.GATED))]
     for store, projections in zip(stores, ((layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj),
                                            (layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,))):
-        for projection in projections:
-            projection.saved_input = store if compress_linears else None
+        for linear in (linear for projection in projections for linear in input_linears(projection)):
+            linear.saved_input = store if compress_linears else None  # with LoRA: the adapters' lora_A
     norm_int8 = int8 if int8 and int8.norms else None
     for offset, (norm, source) in enumerate(((layer.attn_norm, role.LAYER_INPUT),
                                              (layer.mlp_norm, role.ATTN_RESIDUAL))):

@@ -15,20 +15,21 @@ from spec.errors import ConfigError
 
 @dataclass
 class Config:
-    """`train.activation_checkpointing`: deepspeed (inputs kept on the GPU) or deepspeed_cpu (in host memory)."""
+    """`train.activation_checkpointing`: deepspeed (inputs kept on the GPU), deepspeed_cpu or alst (in host
+    memory; alst also tiles the MLP and the loss, `tiled_mlp` and `tiled_loss`)."""
 
     in_cpu: bool = False
 
     @classmethod
     def of(cls, mode: str) -> "Config":
-        return cls(in_cpu=mode == "deepspeed_cpu")
+        return cls(in_cpu=mode in ("deepspeed_cpu", "alst"))
 
 
 def check_supported(mode: str, use_cuda: bool) -> None:
     """deepspeed_cpu needs GPUs: deepspeed 0.19.8 copies a CPU input to the host with a no-op `.to("cpu")` and then
     empties it, so the input is lost. Called by the driver before Ray starts and by each worker."""
-    if mode == "deepspeed_cpu" and not use_cuda:
-        raise ConfigError("train.activation_checkpointing=deepspeed_cpu needs GPUs (DeepSpeed loses the host copies "
+    if mode in ("deepspeed_cpu", "alst") and not use_cuda:
+        raise ConfigError(f"train.activation_checkpointing={mode} needs GPUs (DeepSpeed loses the host copies "
                           "of CPU tensors); use train.activation_checkpointing=deepspeed on CPU")
 
 

@@ -22,7 +22,7 @@ PACKINGS = ("auto", "stream", "documents")
 DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask")
 TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("auto", "bf16", "fp32")
-ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu")
+ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu", "alst")
 ON_NONFINITE = ("stop", "skip")
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
@@ -80,6 +80,43 @@ class RopeScalingConfig:
         return found
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning through `peft` (Hu et al., arXiv 2106.09685): the base weights are frozen (no gradients, no
+    optimizer state; bf16 on the GPU with bf16 training) and each targeted linear learns a rank-`rank` update
+    B A scaled by alpha / rank. Only the adapters are trained, optimized and checkpointed (with the base's path and
+    hash). rank 0: off (full fine-tuning). See orchestrator/lora.py."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    """Dropout on the adapters' input (peft's lora_dropout); above 0 each adapted linear saves a dropped copy of
+    its input, which a plan does not manage (refused with plan.path)."""
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections that get adapters (all seven by default, as QLoRA and LeMo do)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def problems(self) -> List[str]:
+        found = []
+        if self.rank < 0:
+            found.append(f"model.lora.rank ({self.rank}) must be >= 0 (0: no LoRA; 8-64 are usual)")
+        if self.alpha <= 0:
+            found.append(f"model.lora.alpha ({self.alpha}) must be > 0; 2 x rank is usual")
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(f"model.lora.dropout ({self.dropout}) must be in [0, 1)")
+        unknown = [name for name in self.target_modules if name not in LORA_TARGETS]
+        if unknown or (self.enabled and not self.target_modules):
+            found.append(f"model.lora.target_modules ({list(self.target_modules)}) must be a non-empty list of "
+                         f"{', '.join(LORA_TARGETS)}")
+        return found
+
+
 @dataclass
 class ModelConfig:
     """Shape of the Llama-style decoder; `preset` fills every other field, explicit keys override it; with
@@ -96,6 +133,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters through peft (rank 0: off, full fine-tuning)."""
     init_from: Optional[str] = None
     """Weights a fresh run starts from (fine-tuning): a .safetensors file, a Hugging Face model directory
     (model.safetensors or sharded with model.safetensors.index.json) or a DeepSpeed checkpoint DIR[:TAG]; Hugging
@@ -259,6 +298,23 @@ class OptimConfig:
 
 
 @dataclass
+class OffloadConfig:
+    """DeepSpeed's ZeRO-Offload (Ren et al., arXiv 2101.06840) and ZeRO-Infinity parameter offload to pinned host
+    memory: what does not fit next to the activations goes to the host."""
+
+    optimizer: bool = False
+    """fp32 master weights, Adam moments and fp32 gradients of the trainable parameters in pinned host memory
+    (about 16 bytes per parameter, split over the data-parallel ranks), stepped by DeepSpeed's CPU Adam; ZeRO 1-3."""
+    params: bool = False
+    """bf16 parameters in pinned host memory, gathered to the GPU module by module (ZeRO-3 only); the model is
+    built under deepspeed.zero.Init, so no worker holds the whole model on its host."""
+
+    @property
+    def any(self) -> bool:
+        return self.optimizer or self.params
+
+
+@dataclass
 class TrainConfig:
     """The training loop and its DeepSpeed engine."""
 
@@ -278,7 +334,15 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     """DeepSpeed's own activation checkpointing of every layer instead of a plan: `deepspeed` keeps each layer's
     input on the GPU, `deepspeed_cpu` in host memory (with Ulysses: DeepSpeed's long-sequence recipe). The
-    baseline a plan is measured against; not with plan.path."""
+    baseline a plan is measured against; not with plan.path. `alst`: DeepSpeed's Arctic Long Sequence Training
+    recipe on one GPU or more (arXiv 2506.13996): ZeRO-3 with the optimizer offloaded or a frozen LoRA base, every
+    layer checkpointed with its input in host memory, DeepSpeed's TiledMLP and TiledFusedLogitsLoss (GPU only)."""
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    """Optimizer and parameter offload to pinned host memory (DeepSpeed ZeRO-Offload / ZeRO-Infinity)."""
+    tiled_mlp: bool = False
+    """Run every MLP through DeepSpeed's TiledMLP: forward in sequence tiles of hidden_size tokens without saving
+    its intermediates, recomputed tile by tile in backward, so no tensor scales with tokens x intermediate_size
+    (one more MLP forward per step). Set by train.activation_checkpointing=alst."""
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
     """Escape hatch: keys merged last into the generated DeepSpeed config (see README)."""
     on_nonfinite: str = "stop"
@@ -297,6 +361,15 @@ class TrainConfig:
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             found.append(f"train.activation_checkpointing ({self.activation_checkpointing!r}) must be one of "
                          f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+        if self.offload.params and self.zero_stage != 3:
+            found.append(f"train.offload.params needs train.zero_stage=3 (ZeRO-Infinity offloads the partitioned "
+                         f"parameters), not {self.zero_stage}; set train.zero_stage=3")
+        if self.offload.optimizer and self.zero_stage == 0:
+            found.append("train.offload.optimizer needs train.zero_stage 1, 2 or 3 (ZeRO-Offload moves the "
+                         "partitioned optimizer); set train.zero_stage=2")
+        if self.activation_checkpointing == "alst" and self.zero_stage != 3:
+            found.append(f"train.activation_checkpointing=alst is DeepSpeed's ALST recipe, which runs ZeRO-3, not "
+                         f"{self.zero_stage}; set train.zero_stage=3")
         if self.max_failures < 0:
             found.append(f"train.max_failures ({self.max_failures}) must be >= 0 (-1 is not supported)")
         if self.on_nonfinite not in ON_NONFINITE:
@@ -397,6 +470,10 @@ class PlanConfig:
     Mesa int8 compressed layers (`planner.cost_model.PLANNER_COMPRESSION`), chosen per layer by the MIP. A job that
     fits exactly gets none. A `compression` section is planned for its layers whatever this says."""
     time_limit_seconds: float = 5.0
+    host_memory_gib: Optional[float] = None
+    """Host memory of each node the job runs on; none: the hardware profile's (measured by `longtrain profile
+    hardware`, or its datasheet value when planning for another machine: the plan says which). Offloaded
+    optimizer states and parameters come out of it first, swapped activations get the rest."""
     """Per MIP; the best solution found so far is kept when the limit is hit."""
     path: Optional[str] = None
     """Plan file `longtrain train` executes (made by `longtrain plan`); none: every activation is stored."""
@@ -408,6 +485,8 @@ class PlanConfig:
                 found.append(f"plan.{key} ({getattr(self, key)}) must be in (0, 1]")
         if self.time_limit_seconds <= 0:
             found.append(f"plan.time_limit_seconds ({self.time_limit_seconds}) must be > 0")
+        if self.host_memory_gib is not None and self.host_memory_gib <= 0:
+            found.append(f"plan.host_memory_gib ({self.host_memory_gib}) must be > 0 (or unset: the profile's)")
         return found
 
 
@@ -547,6 +626,7 @@ class JobConfig:
         if self.train.activation_checkpointing != "none" and self.plan.path:
             found.append(f"train.activation_checkpointing={self.train.activation_checkpointing} and plan.path "
                          f"({self.plan.path}) both decide what layers keep; set one of them")
+        found += self._memory_feature_problems()
         if self.optim.warmup_steps >= self.train.max_steps > 0:
             found.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.max_steps "
                          f"({self.train.max_steps}); lower the warm-up or train longer")
@@ -555,6 +635,22 @@ class JobConfig:
             found.append(f"compression.silu=int4 under plan.path needs an even model.intermediate_size "
                          f"({self.model.intermediate_size}): the plan splits the gate's 4-bit codes, two a byte, by "
                          "token; use compression.silu=int8 or an even model.intermediate_size")
+        return found
+
+    def _memory_feature_problems(self) -> List[str]:
+        """LoRA, offload, the tiled MLP and the ALST recipe against the rest of the job."""
+        lora, train, found = self.model.lora, self.train, self.model.lora.problems()
+        if train.activation_checkpointing == "alst" and not (lora.enabled or train.offload.optimizer):
+            found.append("train.activation_checkpointing=alst trains a frozen LoRA base or offloads the optimizer "
+                         "(ALST's recipe); set model.lora.rank (e.g. 16) or train.offload.optimizer=true")
+        if lora.enabled and lora.dropout > 0 and self.plan.path:
+            found.append(f"model.lora.dropout ({lora.dropout}) saves a dropped copy of every adapted input, which "
+                         "the plan does not manage; set model.lora.dropout=0 with plan.path")
+        tiled = train.tiled_mlp or train.activation_checkpointing == "alst"
+        if tiled and (self.compression.is_active or self.plan.allow_approximate or self.token_elim.enabled):
+            found.append("train.tiled_mlp (also set by activation_checkpointing=alst) does not compose with "
+                         "compression, plan.allow_approximate or token_elim yet: the tiled MLP keeps nothing of its "
+                         "own for backward; turn one of them off")
         return found
 
     def _token_elim_problems(self) -> List[str]:
