@@ -1,0 +1,79 @@
+"""Packed documents on a GPU (skipped without CUDA; run on a lent GPU machine): the FlexAttention path (compiled, block
+mask from the document boundaries) gives each document's attention and gradients as SDPA on the document alone, and
+a packed micro-batch through the model, plain and under a swap / recompute plan, each document's loss and gradients.
+
+    python -m pytest -q -m gpu tests/test_documents_gpu.py
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orchestrator.attention import DocumentLayout, document_attention
+from orchestrator.documents import PackedDocuments, pack
+from orchestrator.memory import tokenwise
+from orchestrator.model import LlamaModel
+from spec.config import ModelConfig
+from tests.conftest import layer_plans, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+MODEL = ModelConfig(vocab_size=512, hidden_size=256, num_layers=3, num_heads=8, num_kv_heads=2, intermediate_size=512)
+DOCUMENTS = [700, 1500, 300, 1596, 2048, 1000, 1000]
+"""Two rows of 4096: whole documents, cut nowhere; tiles full, partial and skipped."""
+
+
+def _alone(q, k, v, layout):
+    rows = []
+    for row, lengths in enumerate(layout.lengths):
+        starts = np.cumsum([0] + lengths[:-1])
+        rows.append(torch.cat([F.scaled_dot_product_attention(q[row:row + 1, :, s:s + n], k[row:row + 1, :, s:s + n],
+                                                              v[row:row + 1, :, s:s + n], is_causal=True,
+                                                              enable_gqa=True)
+                               for s, n in zip(starts, lengths)], dim=2))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_flex_document_attention_equals_each_document_alone(dtype, tolerance):
+    layout = DocumentLayout([[700, 1500, 300, 1596], [2048, 1000, 1000, 48]], [0, 0])
+    assert layout.kernel_for(torch.device("cuda")) == "flex"
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 4096, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 4096, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    grad = torch.randn_like(q)
+    out = document_attention(q, k, v, layout)
+    want = _alone(q, k, v, layout)
+    scale = want.abs().max().item()
+    assert (out - want).abs().max().item() <= tolerance * scale
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        assert (got - expected).abs().max().item() <= tolerance * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("with_plan", [False, True], ids=["plain", "swap_recompute_plan"])
+def test_a_packed_micro_batch_on_flex_equals_each_document_alone(with_plan):
+    stream = np.random.default_rng(1).integers(0, MODEL.vocab_size, sum(DOCUMENTS))
+    offsets = np.concatenate([[0], np.cumsum(DOCUMENTS)])
+    packed = PackedDocuments(stream, *pack(offsets, 4096), 4096, 0.0)
+    rows = [packed.window(i) for i in range(packed.num_train)]
+    tokens, targets, positions = (torch.from_numpy(np.stack([getattr(r, key) for r in rows])).cuda()
+                                  for key in ("tokens", "targets", "positions"))
+    torch.manual_seed(0)
+    model = LlamaModel(MODEL).cuda()
+    reference = copy.deepcopy(model)
+    if with_plan:
+        tokenwise.apply(model, tokenwise.Config(), layer_plans({1: (0.25, 0.5, 0.25), 2: (0.5, 0.0, 0.5, True)}))
+    predicted = int((targets != -100).sum())
+    loss = model(tokens, targets=targets, positions=positions, documents=packed.layout(rows)) * predicted
+    loss.backward()
+    total = 0
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        document = torch.from_numpy(stream[start:stop]).cuda()[None]
+        total = total + reference(document[:, :-1], targets=document[:, 1:]) * (stop - start - 1)
+    total.backward()
+    assert torch.allclose(loss, total, rtol=1e-4)
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert (mine.grad - theirs.grad).abs().max() <= 1e-3 * theirs.grad.abs().max(), name
