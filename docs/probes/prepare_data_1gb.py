@@ -1,0 +1,105 @@
+"""Probe: `longtrain prepare-data` on a 1 GB JSONL file (issue 17): wall time, MB/s, and peak resident memory of the
+whole process tree (the driver and its tokenizing processes, sampled every 50 ms with psutil) and of each process.
+
+The file is made here from the bundled corpus (random slices, log-normal lengths of mean about 4,000 characters,
+seeded) and tokenized with a byte-level BPE trained here with `tokenizers` on the same corpus (vocabulary
+--vocab; its template adds <s>, its config adds </s>), written to a fresh cache.
+
+    python docs/probes/prepare_data_1gb.py [--gigabytes 1] [--workers N] [--dir /tmp/prepare-1gb]
+
+Goal (issue 17): peak RSS under 2 GB; at least 30 MB/s on a 2-core machine.
+"""
+
+import argparse
+import gzip
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from orchestrator.data import CORPUS_PATH  # noqa: E402
+
+
+def make_jsonl(path: Path, gigabytes: float, seed: int) -> int:
+    corpus = gzip.open(CORPUS_PATH).read().decode()
+    rng = random.Random(seed)
+    target, written = int(gigabytes * 1e9), 0
+    with open(path, "w") as out:
+        while written < target:
+            length = min(int(rng.lognormvariate(7.8, 0.9)), 60_000)
+            start = rng.randrange(len(corpus) - length)
+            line = json.dumps({"id": written, "text": corpus[start:start + length]}) + "\n"
+            out.write(line)
+            written += len(line.encode())
+    return written
+
+
+def make_tokenizer(directory: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = gzip.open(CORPUS_PATH).read().decode()
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus.split("\n\n"), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "add_eos_token": True}))
+
+
+def run_measured(command: list) -> dict:
+    """Run `command`, sampling the resident memory of it and its descendants every 50 ms."""
+    started = time.perf_counter()
+    process = psutil.Popen(command, cwd=REPO)
+    peak_tree, peak_one = 0, 0
+    while process.poll() is None:
+        try:
+            members = [process, *process.children(recursive=True)]
+            sizes = [m.memory_info().rss for m in members]
+        except psutil.Error:
+            continue
+        peak_tree, peak_one = max(peak_tree, sum(sizes)), max(peak_one, max(sizes))
+        time.sleep(0.05)
+    return {"seconds": time.perf_counter() - started, "returncode": process.returncode,
+            "peak_tree_rss_mib": peak_tree / 2**20, "peak_process_rss_mib": peak_one / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gigabytes", type=float, default=1.0)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--dir", default="/tmp/prepare-1gb")
+    args = parser.parse_args()
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    source = directory / "documents.jsonl"
+    if not source.is_file() or source.stat().st_size < args.gigabytes * 1e9:
+        print(f"writing {source} ...", flush=True)
+        make_jsonl(source, args.gigabytes, seed=0)
+    make_tokenizer(directory / "tokenizer", args.vocab)
+    shutil.rmtree(directory / "cache", ignore_errors=True)
+    command = [sys.executable, "-m", "launch.cli", "prepare-data", "data.source=jsonl", f"data.path={source}",
+               f"data.tokenizer={directory / 'tokenizer'}", f"data.cache_dir={directory / 'cache'}",
+               f"model.vocab_size={args.vocab}", "data.seq_len=8192",
+               *(["--workers", str(args.workers)] if args.workers else [])]
+    print("$ " + " ".join(command), flush=True)
+    measured = run_measured(command)
+    size = source.stat().st_size
+    measured.update(bytes=size, mb_per_second=size / 1e6 / measured["seconds"], cpus=psutil.cpu_count(),
+                    load_average_1min_after=psutil.getloadavg()[0])
+    print(json.dumps(measured, indent=1))
+
+
+if __name__ == "__main__":
+    main()
