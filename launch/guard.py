@@ -46,7 +46,7 @@ def watch(driver_pid: int, mark: str) -> None:
         if not left:
             return
         for process in left:
-            print(f"guard: driver {driver_pid} is gone; killing {process.pid} ({_name(process)})", flush=True)
+            print(f"guard: driver {driver_pid} has ended; killing {process.pid} ({_name(process)})", flush=True)
             _kill(process)
         psutil.wait_procs(left, timeout=POLL_SECONDS)
 

@@ -19,9 +19,10 @@ TINY = ["model.num_layers=2", "data.seq_len=64", "data.micro_batch_size=2", "opt
         "cluster.num_workers=2"]
 
 
-def _start(run_dir: Path, *args: str) -> subprocess.Popen:
-    """`longtrain train` in its own session (a process group of its own, as a terminal gives it)."""
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *TINY, f"run.dir={run_dir}", *args],
+def _start(run_dir: Path, *args: str, key: str = "run.dir") -> subprocess.Popen:
+    """`longtrain train` in its own session (a process group of its own, as a terminal gives it), writing into
+    run_dir (key=run.dir) or under it (key=run.root)."""
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *TINY, f"{key}={run_dir}", *args],
                             cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -108,24 +109,26 @@ def _mount_tmpfs(path: Path, size: str) -> None:
 
 
 def test_a_full_disk_is_one_line_with_the_path_and_the_resume_command(tmp_path):
-    """A 9 MiB run.root: the step-10 checkpoint (6.4 MB) fits, the step-20 one does not. Whichever write fails first
+    """A 9 MiB tmpfs as run.root: the step-10 checkpoint (6.2 MB) fits, the step-20 one does not. Whichever write fails first
     (a worker's checkpoint, the driver's metrics line), the user gets one line naming the path; the step-10
     checkpoint stays the complete one and metrics.jsonl holds whole lines only."""
     root = tmp_path / "small"
     _mount_tmpfs(root, "9m")
     try:
-        process = _start(root / "run", "train.max_steps=30", "checkpoint.every_steps=10", "train.log_every_steps=1")
+        process = _start(root, "train.max_steps=30", "checkpoint.every_steps=10", "train.log_every_steps=1",
+                         key="run.root")
         out, err = process.communicate(timeout=300)
         assert process.returncode == 1, out[-2000:] + err[-3000:]
+        (run_dir,) = root.iterdir()
         (line,) = err.splitlines()
-        assert "Traceback" not in err and str(root / "run") in line, line
+        assert "Traceback" not in err and str(run_dir) in line, line
         assert ("No space left on device" in line or "MiB free there" in line) and line.endswith(
-            f"resume with: longtrain train {' '.join(TINY)} run.dir={root / 'run'} train.max_steps=30 "
-            f"checkpoint.every_steps=10 train.log_every_steps=1 resume={root / 'run'}"), line
-        checkpoints = root / "run" / "checkpoints"
+            f"resume with: longtrain train {' '.join(TINY)} run.root={root} train.max_steps=30 "
+            f"checkpoint.every_steps=10 train.log_every_steps=1 resume={run_dir}"), line
+        checkpoints = run_dir / "checkpoints"
         assert (checkpoints / "latest").read_text() == "step_00000010" and (checkpoints / "step_00000010" /
                                                                             "COMPLETE").is_file()
-        text = (root / "run" / "metrics.jsonl").read_text()
+        text = (run_dir / "metrics.jsonl").read_text()
         assert text.endswith("\n") and all(json.loads(line)["kind"] == "step" for line in text.splitlines())
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False)
