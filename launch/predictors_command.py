@@ -11,6 +11,7 @@ import torch
 
 from launch.paths import check_writable_file
 from spec.config import load_job_config
+from spec.config.schema import TEXT_SOURCES
 from orchestrator.data import build_windows
 from orchestrator.checkpoint import load_init_from
 from orchestrator.memory.token_elim_predictors import default_path, train_predictors
@@ -25,6 +26,10 @@ def run_train_predictors(config_path: Optional[str], overrides: Sequence[str], s
     model = LlamaModel(job.model)
     if job.model.init_from:
         load_init_from(model, job.model.init_from, trust=job.checkpoint.trust_pickles)
+    if job.data.source in TEXT_SOURCES:  # documents (packing=stream: token elimination refuses packed ones)
+        from launch.prepare_command import ensure_prepared
+
+        ensure_prepared(job)
     windows = build_windows(job.data, job.model.vocab_size, job.train.seed)
     path = Path(out or default_path(job))
     report = train_predictors(job, model, windows, steps, path)
