@@ -66,7 +66,8 @@ class RunConsole:
         if not self.steps:
             return None
         summary = summarize(self.steps, self.warmup_steps)
-        print(summary_table(summary, self.run_dir, self.checkpoints, resume_hint), file=self.stream)
+        documents = self.steps[-1]["rows"][0].get("attention") == "documents"
+        print(summary_table(summary, self.run_dir, self.checkpoints, resume_hint, documents), file=self.stream)
         return summary
 
 
@@ -84,7 +85,9 @@ def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
             f"(slowest rank {worst['rank']})")
 
 
-def summary_table(summary: RunSummary, run_dir: Path, checkpoints: List[str], resume_hint: str) -> str:
+def summary_table(summary: RunSummary, run_dir: Path, checkpoints: List[str], resume_hint: str,
+                  documents: bool = False) -> str:
+    """`documents`: the attention FLOPs were summed over packed documents (data.packing=documents)."""
     lines = [
         "",
         "run summary",
@@ -94,6 +97,8 @@ def summary_table(summary: RunSummary, run_dir: Path, checkpoints: List[str], re
         "  per node        node                    ranks   MFU (causal-halved / full-attn)   tokens/s   "
         "slowest rank   peak alloc / reserved GiB   host RSS GiB",
     ]
+    if documents:
+        lines.append("                  (MFU: attention FLOPs summed over the packed documents, length^2 each)")
     for n in summary.nodes:
         lines.append(f"                  {n.node:<22} {n.num_ranks:>5}   {n.mfu:>7.2%} / {n.mfu_full_attention:<7.2%}"
                      f"                {n.tokens_per_second:>9,.0f}   {n.slowest_rank:>4} "

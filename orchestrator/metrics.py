@@ -40,6 +40,9 @@ class StepReading:
     peak_reserved_gib: float
     host_rss_gib: float
     swap_host_gib: float = 0.0
+    attention: str = "sequence"
+    """What the attention FLOPs counted: `sequence` (seq_len^2 per sequence) or `documents` (summed over packed
+    documents)."""
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -78,7 +81,8 @@ class StepMeter:
                            tokens=tokens, tokens_per_second=tokens / seconds, tflops=tflops,
                            mfu=tflops / self.peak_tflops, mfu_full_attention=tflops_full / self.peak_tflops,
                            peak_allocated_gib=allocated, peak_reserved_gib=reserved,
-                           host_rss_gib=host_peak_rss_gib(), swap_host_gib=swap_host_bytes / GIB)
+                           host_rss_gib=host_peak_rss_gib(), swap_host_gib=swap_host_bytes / GIB,
+                           attention="sequence" if self._document_squares is None else "documents")
 
 
     def _flops(self, tokens: int) -> tuple:

@@ -212,6 +212,7 @@ def test_mfu_counts_the_attention_the_documents_need():
     squares = (100**2 + 64**2 * 2) / 2
     assert flops == matmul_training_flops_per_token(MODEL) * 128 + attention_training_flops(MODEL, squares)
     assert full - flops == attention_training_flops(MODEL, squares, causal_halved=False) / 2
+    assert meter.stop(1, 1.0, 0.0, tokens=128).attention == "documents"  # the console's MFU line says so
     meter.start()  # a step without documents: seq_len^2 per sequence, as before
     assert meter._flops(tokens=128)[0] == meter.flops_per_token * 128
 
