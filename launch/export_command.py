@@ -11,7 +11,7 @@ def run_export(source: str, out_dir: str, dtype: str, overwrite: bool) -> int:
     print(f"exported {result.tag_dir} (ZeRO-{result.zero_stage}, {result.world_size} rank(s)) in "
           f"{result.seconds:.1f} s\n"
           f"  -> {result.out_dir}: {_class(result.architecture)}, {result.shards} shard(s), "
-          f"{result.total_bytes / 2**30:.2f} GiB {dtype}{copied}")
+          f"{_size(result.total_bytes)} {dtype}{copied}")
     return 0
 
 
@@ -19,3 +19,7 @@ def _class(architecture: str) -> str:
     from spec.config.hf import ARCHITECTURES
 
     return ARCHITECTURES[architecture]
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"

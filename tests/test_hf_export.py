@@ -93,7 +93,7 @@ def test_zero3_export_loads_in_transformers_with_longtrains_logits(runs, tmp_pat
     assert (config["architectures"], config["rope_theta"], config["rope_scaling"]["rope_type"],
             config["rope_scaling"]["original_max_position_embeddings"], config["tie_word_embeddings"],
             config["torch_dtype"], config["bos_token_id"]) == (["LlamaForCausalLM"], 2e6, "llama3", 256, True,
-                                                                 "float32", 1)
+                                                                 "float32", 257)
     assert config["max_position_embeddings"] >= 128
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (runs["llama"] / name).read_bytes()

@@ -37,7 +37,7 @@ def make_model(out: Path, architecture: str = "llama", rope_scaling: str = "none
     settings = dict(vocab_size=VOCAB_SIZE, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=352, max_position_embeddings=1024, rms_norm_eps=1e-5,
                     rope_theta=500000.0, rope_scaling=ROPE_SCALING[rope_scaling], tie_word_embeddings=tied,
-                    bos_token_id=1, eos_token_id=2)
+                    bos_token_id=257, eos_token_id=258)
     settings.update(shape)
     if architecture == "mistral":
         settings["sliding_window"] = None  # longtrain attends to the whole sequence
@@ -52,17 +52,31 @@ def make_model(out: Path, architecture: str = "llama", rope_scaling: str = "none
 
 
 def _byte_tokenizer():
-    """A byte-level BPE tokenizer without merges: one token per byte (ids 3..258), plus <unk>, <s>, </s>."""
+    """A byte-level tokenizer whose ids are the bytes themselves (0-255, as longtrain's corpus tokens are), plus
+    <unk>, <s>, </s> at 256-258: a BPE without merges over GPT-2's byte-to-character table."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: index for index, token in enumerate(specials + sorted(alphabet))}
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    vocab.update({"<unk>": 256, "<s>": 257, "</s>": 258})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2's table: every byte as a printable character (what the ByteLevel pre-tokenizer emits)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ is a model directory (a config.json) that holds neither the run nor the source m
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -191,7 +192,10 @@ def write_shards(weights: Dict[str, Any], names: List[Tuple[str, str]], out: Pat
     weight_map = {}
     for index, shard in enumerate(shards, start=1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {theirs: _materialize(weights[ours], dtype) for ours, theirs in shard}
+        tensors = {}
+        for ours, theirs in shard:
+            tensors[theirs] = _materialize(weights[ours], dtype)
+            release_pages(weights[ours])
         save_file(tensors, str(out / file), metadata={"format": "pt"})
         os.chmod(out / file, 0o666 & ~_umask())  # safetensors creates it 0600
         del tensors
@@ -221,6 +225,40 @@ def _materialize(tensor: Any, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(tensor, torch.Tensor):
         return tensor.to(dtype=dtype, copy=True)
     return tensor.contiguous().to(dtype)
+
+
+def release_pages(tensor: Any) -> None:
+    """Hand back the checkpoint pages a gathered tensor was read from. DeepSpeed maps the ZeRO-3 partitions (and the
+    ZeRO-0 states) from the files; read pages would stay in this process's resident memory, the whole fp32
+    checkpoint by the last shard, though the kernel could drop them. madvise(MADV_DONTNEED) drops them now; a later
+    read of the same page (a neighbouring tensor) maps it again from the file. Only ranges inside a file mapping are
+    touched (on anonymous memory the call would zero them: ZeRO 1-2's concatenated partitions); Linux only."""
+    sources = [g for rank in tensor.flat_groups for g in rank] if hasattr(tensor, "flat_groups") else [tensor]
+    for source in sources:
+        if isinstance(source, torch.Tensor) and source.numel():
+            _drop_file_pages(source.data_ptr(), source.numel() * source.element_size())
+
+
+def _drop_file_pages(address: int, length: int) -> None:
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start, end = address // page * page, -(-(address + length) // page) * page
+    if not sys.platform.startswith("linux") or not _inside_file_mapping(start, end):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+def _inside_file_mapping(start: int, end: int) -> bool:
+    """[start, end) lies within one mapping of this process that maps a file (/proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= start and end <= high:
+            return len(fields) == 6 and fields[4] != "0" and not fields[5].startswith("[")
+    return False
 
 
 def write_metadata(out: Path, model: ModelConfig, seq_len: int, dtype_name: str,
@@ -264,8 +302,6 @@ def _write_json(path: Path, content: Dict[str, Any]) -> None:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """DeepSpeed's prints and progress bars silenced (file descriptors 1 and 2), restored on the way out."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
