@@ -74,11 +74,6 @@ def export_run(spec: str, out_dir: str, dtype: str = "bf16", overwrite: bool = F
         raise CheckpointError(f"export: --dtype {dtype} must be one of {', '.join(DTYPES)}")
     run_dir, checkpoint_dir, tag = source_tag(spec)
     model, seq_len = run_model(run_dir)
-    lora = getattr(model, "lora", None)
-    if lora is not None and lora.rank > 0:
-        raise CheckpointError(f"export: {run_dir} trained LoRA adapters (model.lora.rank={lora.rank}), which its "
-                              "checkpoints hold without the base weights; merging them into an export is not built "
-                              "yet")
     source = source_model_dir(model.init_from)
     out = target_dir(Path(out_dir), overwrite, [run_dir] + ([source] if source else []))
     info = inspect_checkpoint(checkpoint_dir, tag)
@@ -123,14 +118,19 @@ def source_tag(spec: str) -> Tuple[Path, Path, str]:
 
 
 def run_model(run_dir: Path) -> Tuple[ModelConfig, int]:
-    """The run's model section and sequence length, from the resolved config.yaml it wrote."""
+    """The run's model section and sequence length, from the resolved config.yaml it wrote (a LoRA run refused)."""
     saved = read_yaml(run_dir / "config.yaml", "run config", CheckpointError, "restore it from the run") or {}
     try:
         model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.get("model") or {}))
-        return model, int((saved.get("data") or {}).get("seq_len") or 0)
     except (OmegaConfBaseException, TypeError, ValueError) as error:
         raise CheckpointError(f"export: {run_dir / 'config.yaml'} has a model section this longtrain cannot read "
                               f"({str(error).splitlines()[0]}); export with the longtrain that trained it") from error
+    lora = getattr(model, "lora", None)
+    if lora is not None and lora.rank > 0:
+        raise CheckpointError(f"export: {run_dir} trained LoRA adapters (model.lora.rank={lora.rank}), which its "
+                              "checkpoints hold without the base weights; merging them into an export is not built "
+                              "yet")
+    return model, int((saved.get("data") or {}).get("seq_len") or 0)
 
 
 def source_model_dir(init_from: Optional[str]) -> Optional[Path]:
