@@ -70,12 +70,17 @@ def _one_line(error: BaseException) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="longtrain", description="Long-context LLM training orchestrator.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"longtrain {_version()}")
     commands = parser.add_subparsers(dest="command")
     train = _command(commands, "train", help="train a job (default: configs/default.yaml)",
                      description="longtrain train [CONFIG.yaml] [key=value ...]; e.g. "
                                  "longtrain train model.num_layers=2 resume=auto")
     train.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    train.add_argument("--dry-run", action="store_true", help="resolve the config, run every check a start makes "
+                       "(data, profile, plan, checkpoint to resume, workers' fit), print the DeepSpeed config; start "
+                       "nothing")
     train.set_defaults(handler=_train)
+    _add_config_commands(commands)
     plan = _command(commands, "plan", help="make an offline memory plan (no GPU needed)",
                     description="longtrain plan [CONFIG.yaml] [key=value ...] [--profile NAME] "
                                 "[--out plan.yaml]; e.g. longtrain plan configs/llama7b_1m_8xa800.yaml")
@@ -90,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=int, default=4, help="Llama-7B-shaped layers in the stack")
     bench.add_argument("--seq-lens", default="32768,65536,131072", help="comma-separated sequence lengths")
     bench.add_argument("--modes", default="store_all,full_recompute,deepspeed_cpu_ckpt,save_on_cpu,longtrain,"
-                                          "longtrain_no_arena")
+                                          "longtrain_no_arena",
+                       help="comma-separated, from: " + ",".join(BENCH_MODES) + " (default: %(default)s)")
     bench.add_argument("--repeats", type=int, default=3, help="timed steps per row (median reported)")
     bench.add_argument("--out", help="directory for the JSON, Markdown and PNG (default profiles/runs)")
     bench.add_argument("--profile", help="hardware profile for MFU and the plan (default: detected from the GPU)")
@@ -132,6 +138,52 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+BENCH_MODES = ("store_all", "full_recompute", "deepspeed_cpu_ckpt", "save_on_cpu", "longtrain", "longtrain_no_arena",
+               "mesa_int8", "s2a_int4", "wta_crs", "compressed", "compressed_swap", "token_elim",
+               "longtrain_token_elim")
+"""`bench --modes` choices for --help (launch.measure.bench.MODES, which imports torch; a test keeps them equal)."""
+
+
+def _version() -> str:
+    """The installed package's version (pyproject.toml's), or `unknown` when run from a tree not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("longtrain")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_config_commands(commands) -> None:
+    """config show (the resolved job) and config diff (two configs or run directories)."""
+    config = _command(commands, "config", help="show a resolved job config, or diff two (configs or run dirs)")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = _command(config_commands, "show", help="the resolved config as YAML, every default written out",
+                    description="longtrain config show [CONFIG.yaml] [key=value ...]; e.g. longtrain config show "
+                                "configs/default.yaml data.seq_len=512")
+    show.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    show.set_defaults(handler=_config_show)
+    diff = _command(config_commands, "diff", help="the keys whose resolved values differ, as `key: A -> B`",
+                    description="longtrain config diff A B; each a config file (resolved with defaults) or a run "
+                                "directory (its config.yaml, the newest after a resume)")
+    diff.add_argument("first", metavar="A")
+    diff.add_argument("second", metavar="B")
+    diff.set_defaults(handler=_config_diff)
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from launch.config_command import run_config_show
+
+    config_path, overrides = split_config_and_overrides(args.args)
+    return run_config_show(config_path, overrides)
+
+
+def _config_diff(args: argparse.Namespace) -> int:
+    from launch.config_command import run_config_diff
+
+    return run_config_diff(args.first, args.second)
+
+
 def _command(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
     """A command's parser; every command takes `--debug`."""
     return subparsers.add_parser(name, parents=[DEBUG_FLAG], **kwargs)
@@ -147,6 +199,7 @@ def _add_profile_machine_commands(profile_commands) -> None:
     hardware.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     hardware.add_argument("--out", help="profile to write (default profiles/hardware/<detected>_measured.yaml)")
     hardware.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 20 s on a GPU)")
+    hardware.add_argument("--force", action="store_true", help="replace a shipped profile in profiles/hardware/")
     hardware.set_defaults(handler=_profile_hardware)
     calibrate = _command(
         profile_commands, "calibrate",
@@ -223,9 +276,13 @@ def split_config_and_overrides(args: Sequence[str]) -> Tuple[Optional[str], List
 
 
 def _train(args: argparse.Namespace) -> int:
+    config_path, overrides = split_config_and_overrides(args.args)
+    if args.dry_run:
+        from launch.dry_run import run_dry
+
+        return run_dry(config_path, overrides)
     from launch.train_command import run_training  # heavy imports (ray, torch) only when training
 
-    config_path, overrides = split_config_and_overrides(args.args)
     return run_training(config_path, overrides)
 
 
@@ -273,7 +330,7 @@ def _profile_hardware(args: argparse.Namespace) -> int:
     from launch.profile_hardware_command import run_profile_hardware
 
     config_path, overrides = split_config_and_overrides(args.args)
-    return run_profile_hardware(config_path, overrides, args.out, args.quick)
+    return run_profile_hardware(config_path, overrides, args.out, args.quick, args.force)
 
 
 def _profile_calibrate(args: argparse.Namespace) -> int:

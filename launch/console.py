@@ -16,8 +16,10 @@ from launch.metrics_file import MetricsFile
 class RunConsole:
     """Consumes the messages workers publish (tick, step, checkpoint, resumed, nonfinite) and renders them."""
 
-    def __init__(self, run_dir: Path, max_steps: int, warmup_steps: int, stream=sys.stdout):
+    def __init__(self, run_dir: Path, max_steps: int, warmup_steps: int, stream=sys.stdout, trackers=None):
         self.run_dir = run_dir
+        self.trackers = trackers
+        """`launch.tracking.Trackers` each logged step and eval loss also go to (None: metrics.jsonl only)."""
         self.warmup_steps = warmup_steps
         self.stream = stream
         self.steps: List[Dict] = []
@@ -43,6 +45,8 @@ class RunConsole:
         elif kind == "resumed":
             self.bar.n = message["step"]
             self.bar.write(f"resumed from {message['path']} at step {message['step']}")
+        elif kind == "eval":
+            self._log_eval(message)
         elif kind == "nonfinite" and message["action"] == "skip":
             self.bar.write(f"step {message['step']}: {message['why']}; update skipped (train.on_nonfinite=skip)")
         elif kind == "nonfinite":
@@ -55,12 +59,26 @@ class RunConsole:
         loss = mean_loss(message)
         self.bar.set_postfix_str(f"loss {loss:.3f}")
         self.bar.write(step_line(message["step"], loss, message["rows"], nodes))
+        if self.trackers:
+            from launch.tracking import step_scalars
+
+            self.trackers.log(step_scalars(message, nodes), message["step"])
+
+    def _log_eval(self, message: Dict) -> None:
+        """The holdout loss (metrics.eval_every_steps): a line, a metrics.jsonl record, a tracker scalar."""
+        self.metrics_file.append(message)
+        self.bar.write(f"eval   {message['step']:>6} | holdout loss {message['loss']:7.4f} "
+                       f"({message['batches']} micro-batches per rank)")
+        if self.trackers:
+            self.trackers.log({"eval/loss": message["loss"]}, message["step"])
 
     def finish(self, resume_hint: str, latest_checkpoint: Optional[Path] = None) -> Optional[RunSummary]:
         """Close the bar and metrics.jsonl, print the summary table. `latest_checkpoint`: the run's newest complete
         checkpoint, whose message may not have arrived when the run was stopped."""
         self.bar.close()
         self.metrics_file.close()
+        if self.trackers:
+            self.trackers.close()
         if latest_checkpoint and str(latest_checkpoint) not in self.checkpoints:
             self.checkpoints.append(str(latest_checkpoint))
         if not self.steps:
@@ -79,10 +97,18 @@ def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
     swap = max(r["swap_host_gib"] for r in rows)
     tokens = sum(r["tokens_per_second"] for r in rows) / len(rows)
     tflops = sum(r["tflops"] for r in rows) / len(rows)
-    return (f"step {step:>6} | loss {loss:7.4f} | {tokens:9,.0f} tok/s/worker | {tflops:7.3f} TFLOP/s/worker | "
+    return (f"step {step:>6} | loss {loss:7.4f} | {_lr_and_grad_norm(rows[0])}{tokens:9,.0f} tok/s/worker | "
+            f"{tflops:7.3f} TFLOP/s/worker | "
             f"MFU/node {mfu} | peak mem {mem:.2f} GiB | host {host:.2f} GiB (swap {swap:.2f}) | "
             f"step {worst['step_seconds']:.3f} s "
             f"(slowest rank {worst['rank']})")
+
+
+def _lr_and_grad_norm(row: Dict) -> str:
+    """'lr 3.00e-04 | grad norm 1.234 | ' (rank 0's: DeepSpeed gives every rank the same); older readings lack
+    the grad norm, and an offloaded optimizer may not report one."""
+    norm = row.get("grad_norm")
+    return f"lr {row['lr']:.2e} | " + (f"grad norm {norm:7.3f} | " if norm is not None else "")
 
 
 def summary_table(summary: RunSummary, run_dir: Path, checkpoints: List[str], resume_hint: str,

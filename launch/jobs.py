@@ -100,7 +100,15 @@ def status(job_id: str, address: str) -> int:
         reason = failure_reason(client.get_job_logs(job_id))
         if reason:
             print(f"  why: {reason}")
-    return 0
+    return status_exit_code(str(info.status))
+
+
+STATUS_EXIT_CODES = {"FAILED": 1, "STOPPED": 3}
+"""`longtrain status` exit codes for scripts: 0 succeeded, running or pending; 1 failed; 3 stopped."""
+
+
+def status_exit_code(status: str) -> int:
+    return STATUS_EXIT_CODES.get(status, 0)
 
 
 def failure_reason(logs: str) -> Optional[str]:

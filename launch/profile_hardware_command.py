@@ -14,7 +14,8 @@ from launch.paths import check_writable_file
 from spec.errors import LongtrainError
 
 
-def run_profile_hardware(config_path: Optional[str], overrides: List[str], out: Optional[str], quick: bool) -> int:
+def run_profile_hardware(config_path: Optional[str], overrides: List[str], out: Optional[str], quick: bool,
+                         force: bool = False) -> int:
     import torch
 
     from spec.hardware import detect_profile_name, load_profile
@@ -27,6 +28,7 @@ def run_profile_hardware(config_path: Optional[str], overrides: List[str], out: 
     if path.suffix not in (".yaml", ".yml"):
         raise LongtrainError(f"--out {path} must be a .yaml file path, e.g. profiles/hardware/h100_sxm_measured.yaml")
     check_writable_file(path, "--out" if out else "the profile file")
+    check_not_shipped(path, force)
     num_gpus = torch.cuda.device_count() if cuda else 0
     where = f"CUDA, {num_gpus} GPU(s) visible" if cuda else "CPU"
     print(f"longtrain profile hardware: {device_name} ({where}), torch {torch.__version__}, layer hidden "
@@ -40,6 +42,17 @@ def run_profile_hardware(config_path: Optional[str], overrides: List[str], out: 
     skipped = "".join(f"\n  skipped {name}: {why}" for name, why in result.skipped.items())
     print(f"measured in {time.perf_counter() - started:.0f} s; wrote {path}{skipped}")
     return 0
+
+
+def check_not_shipped(path: Path, force: bool) -> None:
+    """A shipped hardware profile (profiles/hardware/, which plans and MFU of every user read) is replaced only with
+    --force: measuring a laptop with --out profiles/hardware/h100_sxm.yaml must not quietly rewrite the H100's."""
+    from spec.resources import HARDWARE_PROFILES_DIR
+
+    if force or not path.is_file() or path.resolve().parent != HARDWARE_PROFILES_DIR.resolve():
+        return
+    raise LongtrainError(f"--out {path} is a shipped hardware profile; write to another file (e.g. "
+                         f"{path.with_name(path.stem + '_mine.yaml')}) or pass --force to replace it")
 
 
 def _model_shape(config_path: Optional[str], overrides: List[str], cuda: bool):

@@ -50,7 +50,8 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
         try:
             _connect(job, run_dir, created)
             print(_header(job, run_dir, uses_cuda(job.cluster)), flush=True)
-            console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps)
+            console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps,
+                                 trackers=_open_trackers(job, run_dir))
             code = _run_workers(job, run_dir, placement.initial, console, resume)
         finally:
             ray.shutdown()
@@ -89,10 +90,22 @@ EXIT_INTERRUPTED = 130
 
 
 def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:
-    """The command that continues this run (printed when it stops)."""
-    kept = [o for o in overrides if not o.startswith("resume=")]
+    """The command that continues this run (printed when it stops): without `train.stop_at_step`, which the run
+    has reached (pasted, it would only say the run is already there)."""
+    kept = [o for o in overrides if not o.startswith(("resume=", "train.stop_at_step="))]
     parts = ["longtrain", "train"] + ([config_path] if config_path else []) + kept + [f"resume={run_dir}"]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _open_trackers(job: JobConfig, run_dir: Path):
+    """metrics.trackers opened for this run (those not installed skipped with one note each)."""
+    from dataclasses import asdict
+
+    from launch.tracking import Trackers, print_notes
+
+    trackers = Trackers(job.metrics.trackers, run_dir, job.run.name, asdict(job))
+    print_notes(trackers)
+    return trackers
 
 
 def _connect(job: JobConfig, run_dir: Path, created: bool) -> None:
@@ -116,10 +129,11 @@ def _connect(job: JobConfig, run_dir: Path, created: bool) -> None:
 
 def _run_workers(job: JobConfig, run_dir: Path, initial, console, resume: str) -> Optional[int]:
     """Train; the exit code when the run stopped early (None: it finished)."""
+    from launch.eval_during_training import with_eval
     from launch.ray_train import run_workers
 
     try:
-        run_workers(job, run_dir, initial, console.handle)
+        run_workers(job, run_dir, initial, with_eval(job, run_dir, console.handle, console))
     except KeyboardInterrupt:
         _leave_now(_stopped(console, run_dir, resume, "interrupted", EXIT_INTERRUPTED))
     except OSError as error:  # the driver's own writes (metrics.jsonl) on a full or read-only disk

@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -40,6 +40,8 @@ class StepReading:
     peak_reserved_gib: float
     host_rss_gib: float
     swap_host_gib: float = 0.0
+    grad_norm: Optional[float] = None
+    """The global gradient norm DeepSpeed measured before clipping (None when the optimizer does not report it)."""
     attention: str = "sequence"
     """What the attention FLOPs counted: `sequence` (seq_len^2 per sequence) or `documents` (summed over packed
     documents)."""
@@ -70,7 +72,8 @@ class StepMeter:
         rank's share: 1 / sp_degree of the heads)."""
         self._document_squares = (self._document_squares or 0) + layout.sum_squared_lengths() / sp_degree
 
-    def stop(self, step: int, loss: float, lr: float, tokens: int, swap_host_bytes: int = 0) -> StepReading:
+    def stop(self, step: int, loss: float, lr: float, tokens: int, swap_host_bytes: int = 0,
+             grad_norm: Optional[float] = None) -> StepReading:
         _synchronize()
         seconds = max(time.perf_counter() - self._started, 1e-9)
         flops, flops_full = self._flops(tokens)
@@ -82,6 +85,7 @@ class StepMeter:
                            mfu=tflops / self.peak_tflops, mfu_full_attention=tflops_full / self.peak_tflops,
                            peak_allocated_gib=allocated, peak_reserved_gib=reserved,
                            host_rss_gib=host_peak_rss_gib(), swap_host_gib=swap_host_bytes / GIB,
+                           grad_norm=grad_norm,
                            attention="sequence" if self._document_squares is None else "documents")
 
 

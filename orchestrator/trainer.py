@@ -65,8 +65,9 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     if sp_group is not None:
         sequence_parallel.install(model, sp_group, split_layers=memory.split_layers)
     engine, _, _, scheduler = initialize_engine(model, ds_config, job.train.offload)
-    sampler = RankSampler(build_windows(job.data, job.model.vocab_size, job.train.seed),
-                          job.data.micro_batch_size, dims.sampler_rank(worker.rank), dims.dp_degree, job.train.seed)
+    windows = build_windows(job.data, job.model.vocab_size, job.train.seed)
+    sampler = RankSampler(windows, job.data.micro_batch_size, dims.sampler_rank(worker.rank), dims.dp_degree,
+                          job.train.seed)
     start_step, rng_restored = _resume(engine, checkpoints, sampler, source, publish if worker.rank == 0 else None,
                                        model)
     if not rng_restored:  # a fresh run, or a rank file that does not apply (another world size, plain DeepSpeed)
@@ -77,11 +78,13 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
         skipped_before = engine.skipped_steps
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group)
         reading = meter.stop(step, loss, scheduler.get_last_lr()[0], dims.tokens_per_step_per_rank,
-                             swap_host_bytes=memory.host_bytes)
+                             swap_host_bytes=memory.host_bytes, grad_norm=_grad_norm(engine))
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
         if not step_is_usable(engine, step, loss, skipped_before, job.train.on_nonfinite,
                               publish if worker.rank == 0 else None):
             return {"rank": worker.rank, "start_step": start_step, "final_step": step, "stopped": "nonfinite"}
+        if _eval_due(job, step):
+            _evaluate(job, engine, windows, dims, worker, step, sp_group, publish)
         if _checkpoint_due(job, step):
             rank_state = {"data": sampler.state()}
             if memory.compressed_layers:
@@ -166,15 +169,8 @@ def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: Step
     total = torch.zeros((), device=engine.device)
     for _ in range(grad_accum_steps):
         batch = sampler.next_micro_batch()
-        inputs, targets = batch.inputs, batch.targets
-        shard = sequence_parallel.shard_of(inputs, sp_group)
-        if batch.documents is None:
-            placement = {"positions": torch.arange(shard.start, shard.stop, device=engine.device)}
-        else:
-            placement = {"positions": batch.positions[:, shard].to(engine.device), "documents": batch.documents}
-        loss = engine(inputs[:, shard].to(engine.device), targets=targets[:, shard].to(engine.device), **placement)
+        loss = _micro_batch_loss(engine, batch, sp_group)
         if batch.documents is not None:
-            loss = loss * _shard_weight(targets, shard, sp_group)
             meter.count_documents(batch.documents, 1 if sp_group is None else dist.get_world_size(sp_group))
         engine.backward(loss)
         engine.step()
@@ -185,6 +181,21 @@ def _train_step(engine, sampler: RankSampler, grad_accum_steps: int, meter: Step
     return (total / grad_accum_steps).item()
 
 
+def _micro_batch_loss(engine, batch, sp_group) -> torch.Tensor:
+    """This rank's loss on its shard of one micro-batch (weighted by the shard's share of predicted tokens for
+    packed documents), as training and the holdout evaluation compute it."""
+    inputs, targets = batch.inputs, batch.targets
+    shard = sequence_parallel.shard_of(inputs, sp_group)
+    if batch.documents is None:
+        placement = {"positions": torch.arange(shard.start, shard.stop, device=engine.device)}
+    else:
+        placement = {"positions": batch.positions[:, shard].to(engine.device), "documents": batch.documents}
+    loss = engine(inputs[:, shard].to(engine.device), targets=targets[:, shard].to(engine.device), **placement)
+    if batch.documents is not None:
+        loss = loss * _shard_weight(targets, shard, sp_group)
+    return loss
+
+
 def _shard_weight(targets: torch.Tensor, shard: slice, sp_group) -> float:
     """What makes the mean over the sp ranks of their shard means the whole sequence's mean when shards predict
     unequal numbers of tokens: shard's predicted tokens x sp / the sequence's (1 without sequence parallelism)."""
@@ -192,6 +203,29 @@ def _shard_weight(targets: torch.Tensor, shard: slice, sp_group) -> float:
         return 1.0
     predicted = int((targets != -100).sum())
     return int((targets[:, shard] != -100).sum()) * dist.get_world_size(sp_group) / max(predicted, 1)
+
+
+def _grad_norm(engine) -> Optional[float]:
+    """DeepSpeed's global gradient norm of the last step (a float or a tensor by ZeRO stage; None when off)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _eval_due(job: JobConfig, step: int) -> bool:
+    every = job.metrics.eval_every_steps
+    return bool(every) and (step % every == 0 or step == (job.train.stop_at_step or job.train.max_steps))
+
+
+def _evaluate(job: JobConfig, engine, windows, dims, worker: WorkerInfo, step: int, sp_group,
+              publish: Publish) -> None:
+    """The holdout loss of this step's weights, published by rank 0 as an `eval` message."""
+    from orchestrator.holdout import holdout_loss
+
+    loss = holdout_loss(engine, windows, job.data.micro_batch_size, dims.sampler_rank(worker.rank), dims.dp_degree,
+                        job.train.seed, job.metrics.eval_batches,
+                        lambda batch: _micro_batch_loss(engine, batch, sp_group))
+    if worker.rank == 0 and loss is not None:
+        publish({"kind": "eval", "step": step, "loss": loss, "batches": job.metrics.eval_batches})
 
 
 def _log_due(job: JobConfig, step: int, start_step: int) -> bool:

@@ -287,7 +287,36 @@ def _candidate_changes(job: JobConfig) -> List[Tuple[str, Callable[[JobConfig], 
                            f"train.zero_stage=3 ({workers * factor} GPUs)",
                            lambda j, f=factor: _set(j, ("cluster", "num_workers", workers * f),
                                                     ("parallel", "sp_degree", sp * f), ("train", "zero_stage", 3))))
-    return candidates
+    return _with_smaller_micro_batches(job, candidates)
+
+
+def _with_smaller_micro_batches(job: JobConfig, candidates: List) -> List:
+    """A smaller micro batch alone first (same GPUs, same tokens per step), then the other changes, then each of
+    them with a micro batch of 1: activations scale with the micro batch, so a job that inherits a large one
+    (e.g. the default job's 8) is otherwise told that nothing fits."""
+    smaller = _micro_batch_changes(job)
+    if not smaller:
+        return candidates
+    single_label, single = smaller[-1]
+    combined = [(f"{single_label} and {label}", lambda j, change=change: single(j) and change(j))
+                for label, change in candidates]
+    return smaller + candidates + combined
+
+
+def _micro_batch_changes(job: JobConfig) -> List[Tuple[str, Callable[[JobConfig], Optional[JobConfig]]]]:
+    """A smaller micro batch with more accumulation steps (same tokens per optimizer step, same GPUs), largest
+    first: activations scale with the micro batch, so this is the first thing to try."""
+    mb, accum = job.data.micro_batch_size, job.train.grad_accum_steps
+    changes = []
+    smaller = mb // 2
+    while smaller >= 1:
+        steps = accum * mb // smaller if mb % smaller == 0 else None
+        label = (f"data.micro_batch_size={smaller} train.grad_accum_steps={steps} (same tokens per step)" if steps
+                 else f"data.micro_batch_size={smaller}")
+        sets = [("data", "micro_batch_size", smaller)] + ([("train", "grad_accum_steps", steps)] if steps else [])
+        changes.append((label, lambda j, sets=sets: _set(j, *sets)))
+        smaller //= 2
+    return changes
 
 
 MAX_GPU_MEMORY_FRACTION = 0.95

@@ -431,6 +431,9 @@ class ClusterConfig:
         return found
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 @dataclass
 class MetricsConfig:
     """How throughput and MFU are measured and reported."""
@@ -439,11 +442,25 @@ class MetricsConfig:
     """A name in profiles/hardware/ (h100_sxm, h200, a100_80g, a800, cpu) or auto: detected from the device."""
     warmup_steps: int = 3
     """Steps excluded from the summary's throughput and MFU (compilation, allocator warm-up)."""
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers the driver writes each logged step to: tensorboard (event files in the run directory's
+    `tensorboard/`), wandb, mlflow (each only when its package is installed; a missing one is skipped with one
+    note); [] for none."""
+    eval_every_steps: int = 0
+    """Compute the loss on the holdout split (data.holdout_fraction) every this many steps and at the last step;
+    0: never."""
+    eval_batches: int = 2
+    """Holdout micro-batches per rank each evaluation averages over."""
 
     def problems(self) -> List[str]:
-        if self.warmup_steps < 0:
-            return [f"metrics.warmup_steps ({self.warmup_steps}) must be >= 0"]
-        return []
+        problems = [f"metrics.{key} ({getattr(self, key)}) must be >= 0"
+                    for key in ("warmup_steps", "eval_every_steps") if getattr(self, key) < 0]
+        if self.eval_batches <= 0:
+            problems.append(f"metrics.eval_batches ({self.eval_batches}) must be a positive integer")
+        unknown = sorted(set(self.trackers) - set(TRACKERS))
+        if unknown:
+            problems.append(f"metrics.trackers: unknown {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+        return problems
 
 
 @dataclass

@@ -1,0 +1,65 @@
+"""`longtrain config show` (the resolved job, every default written out) and `longtrain config diff A B`.
+
+Why: a job is a YAML file plus overrides plus defaults; before spending GPU hours a user wants to see what will
+run, and after two runs behave differently, which keys differ. A run directory's `config.yaml` is the resolved
+job it ran (the newest one when it was resumed), so `diff` takes run directories and config files alike.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import yaml
+
+from spec.config import job_to_yaml, load_job_config
+from spec.errors import ConfigError
+
+
+def run_config_show(config_path, overrides: Sequence[str]) -> int:
+    print(job_to_yaml(load_job_config(config_path, overrides)), end="")
+    return 0
+
+
+def run_config_diff(first: str, second: str) -> int:
+    """Print `key: A -> B` for each key whose resolved value differs (exit 0 either way; `same` when none)."""
+    a, b = _resolved(first), _resolved(second)
+    lines = diff_lines(a, b)
+    print(f"--- {first}\n+++ {second}")
+    print("\n".join(lines) if lines else "same resolved config")
+    return 0
+
+
+def diff_lines(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    missing = "(absent)"
+    return [f"{key}: {_text(flat_a.get(key, missing))} -> {_text(flat_b.get(key, missing))}"
+            for key in sorted(set(flat_a) | set(flat_b)) if flat_a.get(key, missing) != flat_b.get(key, missing)]
+
+
+def _resolved(spec: str) -> Dict[str, Any]:
+    """A run directory's newest config*.yaml as written, or a config file (name) resolved with its defaults."""
+    path = Path(spec)
+    if path.is_dir():
+        written = sorted(path.glob("config*.yaml"), key=lambda p: (p.name != "config.yaml", p.name))
+        if not written:
+            raise ConfigError(f"{spec} is a directory without config.yaml; give a run directory or a config file")
+        try:
+            return yaml.safe_load(written[-1].read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{written[-1]} is not YAML ({' '.join(str(error).split())})") from error
+    return asdict(load_job_config(spec, []))
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _text(value: Any) -> str:
+    return value if value == "(absent)" else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix(
+        "\n...").removesuffix(" ...")

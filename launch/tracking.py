@@ -1,0 +1,129 @@
+"""Experiment trackers the driver writes each logged step to: TensorBoard, W&B, MLflow (`metrics.trackers`).
+
+Why on the driver and through the libraries' own writers: the driver already receives every rank's reading
+(the rows of metrics.jsonl), so one writer sees the whole run without workers needing the tracker's package,
+and files written by `SummaryWriter`, `wandb` and `mlflow` open in the tools people already use. A tracker
+whose package is not installed is skipped with one note; training never fails for want of a tracker.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def step_scalars(message: Dict, nodes: Sequence) -> Dict[str, float]:
+    """The scalars of one logged step: loss, lr and grad norm (rank 0's: every rank holds the same), throughput,
+    both MFUs, memory (the worst rank), and each node's row under `node/NAME/`."""
+    rows = message["rows"]
+    first = rows[0]
+    scalars = {
+        "train/loss": sum(r["loss"] for r in rows) / len(rows),
+        "train/lr": first["lr"],
+        "perf/tokens_per_second_per_worker": sum(r["tokens_per_second"] for r in rows) / len(rows),
+        "perf/step_seconds_slowest": max(r["step_seconds"] for r in rows),
+        "perf/mfu": sum(r["mfu"] for r in rows) / len(rows),
+        "perf/mfu_full_attention": sum(r["mfu_full_attention"] for r in rows) / len(rows),
+        "memory/peak_allocated_gib": max(r["peak_allocated_gib"] for r in rows),
+        "memory/peak_reserved_gib": max(r["peak_reserved_gib"] for r in rows),
+        "memory/host_rss_gib": max(r["host_rss_gib"] for r in rows),
+    }
+    if first.get("grad_norm") is not None:
+        scalars["train/grad_norm"] = first["grad_norm"]
+    for node in nodes:
+        for key in ("mfu", "mfu_full_attention", "tokens_per_second"):
+            scalars[f"node/{node.node}/{key}"] = getattr(node, key)
+    return scalars
+
+
+class Trackers:
+    """The trackers asked for that can run here; `notes` says which were skipped and why."""
+
+    def __init__(self, names: Sequence[str], run_dir: Path, run_name: str, config: Optional[Dict] = None):
+        self.writers: List = []
+        self.notes: List[str] = []
+        for name in names:
+            module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}[name]
+            if importlib.util.find_spec(module) is None:
+                self.notes.append(f"metrics.trackers: {name} is not installed (pip install {module}); not tracked")
+                continue
+            self.writers.append(_OPEN[name](run_dir, run_name, config or {}))
+
+    def log(self, scalars: Dict[str, float], step: int) -> None:
+        for writer in self.writers:
+            writer.log(scalars, step)
+
+    def text(self, tag: str, text: str) -> None:
+        for writer in self.writers:
+            writer.text(tag, text)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, run_name: str, config: Dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+
+    def log(self, scalars: Dict[str, float], step: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()  # a run killed mid-way keeps what it logged
+
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, run_dir: Path, run_name: str, config: Dict):
+        import wandb
+
+        self.run = wandb.init(name=run_dir.name, group=run_name, dir=str(run_dir), config=config, resume="allow",
+                              id=run_dir.name)
+
+    def log(self, scalars: Dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def text(self, tag: str, text: str) -> None:
+        self.run.summary[tag] = text
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, run_dir: Path, run_name: str, config: Dict):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_experiment(run_name)
+        mlflow.start_run(run_name=run_dir.name)
+        mlflow.log_params({f"{section}.{key}": value for section, values in config.items()
+                           if isinstance(values, dict) for key, value in values.items()})
+
+    def log(self, scalars: Dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics(scalars, step=step)
+
+    def text(self, tag: str, text: str) -> None:
+        self.mlflow.log_text(text, f"{tag}.txt")
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+_OPEN = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+
+
+def print_notes(trackers: Trackers, stream=sys.stdout) -> None:
+    for note in trackers.notes:
+        print(f"longtrain: {note}", file=stream)

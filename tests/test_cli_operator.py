@@ -1,0 +1,116 @@
+"""Operator commands of issue 23, in process through `launch.cli.main`: --version, config show / diff,
+train --dry-run (starts nothing), --help's bench mode choices, and the fit search's smaller micro batch."""
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from launch.cli import BENCH_MODES, main
+from spec.config import load_job_config
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("longtrain ")
+
+
+def test_config_show_prints_the_resolved_job_with_overrides_and_defaults(capsys):
+    assert main(["config", "show", "configs/default.yaml", "data.seq_len=512"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["data"]["seq_len"] == 512 and shown["metrics"]["trackers"] == ["tensorboard"]
+    assert shown["model"]["num_layers"] == load_job_config(None, []).model.num_layers  # a default written out
+
+
+def test_config_show_of_a_bad_key_is_one_line_exit_2(capsys):
+    assert main(["config", "show", "model.num_layrs=3"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_config_diff_of_two_configs_names_each_differing_key(capsys):
+    assert main(["config", "diff", "configs/default.yaml", "configs/llama7b_1m_8xa800.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "data.seq_len: 256 -> 1048576" in out and "cluster.num_workers: 2 -> 8" in out
+    assert "run.name" in out and "optim.betas" not in out
+
+
+def test_config_diff_reads_a_run_directorys_newest_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    main(["config", "show", "train.max_steps=100"])
+    (run / "config.yaml").write_text(capsys.readouterr().out)
+    main(["config", "show", "train.max_steps=600"])
+    (run / "config.20991231-000000.yaml").write_text(capsys.readouterr().out)  # written by a resume
+    assert main(["config", "diff", str(run), "configs/default.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[2:] == ["train.max_steps: 600 -> 400"]
+    assert main(["config", "diff", "configs/default.yaml", "default"]) == 0
+    assert "same resolved config" in capsys.readouterr().out
+
+
+def test_dry_run_checks_prints_deepspeed_json_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dry-run", "default", "train.zero_stage=1"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing started" in out and "(new)" in out
+    ds = json.loads(out[out.index("{"):])
+    assert ds["zero_optimization"]["stage"] == 1 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert list(tmp_path.iterdir()) == []  # no run directory, no lock, no logs
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_dry_run_fails_like_a_start_would(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dry-run", f"resume={tmp_path / 'nope'}"]) == 2
+    assert "error" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_help_lists_every_mode(capsys):
+    from launch.measure.bench import MODES
+
+    assert BENCH_MODES == MODES
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(mode in help_text for mode in MODES)
+
+
+def test_fit_search_proposes_a_smaller_micro_batch(capsys):
+    """The README example inherits the default job's micro batch of 8: the fix names a smaller one."""
+    code = main(["plan", "model.preset=llama-7b", "data.seq_len=262144", "cluster.num_workers=2", "--profile",
+                 "h100_sxm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no single change fits" not in err
+    assert "it fits with data.micro_batch_size=1 train.grad_accum_steps=8 (same tokens per step)" in err
+
+
+def test_fit_search_names_a_micro_batch_alone_when_that_is_enough():
+    from planner.planning import _candidate_changes
+
+    job = load_job_config(None, ["data.micro_batch_size=4", "train.grad_accum_steps=3"])
+    labels = [label for label, _ in _candidate_changes(job)]
+    assert labels[:2] == ["data.micro_batch_size=2 train.grad_accum_steps=6 (same tokens per step)",
+                          "data.micro_batch_size=1 train.grad_accum_steps=12 (same tokens per step)"]
+    assert not any("micro_batch" in label for label, _ in _candidate_changes(load_job_config(
+        None, ["data.micro_batch_size=1"])))
+
+
+def test_status_exit_codes_tell_scripts_how_a_job_ended():
+    from launch.jobs import status_exit_code
+
+    assert [status_exit_code(s) for s in ("SUCCEEDED", "RUNNING", "PENDING", "FAILED", "STOPPED")] == [0, 0, 0, 1, 3]
+
+
+def test_profile_hardware_refuses_to_overwrite_a_shipped_profile(capsys):
+    from spec.resources import HARDWARE_PROFILES_DIR
+
+    shipped = HARDWARE_PROFILES_DIR / "h100_sxm.yaml"
+    before = shipped.read_bytes()
+    assert main(["profile", "hardware", "--quick", "--out", str(shipped)]) == 2
+    err = capsys.readouterr().err
+    assert "is a shipped hardware profile" in err and "--force" in err
+    assert shipped.read_bytes() == before
