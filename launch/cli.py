@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--profile", help="hardware profile name in profiles/hardware/ or a YAML path "
                                         "(default: metrics.hardware_profile of the config)")
     plan.add_argument("--out", help="plan file to write (default: plans/CONFIG_NAME.plan.yaml; PNG next to it)")
+    plan.add_argument("--max-seq", action="store_true", help="print the longest data.seq_len that plans (or, with "
+                      "train.activation_checkpointing=alst, that the ALST recipe fits) and what binds, in one line")
     plan.set_defaults(handler=_plan)
     bench = _command(commands, "bench", help="measure activation strategies side by side on this GPU",
                      description="longtrain bench [--layers 4] [--seq-lens 32768,65536,131072] "
@@ -290,7 +292,7 @@ def _plan(args: argparse.Namespace) -> int:
     from launch.plan_command import run_planning
 
     config_path, overrides = split_config_and_overrides(args.args)
-    return run_planning(config_path, overrides, args.profile, args.out)
+    return run_planning(config_path, overrides, args.profile, args.out, max_seq=args.max_seq)
 
 
 def _bench(args: argparse.Namespace) -> int:

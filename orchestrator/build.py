@@ -73,6 +73,8 @@ def _partitioned_model(job: JobConfig, ds_config: Dict[str, Any], load_base: boo
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu", pin_memory=True, dtype=dtype):
         model = LlamaModel(job.model)
+    # the model's own initialisation ran on parameters zero.Init had already emptied: run it again, each whole
+    model.reset_parameters(lambda param: deepspeed.zero.GatheredParameters([param], modifier_rank=0))
     if load_base and job.model.init_from:
         _load_partitioned(model, job)
     return model

@@ -29,6 +29,7 @@ for backward, or (token elimination) which rows the attention block sees.
   `LlamaModel.forward` for one forward and its backward; attention then stays within each document.
 """
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -315,19 +316,21 @@ class LlamaModel(nn.Module):
         """Set by a technique that computes the loss itself: called as loss_function(hidden, lm_head, targets)."""
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, whole=None) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers) (GPT-2); biases
-        (Qwen2's q/k/v) zero."""
+        (Qwen2's q/k/v) zero. `whole(param)`: a context in which a partitioned parameter is whole (a model built
+        under ZeRO-3's zero.Init, whose parameters are empty outside it)."""
         residual_std = self.config.init_std / math.sqrt(2 * self.config.num_layers)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(param)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, std=residual_std)
-            else:
-                nn.init.normal_(param, std=self.config.init_std)
+            with whole(param) if whole is not None else contextlib.nullcontext():
+                if name.endswith("norm.weight"):
+                    nn.init.ones_(param)
+                elif name.endswith(".bias"):
+                    nn.init.zeros_(param)
+                elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                    nn.init.normal_(param, std=residual_std)
+                else:
+                    nn.init.normal_(param, std=self.config.init_std)
 
     def hidden_states(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                       documents=None) -> torch.Tensor:

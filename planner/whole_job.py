@@ -150,7 +150,7 @@ def host_memory(job: JobConfig, profile: HardwareProfile) -> HostMemory:
     if job.plan.host_memory_gib is not None:
         return HostMemory(job.plan.host_memory_gib, "plan.host_memory_gib")
     if profile.source.startswith("measured"):
-        return HostMemory(profile.host_memory_gib, f"measured on this machine (profile {profile.name})")
+        return HostMemory(profile.host_memory_gib, f"measured by `longtrain profile hardware` (profile {profile.name})")
     return HostMemory(profile.host_memory_gib, f"profile {profile.name}'s datasheet value, for planning another "
                                                "machine; set plan.host_memory_gib or measure this one with "
                                                "`longtrain profile hardware`")

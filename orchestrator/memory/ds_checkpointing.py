@@ -48,7 +48,17 @@ def deepspeed_layer_runner(num_layers: int, in_cpu: bool):
                                       contiguous_checkpointing=False, num_checkpoints=num_layers)
     # cos and sin go in by closure: DeepSpeed's blocking host-copy path (CPU) empties every floating-point argument
     # after copying it, and the position tables are shared by all layers
-    return lambda layer, x, cos, sin: deepspeed.checkpointing.checkpoint(lambda hidden: layer(hidden, cos, sin), x)
+    return lambda layer, x, cos, sin: deepspeed.checkpointing.checkpoint(lambda hidden: layer(hidden, cos, sin),
+                                                                         _grad_carrier(x))
+
+
+def _grad_carrier(x: torch.Tensor) -> torch.Tensor:
+    """x, made to require a gradient if it does not: DeepSpeed's (reentrant) checkpoint backpropagates into a layer
+    only when an input requires a gradient, and with LoRA's frozen embedding none does (Hugging Face's
+    enable_input_require_grads, for the same reason); the gradient reaching it is dropped."""
+    if torch.is_grad_enabled() and not x.requires_grad:
+        return x.detach().requires_grad_()
+    return x
 
 
 def apply(model, config: Config, layers: Iterable[int]) -> None:

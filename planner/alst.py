@@ -1,0 +1,89 @@
+"""The ALST recipe's step time and memory (`train.activation_checkpointing=alst`), from the same cost model, so
+`longtrain plan` can put the baseline beside a plan and answer its longest sequence too.
+
+ALST (Arctic Long Sequence Training, arXiv 2506.13996) as DeepSpeed 0.19.8's parts run it: every layer keeps only
+its input, in host memory (DeepSpeed's `checkpoint_in_cpu`, copied on a side stream), and runs its whole forward
+again in backward, attention included; the MLP is tiled (DeepSpeed's TiledMLP), the loss too (TiledFusedLogitsLoss:
+each chunk's logits, their fp32 copy and cross-entropy's saved log-softmax and gradient, about 16 bytes a logit).
+- GPU peak: the static bytes (ZeRO-3: weights / GPUs; optimizer offloaded or a frozen LoRA base) + during one layer's
+  backward its recomputed activations (the tiled inventory: attention's and the norms', nothing of the MLP) and its
+  working set (`schedule.layer_block_buffers`) + the loss's chunk at the head.
+- Host: every layer's input, hidden x 2 bytes a token, plus the offloaded optimizer.
+- Time: every layer's forward twice and its backward once (the tiled MLP's extra forward in its backward), the head
+  3x (the loss runs its backward inside its forward), the offloaded optimizer's step; host copies hidden.
+"""
+
+from dataclasses import dataclass, replace
+
+from planner import whole_job
+from planner.cost_model import CostModel, calibrated_peak_bytes
+from planner.layout import solve_layout
+from planner.schedule import layer_block_buffers
+from spec.activations import LOSS_CHUNK_TOKENS
+from spec.config import JobConfig
+from spec.hardware import HardwareProfile
+
+GIB = 2**30
+TILED_LOSS_BYTES_PER_LOGIT = 16
+"""DeepSpeed's TiledFusedLogitsLoss chunk: bf16 logits 2, their fp32 copy 4, cross-entropy's saved log-softmax 4,
+its fp32 gradient 4 and the bf16 one 2."""
+
+
+@dataclass
+class AlstPrediction:
+    step_seconds: float
+    mfu: float
+    peak_gpu_gib: float
+    gpu_budget_gib: float
+    host_gib: float
+    host_budget_gib: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gpu_gib <= self.gpu_budget_gib and self.host_gib <= self.host_budget_gib
+
+    def binding(self) -> str:
+        """The constraint that is tightest (as a share of its budget), in words."""
+        gpu, host = self.peak_gpu_gib / self.gpu_budget_gib, self.host_gib / self.host_budget_gib
+        if gpu >= host:
+            return f"GPU memory ({self.peak_gpu_gib:.1f} of {self.gpu_budget_gib:.1f} GiB)"
+        return f"host memory (layer inputs {self.host_gib:.1f} of {self.host_budget_gib:.1f} GiB per GPU)"
+
+
+def predict_alst(job: JobConfig, profile: HardwareProfile) -> AlstPrediction:
+    precision = "bf16" if profile.device_kind == "cuda" else "fp32"
+    tiled = replace(job, train=replace(job.train, tiled_mlp=True))
+    cost = CostModel(tiled, profile, precision)
+    layers = cost.layers()
+    static = cost.static_memory(job.train.zero_stage)
+    largest = max(layers, key=lambda layer: layer.token_wise_bytes + layer.skeletal_bytes)
+    block = solve_layout(layer_block_buffers(largest), job.plan.time_limit_seconds).arena_bytes
+    loss = min(LOSS_CHUNK_TOKENS, cost.tokens_per_gpu) * job.model.vocab_size * TILED_LOSS_BYTES_PER_LOGIT
+    on_gpu = static.total - static.head_and_loss - static.adapter_activations
+    activations = max(block + largest.skeletal_bytes + static.adapter_activations / job.model.num_layers, loss)
+    peak = calibrated_peak_bytes(profile, on_gpu, activations)
+    step = (sum(2 * layer.forward_seconds + layer.backward_seconds for layer in layers) + 3 * cost.head_seconds()
+            + whole_job.optimizer_step_seconds(cost)) * job.train.grad_accum_steps
+    inputs = job.model.num_layers * cost.tokens_per_gpu * job.model.hidden_size * cost.element_bytes
+    host_static = whole_job.host_static_bytes(job, cost.element_bytes)
+    return AlstPrediction(
+        step_seconds=step, mfu=cost.step_flops_per_gpu() / (step * profile.peak_tflops(precision) * 1e12),
+        peak_gpu_gib=peak / GIB, gpu_budget_gib=profile.device_memory_gib * job.plan.gpu_memory_fraction,
+        host_gib=(inputs + host_static) / GIB, host_budget_gib=whole_job.host_budget_bytes(job, profile) / GIB)
+
+
+def alst_summary(job: JobConfig, profile: HardwareProfile, prediction: AlstPrediction) -> str:
+    """What `longtrain plan` prints for an ALST job (there is no plan file: DeepSpeed decides)."""
+    host = whole_job.host_memory(job, profile)
+    p = prediction
+    return "\n".join([
+        f"ALST recipe (DeepSpeed: ZeRO-3, every layer's input in host memory and recomputed, TiledMLP, "
+        f"TiledFusedLogitsLoss) for {job.model.num_layers} layers x hidden {job.model.hidden_size}, seq_len "
+        f"{job.data.seq_len:,} on {job.cluster.num_workers} x {profile.name}",
+        f"  step time   {p.step_seconds:.3f} s   MFU {p.mfu:.1%} (model FLOPs, causal attention halved, peak of the "
+        "profile)",
+        f"  GPU peak    {p.peak_gpu_gib:.2f} GiB of {p.gpu_budget_gib:.2f} GiB budget",
+        f"  host        {p.host_gib:.2f} GiB of {p.host_budget_gib:.2f} GiB per GPU (host memory {host.gib:g} GiB per "
+        f"node: {host.source})",
+        f"  fits        {'yes' if p.fits else 'no'}; binding: {p.binding()}",
+    ])
