@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     train = _command(commands, "train", help="train a job (default: configs/default.yaml)",
                      description="longtrain train [CONFIG.yaml] [key=value ...]; e.g. "
-                                 "longtrain train model.num_layers=2 resume=auto")
+                                 "longtrain train model.num_layers=2 resume=auto",
+                     epilog="every config key with its default: longtrain config show --help")
     train.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     train.add_argument("--dry-run", action="store_true", help="resolve the config, run every check a start makes "
                        "(data, profile, plan, checkpoint to resume, workers' fit), print the DeepSpeed config; start "
@@ -162,7 +163,8 @@ def _add_config_commands(commands) -> None:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = _command(config_commands, "show", help="the resolved config as YAML, every default written out",
                     description="longtrain config show [CONFIG.yaml] [key=value ...]; e.g. longtrain config show "
-                                "configs/default.yaml data.seq_len=512")
+                                "configs/default.yaml data.seq_len=512", epilog=_keys_help(),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
     show.set_defaults(handler=_config_show)
     diff = _command(config_commands, "diff", help="the keys whose resolved values differ, as `key: A -> B`",
@@ -171,6 +173,12 @@ def _add_config_commands(commands) -> None:
     diff.add_argument("first", metavar="A")
     diff.add_argument("second", metavar="B")
     diff.set_defaults(handler=_config_diff)
+
+
+def _keys_help() -> str:
+    from launch.config_command import keys_help
+
+    return keys_help()
 
 
 def _config_show(args: argparse.Namespace) -> int:

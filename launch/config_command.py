@@ -7,7 +7,7 @@ job it ran (the newest one when it was resumed), so `diff` takes run directories
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -40,14 +40,40 @@ def _resolved(spec: str) -> Dict[str, Any]:
     """A run directory's newest config*.yaml as written, or a config file (name) resolved with its defaults."""
     path = Path(spec)
     if path.is_dir():
-        written = sorted(path.glob("config*.yaml"), key=lambda p: (p.name != "config.yaml", p.name))
-        if not written:
+        written = run_config(path)
+        if written is None:
             raise ConfigError(f"{spec} is a directory without config.yaml; give a run directory or a config file")
-        try:
-            return yaml.safe_load(written[-1].read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{written[-1]} is not YAML ({' '.join(str(error).split())})") from error
+        return written
     return asdict(load_job_config(spec, []))
+
+
+def run_config(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The newest resolved config a run wrote (config.yaml, then config.STAMP.yaml per resume); None if none."""
+    written = sorted(Path(run_dir).glob("config*.yaml"), key=lambda p: (p.name != "config.yaml", p.name))
+    if not written:
+        return None
+    try:
+        return yaml.safe_load(written[-1].read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{written[-1]} is not YAML ({' '.join(str(error).split())})") from error
+
+
+def keys_help(width: int = 110) -> str:
+    """Every config key with its schema default, one wrapped paragraph per section (for `--help`): generated from
+    `spec.config.schema`, so it cannot drift from what the loader accepts."""
+    import textwrap
+
+    from spec.config import JobConfig
+
+    paragraphs = ["config keys (key=default; `longtrain config show` resolves a file; README 'Config reference' "
+                  "explains each):"]
+    for section, values in asdict(JobConfig()).items():
+        if not isinstance(values, dict):
+            paragraphs.append(f"  {section}={_text(values)}")
+            continue
+        items = " ".join(f"{key}={_text(value)}" for key, value in _flatten(values).items())
+        paragraphs.append(textwrap.fill(items, width, initial_indent=f"  {section}: ", subsequent_indent="    "))
+    return "\n".join(paragraphs)
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -38,7 +38,9 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     hold_run_lock(run_dir)  # before anything is written there; held until this process exits
-    _write_config(job, run_dir)
+    if placement.continuing:
+        _say_schedule_change(job, run_dir)
+    _write_config(job, run_dir, config_path, overrides)
     resume = resume_command(config_path, overrides, run_dir)
 
     import ray  # heavy: imported after the config is known to be valid
@@ -223,11 +225,27 @@ def _extension_line(model) -> str:
     return f"  context extension: {change} (from {model.init_from}/config.json)\n" if change else ""
 
 
-def _write_config(job: JobConfig, run_dir: Path) -> None:
+def _write_config(job: JobConfig, run_dir: Path, config_path: Optional[str], overrides: Sequence[str]) -> None:
+    """config.yaml, and config.STAMP.yaml for each resume; each headed by the command that wrote it (its
+    overrides), a YAML comment that readers of the resolved config skip."""
     target = run_dir / "config.yaml"
     if target.exists():
         target = run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
-    target.write_text(job_to_yaml(job))
+    command = " ".join(shlex.quote(p) for p in ["longtrain", "train"] + ([config_path] if config_path else [])
+                       + list(overrides))
+    target.write_text(f"# written by: {command}\n" + job_to_yaml(job))
+
+
+def _say_schedule_change(job: JobConfig, run_dir: Path) -> None:
+    """One line when this resume re-shapes the learning-rate schedule (launch.reschedule says why it is allowed)."""
+    from launch.config_command import run_config
+    from launch.reschedule import schedule_note
+
+    latest = _latest_checkpoint(run_dir)
+    match = re.fullmatch(r"step_(\d+)", latest.name) if latest else None
+    note = schedule_note(job, run_config(run_dir), int(match.group(1))) if match else None
+    if note:
+        print(f"longtrain: {note}", flush=True)
 
 
 def _first_line(error: BaseException) -> str:

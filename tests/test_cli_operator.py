@@ -114,3 +114,19 @@ def test_profile_hardware_refuses_to_overwrite_a_shipped_profile(capsys):
     err = capsys.readouterr().err
     assert "is a shipped hardware profile" in err and "--force" in err
     assert shipped.read_bytes() == before
+
+
+def test_config_show_help_lists_every_key_with_its_schema_default(capsys):
+    import dataclasses
+
+    from spec.config import JobConfig
+
+    with pytest.raises(SystemExit):
+        main(["config", "show", "--help"])
+    help_text = capsys.readouterr().out
+    assert "metrics: hardware_profile=auto warmup_steps=3 trackers=[tensorboard]" in help_text
+    for section in dataclasses.fields(JobConfig):
+        assert f"  {section.name}" in help_text, section.name
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "longtrain config show --help" in capsys.readouterr().out

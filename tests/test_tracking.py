@@ -106,3 +106,33 @@ def test_a_real_run_logs_lr_grad_norm_and_holdout_loss_and_its_resume_command_wo
                             capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "step      6 | loss" in second.stdout
+
+
+def test_a_resume_that_changes_max_steps_says_how_the_lr_schedule_changes():
+    from dataclasses import asdict
+
+    from launch.reschedule import lr_at, schedule_note
+
+    before = load_job_config(None, [])  # the default job: 400 steps, cosine to 0.1 x 3e-3
+    after = load_job_config(None, ["train.max_steps=600"])
+    assert lr_at(before, 400) == pytest.approx(3e-4)
+    assert lr_at(after, 400) > 3 * lr_at(before, 400)  # the cosine is re-shaped, not kept
+    note = schedule_note(after, asdict(before), 400)
+    assert note.startswith("note: train.max_steps 400 -> 600 re-shapes the learning-rate schedule")
+    assert note.endswith(f"lr after step 400 0.0003 -> {lr_at(after, 400):.3g}")
+    assert schedule_note(before, asdict(before), 400) is None
+    assert schedule_note(load_job_config(None, ["train.max_steps=600", "train.log_every_steps=1"]),
+                         asdict(after), 400) is None  # a key that does not shape the schedule
+
+
+def test_each_written_config_names_the_command_that_wrote_it(tmp_path):
+    import yaml
+
+    from launch.config_command import run_config
+    from launch.train_command import _write_config
+
+    job = load_job_config(None, ["train.max_steps=70"])
+    _write_config(job, tmp_path, None, ["train.max_steps=70"])
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("# written by: longtrain train train.max_steps=70\n")
+    assert yaml.safe_load(text)["train"]["max_steps"] == 70 == run_config(tmp_path)["train"]["max_steps"]
