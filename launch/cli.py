@@ -230,13 +230,15 @@ def _add_export_command(commands) -> None:
     export.add_argument("out_dir", metavar="OUT_DIR")
     export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights' dtype (default bf16)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is a model directory")
+    export.add_argument("--lora", choices=("adapter", "merged"), default="adapter", help="a LoRA run: a peft adapter "
+                        "directory (default) or the base from model.init_from with the adapters merged in")
     export.set_defaults(handler=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
     from launch.export_command import run_export
 
-    return run_export(args.source, args.out_dir, args.dtype, args.overwrite)
+    return run_export(args.source, args.out_dir, args.dtype, args.overwrite, lora=args.lora)
 
 
 def _add_job_commands(commands) -> None:

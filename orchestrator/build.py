@@ -86,7 +86,7 @@ def _load_partitioned(model: nn.Module, job: JobConfig) -> None:
     import deepspeed
 
     params = dict(model.named_parameters())
-    for name, tensor in _init_from_tensors(job.model.init_from, job.checkpoint.trust_pickles):
+    for name, tensor in init_from_tensors(job.model.init_from, job.checkpoint.trust_pickles):
         param = params.get(name)
         if param is None:  # a tied lm_head (it is the embedding)
             continue
@@ -96,7 +96,7 @@ def _load_partitioned(model: nn.Module, job: JobConfig) -> None:
                     param.copy_(tensor.to(param.dtype))
 
 
-def _init_from_tensors(spec: str, trust: bool):
+def init_from_tensors(spec: str, trust: bool):
     """(our name, tensor) of model.init_from, one at a time; the driver has checked names and shapes."""
     from pathlib import Path
 

@@ -226,3 +226,40 @@ def test_a_lora_run_checkpoints_only_the_adapters_and_resumes_exactly(tmp_path, 
                                                        "model.tie_embeddings=true").model))
     states = torch.load(next((tag / "step_00000006").glob("*model_states.pt")), weights_only=False)
     assert states["lora_base"] == {"init_from": None, "sha256": None, "random_seed": "1234"}
+
+
+@pytest.mark.slow
+def test_export_writes_a_peft_adapter_and_a_merged_model_that_agree(tmp_path):
+    """A LoRA run on a Hugging Face base -> `longtrain export --lora adapter` loads with peft onto the base, and
+    `--lora merged` loads with transformers alone; both give the same logits, and they differ from the base's (the
+    adapters trained). A changed base is refused for the merged form; a random base exports adapters only."""
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    from launch.cli import main
+    from spec.config import job_to_yaml
+    from tests.conftest import spawn_gloo
+    from tests.test_hf_models import tiny
+
+    base_dir = tiny.make_model(tmp_path / "base", "llama", "none", tied=True)
+    run = tmp_path / "run"
+    job = load_job_config(None, ["cluster.num_workers=1", "train.max_steps=3", "optim.warmup_steps=1",
+                                 "optim.lr=3e-2", "train.log_every_steps=1", "checkpoint.every_steps=0",
+                                 "data.seq_len=128", "data.micro_batch_size=2", "model.lora.rank=4",
+                                 f"model.init_from={base_dir}", f"run.dir={run}"])
+    run.mkdir()
+    (run / "config.yaml").write_text(job_to_yaml(job))
+    spawn_gloo(_train_worker, 1, job, str(run))
+    assert main(["export", str(run), str(tmp_path / "adapter")]) == 0
+    assert main(["export", str(run), str(tmp_path / "merged"), "--lora", "merged", "--dtype", "fp32"]) == 0
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    auto = transformers.AutoModelForCausalLM
+    with torch.no_grad():
+        base_logits = auto.from_pretrained(base_dir)(ids).logits
+        adapted = PeftModel.from_pretrained(auto.from_pretrained(base_dir), tmp_path / "adapter")(input_ids=ids).logits
+        merged = auto.from_pretrained(tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-3, atol=2e-3)  # the adapter directory is bf16
+    assert (merged - base_logits).abs().max() > 1e-2
+    (base_dir / "model.safetensors").write_bytes((base_dir / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    assert main(["export", str(run), str(tmp_path / "merged2"), "--lora", "merged"]) == 2
+    assert not (tmp_path / "merged2").exists()

@@ -64,16 +64,24 @@ class ExportResult:
     copied: List[str] = field(default_factory=list)
     """Files copied from the source model (tokenizer, generation config)."""
     source: Optional[Path] = None
+    form: str = "model"
+    """model, or for a LoRA run "lora adapter" (a peft adapter directory) or "lora merged" (`lora_export`)."""
 
 
 def export_run(spec: str, out_dir: str, dtype: str = "bf16", overwrite: bool = False,
-               max_shard_bytes: int = MAX_SHARD_BYTES) -> ExportResult:
-    """Write RUN_DIR[:TAG]'s weights (default: its newest complete checkpoint) as a Hugging Face directory."""
+               max_shard_bytes: int = MAX_SHARD_BYTES, lora: str = "adapter") -> ExportResult:
+    """Write RUN_DIR[:TAG]'s weights (default: its newest complete checkpoint) as a Hugging Face directory; a LoRA
+    run's as a peft adapter directory or merged into its base (`lora`: adapter or merged, `lora_export`)."""
     started = time.time()
     if dtype not in DTYPES:
         raise CheckpointError(f"export: --dtype {dtype} must be one of {', '.join(DTYPES)}")
     run_dir, checkpoint_dir, tag = source_tag(spec)
     model, seq_len = run_model(run_dir)
+    if model.lora.enabled:
+        from orchestrator.checkpoint.lora_export import export_lora
+
+        return export_lora(run_dir, checkpoint_dir, tag, model, seq_len, out_dir, dtype, overwrite, lora,
+                           max_shard_bytes)
     source = source_model_dir(model.init_from)
     out = target_dir(Path(out_dir), overwrite, [run_dir] + ([source] if source else []))
     info = inspect_checkpoint(checkpoint_dir, tag)
@@ -118,18 +126,13 @@ def source_tag(spec: str) -> Tuple[Path, Path, str]:
 
 
 def run_model(run_dir: Path) -> Tuple[ModelConfig, int]:
-    """The run's model section and sequence length, from the resolved config.yaml it wrote (a LoRA run refused)."""
+    """The run's model section and sequence length, from the resolved config.yaml it wrote."""
     saved = read_yaml(run_dir / "config.yaml", "run config", CheckpointError, "restore it from the run") or {}
     try:
         model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.get("model") or {}))
     except (OmegaConfBaseException, TypeError, ValueError) as error:
         raise CheckpointError(f"export: {run_dir / 'config.yaml'} has a model section this longtrain cannot read "
                               f"({str(error).splitlines()[0]}); export with the longtrain that trained it") from error
-    lora = getattr(model, "lora", None)
-    if lora is not None and lora.rank > 0:
-        raise CheckpointError(f"export: {run_dir} trained LoRA adapters (model.lora.rank={lora.rank}), which its "
-                              "checkpoints hold without the base weights; merging them into an export is not built "
-                              "yet")
     return model, int((saved.get("data") or {}).get("seq_len") or 0)
 
 
