@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--workers", type=int, help="tokenizing processes (default: the CPUs this process may use)")
     prepare.set_defaults(handler=_prepare_data)
     _add_export_command(commands)
+    _add_eval_command(commands)
     _add_job_commands(commands)
     profile = _command(commands, "profile", help="reports on machines and runs (profile mfu RUN_DIR, "
                                                              "profile hardware, profile calibrate BENCH_JSON...)")
@@ -239,6 +240,25 @@ def _export(args: argparse.Namespace) -> int:
     from launch.export_command import run_export
 
     return run_export(args.source, args.out_dir, args.dtype, args.overwrite, lora=args.lora)
+
+
+def _add_eval_command(commands) -> None:
+    evaluate = _command(commands, "eval", help="perplexity by position and passkey retrieval of models",
+                        description="longtrain eval MODEL [MODEL ...] [CONFIG.yaml] [key=value ...] [--out DIR]; "
+                                    "MODEL: a run directory (its newest complete checkpoint), RUN_DIR:TAG or a Hugging "
+                                    "Face directory; e.g. longtrain eval runs/default-20261201-101500 "
+                                    "eval.lengths=[1024,4096]")
+    evaluate.add_argument("args", nargs="+", metavar="MODEL_CONFIG_OR_OVERRIDE")
+    evaluate.add_argument("--out", help="directory for results.json, perplexity.png and passkey.png (default: "
+                                        "RUN_DIR/eval of the first model, else ./eval/NAME)")
+    evaluate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    evaluate.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from launch.eval_command import run_eval
+
+    return run_eval(args.args, args.out, args.device)
 
 
 def _add_job_commands(commands) -> None:

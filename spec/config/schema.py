@@ -402,6 +402,70 @@ class CheckpointConfig:
         return found
 
 
+EVAL_FILLERS = ("data", "repeated")
+
+
+@dataclass
+class EvalConfig:
+    """`longtrain eval`: perplexity by position and passkey retrieval (did the long context take?)."""
+
+    length: int = 0
+    """Tokens per held-out sequence for perplexity by position; 0: data.seq_len."""
+    sequences: int = 4
+    """Held-out sequences averaged (the data's holdout split, of `length` tokens each)."""
+    first_bucket: int = 0
+    """End of the first position bucket; buckets double from there (0-1K, 1K-2K, 2K-4K, ...); 0: length / 32
+    rounded down to a power of two."""
+    lengths: List[int] = field(default_factory=lambda: [256, 512])
+    """Passkey prompt lengths in tokens."""
+    depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where in the filler the passkey sits, as a fraction of the context (0: start, 1: just before the question)."""
+    trials: int = 5
+    """Random passkeys per (length, depth) cell."""
+    digits: int = 5
+    filler: str = "data"
+    """data: text from the eval data's holdout split; repeated: the classic repeated sentence."""
+    seed: int = 0
+    every_steps: int = 0
+    """During training: evaluate each checkpoint whose step is a multiple of this on the driver (rows of kind
+    long_context_eval in metrics.jsonl, PNGs in RUN_DIR/eval); 0: never. A multiple of checkpoint.every_steps."""
+
+    def problems(self) -> List[str]:
+        found = []
+        if self.length < 0 or self.sequences < 1 or self.first_bucket < 0:
+            found.append(f"eval.length ({self.length}) and eval.first_bucket ({self.first_bucket}) must be >= 0 and "
+                         f"eval.sequences ({self.sequences}) >= 1")
+        if not self.lengths or min(self.lengths) < 1:
+            found.append(f"eval.lengths ({list(self.lengths)}) must be positive token counts, e.g. [4096, 32768]")
+        bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
+        if not self.depths or bad:
+            found.append(f"eval.depths ({list(self.depths)}) must be fractions in [0, 1], e.g. [0, 0.5, 1]")
+        if self.trials < 1 or not 1 <= self.digits <= 12:
+            found.append(f"eval.trials ({self.trials}) must be >= 1 and eval.digits ({self.digits}) in 1..12")
+        if self.filler not in EVAL_FILLERS:
+            found.append(f"eval.filler ({self.filler!r}) must be one of {', '.join(EVAL_FILLERS)}")
+        if self.every_steps < 0:
+            found.append(f"eval.every_steps ({self.every_steps}) must be >= 0 (0: not during training)")
+        return found
+
+    def training_problems(self, checkpoint_every: int, lora: bool, covered: int) -> List[str]:
+        """eval.every_steps evaluates checkpoints (the driver loads them), so it needs them at those steps."""
+        if self.every_steps <= 0:
+            return []
+        found = []
+        if checkpoint_every <= 0 or self.every_steps % checkpoint_every:
+            found.append(f"eval.every_steps ({self.every_steps}) evaluates checkpoints: make it a multiple of "
+                         f"checkpoint.every_steps ({checkpoint_every}, which must be > 0)")
+        if lora:
+            found.append("eval.every_steps with model.lora: the checkpoints hold adapters only (merging is not "
+                         "built); set eval.every_steps=0")
+        longest = max([self.length, *self.lengths])
+        if longest > covered:
+            found.append(f"eval.lengths / eval.length ({longest}) beyond what the model covers ({covered}: "
+                         "model.max_position_embeddings, else data.seq_len); lower them")
+        return found
+
+
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -621,15 +685,18 @@ class JobConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     token_elim: TokenElimConfig = field(default_factory=TokenElimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resume: Optional[str] = None
     """auto (latest complete checkpoint of the newest run of this name), a run directory, or CHECKPOINT_DIR[:TAG]."""
 
     def __post_init__(self) -> None:
         found = []
         for section in (self.run, self.model, self.data, self.optim, self.train, self.checkpoint,
-                        self.cluster, self.parallel, self.metrics, self.plan, self.token_elim):
+                        self.cluster, self.parallel, self.metrics, self.plan, self.token_elim, self.eval):
             found += section.problems()
         found += self.compression.problems(self.model.num_layers)
+        found += self.eval.training_problems(self.checkpoint.every_steps, self.model.lora.enabled,
+                                             self.model.max_position_embeddings or self.data.seq_len)
         found += self._cross_section_problems()
         if found:
             raise ConfigError("; ".join(found))
