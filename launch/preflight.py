@@ -20,6 +20,7 @@ from orchestrator.ds_config import uses_cuda
 from spec.config import JobConfig
 from spec.config.schema import TEXT_SOURCES
 from spec.errors import ConfigError
+from launch.host_check import check_whole_job
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 
@@ -34,6 +35,7 @@ def check_job(job: JobConfig) -> None:
     _check_activation_checkpointing(job)
     _check_predictors(job)
     _check_deepspeed_extra(job)
+    check_whole_job(job)  # host memory for the plan and the offload, CPU Adam, peft
 
 
 def _check_plan(job: JobConfig) -> None:

@@ -167,3 +167,23 @@ def test_parameter_offload_builds_under_zero_init_and_trains_like_plain_zero3(tm
     plain = losses("plain")
     offloaded = losses("offload", "train.offload.params=true")
     assert len(plain) == 4 and offloaded == pytest.approx(plain, rel=1e-4)
+
+
+def test_the_driver_refuses_a_plan_or_an_alst_job_that_does_not_fit_this_machines_host_memory(tmp_path):
+    """A plan made for the h200 datasheet's 2 TB host swaps more than a 64 GiB machine holds: one line before Ray
+    starts, naming the fix; the ALST recipe's layer inputs likewise."""
+    from launch.host_check import check_host_memory
+    from spec.plan import PlanError, save_plan
+
+    overrides = ["data.seq_len=262144", "model.lora.rank=16", "train.tiled_mlp=true"]
+    plan = make_plan(_job(*overrides), load_profile("h200")).plan
+    save_plan(plan, tmp_path / "p.yaml")
+    job = _job(*overrides, f"plan.path={tmp_path / 'p.yaml'}")
+    check_host_memory(job, plan.predicted["host_gib"] + 1)
+    with pytest.raises(PlanError, match="re-plan with plan.host_memory_gib=64") as refused:
+        check_host_memory(job, 64.0)
+    assert "\n" not in str(refused.value)
+    alst = _job("data.seq_len=524288", "model.lora.rank=16", "train.activation_checkpointing=alst", "train.zero_stage=3",
+                "train.precision=bf16")
+    with pytest.raises(PlanError, match=r"needs 128\.0 GiB \(every layer's input"):
+        check_host_memory(alst, 125.0)
