@@ -43,6 +43,7 @@ class RunConsole:
             self.checkpoints.append(message["path"])
             self.bar.write(f"checkpoint step {message['step']} -> {message['path']}")
         elif kind == "resumed":
+            self.metrics_file.append(message)  # a restart record: the steps after it may repeat logged ones
             self.bar.n = message["step"]
             self.bar.write(f"resumed from {message['path']} at step {message['step']}")
         elif kind == "eval":

@@ -36,7 +36,33 @@ def read_metrics(run_dir: Path) -> List[Dict]:
                              "written by `longtrain train`")
     if not steps:
         raise LongtrainError(f"{path} holds no logged step yet; wait for the first metrics line")
-    return steps
+    return by_host(steps)
+
+
+def by_host(steps: List[Dict]) -> List[Dict]:
+    """The records with each rank's node label replaced by its host's first label `node{R}/{host}`: a resume or a
+    restarted worker group gets a new Ray node id (and may get another node rank) on the same host, and one machine
+    must stay one row."""
+    names: Dict[str, str] = {}
+
+    def host_label(label: str) -> str:
+        parts = label.split("/")
+        if len(parts) != 3:
+            return label
+        return names.setdefault(parts[1], "/".join(parts[:2]))
+
+    return [dict(m, rows=[dict(r, node=host_label(r["node"])) for r in m["rows"]]) for m in steps]
+
+
+def segments(points: List) -> List[List]:
+    """(step, value) points cut where the step goes back (a restart re-logs the steps after its checkpoint), so a
+    chart draws each stretch as its own line instead of a zigzag."""
+    pieces = [[]]
+    for point in points:
+        if pieces[-1] and point[0] <= pieces[-1][-1][0]:
+            pieces.append([])
+        pieces[-1].append(point)
+    return [piece for piece in pieces if piece]
 
 
 def mfu_table(steps: List[Dict]) -> str:
@@ -58,6 +84,14 @@ def mfu_table(steps: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _plot_segments(axis, points: List, style: Dict, label: str) -> None:
+    """One line per stretch between restarts, all in the first stretch's colour, labelled once."""
+    colour = None
+    for index, piece in enumerate(segments(points)):
+        (line,) = axis.plot(*zip(*piece), color=colour, label=label if index == 0 else None, **style)
+        colour = line.get_color()
+
+
 def plot_mfu(steps: List[Dict], path: Path) -> None:
     import matplotlib
 
@@ -67,12 +101,15 @@ def plot_mfu(steps: List[Dict], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(9, 4.5))
     for rank in sorted({r["rank"] for m in steps for r in m["rows"]}):
         points = [(m["step"], 100 * r["mfu"]) for m in steps for r in m["rows"] if r["rank"] == rank]
-        axis.plot(*zip(*points), linewidth=1, alpha=0.6, label=f"rank {rank}")
+        _plot_segments(axis, points, dict(linewidth=1, alpha=0.6), f"rank {rank}")
     for node in sorted({r["node"] for m in steps for r in m["rows"]}):
         points = [(m["step"], 100 * row.mfu) for m in steps for row in node_rows(m["rows"]) if row.node == node]
-        axis.plot(*zip(*points), linewidth=2.5, label=f"{node} (mean)")
+        _plot_segments(axis, points, dict(linewidth=2.5), f"{node} (mean)")
+    axis.set_title(f"MFU per rank and host over steps ({len(segments([(m['step'], 0) for m in steps]))} "
+                   "stretch(es): a restart starts a new line)")
     axis.set_xlabel("step")
-    axis.set_ylabel("MFU % (causal-halved)")
+    axis.set_ylabel("MFU, % of the profile's peak (causal-halved)")
+    axis.set_ylim(bottom=0)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

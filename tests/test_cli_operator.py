@@ -130,3 +130,30 @@ def test_config_show_help_lists_every_key_with_its_schema_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "longtrain config show --help" in capsys.readouterr().out
+
+
+def _step(step: int, node_id: str, mfu: float) -> dict:
+    return {"kind": "step", "step": step, "rows": [
+        {"step": step, "rank": rank, "node": f"node0/host-a/{node_id}", "loss": 1.0, "lr": 1e-3, "step_seconds": 0.5,
+         "tokens": 10, "tokens_per_second": 20.0, "tflops": 0.1, "mfu": mfu, "mfu_full_attention": mfu,
+         "peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0, "host_rss_gib": 1.0, "swap_host_gib": 0.0}
+        for rank in (0, 1)]}
+
+
+def test_profile_mfu_after_a_restart_lists_one_node_per_host_and_draws_segments(tmp_path, capsys):
+    """Steps 10-30 on Ray node abc, a restart record, steps 20-40 on node def of the same host (a new Ray)."""
+    from launch.metrics_file import MetricsFile
+    from launch.profile_command import segments
+
+    metrics = MetricsFile(tmp_path / "metrics.jsonl")
+    for step in (10, 20, 30):
+        metrics.append(_step(step, "abc123", 0.4))
+    metrics.append({"kind": "resumed", "step": 10, "path": "x"})
+    for step in (20, 30, 40):
+        metrics.append(_step(step, "def456", 0.5))
+    metrics.close()
+    assert main(["profile", "mfu", str(tmp_path), "--warmup-steps", "0"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("**node0/host-a**") == 1 and table.count("| rank 0 |") == 1, table
+    assert (tmp_path / "mfu_report.png").stat().st_size > 10_000
+    assert segments([(10, 1), (20, 1), (30, 1), (20, 2), (30, 2)]) == [[(10, 1), (20, 1), (30, 1)], [(20, 2), (30, 2)]]

@@ -106,6 +106,8 @@ def test_a_real_run_logs_lr_grad_norm_and_holdout_loss_and_its_resume_command_wo
                             capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "step      6 | loss" in second.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records if r["kind"] == "resumed"] == [("resumed", 4)]  # a restart record
 
 
 def test_a_resume_that_changes_max_steps_says_how_the_lr_schedule_changes():
