@@ -22,9 +22,10 @@ def run_eval(args: Sequence[str], out: Optional[str], device_name: Optional[str]
 
     from orchestrator.eval.models import resolve_models
     from orchestrator.eval.report import passkey_table, perplexity_table, write_all
-    from orchestrator.eval.run import check_lengths, evaluate
+    from orchestrator.eval.run import check_lengths, evaluate, resolve_lengths
 
     resolved = resolve_models(models, job)
+    resolve_lengths(resolved, job)
     check_lengths(resolved, job)
     target = output_dir(out, models)
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))

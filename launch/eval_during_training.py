@@ -21,6 +21,8 @@ def with_eval(job: JobConfig, run_dir: Path, handle: Callable[[Dict], None], con
     if job.eval.every_steps <= 0:
         return handle
     history: List = []
+    job.eval.length = job.eval.length or job.data.seq_len
+    job.eval.lengths = list(job.eval.lengths) or [job.eval.length]
 
     def handled(message: Dict) -> None:
         handle(message)

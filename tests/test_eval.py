@@ -128,6 +128,13 @@ def test_cli_compares_two_checkpoints_of_a_run(tmp_path, capsys):
         assert (run / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lengths_default_to_what_the_run_trained_at(tmp_path):
+    run = write_run(tmp_path, {1: tiny_model()}, extra=["data.seq_len=320"])
+    assert main(["eval", str(run), "eval.trials=1", "eval.depths=[0.5]", "eval.sequences=1"]) == 0
+    entry = json.loads((run / "eval" / "results.json").read_text())["models"][0]
+    assert entry["buckets"][-1]["end"] == 320 and [c["length"] for c in entry["cells"]] == [320]
+
+
 def _holdout(count: int):
     from orchestrator.data import build_windows
 

@@ -27,6 +27,8 @@ class EvalModel:
     tokenizer_file: Optional[Path]
     """The model's tokenizer.json; None: byte tokens (the bundled corpus model)."""
     spec: str
+    default_length: int
+    """eval.length when unset: the length a run trained at; data.seq_len (within max_length) for a HF directory."""
 
     def build(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         """The model with its weights, in eval mode (built only when it is evaluated: one in memory at a time)."""
@@ -64,7 +66,7 @@ def resolve_model(spec: str, job: JobConfig) -> EvalModel:
     tokenizer = source / TOKENIZER_FILE if source is not None and (source / TOKENIZER_FILE).is_file() else None
     model.init_from = None
     return EvalModel(f"{run_dir.name}:{tag}", model, model.max_position_embeddings or seq_len, tokenizer,
-                     f"{checkpoint_dir}:{tag}")
+                     f"{checkpoint_dir}:{tag}", seq_len)
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -81,7 +83,8 @@ def _hf_model(spec: str, job: JobConfig) -> EvalModel:
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), fields,
                                                 {"init_from": str(path)}))
     tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else None
-    return EvalModel(path.name, model, model.max_position_embeddings or job.data.seq_len, tokenizer, str(path))
+    covered = model.max_position_embeddings or job.data.seq_len
+    return EvalModel(path.name, model, covered, tokenizer, str(path), min(covered, job.data.seq_len))
 
 
 def _load(model: torch.nn.Module, spec: str) -> None:

@@ -28,6 +28,13 @@ class ModelResult:
     peak_memory_gib: float = 0.0
 
 
+def resolve_lengths(models: List[EvalModel], job: JobConfig) -> None:
+    """Fill eval.length (unset: the shortest of the models' default lengths, so every model has the same buckets)
+    and eval.lengths (empty: [eval.length]) in the job, before `check_lengths`."""
+    job.eval.length = job.eval.length or min(m.default_length for m in models)
+    job.eval.lengths = list(job.eval.lengths) or [job.eval.length]
+
+
 def check_lengths(models: List[EvalModel], job: JobConfig) -> None:
     """Lengths beyond what a model's RoPE setting covers, or too short for the prompt, refused in one line before
     anything is loaded."""

@@ -410,14 +410,15 @@ class EvalConfig:
     """`longtrain eval`: perplexity by position and passkey retrieval (did the long context take?)."""
 
     length: int = 0
-    """Tokens per held-out sequence for perplexity by position; 0: data.seq_len."""
+    """Tokens per held-out sequence for perplexity by position; 0: the length the (shortest-trained) model was
+    trained at for a run directory, data.seq_len otherwise (and during training)."""
     sequences: int = 4
     """Held-out sequences averaged (the data's holdout split, of `length` tokens each)."""
     first_bucket: int = 0
     """End of the first position bucket; buckets double from there (0-1K, 1K-2K, 2K-4K, ...); 0: length / 32
     rounded down to a power of two."""
-    lengths: List[int] = field(default_factory=lambda: [256, 512])
-    """Passkey prompt lengths in tokens."""
+    lengths: List[int] = field(default_factory=list)
+    """Passkey prompt lengths in tokens; empty: [eval.length as resolved]."""
     depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     """Where in the filler the passkey sits, as a fraction of the context (0: start, 1: just before the question)."""
     trials: int = 5
@@ -435,7 +436,7 @@ class EvalConfig:
         if self.length < 0 or self.sequences < 1 or self.first_bucket < 0:
             found.append(f"eval.length ({self.length}) and eval.first_bucket ({self.first_bucket}) must be >= 0 and "
                          f"eval.sequences ({self.sequences}) >= 1")
-        if not self.lengths or min(self.lengths) < 1:
+        if self.lengths and min(self.lengths) < 1:
             found.append(f"eval.lengths ({list(self.lengths)}) must be positive token counts, e.g. [4096, 32768]")
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
         if not self.depths or bad:
