@@ -12,6 +12,7 @@ import ipaddress
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 from urllib.parse import urlparse
@@ -31,6 +32,7 @@ def connect(address: str):
 
     if not address.startswith(("http://", "https://")):
         raise LongtrainError(f"--address {address!r} must be the dashboard URL, e.g. http://HEAD:8265")
+    quiet_ray_client()
     headers = _token_header()
     warning = plain_http_warning(address, bool(headers))
     if warning:
@@ -43,6 +45,18 @@ def connect(address: str):
     except (ConnectionError, RuntimeError) as error:
         raise LongtrainError(f"cannot reach a Ray dashboard at {address} ({str(error).splitlines()[0][:120]}); "
                              "check the address and that the head runs (`ray start --head`)") from error
+
+
+RAY_CLIENT_LOGGERS = ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
+"""The loggers whose INFO lines (`Uploading package ...`) the Jobs client prints to stderr: scripts reading our
+output want only longtrain's lines; warnings and errors still show."""
+
+
+def quiet_ray_client() -> None:
+    import logging
+
+    for name in RAY_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def plain_http_warning(address: str, sends_token: bool) -> Optional[str]:
@@ -144,11 +158,48 @@ def stop(job_id: str, address: str) -> int:
 
 
 def list_jobs(address: str) -> int:
-    rows: List[str] = [f"{'job':<28} {'status':<10} entrypoint"]
-    for job in connect(address).list_jobs():
-        rows.append(f"{job.submission_id or job.job_id:<28} {str(job.status):<10} {job.entrypoint[:80]}")
-    print("\n".join(rows))
+    print(jobs_table(connect(address).list_jobs(), time.time()))
     return 0
+
+
+def jobs_table(jobs, now: float) -> str:
+    """One row per job, newest first: id, status, age, the run's name and its overrides (whole: cut entrypoints made
+    different runs look alike)."""
+    rows = [f"{'job':<28} {'status':<10} {'age':>8}  {'run':<24} overrides"]
+    for job in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True):
+        name, overrides = _run_of(job.entrypoint)
+        age = _age(now - job.start_time / 1000) if job.start_time else "-"
+        rows.append(f"{job.submission_id or job.job_id:<28} {str(job.status):<10} {age:>8}  {name:<24} "
+                    f"{' '.join(overrides)}")
+    return "\n".join(rows)
+
+
+def _run_of(entrypoint: str):
+    """(run name, overrides) of a `python -m launch.cli train [CONFIG] [key=value ...]` entrypoint; the run name is
+    the job's run.name, resolved here as `longtrain train` would."""
+    try:
+        words = shlex.split(entrypoint)
+    except ValueError:
+        return "?", [entrypoint]
+    if words[:4] != ["python", "-m", "launch.cli", "train"]:
+        return "(not longtrain)", [entrypoint]
+    args = [w for w in words[4:] if w != "cluster.address=auto"]
+    config = next((w for w in args if "=" not in w), None)
+    overrides = [w for w in args if "=" in w]
+    try:
+        name = load_job_config(config, overrides).run.name
+    except LongtrainError:  # a config only the cluster has: run.name, else the file's name
+        named = [w.split("=", 1)[1] for w in overrides if w.startswith("run.name=")]
+        name = named[-1] if named else Path(config or "default").stem
+    return name, [w for w in overrides if not w.startswith("run.name=")]
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds}s"
 
 
 def _job_info(client, job_id: str, address: str):

@@ -157,3 +157,35 @@ def test_profile_mfu_after_a_restart_lists_one_node_per_host_and_draws_segments(
     assert table.count("**node0/host-a**") == 1 and table.count("| rank 0 |") == 1, table
     assert (tmp_path / "mfu_report.png").stat().st_size > 10_000
     assert segments([(10, 1), (20, 1), (30, 1), (20, 2), (30, 2)]) == [[(10, 1), (20, 1), (30, 1)], [(20, 2), (30, 2)]]
+
+
+def test_jobs_table_has_run_name_status_and_age_in_columns_and_whole_overrides():
+    from ray.job_submission import JobDetails, JobStatus
+
+    from launch.jobs import jobs_table
+
+    entry = "python -m launch.cli train configs/default.yaml {} run.root=/shared/runs cluster.address=auto"
+    jobs = [JobDetails(type="SUBMISSION", entrypoint=entry.format("train.max_steps=1000 " + "x" * 0),
+                       submission_id="raysubmit_old", status=JobStatus.FAILED, start_time=1_000_000),
+            JobDetails(type="SUBMISSION", entrypoint=entry.format("run.name=long data.seq_len=512"),
+                       submission_id="raysubmit_new", status=JobStatus.RUNNING, start_time=4_600_000)]
+    lines = jobs_table(jobs, now=4_630).splitlines()
+    assert lines[0].split() == ["job", "status", "age", "run", "overrides"]
+    assert lines[1].split() == ["raysubmit_new", "RUNNING", "30s", "long", "data.seq_len=512",
+                                "run.root=/shared/runs"]
+    assert lines[2].split() == ["raysubmit_old", "FAILED", "1.0h", "default", "train.max_steps=1000",
+                                "run.root=/shared/runs"]
+
+
+def test_the_jobs_client_prints_no_ray_info_lines():
+    """`Uploading package ...` is logged at INFO by the Jobs client's module logger (propagating to Ray's stderr
+    handler); after quiet_ray_client only warnings and errors pass."""
+    import logging
+
+    import ray.dashboard.modules.dashboard_sdk as sdk
+
+    from launch.jobs import quiet_ray_client
+
+    quiet_ray_client()
+    logger = logging.getLogger(sdk.__name__)
+    assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
