@@ -78,21 +78,28 @@ def _host_memory_line(predicted: dict) -> List[str]:
 
 
 def plot_layout(plan: Plan, path: Path) -> None:
-    """Address (GiB) against event index; the per-layer block's own layout in a second panel."""
+    """What a user plans with on top (GPU memory against the budget: static parts, activation arena, predicted peak;
+    each layer's keep / swap / recompute shares), the allocator's view below (address in GiB against event index
+    for the whole step and for one layer's block)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    figure, (whole, block) = plt.subplots(1, 2, figsize=(14, 7), gridspec_kw={"width_ratios": [3, 2]})
+    figure = plt.figure(figsize=(14, 11))
+    grid = figure.add_gridspec(2, 2, width_ratios=[1, 3], height_ratios=[2, 3])
+    _plot_budget(figure.add_subplot(grid[0, 0]), plan)
+    _plot_decisions(figure.add_subplot(grid[0, 1]), plan)
+    inner = grid[1, :].subgridspec(1, 2, width_ratios=[3, 2])
+    whole, block = figure.add_subplot(inner[0]), figure.add_subplot(inner[1])
     for axis, entries, arena, title in (
             (whole, plan.layout, plan.arena_bytes, "step: forward layers, LM head, backward layers"),
             (block, plan.layer_block_layout, plan.layer_block["arena_bytes"], "one layer: forward then backward")):
-        colours = plt.get_cmap("tab20")
         names = sorted({e["name"] for e in entries})
+        colours = _distinct_colours(plt, len(names))
         for entry in entries:
-            colour = colours(names.index(entry["name"]) % 20)
+            colour = colours(names.index(entry["name"]))
             axis.add_patch(Rectangle((entry["start"], entry["offset_bytes"] / GIB), entry["end"] - entry["start"],
                                      entry["size_bytes"] / GIB, facecolor=colour, edgecolor="black", linewidth=0.3))
         axis.set_xlim(0, max((e["end"] for e in entries), default=1))
@@ -100,10 +107,74 @@ def plot_layout(plan: Plan, path: Path) -> None:
         axis.set_xlabel("event")
         axis.set_ylabel("address (GiB)")
         axis.set_title(title, fontsize=10)
-        axis.legend(handles=[Rectangle((0, 0), 1, 1, color=colours(i % 20)) for i in range(len(names))],
+        axis.legend(handles=[Rectangle((0, 0), 1, 1, color=colours(i)) for i in range(len(names))],
                     labels=names, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5)
-    figure.suptitle(f"memory layout: arena {plan.arena_bytes / GIB:.2f} GiB, lower bound "
-                    f"{plan.lower_bound_bytes / GIB:.2f} GiB")
+    predicted = plan.predicted
+    figure.suptitle(f"plan: predicted GPU peak {predicted['peak_gpu_gib']:.2f} of {predicted['gpu_budget_gib']:.2f} GiB "
+                    f"budget; activation arena {plan.arena_bytes / GIB:.2f} GiB (lower bound "
+                    f"{plan.lower_bound_bytes / GIB:.2f} GiB)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _distinct_colours(plt, count: int):
+    """index -> colour, no two alike: tab20 up to 20 names, evenly spaced hues beyond (tab20 repeated colours)."""
+    if count <= 20:
+        return plt.get_cmap("tab20")
+    spread = plt.get_cmap("hsv")
+    return lambda index: spread(index / count)
+
+
+def _plot_budget(axis, plan: Plan) -> None:
+    """One stacked bar: the static parts and the activation arena, the GPU budget as a line, the predicted peak
+    as a marker. A static part the arena's layout also holds (the LM head and loss) is drawn once, in the arena."""
+    predicted = plan.predicted
+    parts = budget_parts(plan)
+    bottom = 0.0
+    for index, (name, gib) in enumerate(parts):
+        axis.bar(0, gib, bottom=bottom, width=0.6, color=f"C{index % 10}", edgecolor="black", linewidth=0.3,
+                 label=f"{name} {gib:.2f}")
+        bottom += gib
+    axis.axhline(predicted["gpu_budget_gib"], color="red", linewidth=2,
+                 label=f"budget {predicted['gpu_budget_gib']:.2f}")
+    axis.plot([0], [predicted["peak_gpu_gib"]], marker="v", color="black", markersize=10, linestyle="none",
+              label=f"predicted peak {predicted['peak_gpu_gib']:.2f}")
+    axis.set_xlim(-0.6, 0.6)
+    axis.set_xticks([])
+    axis.set_ylim(0, max(predicted["gpu_budget_gib"], predicted["peak_gpu_gib"], bottom) * 1.1)
+    axis.set_ylabel("GPU memory per GPU (GiB)")
+    axis.set_title("static memory + activation arena vs budget", fontsize=10)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def budget_parts(plan: Plan) -> List[tuple]:
+    """(label, GiB) of what fills the GPU at the peak: the static parts, then the activation arena, which also holds
+    the static parts its layout names (the LM head and loss), so those are counted once, in the arena."""
+    static = plan.predicted["static_gib"]
+    in_arena = {entry["name"] for entry in plan.layout} & set(static)
+    parts = [(name.replace("_", " "), gib) for name, gib in static.items() if gib > 0 and name not in in_arena]
+    held = f" (incl. {', '.join(sorted(in_arena))})" if in_arena else ""
+    return parts + [(f"activation arena{held}", plan.arena_bytes / GIB)]
+
+
+def _plot_decisions(axis, plan: Plan) -> None:
+    """Each layer's share of tokens kept on the GPU, swapped to the host and recomputed (stacked to 1); hatched
+    layers keep their skeletal tensors on the host."""
+    layers = range(len(plan.layers))
+    keep = [d.keep_fraction for d in plan.layers]
+    swap = [d.swap_fraction for d in plan.layers]
+    recompute = [d.recompute_fraction for d in plan.layers]
+    axis.bar(layers, keep, color="tab:green", label="keep (GPU)")
+    axis.bar(layers, swap, bottom=keep, color="tab:blue", label="swap (host)")
+    axis.bar(layers, recompute, bottom=[k + s for k, s in zip(keep, swap)], color="tab:orange", label="recompute")
+    for index, decision in enumerate(plan.layers):
+        if decision.offload_skeletal:
+            axis.bar(index, 1, fill=False, hatch="//", edgecolor="black", linewidth=0)
+    axis.set_xlim(-0.6, len(plan.layers) - 0.4)
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    axis.set_ylim(0, 1.05)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("share of token-wise activations")
+    axis.set_title("per-layer decisions (hatched: layer inputs / attention outputs on the host)", fontsize=10)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

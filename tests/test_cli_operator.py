@@ -189,3 +189,19 @@ def test_the_jobs_client_prints_no_ray_info_lines():
     quiet_ray_client()
     logger = logging.getLogger(sdk.__name__)
     assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+
+
+def test_plan_png_budget_bar_adds_up_to_the_predicted_peak(tmp_path):
+    """The bar of static parts + activation arena is the predicted peak (the LM head, which the arena's layout
+    holds, is not counted twice), for a shipped run's plan."""
+    from pathlib import Path
+
+    from planner.report import budget_parts, plot_layout
+    from spec.plan import load_plan
+
+    plan = load_plan(Path("profiles/runs/h200_2026-12-01_llama3-8b-1gpu/longtrain_128k.plan.yaml"))
+    parts = budget_parts(plan)
+    assert sum(gib for _, gib in parts) == pytest.approx(plan.predicted["peak_gpu_gib"], abs=0.05)
+    assert parts[-1][0] == "activation arena (incl. head_and_loss)"
+    plot_layout(plan, tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 50_000
