@@ -49,15 +49,26 @@ class Trackers:
             if importlib.util.find_spec(module) is None:
                 self.notes.append(f"metrics.trackers: {name} is not installed (pip install {module}); not tracked")
                 continue
-            self.writers.append(_OPEN[name](run_dir, run_name, config or {}))
+            try:
+                self.writers.append(_OPEN[name](run_dir, run_name, config or {}))
+            except Exception as error:  # a tracker's own setup (a server, a login, a store) must not stop training
+                self.notes.append(f"metrics.trackers: {name} could not start ({_gist(error)}); not tracked")
 
     def log(self, scalars: Dict[str, float], step: int) -> None:
-        for writer in self.writers:
-            writer.log(scalars, step)
+        self._each(lambda writer: writer.log(scalars, step))
 
     def text(self, tag: str, text: str) -> None:
-        for writer in self.writers:
-            writer.text(tag, text)
+        self._each(lambda writer: writer.text(tag, text))
+
+    def _each(self, call) -> None:
+        """Call every writer; one that fails is dropped with one line on stderr (the run and metrics.jsonl go on)."""
+        for writer in list(self.writers):
+            try:
+                call(writer)
+            except Exception as error:
+                self.writers.remove(writer)
+                print(f"longtrain: {type(writer).__name__.strip('_')} tracking stopped ({_gist(error)}); metrics.jsonl "
+                      "still has every step", file=sys.stderr)
 
     def close(self) -> None:
         for writer in self.writers:
@@ -102,12 +113,20 @@ class _WandB:
 
 
 class _MLflow:
+    """MLflow's server when MLFLOW_TRACKING_URI names one, else a SQLite store in the run directory (the backend
+    MLflow 3 recommends over ./mlruns: `mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`); experiment =
+    run.name, run = the run directory's name."""
+
     def __init__(self, run_dir: Path, run_name: str, config: Dict):
+        import os
+
         import mlflow
 
         self.mlflow = mlflow
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI")
+                                or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
         mlflow.set_experiment(run_name)
-        mlflow.start_run(run_name=run_dir.name)
+        self.run = mlflow.start_run(run_name=run_dir.name)
         mlflow.log_params({f"{section}.{key}": value for section, values in config.items()
                            if isinstance(values, dict) for key, value in values.items()})
 
@@ -122,6 +141,10 @@ class _MLflow:
 
 
 _OPEN = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+
+
+def _gist(error: Exception) -> str:
+    return " ".join(str(error).split())[:160] or type(error).__name__
 
 
 def print_notes(trackers: Trackers, stream=sys.stdout) -> None:

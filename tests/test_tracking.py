@@ -2,6 +2,7 @@
 norm in the step line and metrics.jsonl, the holdout loss every metrics.eval_every_steps, and a resume command
 that leaves train.stop_at_step behind. One real run (1 Ray worker, DeepSpeed, a tiny model; about a minute)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -60,11 +61,12 @@ def test_console_writes_steps_and_eval_to_tensorboard_and_metrics_jsonl(tmp_path
 
 
 def test_a_tracker_not_installed_is_skipped_with_one_note(tmp_path):
-    trackers = Trackers(["wandb", "mlflow"], tmp_path, "t")
-    installed = [name for name in ("wandb", "mlflow") if __import__("importlib").util.find_spec(name)]
-    assert len(trackers.notes) == 2 - len(installed)
-    assert all("not installed" in note for note in trackers.notes)
-    trackers.close()
+    missing = [name for name in ("wandb", "mlflow") if not importlib.util.find_spec(name)]
+    if not missing:
+        pytest.skip("wandb and mlflow are both installed here")
+    trackers = Trackers(missing, tmp_path, "t")
+    assert trackers.writers == [] and len(trackers.notes) == len(missing)
+    assert all("not installed (pip install" in note for note in trackers.notes)
 
 
 def test_trackers_and_eval_keys_are_checked():
@@ -138,3 +140,45 @@ def test_each_written_config_names_the_command_that_wrote_it(tmp_path):
     text = (tmp_path / "config.yaml").read_text()
     assert text.startswith("# written by: longtrain train train.max_steps=70\n")
     assert yaml.safe_load(text)["train"]["max_steps"] == 70 == run_config(tmp_path)["train"]["max_steps"]
+
+
+def test_mlflow_gets_the_same_scalars_in_a_store_in_the_run_directory(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    from dataclasses import asdict
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trackers = Trackers(["mlflow"], tmp_path, "t", asdict(load_job_config(None, [])))
+    assert trackers.notes == []
+    run_id = trackers.writers[0].run.info.run_id
+    console = RunConsole(tmp_path, 4, 0, trackers=trackers)
+    for step in (2, 4):
+        console.handle({"kind": "step", "step": step, "rows": [_row(0, step), _row(1, step)]})
+    console.handle({"kind": "eval", "step": 4, "loss": 1.25, "batches": 2})
+    console.finish("resume with     x")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}")
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(2, 2.5), (4, 2.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/loss")] == [(4, 1.25)]
+    assert client.get_run(run_id).data.params["train.max_steps"] == "400"
+
+
+def test_a_tracker_that_cannot_start_is_one_note_and_training_goes_on(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unknownscheme://nowhere")
+    trackers = Trackers(["mlflow"], tmp_path, "t")
+    assert trackers.writers == [] and trackers.notes[0].startswith("metrics.trackers: mlflow could not start (")
+
+
+def test_wandb_offline_writes_its_run_into_the_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "default-20261201-000000"
+    run_dir.mkdir()
+    trackers = Trackers(["wandb"], run_dir, "default", {"train": {"max_steps": 4}})
+    assert trackers.notes == []
+    console = RunConsole(run_dir, 4, 0, trackers=trackers)
+    for step in (2, 4):
+        console.handle({"kind": "step", "step": step, "rows": [_row(0, step), _row(1, step)]})
+    console.finish("resume with     x")
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb")) and offline.name.endswith(run_dir.name)
