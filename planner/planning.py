@@ -279,6 +279,11 @@ def _candidate_changes(job: JobConfig) -> List[Tuple[str, Callable[[JobConfig], 
     if not job.plan.allow_approximate:
         candidates.append(("plan.allow_approximate=true (int8 activations, Mesa int8 compressed layers)",
                            lambda j: _set(j, ("plan", "allow_approximate", True))))
+    if not job.train.offload.optimizer:
+        stage = max(job.train.zero_stage, 1)  # ZeRO-Offload needs a ZeRO stage
+        also = "" if stage == job.train.zero_stage else " train.zero_stage=1"
+        candidates.append((f"train.offload.optimizer=true{also} (optimizer states and gradients in host memory)",
+                           lambda j: _set(j, ("train.offload", "optimizer", True), ("train", "zero_stage", stage))))
     if workers % (2 * sp) == 0:
         candidates.append((f"parallel.sp_degree={2 * sp} (same GPUs)",
                            lambda j: _set(j, ("parallel", "sp_degree", 2 * sp))))
@@ -332,8 +337,12 @@ def _budget_change(job: JobConfig, profile: HardwareProfile, peak_gib: float):
 
 
 def _set(job: JobConfig, *changes) -> Optional[JobConfig]:
+    """The job with (section, key, value) changes; a section may be dotted (`train.offload`)."""
     for section, key, value in changes:
-        setattr(getattr(job, section), key, value)
+        target = job
+        for part in section.split("."):
+            target = getattr(target, part)
+        setattr(target, key, value)
     if job.parallel_dims().problems(job.model.num_heads, job.model.num_kv_heads):
         return None  # Ulysses cannot split this model or sequence that way
     return job

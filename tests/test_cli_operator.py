@@ -205,3 +205,14 @@ def test_plan_png_budget_bar_adds_up_to_the_predicted_peak(tmp_path):
     assert parts[-1][0] == "activation arena (incl. head_and_loss)"
     plot_layout(plan, tmp_path / "plan.png")
     assert (tmp_path / "plan.png").stat().st_size > 50_000
+
+
+def test_fit_search_names_optimizer_offload_when_it_is_the_fix(capsys):
+    """Llama-1B at 64K on one H100 with a 30% budget: ZeRO-3 alone gains nothing on one GPU; moving the optimizer
+    states and gradients to the host does (with the ZeRO stage ZeRO-Offload needs)."""
+    code = main(["plan", "model.preset=llama-1b", "data.seq_len=65536", "cluster.num_workers=1",
+                 "data.micro_batch_size=1", "train.zero_stage=0", "plan.gpu_memory_fraction=0.3", "--profile",
+                 "h100_sxm"])
+    assert code == 2
+    assert ("it fits with train.offload.optimizer=true train.zero_stage=1 (optimizer states and gradients in host "
+            "memory)") in capsys.readouterr().err
