@@ -151,6 +151,8 @@ def host_memory(job: JobConfig, profile: HardwareProfile) -> HostMemory:
         return HostMemory(job.plan.host_memory_gib, "plan.host_memory_gib")
     if profile.source.startswith("measured"):
         return HostMemory(profile.host_memory_gib, f"measured by `longtrain profile hardware` (profile {profile.name})")
+    if profile.host_memory_source != "datasheet":
+        return HostMemory(profile.host_memory_gib, f"profile {profile.name}: {profile.host_memory_source}")
     return HostMemory(profile.host_memory_gib, f"profile {profile.name}'s datasheet value, for planning another "
                                                "machine; set plan.host_memory_gib or measure this one with "
                                                "`longtrain profile hardware`")

@@ -75,6 +75,10 @@ class HardwareProfile:
     peak_fp32_tflops: float
     measured: MeasuredRates = field(default_factory=MeasuredRates)
     calibration: Calibration = field(default_factory=Calibration)
+    host_memory_source: str = "datasheet"
+    """Where host_memory_gib comes from: datasheet (a machine of this kind, right only when planning for another
+    machine; plans say so), or the machine's own figure (a lent machine's stated size); measured profiles say
+    "measured" in `source`."""
 
     def peak_tflops(self, precision: str) -> float:
         """Peak per device for the training precision (bf16 or fp32)."""
@@ -114,7 +118,8 @@ def _from_mapping(raw: dict, path: Path) -> HardwareProfile:
     _check_keys(measured, MeasuredRates, path, "measured.")
     _check_keys(calibration, Calibration, path, "calibration.")
     missing = [f.name for f in fields(HardwareProfile) if f.name not in raw and f.name not in ("measured",
-                                                                                                  "calibration")]
+                                                                                                  "calibration",
+                                                                                                  "host_memory_source")]
     if missing:
         raise ProfileError(f"hardware profile {path} lacks {', '.join(missing)}; add them (units in the names)")
     return _typed(HardwareProfile, {**raw, "measured": measured, "calibration": calibration}, path)
