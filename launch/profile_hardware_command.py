@@ -8,9 +8,13 @@ from typing import List, Optional
 import yaml
 
 from launch.measure.hardware import (Measurement, cpu_name, host_name, measure_attention, measure_copies,
-                                     measure_layer, measure_matmul, measure_memory, measure_nccl, optional_min,
+                                     measure_cpu_adam, measure_layer, measure_matmul, measure_memory,
+                                     measure_nccl, optional_min,
                                      settings_for)
 from launch.paths import check_writable_file
+
+CPU_ADAM_PARAMS = 50_000_000
+"""Parameters of the CPU Adam measurement (200 MB in fp32: a few steps of well over a second's worth of work)."""
 from spec.errors import LongtrainError
 
 
@@ -89,6 +93,8 @@ def measure_all(cuda: bool, quick: bool, model, num_gpus: int) -> Measurement:
             result.attempt(f"layer_{seq}", lambda s=seq, first=i == 0: measure_layer(
                 result, device, dtype, model, s, settings.repeats, saved_bytes=first))
         _measure_links(result, cuda, num_gpus, settings)
+        torch.set_num_threads(threads)  # DeepSpeed's CPU Adam uses the host's cores, as it does in training
+        result.attempt("cpu_adam", lambda: measure_cpu_adam(result, CPU_ADAM_PARAMS, settings.repeats))
     finally:
         torch.set_num_threads(threads)
     return result

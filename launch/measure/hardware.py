@@ -346,3 +346,25 @@ def host_name() -> str:
 def optional_min(*values: Optional[float]) -> Optional[float]:
     present = [v for v in values if v]
     return min(present) if present else None
+
+
+def measure_cpu_adam(result: Measurement, num_params: int, repeats: int) -> None:
+    """DeepSpeed's CPU Adam (what steps an offloaded optimizer) on this host: parameters updated per second. Only
+    when the op is already built: its first use compiles it (8.5 minutes on a 2-core machine), which a profile of
+    about a minute must not do; train once with train.offload.optimizer=true and profile again."""
+    import torch
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = Path(_get_build_directory(CPUAdamBuilder.NAME, False)) / f"{CPUAdamBuilder.NAME}.so"
+    if not built.is_file():
+        raise RuntimeError(f"DeepSpeed's CPU Adam is not built here ({built} missing; its first use builds it)")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    param = torch.nn.Parameter(torch.zeros(num_params))
+    param.grad = torch.full_like(param, 1e-3)
+    optimizer = DeepSpeedCPUAdam([param], lr=1e-4)
+    seconds = median_seconds(optimizer.step, False, repeats)
+    rate = num_params / seconds
+    result.measured["cpu_adam_params_per_second"] = round(rate, -6)
+    result.report(f"DeepSpeed CPU Adam ({num_params / 1e6:.0f}M fp32 parameters)", f"{rate / 1e9:8.2f} B params/s")
