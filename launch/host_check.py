@@ -11,8 +11,7 @@ import psutil
 from spec.config import JobConfig
 from spec.errors import ConfigError
 from spec.plan import PlanError
-
-GIB = 2**30
+from spec.units import GIB
 
 
 def check_whole_job(job: JobConfig) -> None:

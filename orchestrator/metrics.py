@@ -17,8 +17,7 @@ import torch
 
 from spec.config import ModelConfig
 from spec.flops import attention_training_flops, matmul_training_flops_per_token, training_flops_per_token
-
-GIB = 1024**3
+from spec.units import GIB
 
 
 @dataclass

@@ -22,8 +22,8 @@ from planner.schedule import layer_block_buffers
 from spec.activations import LOSS_CHUNK_TOKENS
 from spec.config import JobConfig
 from spec.hardware import HardwareProfile
+from spec.units import GIB
 
-GIB = 2**30
 TILED_LOSS_BYTES_PER_LOGIT = 16
 """DeepSpeed's TiledFusedLogitsLoss chunk: bf16 logits 2, their fp32 copy 4, cross-entropy's saved log-softmax 4,
 its fp32 gradient 4 and the bf16 one 2."""

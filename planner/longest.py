@@ -16,8 +16,8 @@ from planner.cost_model import CostModel
 from planner.planning import PlanInfeasible, _solve, make_plan, training_precision
 from spec.config import TOKEN_BLOCK, JobConfig
 from spec.hardware import HardwareProfile
+from spec.units import GIB
 
-GIB = 2**30
 MAX_SEQ_LEN = 1 << 24
 """Where the doubling stops (16M tokens)."""
 

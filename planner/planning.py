@@ -21,9 +21,10 @@ from planner.cost_model import CostModel, calibrated_peak_bytes, largest_layer
 from spec.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
 from spec.plan import Plan, hash_inputs, parse_compression_spec, plan_inputs
-from planner.policy import GIB, SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, policy_inputs, solve_policy
+from planner.policy import SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, policy_inputs, solve_policy
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 from spec.activations import FRACTION_DECIMALS
+from spec.units import GIB
 
 
 class PlanInfeasible(LongtrainError):

@@ -31,8 +31,8 @@ from planner.layout import LayoutResult, solve_layout
 from planner.schedule import layer_block_buffers
 from spec.plan import LayerPlan, compression_spec
 from planner.solver import make_solver, solve_quietly, solver_name, status_name
+from spec.units import GIB
 
-GIB = 2**30
 INT8_SECONDS_PER_BYTE = 2.0 / 2.0e12
 """Quantize on the way out and dequantize on the way in, both memory-bound (~2 TB/s effective on HBM3)."""
 COMPRESS_SECONDS_PER_BYTE = 3.0 / 2.0e12

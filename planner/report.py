@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import List
 
 from spec.plan import LayerPlan, Plan
-
-GIB = 2**30
+from spec.units import GIB
 
 
 def layer_groups(layers: List[LayerPlan]) -> List[tuple]:

@@ -24,8 +24,8 @@ from spec.activations import ZERO_BUCKET_ELEMENTS, lora_adapter_bytes_per_token,
 from spec.config import JobConfig, ModelConfig
 from spec.flops import layer_matmul_params, parameter_count
 from spec.hardware import HardwareProfile
+from spec.units import GIB
 
-GIB = 2**30
 HOST_OPTIMIZER_BYTES_PER_PARAM = 16
 """DeepSpeed ZeRO-Offload's pinned host buffers per trainable parameter: fp32 master weight 4, Adam exp_avg 4 and
 exp_avg_sq 4, the fp32 gradient partition 4 (stage 1-2: single_partition_of_fp32_groups, its optimizer state and

@@ -12,8 +12,8 @@ from launch.measure.calibration import (BenchObservation, bench_job, decisions_f
 from planner.cost_model import CostModel
 from spec.hardware import Calibration, load_profile
 from planner.planning import make_plan
+from spec.units import GIB
 
-GIB = 2**30
 H100_BENCH = ["profiles/runs/h100_sxm_2026-11-26_bench-4l.json", "profiles/runs/h100_sxm_2026-11-26_bench-4l-long.json"]
 PLANS = [(32768, [(1.0, 0.0, 0.0, False)], (0, 0, 0, 0)), (65536, [(1.0, 0.0, 0.0, False)], (0, 0, 0, 0)),
          (131072, [(0.4, 0.0, 0.6, False)], (0, 0, 0, 0)), (196608, [(0.0, 0.26, 0.74, True)], (0, 0, 0, 0)),

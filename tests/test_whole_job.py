@@ -12,8 +12,8 @@ from spec.config import load_job_config
 from spec.flops import parameter_count
 from spec.hardware import load_profile
 from spec.plan import plan_inputs
+from spec.units import GIB
 
-GIB = 2**30
 LLAMA3_8B = ["model.preset=llama3-8b", "cluster.num_workers=1", "data.micro_batch_size=1", "data.source=synthetic"]
 
 

@@ -14,9 +14,9 @@ from spec.config import load_job_config
 from orchestrator.loss import segmented_cross_entropy
 from orchestrator.memory import token_elim
 from orchestrator.model import DecoderLayer, LlamaModel, rope_tables
+from spec.units import GIB
 
 dev = torch.device("cuda")
-GIB = 2**30
 results = {"device": torch.cuda.get_device_name()}
 
 

@@ -42,6 +42,7 @@ from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 from spec.hardware import HardwareProfile
 from spec.plan import LayerPlan
 from planner.planning import PlanInfeasible, make_plan
+from spec.units import GIB
 
 COMPRESSION_MODES = {
     "mesa_int8": dict(linear_inputs="int8", norm_inputs="int8", silu="int8"),
@@ -54,7 +55,6 @@ SWAP_ALL = (0.0, 1.0, 0.0)
 """compressed_swap's token-wise policy unless --policy says otherwise: every token's compact forms to host."""
 TOKEN_ELIM = dict(enabled=True, keep_ratio=0.4, dense_first_layers=0, dense_last_layers=0)
 """The bench's token elimination (both modes): LeMo's end-to-end keep ratio in every layer."""
-GIB = 2**30
 
 
 class LayerStack(nn.Module):

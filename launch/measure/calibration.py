@@ -33,8 +33,8 @@ from spec.plan import LayerPlan
 from planner.layout import solve_layout
 from planner.policy import exposed_copy_seconds, policy_inputs
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
+from spec.units import GIB
 
-GIB = 2**30
 LAYOUT_SECONDS = 10.0
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-GIB = 2**30
+from spec.units import GIB
 
 
 @dataclass
