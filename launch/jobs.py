@@ -97,13 +97,40 @@ def submit(config_path: Optional[str], overrides: Sequence[str], address: str) -
     arguments = ([config_path] if config_path else []) + [o for o in overrides if not o.startswith("cluster.address")]
     entrypoint = " ".join(["python", "-m", "launch.cli", "train", *map(shlex.quote, arguments),
                            "cluster.address=auto"])
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(SOURCE_ROOT), "excludes": UPLOAD_EXCLUDES})
+    job_id = submit_when_agent_ready(client, address, entrypoint=entrypoint,
+                                     runtime_env={"working_dir": str(SOURCE_ROOT), "excludes": UPLOAD_EXCLUDES})
     print(f"submitted {job_id} to {address}\n"
           f"  status: longtrain status {job_id} --address {address}\n"
           f"  logs:   longtrain logs {job_id} --address {address} --follow\n"
           f"  stop:   longtrain stop {job_id} --address {address}")
     return 0
+
+
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_SECONDS = 180.0
+"""A head that has just started answers 500 "No available agent" until its node's job agent is up (seconds on an
+idle machine, a minute or more on a loaded one): worth waiting for, not worth failing a script over."""
+
+
+def submit_when_agent_ready(client, address: str, wait_seconds: float = AGENT_WAIT_SECONDS, **job) -> str:
+    """`client.submit_job(**job)`, retried while the cluster has no job agent ready yet; then one line."""
+    deadline = time.monotonic() + wait_seconds
+    told = False
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if AGENT_NOT_READY not in str(error):
+                raise
+            if time.monotonic() >= deadline:
+                raise LongtrainError(f"the Ray cluster at {address} has no job agent ready after {wait_seconds:.0f} "
+                                     "s; check the head's dashboard_agent.log (ray status lists the nodes) and "
+                                     "submit again") from error
+            if not told:
+                print(f"longtrain: the cluster's job agent is not ready yet; retrying for up to {wait_seconds:.0f} s",
+                      file=sys.stderr)
+                told = True
+            time.sleep(2.0)
 
 
 def status(job_id: str, address: str) -> int:
