@@ -8,7 +8,9 @@ Why typed layers: each layer's decision is a `LayerPlan` record, loaded and vali
 structured schema, so a malformed plan fails at load naming the key, and no reader spells dict keys.
 
 Versions: 2 names the swap's codec `swap_codec: none|int8` (version 1 called it `compression: quant_int8`, a name
-that also meant Mesa elsewhere); version-1 files are migrated on load (their inputs hash is unchanged).
+that also meant Mesa elsewhere); 3 adds a layer's `checkpoint_layer` (the whole layer recomputed from its input, the
+ALST recipe's choice, made per layer). Older files are migrated on load (their inputs hash is unchanged); a runtime
+of version 2 refuses a version-3 file by its version instead of misreading it.
 """
 
 import hashlib
@@ -28,7 +30,7 @@ from spec.prepared import document_inputs
 from spec.yamlio import read_yaml
 
 PLAN_FORMAT = "longtrain-plan"
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 SWAP_CODECS = ("none", "int8")
 ALIGN_BYTES = 512
 """Every buffer of a layout starts at a multiple of this (the planner's offsets and the runtime's arena)."""
@@ -54,11 +56,14 @@ class LayerPlan:
     """none, or int8: the swapped share crosses PCIe as int8 (approximate)."""
     activation_compression: str = "none"
     """none, or the compressed layer's settings (`compression_spec`; approximate)."""
+    checkpoint_layer: bool = False
+    """The layer keeps only its input (in host memory with `offload_skeletal`) and runs its whole forward again in
+    backward, attention included; its fractions then read keep 0, swap 0, recompute 1."""
 
     @property
     def is_plain(self) -> bool:
         """Everything kept on the GPU: the layer runs without the token-wise runtime."""
-        return self.keep_fraction >= 1.0 and not self.offload_skeletal
+        return self.keep_fraction >= 1.0 and not self.offload_skeletal and not self.checkpoint_layer
 
     def token_ranges(self, seq_len: int) -> Tuple[int, int, int]:
         """(kept, swapped, recomputed) token counts, exactly as the planner counts them."""
@@ -67,7 +72,7 @@ class LayerPlan:
     def key(self) -> tuple:
         """What makes two layers' decisions the same (fractions to 3 decimals)."""
         return (round(self.keep_fraction, 3), round(self.swap_fraction, 3), round(self.recompute_fraction, 3),
-                self.offload_skeletal, self.swap_codec, self.activation_compression)
+                self.offload_skeletal, self.swap_codec, self.activation_compression, self.checkpoint_layer)
 
 
 @dataclass
@@ -189,14 +194,19 @@ def load_plan(path: Path) -> Plan:
 
 
 def _migrated(data: dict, path: Path) -> dict:
-    """Version 1 -> 2: a layer's `compression: none|quant_int8` (the swap's codec) becomes `swap_codec: none|int8`."""
-    if data.get("format") != PLAN_FORMAT or data.get("version") not in (1, PLAN_VERSION):
+    """Version 1 -> 2: a layer's `compression: none|quant_int8` (the swap's codec) becomes `swap_codec: none|int8`.
+    Version 2 -> 3: no layer of an older plan checkpoints whole (`checkpoint_layer` defaults to false)."""
+    if data.get("format") != PLAN_FORMAT or data.get("version") not in (1, 2, PLAN_VERSION):
         raise PlanError(f"plan file {path} is format {data.get('format')!r} version {data.get('version')!r}, "
                         f"expected {PLAN_FORMAT!r} version {PLAN_VERSION}; re-plan with `longtrain plan`")
     if data["version"] == 1:
         for layer in data.get("layers") or []:
             codec = layer.pop("compression", "none")
             layer["swap_codec"] = {"quant_int8": "int8"}.get(codec, codec)
+        data["version"] = 2
+    if data["version"] == 2:
+        for layer in data.get("layers") or []:
+            layer.setdefault("checkpoint_layer", False)
         data["version"] = PLAN_VERSION
     return data
 
@@ -216,7 +226,9 @@ def _check_layers(plan: Plan, path: Path) -> None:
 def check_plan_composes(plan: Plan, job: JobConfig, path: Path) -> None:
     """Token elimination and compression (the job's section, or the plan's own `activation_compression`) each run on
     layers the plan splits, but not both on one such layer (a sparse layer's compact attention forms would mix
-    full-length and kept-row token ranges)."""
+    full-length and kept-row token ranges). A layer the plan checkpoints whole runs neither: its recomputation
+    replays the plain forward."""
+    _check_checkpointed_layers(plan, job, path)
     if not job.token_elim.enabled:
         return
     split = {layer.layer for layer in plan.layers if not layer.is_plain}
@@ -228,6 +240,21 @@ def check_plan_composes(plan: Plan, job: JobConfig, path: Path) -> None:
         raise PlanError(f"token_elim and compression both apply to layers {both}, which the plan {path} "
                         f"splits into kept / swapped / recomputed tokens; they do not compose there yet: drop "
                         f"those layers from compression.layers or token_elim, or run without plan.path")
+
+
+def _check_checkpointed_layers(plan: Plan, job: JobConfig, path: Path) -> None:
+    checkpointed = {layer.layer for layer in plan.layers if layer.checkpoint_layer}
+    if not checkpointed:
+        return
+    other = {layer.layer for layer in plan.layers if layer.activation_compression != "none"}
+    if job.compression.is_active:
+        other |= set(job.compression.layer_indices(job.model.num_layers))
+    if job.token_elim.enabled:
+        other |= set(job.token_elim.keep_ratios(job.model.num_layers))
+    both = sorted(checkpointed & other)
+    if both:
+        raise PlanError(f"the plan {path} checkpoints layers {both} whole, which compression or token_elim also "
+                        "change; re-plan with `longtrain plan` for this job (the planner never combines them)")
 
 
 def check_plan_matches(plan: Plan, inputs: Dict[str, Any], path: Path) -> None:

@@ -5,8 +5,9 @@ applies it to those layers of the model (indices; for the token-wise split, the 
 name their layer). It changes a layer only through the model's slots (`orchestrator.model`). The registry maps the
 stable names to the modules; `apply_plan` applies them in their order, through the registry, with one log line
 each (logger `longtrain.memory`). MEMO's swap and recompute are one token-wise split, so both names lead to
-`tokenwise`; `compression` is the job's section (all three approximate parts at once, `compressed`), and
-`quant_int8` (Mesa), `quant_int4_deriv` (S2A) and `wta_crs` each apply their own part.
+`tokenwise`, and so does a plan's whole-layer checkpoint (`checkpoint_layer`, `layer_replay`: one runtime holds
+every layer's saved inputs and host copies); `compression` is the job's section (all three approximate parts at
+once, `compressed`), and `quant_int8` (Mesa), `quant_int4_deriv` (S2A) and `wta_crs` each apply their own part.
 """
 
 import logging
@@ -23,8 +24,8 @@ from orchestrator.memory import (arena, compressed, ds_checkpointing, quant_int4
 log = logging.getLogger("longtrain.memory")
 
 REGISTRY: Dict[str, ModuleType] = {
-    "swap": tokenwise, "recompute": tokenwise, "arena": arena, "compression": compressed, "quant_int8": quant_int8,
-    "quant_int4_deriv": quant_int4_deriv, "wta_crs": wta_crs, "token_elim": token_elim,
+    "swap": tokenwise, "recompute": tokenwise, "checkpoint_layer": tokenwise, "arena": arena,
+    "compression": compressed, "quant_int8": quant_int8, "quant_int4_deriv": quant_int4_deriv, "wta_crs": wta_crs, "token_elim": token_elim,
     "activation_checkpointing": ds_checkpointing, "tiled_mlp": tiled_mlp, "tiled_loss": tiled_loss}
 
 
@@ -121,10 +122,14 @@ def _compression_groups(plan: Optional[Plan], section: CompressionConfig,
 
 def _split_summary(split) -> str:
     shares = sorted({(p.keep_fraction, p.swap_fraction, p.recompute_fraction, p.offload_skeletal, p.swap_codec)
-                     for p in split})
-    return "keep/swap/recompute " + "; ".join(
-        f"{k:.2f}/{s:.2f}/{r:.2f}" + (" skeletal to host" if o else "") + (f" {codec} swap" if codec != "none" else "")
-        for k, s, r, o, codec in shares)
+                     for p in split if not p.checkpoint_layer})
+    parts = [f"{k:.2f}/{s:.2f}/{r:.2f}" + (" skeletal to host" if o else "")
+             + (f" {codec} swap" if codec != "none" else "") for k, s, r, o, codec in shares]
+    for where, host in (("host", True), ("gpu", False)):
+        layers = [p.layer for p in split if p.checkpoint_layer and p.offload_skeletal == host]
+        if layers:
+            parts.append(f"whole layer checkpointed, input on {where}: layers {_spans(layers)}")
+    return "keep/swap/recompute " + "; ".join(parts)
 
 
 def _spans(indices: Iterable[int]) -> str:

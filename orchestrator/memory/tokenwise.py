@@ -20,7 +20,8 @@ reached (the two groups never coexist); each saved view is rebuilt from its rest
 A compressed layer (`compressed`) saves compact forms (int8 or 4-bit codes, sampled rows) instead of some of these
 tensors; they are split by token the same way under their own roles (`COMPACT`), so what crosses PCIe is the
 compact bytes, and their recomputed range is encoded again exactly as stored. The copies themselves (side stream,
-prefetch, throttle) are `swap_stream`'s.
+prefetch, throttle) are `swap_stream`'s. A layer the plan checkpoints whole (`checkpoint_layer`) keeps only its
+input, as a skeletal role, and replays its forward in backward (`layer_replay`).
 """
 
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from orchestrator.memory.compact import CompactForm, collecting
+from orchestrator.memory.layer_replay import ReplayCapture, parameter_storages, replay_forward
 from orchestrator.memory.quant_int8 import SwapCodes
 from orchestrator.memory.swap_stream import HostPool, SwapStream, dense_flat
 from spec.activations import ATTENTION_GROUP, COMPACT, HEAD_MAJOR, LAYER_INPUT, SKELETAL, TOKEN_WISE
@@ -57,6 +59,8 @@ class _Saved:
     tensor: Optional[torch.Tensor]
     role: Optional[str] = None
     view: Optional[Tuple[tuple, tuple, int]] = None
+    replay_index: Optional[int] = None
+    """A checkpointed layer's dropped tensor: its place in the order of the forward's saves."""
 
 
 @dataclass
@@ -95,6 +99,10 @@ class _LayerRecord:
     context: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Other tensors the forward tagged, passed to the layer's `recompute_tokens` (a sparse layer's kept token
     indices: recomputation reuses them, never re-scores)."""
+    input_requires_grad: bool = False
+    """A checkpointed layer's replay gives its input the same flag (so autograd saves the same tensors)."""
+    replayed: Optional[List[Optional[torch.Tensor]]] = None
+    """A checkpointed layer's saved tensors, recomputed in order at its first unpack; each dropped once used."""
 
 
 class TokenwiseRuntime:
@@ -107,6 +115,8 @@ class TokenwiseRuntime:
         self.pool = HostPool()
         self.swap = SwapStream(config.max_layers_ahead)
         self.pending: List[_LayerRecord] = []
+        self.replaying: Optional[list] = None
+        """Set while a checkpointed layer's forward is replayed: the layer's hooks then only capture."""
         self._generator = None
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -123,8 +133,12 @@ class _LayerSplit:
     def __init__(self, runtime: TokenwiseRuntime, index: int):
         self.runtime, self.index = runtime, index
 
-    def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> "_LayerHooks":
-        return _LayerHooks(self.runtime, _LayerRecord(layer, self.index, self.runtime.layers[self.index], cos, sin))
+    def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        if self.runtime.replaying is not None:
+            return ReplayCapture(self.runtime.replaying)
+        record = _LayerRecord(layer, self.index, self.runtime.layers[self.index], cos, sin,
+                              input_requires_grad=x.requires_grad)
+        return _LayerHooks(self.runtime, record)
 
 
 class _LayerHooks:
@@ -160,6 +174,8 @@ class _LayerHooks:
         return saved
 
     def _unpack(self, saved: _Saved) -> torch.Tensor:
+        if saved.replay_index is not None:
+            return _replayed(self.runtime, self.record, saved.replay_index)
         if saved.role is None:
             return saved.tensor
         record = self.record
@@ -176,6 +192,9 @@ class _LayerHooks:
     def _finalize(self) -> None:
         """Replace every saved view of a tagged tensor by its role's split storage."""
         record = self.record
+        if record.plan.checkpoint_layer:
+            self._finalize_checkpointed()
+            return
         kept_targets = self._kept_targets()
         for source, form in self.compact.items():
             record.compact[source + COMPACT] = form
@@ -206,6 +225,28 @@ class _LayerHooks:
                           if role not in TOKEN_WISE and role not in SKELETAL and role not in record.compact}
         self.tags, self.compact = {}, {}  # autograd keeps these hooks until backward: the full tensors must go
         record.saved = []  # autograd holds each `_Saved`; the list was only needed to classify them
+
+    def _finalize_checkpointed(self) -> None:
+        """Keep the layer input (whole, or its host copy) and the saved parameters; drop every other saved tensor,
+        remembering its place in the order of saves for the replay."""
+        record, x = self.record, self.tags[LAYER_INPUT]
+        record.roles[LAYER_INPUT] = _split(self.runtime, record, LAYER_INPUT, x)
+        weights, source = parameter_storages(record.layer), x.untyped_storage().data_ptr()
+        for index, saved in enumerate(record.saved):
+            storage = saved.tensor.untyped_storage().data_ptr()
+            if storage == source:
+                saved.role = LAYER_INPUT
+                saved.view = (tuple(saved.tensor.shape), tuple(saved.tensor.stride()),
+                              saved.tensor.storage_offset() - x.storage_offset())
+                record.roles[LAYER_INPUT].num_views += 1
+            elif storage in weights:
+                continue
+            else:
+                saved.replay_index = index
+            saved.tensor = None
+        self.runtime.pending.append(record)
+        self.runtime.swap.forward_done()
+        self.tags, self.compact, record.saved = {}, {}, []
 
     def _kept_targets(self) -> Dict[str, torch.Tensor]:
         """Where the kept slices go: views of the runtime's arena at this layer's planned region, if it has one."""
@@ -295,8 +336,21 @@ def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord, group: str) ->
         _recompute_into(runtime, record, record.skeletal, outputs, group)
         record.restored.update(outputs)
         record.materialized.add(group)
-    if {_group_of(role) for role in record.roles} <= record.materialized:
+    if {_group_of(role) for role in record.roles} <= record.materialized and not record.plan.checkpoint_layer:
         record.skeletal = {}
+
+
+def _replayed(runtime: TokenwiseRuntime, record: _LayerRecord, index: int) -> torch.Tensor:
+    """A checkpointed layer's saved tensor: the first call restores the input (waiting for its prefetch, starting
+    the layer below's) and replays the forward; each tensor is handed out once and then dropped."""
+    if record.replayed is None:
+        _materialize(runtime, record, "skeletal")
+        x = record.skeletal.pop(LAYER_INPUT)
+        record.skeletal = {}
+        record.replayed = replay_forward(record.layer, x, record.input_requires_grad, record.cos, record.sin, runtime)
+    tensor, record.replayed[index] = record.replayed[index], None
+    assert tensor is not None, f"layer {record.layer_index}: saved tensor {index} unpacked twice or not replayed"
+    return tensor
 
 
 def _restore(runtime: TokenwiseRuntime, record: _LayerRecord, role: str) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""A plan's whole-layer checkpoint (`LayerPlan.checkpoint_layer`, run by the token-wise runtime through
+`orchestrator.memory.layer_replay`): gradients equal plain PyTorch's bit for bit, the layer keeps only its input
+(on the GPU or in host memory), its forward runs once more in backward, and the plan file records the choice."""
+
+import copy
+
+import pytest
+import torch
+
+from orchestrator.lora import apply_lora
+from orchestrator.memory import apply_plan, tiled_mlp, tokenwise
+from orchestrator.model import Attention, LlamaModel
+from spec.config import load_job_config
+from spec.plan import LayerPlan, Plan, PlanError, check_plan_composes
+from tests.conftest import loss_and_grads
+
+SHAPE = ["model.num_layers=3", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
+         "model.intermediate_size=160", "model.vocab_size=256", "data.seq_len=128"]
+SEQ_LEN, BATCH = 128, 2
+
+
+def checkpointed(layer: int, input_on_host: bool) -> LayerPlan:
+    return LayerPlan(layer, keep_fraction=0.0, recompute_fraction=1.0, offload_skeletal=input_on_host,
+                     checkpoint_layer=True)
+
+
+PLANS = {  # per layer: a LayerPlan, or None for a plain layer
+    "every layer, inputs on the gpu": [checkpointed(i, False) for i in range(3)],
+    "every layer, inputs on the host": [checkpointed(i, True) for i in range(3)],
+    "mixed with token-wise splits": [checkpointed(0, True), LayerPlan(1, 0.25, 0.25, 0.5, True),
+                                     checkpointed(2, False)],
+    "one layer between plain ones": [None, checkpointed(1, True), None],
+}
+
+
+def _job(*overrides):
+    return load_job_config(None, [*SHAPE, *overrides])
+
+
+def _model(job, lora=False):
+    torch.manual_seed(0)
+    model = LlamaModel(job.model)
+    if lora:
+        model = apply_lora(model, job.model.lora)
+        with torch.no_grad():  # peft starts B at zero, which would zero A's gradient
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.05)
+    return model
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (BATCH, SEQ_LEN + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def plan_with_layers(layers) -> Plan:
+    """A plan with these layer decisions and nothing else (what `apply_plan` and the composition check read)."""
+    return Plan(inputs={}, inputs_hash="", layers=layers, layout=[], layer_block_layout=[], arena_bytes=0,
+                lower_bound_bytes=0, layer_block={}, predicted={}, solver={})
+
+
+def _apply(model, plans):
+    return tokenwise.apply(model, tokenwise.Config(), [p for p in plans if p is not None])
+
+
+def loss_and_grads_of_trainable(model, inputs, targets):
+    model.zero_grad(set_to_none=True)
+    loss = model(inputs, targets=targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_bitwise(reference, other):
+    assert torch.equal(reference[0], other[0])
+    assert reference[1].keys() == other[1].keys()
+    for key in reference[1]:
+        assert torch.equal(reference[1][key], other[1][key]), key
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_gradients_equal_plain_pytorch_bitwise(name):
+    job = _job()
+    model = _model(job)
+    inputs, targets = _batch()
+    reference = loss_and_grads(model, inputs, targets)
+    planned = copy.deepcopy(model)
+    runtime = _apply(planned, PLANS[name])
+    for _ in range(2):  # the second step reuses the host buffers
+        _assert_bitwise(reference, loss_and_grads(planned, inputs, targets))
+    assert not runtime.pending
+
+
+@pytest.mark.parametrize("input_on_host", [False, True])
+def test_lora_and_the_tiled_mlp_stay_bitwise(input_on_host):
+    """LoRA's frozen embedding gives layer 0 an input without a gradient (the replay must not add one, or autograd
+    would save other tensors); the tiled MLP (DeepSpeed's TiledMLP) saves its input through the same hooks."""
+    job = _job("model.lora.rank=4", "model.lora.alpha=8", "model.tie_embeddings=false")
+    inputs, targets = _batch()
+    plain = _model(job, lora=True)
+    tiled_mlp.apply(plain, tiled_mlp.Config(tile_tokens=40), range(3))
+    reference = loss_and_grads_of_trainable(plain, inputs, targets)
+    planned = _model(job, lora=True)
+    tiled_mlp.apply(planned, tiled_mlp.Config(tile_tokens=40), range(3))
+    _apply(planned, [checkpointed(i, input_on_host) for i in range(3)])
+    _assert_bitwise(reference, loss_and_grads_of_trainable(planned, inputs, targets))
+
+
+def test_a_checkpointed_layer_keeps_only_its_input_and_attends_twice(monkeypatch):
+    """After the forward each layer's record holds its input (in the host pool here) and nothing else; backward
+    runs each checkpointed layer's attention once more (a token-wise split never does)."""
+    job = _job()
+    model = _model(job)
+    inputs, targets = _batch()
+    runtime = _apply(model, [checkpointed(i, True) for i in range(3)])
+    calls = []
+    attend = Attention.attend
+    monkeypatch.setattr(Attention, "attend", lambda self, *a, **k: calls.append(1) or attend(self, *a, **k))
+    loss = model(inputs, targets=targets)
+    assert len(calls) == 3
+    assert [sorted(record.roles) for record in runtime.pending] == [["layer_input"]] * 3
+    element = next(model.parameters()).element_size()
+    assert runtime.pool.bytes == 3 * BATCH * SEQ_LEN * job.model.hidden_size * element
+    loss.backward()
+    assert len(calls) == 6 and not runtime.pending
+
+
+def test_apply_plan_installs_it_from_a_plan_and_logs_it(caplog):
+    job = _job()
+    model = _model(job)
+    plan = plan_with_layers([checkpointed(0, True), checkpointed(1, False), LayerPlan(2)])
+    with caplog.at_level("INFO", logger="longtrain.memory"):
+        applied = apply_plan(model, plan, job.compression, job.token_elim, job.train)
+    assert applied.split_layers == {0, 1}
+    assert "whole layer checkpointed, input on host: layers 0" in caplog.text
+    assert "input on gpu: layers 1" in caplog.text
+
+
+def test_a_checkpointed_layer_is_not_also_compressed():
+    job = _job("compression.linear_inputs=int8", "compression.layers=[2]")
+    plan = plan_with_layers([LayerPlan(0), LayerPlan(1), checkpointed(2, True)])
+    with pytest.raises(PlanError, match=r"checkpoints layers \[2\] whole"):
+        check_plan_composes(plan, job, "plan.yaml")
