@@ -29,9 +29,13 @@ def test_bad_values_fail_in_one_line_naming_the_key(override, fragment):
     assert fragment in str(error.value)
 
 
-def test_registry_names():
-    assert {technique(name).__name__.rsplit(".", 1)[1] for name in ("quant_int8", "quant_int4_deriv", "wta_crs")} == {
-        "quant_int8", "quant_int4_deriv", "wta_crs"}
+def test_the_approximate_techniques_are_applied_as_one_compression_section():
+    """Mesa int8, S2A int4 and WTA-CRS are parts of one technique (`compression`), not entry points of their own:
+    the codes and samplers cannot be applied past the section's checks."""
+    assert technique("compression").__name__.endswith(".compressed")
+    for name in ("quant_int8", "quant_int4_deriv", "wta_crs"):
+        with pytest.raises(ConfigError, match="unknown"):
+            technique(name)
 
 
 def _compress(model, job, seed: int) -> list:

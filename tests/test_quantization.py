@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spec.config import ModelConfig
+from spec.config import CompressionConfig, ModelConfig
 from orchestrator.memory import compact, compressed, quant_int4_deriv, quant_int8
 from orchestrator.model import MLP, DecoderLayer, Linear, rope_tables
 
@@ -142,13 +142,13 @@ def _saved_bytes(run, params) -> int:
     return sum(seen.values())
 
 
-def _layer(config: ModelConfig, **settings):
+def _layer(config: ModelConfig, **section):
     torch.manual_seed(1)
     layer = DecoderLayer(config).to(torch.bfloat16)
     model = torch.nn.Module()
     model.layers = [layer]
-    if settings:
-        compressed.update(model, [0], 0, **settings)
+    if section:
+        compressed.apply(model, compressed.Config(CompressionConfig(range_groups=8, **section)), [0])
     return layer
 
 
@@ -166,9 +166,9 @@ def test_saved_bytes_halve_with_int8_and_quarter_with_int4(debug_model_config: M
         return attn, mlp
 
     exact_attn, exact_mlp = measure()
-    int8 = quant_int8.Config(num_groups=8, linears=True, norms=True, silu=True)
-    int8_attn, int8_mlp = measure(int8=int8)
-    _, int4_mlp = measure(int8=int8, silu_int4=quant_int4_deriv.Config())
+    int8 = dict(linear_inputs="int8", norm_inputs="int8")
+    int8_attn, int8_mlp = measure(silu="int8", **int8)
+    _, int4_mlp = measure(silu="int4", **int8)
     scales = 2 * 8 * 4  # scale and offset, 8 groups, fp32, per compressed tensor
     # attention inputs: norm input x + rstd, then q/k/v's shared input (stored ONCE), RoPE's cos/sin tables
     rope = 2 * 256 * config.head_dim * 2

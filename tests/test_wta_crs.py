@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from spec.config import ModelConfig
-from orchestrator.memory import compact, wta_crs
+from spec.config import CompressionConfig, ModelConfig
+from orchestrator.memory import compact, compressed, wta_crs
 from orchestrator.model import DecoderLayer, Linear, rope_tables
 
 DRAWS = 20_000
@@ -197,7 +197,7 @@ def test_one_sample_per_shared_input_in_a_layer(debug_model_config: ModelConfig)
     layer.activation_hooks = None
     model = torch.nn.Module()
     model.layers = [layer]
-    wta_crs.apply(model, wta_crs.Config(0.5), [0])
+    compressed.apply(model, compressed.Config(CompressionConfig(wta_crs_keep_ratio=0.5)), [0])
     cos, sin = rope_tables(torch.arange(64), debug_model_config.head_dim, 10000.0, torch.float32)
     index_storages = set()
 

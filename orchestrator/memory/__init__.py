@@ -6,8 +6,9 @@ name their layer). It changes a layer only through the model's slots (`orchestra
 stable names to the modules; `apply_plan` applies them in their order, through the registry, with one log line
 each (logger `longtrain.memory`). MEMO's swap and recompute are one token-wise split, so both names lead to
 `tokenwise`, and so does a plan's whole-layer checkpoint (`checkpoint_layer`, `layer_replay`: one runtime holds
-every layer's saved inputs and host copies); `compression` is the job's section (all three approximate parts at
-once, `compressed`), and `quant_int8` (Mesa), `quant_int4_deriv` (S2A) and `wta_crs` each apply their own part.
+every layer's saved inputs and host copies); `compression` applies the approximate techniques (a compression
+section: Mesa int8, S2A int4 and WTA-CRS parts at once, `compressed`); `quant_int8`, `quant_int4_deriv` and
+`wta_crs` are their codes and samplers, not techniques of their own.
 """
 
 import logging
@@ -18,14 +19,13 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 from spec.config import CompressionConfig, TokenElimConfig, TrainConfig
 from spec.errors import ConfigError
 from spec.plan import Plan, compression_spec, parse_compression_spec
-from orchestrator.memory import (arena, compressed, ds_checkpointing, quant_int4_deriv, quant_int8, tiled_loss,
-                                 tiled_mlp, token_elim, tokenwise, wta_crs)
+from orchestrator.memory import arena, compressed, ds_checkpointing, tiled_loss, tiled_mlp, token_elim, tokenwise
 
 log = logging.getLogger("longtrain.memory")
 
 REGISTRY: Dict[str, ModuleType] = {
     "swap": tokenwise, "recompute": tokenwise, "checkpoint_layer": tokenwise, "arena": arena,
-    "compression": compressed, "quant_int8": quant_int8, "quant_int4_deriv": quant_int4_deriv, "wta_crs": wta_crs, "token_elim": token_elim,
+    "compression": compressed, "token_elim": token_elim,
     "activation_checkpointing": ds_checkpointing, "tiled_mlp": tiled_mlp, "tiled_loss": tiled_loss}
 
 

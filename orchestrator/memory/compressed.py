@@ -7,11 +7,11 @@ the linears' and norms' `saved_input` hold an `InputStore` (`compact`), which ha
 input, and the MLP's `saved_swiglu` keeps compact gate (and up) codes for silu(gate) * up. Linears fed the same
 tensor (q/k/v, gate/up) share one store, so that tensor is stored once. The o projection stays exact: attention
 keeps its input (the attention output) for its own backward anyway, so a compressed copy would add bytes, not save
-them. The layer's `compression` slot records its `LayerSettings`; each technique's `apply` adds its part to them
-(`update`), and the slots are filled again from the result.
+them. The layer's `compression` slot records its `LayerSettings`; `apply` sets them from a section and fills the slots
+again from the result.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -49,21 +49,16 @@ class LayerSettings:
 
 def apply(model, config: Config, layers: Iterable[int]) -> None:
     """Compress these layers as the section says (all three parts at once, replacing what they had): Mesa int8 for
-    the chosen inputs, S2A int4 codes for the gate, WTA-CRS sampled rows for the linears' weight gradients."""
+    the chosen inputs, S2A int4 codes for the gate, WTA-CRS sampled rows for the linears' weight gradients; the
+    slots are filled again (fresh stores, seeded by the run's seed and the layer index)."""
     section, seed = config.section, config.seed
     int8 = quant_int8.Config(section.range_decay, section.range_groups, linears=section.linear_inputs == "int8",
                              norms=section.norm_inputs == "int8", silu=section.silu == "int8", seed=seed)
     int4 = quant_int4_deriv.Config(section.range_decay, section.range_groups, seed=seed)
-    update(model, layers, seed, int8=int8 if (int8.linears or int8.norms or int8.silu) else None,
-           silu_int4=int4 if section.silu == "int4" else None, keep_ratio=section.wta_crs_keep_ratio)
-
-
-def update(model, layers: Iterable[int], seed: int, **changes) -> None:
-    """Merge `changes` (fields of `LayerSettings`) into the listed layers' settings and fill their slots again
-    (fresh stores, seeded by the run's seed and the layer index); settings of nothing empty the slots."""
+    settings = LayerSettings(int8=int8 if (int8.linears or int8.norms or int8.silu) else None,
+                             silu_int4=int4 if section.silu == "int4" else None, keep_ratio=section.wta_crs_keep_ratio)
     for index in layers:
         layer = model.layers[index]
-        settings = replace(layer.compression or LayerSettings(), **changes)
         layer.compression = settings if settings.is_active else None
         _fill_slots(layer, settings, seed * 1000 + index)
 

@@ -15,7 +15,6 @@ debug model's gates (|gate| ~ 0.2 early in training) into 3 bins and cost 11% of
 """
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
@@ -48,11 +47,3 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=1).reshape(-1)[:numel]
-
-
-def apply(model, config: Config, layers: Iterable[int]) -> None:
-    """Store the SwiGLU gate of these layers as packed 4-bit codes (`compressed.update` wires them in; it uses
-    this module's codes, hence the import here)."""
-    from orchestrator.memory import compressed
-
-    compressed.update(model, layers, config.seed, silu_int4=config)

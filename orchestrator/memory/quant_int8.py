@@ -17,7 +17,7 @@ from one generator (`StreamNoise`), as nothing is encoded twice.
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -43,12 +43,6 @@ class Config:
     """The run's seed: each layer's rounding noise is seeded from it and the layer index."""
 
 
-def apply(model, config: Config, layers: Iterable[int]) -> None:
-    """Store the chosen saved inputs of these layers as int8 codes (`compressed.update` wires them in; it uses
-    this module's codes, hence the import here)."""
-    from orchestrator.memory import compressed
-
-    compressed.update(model, layers, config.seed, int8=config)
 
 
 @dataclass

@@ -25,18 +25,9 @@ Input and bias gradients stay exact. The sample is drawn once per input (q/k/v a
 generator seeded by (seed, layer, step), so a replayed forward (recomputation) draws the same rows.
 """
 
-from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-
-
-@dataclass
-class Config:
-    keep_ratio: float = 1.0
-    """Share of the token rows kept for the weight gradient; 1 keeps every row (exact)."""
-    seed: int = 0
-    """The run's seed: each layer's draws are seeded from it, the layer index and the step."""
 
 
 def budget(num_rows: int, keep_ratio: float) -> int:
@@ -132,11 +123,3 @@ def estimate_weight_grad(inputs: torch.Tensor, grad_outputs: torch.Tensor, keep_
     index, weight = draw_rows(p, budget(h.shape[0], keep_ratio), generator, num_draws or 1, scheme)
     estimates = torch.einsum("dko,dki->doi", g[index] * weight.unsqueeze(-1), h[index])
     return estimates if num_draws else estimates[0]
-
-
-def apply(model, config: Config, layers: Iterable[int]) -> None:
-    """Sample the weight gradients of these layers' linears (`compressed.update` wires the sampling in; it uses
-    this module's draws, hence the import here)."""
-    from orchestrator.memory import compressed
-
-    compressed.update(model, layers, config.seed, keep_ratio=config.keep_ratio)
