@@ -264,10 +264,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_job_commands(commands) -> None:
     """submit / status / logs / stop / jobs: the Ray Jobs API of a cluster (its dashboard URL)."""
     submit = _command(commands, "submit", help="submit the training job to a Ray cluster",
-                      description="longtrain submit [CONFIG.yaml] [key=value ...] --address http://HEAD:8265")
+                      description="longtrain submit [CONFIG.yaml] [key=value ...] --address http://HEAD:8265 "
+                                  "[--wait | --follow]; status exit codes: 0 succeeded or running, 1 failed, "
+                                  "3 stopped")
     submit.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE")
+    submit.add_argument("--wait", action="store_true", help="return when the job ended, with status's exit code")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ended, then as --wait")
     for name, help_text in (("status", "a submitted job's state"), ("logs", "a submitted job's output"),
-                            ("stop", "stop a submitted job")):
+                            ("stop", "stop a submitted job; prints its run summary and the command that resumes it")):
         sub = _command(commands, name, help=help_text)
         sub.add_argument("job_id")
         if name == "logs":
@@ -290,7 +294,7 @@ def _job_command(args: argparse.Namespace) -> int:
 
     if args.command == "submit":
         config_path, overrides = split_config_and_overrides(args.args)
-        return jobs.submit(config_path, overrides, args.address)
+        return jobs.submit(config_path, overrides, args.address, wait=args.wait, follow=args.follow)
     if args.command == "jobs":
         return jobs.list_jobs(args.address)
     if args.command == "logs":
@@ -308,21 +312,24 @@ def split_config_and_overrides(args: Sequence[str]) -> Tuple[Optional[str], List
 
 
 def _train(args: argparse.Namespace) -> int:
+    from launch import api  # heavy imports (ray, torch) only when a function needs them
+
     config_path, overrides = split_config_and_overrides(args.args)
     if args.dry_run:
-        from launch.dry_run import run_dry
-
-        return run_dry(config_path, overrides)
-    from launch.train_command import run_training  # heavy imports (ray, torch) only when training
-
-    return run_training(config_path, overrides)
+        print(api.dry_run(config_path, overrides).summary)
+        return 0
+    return api.train(config_path, overrides).exit_code
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from launch.plan_command import run_planning
+    from launch import api
 
     config_path, overrides = split_config_and_overrides(args.args)
-    return run_planning(config_path, overrides, args.profile, args.out, max_seq=args.max_seq)
+    if args.max_seq:
+        print(api.longest_sequence(config_path, overrides, profile=args.profile).summary)
+    else:
+        print(api.plan(config_path, overrides, profile=args.profile, out=args.out).summary)
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

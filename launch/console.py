@@ -16,16 +16,16 @@ from launch.metrics_file import MetricsFile
 class RunConsole:
     """Consumes the messages workers publish (tick, step, checkpoint, resumed, nonfinite) and renders them."""
 
-    def __init__(self, run_dir: Path, max_steps: int, warmup_steps: int, stream=sys.stdout, trackers=None):
+    def __init__(self, run_dir: Path, max_steps: int, warmup_steps: int, stream=None, trackers=None):
         self.run_dir = run_dir
         self.trackers = trackers
         """`launch.tracking.Trackers` each logged step and eval loss also go to (None: metrics.jsonl only)."""
         self.warmup_steps = warmup_steps
-        self.stream = stream
+        self.stream = stream or sys.stdout  # looked up now: a caller (a notebook, a test) may have replaced it
         self.steps: List[Dict] = []
         self.checkpoints: List[str] = []
-        self.bar = tqdm(total=max_steps, desc="train", unit="step", file=stream, dynamic_ncols=True,
-                        leave=True, disable=not _is_terminal(stream),
+        self.bar = tqdm(total=max_steps, desc="train", unit="step", file=self.stream, dynamic_ncols=True,
+                        leave=True, disable=not _is_terminal(self.stream),
                         bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
         self.metrics_file = MetricsFile(run_dir / "metrics.jsonl")
         self.stopped_by: Optional[Dict] = None

@@ -1,4 +1,5 @@
-"""Ctrl-C during a run: the first stops it cleanly, a second one stops the driver at once.
+"""Ctrl-C during a run: the first stops it cleanly, a second one stops the driver at once; SIGTERM stops it like
+the first Ctrl-C.
 
 Why: the first Ctrl-C raises KeyboardInterrupt as usual, and the driver stops the workers, shuts Ray down (a few
 seconds) and prints the resume command. A second Ctrl-C in that window used to interrupt the cleanup itself and
@@ -37,3 +38,23 @@ def second_interrupt_exits(hint: Callable[[], str], code: int):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM: `longtrain stop` (Ray's job supervisor sends it), `ray job stop`, a scheduler or `kill`."""
+
+
+@contextmanager
+def sigterm_stops():
+    """Within the block: SIGTERM raises StopRequested, so the run stops as on Ctrl-C (the summary so far and the
+    resume command), instead of `ray.init`'s handler, whose `sys.exit` in the middle of Ray Train left stack dumps
+    in the job's logs and no summary. Enter it after `ray.init`, which installs that handler."""
+    def handle(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise StopRequested
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

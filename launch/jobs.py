@@ -10,6 +10,7 @@ with a warning when it would travel over plain http to another machine.
 import asyncio
 import ipaddress
 import os
+import re
 import shlex
 import sys
 import time
@@ -85,7 +86,10 @@ def _token_header() -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def submit(config_path: Optional[str], overrides: Sequence[str], address: str) -> int:
+def submit(config_path: Optional[str], overrides: Sequence[str], address: str, wait: bool = False,
+           follow: bool = False) -> int:
+    """Submit the job; with `wait` or `follow` (its logs streamed meanwhile) return once it ended, with
+    `status`'s exit code."""
     job = load_job_config(config_path, overrides)  # a bad config fails here, in one line, not on the cluster
     run_place = job.run.dir or job.run.root
     if not Path(run_place).is_absolute():
@@ -97,13 +101,28 @@ def submit(config_path: Optional[str], overrides: Sequence[str], address: str) -
     arguments = ([config_path] if config_path else []) + [o for o in overrides if not o.startswith("cluster.address")]
     entrypoint = " ".join(["python", "-m", "launch.cli", "train", *map(shlex.quote, arguments),
                            "cluster.address=auto"])
-    job_id = submit_when_agent_ready(client, address, entrypoint=entrypoint,
-                                     runtime_env={"working_dir": str(SOURCE_ROOT), "excludes": UPLOAD_EXCLUDES})
+    job_id = submit_when_agent_ready(client, address, entrypoint=entrypoint, runtime_env=job_runtime_env())
     print(f"submitted {job_id} to {address}\n"
           f"  status: longtrain status {job_id} --address {address}\n"
           f"  logs:   longtrain logs {job_id} --address {address} --follow\n"
-          f"  stop:   longtrain stop {job_id} --address {address}")
-    return 0
+          f"  stop:   longtrain stop {job_id} --address {address}", flush=True)
+    if follow:
+        _stream_logs(client, job_id)
+    if not (wait or follow):
+        return 0
+    return _say_status(client, job_id, _wait_until_ended(client, job_id))
+
+
+STOP_GRACE_SECONDS = 30
+"""How long Ray's job supervisor waits after its SIGTERM before SIGKILL (RAY_JOB_STOP_WAIT_TIME_S, read by the
+supervisor from the job's runtime_env; Ray's default is 3 s): time for the driver to print the run summary and the
+resume command and end its workers."""
+
+
+def job_runtime_env() -> dict:
+    """This repository as the working directory, and the stop grace period."""
+    return {"working_dir": str(SOURCE_ROOT), "excludes": UPLOAD_EXCLUDES,
+            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_SECONDS)}}
 
 
 AGENT_NOT_READY = "No available agent to submit job"
@@ -135,13 +154,39 @@ def submit_when_agent_ready(client, address: str, wait_seconds: float = AGENT_WA
 
 def status(job_id: str, address: str) -> int:
     client = connect(address)
-    info = _job_info(client, job_id, address)
+    return _say_status(client, job_id, _job_info(client, job_id, address))
+
+
+def _say_status(client, job_id: str, info) -> int:
+    """`JOB: STATUS (message)`, the reason of a failure, and the exit code for scripts."""
     print(f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
     if str(info.status) == "FAILED":
         reason = failure_reason(client.get_job_logs(job_id))
         if reason:
             print(f"  why: {reason}")
     return status_exit_code(str(info.status))
+
+
+POLL_SECONDS = 2.0
+
+
+def _wait_until_ended(client, job_id: str, timeout: Optional[float] = None):
+    """The job's info once it is SUCCEEDED, FAILED or STOPPED (or, with `timeout`, when that passed)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        info = client.get_job_info(job_id)
+        if str(info.status) in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+            return info
+        time.sleep(POLL_SECONDS)
+
+
+def _stream_logs(client, job_id: str) -> None:
+    """The job's output as it comes, until the job ends."""
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            print(chunk, end="", flush=True)
+
+    asyncio.run(tail())
 
 
 STATUS_EXIT_CODES = {"FAILED": 1, "STOPPED": 3}
@@ -161,27 +206,59 @@ def failure_reason(logs: str) -> Optional[str]:
 def logs(job_id: str, address: str, follow: bool) -> int:
     client = connect(address)
     _job_info(client, job_id, address)
-    if not follow:
+    if follow:
+        _stream_logs(client, job_id)
+    else:
         print(client.get_job_logs(job_id), end="")
-        return 0
-
-    async def tail():
-        async for chunk in client.tail_job_logs(job_id):
-            print(chunk, end="", flush=True)
-
-    asyncio.run(tail())
     return 0
 
 
 def stop(job_id: str, address: str) -> int:
+    """Stop the job (SIGTERM to its driver, which stops the workers and prints its summary), wait for it to end,
+    then print that summary and the command that resumes the run on the cluster."""
     client = connect(address)
     info = _job_info(client, job_id, address)
     if str(info.status) in TERMINAL:
         print(f"{job_id} already ended: {info.status}")
         return 0
     client.stop_job(job_id)
-    print(f"stop requested for {job_id}; follow with: longtrain status {job_id} --address {address}")
+    print(f"stopping {job_id} ...", flush=True)
+    info = _wait_until_ended(client, job_id, timeout=STOP_GRACE_SECONDS + 30)
+    if str(info.status) not in TERMINAL:
+        print(f"{job_id} is still {info.status}; follow with: longtrain status {job_id} --address {address}")
+        return 0
+    print(f"{job_id}: {info.status}")
+    print(stop_report(client.get_job_logs(job_id), address))
     return 0
+
+
+def stop_report(logs: str, address: str) -> str:
+    """The run summary the stopped driver printed (from its `run summary` line on) and the resume command as a
+    `longtrain submit` to the same cluster; what is known when the job stopped before either."""
+    lines = logs.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "run summary"]
+    summary = [line for line in lines[starts[-1]:] if line.strip() and not line.startswith("longtrain: ")] \
+        if starts else []
+    summary = [line for line in summary if "resume with" not in line]
+    resumes = [m.group(1) for m in map(RESUME_LINE.search, lines) if m]
+    if resumes:
+        resume = f"resume with: {submit_command(resumes[-1], address)}"
+    elif any("no checkpoint was written yet" in line for line in lines):
+        resume = "no checkpoint was written yet: submit the same job again (without resume=)"
+    else:
+        resume = "the job stopped before its run started: submit it again"
+    return "\n".join((summary or ["(no run summary in the job's logs: it stopped before a step was logged)"])
+                     + [resume])
+
+
+RESUME_LINE = re.compile(r"resume with:?\s+(longtrain train\b.*)$")
+
+
+def submit_command(train_command: str, address: str) -> str:
+    """`longtrain train ARGS cluster.address=auto resume=RUN` (what the driver printed) as the `longtrain submit`
+    that resumes the run on the cluster at `address`."""
+    words = [w for w in shlex.split(train_command)[2:] if not w.startswith("cluster.address=")]
+    return " ".join(["longtrain", "submit", *map(shlex.quote, words), "--address", address])
 
 
 def list_jobs(address: str) -> int:

@@ -74,6 +74,10 @@ def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None
                      runtime_env=dict(runtime_env or {}, worker_process_setup_hook=loopback.WORKER_SETUP_HOOK))
         loopback.check()
     else:
+        if cluster.address.startswith("ray://"):  # a refused token is otherwise a 30 s wait and a vague timeout
+            from launch.ray_client_check import check_ray_client
+
+            check_ray_client(cluster.address)
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING,
                  runtime_env=runtime_env)
 

@@ -15,8 +15,9 @@ import warnings
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
+from launch.api import TrainResult
 from launch.guard import start_guard
-from launch.interrupts import second_interrupt_exits
+from launch.interrupts import StopRequested, second_interrupt_exits, sigterm_stops
 from launch.paths import check_writable_dir
 from launch.preflight import check_job
 from launch.rundir import place_run
@@ -28,8 +29,9 @@ from spec.errors import ConfigError
 from spec.flops import parameter_count
 
 
-def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
-    job = with_absolute_paths(load_job_config(config_path, overrides))
+def run_training(config_path: Optional[str], overrides: Sequence[str]) -> TrainResult:
+    """`longtrain.train`: the run, start to summary; how it ended."""
+    job = with_absolute_paths(load_job_config(config_path, list(overrides)))
     check_job(job)
     placement = place_run(job)
     check_writable_dir(placement.run_dir, "run.dir" if job.run.dir else "run.root")
@@ -58,13 +60,20 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> int:
         finally:
             ray.shutdown()
     if code is not None:
-        return code
+        return TrainResult(code, run_dir, _summary_so_far(console), resume)
     summary = console.finish(_resume_hint(run_dir, resume))
     if summary is None:
         print(f"nothing to do: {run_dir} is already at train.max_steps={job.train.max_steps}; raise "
               "train.max_steps to train further")
     print(f"  wall time       {time.time() - started:.0f} s")
-    return 0
+    return TrainResult(0, run_dir, summary, resume)
+
+
+def _summary_so_far(console):
+    """The summary of the steps logged before the run stopped early (None: none was)."""
+    from launch.aggregate import summarize
+
+    return summarize(console.steps, console.warmup_steps) if console.steps else None
 
 
 def with_absolute_paths(job: JobConfig) -> JobConfig:
@@ -89,6 +98,7 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
 
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 
 
 def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir: Path) -> str:
@@ -135,7 +145,11 @@ def _run_workers(job: JobConfig, run_dir: Path, initial, console, resume: str) -
     from launch.ray_train import run_workers
 
     try:
-        run_workers(job, run_dir, initial, with_eval(job, run_dir, console.handle, console))
+        with sigterm_stops():
+            run_workers(job, run_dir, initial, with_eval(job, run_dir, console.handle, console))
+    except StopRequested:
+        _leave_now(_stopped(console, run_dir, resume, "stopped by SIGTERM (longtrain stop, ray job stop or kill)",
+                            EXIT_TERMINATED))
     except KeyboardInterrupt:
         _leave_now(_stopped(console, run_dir, resume, "interrupted", EXIT_INTERRUPTED))
     except OSError as error:  # the driver's own writes (metrics.jsonl) on a full or read-only disk
@@ -237,13 +251,10 @@ def _write_config(job: JobConfig, run_dir: Path, config_path: Optional[str], ove
 
 
 def _say_schedule_change(job: JobConfig, run_dir: Path) -> None:
-    """One line when this resume re-shapes the learning-rate schedule (launch.reschedule says why it is allowed)."""
-    from launch.config_command import run_config
-    from launch.reschedule import schedule_note
+    """Keep, refuse or re-shape the learning-rate schedule of this resume (launch.reschedule), in one line."""
+    from launch.reschedule import settle_schedule
 
-    latest = _latest_checkpoint(run_dir)
-    match = re.fullmatch(r"step_(\d+)", latest.name) if latest else None
-    note = schedule_note(job, run_config(run_dir), int(match.group(1))) if match else None
+    note = settle_schedule(job, run_dir)
     if note:
         print(f"longtrain: {note}", flush=True)
 

@@ -47,7 +47,7 @@ def deepspeed_config(job: JobConfig, use_cuda: bool, load_universal: bool = Fals
         },
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": train.max_steps, "warmup_num_steps": optim.warmup_steps,
+            "params": {"total_num_steps": optim.schedule_steps or train.max_steps, "warmup_num_steps": optim.warmup_steps,
                        "warmup_min_ratio": 0.0, "cos_min_ratio": optim.min_lr_ratio, "warmup_type": "linear"},
         },
         "zero_allow_untested_optimizer": True,

@@ -16,6 +16,7 @@ ALLOWED = {
     "planner": {"spec", "planner"},
     "orchestrator": {"spec", "orchestrator"},
     "launch": {"spec", "planner", "orchestrator", "launch"},
+    "longtrain": {"spec", "planner", "orchestrator", "launch", "longtrain"},  # the Python API, re-exported
 }
 SPEC_THIRD_PARTY = {"yaml", "omegaconf"}
 

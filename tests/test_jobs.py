@@ -1,6 +1,7 @@
 """Job submission through Ray's Jobs API against a real two-node Ray cluster on loopback: submit the default job and
-follow it to SUCCEEDED with its workers on both nodes, read its logs, stop a second job, and the one-line errors.
-About two minutes."""
+follow it to SUCCEEDED with its workers on both nodes (`submit --follow`), read its logs, stop a second job (its
+summary and resume command), a failed job (`submit --wait`), `status` exit codes, and the one-line errors (a
+`ray://` address refusing us among them). About two minutes."""
 
 import os
 import re
@@ -66,12 +67,13 @@ def _wait_for(capsys, job_id, wanted, seconds):
 
 def test_submitted_job_runs_to_success_and_its_logs_hold_the_summary(ray_head, capsys):
     code, out, _ = _cli(capsys, "submit", "train.max_steps=30", "train.log_every_steps=10",
-                        "checkpoint.every_steps=0", f"run.root={RUNS}", "--address", ray_head)
-    assert code == 0 and "longtrain logs" in out
+                        "checkpoint.every_steps=0", f"run.root={RUNS}", "--address", ray_head, "--follow")
+    assert code == 0 and "longtrain logs" in out and "run summary" in out  # --follow: the logs streamed
     job_id = re.search(r"submitted (\S+)", out).group(1)
-    status = _wait_for(capsys, job_id, ("SUCCEEDED", "FAILED", "STOPPED"), 420)
+    assert out.rstrip().endswith(f"{job_id}: SUCCEEDED (Job finished successfully.)"), out[-3000:]
+    code, status, _ = _cli(capsys, "status", job_id, "--address", ray_head)
+    assert code == 0 and "SUCCEEDED" in status  # status exit codes: 0 succeeded
     code, logs, _ = _cli(capsys, "logs", job_id, "--address", ray_head)
-    assert "SUCCEEDED" in status, logs[-3000:]
     assert code == 0 and "run summary" in logs and "MFU" in logs
     node_rows = re.findall(r"^\s+(node\d+/\S+)\s+1\s", logs, re.MULTILINE)  # one rank on each of two nodes
     assert len(set(node_rows)) == 2, logs[-2000:]
@@ -79,12 +81,31 @@ def test_submitted_job_runs_to_success_and_its_logs_hold_the_summary(ray_head, c
     assert job_id in listing
 
 
-def test_a_running_job_can_be_stopped(ray_head, capsys):
-    code, out, _ = _cli(capsys, "submit", "train.max_steps=5000", f"run.root={RUNS}", "--address", ray_head)
+def test_a_running_job_stops_with_its_summary_and_the_command_that_resumes_it(ray_head, capsys):
+    code, out, _ = _cli(capsys, "submit", "train.max_steps=5000", "train.log_every_steps=5", "checkpoint.every_steps=5",
+                        f"run.root={RUNS}", "--address", ray_head)
     job_id = re.search(r"submitted (\S+)", out).group(1)
     _wait_for(capsys, job_id, ("RUNNING",), 120)
-    assert _cli(capsys, "stop", job_id, "--address", ray_head)[0] == 0
-    assert "STOPPED" in _wait_for(capsys, job_id, ("STOPPED", "FAILED", "SUCCEEDED"), 120)
+    _wait_for_log(capsys, job_id, "checkpoint step 5 ->", 180)
+    code, out, _ = _cli(capsys, "stop", job_id, "--address", ray_head)
+    assert code == 0 and f"{job_id}: STOPPED" in out and "run summary" in out, out
+    resume = next(line for line in out.splitlines() if line.startswith("resume with: "))
+    assert resume.startswith("resume with: longtrain submit train.max_steps=5000 "), resume
+    assert re.search(rf"resume={RUNS}/default-\S+ --address {ray_head}$", resume) and "cluster.address" not in resume
+    code, status, _ = _cli(capsys, "status", job_id, "--address", ray_head)
+    assert code == 3 and "STOPPED" in status  # status exit codes: 3 stopped
+    logs = _cli(capsys, "logs", job_id, "--address", ray_head)[1]
+    assert "longtrain: stopped by SIGTERM" in logs and "Traceback" not in logs, logs[-3000:]
+
+
+def _wait_for_log(capsys, job_id, text, seconds):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        logs = _cli(capsys, "logs", job_id, "--address", DASHBOARD)[1]
+        if text in logs:
+            return
+        time.sleep(2)
+    raise AssertionError(f"{job_id}: {text!r} not in its logs: {logs[-2000:]}")
 
 
 def test_unknown_job_and_bad_config_fail_in_one_line(ray_head, capsys):
@@ -97,9 +118,27 @@ def test_unknown_job_and_bad_config_fail_in_one_line(ray_head, capsys):
 
 
 def test_a_gpu_job_on_a_cluster_without_gpus_fails_with_the_reason_in_status(ray_head, capsys):
-    code, out, _ = _cli(capsys, "submit", "cluster.use_gpu=true", f"run.root={RUNS}", "--address", ray_head)
+    code, out, _ = _cli(capsys, "submit", "cluster.use_gpu=true", f"run.root={RUNS}", "--address", ray_head, "--wait")
+    assert code == 1 and "FAILED" in out, out  # --wait: status's exit code, 1 failed
     job_id = re.search(r"submitted (\S+)", out).group(1)
-    status = _wait_for(capsys, job_id, ("FAILED", "SUCCEEDED", "STOPPED"), 180)
-    assert "FAILED" in status
+    code, status, _ = _cli(capsys, "status", job_id, "--address", ray_head)
+    assert code == 1 and "FAILED" in status
     why = next(line for line in status.splitlines() if line.strip().startswith("why:"))
     assert "0 GPUs" in why and "cluster.use_gpu=false" in why
+
+
+@pytest.mark.parametrize("auth, said", [({}, "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"),
+                                        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
+                                         "the cluster refused our token")])
+def test_a_ray_client_address_refusing_us_is_one_line_naming_the_fix(ray_head, auth, said, tmp_path):
+    """The head's Ray Client server (ray://, port 10001) asks for a token: without RAY_AUTH_MODE=token, or with
+    the wrong token, `train` says so in a second instead of a 30 s 'ray client connection timeout'."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | auth
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", "cluster.address=ray://127.0.0.1:10001",
+                             f"run.root={tmp_path}"], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=120)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1 and said in err[0], result.stderr[-2000:]
+    assert "cluster.address (ray://127.0.0.1:10001)" in err[0] and time.time() - started < 25
+    assert not any(tmp_path.iterdir())  # the run directory it created is gone again

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("spec", "orchestrator", "planner", "launch")
-IMPORT_TO_DISTRIBUTION = {"yaml": "pyyaml", "ray": "ray", "pulp": "pulp"}
+PACKAGES = ("spec", "orchestrator", "planner", "launch", "longtrain")
+IMPORT_TO_DISTRIBUTION = {"yaml": "pyyaml", "ray": "ray", "pulp": "pulp", "grpc": "grpcio"}
 PROVIDED_BY_TORCH = {"triton"}
 """Imported only on CUDA machines, where the CUDA builds of torch bring it."""
 OPTIONAL_EXTRAS = {"wandb", "mlflow"}
@@ -54,9 +54,10 @@ def test_a_wheel_installed_outside_the_checkout_plans_a_shipped_config(tmp_path)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run([venv / "bin" / "python", "-c", "import spec; print(spec.__file__)"], cwd=outside,
-                           env=env, capture_output=True, text=True, check=True).stdout
-    assert str(venv) in where  # the wheel's copy, not the checkout's
+    where = subprocess.run([venv / "bin" / "python", "-c", "import spec, longtrain; print(spec.__file__); "
+                            "print(longtrain.__file__)"], cwd=outside, env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert all(str(venv) in path for path in where)  # the wheel's copies (the Python API too), not the checkout's
     plan = subprocess.run([venv / "bin" / "longtrain", "plan", "llama7b4l_128k_1xh100", "plan.time_limit_seconds=2",
                            "--out", "p.yaml"], cwd=outside, env=env, capture_output=True, text=True)
     assert plan.returncode == 0, plan.stderr

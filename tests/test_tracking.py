@@ -1,6 +1,7 @@
 """Experiment tracking (issue 23): TensorBoard event files read back with tensorboard's own reader, lr and grad
-norm in the step line and metrics.jsonl, the holdout loss every metrics.eval_every_steps, and a resume command
-that leaves train.stop_at_step behind. One real run (1 Ray worker, DeepSpeed, a tiny model; about a minute)."""
+norm in the step line and metrics.jsonl, the holdout loss every metrics.eval_every_steps, a resume command that
+leaves train.stop_at_step behind, and the learning-rate schedule of a resume. One real run through the Python API
+(1 Ray worker, DeepSpeed, a tiny model; about a minute)."""
 
 import importlib.util
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import longtrain
 from launch.aggregate import node_rows
 from launch.console import RunConsole, step_line
 from launch.tracking import Trackers
@@ -84,15 +86,17 @@ def test_resume_command_leaves_stop_at_step_behind(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_real_run_logs_lr_grad_norm_and_holdout_loss_and_its_resume_command_works(tmp_path):
+def test_a_real_run_logs_lr_grad_norm_and_holdout_loss_and_its_resume_command_works(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorboard")
     run_dir = tmp_path / "run"
     args = [*SMALL, "train.max_steps=6", "train.stop_at_step=4", "metrics.eval_every_steps=2",
             f"run.dir={run_dir}"]
-    first = subprocess.run([sys.executable, "-m", "launch.cli", "train", *args], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=400)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "| lr " in first.stdout and "grad norm" in first.stdout and "holdout loss" in first.stdout
+    monkeypatch.chdir(tmp_path)
+    result = longtrain.train(None, args)  # the Python API: what `longtrain train` runs
+    first = capsys.readouterr()
+    assert result.exit_code == 0 and result.run_dir == run_dir, first.out[-3000:] + first.err[-3000:]
+    assert result.summary.last_step == 4 and "stop_at_step" not in result.resume_command
+    assert "| lr " in first.out and "grad norm" in first.out and "holdout loss" in first.out
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [2, 4] and all(e["loss"] > 0 for e in evals)
@@ -101,8 +105,9 @@ def test_a_real_run_logs_lr_grad_norm_and_holdout_loss_and_its_resume_command_wo
     assert all(n is not None and n > 0 for n in norms) and max(lrs) > 0, (norms, lrs)  # warm-up starts at lr 0
     scalars = _scalars(run_dir / "tensorboard")
     assert [s for s, _ in scalars["eval/loss"]] == [2, 4] and scalars["train/grad_norm"]
-    resume = next(line for line in first.stdout.splitlines() if "resume with" in line).split("resume with", 1)[1]
-    assert "stop_at_step" not in resume
+    resume = next(line for line in first.out.splitlines() if "resume with" in line).split("resume with", 1)[1]
+    assert resume.strip() == result.resume_command
+    _resume_with_other_schedules_is_kept_refused_or_reshaped(args, run_dir)
     pasted = resume.split()[2:]  # longtrain train ...
     second = subprocess.run([sys.executable, "-m", "launch.cli", "train", *pasted], cwd=tmp_path,
                             capture_output=True, text=True, timeout=400)
@@ -112,21 +117,44 @@ def test_a_real_run_logs_lr_grad_norm_and_holdout_loss_and_its_resume_command_wo
     assert [(r["kind"], r["step"]) for r in records if r["kind"] == "resumed"] == [("resumed", 4)]  # a restart record
 
 
-def test_a_resume_that_changes_max_steps_says_how_the_lr_schedule_changes():
+def _resume_with_other_schedules_is_kept_refused_or_reshaped(args, run_dir):
+    """The run stopped at step 4 of 6, resumed (dry runs: every check a start makes) with train.max_steps=8."""
+    kept = [a for a in args if not a.startswith("train.")] + ["train.max_steps=8", f"resume={run_dir}"]
+    checked = longtrain.dry_run(None, kept)
+    assert checked.continuing and checked.deepspeed_config["scheduler"]["params"]["total_num_steps"] == 6
+    assert "schedule        train.max_steps 6 -> 8: the learning-rate schedule is kept" in checked.summary
+    stretched = longtrain.dry_run(None, kept + ["train.reschedule=true"])
+    assert stretched.deepspeed_config["scheduler"]["params"]["total_num_steps"] == 8
+    with pytest.raises(ConfigError, match=r"^optim.lr 0.003 -> 0.01, train.max_steps 6 -> 8 on a resume at step 4"):
+        longtrain.dry_run(None, kept + ["optim.lr=0.01"])
+
+
+def test_a_resume_that_changes_max_steps_keeps_the_schedule_unless_told_to_reshape_it():
+    """The default job (400 steps, cosine to 0.1 x 3e-3) resumed at step 400 with train.max_steps=600."""
     from dataclasses import asdict
 
-    from launch.reschedule import lr_at, schedule_note
+    from launch.reschedule import lr_at, schedule_decision
 
-    before = load_job_config(None, [])  # the default job: 400 steps, cosine to 0.1 x 3e-3
-    after = load_job_config(None, ["train.max_steps=600"])
-    assert lr_at(before, 400) == pytest.approx(3e-4)
-    assert lr_at(after, 400) > 3 * lr_at(before, 400)  # the cosine is re-shaped, not kept
-    note = schedule_note(after, asdict(before), 400)
-    assert note.startswith("note: train.max_steps 400 -> 600 re-shapes the learning-rate schedule")
-    assert note.endswith(f"lr after step 400 0.0003 -> {lr_at(after, 400):.3g}")
-    assert schedule_note(before, asdict(before), 400) is None
-    assert schedule_note(load_job_config(None, ["train.max_steps=600", "train.log_every_steps=1"]),
-                         asdict(after), 400) is None  # a key that does not shape the schedule
+    before = load_job_config(None, [])
+    kept = load_job_config(None, ["train.max_steps=600"])
+    note = schedule_decision(kept, asdict(before), 400)
+    assert kept.optim.schedule_steps == 400 and lr_at(kept, 400) == lr_at(kept, 600) == pytest.approx(3e-4)
+    assert note.startswith("note: train.max_steps 400 -> 600: the learning-rate schedule is kept (cosine over 400 "
+                           "steps; lr after step 400 0.0003); train.reschedule=true would stretch it over 600 steps")
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f"`{note}`" in readme  # the README quotes this very line
+    stretched = load_job_config(None, ["train.max_steps=600", "train.reschedule=true"])
+    note = schedule_decision(stretched, asdict(before), 400)
+    assert stretched.optim.schedule_steps is None and lr_at(stretched, 400) > 3 * lr_at(before, 400)
+    assert note.endswith(f"schedule 400 -> 600 steps re-shapes the learning-rate schedule from step 400 (lr after "
+                         f"step 400 0.0003 -> {lr_at(stretched, 400):.3g})")
+    with pytest.raises(ConfigError, match=r"^optim.lr 0.003 -> 0.001 on a resume at step 400 re-shapes .* pass "
+                                          r"train.reschedule=true"):
+        schedule_decision(load_job_config(None, ["optim.lr=1e-3"]), asdict(before), 400)
+    again = load_job_config(None, ["train.max_steps=600"])  # the next resume of the kept run: kept again, quietly
+    assert schedule_decision(again, asdict(kept), 500) is None and again.optim.schedule_steps == 400
+    assert schedule_decision(before, asdict(before), 400) is None
+    assert schedule_decision(load_job_config(None, ["train.log_every_steps=1"]), asdict(before), 400) is None
 
 
 def test_each_written_config_names_the_command_that_wrote_it(tmp_path):

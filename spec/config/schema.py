@@ -279,9 +279,15 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
+    schedule_steps: Optional[int] = None
+    """Steps the cosine decays over (default: train.max_steps; past its end the lr stays at its floor). A resume
+    that changes train.max_steps keeps the run's schedule by setting this to the schedule it had."""
 
     def problems(self) -> List[str]:
         found = []
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            found.append(f"optim.schedule_steps ({self.schedule_steps}) must be >= 1, or unset to follow "
+                         "train.max_steps")
         if self.lr <= 0:
             found.append(f"optim.lr ({self.lr}) must be > 0; a typical value is 3e-4")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -323,6 +329,10 @@ class TrainConfig:
     stop_at_step: Optional[int] = None
     """Stop early at this step with a checkpoint, keeping the LR schedule of max_steps (time-boxed jobs); resume
     later with resume=RUN_DIR."""
+    reschedule: bool = False
+    """A resume in place that changes the learning-rate schedule: false keeps the run's schedule when only
+    max_steps changed (and refuses a change of optim.lr, warmup_steps, min_lr_ratio or schedule_steps); true
+    re-shapes it from the resumed step on (the lr jumps)."""
     grad_accum_steps: int = 1
     zero_stage: int = 2
     precision: str = "auto"
