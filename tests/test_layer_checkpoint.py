@@ -9,7 +9,7 @@ import torch
 
 from orchestrator.lora import apply_lora
 from orchestrator.memory import apply_plan, tiled_mlp, tokenwise
-from orchestrator.model import Attention, LlamaModel
+from orchestrator.model import MLP, Attention, LlamaModel
 from spec.config import load_job_config
 from spec.plan import LayerPlan, Plan, PlanError, check_plan_composes
 from tests.conftest import loss_and_grads
@@ -93,18 +93,26 @@ def test_gradients_equal_plain_pytorch_bitwise(name):
 
 
 @pytest.mark.parametrize("input_on_host", [False, True])
-def test_lora_and_the_tiled_mlp_stay_bitwise(input_on_host):
+def test_lora_and_the_tiled_mlp_stay_bitwise(input_on_host, monkeypatch):
     """LoRA's frozen embedding gives layer 0 an input without a gradient (the replay must not add one, or autograd
-    would save other tensors); the tiled MLP (DeepSpeed's TiledMLP) saves its input through the same hooks."""
+    would save other tensors); the tiled MLP (DeepSpeed's TiledMLP) saves its input through the same hooks, and the
+    replay skips its work: the MLP runs as often as in the plain tiled run (each tile's forward, then again in
+    TiledMLP's backward)."""
     job = _job("model.lora.rank=4", "model.lora.alpha=8", "model.tie_embeddings=false")
     inputs, targets = _batch()
+    calls = []
+    untiled = MLP.untiled
+    monkeypatch.setattr(MLP, "untiled", lambda self, x: calls.append(1) or untiled(self, x))
     plain = _model(job, lora=True)
     tiled_mlp.apply(plain, tiled_mlp.Config(tile_tokens=40), range(3))
     reference = loss_and_grads_of_trainable(plain, inputs, targets)
+    plain_calls, calls[:] = len(calls), []
     planned = _model(job, lora=True)
     tiled_mlp.apply(planned, tiled_mlp.Config(tile_tokens=40), range(3))
     _apply(planned, [checkpointed(i, input_on_host) for i in range(3)])
     _assert_bitwise(reference, loss_and_grads_of_trainable(planned, inputs, targets))
+    assert len(calls) == plain_calls == 3 * 2 * 7  # 3 layers, forward and backward, 7 tiles of 2 x 128 tokens
+    assert planned.layers[0].mlp.tiling is not tiled_mlp.replay_runner
 
 
 def test_a_checkpointed_layer_keeps_only_its_input_and_attends_twice(monkeypatch):

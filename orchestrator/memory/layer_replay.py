@@ -12,12 +12,16 @@ runtime's saved-tensor hooks; at its end every saved tensor is dropped except vi
 from its role) and the layer's own parameters. Autograd keeps the graph. The first unpack in backward restores the
 input and runs the same forward again under capturing hooks; the forward is the same code on the same input, so
 autograd saves the same tensors in the same order, and the n-th saved tensor of the first forward gets the n-th
-of the replay: the backward then computes what the plain run computes, bit for bit.
+of the replay: the backward then computes what the plain run computes, bit for bit. A tiled MLP (DeepSpeed's
+TiledMLP) saves only its input and recomputes itself in its own backward, so the replay skips its work
+(`tiled_mlp.InputOnly`): a checkpointed layer costs one forward less its MLP, not a whole forward as in ALST.
 """
 
 from typing import List, Optional
 
 import torch
+
+from orchestrator.memory import tiled_mlp
 
 
 class ReplayCapture:
@@ -53,11 +57,15 @@ def replay_forward(layer, x: torch.Tensor, requires_grad: bool, cos: torch.Tenso
     makes the layer's `activation_hooks` slot hand out a `ReplayCapture` for this one call."""
     captured: List[Optional[torch.Tensor]] = []
     runtime.replaying = captured
+    tiling = layer.mlp.tiling
+    if isinstance(tiling, tiled_mlp.TiledRunner):  # it saves only its input: the replay skips the MLP's work
+        layer.mlp.tiling = tiled_mlp.replay_runner
     try:
         with torch.enable_grad():
             layer(x.detach().requires_grad_(requires_grad), cos, sin)
     finally:
         runtime.replaying = None
+        layer.mlp.tiling = tiling
     return captured
 
 

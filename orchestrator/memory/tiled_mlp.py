@@ -41,6 +41,27 @@ class TiledRunner:
         return TiledMLP.apply(_untiled, mlp, x, tiles, trainable)
 
 
+class InputOnly(torch.autograd.Function):
+    """What TiledMLP does for autograd, without its work: saves the MLP's input, the one tensor TiledMLP saves, and
+    returns no values (a zero-stride tensor of the output's shape). A checkpointed layer's replay
+    (`layer_replay`) needs only the tensors the first forward saved, so it runs the MLP through this: no MLP
+    forward in the replay and no tokens x hidden output of it. Never reaches a backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.new_zeros(()).expand(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise AssertionError("a replayed layer's graph is dropped; its MLP has no backward")
+
+
+def replay_runner(mlp, x: torch.Tensor) -> torch.Tensor:
+    """The `MLP.tiling` slot while a checkpointed layer is replayed (`InputOnly`)."""
+    return InputOnly.apply(x)
+
+
 def _untiled(mlp, x: torch.Tensor) -> torch.Tensor:
     return mlp.untiled(x)
 
