@@ -14,6 +14,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from orchestrator.eval.forward import hidden_states
+
 INTRO = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is "
@@ -88,11 +90,11 @@ def make_prompt(codec: Codec, filler: np.ndarray, length: int, depth: float, key
 
 
 def model_scorer(model: torch.nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """(inputs [S], n) -> logits [n, vocab] at the last n positions, through the model's forward (lm_head on those
+    """(inputs [S], n) -> logits [n, vocab] at the last n positions, through eval's forward (lm_head on those
     positions only)."""
     @torch.inference_mode()
     def score(inputs: torch.Tensor, last: int) -> torch.Tensor:
-        hidden = model.hidden_states(inputs[None].to(model.embed.weight.device))[0, -last:]
+        hidden = hidden_states(model, inputs[None].to(model.embed.weight.device))[0, -last:]
         return model.lm_head(hidden).float().cpu()
 
     return score

@@ -9,6 +9,8 @@ from typing import Iterable, List
 import torch
 import torch.nn.functional as F
 
+from orchestrator.eval.forward import hidden_states
+
 LOSS_CHUNK = 4096
 """Tokens whose logits exist at once: a 128K-vocabulary model's logits for 1M tokens would be 512 GB in fp32."""
 
@@ -38,10 +40,10 @@ def bucket_edges(length: int, first: int = 0) -> List[int]:
 
 @torch.inference_mode()
 def token_losses(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
-    """Per-position loss [S] of one window of S + 1 tokens (inputs and shifted targets), through the model's own
-    forward (`hidden_states`, then its lm_head a chunk of positions at a time)."""
+    """Per-position loss [S] of one window of S + 1 tokens (inputs and shifted targets), through eval's forward
+    (`orchestrator.eval.forward`: the model's modules, position chunks), then its lm_head a chunk at a time."""
     window = window.to(model.embed.weight.device)
-    hidden = model.hidden_states(window[None, :-1])[0]
+    hidden = hidden_states(model, window[None, :-1])[0]
     targets = window[1:]
     losses = [F.cross_entropy(model.lm_head(hidden[start:start + LOSS_CHUNK]).float(),
                               targets[start:start + LOSS_CHUNK], reduction="none")
