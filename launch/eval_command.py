@@ -22,7 +22,7 @@ def run_eval(args: Sequence[str], out: Optional[str], device_name: Optional[str]
 
     from orchestrator.eval.models import resolve_models
     from orchestrator.eval.report import passkey_table, perplexity_table, write_all
-    from orchestrator.eval.run import check_lengths, evaluate, resolve_lengths
+    from orchestrator.eval.run import check_lengths, check_memory, evaluate, longest_length, resolve_lengths
 
     resolved = resolve_models(models, job)
     resolve_lengths(resolved, job)
@@ -30,13 +30,15 @@ def run_eval(args: Sequence[str], out: Optional[str], device_name: Optional[str]
     target = output_dir(out, models)
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    check_memory(resolved, job, device, dtype)
     started, results = time.time(), []
     for model in resolved:
         results.append(evaluate(model, job, device, dtype))
         r = results[-1]
         print(f"{r.label}: load {r.seconds['load']:.1f} s, perplexity {r.seconds['perplexity']:.1f} s, passkey "
               f"{r.seconds['passkey']:.1f} s, peak memory {r.peak_memory_gib:.2f} GiB "
-              f"({'GPU allocator' if device.type == 'cuda' else 'host RSS'})")
+              f"({'GPU allocator' if device.type == 'cuda' else 'host RSS'}; the forward at "
+              f"{longest_length(job)} tokens predicted {r.predicted_peak_gib:.2f} GiB)")
     print("\nmean loss by position (nats; perplexity in brackets)\n" + perplexity_table(results))
     for r in results:
         print("\n" + passkey_table(r))

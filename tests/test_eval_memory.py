@@ -77,3 +77,17 @@ def test_a_llama_7b_forward_of_1m_tokens_fits_an_h200_only_chunked():
     assert parameters == 6_738_415_616 and chunked.weights / GIB == pytest.approx(12.55, abs=0.01)
     assert (chunked.phase, round(chunked.total / GIB, 1)) == ("attention", 53.2)  # q, k, v, output: 32 GiB
     assert (plain.phase, round(plain.total / GIB, 1)) == ("MLP", 123.1)  # four 21.5 GiB SwiGLU tensors
+
+
+def test_a_forward_that_cannot_fit_is_refused_in_one_line(tmp_path):
+    from orchestrator.eval.models import EvalModel
+    from orchestrator.eval.run import check_memory
+    from spec.errors import ConfigError
+
+    job = load_job_config(None, ["model.preset=llama-7b", "eval.lengths=[1048576]"])
+    model = EvalModel("llama-7b", job.model, 1 << 20, None, str(tmp_path), 1 << 20)
+    check_memory([model], job, torch.device("cuda"), torch.bfloat16, capacity=139 * GIB)  # fits: 53.2 GiB
+    with pytest.raises(ConfigError) as refused:
+        check_memory([model], job, torch.device("cuda"), torch.bfloat16, capacity=40 * GIB)
+    message = str(refused.value)
+    assert "\n" not in message and "1048576 tokens needs about 53.2 GiB" in message and "holds 40.0 GiB" in message

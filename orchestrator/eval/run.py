@@ -12,11 +12,14 @@ import torch
 from tqdm import tqdm
 
 from orchestrator.data import build_windows, corpus_bytes
+from orchestrator.eval.forward import POSITION_CHUNK
+from orchestrator.eval.memory import ForwardPeak, predict_forward_peak
 from orchestrator.eval.models import EvalModel
 from orchestrator.eval.passkey import REPEATED, Cell, Codec, min_length, model_scorer, run_grid
 from orchestrator.eval.perplexity import Bucket, bucket_edges, bucketed, token_losses
 from spec.config import JobConfig
 from spec.errors import ConfigError
+from spec.units import GIB
 
 
 @dataclass
@@ -26,6 +29,8 @@ class ModelResult:
     cells: List[Cell]
     seconds: Dict[str, float] = field(default_factory=dict)
     peak_memory_gib: float = 0.0
+    predicted_peak_gib: float = 0.0
+    """The forward's peak at the longest length evaluated, weights included (`orchestrator.eval.memory`)."""
 
 
 def resolve_lengths(models: List[EvalModel], job: JobConfig) -> None:
@@ -38,9 +43,8 @@ def resolve_lengths(models: List[EvalModel], job: JobConfig) -> None:
 def check_lengths(models: List[EvalModel], job: JobConfig) -> None:
     """Lengths beyond what a model's RoPE setting covers, or too short for the prompt, refused in one line before
     anything is loaded."""
-    length = job.eval.length or job.data.seq_len
+    longest = longest_length(job)
     for model in models:
-        longest = max([length, *job.eval.lengths])
         if longest > model.max_length:
             raise ConfigError(f"eval: {longest} tokens is beyond what {model.label} covers ({model.max_length}: its "
                               "model.max_position_embeddings, else the length it was trained at); lower eval.lengths "
@@ -49,6 +53,36 @@ def check_lengths(models: List[EvalModel], job: JobConfig) -> None:
         if min(job.eval.lengths) < need:
             raise ConfigError(f"eval.lengths ({min(job.eval.lengths)}) is too short for the passkey prompt of "
                               f"{model.label} ({need} tokens without filler); use lengths >= {need}")
+
+
+def longest_length(job: JobConfig) -> int:
+    return max([job.eval.length or job.data.seq_len, *job.eval.lengths])
+
+
+def predicted_peak(model: EvalModel, job: JobConfig, dtype: torch.dtype) -> ForwardPeak:
+    """The forward's peak bytes at the longest length evaluated (the parameters counted on the meta device)."""
+    from orchestrator.model import LlamaModel, count_parameters
+
+    with torch.device("meta"):
+        parameters = count_parameters(LlamaModel(model.config))
+    element = torch.empty((), dtype=dtype).element_size()
+    return predict_forward_peak(model.config, longest_length(job), element, POSITION_CHUNK, parameters)
+
+
+def check_memory(models: List[EvalModel], job: JobConfig, device: torch.device, dtype: torch.dtype,
+                 capacity: Optional[int] = None) -> None:
+    """A forward predicted to need more than the GPU holds (`capacity` bytes; default: the GPU's total, no check
+    on CPU) is refused in one line before anything is loaded."""
+    if capacity is None and device.type != "cuda":
+        return
+    capacity = capacity or torch.cuda.get_device_properties(device).total_memory
+    for model in models:
+        peak = predicted_peak(model, job, dtype)
+        if peak.total > capacity:
+            raise ConfigError(f"eval: {model.label} at {longest_length(job)} tokens needs about {peak.total / GIB:.1f} "
+                              f"GiB on {device} ({peak.weights / GIB:.1f} GiB weights, the rest at its {peak.phase}), "
+                              f"which holds {capacity / GIB:.1f} GiB; lower eval.lengths / eval.length or use a "
+                              "larger GPU")
 
 
 def holdout_windows(job: JobConfig, length: int, vocab_size: int, codec: Optional[Codec] = None) -> List[np.ndarray]:
@@ -104,7 +138,8 @@ def evaluate(model: EvalModel, job: JobConfig, device: torch.device, dtype: torc
         cells = run_grid(model_scorer(net), codec, filler_tokens(job, codec, model.config.vocab_size), spec.lengths,
                          spec.depths, spec.trials, spec.digits, spec.seed, bar)
     seconds["passkey"] = time.time() - started
-    return ModelResult(model.label, buckets, cells, seconds, peak_gib(device))
+    return ModelResult(model.label, buckets, cells, seconds, peak_gib(device),
+                       predicted_peak(model, job, next(net.parameters()).dtype).total / GIB)
 
 
 def reset_peak(device: torch.device) -> None:
