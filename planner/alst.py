@@ -5,9 +5,10 @@ ALST (Arctic Long Sequence Training, arXiv 2506.13996) as DeepSpeed 0.19.8's par
 its input, in host memory (DeepSpeed's `checkpoint_in_cpu`, copied on a side stream), and runs its whole forward
 again in backward, attention included; the MLP is tiled (DeepSpeed's TiledMLP), the loss too (TiledFusedLogitsLoss:
 each chunk's logits, their fp32 copy and cross-entropy's saved log-softmax and gradient, about 16 bytes a logit).
-- GPU peak: the static bytes (ZeRO-3: weights / GPUs; optimizer offloaded or a frozen LoRA base) + during one layer's
-  backward its recomputed activations (the tiled inventory: attention's and the norms', nothing of the MLP) and its
-  working set (`schedule.layer_block_buffers`) + the loss's chunk at the head.
+- GPU peak: the static bytes (ZeRO-3: weights / GPUs; optimizer offloaded or a frozen LoRA base) + the larger of
+  one layer's backward, its replayed activations (the tiled inventory: attention's and the norms', nothing of the
+  MLP) with its working set, the same as a plan's whole-layer checkpoint (`schedule.layer_block_buffers(checkpoint=
+  True)`), and the loss's chunk at the head.
 - Host: every layer's input, hidden x 2 bytes a token, plus the offloaded optimizer.
 - Time: every layer's forward twice and its backward once (the tiled MLP's extra forward in its backward), the head
   3x (the loss runs its backward inside its forward), the offloaded optimizer's step; host copies hidden.
@@ -57,10 +58,10 @@ def predict_alst(job: JobConfig, profile: HardwareProfile) -> AlstPrediction:
     layers = cost.layers()
     static = cost.static_memory(job.train.zero_stage)
     largest = max(layers, key=lambda layer: layer.token_wise_bytes + layer.skeletal_bytes)
-    block = solve_layout(layer_block_buffers(largest), job.plan.time_limit_seconds).arena_bytes
+    replay = solve_layout(layer_block_buffers(largest, checkpoint=True), job.plan.time_limit_seconds).arena_bytes
     loss = min(LOSS_CHUNK_TOKENS, cost.tokens_per_gpu) * job.model.vocab_size * TILED_LOSS_BYTES_PER_LOGIT
     on_gpu = static.total - static.head_and_loss - static.adapter_activations
-    activations = max(block + largest.skeletal_bytes + static.adapter_activations / job.model.num_layers, loss)
+    activations = max(replay + static.adapter_activations / job.model.num_layers, loss)
     peak = calibrated_peak_bytes(profile, on_gpu, activations)
     step = (sum(2 * layer.forward_seconds + layer.backward_seconds for layer in layers) + 3 * cost.head_seconds()
             + whole_job.optimizer_step_seconds(cost)) * job.train.grad_accum_steps

@@ -60,6 +60,13 @@ class LayerCost:
     """Share of the tokens the attention block sees (below 1: a token-eliminated layer)."""
     mlp_tile_bytes: float = 0.0
     """A tiled MLP's intermediates of one tile (whatever the sequence); 0: the MLP is not tiled."""
+    replay_seconds: float = 0.0
+    """Replaying the layer's forward when it is checkpointed whole: the forward, less a tiled MLP's (the replay
+    skips it, `orchestrator.memory.layer_replay`); 0: the forward's."""
+
+    @property
+    def checkpoint_seconds(self) -> float:
+        return self.replay_seconds or self.forward_seconds
 
 
 def largest_layer(layers: List[LayerCost]) -> LayerCost:

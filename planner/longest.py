@@ -12,8 +12,7 @@ import copy
 from dataclasses import dataclass
 from planner import whole_job
 from planner.alst import predict_alst
-from planner.cost_model import CostModel
-from planner.planning import PlanInfeasible, _solve, make_plan, training_precision
+from planner.planning import PlanInfeasible, _solve, gpu_floor_bytes, make_plan
 from spec.config import TOKEN_BLOCK, JobConfig
 from spec.hardware import HardwareProfile
 from spec.units import GIB
@@ -95,18 +94,19 @@ def _binding(job: JobConfig, profile: HardwareProfile) -> str:
         if str(refusal).startswith("does not fit the host memory"):
             return "host memory (offloaded optimizer / parameters)"
     _, policy, inputs, _ = _solve(job, profile)
-    static = CostModel(job, profile, training_precision(profile)).static_memory(job.train.zero_stage)
     if policy.feasible:  # the policy fitted its estimate; the laid-out arena did not
         return f"GPU memory (the laid-out plan above the {inputs.gpu_budget_bytes / GIB:.1f} GiB budget)"
-    skeletal = sum(inputs.skeletal_bytes)
-    floor = static.total + inputs.block_bytes + 2 * max(inputs.skeletal_bytes)
-    room = max(0.0, inputs.gpu_budget_bytes - floor)
-    if skeletal > inputs.host_budget_bytes:
-        return (f"host + GPU memory for what a plan never recomputes: the layer inputs and attention outputs "
-                f"({skeletal / GIB:.1f} GiB) against the host budget ({inputs.host_budget_bytes / GIB:.1f} GiB per "
-                f"GPU) plus the GPU's room beside weights, states and one layer's working set "
-                f"({room / GIB:.1f} GiB)")
+    floor, on_gpu, working = gpu_floor_bytes(inputs)
+    checkpointable = bool(inputs.checkpoint_block_bytes)
+    kept = sum(inputs.input_bytes if checkpointable else inputs.skeletal_bytes)
+    if kept > inputs.host_budget_bytes:
+        replay = max(working, min(inputs.checkpoint_block_bytes)) if checkpointable else working
+        room = max(0.0, inputs.gpu_budget_bytes - (floor - on_gpu - working + replay))
+        what = ("the layer inputs, all a layer checkpointed whole keeps" if checkpointable
+                else "the layer inputs and attention outputs, which a plan never recomputes")
+        return (f"host + GPU memory for {what} ({kept / GIB:.1f} GiB) against the host budget "
+                f"({inputs.host_budget_bytes / GIB:.1f} GiB per GPU) plus the GPU's room beside weights, states and "
+                f"one layer's working set ({room / GIB:.1f} GiB)")
     return (f"GPU memory (at least {floor / GIB:.1f} GiB with every activation on the host or recomputed: weights "
-            f"and states {(static.total - static.head_and_loss) / GIB:.1f}, one layer's working set "
-            f"{inputs.block_bytes / GIB:.1f} GiB; budget {inputs.gpu_budget_bytes / GIB:.1f} GiB)")
-
+            f"and states {inputs.static_bytes / GIB:.1f}, the largest working set (a layer's or the LM head's) "
+            f"{working / GIB:.1f} GiB; budget {inputs.gpu_budget_bytes / GIB:.1f} GiB)")

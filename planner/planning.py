@@ -99,7 +99,8 @@ def _fitted_layout(job: JobConfig, profile: HardwareProfile, solved):
     for _ in range(TIGHTEN_ATTEMPTS):
         if not _over_budget(plan):
             break
-        excess = (plan.predicted["peak_gpu_gib"] - plan.predicted["gpu_budget_gib"]) * GIB + TIGHTEN_MARGIN_BYTES
+        excess = ((plan.predicted["peak_gpu_gib"] - plan.predicted["gpu_budget_gib"]) * GIB + TIGHTEN_MARGIN_BYTES
+                  + 10 ** -FRACTION_DECIMALS * sum(inputs.token_wise_bytes))  # what rounding the keeps may add
         inputs = replace(inputs, gpu_budget_bytes=inputs.gpu_budget_bytes
                          - excess / max(profile.calibration.peak_memory_factor, 1e-6))
         policy = solve_policy(inputs, job.plan.time_limit_seconds)
@@ -130,7 +131,9 @@ def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, La
         i = needed.index(max(needed))
         block = solve_layout(layer_block_buffers(plain[i], compact=compact[i] if compressed[i] else None),
                              job.plan.time_limit_seconds)
-    step = solve_layout(step_buffers(layers, decisions, block.arena_bytes, cost.head_and_loss_bytes(), factors),
+    forward_bytes, backward_bytes, block = _block_halves(job, decisions, plain, inputs, block)
+    step = solve_layout(step_buffers(layers, decisions, forward_bytes, cost.head_and_loss_bytes(), factors,
+                                     head_reuses_block=True, backward_block_bytes=backward_bytes),
                         job.plan.time_limit_seconds)
     plan = _assemble(job, profile, cost, policy, block, step)
     # compressed layers keep their compact forms in the caching allocator: the arena regions hold plain roles
@@ -138,6 +141,21 @@ def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, La
                    if 0 < d.keep_fraction < 1 and d.activation_compression == "none"}
     plan.runtime_arena = runtime_arena(step, partly_kept, job.plan.time_limit_seconds)
     return plan, block, step
+
+
+def _block_halves(job: JobConfig, decisions, plain, inputs: PolicyInputs, block: LayoutResult):
+    """(forward bytes, backward bytes, the block the plan reports) of the level-1 block: the split layers' block for
+    both halves, and for checkpointed layers the largest forward and backward halves of their replay (the plan
+    reports the largest checkpointed layer's whole block when there is one)."""
+    replayed = [i for i, d in enumerate(decisions) if d.checkpoint_layer]
+    if not replayed:
+        return block.arena_bytes, block.arena_bytes, block
+    split = len(replayed) < len(decisions)
+    forward = max([block.arena_bytes] * split + [inputs.checkpoint_forward_block_bytes[i] for i in replayed])
+    backward = max([block.arena_bytes] * split + [inputs.checkpoint_block_bytes[i] for i in replayed])
+    largest = max(replayed, key=lambda index: inputs.checkpoint_block_bytes[index])
+    return forward, backward, solve_layout(layer_block_buffers(plain[largest], checkpoint=True),
+                                           job.plan.time_limit_seconds)
 
 
 def _over_budget(plan: Plan) -> bool:
@@ -187,6 +205,8 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
     precision = training_precision(profile)
     inputs = plan_inputs(job, profile, precision)
     static = cost.static_memory(job.train.zero_stage)
+    checkpointed = sum(d.checkpoint_layer for d in policy.decisions)
+    static.adapter_activations *= 1 - checkpointed / len(policy.decisions)  # a checkpointed layer's are replayed
     static_bytes = static.total - static.head_and_loss  # the head's buffers are in the arena
     step_seconds = policy.micro_batch_seconds * job.train.grad_accum_steps + whole_job.optimizer_step_seconds(cost)
     host_static = whole_job.host_static_bytes(job, cost.element_bytes)
@@ -239,13 +259,24 @@ def runtime_arena(step: LayoutResult, layers: set, time_limit_seconds: float) ->
                          "offset_bytes": b.offset_bytes} for b in layout.buffers]}
 
 
+def gpu_floor_bytes(inputs: PolicyInputs) -> Tuple[float, float, float]:
+    """(floor, kept, working set): a lower bound of the GPU memory any policy needs (everything swapped, recomputed
+    or checkpointed), what of it the layers keep beyond what the host budget takes (their inputs, or with no layer
+    checkpointable their inputs and attention outputs) and the working set it counts (a layer's, or the head's)."""
+    kept = inputs.input_bytes if inputs.checkpoint_block_bytes else inputs.skeletal_bytes
+    block = max(inputs.block_bytes, inputs.head_bytes)
+    on_gpu = max(0.0, sum(kept) - inputs.host_budget_bytes)
+    return inputs.static_bytes + block + 2 * max(kept) * (on_gpu > 0) + on_gpu, on_gpu, block
+
+
 def explain_infeasible(job: JobConfig, profile: HardwareProfile, inputs: PolicyInputs) -> str:
-    """Why no policy fits: skeletal tensors are never recomputed, so what the host cannot take stays on the GPU."""
+    """Why no policy fits: what the host cannot take of the layer inputs (and, where no layer may be checkpointed,
+    the attention outputs) stays on the GPU."""
     static = CostModel(job, profile, training_precision(profile)).static_memory(job.train.zero_stage)
-    skeletal_total = sum(inputs.skeletal_bytes)
-    on_gpu = max(0.0, skeletal_total - inputs.host_budget_bytes)
-    floor = inputs.static_bytes + inputs.block_bytes + 2 * max(inputs.skeletal_bytes) + on_gpu
-    host_note = (f"; the {skeletal_total / GIB:.1f} GiB of layer inputs and attention outputs exceed the host "
+    floor, on_gpu, _ = gpu_floor_bytes(inputs)
+    what = "layer inputs" if inputs.checkpoint_block_bytes else "layer inputs and attention outputs"
+    kept = sum(inputs.input_bytes if inputs.checkpoint_block_bytes else inputs.skeletal_bytes)
+    host_note = (f"; the {kept / GIB:.1f} GiB of {what} exceed the host "
                  f"budget of {inputs.host_budget_bytes / GIB:.1f} GiB per GPU, so {on_gpu / GIB:.1f} GiB stay on "
                  "the GPU" if on_gpu else "")
     why = (f"does not fit on {profile.name}: each GPU needs at least {floor / GIB:.1f} GiB with every activation "

@@ -1,19 +1,35 @@
 """MIP 1: per layer, which share of the token-wise activations stays on the GPU, goes to host memory, or is
-recomputed, whether the skeletal tensors go to host too, whether the swapped share is compressed to int8, and
-whether the layer saves compact activations (Mesa / S2A / WTA-CRS, `orchestrator.memory.compressed`: comp_i).
+recomputed, whether the skeletal tensors go to host too, whether the swapped share is compressed to int8,
+whether the layer saves compact activations (Mesa / S2A / WTA-CRS, `orchestrator.memory.compressed`: comp_i), and
+whether the whole layer is checkpointed instead (ckpt_i: only its input kept, its forward run again in backward,
+attention included; the ALST recipe's choice for every layer, so a plan's feasible set holds ALST's).
 
 Model (per GPU, per micro-batch; layers in order, forward of layer i overlaps the host copy of layer i-1, backward
 of layer i+1 overlaps the prefetch of layer i):
-  keep_i + swap_i + recompute_i = 1                                  (continuous token fractions)
-  time   = sum_i F_i + B_i + R_i * recompute_i + stall_fwd_i + stall_bwd_i + Q_i * int8_i
-  stall_fwd_i >= bytes_i / bw - F_{i+1},  stall_bwd_i >= bytes_i / bw - (B_{i+1} + R_{i+1} * recompute_{i+1})
+  keep_i + swap_i + recompute_i = 1 - ckpt_i                         (continuous token fractions)
+  time   = sum_i F_i + B_i + R_i * recompute_i + P_i * ckpt_i + stall_fwd_i + stall_bwd_i + Q_i * int8_i
+        (P_i: the replayed forward, less a tiled MLP's, which the replay skips)
+  stall_fwd_i >= bytes_i / bw - F_{i+1},
+  stall_bwd_i >= bytes_i / bw - (B_{i+1} + R_{i+1} * recompute_{i+1} + P_{i+1} * ckpt_{i+1})
   bytes_i = T_i * (swap_i - (1 - 1/e) * swap_int8_i) - (T_i - Tc_i) * swap_comp_i + K_i * offload_i
-        (swap_int8 = swap * int8 and swap_comp = swap * comp, linearised; a compressed layer's token-wise bytes
-        are Tc_i, split by token like T_i; int8_i + comp_i <= 1; compressing costs C_i seconds)
-  GPU:  static + sum K_i (1 - offload_i) + sum T_i keep_i - sum (T_i - Tc_i) keep_comp_i + block_max
-        + 2 * (prefetch + max K * any_offload) <= budget,  block_max >= block_i - (block_i - block_c_i) * comp_i
-        (block_i, block_c_i: layer i's working set, plain and compressed)
-        (at the LM head the last layer's outgoing copy and its prefetch are both in flight: hence the 2)
+            - (K_i - I_i) * ckpt_off_i
+        (swap_int8 = swap * int8, swap_comp = swap * comp and ckpt_off = ckpt * offload, linearised; a compressed
+        layer's token-wise bytes are Tc_i, split by token like T_i; int8_i + comp_i + ckpt_i <= 1; compressing
+        costs C_i seconds; I_i: the layer input, all a checkpointed layer keeps, on the GPU or on the host)
+  GPU:  common = static + sum K_i (1 - offload_i) - (K_i - I_i) (ckpt_i - ckpt_off_i) + sum T_i keep_i
+                 - sum (T_i - Tc_i) keep_comp_i + sum A (1 - ckpt_i) + 2 * prefetch
+                 (A: a LoRA layer's adapters' saved inputs, which a checkpointed layer recomputes too)
+        forward:  common + block_fwd + 2 * staging <= budget,  staging >= K_i offload_i - (K_i - I_i) ckpt_off_i
+                  (a layer's skeletal copy out and the next one's, in flight)
+        backward: common + block_max + staging_bwd <= budget,
+                  staging_bwd >= 2 K_i offload_i - (2 K_i - I_i) ckpt_off_i (a prefetched layer's and the next one's;
+                  a checkpointed layer's input is fetched when its backward starts, its copy exposed: I_i / bw)
+        head:     common + head + 2 * staging <= budget (the LM head and loss, when no layer's working set is alive;
+                  the last layer's outgoing copy and the first prefetch in flight)
+        block_max, block_fwd >= block_i (1 - ckpt_i) - (block_i - block_c_i) * comp_i,
+        block_max >= block_rb_i * ckpt_i,  block_fwd >= block_rf_i * ckpt_i
+        (block_i, block_c_i: layer i's working set, plain and compressed; block_rf_i, block_rb_i: replayed whole,
+        its forward and its backward half)
   host: sum_i bytes_i <= host budget per GPU
 Minimise time, then (tiny weight) host bytes, so nothing is swapped that could simply stay.
 Per-layer constants (F, B, R, T, K) differ where token elimination makes a layer sparse (`CostModel.layers`).
@@ -28,7 +44,7 @@ import pulp
 from planner import whole_job
 from planner.cost_model import PLANNER_COMPRESSION, CostModel, LayerCost
 from planner.layout import LayoutResult, solve_layout
-from planner.schedule import layer_block_buffers
+from planner.schedule import layer_block_buffers, layer_input_bytes
 from spec.plan import LayerPlan, compression_spec
 from planner.solver import make_solver, solve_quietly, solver_name, status_name
 from spec.units import GIB
@@ -51,6 +67,11 @@ ahead), a hand policy swapping 90% of the tokens at 128K on an H200 (`longtrain 
 last layer's, which has no neighbour. 0.9 keeps a margin for copy-engine contention (docs/log.md)."""
 SMOOTHING_SECONDS = 1e-6
 """Seconds per unit change of a fraction between neighbouring layers (a tie-break, far below any real cost)."""
+LATE_INPUT_SECONDS = 1e-7
+"""Seconds per layer from the last for a checkpointed layer whose input stays on the GPU (a tie-break): the MIP
+counts every kept input at every moment, but a late layer's input lives only from its forward to its backward,
+around the LM head, so the laid-out plan peaks lower when the GPU keeps the last layers' inputs (at 632K tokens
+of the issue-18 job, 118 GiB against 128 GiB with layers 8-18 kept)."""
 
 
 @dataclass
@@ -102,6 +123,20 @@ class PolicyInputs:
     sparse: Tuple[bool, ...] = ()
     """Per layer: token-eliminated. The runtime does not split a layer that is both sparse and compressed, so
     such a layer keeps all its tokens and its skeletal tensors on the GPU."""
+    head_bytes: float = 0.0
+    """The LM head and loss buffers, alive when no layer's working set is (`static_bytes` leaves them out)."""
+    input_bytes: List[float] = field(default_factory=list)
+    """I_i: each layer's input, all a checkpointed layer keeps."""
+    checkpoint_block_bytes: List[float] = field(default_factory=list)
+    """Each layer's working set in backward when checkpointed (its forward replayed whole before it); empty: no
+    layer may be checkpointed."""
+    checkpoint_forward_block_bytes: List[float] = field(default_factory=list)
+    """... and in forward (placed apart: the forward holds two inputs in flight, the backward one)."""
+    replay_seconds: List[float] = field(default_factory=list)
+    """Each layer's replayed forward when checkpointed (`LayerCost.checkpoint_seconds`)."""
+    adapter_bytes: float = 0.0
+    """LoRA: what one layer's adapters keep whole on the GPU unless the layer is checkpointed (`static_bytes` leaves
+    them out)."""
 
 
 def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approximate: bool = False,
@@ -121,11 +156,13 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
     elif approximate:
         settings, compress = PLANNER_COMPRESSION, ("may",) * n
     compact = cost.compressed_layers(settings) if settings else []
+    static = cost.static_memory(zero_stage)
     return PolicyInputs(
         num_layers=job.model.num_layers, forward_seconds=per_layer("forward_seconds"),
         backward_seconds=per_layer("backward_seconds"), recompute_seconds=per_layer("recompute_seconds"),
         skeletal_bytes=per_layer("skeletal_bytes"), token_wise_bytes=per_layer("token_wise_bytes"),
-        static_bytes=cost.static_memory(zero_stage).total, block_bytes=block_bytes,
+        static_bytes=static.total - static.head_and_loss - static.adapter_activations,
+        head_bytes=static.head_and_loss, adapter_bytes=static.adapter_activations / n, block_bytes=block_bytes,
         head_seconds=cost.head_seconds(), pcie_bytes_per_second=cost.pcie_bytes_per_second(),
         gpu_budget_bytes=profile.device_memory_gib * GIB * job.plan.gpu_memory_fraction,
         host_budget_bytes=(whole_job.host_budget_bytes(job, profile)
@@ -136,18 +173,25 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
         compressed_block_bytes=[b.arena_bytes for b in block_layouts(layers, compact, time_limit_seconds)]
         if compact else [],
         compress=compress, compression_spec=compression_spec(settings) if settings else "none",
-        sparse=tuple(layer.keep_share < 1 for layer in layers))
+        sparse=tuple(layer.keep_share < 1 for layer in layers),
+        input_bytes=[layer_input_bytes(layer) for layer in layers],
+        replay_seconds=[layer.checkpoint_seconds for layer in layers],
+        checkpoint_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds, "backward")],
+        checkpoint_forward_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds,
+                                                                             "forward")])
 
 
-def block_layouts(layers: List[LayerCost], compact: List[LayerCost], time_limit_seconds: float) -> List[LayoutResult]:
-    """Each layer's level-1 layout, with the compact activations of `compact` (when given); layers that share their
-    costs share one solve."""
+def block_layouts(layers: List[LayerCost], compact: List[LayerCost], time_limit_seconds: float,
+                  checkpoint: str = "") -> List[LayoutResult]:
+    """Each layer's level-1 layout, with the compact activations of `compact` (when given), or the forward or
+    backward half of the layer replayed whole (`checkpoint`); layers that share their costs share one solve."""
     solved, layouts = {}, []
     for i, layer in enumerate(layers):
         key = (id(layer), id(compact[i]) if compact else None)
         if key not in solved:
-            solved[key] = solve_layout(layer_block_buffers(layer, compact=compact[i] if compact else None),
-                                       time_limit_seconds)
+            buffers = layer_block_buffers(layer, compact=compact[i] if compact else None, checkpoint=bool(checkpoint),
+                                          part=checkpoint or "both")
+            solved[key] = solve_layout(buffers, time_limit_seconds)
         layouts.append(solved[key])
     return layouts
 
@@ -166,15 +210,16 @@ def solve_policy(inputs: PolicyInputs, time_limit_seconds: float) -> PolicyResul
     return result
 
 
-def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backward: bool):
+def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backward: bool, replay_next=0.0):
     """Seconds of layer i's host copies (`moved` bytes each way) not hidden behind the neighbouring compute: the
-    next layer's forward, or in backward the next layer's backward and its recomputed share (the LM head after the
-    last layer). Negative when hidden. Works on numbers and on the MIP's affine expressions alike, so the MIP and
-    `launch.measure.calibration.predict` share one formula."""
+    next layer's forward, or in backward the next layer's backward, its recomputed share and its replayed forward
+    when it is checkpointed (`replay_next`; the LM head after the last layer). Negative when hidden. Works on
+    numbers and on the MIP's affine expressions alike, so the MIP and `launch.measure.calibration.predict` share
+    one formula."""
     n = p.num_layers
     if backward:
-        neighbour = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute_next) if i + 1 < n \
-            else 2 * p.head_seconds
+        neighbour = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute_next
+                     + _replay(p)[i + 1] * replay_next) if i + 1 < n else 2 * p.head_seconds
     else:
         neighbour = p.forward_seconds[i + 1] if i + 1 < n else p.head_seconds
     return moved * (1 / p.pcie_bytes_per_second) - p.swap_hidden_fraction * neighbour
@@ -193,18 +238,25 @@ def _build(p: PolicyInputs):
     keep_comp = [problem.add_variable(f"keep_comp{i}", 0, 1) for i in range(n)]
     swap_comp = [problem.add_variable(f"swap_comp{i}", 0, 1) for i in range(n)]
     saved = [t - c for t, c in zip(p.token_wise_bytes, p.compressed_token_wise_bytes or p.token_wise_bytes)]
+    ckpt = [problem.add_variable(f"ckpt{i}", cat="Binary") for i in range(n)]
+    ckpt_off = [problem.add_variable(f"ckpt_off{i}", 0, 1) for i in range(n)]
+    input_bytes = p.input_bytes or list(p.skeletal_bytes)
+    dropped = [p.skeletal_bytes[i] - input_bytes[i] for i in range(n)]  # what checkpointing a layer drops too
     stall_fwd = [problem.add_variable(f"stall_fwd{i}", 0) for i in range(n)]
     stall_bwd = [problem.add_variable(f"stall_bwd{i}", 0) for i in range(n)]
-    prefetch = problem.add_variable("prefetch_bytes", 0)
-    block = problem.add_variable("block_bytes", 0)
-    any_offload = problem.add_variable("any_offload", cat="Binary")
+    prefetch = problem.add_variable("prefetch_gib", 0)  # memory in GiB: bytes (1e10) beside binaries misled HiGHS's
+    block = problem.add_variable("block_gib", 0)  # presolve into calling a feasible model infeasible
+    staging = problem.add_variable("skeletal_staging_gib", 0)  # one layer's copy in flight in forward
+    staging_bwd = problem.add_variable("skeletal_staging_backward_gib", 0)
+    block_fwd = problem.add_variable("block_forward_gib", 0)
     swapped = [p.token_wise_bytes[i] * (swap[i] - (1 - p.int8_factor) * swap_int8[i]) - saved[i] * swap_comp[i]
                for i in range(n)]
-    moved = [swapped[i] + p.skeletal_bytes[i] * offload[i] for i in range(n)]
+    moved = [swapped[i] + p.skeletal_bytes[i] * offload[i] - dropped[i] * ckpt_off[i] for i in range(n)]
     plain_block = p.layer_block_bytes or [p.block_bytes] * n
     compact_block = p.compressed_block_bytes or plain_block
     for i in range(n):
-        problem += keep[i] + swap[i] + recompute[i] == 1
+        problem += keep[i] + swap[i] + recompute[i] == 1 - ckpt[i]
+        _checkpoint_rules(problem, p, i, ckpt, ckpt_off, offload, comp, (block, block_fwd, staging_bwd))
         if not p.allow_int8:
             problem += int8[i] == 0
         problem += swap_int8[i] <= swap[i]
@@ -221,26 +273,58 @@ def _build(p: PolicyInputs):
         if p.sparse and p.sparse[i]:
             problem += keep[i] >= comp[i]
             problem += offload[i] <= 1 - comp[i]
-        recompute_next = recompute[i + 1] if i + 1 < n else 0
+        recompute_next, replay_next = (recompute[i + 1], ckpt[i + 1]) if i + 1 < n else (0, 0)
         problem += stall_fwd[i] >= exposed_copy_seconds(p, i, moved[i], recompute_next, backward=False)
-        problem += stall_bwd[i] >= exposed_copy_seconds(p, i, moved[i], recompute_next, backward=True)
-        problem += prefetch >= swapped[i]
-        problem += block >= plain_block[i] - (plain_block[i] - compact_block[i]) * comp[i]
-        problem += any_offload >= offload[i]
-    gpu = (p.static_bytes + block + 2 * prefetch
-           + pulp.lpSum(p.skeletal_bytes[i] * (1 - offload[i]) + p.token_wise_bytes[i] * keep[i]
-                        - saved[i] * keep_comp[i] for i in range(n))
-           + 2 * max(p.skeletal_bytes) * any_offload)
-    problem += gpu <= p.gpu_budget_bytes
-    problem += pulp.lpSum(moved) <= p.host_budget_bytes
-    seconds = pulp.lpSum(p.recompute_seconds[i] * recompute[i] + stall_fwd[i] + stall_bwd[i]
+        problem += stall_bwd[i] >= exposed_copy_seconds(p, i, moved[i], recompute_next, backward=True,
+                                                        replay_next=replay_next)
+        problem += stall_bwd[i] >= input_bytes[i] / p.pcie_bytes_per_second * ckpt_off[i]  # fetched, not prefetched
+        problem += prefetch >= swapped[i] * (1 / GIB)
+        for whole in (block, block_fwd):  # a layer's working set, unless it is checkpointed (see the rules)
+            problem += whole >= (plain_block[i] * (1 - ckpt[i]) - (plain_block[i] - compact_block[i]) * comp[i]) / GIB
+        problem += staging >= (p.skeletal_bytes[i] * offload[i] - dropped[i] * ckpt_off[i]) * (1 / GIB)
+    kept = pulp.lpSum(p.skeletal_bytes[i] * (1 - offload[i]) - dropped[i] * (ckpt[i] - ckpt_off[i])
+                      + p.token_wise_bytes[i] * keep[i] - saved[i] * keep_comp[i]
+                      + p.adapter_bytes * (1 - ckpt[i]) for i in range(n))
+    common = (p.static_bytes + kept) * (1 / GIB) + 2 * prefetch
+    problem += common + block_fwd + 2 * staging <= p.gpu_budget_bytes / GIB
+    problem += common + block + staging_bwd <= p.gpu_budget_bytes / GIB
+    problem += common + p.head_bytes / GIB + 2 * staging <= p.gpu_budget_bytes / GIB
+    problem += pulp.lpSum(moved) * (1 / GIB) <= p.host_budget_bytes / GIB
+    seconds = pulp.lpSum(p.recompute_seconds[i] * recompute[i] + _replay(p)[i] * ckpt[i]
+                         + stall_fwd[i] + stall_bwd[i]
                          + INT8_SECONDS_PER_BYTE * p.token_wise_bytes[i] * swap_int8[i]
                          + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes[i] * comp[i] for i in range(n))
-    problem += seconds + HOST_TIE_BREAK * pulp.lpSum(moved) + SMOOTHING_SECONDS * _changes(problem, [keep, swap, offload])
+    late = pulp.lpSum((n - 1 - i) * (ckpt[i] - ckpt_off[i]) for i in range(n))
+    problem += (seconds + HOST_TIE_BREAK * pulp.lpSum(moved) + SMOOTHING_SECONDS * _changes(problem, [keep, swap, offload])
+                + LATE_INPUT_SECONDS * late)
     variables = dict(keep=keep, swap=swap, recompute=recompute, offload=offload, int8=int8, swap_int8=swap_int8,
-                     comp=comp, stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, any_offload=any_offload,
-                     block=block)
+                     comp=comp, ckpt=ckpt, stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, staging=staging,
+                     staging_bwd=staging_bwd, block=block, block_fwd=block_fwd)
     return problem, variables
+
+
+def _replay(p: PolicyInputs) -> List[float]:
+    return p.replay_seconds or p.forward_seconds
+
+
+def _checkpoint_rules(problem: pulp.LpProblem, p: PolicyInputs, i: int, ckpt, ckpt_off, offload, comp,
+                      memory) -> None:
+    """ckpt_off = ckpt x offload (the input of a checkpointed layer in host memory); a checkpointed layer is neither
+    compressed nor token-eliminated (the runtime replays the plain forward); its working sets, forward and
+    backward; in backward its input in host memory comes back when its own backward starts (one input on the GPU,
+    a prefetched layer's skeletal tensors two), the copy not hidden."""
+    block, block_fwd, staging_bwd = memory
+    problem += ckpt_off[i] <= ckpt[i]
+    problem += ckpt_off[i] <= offload[i]
+    problem += ckpt_off[i] >= ckpt[i] + offload[i] - 1
+    problem += ckpt[i] + comp[i] <= 1
+    problem += staging_bwd >= (2 * p.skeletal_bytes[i] * offload[i]
+                               - (2 * p.skeletal_bytes[i] - (p.input_bytes or p.skeletal_bytes)[i]) * ckpt_off[i]) / GIB
+    if not p.checkpoint_block_bytes or (p.sparse and p.sparse[i]):
+        problem += ckpt[i] == 0
+        return
+    problem += block >= p.checkpoint_block_bytes[i] / GIB * ckpt[i]
+    problem += block_fwd >= p.checkpoint_forward_block_bytes[i] / GIB * ckpt[i]
 
 
 def _changes(problem: pulp.LpProblem, series: List[List[pulp.LpVariable]]):
@@ -262,6 +346,10 @@ def _has_values(v: Dict) -> bool:
 def _fill(result: PolicyResult, p: PolicyInputs, v: Dict, spec: str) -> None:
     value = lambda x: max(0.0, float(x.value() or 0.0))  # noqa: E731 (solver noise below zero)
     for i in range(p.num_layers):
+        if value(v["ckpt"][i]) > 0.5:
+            result.decisions.append(LayerPlan(layer=i, keep_fraction=0.0, recompute_fraction=1.0,
+                                              offload_skeletal=value(v["offload"][i]) > 0.5, checkpoint_layer=True))
+            continue
         result.decisions.append(LayerPlan(
             layer=i, keep_fraction=value(v["keep"][i]), swap_fraction=value(v["swap"][i]),
             recompute_fraction=value(v["recompute"][i]), offload_skeletal=value(v["offload"][i]) > 0.5,
@@ -269,9 +357,11 @@ def _fill(result: PolicyResult, p: PolicyInputs, v: Dict, spec: str) -> None:
             activation_compression=spec if value(v["comp"][i]) > 0.5 else "none"))
     token_wise = [p.compressed_token_wise_bytes[i] if d.activation_compression != "none" else p.token_wise_bytes[i]
                   for i, d in enumerate(result.decisions)]
-    moved = [t * d.swap_fraction * (p.int8_factor if d.swap_codec == "int8" else 1.0)
-             + p.skeletal_bytes[i] * d.offload_skeletal for i, (t, d) in enumerate(zip(token_wise, result.decisions))]
-    extra = sum(p.recompute_seconds[i] * d.recompute_fraction
+    skeletal = [(p.input_bytes or p.skeletal_bytes)[i] if d.checkpoint_layer else p.skeletal_bytes[i]
+                for i, d in enumerate(result.decisions)]
+    moved = [t * d.swap_fraction * (p.int8_factor if d.swap_codec == "int8" else 1.0) + k * d.offload_skeletal
+             for t, k, d in zip(token_wise, skeletal, result.decisions)]
+    extra = sum((_replay(p)[i] if d.checkpoint_layer else p.recompute_seconds[i] * d.recompute_fraction)
                 + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes[i] * (d.activation_compression != "none")
                 for i, d in enumerate(result.decisions))
     stalls = sum(value(s) for s in v["stall_fwd"] + v["stall_bwd"])
@@ -279,8 +369,12 @@ def _fill(result: PolicyResult, p: PolicyInputs, v: Dict, spec: str) -> None:
                                   + extra + stalls)
     result.host_bytes = sum(moved)
     result.swap_bytes_per_micro_batch = 2 * sum(moved)
-    offloaded = any(d.offload_skeletal for d in result.decisions)
-    result.peak_gpu_bytes = (p.static_bytes + value(v["block"]) + 2 * value(v["prefetch"])
-                             + 2 * max(p.skeletal_bytes) * offloaded
-                             + sum(p.skeletal_bytes[i] * (not d.offload_skeletal) + t * d.keep_fraction
-                                   for i, (t, d) in enumerate(zip(token_wise, result.decisions))))
+    staging = max([k for k, d in zip(skeletal, result.decisions) if d.offload_skeletal], default=0.0)
+    staging_bwd = max([k * (1 if d.checkpoint_layer else 2) for k, d in zip(skeletal, result.decisions)
+                       if d.offload_skeletal], default=0.0)
+    working = max(value(v["block_fwd"]) * GIB + 2 * staging, value(v["block"]) * GIB + staging_bwd,
+                  p.head_bytes + 2 * staging)
+    result.peak_gpu_bytes = (p.static_bytes + working + 2 * value(v["prefetch"]) * GIB
+                             + sum(k * (not d.offload_skeletal) + t * d.keep_fraction
+                                   + p.adapter_bytes * (not d.checkpoint_layer)
+                                   for t, k, d in zip(token_wise, skeletal, result.decisions)))

@@ -12,7 +12,7 @@ from spec.units import GIB
 def layer_groups(layers: List[LayerPlan]) -> List[tuple]:
     """(first, last, decision) for runs of consecutive layers with the same decision."""
     key = lambda d: (d.keep_fraction, d.swap_fraction, d.recompute_fraction,  # noqa: E731
-                     d.offload_skeletal, d.swap_codec, d.activation_compression)
+                     d.offload_skeletal, d.swap_codec, d.activation_compression, d.checkpoint_layer)
     groups, index = [], 0
     for _, run in groupby(layers, key=key):
         run = list(run)
@@ -40,9 +40,13 @@ def plan_summary(plan: Plan, plan_path: Path, png_path: Path, seconds: float) ->
              f"(sp_degree {inputs['sp_degree']}, ZeRO-{inputs['zero_stage']}, {inputs['precision']})",
              "  layers      keep   swap   recompute   skeletal    compression"]
     for first, last, d in layer_groups(plan.layers):
-        lines.append(f"  {first:>3}-{last:<3}   {d.keep_fraction:>5.2f}  {d.swap_fraction:>5.2f}   "
-                     f"{d.recompute_fraction:>7.2f}     {'host' if d.offload_skeletal else 'gpu':<8}    "
+        shares = (f"{'whole layer replayed':<22}" if d.checkpoint_layer else
+                  f"{d.keep_fraction:>5.2f}  {d.swap_fraction:>5.2f}   {d.recompute_fraction:>7.2f}")
+        lines.append(f"  {first:>3}-{last:<3}   {shares}     {'host' if d.offload_skeletal else 'gpu':<8}    "
                      f"{_compression(d)}")
+    if any(d.checkpoint_layer for d in plan.layers):
+        lines.append("  (whole layer replayed: the layer keeps only its input, where the skeletal column says, and "
+                     "runs its forward again in backward, attention included)")
     static = p["static_gib"]
     lines += [
         f"  step time   {p['step_seconds']:.3f} s   MFU {p['mfu']:.1%} ({p['mfu_convention']})   "
@@ -167,6 +171,9 @@ def _plot_decisions(axis, plan: Plan) -> None:
     axis.bar(layers, keep, color="tab:green", label="keep (GPU)")
     axis.bar(layers, swap, bottom=keep, color="tab:blue", label="swap (host)")
     axis.bar(layers, recompute, bottom=[k + s for k, s in zip(keep, swap)], color="tab:orange", label="recompute")
+    replayed = [index for index, decision in enumerate(plan.layers) if decision.checkpoint_layer]
+    if replayed:
+        axis.bar(replayed, [1] * len(replayed), color="tab:red", label="whole layer replayed (input kept)")
     for index, decision in enumerate(plan.layers):
         if decision.offload_skeletal:
             axis.bar(index, 1, fill=False, hatch="//", edgecolor="black", linewidth=0)
@@ -175,5 +182,6 @@ def _plot_decisions(axis, plan: Plan) -> None:
     axis.set_ylim(0, 1.05)
     axis.set_xlabel("layer")
     axis.set_ylabel("share of token-wise activations")
-    axis.set_title("per-layer decisions (hatched: layer inputs / attention outputs on the host)", fontsize=10)
+    axis.set_title("per-layer decisions (hatched: layer inputs / attention outputs, or a replayed layer's input, on the "
+                   "host)", fontsize=10)
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

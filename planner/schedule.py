@@ -3,8 +3,9 @@
 Level 1 is one layer's forward then backward (the same for every layer, so solved once): the token-wise
 activations it creates, and the gradients its backward creates and frees op by op. Level 2 is the whole step:
 forward of layer i at event i, the LM head + loss at event L, backward of layer i at event 2L - i; it places the
-level-1 block (one unit, reused by every layer), each layer's skeletal tensors and the kept token-wise share,
-the swap staging buffers, and the head's buffers.
+level-1 block (one unit, reused by every layer: its forward half before the head, its backward half after, so the
+head's buffers may reuse its room), each layer's skeletal tensors (a checkpointed layer's input only) and the kept
+token-wise share, the swap staging buffers, and the head's buffers.
 """
 
 from typing import Dict, List, Sequence
@@ -12,7 +13,7 @@ from typing import Dict, List, Sequence
 from planner.cost_model import LayerCost
 from planner.layout import Buffer
 from spec.plan import LayerPlan, align
-from spec.activations import TOKEN_WISE, token_ranges
+from spec.activations import LAYER_INPUT, TOKEN_WISE, token_ranges
 
 # Level-1 events: forward ops 0..7, then swap-out / drop at 8, backward ops 8..17 (end exclusive).
 _FORWARD_END = 8
@@ -45,12 +46,19 @@ _LEVEL1_TILED = [  # the MLP through DeepSpeed's TiledMLP: it saves its input on
     ("grad_attn_out", 14, 16), ("grad_q", 15, 17), ("grad_k", 15, 17), ("grad_v", 15, 17),
     ("grad_q_accum_fp32", 15, 16), ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
 ]
+_REPLAYED = [("attn_out@bwd", _FORWARD_END, 16), ("attn_lse@bwd", _FORWARD_END, 16)]
+"""A checkpointed layer (`checkpoint_layer`): its replayed forward makes every saved tensor again at the start of
+its backward, the attention output and log-sum-exp too; the replay's passing outputs live while it runs."""
+_REPLAY_TRANSIENTS = ("down_out",)
+"""The replay's passing output alive once all its saved tensors are: the layer's output (the attention's output
+projection is freed before the MLP's tensors exist; a tiled MLP's work is skipped, `tiled_mlp.InputOnly`)."""
 _TILE_COPIES = {"mlp_tile": 4, "mlp_tile@bwd": 8}
 """A tile's intermediates alive at once: forward (no_grad) gate, up, silu and product; backward those four
 recomputed with autograd and their gradients (`planner.whole_job`)."""
 
 
-def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCost = None) -> List[Buffer]:
+def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCost = None,
+                        checkpoint: bool = False, part: str = "both") -> List[Buffer]:
     """Level 1: one layer's transient buffers, sized for all of its tokens.
 
     `plain`: the layer keeps everything (no hooks), so its token-wise activations are the kept ones (level 2
@@ -58,13 +66,16 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
     transient. Counting the full block for such a layer over-predicted the 32K and 64K keep-all peaks on an H100
     by one layer's activations (+22% and +18%, profiles/runs/h100_sxm_2026-11-26_calibration.md).
     `compact`: a compressed layer's costs; its activations (forward and restored) are the compact forms, the
-    gradients stay full-size."""
+    gradients stay full-size. `checkpoint`: the layer is checkpointed whole (`_REPLAYED`). `part`: both, or only
+    the forward's or the backward's buffers (a checkpointed layer's two halves are placed apart at level 2)."""
     per_token = {t.name: t.bytes_per_token for t in layer.tensors}
     activation = {t.name: t.bytes_per_token for t in (compact or layer).tensors}
     attn_out = next(t for t in layer.tensors if t.name == "attn_out")
     hidden_bytes = attn_out.bytes_per_token / attn_out.share  # every token (a sparse layer scatters its rows back)
     buffers = []
-    for name, start, end in (_LEVEL1_TILED if layer.mlp_tile_bytes else _LEVEL1):
+    for name, start, end in _level1(layer, checkpoint):
+        if (part == "forward" and start >= _FORWARD_END) or (part == "backward" and start < _FORWARD_END):
+            continue
         if plain and (name in TOKEN_WISE or name.endswith("@bwd")) and name not in _TILE_COPIES:
             continue
         base = name.split("@")[0].removeprefix("grad_")
@@ -72,15 +83,38 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
             buffers.append(Buffer(name=name, layer=-1, size_bytes=align(_TILE_COPIES[name] * layer.mlp_tile_bytes),
                                   start=start, end=end))
             continue
-        if name == "mlp_out_tiles":
+        if name.split("@")[0] in ("attn_out", "attn_lse"):
+            size = per_token[name.split("@")[0]]
+        elif name.split("@")[0] == "mlp_out_tiles":
             size = hidden_bytes
         elif name == "grad_q_accum_fp32":
             size = per_token["q"] * 4 / layer.element_bytes
         else:
-            size = hidden_bytes if name in _HIDDEN_SIZED else (
+            size = hidden_bytes if name.split("@")[0] in _HIDDEN_SIZED else (
                 activation[base] if name in TOKEN_WISE or name.endswith("@bwd") else per_token[base])
         buffers.append(Buffer(name=name, layer=-1, size_bytes=align(size * layer.tokens), start=start, end=end))
     return buffers
+
+
+_RESTORED = {f"{name}@bwd" for name in TOKEN_WISE}
+
+
+def _level1(layer: LayerCost, checkpoint: bool) -> List[tuple]:
+    """The level-1 events of a layer: plain or tiled MLP; checkpointed, every restored tensor from the start of
+    backward (the replay makes them all at once) and the replay's passing outputs during it."""
+    events = _LEVEL1_TILED if layer.mlp_tile_bytes else _LEVEL1
+    if not checkpoint:
+        return events
+    replay = [(f"{name}@replay", _FORWARD_END, _FORWARD_END + 1) for name, _, _ in events
+              if name in _REPLAY_TRANSIENTS]
+    restored = [(name, _FORWARD_END if name.endswith("@bwd") and name in _RESTORED else start, end)
+                for name, start, end in events]
+    return restored + _REPLAYED + [("attn_out", 2, _FORWARD_END)] + replay
+
+
+def layer_input_bytes(layer: LayerCost) -> float:
+    """The layer's input: all a checkpointed layer keeps."""
+    return sum(t.bytes_per_token for t in layer.tensors if t.name == LAYER_INPUT) * layer.tokens
 
 
 def keeps_everything(decisions: Sequence[LayerPlan]) -> bool:
@@ -104,13 +138,20 @@ def kept_token_wise_bytes(layer: LayerCost, swap_fraction: float, recompute_frac
 
 
 def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[LayerPlan], block_bytes: int, head_bytes: float,
-                 compression_factor: Sequence[float]) -> List[Buffer]:
+                 compression_factor: Sequence[float], head_reuses_block: bool = False,
+                 backward_block_bytes: int = 0) -> List[Buffer]:
     """Level 2: buffers across the whole step, given each layer's cost (a compressed layer has smaller token-wise
-    tensors, a token-eliminated one smaller attention tensors) and decision (keep, swap, offload_skeletal)."""
+    tensors, a token-eliminated one smaller attention tensors) and decision (keep, swap, offload_skeletal,
+    checkpoint_layer). `head_reuses_block`: the layer block is two buffers, forward (`block_bytes`) and backward
+    (`backward_block_bytes`, or the same), so the head's buffers may take its room (the planner's; a bench of
+    layers alone, which has no head, keeps one). A checkpointed layer's input in host memory comes back when its
+    own backward starts, not one layer ahead (`orchestrator.memory.tokenwise`)."""
     num_layers = len(decisions)
     last = 2 * num_layers + 1
-    buffers = [Buffer("layer_block", -1, align(block_bytes), 0, last),
-               Buffer("head_and_loss", -1, align(head_bytes), num_layers, num_layers + 1)]
+    block = ([Buffer("layer_block", -1, align(block_bytes), 0, num_layers),
+              Buffer("layer_block@bwd", -1, align(backward_block_bytes or block_bytes), num_layers + 1, last)]
+             if head_reuses_block else [Buffer("layer_block", -1, align(block_bytes), 0, last)])
+    buffers = block + [Buffer("head_and_loss", -1, align(head_bytes), num_layers, num_layers + 1)]
     for i, (layer, decision) in enumerate(zip(layers, decisions)):
         forward, backward = i, 2 * num_layers - i
         _, swapped_tokens, _ = token_ranges(decision.swap_fraction, decision.recompute_fraction,
@@ -118,10 +159,10 @@ def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[LayerPlan], bl
         swapped = align(swapped_tokens / (layer.tokens // layer.sequences) * layer.token_wise_bytes
                         * compression_factor[i])
         kept = kept_token_wise_bytes(layer, decision.swap_fraction, decision.recompute_fraction)
-        skeletal = align(layer.skeletal_bytes)
+        skeletal = align(layer_input_bytes(layer) if decision.checkpoint_layer else layer.skeletal_bytes)
         if decision.offload_skeletal:
             buffers += [Buffer("skeletal_out", i, skeletal, forward, forward + 2),
-                        Buffer("skeletal_in", i, skeletal, backward - 1, backward + 1)]
+                        Buffer("skeletal_in", i, skeletal, backward - (not decision.checkpoint_layer), backward + 1)]
         else:
             buffers.append(Buffer("skeletal", i, skeletal, forward, backward + 1))
         if kept:

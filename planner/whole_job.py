@@ -67,10 +67,10 @@ def layer_cost(cost, tensors, matmul_seconds: float, attention_seconds: float, s
     forward = matmul_seconds + attention_seconds + scoring_seconds + adapters
     backward = ((1.0 + weight_grads) * matmul_seconds + BACKWARD_TO_FORWARD * attention_seconds
                 + BACKWARD_TO_FORWARD * adapters)
-    recompute, tile_bytes = matmul_seconds + adapters, 0.0
+    recompute, tile_bytes, mlp = matmul_seconds + adapters, 0.0, 0.0
     if cost.job.train.tiled_mlp:
         tensors = tiled_mlp_saved_tensors(tensors)
-        mlp = matmul_seconds * _mlp_share(model)
+        mlp = matmul_seconds * _mlp_share(model)  # a checkpointed layer's replay skips it too
         backward += mlp  # each tile's forward again, with gradients
         recompute -= mlp  # recomputation stops at the MLP's input
         tile_bytes = min(tile_tokens(model), tokens) * model.intermediate_size * cost.element_bytes
@@ -79,7 +79,8 @@ def layer_cost(cost, tensors, matmul_seconds: float, attention_seconds: float, s
         skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * tokens,
         token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * tokens,
         tensors=tensors, tokens=tokens, element_bytes=cost.element_bytes,
-        sequences=cost.job.data.micro_batch_size, keep_share=keep_share, mlp_tile_bytes=tile_bytes)
+        sequences=cost.job.data.micro_batch_size, keep_share=keep_share, mlp_tile_bytes=tile_bytes,
+        replay_seconds=forward - mlp)
 
 
 def tile_tokens(model: ModelConfig) -> int:

@@ -103,7 +103,7 @@ def test_max_seq_finds_the_longest_planned_sequence_and_names_what_binds():
     longest = longest_sequence(job, profile)
     line = longest_line(job, profile, longest)
     assert "\n" not in line and "binding at" in line and f"data.seq_len={longest.seq_len}" in line
-    assert 262144 < longest.seq_len < 524288
+    assert 524288 < longest.seq_len < 1048576  # 632K since layers may be replayed whole (333K before)
     assert make_plan(_job(f"data.seq_len={longest.seq_len}", "model.lora.rank=16", "train.tiled_mlp=true"), profile)
     with pytest.raises(PlanInfeasible):
         make_plan(_job(f"data.seq_len={longest.seq_len + 64}", "model.lora.rank=16", "train.tiled_mlp=true"), profile)
