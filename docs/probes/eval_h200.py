@@ -18,11 +18,11 @@ the measured time, the time per layer-forward, and the 32-layer time extrapolate
 (L / previous)^2, an upper bound (the per-token part only grows linearly).
 
 Run from the repository root on a lent H200 machine (about 8 minutes; results are written after each length, so a
-run stopped at the limit keeps the lengths it finished):
+run stopped at a time limit keeps the lengths it finished):
 
-    source .gpu-bundle/activate.sh && python3 docs/probes/eval_h200.py --out $OUT
+    python3 docs/probes/eval_h200.py --out profiles/runs
 
-and copy $OUT's <gpu>_<date>_eval_at_length.{json,md} into profiles/runs/. A CPU smoke run of the same code (a
+It writes profiles/runs/<gpu>_<date>_eval_at_length.{json,md}. A CPU smoke run of the same code (a
 debug-sized model, seconds): python docs/probes/eval_h200.py --device cpu --preset debug --lengths 1024,2048
 --budget-s 60 --out /tmp/eval_probe
 """
