@@ -134,6 +134,26 @@ def test_a_checkpointed_layer_keeps_only_its_input_and_attends_twice(monkeypatch
     assert len(calls) == 6 and not runtime.pending
 
 
+def test_a_replayed_layers_host_input_is_fetched_when_its_backward_starts(monkeypatch):
+    """Not one layer ahead (the planner counts one input in flight in backward): every fetch is of the layer whose
+    backward is starting; a split layer below a replayed one is still prefetched."""
+    job = _job()
+    model = _model(job)
+    inputs, targets = _batch()
+    runtime = _apply(model, [LayerPlan(0, 0.0, 0.5, 0.5, True), checkpointed(1, True), checkpointed(2, True)])
+    fetched, materialize = [], tokenwise._materialize
+    start_fetch = tokenwise._start_fetch
+    monkeypatch.setattr(tokenwise, "_start_fetch", lambda rt, record: fetched.append(record.layer_index)
+                        or start_fetch(rt, record))
+    started = []
+    monkeypatch.setattr(tokenwise, "_materialize", lambda rt, record, group: (
+        started.append(record.layer_index) if not record.materialized else None) or materialize(rt, record, group))
+    loss_and_grads(model, inputs, targets)
+    assert started == [2, 1, 0]
+    assert fetched == [2, 1, 0, 0]  # each at its own start; layer 0 (split) also prefetched during layer 1's
+    assert not runtime.pending
+
+
 def test_apply_plan_installs_it_from_a_plan_and_logs_it(caplog):
     job = _job()
     model = _model(job)

@@ -21,7 +21,9 @@ A compressed layer (`compressed`) saves compact forms (int8 or 4-bit codes, samp
 tensors; they are split by token the same way under their own roles (`COMPACT`), so what crosses PCIe is the
 compact bytes, and their recomputed range is encoded again exactly as stored. The copies themselves (side stream,
 prefetch, throttle) are `swap_stream`'s. A layer the plan checkpoints whole (`checkpoint_layer`) keeps only its
-input, as a skeletal role, and replays its forward in backward (`layer_replay`).
+input, as a skeletal role, and replays its forward in backward (`layer_replay`); its input in host memory is fetched
+when its own backward starts, not one layer ahead: its backward (a whole forward and backward with attention) is
+far longer than the copy, and a prefetched input would sit on the GPU beside the replay's working set, at the peak.
 """
 
 from dataclasses import dataclass, field
@@ -329,8 +331,8 @@ def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord, group: str) ->
         record.skeletal = {role: _restore(runtime, record, role) for role in SKELETAL if role in record.roles}
         record.restored.update({r: t for r, t in record.skeletal.items() if record.roles[r].num_views})
         record.materialized.add("skeletal")
-        if runtime.pending and runtime.config.prefetch:
-            _start_fetch(runtime, runtime.pending[-1])
+        if runtime.pending and runtime.config.prefetch and not runtime.pending[-1].plan.checkpoint_layer:
+            _start_fetch(runtime, runtime.pending[-1])  # a replayed layer's input comes when its backward starts
     if group != "skeletal":
         outputs = {role: _restore(runtime, record, role) for role in record.roles if _group_of(role) == group}
         _recompute_into(runtime, record, record.skeletal, outputs, group)
