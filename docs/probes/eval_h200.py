@@ -78,7 +78,7 @@ def attention_kernel(model: LlamaModel, device: torch.device) -> str:
         with fused_attention(device):
             choice = torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=q.shape[1] != kv.shape[1])
         return torch.nn.attention.SDPBackend(choice).name
-    except (AttributeError, RuntimeError, ValueError) as error:  # a private torch function: say so, do not stop
+    except (AttributeError, RuntimeError, TypeError, ValueError) as error:  # a private torch function: say so
         return f"unknown ({error.__class__.__name__})"
 
 
