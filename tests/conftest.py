@@ -68,3 +68,13 @@ def layer_plans(decisions) -> list:
 
     items = decisions.items() if isinstance(decisions, dict) else enumerate(decisions)
     return [LayerPlan(index, *decision) for index, decision in items]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the same float reductions (so the same training) on every machine, and no
+    oversubscription of a loaded CI machine by a test whose tensors are small."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,6 +16,9 @@ from spec.config import load_job_config
 from spec.units import GIB
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def model_of(dtype=torch.float32, **shape) -> LlamaModel:
     torch.manual_seed(0)
     config = dataclasses.replace(load_job_config(None, []).model, **{"num_layers": 2, **shape})

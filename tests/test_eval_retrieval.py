@@ -13,7 +13,6 @@ import dataclasses
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from launch.cli import main
@@ -73,15 +72,6 @@ def train_to_retrieve(model: LlamaModel, codec: Codec, filler: np.ndarray) -> fl
         loss.backward()
         optimizer.step()
     return loss.item()
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the same float reductions (so the same training) on every machine and load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_a_model_trained_on_passkeys_retrieves_them_and_an_untrained_one_does_not(tmp_path, capsys, one_thread):
