@@ -33,12 +33,15 @@ def ray_head(tmp_path_factory):
     os.environ.update(token)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     ray = str(Path(sys.executable).parent / "ray")
+    # each node's dashboard agent on a port of its own: both default to 52365, and the head's agent, which takes the
+    # jobs, fails to bind when the second node's (or another Ray's on this machine) got there first
     subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
                     "--dashboard-host=127.0.0.1", "--dashboard-port=8276", "--num-cpus=1",
-                    f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True,
-                   timeout=180)
+                    "--dashboard-agent-listen-port=52481", f"--temp-dir={temp}", "--disable-usage-stats"], check=True,
+                   env=env, capture_output=True, timeout=180)
     subprocess.run([ray, "start", "--address=127.0.0.1:6391", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+                    "--dashboard-agent-listen-port=52482", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=180)
     yield DASHBOARD
     subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
     shutil.rmtree(RUNS, ignore_errors=True)
@@ -88,7 +91,7 @@ def test_a_running_job_stops_with_its_summary_and_the_command_that_resumes_it(ra
     _wait_for(capsys, job_id, ("RUNNING",), 120)
     _wait_for_log(capsys, job_id, "checkpoint step 5 ->", 180)
     code, out, _ = _cli(capsys, "stop", job_id, "--address", ray_head)
-    assert code == 0 and f"{job_id}: STOPPED" in out and "run summary" in out, out
+    assert code == 0 and f"{job_id}: STOPPED" in out and re.search("^run summary$", out, re.MULTILINE), out
     resume = next(line for line in out.splitlines() if line.startswith("resume with: "))
     assert resume.startswith("resume with: longtrain submit train.max_steps=5000 "), resume
     assert re.search(rf"resume={RUNS}/default-\S+ --address {ray_head}$", resume) and "cluster.address" not in resume
