@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass
 from planner import whole_job
 from planner.alst import predict_alst
-from planner.planning import PlanInfeasible, _solve, gpu_floor_bytes, make_plan
+from planner.planning import PlanInfeasible, _solve, gpu_floor_bytes, least_kept_bytes, make_plan
 from spec.config import TOKEN_BLOCK, JobConfig
 from spec.hardware import HardwareProfile
 from spec.units import GIB
@@ -98,7 +98,7 @@ def _binding(job: JobConfig, profile: HardwareProfile) -> str:
         return f"GPU memory (the laid-out plan above the {inputs.gpu_budget_bytes / GIB:.1f} GiB budget)"
     floor, on_gpu, working = gpu_floor_bytes(inputs)
     checkpointable = bool(inputs.checkpoint_block_bytes)
-    kept = sum(inputs.input_bytes if checkpointable else inputs.skeletal_bytes)
+    kept = sum(least_kept_bytes(inputs))
     if kept > inputs.host_budget_bytes:
         replay = max(working, min(inputs.checkpoint_block_bytes)) if checkpointable else working
         room = max(0.0, inputs.gpu_budget_bytes - (floor - on_gpu - working + replay))

@@ -263,10 +263,19 @@ def gpu_floor_bytes(inputs: PolicyInputs) -> Tuple[float, float, float]:
     """(floor, kept, working set): a lower bound of the GPU memory any policy needs (everything swapped, recomputed
     or checkpointed), what of it the layers keep beyond what the host budget takes (their inputs, or with no layer
     checkpointable their inputs and attention outputs) and the working set it counts (a layer's, or the head's)."""
-    kept = inputs.input_bytes if inputs.checkpoint_block_bytes else inputs.skeletal_bytes
+    kept = least_kept_bytes(inputs)
     block = max(inputs.block_bytes, inputs.head_bytes)
     on_gpu = max(0.0, sum(kept) - inputs.host_budget_bytes)
-    return inputs.static_bytes + block + 2 * max(kept) * (on_gpu > 0) + on_gpu, on_gpu, block
+    held = min(sum(kept), on_gpu + 2 * max(kept))  # all kept on the GPU, or the rest with copies in flight
+    return inputs.static_bytes + block + held, on_gpu, block
+
+
+def least_kept_bytes(inputs: PolicyInputs) -> List[float]:
+    """What each layer keeps at the least: its input if it may be replayed whole (not a token-eliminated layer),
+    else its skeletal tensors (input, attention output)."""
+    replayable = bool(inputs.checkpoint_block_bytes)
+    return [inputs.input_bytes[i] if replayable and not (inputs.sparse and inputs.sparse[i])
+            else inputs.skeletal_bytes[i] for i in range(inputs.num_layers)]
 
 
 def explain_infeasible(job: JobConfig, profile: HardwareProfile, inputs: PolicyInputs) -> str:
@@ -275,7 +284,7 @@ def explain_infeasible(job: JobConfig, profile: HardwareProfile, inputs: PolicyI
     static = CostModel(job, profile, training_precision(profile)).static_memory(job.train.zero_stage)
     floor, on_gpu, _ = gpu_floor_bytes(inputs)
     what = "layer inputs" if inputs.checkpoint_block_bytes else "layer inputs and attention outputs"
-    kept = sum(inputs.input_bytes if inputs.checkpoint_block_bytes else inputs.skeletal_bytes)
+    kept = sum(least_kept_bytes(inputs))
     host_note = (f"; the {kept / GIB:.1f} GiB of {what} exceed the host "
                  f"budget of {inputs.host_budget_bytes / GIB:.1f} GiB per GPU, so {on_gpu / GIB:.1f} GiB stay on "
                  "the GPU" if on_gpu else "")

@@ -2,6 +2,7 @@
 not when it is not, a plan trains at the ALST recipe's longest sequence (its feasible set holds ALST's choice),
 `longtrain plan` shows it, and plan files of version 2 still load."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -67,13 +68,14 @@ def test_a_plan_trains_at_the_alst_recipes_longest_sequence(profile):
 def test_the_report_and_the_plan_file_say_which_layers_are_replayed(profile, tmp_path):
     plan = _plan(profile, "data.seq_len=1048576")
     summary = plan_summary(plan, tmp_path / "p.yaml", tmp_path / "p.png", 0.1)
-    assert "    0-2     whole layer replayed" in summary
+    first = next(layer.layer for layer in plan.layers if layer.checkpoint_layer)
+    assert re.search(rf"\n +{first}-\d+ +whole layer replayed +(gpu|host) ", summary)
     assert "keeps only its input" in summary
     save_plan(plan, tmp_path / "p.yaml")
     loaded = load_plan(tmp_path / "p.yaml")
     assert loaded.version == PLAN_VERSION == 3
     assert [layer.checkpoint_layer for layer in loaded.layers] == [layer.checkpoint_layer for layer in plan.layers]
-    assert loaded.layers[0].checkpoint_layer
+    assert any(layer.checkpoint_layer for layer in loaded.layers)
 
 
 def test_a_version_2_plan_file_migrates_with_no_layer_replayed(profile, tmp_path):
