@@ -7,7 +7,7 @@ job it ran (the newest one when it was resumed), so `diff` takes run directories
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -65,15 +65,39 @@ def keys_help(width: int = 110) -> str:
 
     from spec.config import JobConfig
 
-    paragraphs = ["config keys (key=default; `longtrain config show` resolves a file; README 'Config reference' "
-                  "explains each):"]
+    choices = key_choices()
+    paragraphs = ["config keys (key=default {choices}; `longtrain config show` resolves a file; README 'Config "
+                  "reference' explains each):"]
     for section, values in asdict(JobConfig()).items():
         if not isinstance(values, dict):
             paragraphs.append(f"  {section}={_text(values)}")
             continue
-        items = " ".join(f"{key}={_text(value)}" for key, value in _flatten(values).items())
-        paragraphs.append(textwrap.fill(items, width, initial_indent=f"  {section}: ", subsequent_indent="    "))
+        items = " ".join(f"{key}={_text(value)}" + _choices_text(choices.get(f"{section}.{key}"))
+                         for key, value in _flatten(values).items())
+        paragraphs.append(textwrap.fill(items, width, initial_indent=f"  {section}: ", subsequent_indent="    ",
+                                        break_on_hyphens=False))
     return "\n".join(paragraphs)
+
+
+def key_choices() -> Dict[str, Tuple[str, ...]]:
+    """The keys that take one of a few values, with those values (the schema's own tuples), for `--help`;
+    tests/test_cli_operator.py keeps this equal to what the config's validation accepts."""
+    from spec.config import schema
+    from spec.config.presets import MODEL_PRESETS
+
+    return {"model.preset": tuple(MODEL_PRESETS), "model.architecture": schema.ARCHITECTURES,
+            "model.rope_scaling.type": schema.ROPE_SCALING_TYPES, "data.source": schema.DATA_SOURCES,
+            "data.token_dtype": schema.TOKEN_DTYPES, "data.packing": schema.PACKINGS,
+            "data.document_attention": schema.DOCUMENT_ATTENTION, "train.precision": schema.PRECISIONS,
+            "train.activation_checkpointing": schema.ACTIVATION_CHECKPOINTING,
+            "train.on_nonfinite": schema.ON_NONFINITE, "cluster.placement_strategy": schema.PLACEMENT_STRATEGIES,
+            "compression.linear_inputs": ("none", "int8"), "compression.norm_inputs": ("none", "int8"),
+            "compression.silu": ("none", "int8", "int4"), "eval.filler": schema.EVAL_FILLERS,
+            "metrics.trackers": schema.TRACKERS}
+
+
+def _choices_text(choices: Optional[Tuple[str, ...]]) -> str:
+    return "{" + "|".join(choices) + "}" if choices else ""
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -2,6 +2,7 @@
 train --dry-run (starts nothing), --help's bench mode choices, and the fit search's smaller micro batch."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 
 from launch.cli import BENCH_MODES, main
 from spec.config import load_job_config
+from spec.errors import ConfigError
 
 
 def test_version_prints_the_package_version(capsys):
@@ -216,3 +218,26 @@ def test_fit_search_names_optimizer_offload_when_it_is_the_fix(capsys):
     assert code == 2
     assert ("it fits with train.offload.optimizer=true train.zero_stage=1 (optimizer states and gradients in host "
             "memory)") in capsys.readouterr().err
+
+
+def test_help_lists_the_choices_validation_accepts_for_every_key_that_has_them():
+    """key_choices (what --help prints) against the config's own validation: each key whose validation names a
+    closed set of values for a wrong one is listed, with exactly that set. About 2 s."""
+    from dataclasses import asdict
+
+    from launch.config_command import _flatten, key_choices, keys_help
+    from spec.config import JobConfig
+
+    choices, named = key_choices(), {}
+    for key, value in _flatten(asdict(JobConfig())).items():
+        wrong = "[not-a-choice]" if isinstance(value, list) else "not-a-choice"
+        try:
+            load_job_config(None, [f"{key}={wrong}"])
+        except ConfigError as error:
+            found = re.search(rf"{re.escape(key)}(?: \('not-a-choice'\) must be one of| \('not-a-choice'\) is "
+                              r"not a known preset; choose one of|: unknown not-a-choice; choose from) "
+                              r"([\w, -]+?)(?: or |;|$)", str(error))
+            if found:
+                named[key] = tuple(found.group(1).split(", "))
+    assert named == choices
+    assert "precision=auto{auto|bf16|fp32}" in keys_help()
