@@ -58,6 +58,20 @@ def quiet_ray_client() -> None:
 
     for name in RAY_CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    packaging = logging.getLogger(WORKING_DIR_LOGGER)
+    if not any(isinstance(f, _DefaultExcludeNotice) for f in packaging.filters):
+        packaging.addFilter(_DefaultExcludeNotice())
+
+
+WORKING_DIR_LOGGER = "ray._private.runtime_env.working_dir"
+
+
+class _DefaultExcludeNotice:
+    """Drops Ray's warning that `.git` (in every checkout) "is now ignored by default when packaging the working
+    directory": UPLOAD_EXCLUDES leaves it out anyway, and the line would greet every `submit`."""
+
+    def filter(self, record) -> bool:
+        return "is now ignored by default when packaging" not in record.getMessage()
 
 
 def plain_http_warning(address: str, sends_token: bool) -> Optional[str]:
