@@ -3,7 +3,7 @@
 Why: two `longtrain train` of one directory (two `resume=auto` of the same name) each resumed from the same tag and
 wrote the next one together; it was marked complete with ranks from different steps. The driver now takes an
 exclusive `flock` on `RUN_DIR/.lock` (its pid, host and start time written inside) before it writes anything there
-and holds it until it exits. The kernel drops a flock however the process ends, even on SIGKILL, so a lock left by
+and holds it until the run ends (`release_run_lock`; at exit at the latest). The kernel drops a flock however the process ends, even on SIGKILL, so a lock left by
 a dead driver never blocks: its file stays behind and the next run takes it over with a note naming the dead pid.
 While the holder lives, a second run is refused in one line naming the directory and the holder's pid. Linux
 emulates flock on NFS with POSIX locks, so this holds on the shared storage a cluster's run directories live on.
@@ -31,7 +31,8 @@ def _to_stderr(line: str) -> None:
 
 
 def hold_run_lock(run_dir: Path, note: Callable[[str], None] = _to_stderr) -> None:
-    """Lock `run_dir` for this process until it exits (again from the same process: nothing to do)."""
+    """Lock `run_dir` for this process until `release_run_lock` or exit (again from the same process: nothing to
+    do)."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
         return

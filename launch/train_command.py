@@ -20,8 +20,8 @@ from launch.guard import start_guard
 from launch.interrupts import StopRequested, second_interrupt_exits, sigterm_stops
 from launch.paths import check_writable_dir
 from launch.preflight import check_job
-from launch.rundir import place_run
-from launch.runlock import hold_run_lock
+from launch.rundir import RunPlacement, place_run
+from launch.runlock import hold_run_lock, release_run_lock
 from orchestrator.checkpoint import prepare_resume
 from orchestrator.ds_config import uses_cuda
 from spec.config import JobConfig, job_to_yaml, load_job_config
@@ -39,7 +39,16 @@ def run_training(config_path: Optional[str], overrides: Sequence[str]) -> TrainR
     run_dir = placement.run_dir
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    hold_run_lock(run_dir)  # before anything is written there; held until this process exits
+    hold_run_lock(run_dir)  # before anything is written there
+    try:
+        return _train_holding_the_lock(job, placement, config_path, overrides, created)
+    finally:  # when the run ends, not when the process does: `longtrain.train` returns into a notebook or a
+        release_run_lock(run_dir)  # launcher that goes on, and may resume the same run
+
+
+def _train_holding_the_lock(job: JobConfig, placement: RunPlacement, config_path: Optional[str],
+                            overrides: Sequence[str], created: bool) -> TrainResult:
+    run_dir = placement.run_dir
     if placement.continuing:
         _say_schedule_change(job, run_dir)
     _write_config(job, run_dir, config_path, overrides)
