@@ -1,28 +1,34 @@
 """`longtrain submit / status / logs / stop / jobs`: the same training job on a remote Ray cluster, through Ray's
 Jobs API (the cluster's dashboard address, http://HOST:8265).
 
-The job ships this repository as its working directory and runs `python -m launch.cli train CONFIG ...
+The job ships longtrain's packages (from wherever they are installed: a checkout or site-packages) as its Python
+modules and the config file as its working directory, and runs `python -m launch.cli train CONFIG ...
 cluster.address=auto` on the cluster, so it joins that cluster instead of starting its own Ray. Ray 2.60 dashboards
 ask for a token: we send the one Ray keeps for this user (RAY_AUTH_TOKEN or ~/.ray/auth_token) when there is one,
 with a warning when it would travel over plain http to another machine.
 """
 
 import asyncio
+import importlib.util
 import ipaddress
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 from urllib.parse import urlparse
 
 from spec.config import load_job_config
-from spec.resources import SOURCE_ROOT
+from spec.config.loader import resolve_config_path
 from spec.errors import LongtrainError
 
-UPLOAD_EXCLUDES = [".git", ".gpu-bundle", ".whl", "runs", "plans", "*.egg-info", "__pycache__"]
+PACKAGES = ("spec", "planner", "orchestrator", "launch", "longtrain")
+"""What the job imports: shipped whole, each from where this process imports it."""
+UPLOAD_EXCLUDES = ["__pycache__", "*.pyc"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -58,20 +64,6 @@ def quiet_ray_client() -> None:
 
     for name in RAY_CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    packaging = logging.getLogger(WORKING_DIR_LOGGER)
-    if not any(isinstance(f, _DefaultExcludeNotice) for f in packaging.filters):
-        packaging.addFilter(_DefaultExcludeNotice())
-
-
-WORKING_DIR_LOGGER = "ray._private.runtime_env.working_dir"
-
-
-class _DefaultExcludeNotice:
-    """Drops Ray's warning that `.git` (in every checkout) "is now ignored by default when packaging the working
-    directory": UPLOAD_EXCLUDES leaves it out anyway, and the line would greet every `submit`."""
-
-    def filter(self, record) -> bool:
-        return "is now ignored by default when packaging" not in record.getMessage()
 
 
 def plain_http_warning(address: str, sends_token: bool) -> Optional[str]:
@@ -112,10 +104,13 @@ def submit(config_path: Optional[str], overrides: Sequence[str], address: str, w
                              "directory, which Ray deletes (the run and its checkpoints with it); pass "
                              f"{key}=/ABSOLUTE/PATH on storage every node shares")
     client = connect(address)
-    arguments = ([config_path] if config_path else []) + [o for o in overrides if not o.startswith("cluster.address")]
-    entrypoint = " ".join(["python", "-m", "launch.cli", "train", *map(shlex.quote, arguments),
-                           "cluster.address=auto"])
-    job_id = submit_when_agent_ready(client, address, entrypoint=entrypoint, runtime_env=job_runtime_env())
+    with tempfile.TemporaryDirectory(prefix="longtrain-submit-") as folder:
+        config_name = _config_into(folder, config_path)
+        arguments = [config_name] if config_name else []
+        arguments += [o for o in overrides if not o.startswith("cluster.address")]
+        entrypoint = " ".join(["python", "-m", "launch.cli", "train", *map(shlex.quote, arguments),
+                               "cluster.address=auto"])
+        job_id = submit_when_agent_ready(client, address, entrypoint=entrypoint, runtime_env=job_runtime_env(folder))
     print(f"submitted {job_id} to {address}\n"
           f"  status: longtrain status {job_id} --address {address}\n"
           f"  logs:   longtrain logs {job_id} --address {address} --follow\n"
@@ -133,10 +128,24 @@ supervisor from the job's runtime_env; Ray's default is 3 s): time for the drive
 resume command and end its workers."""
 
 
-def job_runtime_env() -> dict:
-    """This repository as the working directory, and the stop grace period."""
-    return {"working_dir": str(SOURCE_ROOT), "excludes": UPLOAD_EXCLUDES,
+def job_runtime_env(working_dir: str) -> dict:
+    """longtrain's packages as the job's modules (never the folder holding them: for an installed wheel that is
+    site-packages), `working_dir` (the config file) as its working directory, and the stop grace period."""
+    return {"py_modules": package_dirs(), "working_dir": working_dir, "excludes": UPLOAD_EXCLUDES,
             "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_SECONDS)}}
+
+
+def package_dirs() -> List[str]:
+    return [importlib.util.find_spec(name).submodule_search_locations[0] for name in PACKAGES]
+
+
+def _config_into(folder: str, config_path: Optional[str]) -> Optional[str]:
+    """Copy the job's config file into the job's working directory; the name the job passes `train`."""
+    if not config_path:
+        return None
+    source = resolve_config_path(config_path)
+    shutil.copyfile(source, Path(folder) / source.name)
+    return source.name
 
 
 AGENT_NOT_READY = "No available agent to submit job"

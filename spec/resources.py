@@ -12,5 +12,3 @@ CONFIGS_DIR = SHIPPED_DIR / "configs"
 """The shipped job configs (`configs/` of the repository)."""
 HARDWARE_PROFILES_DIR = SHIPPED_DIR / "hardware"
 """The shipped hardware profiles (`profiles/hardware/` of the repository)."""
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
-"""The folder holding the packages (`spec`, `orchestrator`, `planner`, `launch`): what `submit` uploads."""

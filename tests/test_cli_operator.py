@@ -241,21 +241,3 @@ def test_help_lists_the_choices_validation_accepts_for_every_key_that_has_them()
                 named[key] = tuple(found.group(1).split(", "))
     assert named == choices
     assert "precision=auto{auto|bf16|fp32}" in keys_help()
-
-
-def test_submit_does_not_repeat_rays_notice_about_git_being_left_out(tmp_path):
-    """Ray's packaging of a working directory with `.git` (every checkout) warns that it is now left out; longtrain
-    leaves it out anyway. Ray's own upload_working_dir_if_needed, with the upload replaced (no cluster), in a fresh
-    process (Ray says it once per process). About 3 s."""
-    import subprocess
-
-    (tmp_path / "work" / ".git").mkdir(parents=True)
-    (tmp_path / "work" / "a.py").write_text("x = 1\n")
-    upload = ("from ray._private.runtime_env.working_dir import upload_working_dir_if_needed as up; "
-              f"up({{'working_dir': {str(tmp_path / 'work')!r}}}, include_gitignore=True, "
-              "upload_fn=lambda *a, **k: None)")
-    said = [subprocess.run([sys.executable, "-c", "import logging, sys; logging.basicConfig(level=logging.INFO); "
-                            + quiet + upload], capture_output=True, text=True, check=True).stderr
-            for quiet in ("", "import launch.jobs as j; j.quiet_ray_client(); ")]
-    assert "'.git' is now ignored by default" in said[0]  # what Ray prints on its own
-    assert "is now ignored by default" not in said[1], said[1]

@@ -58,6 +58,12 @@ def test_a_wheel_installed_outside_the_checkout_plans_a_shipped_config(tmp_path)
                             "print(longtrain.__file__)"], cwd=outside, env=env, capture_output=True, text=True,
                            check=True).stdout.split()
     assert all(str(venv) in path for path in where)  # the wheel's copies (the Python API too), not the checkout's
+    shipped = subprocess.run([venv / "bin" / "python", "-c", "from launch.jobs import package_dirs; "
+                              "print(*package_dirs())"], cwd=outside, env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+    site = Path(where[0]).parents[1]  # what `submit` must not upload whole
+    assert [Path(d) for d in shipped] == [site / name for name in ("spec", "planner", "orchestrator", "launch",
+                                                                   "longtrain")]
     plan = subprocess.run([venv / "bin" / "longtrain", "plan", "llama7b4l_128k_1xh100", "plan.time_limit_seconds=2",
                            "--out", "p.yaml"], cwd=outside, env=env, capture_output=True, text=True)
     assert plan.returncode == 0, plan.stderr
