@@ -53,12 +53,12 @@ def _gloo_rank(rank: int, world: int, port: int, fn: Callable, args: tuple, queu
 
 
 def loss_and_grads(model, inputs, targets):
-    """One step's loss and every parameter's gradient (cloned), from zeroed gradients: what the memory techniques'
-    parity tests compare bit for bit."""
+    """One step's loss and every trained parameter's gradient (cloned; a frozen LoRA base has none), from zeroed
+    gradients: what the memory techniques' parity tests compare bit for bit."""
     model.zero_grad(set_to_none=True)
     loss = model(inputs, targets=targets)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def layer_plans(decisions) -> list:

@@ -10,8 +10,7 @@ from orchestrator.lora import apply_lora, trainable_parameters
 from orchestrator.memory import apply_plan, tiled_mlp
 from orchestrator.model import LlamaModel, Linear
 from spec.config import load_job_config
-from spec.plan import LayerPlan
-from tests.conftest import layer_plans
+from tests.conftest import layer_plans, loss_and_grads
 
 SHAPE = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
          "model.intermediate_size=160", "model.tie_embeddings=false", "model.lora.rank=4", "model.lora.alpha=8"]
@@ -36,13 +35,6 @@ def _batch(seq=96, rows=2, vocab=256):
     generator = torch.Generator().manual_seed(1)
     return (torch.randint(0, vocab, (rows, seq), generator=generator),
             torch.randint(0, vocab, (rows, seq), generator=generator))
-
-
-def _adapter_grads(model, tokens, targets):
-    model.zero_grad(set_to_none=True)
-    loss = model(tokens, targets=targets)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _hf_copy(model, job):
@@ -85,7 +77,7 @@ def test_lora_gradients_equal_peft_on_a_plain_pytorch_llama():
     model = _lora_model(job)
     peft_model = _hf_copy(model, job)
     tokens, targets = _batch()
-    loss, grads = _adapter_grads(model, tokens, targets)
+    loss, grads = loss_and_grads(model, tokens, targets)
     logits = peft_model(input_ids=tokens).logits
     hf_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     hf_loss.backward()
@@ -116,11 +108,11 @@ def test_a_token_wise_plan_splits_the_adapters_inputs_and_stays_exact(decisions)
     recomputes it; gradients equal the unsplit LoRA model's bit for bit."""
     job = _job()
     tokens, targets = _batch()
-    plain = _adapter_grads(_lora_model(job), tokens, targets)
+    plain = loss_and_grads(_lora_model(job), tokens, targets)
     model = _lora_model(job)
     applied = apply_plan(model, _plan(decisions), job.compression, job.token_elim, job.train)
     assert applied.runtime is not None
-    split = _adapter_grads(model, tokens, targets)
+    split = loss_and_grads(model, tokens, targets)
     assert torch.equal(plain[0], split[0])
     assert all(torch.equal(plain[1][k], split[1][k]) for k in plain[1])
 
@@ -163,9 +155,9 @@ def test_tiled_mlp_forward_and_backward_equal_the_untiled_mlp():
     tokens, targets = _batch(seq=200)
     torch.manual_seed(0)
     model = LlamaModel(job.model)
-    loss, grads = _adapter_grads(model, tokens, targets)
+    loss, grads = loss_and_grads(model, tokens, targets)
     tiled_mlp.apply(model, tiled_mlp.Config(tile_tokens=48), range(job.model.num_layers))
-    tiled_loss, tiled_grads = _adapter_grads(model, tokens, targets)
+    tiled_loss, tiled_grads = loss_and_grads(model, tokens, targets)
     torch.testing.assert_close(tiled_loss, loss, rtol=1e-6, atol=1e-7)
     for name, grad in grads.items():
         torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-5, atol=1e-7)
@@ -177,12 +169,12 @@ def test_tiled_mlp_under_a_token_wise_plan_saves_only_the_mlp_input_and_stays_cl
     job = load_job_config(None, SHAPE[:5])
     tokens, targets = _batch(seq=128)
     torch.manual_seed(0)
-    reference = _adapter_grads(LlamaModel(job.model), tokens, targets)
+    reference = loss_and_grads(LlamaModel(job.model), tokens, targets)
     torch.manual_seed(0)
     model = LlamaModel(job.model)
     tiled_mlp.apply(model, tiled_mlp.Config(tile_tokens=32), range(job.model.num_layers))
     apply_plan(model, _plan([(0.25, 0.25, 0.5), (0.0, 0.0, 1.0, True)]), job.compression, job.token_elim, job.train)
-    loss, grads = _adapter_grads(model, tokens, targets)
+    loss, grads = loss_and_grads(model, tokens, targets)
     torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=1e-7)
     for name, grad in reference[1].items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
