@@ -71,7 +71,7 @@ def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None
         with loopback.loopback_only():
             ray.init(address="local", _node_ip_address=loopback.LOOPBACK, include_dashboard=False,
                      num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False, logging_level=logging.WARNING,
-                     runtime_env=dict(runtime_env or {}, worker_process_setup_hook=loopback.WORKER_SETUP_HOOK))
+                     runtime_env=_local_runtime_env(runtime_env or {}))
         loopback.check()
     else:
         if cluster.address.startswith("ray://"):  # a refused token is otherwise a 30 s wait and a vague timeout
@@ -80,6 +80,16 @@ def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None
             check_ray_client(cluster.address)
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING,
                  runtime_env=runtime_env)
+
+
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""A private one-machine Ray has no node to drain: Ray Train's preemption watcher (an actor polling the drain state,
+~2 CPU-seconds to start) would watch for nothing."""
+
+
+def _local_runtime_env(runtime_env: Dict[str, Any]) -> Dict[str, Any]:
+    env_vars = dict(LOCAL_ONLY_ENV, **runtime_env.get("env_vars", {}))
+    return dict(runtime_env, env_vars=env_vars, worker_process_setup_hook=loopback.WORKER_SETUP_HOOK)
 
 
 def worker_env(cluster: ClusterConfig) -> Dict[str, str]:
