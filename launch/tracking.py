@@ -6,12 +6,15 @@ and files written by `SummaryWriter`, `wandb` and `mlflow` open in the tools peo
 whose package is not installed is skipped with one note; training never fails for want of a tracker.
 """
 
+import errno
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 TENSORBOARD_DIR = "tensorboard"
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def step_scalars(message: Dict, nodes: Sequence) -> Dict[str, float]:
@@ -61,18 +64,31 @@ class Trackers:
         self._each(lambda writer: writer.text(tag, text))
 
     def _each(self, call) -> None:
-        """Call every writer; one that fails is dropped with one line on stderr (the run and metrics.jsonl go on)."""
+        """Call every writer; one that fails is dropped with one line on stderr (the run and metrics.jsonl go on).
+        A full or read-only disk is raised instead: trackers write into the run directory, so metrics.jsonl and
+        the next checkpoint cannot be written either, and the driver stops the run with one line saying so."""
         for writer in list(self.writers):
             try:
                 call(writer)
+            except OSError as error:
+                if error.errno in DISK_ERRORS:
+                    raise
+                self._drop(writer, error)
             except Exception as error:
-                self.writers.remove(writer)
-                print(f"longtrain: {type(writer).__name__.strip('_')} tracking stopped ({_gist(error)}); metrics.jsonl "
-                      "still has every step", file=sys.stderr)
+                self._drop(writer, error)
+
+    def _drop(self, writer, error: Exception) -> None:
+        self.writers.remove(writer)
+        print(f"longtrain: {type(writer).__name__.strip('_')} tracking stopped ({_gist(error)}); metrics.jsonl "
+              "still has every step", file=sys.stderr)
 
     def close(self) -> None:
+        """Close every writer; one that cannot (its disk full) does not keep the run's summary from printing."""
         for writer in self.writers:
-            writer.close()
+            try:
+                writer.close()
+            except Exception:
+                pass
         self.writers = []
 
 
@@ -80,6 +96,7 @@ class _TensorBoard:
     def __init__(self, run_dir: Path, run_name: str, config: Dict):
         from torch.utils.tensorboard import SummaryWriter
 
+        _silence_tensorboard_writer_thread()
         self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
 
     def log(self, scalars: Dict[str, float], step: int) -> None:
@@ -138,6 +155,22 @@ class _MLflow:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _silence_tensorboard_writer_thread() -> None:
+    """TensorBoard writes from a thread of its own that dies with its write error (a full disk), and the next
+    flush raises that error again in the caller, where `Trackers._each` reports it. Without this hook the dying
+    thread also prints its traceback to the terminal."""
+    previous = threading.excepthook
+    if getattr(previous, "longtrain", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.longtrain = True
+    threading.excepthook = hook
 
 
 _OPEN = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}

@@ -2,7 +2,10 @@
 ranks in a gloo process group (what the multi-rank tests run in, without Ray)."""
 
 import os
+import shutil
 import socket
+import subprocess
+from pathlib import Path
 from typing import Any, Callable, List
 
 import pytest
@@ -78,3 +81,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    """A tmpfs of `size` at `path` (a disk that fills): skips where mounting needs a root this machine lacks."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a small tmpfs needs root (mount -t tmpfs); run as root to test a full disk")
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")

@@ -4,7 +4,6 @@ process of the run left, and (but the SIGKILL) one stderr line naming what happe
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.conftest import mount_tmpfs
 
 pytestmark = pytest.mark.slow
 TINY = ["model.num_layers=2", "data.seq_len=64", "data.micro_batch_size=2", "optim.warmup_steps=2",
@@ -98,28 +99,19 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_no_process_left(tmp_path, 
     assert _gone_within(tree, 15) == []
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("a small tmpfs needs root (mount -t tmpfs); run as root to test a full disk")
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                             text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-
-
 def test_a_full_disk_is_one_line_with_the_path_and_the_resume_command(tmp_path):
     """A 9 MiB tmpfs as run.root: the step-10 checkpoint (6.2 MB) fits, the step-20 one does not. Whichever write fails first
     (a worker's checkpoint, the driver's metrics line), the user gets one line naming the path; the step-10
     checkpoint stays the complete one and metrics.jsonl holds whole lines only."""
     root = tmp_path / "small"
-    _mount_tmpfs(root, "9m")
+    mount_tmpfs(root, "9m")
     try:
         process = _start(root, "train.max_steps=30", "checkpoint.every_steps=10", "train.log_every_steps=1",
                          key="run.root")
         out, err = process.communicate(timeout=300)
         assert process.returncode == 1, out[-2000:] + err[-3000:]
         (run_dir,) = root.iterdir()
+        assert len(err.splitlines()) == 1, err[-3000:]
         (line,) = err.splitlines()
         assert "Traceback" not in err and str(run_dir) in line, line
         assert ("No space left on device" in line or "MiB free there" in line) and line.endswith(

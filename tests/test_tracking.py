@@ -210,3 +210,30 @@ def test_wandb_offline_writes_its_run_into_the_run_directory(tmp_path, monkeypat
     console.finish("resume with     x")
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     assert list(offline.glob("*.wandb")) and offline.name.endswith(run_dir.name)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # pytest's report of a thread's traceback
+def test_a_full_disk_under_tensorboard_is_raised_once_without_a_thread_traceback(tmp_path, capfd):
+    """TensorBoard's writer thread dies with the disk-full error: the run's driver gets that OSError (to stop with
+    its one line) and nothing else reaches the terminal; a full disk is not a tracker to drop and go on without."""
+    import errno
+    import threading
+
+    from tests.conftest import mount_tmpfs
+
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "256k")
+    try:
+        trackers = Trackers(["tensorboard"], disk, "run")
+        (disk / "ballast").write_bytes(b"\0" * (256 * 1024 - 16 * 1024))
+        with pytest.raises(OSError) as raised:
+            for step in range(10_000):
+                trackers.log({f"train/x{i}": float(i) for i in range(20)}, step)
+        assert raised.value.errno == errno.ENOSPC and trackers.writers
+        for thread in threading.enumerate():
+            if type(thread).__name__ == "_AsyncWriterThread":
+                thread.join(10)
+        trackers.close()
+        assert capfd.readouterr().err == ""
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
