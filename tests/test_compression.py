@@ -130,6 +130,42 @@ def loss_gap(overrides, exact_curves: dict) -> tuple:
     return sum(gaps) / len(gaps), gaps
 
 
+def _compressed_steps(checkpointing: str):
+    """Two training steps of the debug model with every compression part on every layer and this
+    train.activation_checkpointing: the last gradients, and each store's (step, running range)."""
+    from tests.conftest import loss_and_grads
+
+    job = load_job_config(None, FULL + [f"train.activation_checkpointing={checkpointing}"])
+    torch.manual_seed(0)
+    model = LlamaModel(job.model)
+    apply_plan(model, None, job.compression, job.token_elim, job.train)
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        _, grads = loss_and_grads(model, tokens[:, :-1], tokens[:, 1:])
+    stores = {}
+    for name, module in model.named_modules():
+        swiglu = getattr(module, "saved_swiglu", None)
+        found = [getattr(module, "saved_input", None)] + ([swiglu.up_store, swiglu.gate_codec.store] if swiglu else [])
+        for index, store in enumerate(s for s in found if s is not None and s.running is not None):
+            stores.setdefault(id(store), (f"{name}[{index}]", store.step, store.running.alpha, store.running.beta))
+    return grads, sorted(stores.values(), key=lambda entry: entry[0])
+
+
+def test_activation_checkpointing_moves_the_ranges_once_a_step_and_keeps_the_gradients(one_rank_group, one_thread):
+    """DeepSpeed's checkpointing recomputes each compressed layer in backward. Its first forward runs without
+    autograd, so the stores pack (moving their running ranges and their step's seed) once a step, in the replay,
+    from the same input: the ranges, steps and gradients equal the run without checkpointing, bit for bit. (A
+    recomputation that packed as well as the forward would move each range twice a step.) About 3 s."""
+    plain_grads, plain_stores = _compressed_steps("none")
+    grads, stores = _compressed_steps("deepspeed")
+    assert len(stores) == 4 * 7 and all(step == 2 for _, step, _, _ in stores)  # per layer: 3 linear inputs,
+    # 2 norm inputs, the SwiGLU's up and gate
+    for (name, step, alpha, beta), (_, plain_step, plain_alpha, plain_beta) in zip(stores, plain_stores):
+        assert step == plain_step and torch.equal(alpha, plain_alpha) and torch.equal(beta, plain_beta), name
+    assert grads.keys() == plain_grads.keys()
+    assert all(torch.equal(grads[name], plain_grads[name]) for name in grads)
+
+
 @pytest.fixture(scope="module")
 def exact_curves(one_rank_group):
     curves = {seed: _loss_curve([], seed) for seed in LOSS_SEEDS}

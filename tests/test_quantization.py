@@ -112,18 +112,7 @@ def test_ranges_move_only_in_training_forwards():
     linear.train()
     with torch.no_grad():
         linear(x * 16)
-    with compact.replaying():
-        linear(x * 16)
     assert torch.equal(store.running.alpha, moved)
-
-
-def test_replayed_forward_stores_the_same_codes():
-    linear, _ = _int8_linear()
-    x = torch.randn(2, 8, 32)
-    first = linear.saved_input.pack(x.clone(), training=True)[1]
-    with compact.replaying():
-        again = linear.saved_input.pack(x.clone(), training=True)[1]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def _saved_bytes(run, params) -> int:
@@ -273,13 +262,12 @@ def test_swiglu_backward_in_row_chunks_equals_the_one_chunk_result(monkeypatch, 
 def test_int8_linear_weight_gradient_in_row_chunks_equals_the_one_chunk_result(monkeypatch):
     """The weight gradient sums chunk products of restored rows (bounded fp32 temporaries): same result."""
     torch.manual_seed(4)
-    linear, _ = _int8_linear()
-    x, g = torch.randn(3, 40, 32), torch.randn(3, 40, linear.out_features)
+    x, g = torch.randn(3, 40, 32), torch.randn(3, 40, 16)
     grads = []
     for chunk in (10**9, 7 * 32):  # one chunk; 7 rows per chunk (not dividing the 120 rows)
         monkeypatch.setattr(compact, "BACKWARD_CHUNK_ELEMENTS", chunk)
-        linear.weight.grad = None
-        with compact.replaying():  # the same codes both times
-            linear(x).backward(g)
+        linear, _ = _int8_linear()  # a fresh store each time: the same first range and seed, so the same codes
+        linear(x).backward(g)
         grads.append(linear.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    # the same fp32 products summed in another order: a few ulps of the largest entry apart
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6 * float(grads[0].abs().max()))

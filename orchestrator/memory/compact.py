@@ -7,8 +7,13 @@ gate/up) share one store, which packs that tensor once per forward and hands eve
 so they are stored once. `Packed` says how backward reads them back (the whole tensor, rows of it, or a weight
 gradient). Under a token-wise plan (`tokenwise`) each store reports its `CompactForm`, and the plan keeps, swaps or
 recomputes its token ranges like any activation: a recomputed range is encoded again with the stored ranges, sample
-and seed (rounding noise is seeded per block of rows), so it equals what was stored. `replaying()` marks a whole
-forward run again: ranges do not move and the step's seed is reused.
+and seed (rounding noise is seeded per block of rows), so it equals what was stored.
+
+A store packs (moving its running range and its step's seed) only in a training forward with autograd on, and every
+recomputation packs at most once a step: the token-wise recompute runs without autograd and encodes with the stored
+ranges (`CompactForm.encode`); DeepSpeed's activation checkpointing runs the first forward without autograd and packs
+only in its backward's replay; a layer the plan checkpoints whole (`layer_replay`) is never compressed
+(`spec.plan.check_plan_composes`). So no forward needs marking as a replay.
 """
 
 import bisect
@@ -21,21 +26,9 @@ import torch
 
 from orchestrator.memory import quant_int4_deriv, quant_int8, wta_crs
 
-_replay_depth = 0
 BACKWARD_CHUNK_ELEMENTS = 2**24
 """Elements a chunked backward restores at once (the SwiGLU's and a linear's weight gradient: fp32 temporaries of
 ~6 x 64 MiB)."""
-
-
-@contextlib.contextmanager
-def replaying():
-    """Mark forwards run inside as recomputations: no range updates, the same random draws as the original."""
-    global _replay_depth
-    _replay_depth += 1
-    try:
-        yield
-    finally:
-        _replay_depth -= 1
 
 
 @dataclass(frozen=True)
@@ -121,8 +114,7 @@ class InputStore:
         cached = self._cached(x)
         if cached is not None:
             return cached
-        updating = self.updating(training)
-        if updating:  # a training forward that is not a replay moves to the next step's draws
+        if training:  # a training forward (the model packs only with autograd on) moves to the next step's draws
             self.step += 1
         seed = (self.seed * 1_000_003 + self.step) % (2**63 - 1)
         rows, index, weight = x.detach().reshape(-1, x.shape[-1]), None, None  # compact copies carry no graph
@@ -136,7 +128,7 @@ class InputStore:
         tensors = (rows,)
         if self.int8:
             levels = quant_int4_deriv.LEVELS if self.bits == 4 else quant_int8.LEVELS
-            tensors = quant_int8.quantize(rows, self.running, self.int8.num_groups, updating, seed,
+            tensors = quant_int8.quantize(rows, self.running, self.int8.num_groups, training, seed,
                                           levels=levels).tensors
             if self.bits == 4:
                 tensors = (quant_int4_deriv.pack_nibbles(tensors[0]), *tensors[1:])
@@ -166,9 +158,6 @@ class InputStore:
         if self._source is None or self._source[0]() is not x or self._source[1] != x._version:
             return None
         return self._packed
-
-    def updating(self, training: bool) -> bool:
-        return training and _replay_depth == 0
 
 
 def _token_major(index: torch.Tensor, weight: torch.Tensor, shape: tuple):

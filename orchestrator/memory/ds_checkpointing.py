@@ -35,7 +35,9 @@ def check_supported(mode: str, use_cuda: bool) -> None:
 
 def deepspeed_layer_runner(num_layers: int, in_cpu: bool):
     """A `runner(layer, x, cos, sin)` that checkpoints the layer with DeepSpeed. DeepSpeed's checkpointing needs
-    its process group, even in one process (a benchmark): a one-rank group on loopback is made if none exists."""
+    its process group, even in one process (a benchmark): a one-rank group on loopback is made if none exists.
+    The reentrant `checkpoint`, not `non_reentrant_checkpoint`: its first forward runs without autograd, so a
+    compressed layer packs its saved inputs (and moves their running ranges) once a step, in the replay."""
     import deepspeed
 
     check_supported("deepspeed_cpu" if in_cpu else "deepspeed", torch.cuda.is_available())

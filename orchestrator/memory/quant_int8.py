@@ -7,8 +7,8 @@ has a range (alpha = width, beta = minimum) kept as a running estimate: the firs
 batch, later ones decay towards the batch's (alpha <- d*alpha + (1-d)*range), before quantising that batch. Codes
 are q = floor((x - beta) * 255 / alpha + u), u ~ U[0, 1) (stochastic rounding: unbiased inside the range), CLAMPED
 to [0, 255]; Mesa's public code wraps values above the range around the byte, we do not. The ranges are frozen in
-eval, without autograd, and while a forward is replayed for recomputation (`compact.replaying()`), so a
-recomputed layer stores the same codes. Error inside the range: |x_hat - x| < alpha / 255.
+eval and without autograd, so they move once a training step, recomputation or not (`compact`'s docstring says why
+no recomputation packs twice). Error inside the range: |x_hat - x| < alpha / 255.
 
 The same encoder (`encode_rows`) makes the int8 swap's codes (`SwapCodes`, the plan's `swap_codec: int8`): there the
 range is the swapped slice's own min and max (the whole slice is at hand) and the rounding noise is drawn in order
