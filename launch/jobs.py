@@ -3,7 +3,8 @@ Jobs API (the cluster's dashboard address, http://HOST:8265).
 
 The job ships longtrain's packages (from wherever they are installed: a checkout or site-packages) as its Python
 modules and the config file as its working directory, and runs `python -m launch.cli train CONFIG ...
-cluster.address=auto` on the cluster, so it joins that cluster instead of starting its own Ray. Ray 2.60 dashboards
+cluster.address=auto` on the cluster, so it joins that cluster instead of starting its own Ray; the resume commands
+it prints name the config as submitted (`SUBMITTED_CONFIG_ENV`). Ray 2.60 dashboards
 ask for a token: we send the one Ray keeps for this user (RAY_AUTH_TOKEN or ~/.ray/auth_token) when there is one,
 with a warning when it would travel over plain http to another machine.
 """
@@ -110,7 +111,8 @@ def submit(config_path: Optional[str], overrides: Sequence[str], address: str, w
         arguments += [o for o in overrides if not o.startswith("cluster.address")]
         entrypoint = " ".join(["python", "-m", "launch.cli", "train", *map(shlex.quote, arguments),
                                "cluster.address=auto"])
-        job_id = submit_when_agent_ready(client, address, entrypoint=entrypoint, runtime_env=job_runtime_env(folder))
+        runtime_env = job_runtime_env(folder, submitted_config_name(config_path))
+        job_id = submit_when_agent_ready(client, address, entrypoint=entrypoint, runtime_env=runtime_env)
     print(f"submitted {job_id} to {address}\n"
           f"  status: longtrain status {job_id} --address {address}\n"
           f"  logs:   longtrain logs {job_id} --address {address} --follow\n"
@@ -128,11 +130,29 @@ supervisor from the job's runtime_env; Ray's default is 3 s): time for the drive
 resume command and end its workers."""
 
 
-def job_runtime_env(working_dir: str) -> dict:
+SUBMITTED_CONFIG_ENV = "LONGTRAIN_SUBMITTED_CONFIG"
+"""The job's environment variable holding the config as `submit` was given it: the job runs a copy under its bare
+name in its working directory, and names this one in the resume commands it prints (which the user pastes on the
+machine they submitted from, where the bare name is not a file)."""
+
+
+def submitted_config_name(config_path: Optional[str]) -> Optional[str]:
+    """How printed commands name the submitted config: a file by its absolute path (pasted from any folder), a
+    shipped config by the name it was given (found by that name anywhere)."""
+    if not config_path:
+        return None
+    return os.path.abspath(config_path) if Path(config_path).is_file() else config_path
+
+
+def job_runtime_env(working_dir: str, config_name: Optional[str] = None) -> dict:
     """longtrain's packages as the job's modules (never the folder holding them: for an installed wheel that is
-    site-packages), `working_dir` (the config file) as its working directory, and the stop grace period."""
+    site-packages), `working_dir` (the config file) as its working directory, the stop grace period, and the
+    config's name as submitted (`SUBMITTED_CONFIG_ENV`)."""
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_SECONDS)}
+    if config_name:
+        env_vars[SUBMITTED_CONFIG_ENV] = config_name
     return {"py_modules": package_dirs(), "working_dir": working_dir, "excludes": UPLOAD_EXCLUDES,
-            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_SECONDS)}}
+            "env_vars": env_vars}
 
 
 def package_dirs() -> List[str]:

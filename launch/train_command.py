@@ -18,6 +18,7 @@ from typing import NoReturn, Optional, Sequence
 from launch.api import TrainResult
 from launch.guard import start_guard
 from launch.interrupts import StopRequested, second_interrupt_exits, sigterm_stops
+from launch.jobs import SUBMITTED_CONFIG_ENV
 from launch.paths import check_writable_dir
 from launch.preflight import check_job
 from launch.rundir import RunPlacement, place_run
@@ -52,7 +53,7 @@ def _train_holding_the_lock(job: JobConfig, placement: RunPlacement, config_path
     if placement.continuing:
         _say_schedule_change(job, run_dir)
     _write_config(job, run_dir, config_path, overrides)
-    resume = resume_command(config_path, overrides, run_dir)
+    resume = resume_command(config_as_named(config_path), overrides, run_dir)
 
     import ray  # heavy: imported after the config is known to be valid
 
@@ -116,6 +117,12 @@ def resume_command(config_path: Optional[str], overrides: Sequence[str], run_dir
     kept = [o for o in overrides if not o.startswith(("resume=", "train.stop_at_step="))]
     parts = ["longtrain", "train"] + ([config_path] if config_path else []) + kept + [f"resume={run_dir}"]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def config_as_named(config_path: Optional[str]) -> Optional[str]:
+    """The config as the resume command names it: in a submitted job, as `submit` was given it (the job's own copy
+    has only its bare name, which is no file where the user pastes the command); else as `train` was given it."""
+    return (os.environ.get(SUBMITTED_CONFIG_ENV) or config_path) if config_path else None
 
 
 def _open_trackers(job: JobConfig, run_dir: Path):
