@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from launch.prepare.cache import cache_root, content_key
+from launch.prepare.encoders import choose_encoder
 from launch.prepare.pipeline import default_workers, tokenize
 from launch.prepare.sources import make_tasks, source_files
 from launch.prepare.summary import file_names, histogram_png, length_stats, report, stream_stats
@@ -92,6 +93,7 @@ def _tokenize_into(tmp: Path, files, tokenizer, job: JobConfig, workers: int) ->
     tasks = make_tasks(data.source, files)
     total = sum(task.size for task in tasks)
     started = time.perf_counter()
+    tokenizer = choose_encoder(tokenizer, tasks, data.source, data.text_field)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None, leave=False) as bar:
         def progress(size: int, documents: int) -> None:
             bar.update(size)
@@ -102,7 +104,8 @@ def _tokenize_into(tmp: Path, files, tokenizer, job: JobConfig, workers: int) ->
         raise ConfigError(f"data.path ({data.path}) holds no documents with text ({done.empty} empty); check "
                           "data.text_field and the files")
     summary = {"format": FORMAT_VERSION, "source": data.source, "files": file_names(files), "source_bytes": total,
-               "text_field": data.text_field, "tokenizer": tokenizer.path, "vocab_size": tokenizer.vocab_size,
+               "text_field": data.text_field, "tokenizer": tokenizer.path, "encoder": tokenizer.encoder,
+               "vocab_size": tokenizer.vocab_size,
                "prefix_tokens": list(tokenizer.prefix_tokens), "suffix_tokens": list(tokenizer.suffix_tokens),
                "token_dtype": tokenizer.token_dtype, "documents": done.documents, "tokens": done.tokens,
                "empty_documents_skipped": done.empty, "lengths": length_stats(done.lengths),

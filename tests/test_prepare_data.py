@@ -88,6 +88,7 @@ def test_jsonl_over_processes_and_byte_ranges_equals_a_direct_tokenization(tmp_p
     monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)  # many tasks per file; lines cross task boundaries
     prepared = ensure_prepared(_job(tmp_path, tokenizer_dir, "jsonl", tmp_path / "docs"), workers=2)
     assert prepared.created and prepared.summary["workers"] == 2 and prepared.summary["empty_documents_skipped"] == 1
+    assert prepared.summary["encoder"] == "tiktoken"  # exact for this byte-level BPE (tests/test_tiktoken_bpe.py)
     assert _prepared_documents(prepared.directory) == _direct(tokenizer_dir, first + second)
 
 
@@ -109,6 +110,15 @@ def test_parquet_row_groups_and_text_pieces_equal_a_direct_tokenization(tmp_path
     monkeypatch.setattr(sources, "TEXT_PIECE_BYTES", 1000)  # the first book is read in about 20 pieces
     prepared = ensure_prepared(_job(tmp_path, tokenizer_dir, "text", tmp_path / "books"), workers=1)
     assert _prepared_documents(prepared.directory) == _direct(tokenizer_dir, books)
+
+    normalized = tmp_path / "normalized"  # a normalizer: not a tiktoken shape, so `tokenizers` encodes
+    normalized.mkdir()
+    config = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    (normalized / "tokenizer.json").write_text(json.dumps(dict(config, normalizer={"type": "NFC"})))
+    (normalized / "tokenizer_config.json").write_text((tokenizer_dir / "tokenizer_config.json").read_text())
+    prepared = ensure_prepared(_job(tmp_path, normalized, "text", tmp_path / "books"), workers=1)
+    assert prepared.summary["encoder"] == "tokenizers"
+    assert _prepared_documents(prepared.directory) == _direct(normalized, books)
 
 
 def test_the_cache_is_reused_and_a_changed_file_makes_a_new_one(tmp_path, tokenizer_dir, corpus, capsys):

@@ -16,12 +16,13 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
+from launch.prepare.encoders import make_encoder
 from launch.prepare.sources import Task, documents
-from launch.prepare.tokenizer import TokenizerSpec, load_tokenizer
+from launch.prepare.tokenizer import TokenizerSpec
 from spec.prepared import OFFSETS_FILE, TOKENS_FILE
 
 BATCH_BYTES = 2**20
-"""Text encoded per call of the tokenizer (encode_batch_fast) in one process."""
+"""Text encoded per call of the encoder (`encoders.py`) in one process."""
 BATCH_DOCUMENTS = 1024
 
 
@@ -85,12 +86,12 @@ _WORKER: dict = {}
 
 def _start_worker(spec: TokenizerSpec, source: str, text_field: str, parts: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER.update(tokenizer=load_tokenizer(spec.path), spec=spec, source=source, field=text_field, parts=parts)
+    _WORKER.update(encoder=make_encoder(spec), spec=spec, source=source, field=text_field, parts=parts)
 
 
 def tokenize_task(task: Task) -> TaskResult:
     """Tokenize one task's documents into its part file; returns their lengths in tokens."""
-    spec, tokenizer = _WORKER["spec"], _WORKER["tokenizer"]
+    spec, encoder = _WORKER["spec"], _WORKER["encoder"]
     part = Path(_WORKER["parts"]) / f"{task.index:08d}.bin"
     with open(part, "wb") as handle:
         writer = _PartWriter(handle, spec)
@@ -100,9 +101,9 @@ def tokenize_task(task: Task) -> TaskResult:
             batch.append((text, ends))
             size += len(text)
             if size >= BATCH_BYTES or len(batch) >= BATCH_DOCUMENTS:
-                writer.add_batch(tokenizer, batch)
+                writer.add_batch(encoder, batch)
                 batch, size = [], 0
-        writer.add_batch(tokenizer, batch)
+        writer.add_batch(encoder, batch)
     return TaskResult(task.index, str(part), np.asarray(writer.lengths, dtype=np.int64), task.size, writer.empty)
 
 
@@ -118,19 +119,19 @@ class _PartWriter:
         """Tokens so far of a document not yet ended (a text file's pieces); None between documents."""
         self.empty = 0
 
-    def add_batch(self, tokenizer, batch: list) -> None:
+    def add_batch(self, encoder, batch: list) -> None:
         if not batch:
             return
-        encodings = tokenizer.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
+        encodings = encoder.encode_batch([text for text, _ in batch])
         chunks = []
-        for (text, ends), encoding in zip(batch, encodings):
+        for (text, ends), encoded in zip(batch, encodings):
             if self.open is None:
                 if not text and ends:
                     self.empty += 1
                     continue
                 chunks.append(self.prefix)
                 self.open = len(self.prefix)
-            ids = np.asarray(encoding.ids, dtype=self.dtype)
+            ids = encoded.astype(self.dtype, copy=False)
             chunks.append(ids)
             self.open += len(ids)
             if ends:

@@ -59,7 +59,8 @@ def report(directory: Path, summary: dict, sequences: dict, data: DataConfig, cr
     lines = [
         f"prepared   {directory}  ({how})",
         f"source     {summary['source']}: {len(summary['files'])} files, {summary['source_bytes'] / 1e9:.3f} GB",
-        f"tokenizer  {summary['tokenizer']}: {summary['vocab_size']:,} ids; each document: {framing}",
+        f"tokenizer  {summary['tokenizer']}: {summary['vocab_size']:,} ids; each document: {framing}"
+        f"{'; encoded with ' + summary['encoder'] if 'encoder' in summary else ''}",
         f"documents  {summary['documents']:,} ({summary['empty_documents_skipped']:,} empty skipped)",
         f"tokens     {summary['tokens']:,} ({summary['token_dtype']})",
         "lengths    " + " | ".join(f"{k} {v:,}" for k, v in lengths.items()) + " tokens",

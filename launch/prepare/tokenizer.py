@@ -32,6 +32,9 @@ class TokenizerSpec:
     suffix: tuple
     prefix_tokens: tuple
     suffix_tokens: tuple
+    encoder: str = "tokenizers"
+    """What encodes the texts: "tokenizers", or "tiktoken" where the driver found it exact
+    (`launch/prepare/encoders.py`)."""
 
     @property
     def token_dtype(self) -> str:
