@@ -5,24 +5,21 @@ started, and surfaces as a wrapped traceback. The job config validates itself wh
 this adds what needs files or the machine: the plan (loaded once; its composition, and its inputs against this
 machine's profile when the driver sees the workers' devices), the activation-checkpointing backend, the token
 elimination predictors, the token file, the hardware profile, `train.deepspeed_extra` (through DeepSpeed's own
-config validation) and that a cluster address answers. Workers check only what depends on their own device (the
-plan's profile hash). Files are checked for local runs only: a cluster's workers may see other files.
+config validation) and that a cluster address answers us (`ray_address_check`). Workers check only what depends
+on their own device (the plan's profile hash). Files are checked for local runs only: a cluster's workers may see
+other files.
 """
 
 import os
-import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 from orchestrator.ds_config import uses_cuda
 from spec.config import JobConfig
 from spec.config.schema import TEXT_SOURCES
 from spec.errors import ConfigError
 from launch.host_check import check_whole_job
-
-CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 def check_job(job: JobConfig) -> None:
@@ -74,19 +71,12 @@ def _check_predictors(job: JobConfig) -> None:
 
 
 def _check_cluster_address(job: JobConfig) -> None:
-    """ray://HOST:PORT (Ray Client) or HOST:PORT (the GCS) must accept a TCP connection; `ray.init` would otherwise
-    retry for a minute and fail with a traceback."""
-    address = job.cluster.address
-    if address in ("local", "auto"):
-        return
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=CONNECT_TIMEOUT_SECONDS):
-            pass
-    except (OSError, ValueError) as error:
-        why = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        raise ConfigError(f"cluster.address ({address}) does not answer ({why}); start the cluster, fix the address "
-                          "or use cluster.address=local") from error
+    """ray://HOST:PORT (Ray Client), HOST:PORT or auto (the GCS) must answer us, token and all; `ray.init` would
+    otherwise retry for 20-30 s and fail with a timeout or a traceback that does not name the cause."""
+    if job.cluster.address != "local":
+        from launch.ray_address_check import check_cluster_address
+
+        check_cluster_address(job.cluster.address)
 
 
 def _check_local_devices(job: JobConfig) -> None:

@@ -73,11 +73,7 @@ def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None
                      num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False, logging_level=logging.WARNING,
                      runtime_env=_local_runtime_env(runtime_env or {}))
         loopback.check()
-    else:
-        if cluster.address.startswith("ray://"):  # a refused token is otherwise a 30 s wait and a vague timeout
-            from launch.ray_client_check import check_ray_client
-
-            check_ray_client(cluster.address)
+    else:  # the address answered us in the preflight (`launch.ray_address_check`)
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING,
                  runtime_env=runtime_env)
 
