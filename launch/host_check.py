@@ -3,8 +3,12 @@ DeepSpeed's CPU Adam can be built for an offloaded optimizer, and peft is there 
 
 Why on the driver: a plan made for another machine (a datasheet's 2 TB of host memory, say) fails on this one only
 when pinned allocations run out mid-step, and a CPU Adam that cannot build fails in every worker after DeepSpeed
-started; here each is one line before Ray starts. Host memory is checked for local runs (the machine is this one).
+started; here each is one line before the workers start. A local run's host memory is this machine's (checked
+before Ray starts); a cluster run's (`submit`, `cluster.address`) is that of each Ray node the workers may land on,
+from the node resources Ray reports once the driver is connected (`check_cluster_host_memory`).
 """
+
+from typing import Dict, List
 
 import psutil
 
@@ -34,6 +38,36 @@ def check_host_memory(job: JobConfig, machine_gib: float) -> None:
         raise PlanError(f"this machine has {machine_gib:.1f} GiB of host memory and the job needs {need:.1f} GiB "
                         f"({what}, {per_gpu:.1f} GiB per GPU x {job.cluster.num_workers} worker(s)); {fix}, or run "
                         "where the host is larger")
+
+
+def node_host_memory_gib(resources: Dict[str, float]) -> float:
+    """A Ray node's host memory as Ray reports it (`ray.nodes()`' Resources): Ray splits the memory free when the
+    node started into its `memory` resource (70% by default) and the object store (30%); their sum."""
+    return (resources.get("memory", 0.0) + resources.get("object_store_memory", 0.0)) / GIB
+
+
+def check_cluster_host_memory(job: JobConfig, nodes: List[dict], use_gpu: bool) -> None:
+    """Every alive Ray node the workers may land on (`ray.nodes()` entries) must hold their host bytes: the plan's
+    (or the offload's) bytes per GPU times the workers that fit on that node, at most cluster.num_workers (one
+    under STRICT_SPREAD)."""
+    from launch.placement import workers_that_fit
+
+    per_gpu, what = _host_need_gib(job)
+    if not per_gpu:
+        return
+    cluster = job.cluster
+    for node in nodes:
+        resources = node.get("Resources", {})
+        fits = workers_that_fit(cluster, [resources], use_gpu)
+        workers = min(fits, 1 if cluster.placement_strategy == "STRICT_SPREAD" else cluster.num_workers)
+        have = node_host_memory_gib(resources)
+        if workers and per_gpu * workers > have:
+            where = node.get("NodeManagerAddress") or node.get("NodeID", "?")
+            fix = (f"re-plan with plan.host_memory_gib={int(have)}" if job.plan.path else
+                   "shorten data.seq_len or spread the job over more nodes")
+            raise PlanError(f"Ray node {where} has {have:.1f} GiB of host memory (its memory + object_store_memory "
+                            f"resources) and {workers} worker(s) may land on it, which need {per_gpu * workers:.1f} "
+                            f"GiB ({what}, {per_gpu:.1f} GiB per GPU); {fix}, or use nodes with more memory")
 
 
 def _host_need_gib(job: JobConfig):

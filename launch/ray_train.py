@@ -19,6 +19,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from launch import loopback
+from launch.host_check import check_cluster_host_memory
 from launch.placement import check_capacity
 from spec.config import ClusterConfig, JobConfig
 from orchestrator.checkpoint import CheckpointRef
@@ -102,9 +103,13 @@ def accelerator_env(use_gpu: bool) -> Dict[str, str]:
 
 def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
                 on_message: Callable[[Dict[str, Any]], None]) -> None:
-    """Train with Ray Train; call on_message for each worker message while it runs. Raises if training fails."""
-    board = ProgressBoard.remote()
+    """Train with Ray Train; call on_message for each worker message while it runs. Raises if training fails, or
+    before any worker starts when a cluster's node cannot hold the workers' host memory (a local run's host was
+    checked before Ray started)."""
     gpu = uses_cuda(job.cluster)
+    if job.cluster.address != "local":
+        check_cluster_host_memory(job, [node for node in ray.nodes() if node.get("Alive")], gpu)
+    board = ProgressBoard.remote()
     resources = {"CPU": job.cluster.cpus_per_worker, **({"GPU": job.cluster.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         _worker_loop,

@@ -63,6 +63,9 @@ class LayerCost:
     replay_seconds: float = 0.0
     """Replaying the layer's forward when it is checkpointed whole: the forward, less a tiled MLP's (the replay
     skips it, `orchestrator.memory.layer_replay`); 0: the forward's."""
+    exchange_seconds: float = 0.0
+    """Ulysses' all-to-all of one pass (q, k, v to heads and the output back; in backward the same bytes as
+    gradients), already in forward_seconds and backward_seconds once each; 0 without sequence parallelism."""
 
     @property
     def checkpoint_seconds(self) -> float:
@@ -150,16 +153,50 @@ class CostModel:
         tensors = layer_saved_tensors(model, self.element_bytes)
         if keep_share < 1:
             tensors = sparse_saved_tensors(tensors, model, self.element_bytes, keep_share)
+        exchange = self.exchange_seconds(keep_share)
         if model.lora.enabled or self.job.train.tiled_mlp:
-            return whole_job.layer_cost(self, tensors, matmul_seconds, attention_seconds, scoring_seconds, keep_share)
+            return whole_job.layer_cost(self, tensors, matmul_seconds, attention_seconds, scoring_seconds, keep_share,
+                                        exchange)
         return LayerCost(
-            forward_seconds=matmul_seconds + attention_seconds + scoring_seconds,
-            backward_seconds=BACKWARD_TO_FORWARD * (matmul_seconds + attention_seconds),
+            forward_seconds=matmul_seconds + attention_seconds + scoring_seconds + exchange,
+            backward_seconds=BACKWARD_TO_FORWARD * (matmul_seconds + attention_seconds) + exchange,
             recompute_seconds=matmul_seconds,
             skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * tokens,
             token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * tokens,
             tensors=tensors, tokens=tokens, element_bytes=self.element_bytes,
-            sequences=self.job.data.micro_batch_size, keep_share=keep_share)
+            sequences=self.job.data.micro_batch_size, keep_share=keep_share, exchange_seconds=exchange)
+
+    def exchange_bytes(self, keep_share: float = 1.0) -> float:
+        """Bytes one GPU sends in one pass of Ulysses' all-to-all in one layer: its tokens of q, k and v (to every
+        head group) and of the attention output (back), all but the 1/sp share that stays on this GPU; a
+        token-eliminated layer exchanges its kept tokens only. 0 without sequence parallelism."""
+        sp = self.sp_degree
+        if sp == 1:
+            return 0.0
+        model = self.model
+        width = 2 * model.num_heads * model.head_dim + 2 * model.num_kv_heads * model.head_dim
+        return self.tokens_per_gpu * keep_share * width * self.element_bytes * (sp - 1) / sp
+
+    def exchange_seconds(self, keep_share: float = 1.0) -> float:
+        """`exchange_bytes` over the profile's all-to-all bus bandwidth (nccl-tests' convention: bytes x (n-1)/n
+        per second); 0 without sequence parallelism or without a figure in the profile (`alltoall_source` says)."""
+        rate = self.profile.measured.alltoall_busbw_gbps
+        if self.sp_degree == 1 or not rate:
+            return 0.0
+        return self.exchange_bytes(keep_share) / (rate * 1e9)
+
+    def alltoall_source(self) -> str:
+        """Where the all-to-all bandwidth of this plan comes from, in words ('' without sequence parallelism)."""
+        if self.sp_degree == 1:
+            return ""
+        measured, name = self.profile.measured, self.profile.name
+        rate = measured.alltoall_busbw_gbps
+        if not rate:
+            return (f"not counted: profile {name} has no all-to-all bandwidth; measure it with `longtrain profile "
+                    "hardware` on a machine with at least 2 GPUs")
+        how = (f"derived from measured runs, not measured (profile {name}, measured.derived says how)"
+               if "alltoall_busbw_gbps" in measured.derived else f"measured (profile {name})")
+        return f"{rate:g} GB/s bus bandwidth, {how}"
 
     def keep_shares(self) -> Dict[int, float]:
         """Each token-eliminated layer's kept share of the tokens (the job's token_elim section, rounded to whole

@@ -223,10 +223,12 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
         "tokens_per_second_per_gpu": round(cost.tokens_per_gpu * job.train.grad_accum_steps / step_seconds, 1),
         "static_gib": {k: round(v, 3) for k, v in static.as_gib().items()},
     }
-    if whole_job.uses_whole_job_features(job):
-        host = whole_job.host_memory(job, profile)
-        predicted["host_memory"] = {"node_gib": host.gib, "source": host.source,
-                                    "offloaded_gib": round(host_static / GIB, 3)}
+    host = whole_job.host_memory(job, profile)
+    predicted["host_memory"] = {"node_gib": host.gib, "source": host.source,
+                                "offloaded_gib": round(host_static / GIB, 3)}
+    if cost.sp_degree > 1:
+        predicted["alltoall"] = {"seconds_per_step": round(_alltoall_seconds(cost, policy) * job.train.grad_accum_steps,
+                                                           6), "source": cost.alltoall_source()}
     entry = lambda b: {"name": b.name, "layer": b.layer, "size_bytes": b.size_bytes,  # noqa: E731
                        "offset_bytes": b.offset_bytes, "start": b.start, "end": b.end}
     return Plan(
@@ -242,6 +244,16 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
                            "greedy_arena_bytes": step.greedy_arena_bytes}},
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+
+
+def _alltoall_seconds(cost: CostModel, policy: PolicyResult) -> float:
+    """Ulysses' all-to-all in one micro-batch: a pass in each forward and backward, one more in a split layer's
+    backward and in a checkpointed layer's replay (`planner.policy`)."""
+    total = 0.0
+    for layer, decision in zip(cost.layers(), policy.decisions):
+        passes = 2 + (not decision.is_plain) + decision.checkpoint_layer
+        total += passes * layer.exchange_seconds
+    return total
 
 
 def runtime_arena(step: LayoutResult, layers: set, time_limit_seconds: float) -> dict:

@@ -7,10 +7,14 @@ attention included; the ALST recipe's choice for every layer, so a plan's feasib
 Model (per GPU, per micro-batch; layers in order, forward of layer i overlaps the host copy of layer i-1, backward
 of layer i+1 overlaps the prefetch of layer i):
   keep_i + swap_i + recompute_i = 1 - ckpt_i                         (continuous token fractions)
-  time   = sum_i F_i + B_i + R_i * recompute_i + P_i * ckpt_i + stall_fwd_i + stall_bwd_i + Q_i * int8_i
-        (P_i: the replayed forward, less a tiled MLP's, which the replay skips)
+  time   = sum_i F_i + B_i + R_i * recompute_i + P_i * ckpt_i + X_i * split_i + stall_fwd_i + stall_bwd_i
+               + Q_i * int8_i
+        (P_i: the replayed forward, less a tiled MLP's, which the replay skips; F_i and B_i hold one pass of
+        Ulysses' all-to-all each, and a split layer's backward one more, X_i: split_i >= 1 - keep_i, offload_i)
   stall_fwd_i >= bytes_i / bw - F_{i+1},
   stall_bwd_i >= bytes_i / bw - (B_{i+1} + R_{i+1} * recompute_{i+1} + P_{i+1} * ckpt_{i+1})
+        (the last layer, MEMO's rule that nothing hides its copies: F_n = the LM head's forward and backward,
+        B_n = 0, its copy back starts when its own backward does)
   bytes_i = T_i * (swap_i - (1 - 1/e) * swap_int8_i) - (T_i - Tc_i) * swap_comp_i + K_i * offload_i
             - (K_i - I_i) * ckpt_off_i
         (swap_int8 = swap * int8, swap_comp = swap * comp and ckpt_off = ckpt * offload, linearised; a compressed
@@ -137,6 +141,10 @@ class PolicyInputs:
     adapter_bytes: float = 0.0
     """LoRA: what one layer's adapters keep whole on the GPU unless the layer is checkpointed (`static_bytes` leaves
     them out)."""
+    regather_seconds: List[float] = field(default_factory=list)
+    """Ulysses: the all-to-all a split layer's backward adds (its attention saves only this GPU's token shard of q,
+    k, v and the output and exchanges them again, `orchestrator.sequence_parallel.LocalShardAttention`); a plain
+    layer's attention keeps the exchanged tensors. Empty without sequence parallelism."""
 
 
 def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approximate: bool = False,
@@ -178,7 +186,8 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
         replay_seconds=[layer.checkpoint_seconds for layer in layers],
         checkpoint_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds, "backward")],
         checkpoint_forward_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds,
-                                                                             "forward")])
+                                                                             "forward")],
+        regather_seconds=per_layer("exchange_seconds") if cost.sp_degree > 1 else [])
 
 
 def block_layouts(layers: List[LayerCost], compact: List[LayerCost], time_limit_seconds: float,
@@ -213,15 +222,20 @@ def solve_policy(inputs: PolicyInputs, time_limit_seconds: float) -> PolicyResul
 def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backward: bool, replay_next=0.0):
     """Seconds of layer i's host copies (`moved` bytes each way) not hidden behind the neighbouring compute: the
     next layer's forward, or in backward the next layer's backward, its recomputed share and its replayed forward
-    when it is checkpointed (`replay_next`; the LM head after the last layer). Negative when hidden. Works on
-    numbers and on the MIP's affine expressions alike, so the MIP and `launch.measure.calibration.predict` share
-    one formula."""
+    when it is checkpointed (`replay_next`). Negative when hidden. Works on numbers and on the MIP's affine
+    expressions alike, so the MIP and `launch.measure.calibration.predict` share one formula.
+
+    The last layer has no next layer (MEMO's rule: nothing hides its copies): its copy out may run under the LM
+    head's forward and backward (3 x head_seconds; the copy back waits for it on the one copy stream), and its copy
+    back starts only when its own backward does (`tokenwise._materialize`: the first layer of the backward is
+    fetched on demand), so none of it is hidden. The MIP swaps the last layer only where that exposed time costs
+    less than keeping or recomputing its tokens."""
     n = p.num_layers
     if backward:
         neighbour = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute_next
-                     + _replay(p)[i + 1] * replay_next) if i + 1 < n else 2 * p.head_seconds
+                     + _replay(p)[i + 1] * replay_next) if i + 1 < n else 0.0
     else:
-        neighbour = p.forward_seconds[i + 1] if i + 1 < n else p.head_seconds
+        neighbour = p.forward_seconds[i + 1] if i + 1 < n else 3 * p.head_seconds
     return moved * (1 / p.pcie_bytes_per_second) - p.swap_hidden_fraction * neighbour
 
 
@@ -254,8 +268,17 @@ def _build(p: PolicyInputs):
     moved = [swapped[i] + p.skeletal_bytes[i] * offload[i] - dropped[i] * ckpt_off[i] for i in range(n)]
     plain_block = p.layer_block_bytes or [p.block_bytes] * n
     compact_block = p.compressed_block_bytes or plain_block
+    regather = p.regather_seconds if any(p.regather_seconds) else [0.0] * n
+    split = [problem.add_variable(f"split{i}", cat="Binary") for i in range(n)]  # runs the token-wise runtime
     for i in range(n):
         problem += keep[i] + swap[i] + recompute[i] == 1 - ckpt[i]
+        if regather[i]:
+            problem += split[i] >= 1 - keep[i]
+            problem += split[i] >= offload[i]
+            if i + 1 < n and _same_layer(p, i, i + 1):  # which of identical layers stay whole is symmetric: the
+                problem += split[i] >= split[i + 1]     # last ones (their copies are the least hidden)
+        else:
+            problem += split[i] == 0
         _checkpoint_rules(problem, p, i, ckpt, ckpt_off, offload, comp, (block, block_fwd, staging_bwd))
         if not p.allow_int8:
             problem += int8[i] == 0
@@ -290,7 +313,7 @@ def _build(p: PolicyInputs):
     problem += common + block + staging_bwd <= p.gpu_budget_bytes / GIB
     problem += common + p.head_bytes / GIB + 2 * staging <= p.gpu_budget_bytes / GIB
     problem += pulp.lpSum(moved) * (1 / GIB) <= p.host_budget_bytes / GIB
-    seconds = pulp.lpSum(p.recompute_seconds[i] * recompute[i] + _replay(p)[i] * ckpt[i]
+    seconds = pulp.lpSum(p.recompute_seconds[i] * recompute[i] + _replay(p)[i] * ckpt[i] + regather[i] * split[i]
                          + stall_fwd[i] + stall_bwd[i]
                          + INT8_SECONDS_PER_BYTE * p.token_wise_bytes[i] * swap_int8[i]
                          + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes[i] * comp[i] for i in range(n))
@@ -298,9 +321,18 @@ def _build(p: PolicyInputs):
     problem += (seconds + HOST_TIE_BREAK * pulp.lpSum(moved) + SMOOTHING_SECONDS * _changes(problem, [keep, swap, offload])
                 + LATE_INPUT_SECONDS * late)
     variables = dict(keep=keep, swap=swap, recompute=recompute, offload=offload, int8=int8, swap_int8=swap_int8,
-                     comp=comp, ckpt=ckpt, stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch, staging=staging,
-                     staging_bwd=staging_bwd, block=block, block_fwd=block_fwd)
+                     comp=comp, ckpt=ckpt, split=split, stall_fwd=stall_fwd, stall_bwd=stall_bwd, prefetch=prefetch,
+                     staging=staging, staging_bwd=staging_bwd, block=block, block_fwd=block_fwd)
     return problem, variables
+
+
+def _same_layer(p: PolicyInputs, i: int, j: int) -> bool:
+    """Layers i and j have the same constants (a dense model's layers, token-eliminated ones aside)."""
+    per_layer = [p.forward_seconds, p.backward_seconds, p.recompute_seconds, p.skeletal_bytes, p.token_wise_bytes,
+                 p.regather_seconds, p.compressed_token_wise_bytes, p.layer_block_bytes, p.compressed_block_bytes,
+                 p.input_bytes, p.checkpoint_block_bytes, p.checkpoint_forward_block_bytes, p.replay_seconds,
+                 list(p.compress), list(p.sparse)]
+    return all(values[i] == values[j] for values in per_layer if values)
 
 
 def _replay(p: PolicyInputs) -> List[float]:
@@ -361,8 +393,10 @@ def _fill(result: PolicyResult, p: PolicyInputs, v: Dict, spec: str) -> None:
                 for i, d in enumerate(result.decisions)]
     moved = [t * d.swap_fraction * (p.int8_factor if d.swap_codec == "int8" else 1.0) + k * d.offload_skeletal
              for t, k, d in zip(token_wise, skeletal, result.decisions)]
+    regather = p.regather_seconds or [0.0] * p.num_layers
     extra = sum((_replay(p)[i] if d.checkpoint_layer else p.recompute_seconds[i] * d.recompute_fraction)
                 + COMPRESS_SECONDS_PER_BYTE * p.token_wise_bytes[i] * (d.activation_compression != "none")
+                + regather[i] * (value(v["split"][i]) > 0.5)
                 for i, d in enumerate(result.decisions))
     stalls = sum(value(s) for s in v["stall_fwd"] + v["stall_bwd"])
     result.micro_batch_seconds = (sum(p.forward_seconds) + sum(p.backward_seconds) + 3 * p.head_seconds

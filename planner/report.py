@@ -57,6 +57,7 @@ def plan_summary(plan: Plan, plan_path: Path, png_path: Path, seconds: float) ->
         f"  host        {p['host_gib']:.2f} GiB of {p['host_budget_gib']:.2f} GiB per GPU; "
         f"{p['swap_gb_per_step']:.2f} GB over PCIe per step",
         *_host_memory_line(p),
+        *_alltoall_line(p),
         f"  layout      arena / lower bound = {plan.arena_bytes / max(plan.lower_bound_bytes, 1):.3f} "
         f"(greedy {plan.solver['layout']['greedy_arena_bytes'] / max(plan.lower_bound_bytes, 1):.3f}; "
         f"{plan.solver['layout']['status']}); layer block {plan.layer_block['arena_bytes'] / GIB:.2f} GiB, ratio "
@@ -70,14 +71,22 @@ def plan_summary(plan: Plan, plan_path: Path, png_path: Path, seconds: float) ->
 
 
 def _host_memory_line(predicted: dict) -> List[str]:
-    """Where the host memory figure comes from and what offload takes of it (jobs with LoRA, offload, the tiled
-    MLP or plan.host_memory_gib; other plans print as they always did)."""
+    """Where the host memory figure comes from and what offload takes of it (plans made before it was recorded
+    print no line)."""
     host = predicted.get("host_memory")
     if not host:
         return []
     offloaded = f"; offloaded optimizer/parameters {host['offloaded_gib']:.2f} GiB per GPU" \
         if host["offloaded_gib"] else ""
     return [f"  host memory {host['node_gib']:g} GiB per node: {host['source']}{offloaded}"]
+
+
+def _alltoall_line(predicted: dict) -> List[str]:
+    """Ulysses' all-to-all in the step time and where its bandwidth comes from (sequence-parallel plans)."""
+    alltoall = predicted.get("alltoall")
+    if not alltoall:
+        return []
+    return [f"  all-to-all  {alltoall['seconds_per_step']:.3f} s per step (Ulysses): {alltoall['source']}"]
 
 
 def plot_layout(plan: Plan, path: Path) -> None:

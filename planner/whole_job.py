@@ -57,16 +57,17 @@ def _mlp_share(model: ModelConfig) -> float:
 
 
 def layer_cost(cost, tensors, matmul_seconds: float, attention_seconds: float, scoring_seconds: float,
-               keep_share: float):
-    """`CostModel.layer` for a LoRA layer and/or a tiled MLP (times and inventory as the module docstring says)."""
+               keep_share: float, exchange_seconds: float = 0.0):
+    """`CostModel.layer` for a LoRA layer and/or a tiled MLP (times and inventory as the module docstring says;
+    `exchange_seconds`: Ulysses' all-to-all, once in forward and once in backward, `LayerCost.exchange_seconds`)."""
     from planner.cost_model import BACKWARD_TO_FORWARD, LayerCost
 
     model, tokens = cost.model, cost.tokens_per_gpu
     adapters = 2.0 * lora_parameter_count(model) / model.num_layers * tokens / (cost.matmul_tflops() * 1e12)
     weight_grads = 0.0 if model.lora.enabled else 1.0
-    forward = matmul_seconds + attention_seconds + scoring_seconds + adapters
+    forward = matmul_seconds + attention_seconds + scoring_seconds + adapters + exchange_seconds
     backward = ((1.0 + weight_grads) * matmul_seconds + BACKWARD_TO_FORWARD * attention_seconds
-                + BACKWARD_TO_FORWARD * adapters)
+                + BACKWARD_TO_FORWARD * adapters + exchange_seconds)
     recompute, tile_bytes, mlp = matmul_seconds + adapters, 0.0, 0.0
     if cost.job.train.tiled_mlp:
         tensors = tiled_mlp_saved_tensors(tensors)
@@ -80,7 +81,7 @@ def layer_cost(cost, tensors, matmul_seconds: float, attention_seconds: float, s
         token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * tokens,
         tensors=tensors, tokens=tokens, element_bytes=cost.element_bytes,
         sequences=cost.job.data.micro_batch_size, keep_share=keep_share, mlp_tile_bytes=tile_bytes,
-        replay_seconds=forward - mlp)
+        replay_seconds=forward - mlp, exchange_seconds=exchange_seconds)
 
 
 def tile_tokens(model: ModelConfig) -> int:
@@ -164,8 +165,3 @@ def host_budget_bytes(job: JobConfig, profile: HardwareProfile) -> float:
     gpus_per_node = min(profile.devices_per_node, job.cluster.num_workers)
     return host_memory(job, profile).gib * GIB * job.plan.host_memory_fraction / gpus_per_node
 
-
-def uses_whole_job_features(job: JobConfig) -> bool:
-    """LoRA, offload, the tiled MLP or an explicit host memory: the plan then states its host memory's source."""
-    return (job.model.lora.enabled or job.train.offload.any or job.train.tiled_mlp
-            or job.plan.host_memory_gib is not None)

@@ -46,6 +46,10 @@ class MeasuredRates:
     """Measurements that did not run on this machine, with the reason."""
     cpu_adam_params_per_second: Optional[float] = None
     """DeepSpeed's CPU Adam (the offloaded optimizer's step) on this host: parameters updated per second."""
+    derived: Dict[str, str] = field(default_factory=dict)
+    """Rates above that were not measured on this hardware but derived from measured runs, each with the file it
+    came from and the arithmetic (e.g. the all-to-all bandwidth from a sequence-parallel run's step time until
+    `longtrain profile hardware` measures it on a machine with several GPUs, which writes no entry here)."""
 
 
 @dataclass
