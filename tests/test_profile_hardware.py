@@ -2,6 +2,7 @@
 layer's real saved bytes, and a failing measurement is recorded as skipped instead of stopping the run."""
 
 import pytest
+import torch
 import yaml
 
 from launch.cli import main
@@ -100,3 +101,27 @@ def test_gpu_quick_run_measures_every_rate(tmp_path):
     llama = load_job_config(None, ["model.preset=llama-7b"]).model
     predicted = sum(t.bytes_per_token for t in layer_saved_tensors(llama, 2))
     assert measured.layer_saved_bytes_per_token == pytest.approx(predicted, rel=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs (NCCL all-to-all; run on a lent multi-GPU machine)")
+def test_gpu_alltoall_probe_is_what_the_planner_counts():
+    """The NCCL probe's all-to-all bus bandwidth, written as a measured rate (no `derived` entry), is the one a
+    sequence-parallel plan counts, and its source says measured."""
+    import dataclasses
+
+    from launch.measure.hardware import measure_nccl
+
+    result = Measurement()
+    measure_nccl(result, 2, 64 * 2**20, 3)
+    rate = result.measured["alltoall_busbw_gbps"]
+    assert rate > 10, rate  # NVLink or PCIe between two GPUs of one host: tens to hundreds of GB/s
+    shipped = load_profile("h200")
+    profile = dataclasses.replace(shipped, measured=dataclasses.replace(shipped.measured, alltoall_busbw_gbps=rate,
+                                                                        derived={}))
+    job = load_job_config(None, ["model.preset=llama-7b", "data.seq_len=131072", "data.micro_batch_size=1",
+                                 "cluster.num_workers=2", "parallel.sp_degree=2"])
+    cost = CostModel(job, profile)
+    assert cost.exchange_seconds() == pytest.approx(cost.exchange_bytes() / (rate * 1e9))
+    assert cost.alltoall_source().startswith(f"{rate:g} GB/s bus bandwidth, measured")
