@@ -43,6 +43,27 @@ def spawn_gloo(fn: Callable, world: int, *args: Any) -> List[Any]:
     return results
 
 
+def train_without_ray(run_dir: Path, world: int, overrides: List[str]) -> List[Any]:
+    """The messages of a run of the real trainer (`orchestrator.trainer.train`: DeepSpeed over gloo) in `world`
+    spawned processes, without Ray or the driver: the reference a `longtrain train` run is compared with, at a
+    fraction of its cost (no Ray, no Ray Train actors). The workers' arithmetic is the same: the trainer sets its
+    own seed and thread count, so the losses are bit for bit those of the Ray run of the same job."""
+    job = load_job_config(None, [f"cluster.num_workers={world}", *overrides])
+    return spawn_gloo(_train_rank, world, job, str(run_dir))
+
+
+def step_losses(messages: List[Any]) -> dict:
+    """{step: each rank's loss, in rank order} of a run's step messages (a worker's, or metrics.jsonl's rows)."""
+    return {m["step"]: [r["loss"] for r in sorted(m["rows"], key=lambda r: r["rank"])]
+            for m in messages if m.get("kind", "step") == "step" and m.get("rows")}
+
+
+def _train_rank(rank: int, world: int, put, job, run_dir: str) -> None:
+    from orchestrator.trainer import WorkerInfo, train
+
+    train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), put)
+
+
 def _gloo_rank(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")

@@ -35,7 +35,7 @@ def test_longest_sequence_and_dry_run_and_load_config(tmp_path):
     longest = longtrain.longest_sequence(None, ["model.preset=llama-7b"], profile="h100_sxm")  # 2 GPUs: 3328
     assert longest.seq_len > 0 and longest.seq_len % 64 == 0 and f"data.seq_len={longest.seq_len}" in longest.summary
     checked = longtrain.dry_run(None, ["data.seq_len=512", f"run.root={tmp_path}"])
-    assert not checked.continuing and checked.deepspeed_config["train_micro_batch_size_per_gpu"] == 8
+    assert not checked.continuing and checked.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
     assert not any(tmp_path.iterdir())  # a dry run creates nothing
     assert longtrain.load_config(None, ["data.seq_len=512"]).data.seq_len == 512
     with pytest.raises(longtrain.LongtrainError, match="model.num_layrs"):

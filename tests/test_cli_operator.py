@@ -59,7 +59,7 @@ def test_dry_run_checks_prints_deepspeed_json_and_starts_nothing(tmp_path, monke
     out = capsys.readouterr().out
     assert "nothing started" in out and "(new)" in out
     ds = json.loads(out[out.index("{"):])
-    assert ds["zero_optimization"]["stage"] == 1 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["zero_optimization"]["stage"] == 1 and ds["train_micro_batch_size_per_gpu"] == 4
     assert list(tmp_path.iterdir()) == []  # no run directory, no lock, no logs
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
@@ -82,8 +82,8 @@ def test_bench_help_lists_every_mode(capsys):
 
 
 def test_fit_search_proposes_a_smaller_micro_batch(capsys):
-    """The README example inherits the default job's micro batch of 8: the fix names a smaller one."""
-    code = main(["plan", "model.preset=llama-7b", "data.seq_len=262144", "cluster.num_workers=2", "--profile",
+    """The README example's micro batch of 8 does not fit: the fix names a smaller one."""
+    code = main(["plan", "model.preset=llama-7b", "data.seq_len=262144", "data.micro_batch_size=8", "cluster.num_workers=2", "--profile",
                  "h100_sxm"])
     err = capsys.readouterr().err
     assert code == 2 and "no single change fits" not in err

@@ -77,8 +77,8 @@ def test_a_killed_driver_leaves_no_process_of_the_run(tmp_path):
     assert sorted((run_dir / "checkpoints").glob("step_*")) == tags  # and nothing trains or saves any more
 
 
-@pytest.mark.parametrize("to_group,times", [(True, 1), (True, 2), (False, 1)],
-                         ids=["group, once", "group, twice", "process, once"])
+@pytest.mark.parametrize("to_group,times", [(True, 2), (False, 1)], ids=["group, twice", "process, once"])
+# a terminal's Ctrl-C signals the whole group: the second one lands while the first one's cleanup runs
 def test_ctrl_c_exits_130_with_the_resume_command_and_no_process_left(tmp_path, to_group, times):
     run_dir = tmp_path / "run"
     process = _start(run_dir, "train.max_steps=100000", "checkpoint.every_steps=5", "train.log_every_steps=5")

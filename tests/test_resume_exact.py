@@ -1,6 +1,7 @@
 """Exact resume: a run stopped at step k (train.stop_at_step, a checkpoint) and resumed to 2k gives bit for bit the
-losses of an uninterrupted run, for ZeRO 0, 2 and 3 with 1 and 2 workers. The workers run the real DeepSpeed loop
-(`orchestrator.trainer.train`) in spawned processes over gloo, without Ray, to keep this matrix fast."""
+losses of an uninterrupted run, for ZeRO 0 with 1 and 2 workers and ZeRO 2 and 3 sharded over 2. The workers run
+the real DeepSpeed loop (`orchestrator.trainer.train`) in spawned processes over gloo, without Ray, to keep this
+matrix fast."""
 
 from pathlib import Path
 
@@ -35,8 +36,7 @@ def _losses(run_dir: Path, world: int, *overrides):
     return losses, {m["rank"]: m["draws"] for m in messages if m["kind"] == "rng"}
 
 
-@pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+@pytest.mark.parametrize("zero_stage,world", [(0, 1), (0, 2), (2, 2), (3, 2)])  # ZeRO-2/3 shard over 2 ranks
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, zero_stage, world):
     straight, straight_rng = _losses(tmp_path / "straight", world, f"train.zero_stage={zero_stage}")
     first, _ = _losses(tmp_path / "split", world, f"train.zero_stage={zero_stage}", f"train.stop_at_step={STOP}")

@@ -1,6 +1,7 @@
-"""`longtrain train` with Ulysses sequence parallelism (parallel.sp_degree=2: two Ray workers share each
-sequence) trains the same model as one worker holding the whole sequence: equal losses step by step, also with
-DeepSpeed's activation checkpointing (its long-sequence recipe keeps the inputs in host memory: GPU only). Real Ray, DeepSpeed and gloo on CPU."""
+"""Ulysses sequence parallelism (parallel.sp_degree=2: two workers share each sequence) trains the same model as one
+worker holding the whole sequence: equal losses step by step. Through `longtrain train` (real Ray, DeepSpeed and
+gloo on CPU) for the plain recipe, stopped and resumed; through the trainer alone (no Ray) with DeepSpeed's activation
+checkpointing (its long-sequence recipe keeps the inputs in host memory: GPU only)."""
 
 import json
 import subprocess
@@ -9,58 +10,51 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import step_losses, train_without_ray
+
 pytestmark = pytest.mark.slow
 COMMON = ["train.max_steps=5", "train.log_every_steps=1", "checkpoint.every_steps=0", "data.micro_batch_size=2",
           "optim.warmup_steps=1", "train.zero_stage=3"]
+SP = ["parallel.sp_degree=2"]
 
 
 def _run(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", *COMMON, *overrides], cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", *COMMON, "cluster.num_workers=2", *SP,
+                             *overrides], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "converting" not in result.stdout  # the same workers: ZeRO's shards fit as they are
     return result
 
 
-def _logged(cwd: Path):
-    """(step, rank 0's loss) of every logged step in the run's metrics.jsonl, in the order written."""
-    (run_dir,) = (cwd / "runs").iterdir()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(message["step"], message["rows"][0]["loss"]) for message in rows if message.get("rows")], rows
-
-
-def _losses(cwd: Path, *overrides: str):
-    _run(cwd, *overrides)
-    logged, rows = _logged(cwd)
-    return [loss for _, loss in logged], rows
+def _assert_close(losses, whole):
+    assert len(losses) == len(whole) == 5
+    for got, want in zip(losses, whole):
+        assert abs(got - want) <= 1e-4 * abs(want), (losses, whole)
 
 
 @pytest.fixture(scope="module")
 def whole_sequence(tmp_path_factory):
-    losses, _ = _losses(tmp_path_factory.mktemp("whole"), "cluster.num_workers=1")
-    return losses
+    """Rank 0's loss at each step of one worker training on whole sequences (the trainer without Ray: its losses
+    are bit for bit those of `longtrain train cluster.num_workers=1`)."""
+    losses = step_losses(train_without_ray(tmp_path_factory.mktemp("whole"), 1, COMMON))
+    return [losses[step][0] for step in sorted(losses)]
 
 
-@pytest.mark.parametrize("recipe", ["none", "deepspeed"])  # deepspeed_cpu: GPU only (tests/test_gpu.py)
-def test_two_ranks_sharing_each_sequence_train_like_one(tmp_path, whole_sequence, recipe):
-    losses, rows = _losses(tmp_path, "cluster.num_workers=2", "parallel.sp_degree=2",
-                           f"train.activation_checkpointing={recipe}")
-    assert len(losses) == len(whole_sequence) == 5
-    for got, want in zip(losses, whole_sequence):
-        assert abs(got - want) <= 1e-4 * abs(want), (losses, whole_sequence)
-    # each rank counts its own shard: half the sequence's tokens
-    assert rows[-1]["rows"][0]["tokens"] == 2 * 256 // 2
+def test_two_ranks_sharing_each_sequence_under_deepspeed_checkpointing_train_like_one(tmp_path, whole_sequence):
+    losses = step_losses(train_without_ray(tmp_path, 2, [*COMMON, *SP, "train.activation_checkpointing=deepspeed"]))
+    _assert_close([losses[step][0] for step in sorted(losses)], whole_sequence)
 
 
-def test_a_sequence_parallel_run_resumes_exactly(tmp_path, whole_sequence):
+def test_a_sequence_parallel_run_trains_like_one_worker_and_resumes_exactly(tmp_path, whole_sequence):
     """Stopped at step 3 and resumed: ZeRO sharded its state over both ranks (the Ulysses group's too), so the
-    resume needs no conversion and steps 4-5 are the uninterrupted run's."""
-    sp = ["cluster.num_workers=2", "parallel.sp_degree=2"]
-    _run(tmp_path, *sp, "train.stop_at_step=3")
+    resume needs no conversion; steps 1-3 before the stop and 4-5 after it are the one-worker run's."""
+    _run(tmp_path, "train.stop_at_step=3")
     (run_dir,) = (tmp_path / "runs").iterdir()
-    resumed = _run(tmp_path, *sp, f"resume={run_dir}")
+    resumed = _run(tmp_path, f"resume={run_dir}")
     assert "at step 3" in resumed.stdout and "resumed from" in resumed.stdout, resumed.stdout[-2000:]
-    logged, _ = _logged(tmp_path)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [(m["step"], m["rows"][0]["loss"]) for m in records if m.get("rows")]
     assert [step for step, _ in logged] == [1, 2, 3, 4, 5]  # a resume that retrained from step 1 repeats 1-3
-    for (step, got), want in zip(logged[-2:], whole_sequence[-2:]):
-        assert abs(got - want) <= 1e-4 * abs(want), (logged, whole_sequence)
+    _assert_close([loss for _, loss in logged], whole_sequence)
+    # each rank counts its own shard: half the sequence's tokens
+    assert [m for m in records if m.get("rows")][-1]["rows"][0]["tokens"] == 2 * 256 // 2
