@@ -64,7 +64,7 @@ def _at(job: JobConfig, seq_len: int) -> JobConfig:
 
 def _plan_fits(job: JobConfig, profile: HardwareProfile) -> bool:
     try:
-        make_plan(job, profile)
+        make_plan(job, profile, explain=False)
     except PlanInfeasible:
         return False
     return True
@@ -89,7 +89,7 @@ def _binding(job: JobConfig, profile: HardwareProfile) -> str:
     if job.train.activation_checkpointing == "alst":
         return predict_alst(job, profile).binding()
     try:
-        make_plan(job, profile)
+        make_plan(job, profile, explain=False)
     except PlanInfeasible as refusal:
         if str(refusal).startswith("does not fit the host memory"):
             return "host memory (offloaded optimizer / parameters)"

@@ -46,17 +46,19 @@ def training_precision(profile: HardwareProfile) -> str:
 
 
 def make_plan(job: JobConfig, profile: HardwareProfile,
-              swap_hidden_fraction: Optional[float] = None) -> PlanOutcome:
+              swap_hidden_fraction: Optional[float] = None, explain: bool = True) -> PlanOutcome:
     """swap_hidden_fraction: None for `planner.policy.SWAP_HIDDEN_FRACTION` (the bench sets it to calibrate it).
-    Raises PlanInfeasible when no policy fits, or when the laid-out plan's peak is above the GPU budget."""
+    Raises PlanInfeasible when no policy fits, or when the laid-out plan's peak is above the GPU budget; with
+    `explain`, its message says why and searches for the change that fits (several solves: a search that only asks
+    whether a job fits, like `plan --max-seq`, turns it off)."""
     started = time.perf_counter()
     check_host_static(job, profile)
     solved = _solve(job, profile, SWAP_HIDDEN_FRACTION if swap_hidden_fraction is None else swap_hidden_fraction)
     if not solved[1].feasible:
-        raise PlanInfeasible(explain_infeasible(job, profile, solved[2]))
+        raise PlanInfeasible(explain_infeasible(job, profile, solved[2]) if explain else "no policy fits")
     plan, block, step, solved = _fitted_layout(job, profile, solved)
     if _over_budget(plan):
-        raise PlanInfeasible(explain_over_budget(job, profile, plan))
+        raise PlanInfeasible(explain_over_budget(job, profile, plan) if explain else "the laid-out plan is over budget")
     return PlanOutcome(plan=plan, cost=solved[0], policy=solved[1], layer_block=block, step_layout=step,
                        seconds=time.perf_counter() - started)
 
