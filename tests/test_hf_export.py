@@ -2,8 +2,8 @@
 directory and computes the logits longtrain computes from the same checkpoint, for ZeRO-3 (2 workers, consolidated by
 DeepSpeed's zero_to_fp32) and ZeRO-0 (1 worker). The ZeRO-3 run starts from a Llama with llama3 RoPE scaling and
 extends it (model.rope_theta): the header states it and the export carries it, with the source's tokenizer. The
-ZeRO-0 run is a Qwen2 (q/k/v biases, untied) from random weights: its config.json is written from the job. Bad
-inputs are one line, exit 2, nothing written.
+ZeRO-0 run (the trainer without Ray, and the config.yaml the driver would write) is a Qwen2 (q/k/v biases, untied)
+from random weights: its config.json is written from the job. Bad inputs are one line, exit 2, nothing written.
 
 Runs are 3 steps: with optim.warmup_steps=1, DeepSpeed's WarmupCosineLR gives steps 1 and 2 a learning rate of 0, so
 2 steps would export the weights as loaded."""
@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spec.config import job_to_yaml, load_job_config
+from tests.conftest import train_without_ray
 from tests.test_hf_models import FAR, tiny
 
 transformers = pytest.importorskip("transformers")
@@ -39,8 +41,9 @@ def runs(tmp_path_factory):
     llama = tiny.make_model(root / "llama", "llama", "llama3", tied=True)
     zero3 = _train(root, f"model.init_from={llama}", "model.rope_theta=2000000", "train.zero_stage=3",
                    "cluster.num_workers=2", f"run.dir={root / 'zero3'}")
-    _train(root, "model.architecture=qwen2", "model.tie_embeddings=false", "train.zero_stage=0",
-           "cluster.num_workers=1", f"run.dir={root / 'zero0'}")
+    qwen2 = [*BASE, "model.architecture=qwen2", "model.tie_embeddings=false", "train.zero_stage=0"]
+    train_without_ray(root / "zero0", 1, qwen2)  # the trainer alone: the run above covers `longtrain train`
+    (root / "zero0" / "config.yaml").write_text(job_to_yaml(load_job_config(None, ["cluster.num_workers=1", *qwen2])))
     return {"root": root, "llama": llama, "zero3_stdout": zero3.stdout}
 
 
