@@ -1,6 +1,8 @@
-"""The private Ray of a local run is private: while `longtrain train` runs (Ray's GCS, raylet, agents and workers,
-DeepSpeed over gloo), every socket that any process of the run listens on is bound to loopback, and Ray's token
-authentication is on (the dashboard agent's HTTP API refuses a request without the token)."""
+"""While a local `longtrain train` runs: its private Ray is private (every socket that any process of the run listens
+on, Ray's GCS, raylet, agents and workers and DeepSpeed over gloo, is bound to loopback, and Ray's token
+authentication is on: the dashboard agent's HTTP API refuses a request without the token), and its run directory is
+its own (a second `longtrain train` of it is refused in one line before it writes anything there). One real run
+serves both: they are watched while it runs, and it must then end normally."""
 
 import http.client
 import ipaddress
@@ -12,8 +14,12 @@ import time
 import urllib.error
 import urllib.request
 
+from pathlib import Path
+
 import psutil
 import pytest
+
+from launch.runlock import LOCK_NAME
 
 pytestmark = pytest.mark.slow
 ARGS = ["train.max_steps=12", "train.log_every_steps=4", "checkpoint.every_steps=0", "data.seq_len=128",
@@ -56,29 +62,39 @@ def _agent_refuses_anonymous(found: set) -> bool:
     return False
 
 
-def _watch(process: subprocess.Popen):
-    """Poll the run's listening sockets until it ends: (all seen, whether the agent refused an anonymous call)."""
-    root, seen, refused = psutil.Process(process.pid), set(), False
+def _watch(process: subprocess.Popen, run_dir: Path, command: list):
+    """Poll the run's listening sockets until it ends: (all seen, whether the agent refused an anonymous call, the
+    second run of its directory started once the first wrote its config)."""
+    root, seen, refused, second = psutil.Process(process.pid), set(), False, None
     deadline = time.time() + 300
     while process.poll() is None and time.time() < deadline:
         now = listeners(root)
         seen |= now
         refused = refused or _agent_refuses_anonymous(now)
+        if second is None and (run_dir / "config.yaml").exists():
+            second = subprocess.run(command, cwd=run_dir.parent, capture_output=True, text=True, timeout=120)
         time.sleep(0.5)
-    return seen, refused
+    return seen, refused, second
 
 
-def test_a_local_run_listens_on_loopback_only_with_token_auth(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *ARGS, f"run.dir={tmp_path / 'run'}"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def test_a_running_local_run_is_private_and_holds_its_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "launch.cli", "train", *ARGS, f"run.dir={run_dir}"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        seen, refused = _watch(process)
+        seen, refused, second = _watch(process, run_dir, command)
         out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, out[-2000:] + err[-2000:]
+    assert process.returncode == 0, out[-2000:] + err[-2000:]  # the first run was not disturbed
+    assert second is not None, "the run ended before its config.yaml appeared"
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
+    assert f"run directory {run_dir} is in use by another longtrain run (pid {process.pid} on" in lines[0]
+    assert list(run_dir.glob("config*.yaml")) == [run_dir / "config.yaml"]  # the second wrote no config copy
+    assert not (run_dir / LOCK_NAME).exists()  # the first released its lock at its end
     names = {name for _, _, name in seen}
     print(sorted(seen))
     assert "gcs_server" in names and "raylet" in names and any("RayTrainWorker" in n for n in names)
