@@ -22,11 +22,10 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List, Tuple
 
 import numpy as np
 
-from orchestrator.attention import DocumentLayout
 from spec.errors import ConfigError
 from spec.prepared import OFFSETS_FILE, packing_file, packing_sequences_file
 
@@ -36,6 +35,9 @@ START, LENGTH, CONTINUES = 0, 1, 2
 """Columns of the packing table."""
 WINDOW = 64
 """Documents (pieces) a sequence may choose from."""
+
+if TYPE_CHECKING:  # torch: `prepare-data` packs on the driver without importing it (2.4 CPU-s)
+    from orchestrator.attention import DocumentLayout
 
 
 def pack(offsets: np.ndarray, seq_len: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -156,7 +158,9 @@ class PackedDocuments:
         positions[at:] = np.arange(padding)
         return PackedSequence(tokens, targets, positions, lengths + ([padding] if padding else []), padding)
 
-    def layout(self, rows: List[PackedSequence]) -> DocumentLayout:
+    def layout(self, rows: List[PackedSequence]) -> "DocumentLayout":
+        from orchestrator.attention import DocumentLayout
+
         return DocumentLayout([row.lengths for row in rows], [row.padding for row in rows], self.kernel)
 
 

@@ -12,8 +12,9 @@ Stages, on a JSONL slice made like prepare_data_1gb.py's and the same tokenizers
   BPE           encode_batch_fast with the real model, less the above: the merges (and their word cache)
   ids           each Encoding's ids into one numpy array per batch (what the part writer does)
   write         the ids to a file
-It also runs the pipeline's own `tokenize_task` over the slice in this process (the total the stages should add up
-to), the whole `longtrain prepare-data` command (driver and tokenizing processes: the driver adds a fixed few
+With tiktoken exact for the tokenizer (launch/prepare/tiktoken_bpe.py), the encoding by tiktoken (ids as numpy
+arrays) takes its turn with the variants. It also runs the pipeline's own `tokenize_task` over the slice in this
+process with each encoder (the total the stages should add up to for `tokenizers`), the whole `longtrain prepare-data` command (driver and tokenizing processes: the driver adds a fixed few
 seconds, importing torch for the packing table and drawing the histogram), and the library's own thread pool in
 one process (TOKENIZERS_PARALLELISM=true: its CPU seconds against the same work on one thread).
 
@@ -39,7 +40,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from launch.prepare import pipeline, sources  # noqa: E402
+from launch.prepare import encoders, pipeline, sources, tiktoken_bpe  # noqa: E402
 from launch.prepare.tokenizer import TokenizerSpec  # noqa: E402
 from prepare_data_1gb import LLAMA3_PATTERN, make_jsonl, make_tokenizer  # noqa: E402
 
@@ -136,16 +137,24 @@ def main() -> None:
         return copy
 
     pattern = LLAMA3_PATTERN if args.tokenizer == "llama3" else GPT2_PATTERN
-    variants = {"whitespace split": one_word_model(pre_tokenizers.WhitespaceSplit()),
-                "regex split": one_word_model(pre_tokenizers.Split(Regex(pattern), behavior="isolated")),
-                "pre-tokenize": one_word_model(), "encode": tokenizer}
+
+    def batch_fast(library_tokenizer):
+        return lambda batch: library_tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+
+    variants = {"whitespace split": batch_fast(one_word_model(pre_tokenizers.WhitespaceSplit())),
+                "regex split": batch_fast(one_word_model(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))),
+                "pre-tokenize": batch_fast(one_word_model()), "encode": batch_fast(tokenizer)}
+    tokenizer_json = str(tokenizer_dir / "tokenizer.json")
+    problem = tiktoken_bpe.exactness_problem(tokenizer_json)
+    if not problem:
+        variants["tiktoken"] = encoders.TiktokenEncoder(tokenizer_json).encode_batch
 
     def in_turn() -> dict:
         """CPU seconds of each variant, batch after batch in turn, so that all see the same load from other work."""
         seconds = dict.fromkeys(variants, 0.0)
         for batch in text_batches:
             for name, variant in variants.items():
-                seconds[name] += cpu_seconds(lambda: variant.encode_batch_fast(batch, add_special_tokens=False))
+                seconds[name] += cpu_seconds(lambda: variant(batch))
         return seconds
 
     stages = {
@@ -158,13 +167,14 @@ def main() -> None:
     stages["BPE"] = max(variant_seconds["encode"] - variant_seconds["pre-tokenize"], 0.0)
     stages["ids"], stages["write"] = ids_and_write()
 
-    spec = TokenizerSpec(str(tokenizer_dir / "tokenizer.json"), None, vocab, (0,), (1,), ("<s>",), ("</s>",))
     parts = directory / "parts"
     parts.mkdir(exist_ok=True)
-    pipeline._start_worker(spec, "jsonl", "text", str(parts))
     tasks = sources.make_tasks("jsonl", [source])
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    pipeline_cpu = least(args.repeats, lambda: [pipeline.tokenize_task(task) for task in tasks])
+    pipeline_cpu = {}
+    for encoder in ("tokenizers",) if problem else ("tokenizers", "tiktoken"):
+        spec = TokenizerSpec(tokenizer_json, None, vocab, (0,), (1,), ("<s>",), ("</s>",), encoder)
+        pipeline._start_worker(spec, "jsonl", "text", str(parts))
+        pipeline_cpu[encoder] = least(args.repeats, lambda: [pipeline.tokenize_task(task) for task in tasks])
 
     cache = directory / "cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -191,7 +201,13 @@ def main() -> None:
     for name in ("whitespace split", "regex split", "pre-tokenize"):
         print(f"  {name:28s} {variant_seconds[name]:7.2f} {'':6s} {size / 1e6 / variant_seconds[name]:13.1f}")
     print(f"{'sum of the stages':30s} {total:7.2f} {'':6s} {size / 1e6 / total:13.1f}")
-    print(f"{'pipeline.tokenize_task':30s} {pipeline_cpu:7.2f} {'':6s} {size / 1e6 / pipeline_cpu:13.1f}")
+    if "tiktoken" in variant_seconds:
+        seconds = variant_seconds["tiktoken"]
+        print(f"{'encode with tiktoken':30s} {seconds:7.2f} {'':6s} {size / 1e6 / seconds:13.1f}  (ids as numpy)")
+    else:
+        print(f"tiktoken not exact for this tokenizer: {problem}")
+    for encoder, seconds in pipeline_cpu.items():
+        print(f"{'tokenize_task, ' + encoder:30s} {seconds:7.2f} {'':6s} {size / 1e6 / seconds:13.1f}")
     print(f"{'encode, library threads':30s} {threaded_cpu:7.2f} {'':6s} {size / 1e6 / threaded_cpu:13.1f}"
           f"  (wall {threaded_wall:.2f} s on {os.cpu_count()} CPUs)")
     print(f"{'longtrain prepare-data':30s} {command_cpu:7.2f} {'':6s} {size / 1e6 / command_cpu:13.1f}"
