@@ -7,7 +7,9 @@ and every word is one cached merge), or `--corpus stdlib`, this Python's standar
 English comments, a long tail of words, as real documents have). It is tokenized with a BPE trained here with
 `tokenizers` on the same corpus (its template adds <s>, its config adds </s>): `--tokenizer bytelevel`, GPT-2's
 byte-level pre-tokenizer; `--tokenizer llama3`, Llama-3's pre-tokenizer regex then byte-level mapping and
-`ignore_merges`, as Llama-3's own tokenizer.json has (use --vocab 128256 for its size); written to a fresh cache.
+`ignore_merges`, as Llama-3's own tokenizer.json has (use --vocab 128256 for its size; trained once per directory,
+kind, corpus and size); written to a fresh cache. `prepare-data` encodes with tiktoken where that is exact (its
+summary line says which encoder ran).
 
     python docs/probes/prepare_data_1gb.py [--gigabytes 1] [--workers N] [--dir /tmp/prepare-1gb]
     python docs/probes/prepare_data_1gb.py --corpus stdlib --tokenizer llama3 --vocab 128256 --dir /tmp/prepare-1gb-llama3
@@ -119,10 +121,12 @@ def main() -> None:
     if not source.is_file() or source.stat().st_size < args.gigabytes * 1e9:
         print(f"writing {source} ...", flush=True)
         make_jsonl(source, args.gigabytes, seed=0, corpus=args.corpus)
-    make_tokenizer(directory / "tokenizer", args.vocab, args.tokenizer, args.corpus)
+    tokenizer = directory / f"tokenizer-{args.tokenizer}-{args.corpus}-{args.vocab}"
+    if not (tokenizer / "tokenizer.json").is_file():  # training 128,256 ids takes minutes: made once
+        make_tokenizer(tokenizer, args.vocab, args.tokenizer, args.corpus)
     shutil.rmtree(directory / "cache", ignore_errors=True)
     command = [sys.executable, "-m", "launch.cli", "prepare-data", "data.source=jsonl", f"data.path={source}",
-               f"data.tokenizer={directory / 'tokenizer'}", f"data.cache_dir={directory / 'cache'}",
+               f"data.tokenizer={tokenizer}", f"data.cache_dir={directory / 'cache'}",
                f"model.vocab_size={args.vocab}", "data.seq_len=8192",
                *(["--workers", str(args.workers)] if args.workers else [])]
     print("$ " + " ".join(command), flush=True)
