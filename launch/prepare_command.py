@@ -93,18 +93,18 @@ def _tokenize_into(tmp: Path, files, tokenizer, job: JobConfig, workers: int) ->
     tasks = make_tasks(data.source, files)
     total = sum(task.size for task in tasks)
     started = time.perf_counter()
-    tokenizer = choose_encoder(tokenizer, tasks, data.source, data.text_field)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None, leave=False) as bar:
         def progress(size: int, documents: int) -> None:
             bar.update(size)
 
-        done = tokenize(tmp, tasks, tokenizer, data.source, data.text_field, workers, progress)
+        done = tokenize(tmp, tasks, tokenizer, data.source, data.text_field, workers, progress,
+                        lambda spec: choose_encoder(spec, tasks, data.source, data.text_field))
     seconds = time.perf_counter() - started
     if not done.documents:
         raise ConfigError(f"data.path ({data.path}) holds no documents with text ({done.empty} empty); check "
                           "data.text_field and the files")
     summary = {"format": FORMAT_VERSION, "source": data.source, "files": file_names(files), "source_bytes": total,
-               "text_field": data.text_field, "tokenizer": tokenizer.path, "encoder": tokenizer.encoder,
+               "text_field": data.text_field, "tokenizer": tokenizer.path, "encoder": done.encoder,
                "vocab_size": tokenizer.vocab_size,
                "prefix_tokens": list(tokenizer.prefix_tokens), "suffix_tokens": list(tokenizer.suffix_tokens),
                "token_dtype": tokenizer.token_dtype, "documents": done.documents, "tokens": done.tokens,

@@ -10,6 +10,7 @@ import gzip
 import json
 import random
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
@@ -272,3 +273,28 @@ def test_documents_that_are_not_utf8_go_to_tokenizers(tmp_path, corpus):
     assert ids[0].tolist() == Tokenizer.from_file(path).encode("plain text", add_special_tokens=False).ids
     with pytest.raises(TypeError):
         encoder.encode_batch(["plain", json.loads('"a\\ud800b"')])
+
+
+def test_prepare_data_switches_its_processes_to_tokenizers_when_the_check_fails(tmp_path, corpus, texts, monkeypatch,
+                                                                               capsys):
+    """The tokenizing processes build tiktoken while the driver checks; the driver's check fails (a wrong regex
+    planted in the driver only), so each process encodes with `tokenizers` and the token file is the reference's."""
+    from launch.prepare_command import ensure_prepared
+    from spec.config import load_job_config
+    from spec.prepared import OFFSETS_FILE, TOKENS_FILE
+
+    path = _trained(tmp_path, "llama3", corpus)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    wrong = tiktoken_bpe.split_pattern
+    monkeypatch.setattr(tiktoken_bpe, "split_pattern", lambda config: (tiktoken_bpe.GPT2_PATTERN, wrong(config)[1]))
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 64 * 1024)  # several tasks, so a pool of two processes
+    job = load_job_config(None, ["data.source=jsonl", f"data.path={source}", f"data.tokenizer={path}",
+                                 f"data.cache_dir={tmp_path / 'cache'}", "model.vocab_size=2000", "data.seq_len=256"])
+    prepared = ensure_prepared(job, workers=2)
+    assert prepared.summary["workers"] == 2 and prepared.summary["encoder"] == "tokenizers"
+    assert "differ" in capsys.readouterr().out
+    tokens = np.fromfile(prepared.directory / TOKENS_FILE, dtype=prepared.summary["token_dtype"])
+    offsets = np.load(prepared.directory / OFFSETS_FILE)
+    reference = Tokenizer.from_file(path).encode_batch_fast([t for t in texts if t], add_special_tokens=False)
+    assert [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [e.ids for e in reference]

@@ -47,6 +47,12 @@ def make_encoder(spec: TokenizerSpec):
     return TiktokenEncoder(spec.path) if spec.encoder == TIKTOKEN else TokenizersEncoder(spec.path)
 
 
+def likely_encoder(path: str) -> str:
+    """tiktoken when the tokenizer has its shape (the merges and the first documents not yet checked), else
+    `tokenizers`: what a tokenizing process builds while the driver checks."""
+    return TIKTOKEN if not tiktoken_bpe.shape_problem(tiktoken_bpe.read_json(path)) else TOKENIZERS
+
+
 def choose_encoder(spec: TokenizerSpec, tasks: List[Task], source: str, text_field: str) -> TokenizerSpec:
     """The spec with tiktoken when it is exact for this tokenizer and gives the same ids on the first documents
     (up to CHECK_BYTES of text); else with `tokenizers`, printing one note when the first documents differ."""

@@ -10,13 +10,13 @@ bytes a document) are the only thing that grows.
 import multiprocessing
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from launch.prepare.encoders import make_encoder
+from launch.prepare.encoders import likely_encoder, make_encoder
 from launch.prepare.sources import Task, documents
 from launch.prepare.tokenizer import TokenizerSpec
 from spec.prepared import OFFSETS_FILE, TOKENS_FILE
@@ -41,6 +41,7 @@ class Tokenized:
     tokens: int
     empty: int
     lengths: np.ndarray
+    encoder: str
 
 
 def default_workers() -> int:
@@ -49,14 +50,16 @@ def default_workers() -> int:
 
 
 def tokenize(directory: Path, tasks: List[Task], spec: TokenizerSpec, source: str, text_field: str, workers: int,
-             progress) -> Tokenized:
-    """Write directory/tokens.bin and directory/offsets.npy from the tasks' documents, in task order."""
+             progress, choose: Callable[[TokenizerSpec], TokenizerSpec] = lambda spec: spec) -> Tokenized:
+    """Write directory/tokens.bin and directory/offsets.npy from the tasks' documents, in task order. `choose`
+    (the driver's choice of encoder, `encoders.choose_encoder`) runs while the tokenizing processes start."""
     parts = directory / "parts"
     parts.mkdir()
     lengths_path = directory / "lengths.tmp"
     empty = 0
+    chosen: List[TokenizerSpec] = []
     with open(directory / TOKENS_FILE, "wb") as out, open(lengths_path, "wb") as lengths_out:
-        for result in _results(tasks, (spec, source, text_field, str(parts)), workers):
+        for result in _results(tasks, spec, choose, chosen, (source, text_field, str(parts)), workers):
             with open(result.part, "rb") as part:
                 shutil.copyfileobj(part, out, 2**22)
             os.unlink(result.part)
@@ -68,17 +71,22 @@ def tokenize(directory: Path, tasks: List[Task], spec: TokenizerSpec, source: st
     lengths_path.unlink()
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     np.save(directory / OFFSETS_FILE, offsets)
-    return Tokenized(len(lengths), int(offsets[-1]), empty, lengths)
+    return Tokenized(len(lengths), int(offsets[-1]), empty, lengths, chosen[0].encoder)
 
 
-def _results(tasks: List[Task], setup: tuple, workers: int) -> Iterator[TaskResult]:
+def _results(tasks: List[Task], spec: TokenizerSpec, choose, chosen: list, setup: tuple,
+             workers: int) -> Iterator[TaskResult]:
+    """The tasks' results in order; the chosen spec appended to `chosen` before the first."""
     if workers <= 1 or len(tasks) <= 1:
-        _start_worker(*setup)
+        chosen.append(choose(spec))
+        _start_worker(chosen[0], *setup)
         yield from map(tokenize_task, tasks)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process whose tokenizer threads may be running
-    with context.Pool(min(workers, len(tasks)), initializer=_start_worker, initargs=setup) as pool:
-        yield from pool.imap(tokenize_task, tasks)
+    likely = replace(spec, encoder=likely_encoder(spec.path))  # built by each process while the driver checks
+    with context.Pool(min(workers, len(tasks)), initializer=_start_guessing, initargs=(likely, *setup)) as pool:
+        chosen.append(choose(spec))
+        yield from pool.imap(_tokenize_with, [(task, chosen[0].encoder) for task in tasks])
 
 
 _WORKER: dict = {}
@@ -86,12 +94,32 @@ _WORKER: dict = {}
 
 def _start_worker(spec: TokenizerSpec, source: str, text_field: str, parts: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER.update(encoder=make_encoder(spec), spec=spec, source=source, field=text_field, parts=parts)
+    _WORKER.update(encoders={}, spec=spec, source=source, field=text_field, parts=parts)
 
 
-def tokenize_task(task: Task) -> TaskResult:
-    """Tokenize one task's documents into its part file; returns their lengths in tokens."""
-    spec, encoder = _WORKER["spec"], _WORKER["encoder"]
+def _start_guessing(likely: TokenizerSpec, source: str, text_field: str, parts: str) -> None:
+    """A pool process's start: the likely encoder built while the driver checks; a guess, so a failure only
+    leaves the building to the first task (an initializer that raises would make the pool start it again)."""
+    _start_worker(likely, source, text_field, parts)
+    try:
+        _WORKER["encoders"][likely.encoder] = make_encoder(likely)
+    except Exception:  # noqa: BLE001 - the task builds what the driver chose, and reports its error
+        pass
+
+
+def _tokenize_with(task_and_encoder: Tuple[Task, str]) -> TaskResult:
+    task, encoder = task_and_encoder
+    return tokenize_task(task, encoder)
+
+
+def tokenize_task(task: Task, encoder_name: Optional[str] = None) -> TaskResult:
+    """Tokenize one task's documents into its part file with the named encoder (default: the spec's); returns
+    their lengths in tokens."""
+    spec, encoders = _WORKER["spec"], _WORKER["encoders"]
+    name = encoder_name or spec.encoder
+    if name not in encoders:
+        encoders[name] = make_encoder(replace(spec, encoder=name))
+    encoder = encoders[name]
     part = Path(_WORKER["parts"]) / f"{task.index:08d}.bin"
     with open(part, "wb") as handle:
         writer = _PartWriter(handle, spec)

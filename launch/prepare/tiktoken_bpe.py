@@ -126,6 +126,15 @@ def added_tokens_problem(config: dict) -> str:
     return ""
 
 
+def shape_problem(config: dict) -> str:
+    """"" when the model, normalizer, pre-tokenizer and added tokens have a shape tiktoken reproduces."""
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return "tiktoken is not installed"
+    return model_problem(config.get("model") or {}) or split_pattern(config)[1] or added_tokens_problem(config)
+
+
 def encoding(path: str):
     """The tiktoken Encoding of a tokenizer.json (shape not checked here: `exactness_problem` does that)."""
     import tiktoken
@@ -139,15 +148,11 @@ def encoding(path: str):
 def exactness_problem(path: str) -> str:
     """"" when tiktoken built from this tokenizer.json gives the ids `tokenizers` gives on every text, else why
     not (the module docstring says what is checked)."""
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
-        return "tiktoken is not installed"
     config = read_json(path)
-    model = config.get("model") or {}
-    problem = model_problem(model) or split_pattern(config)[1] or added_tokens_problem(config)
+    problem = shape_problem(config)
     if problem:
         return problem
+    model = config["model"]
     chars = byte_of_char()
     vocab: Dict[str, int] = model["vocab"]
     added = {token["id"] for token in config.get("added_tokens", [])}
