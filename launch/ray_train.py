@@ -79,9 +79,10 @@ def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None
                  runtime_env=runtime_env)
 
 
-LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 """A private one-machine Ray has no node to drain: Ray Train's preemption watcher (an actor polling the drain state,
-~2 CPU-seconds to start) would watch for nothing."""
+~2 CPU-seconds to start) would watch for nothing. Its controller polls the workers every 0.5 s instead of 2 s: a
+local run's end (and a dead worker) is seen sooner, and a poll of a few local actors costs next to nothing."""
 
 
 def _local_runtime_env(runtime_env: Dict[str, Any]) -> Dict[str, Any]:
