@@ -147,6 +147,9 @@ def _bad_inputs(tmp_path, tokenizer_dir, corpus):
     lines = [json.dumps({"text": t}) for t in good]
     lines[22] = '{"text": "unterminated'
     (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    paired = [json.dumps({"text": t}) for t in good]  # json.dumps escapes the emoji as a valid surrogate pair
+    paired[4] = json.dumps({"text": "half of a pair \ud83d alone, then \U0001f600 whole"})
+    (tmp_path / "surrogate.jsonl").write_text("\n".join(paired) + "\n")
     _write_jsonl(tmp_path / "field.jsonl", good, field="content")
     return {
         "missing file": ([f"data.path={tmp_path / 'nope.jsonl'}"], "does not exist"),
@@ -155,6 +158,8 @@ def _bad_inputs(tmp_path, tokenizer_dir, corpus):
         "malformed line, 2 processes": ([f"data.path={tmp_path / 'broken.jsonl'}", "--workers", "2"],
                                         "broken.jsonl:23: malformed JSON"),
         "missing field": ([f"data.path={tmp_path / 'field.jsonl'}"], "field.jsonl:1: no 'text' field"),
+        "lone surrogate": ([f"data.path={tmp_path / 'surrogate.jsonl'}"],
+                           "surrogate.jsonl:5: field 'text' holds a lone surrogate (\\ud83d"),
         "tokenizer vocabulary": ([f"data.path={tmp_path / 'good.jsonl'}", "model.vocab_size=256"],
                                  f"has {VOCAB} ids, more than model.vocab_size (256)"),
         "missing tokenizer": ([f"data.path={tmp_path / 'good.jsonl'}", f"data.tokenizer={tmp_path}"],
@@ -163,7 +168,7 @@ def _bad_inputs(tmp_path, tokenizer_dir, corpus):
 
 
 @pytest.mark.parametrize("case", ["missing file", "empty file", "malformed line", "malformed line, 2 processes",
-                                  "missing field", "tokenizer vocabulary", "missing tokenizer"])
+                                  "missing field", "lone surrogate", "tokenizer vocabulary", "missing tokenizer"])
 def test_every_bad_input_is_one_line_and_exit_code_2(case, tmp_path, tokenizer_dir, corpus, capsys, monkeypatch):
     monkeypatch.setattr(sources, "CHUNK_BYTES", 2048)
     extra, expected = _bad_inputs(tmp_path, tokenizer_dir, corpus)[case]

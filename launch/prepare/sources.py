@@ -125,7 +125,20 @@ def _text_of(line: bytes, field: str, path: str, position: int) -> str:
     if not isinstance(text, str):
         raise ConfigError(f"{path}:{line_number(path, position)}: field {field!r} is a {type(text).__name__}, not "
                           "text")
+    if b"\\u" in line:  # only a \uXXXX escape can make a lone surrogate (the file's bytes are strict UTF-8)
+        _check_no_lone_surrogate(text, field, path, position)
     return text
+
+
+def _check_no_lone_surrogate(text: str, field: str, path: str, position: int) -> None:
+    """A lone \\ud800-\\udfff escape decodes to half of a UTF-16 pair, which is no character: no tokenizer can
+    encode it (`tokenizers` raises a TypeError deep inside a batch)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        half = f"\\u{ord(text[error.start]):04x}"
+        raise ConfigError(f"{path}:{line_number(path, position)}: field {field!r} holds a lone surrogate ({half}, half "
+                          "of a UTF-16 pair: no character); fix the escape or remove the line") from None
 
 
 def line_number(path: str, position: int) -> int:
