@@ -49,7 +49,7 @@ def train_without_ray(run_dir: Path, world: int, overrides: List[str]) -> List[A
     fraction of its cost (no Ray, no Ray Train actors). The workers' arithmetic is the same: the trainer sets its
     own seed and thread count, so the losses are bit for bit those of the Ray run of the same job."""
     job = load_job_config(None, [f"cluster.num_workers={world}", *overrides])
-    return spawn_gloo(_train_rank, world, job, str(run_dir))
+    return spawn_gloo(train_rank, world, job, str(run_dir))
 
 
 def step_losses(messages: List[Any]) -> dict:
@@ -58,7 +58,8 @@ def step_losses(messages: List[Any]) -> dict:
             for m in messages if m.get("kind", "step") == "step" and m.get("rows")}
 
 
-def _train_rank(rank: int, world: int, put, job, run_dir: str) -> None:
+def train_rank(rank: int, world: int, put, job, run_dir: str) -> None:
+    """One rank of the real trainer for `spawn_gloo`: its messages go to `put`."""
     from orchestrator.trainer import WorkerInfo, train
 
     train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), put)

@@ -180,21 +180,13 @@ def test_tiled_mlp_under_a_token_wise_plan_saves_only_the_mlp_input_and_stays_cl
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
 
 
-def _train_worker(rank, world, put, job, run_dir):
-    from pathlib import Path
-
-    from orchestrator.trainer import WorkerInfo, train
-
-    train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), put)
-
-
 def _run(run_dir, *overrides):
-    from tests.conftest import spawn_gloo
+    from tests.conftest import spawn_gloo, train_rank
 
     job = load_job_config(None, ["cluster.num_workers=1", "train.max_steps=6", "train.log_every_steps=1",
                                  "optim.warmup_steps=2", "optim.lr=1e-2", "checkpoint.every_steps=0",
                                  "data.seq_len=128", "data.micro_batch_size=2", "model.lora.rank=4", *overrides])
-    messages = spawn_gloo(_train_worker, 1, job, str(run_dir))
+    messages = spawn_gloo(train_rank, 1, job, str(run_dir))
     return {m["step"]: m["rows"][0]["loss"] for m in messages if m["kind"] == "step"}
 
 
@@ -230,7 +222,7 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_that_agree(tmp_path):
 
     from launch.cli import main
     from spec.config import job_to_yaml
-    from tests.conftest import spawn_gloo
+    from tests.conftest import spawn_gloo, train_rank
     from tests.test_hf_models import tiny
 
     base_dir = tiny.make_model(tmp_path / "base", "llama", "none", tied=True)
@@ -241,7 +233,7 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_that_agree(tmp_path):
                                  f"model.init_from={base_dir}", f"run.dir={run}"])
     run.mkdir()
     (run / "config.yaml").write_text(job_to_yaml(job))
-    spawn_gloo(_train_worker, 1, job, str(run))
+    spawn_gloo(train_rank, 1, job, str(run))
     assert main(["export", str(run), str(tmp_path / "adapter")]) == 0
     assert main(["export", str(run), str(tmp_path / "merged"), "--lora", "merged", "--dtype", "fp32"]) == 0
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))

@@ -141,27 +141,19 @@ def test_config_rules_for_offload_lora_and_alst_are_one_line_each():
         assert "\n" not in str(refused.value)
 
 
-def _worker(rank, world, put, job, run_dir):
-    from pathlib import Path
-
-    from orchestrator.trainer import WorkerInfo, train
-
-    train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), put)
-
-
 @pytest.mark.slow
 def test_parameter_offload_builds_under_zero_init_and_trains_like_plain_zero3(tmp_path):
     """train.offload.params: the model is made under deepspeed.zero.Init (partitioned as it is built, into host
     memory), initialised again one gathered parameter at a time (zero.Init empties them before the model's own
     initialisation runs), and trains with DeepSpeed's offload_param like plain ZeRO-3 (within 1e-4 on the CPU: not
     bit for bit; the losses were 124 instead of 5.6 before the re-initialisation)."""
-    from tests.conftest import spawn_gloo
+    from tests.conftest import spawn_gloo, train_rank
 
     def losses(name, *overrides):
         job = load_job_config(None, ["cluster.num_workers=1", "train.max_steps=4", "train.log_every_steps=1",
                                      "optim.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.at_end=false",
                                      "data.seq_len=128", "data.micro_batch_size=2", "train.zero_stage=3", *overrides])
-        messages = spawn_gloo(_worker, 1, job, str(tmp_path / name))
+        messages = spawn_gloo(train_rank, 1, job, str(tmp_path / name))
         return [m["rows"][0]["loss"] for m in messages if m["kind"] == "step"]
 
     plain = losses("plain")
