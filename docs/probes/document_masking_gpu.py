@@ -12,6 +12,10 @@ is the median of --repeats timed runs after a warm-up (which includes FlexAttent
     causal_flex     FlexAttention with a causal block mask: the same kernel without documents
     documents_varlen  for comparison: SDPA on nested (jagged) tensors, FlashAttention's varlen kernel, k and v
                     heads repeated (not what longtrain runs)
+    documents_per_doc  candidate: one fused SDPA causal call per document (the causal row's kernel on each
+                    document's slice), outputs concatenated
+    documents_varlen_attn  candidate: torch.nn.attention.varlen.varlen_attn (FlashAttention's varlen kernel, GQA
+                    without repeating heads, [tokens, heads, dim] layout), causal window
     mask_build      building the documents' block mask (once per micro-batch, shared by every layer)
   the layer stack, forward + backward on the same tokens (no embedding, no LM head):
     causal          positions 0..S-1, SDPA causal
@@ -110,10 +114,41 @@ def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> 
                                           repeats), document_flops)
     except Exception as error:  # noqa: BLE001 - a row that cannot run says why
         print(f"documents_varlen: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    spans = np.cumsum([0] + list(layout.lengths[0]))
+    rows["documents_per_doc"] = (timed(run(lambda a, b, c: per_document_sdpa(a, b, c, spans)), repeats),
+                                 document_flops)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = torch.tensor(spans, device="cuda", dtype=torch.int32)
+        longest = int(max(layout.lengths[0]))
+        flat = dict(device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        tq, tk, tv = (torch.randn(seq, heads, dim, **flat), torch.randn(seq, kv_heads, dim, **flat),
+                      torch.randn(seq, kv_heads, dim, **flat))
+        tgrad = torch.randn(seq, heads, dim, device="cuda", dtype=torch.bfloat16)
+
+        def varlen_step():
+            out = varlen_attn(tq, tk, tv, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=True)
+            torch.autograd.grad(out, (tq, tk, tv), tgrad)
+        rows["documents_varlen_attn"] = (timed(varlen_step, repeats), document_flops)
+    except Exception as error:  # noqa: BLE001 - a row that cannot run says why
+        print(f"documents_varlen_attn: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    try:
+        backend = torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=True)).name
+    except Exception as error:  # noqa: BLE001 - a private torch function
+        backend = f"unknown ({type(error).__name__})"
+    print(f"causal SDPA backend: {backend}")
     build = timed(lambda: DocumentLayout(layout.lengths, layout.padding).block_mask("cuda"), repeats)
     result = {name: {"seconds": s, "tflops": f / s / 1e12, "flops": f} for name, (s, f) in rows.items()}
     result["mask_build"] = {"seconds": build}
+    result["causal_backend"] = backend
     return result
+
+
+def per_document_sdpa(q, k, v, spans):
+    """Causal attention per document: one fused SDPA call on each document's slice (the causal row's kernel)."""
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                     enable_gqa=True) for s, e in zip(spans[:-1], spans[1:])], dim=2)
 
 
 def varlen_attention(q, k, v, lengths):
@@ -172,19 +207,23 @@ def markdown(result: dict, command: str) -> str:
              f"{meta['documents']} documents (log-normal, mean {meta['mean_doc']:,}, seed {meta['seed']}); attention "
              f"the documents need: {meta['attention_share']:.1%} of causal. torch {meta['torch']}.", "",
              "| attention fwd+bwd | ms | TFLOP/s (on its own FLOPs) |", "| --- | ---: | ---: |"]
-    for name in ("causal", "documents", "causal_flex", "documents_varlen"):
+    for name in ("causal", "documents", "causal_flex", "documents_varlen", "documents_per_doc",
+                 "documents_varlen_attn"):
         if name not in attention:
             continue
         row = attention[name]
         lines.append(f"| {name} | {row['seconds'] * 1e3:.1f} | {row['tflops']:.0f} |")
     lines += [f"| mask_build | {attention['mask_build']['seconds'] * 1e3:.2f} | |", "",
-              f"documents / causal TFLOP/s: **{ratio:.2f}x** (goal >= 0.85x)", "",
+              f"Causal SDPA's kernel: {attention.get('causal_backend', 'not recorded')}.", "",
+              f"documents / causal TFLOP/s: **{ratio:.2f}x** (goal >= 0.85x)"] + [
+              f"{name} / causal: {attention[name]['tflops'] / attention['causal']['tflops']:.2f}x"
+              for name in ("documents_per_doc", "documents_varlen_attn") if name in attention] + ["",
               "| stack fwd+bwd | s | tokens/s | TFLOP/s (model FLOPs) | peak GiB |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, row in stack.items():
         lines.append(f"| {name} | {row['seconds']:.3f} | {row['tokens_per_second']:,.0f} | {row['tflops']:.0f} | "
                      f"{row['peak_allocated_gib']:.1f} |")
-    speedup = stack["causal"]["seconds"] / stack["documents"]["seconds"]
-    lines += ["", f"Step time on the same tokens: documents {speedup:.2f}x faster than causal."]
+    speedup = stack["causal"]["seconds"] / stack["documents"]["seconds"] if stack else 0.0
+    lines += ["", f"Step time on the same tokens: documents {speedup:.2f}x faster than causal."] if stack else []
     return "\n".join(lines) + "\n"
 
 
@@ -196,6 +235,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="16K tokens, 2 layers, 2 repeats")
+    parser.add_argument("--attention-only", action="store_true", help="skip the layer stack's rows")
     parser.add_argument("--out", default="profiles/runs")
     args = parser.parse_args()
     if args.quick:
@@ -210,12 +250,13 @@ def main() -> None:
             "repeats": args.repeats}
     result = {"meta": meta, "attention": attention_rows(model, layout, args.repeats)}
     torch.cuda.empty_cache()
-    result["stack"] = stack_rows(model, layout, args.repeats)
+    result["stack"] = {} if args.attention_only else stack_rows(model, layout, args.repeats)
     command = "python docs/probes/document_masking_gpu.py " + " ".join(sys.argv[1:])
     result["command"] = command
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{gpu.split()[-1].lower()}_{meta['date']}_document_masking" + ("_quick" if args.quick else "")
+    stem = (f"{gpu.split()[-1].lower()}_{meta['date']}_document_masking" + ("_quick" if args.quick else "")
+            + ("" if args.mean_doc == 16384 else f"_mean{args.mean_doc // 1024}k"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result, command))
     print(markdown(result, command))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-18 measurement on the lent one-GPU H200: longtrain's plan and the ALST recipe, Llama-3-8B shape,
-# LoRA rank 16 (see docs/probes/llama3_8b_1gpu.py). Usage, from the repo root on the GPU machine, with the wheels
-# of .gpu-min carried:
+# LoRA rank 16 (see docs/probes/llama3_8b_1gpu.py). Usage, from the repo root on the GPU machine, with
+# .gpu-bundle/ (DeepSpeed and the other wheels the machine lacks, and its activate.sh) copied along:
 #   bash docs/probes/llama3_8b_1gpu_run.sh SEQ STEPS [RECIPES] [KEY=VALUE ...]
 # RECIPES: "longtrain alst" (default, one after the other), or one of them (one call each keeps a long step within
 # the 10-minute limit of one command). KEY=VALUE: more overrides for longtrain's run, the ones its plan was made with
@@ -14,8 +14,7 @@
 #   bash docs/probes/llama3_8b_1gpu_run.sh 327680 1 alst                  # whole-layer replay verified at 320K
 seq=${1:-131072}; steps=${2:-2}; recipes=${3:-longtrain alst}; shift $(( $# < 3 ? $# : 3 ))
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu-min/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+source .gpu-bundle/activate.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; free -g; nproc
   python3 -c "import torch, deepspeed, peft; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'peft', peft.__version__)"; } > $OUT/machine.txt 2>&1
 k=$((seq / 1024))
