@@ -16,6 +16,9 @@ is the median of --repeats timed runs after a warm-up (which includes FlexAttent
                     document's slice), outputs concatenated
     documents_varlen_attn  candidate: torch.nn.attention.varlen.varlen_attn (FlashAttention's varlen kernel, GQA
                     without repeating heads, [tokens, heads, dim] layout), causal window
+    --fresh-layouts N: the documents path and the per-document calls (exact, and windows bucketed to 1K / 4K
+                    tokens) each over N new layouts, new lengths every call as in training, where a kernel that
+                    compiles per shape (cuDNN builds a graph per sequence length) pays for it
     mask_build      building the documents' block mask (once per micro-batch, shared by every layer)
   the layer stack, forward + backward on the same tokens (no embedding, no LM head):
     causal          positions 0..S-1, SDPA causal
@@ -145,10 +148,52 @@ def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> 
     return result
 
 
-def per_document_sdpa(q, k, v, spans):
-    """Causal attention per document: one fused SDPA call on each document's slice (the causal row's kernel)."""
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
-                                                     enable_gqa=True) for s, e in zip(spans[:-1], spans[1:])], dim=2)
+def per_document_sdpa(q, k, v, spans, bucket: int = 0):
+    """Causal attention per document: one fused SDPA call on each document's slice (the causal row's kernel).
+    bucket > 0: each call's window is the document extended into the tokens after it up to a multiple of `bucket`
+    (where the sequence has them), so calls share a few shapes and cuDNN's compiled graphs; causal attention keeps
+    the document's rows blind to the extension, whose rows are dropped."""
+    seq, outputs = q.shape[2], []
+    for s, e in zip(spans[:-1], spans[1:]):
+        w = min(seq, s + -(-(e - s) // bucket) * bucket) if bucket else e
+        out = F.scaled_dot_product_attention(q[:, :, s:w], k[:, :, s:w], v[:, :, s:w], is_causal=True,
+                                             enable_gqa=True)
+        outputs.append(out[:, :, :e - s])
+    return torch.cat(outputs, dim=2)
+
+
+def fresh_layout_rows(model: ModelConfig, seq: int, mean: int, seed: int, layouts: int) -> dict:
+    """Each kernel over `layouts` new document layouts (new lengths every call, as every micro-batch of training
+    brings): what a kernel that compiles per shape (cuDNN builds a graph per new sequence length) costs in training.
+    Per kernel: the seconds of each call in order (the first calls pay the builds) and TFLOP/s over all of them."""
+    heads, kv_heads, dim = model.num_heads, model.num_kv_heads, model.head_dim
+    shape = dict(device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(1, heads, seq, dim, **shape)
+    k, v = torch.randn(1, kv_heads, seq, dim, **shape), torch.randn(1, kv_heads, seq, dim, **shape)
+    grad = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
+    one_layer = ModelConfig(**{**LLAMA3_8B, "num_layers": 1})
+    layouts_lengths = [document_lengths(seq, mean, seed + 1000 + i) for i in range(layouts)]
+    kernels = {
+        "documents": lambda lengths: document_attention(q, k, v, DocumentLayout([lengths], [0], kernel="flex")),
+        "documents_per_doc": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths)),
+        "documents_per_doc_bucket1k": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths), 1024),
+        "documents_per_doc_bucket4k": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths), 4096),
+    }
+    rows = {}
+    for name, attend in kernels.items():
+        seconds, flops = [], 0.0
+        for lengths in layouts_lengths:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            torch.autograd.grad(attend(lengths), (q, k, v), grad)
+            torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - started)
+            flops += attention_training_flops(one_layer, sum(n * n for n in lengths))
+        rows[name] = {"seconds": seconds, "tflops": flops / sum(seconds) / 1e12,
+                      "tflops_last_half": (flops / layouts) * (layouts - layouts // 2) / sum(seconds[layouts // 2:])
+                      / 1e12}
+        print(f"fresh layouts, {name}: " + " ".join(f"{t * 1e3:.0f}" for t in seconds) + " ms", flush=True)
+    return rows
 
 
 def varlen_attention(q, k, v, lengths):
@@ -213,6 +258,9 @@ def markdown(result: dict, command: str) -> str:
             continue
         row = attention[name]
         lines.append(f"| {name} | {row['seconds'] * 1e3:.1f} | {row['tflops']:.0f} |")
+    fresh = result.get("fresh_layouts", {})
+    lines += [f"| {name} over {len(row['seconds'])} new layouts | {sum(row['seconds']) * 1e3:.1f} | {row['tflops']:.0f} "
+              f"(last half {row['tflops_last_half']:.0f}) |" for name, row in fresh.items()]
     lines += [f"| mask_build | {attention['mask_build']['seconds'] * 1e3:.2f} | |", "",
               f"Causal SDPA's kernel: {attention.get('causal_backend', 'not recorded')}.", "",
               f"documents / causal TFLOP/s: **{ratio:.2f}x** (goal >= 0.85x)"] + [
@@ -236,6 +284,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="16K tokens, 2 layers, 2 repeats")
     parser.add_argument("--attention-only", action="store_true", help="skip the layer stack's rows")
+    parser.add_argument("--fresh-layouts", type=int, default=0,
+                        help="also time each kernel over this many new layouts (new lengths every call)")
     parser.add_argument("--out", default="profiles/runs")
     args = parser.parse_args()
     if args.quick:
@@ -250,6 +300,8 @@ def main() -> None:
             "repeats": args.repeats}
     result = {"meta": meta, "attention": attention_rows(model, layout, args.repeats)}
     torch.cuda.empty_cache()
+    if args.fresh_layouts:
+        result["fresh_layouts"] = fresh_layout_rows(model, args.seq_len, args.mean_doc, args.seed, args.fresh_layouts)
     result["stack"] = {} if args.attention_only else stack_rows(model, layout, args.repeats)
     command = "python docs/probes/document_masking_gpu.py " + " ".join(sys.argv[1:])
     result["command"] = command
