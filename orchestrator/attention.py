@@ -7,7 +7,11 @@ skipped when its query and key blocks share no document, run without a mask when
 O((S/128)^2) per micro-batch (no S x S mask ever exists), once for all layers. FlexAttention has no CPU backward,
 so elsewhere (tests, the debug model) SDPA runs with a dense S x S boolean mask: exact, O(S^2) memory and work.
 
-Both see the whole sequence: without sequence parallelism the rank holds it; with Ulysses each rank's head group
+A third kernel, `per_document` (`orchestrator/attention_per_document.py`), runs the causal kernel itself (cuDNN's on a
+GPU) once per document: faster than FlexAttention where documents are long, far slower where they are short; it is
+chosen by name until measured in training (`auto` keeps flex on CUDA).
+
+All see the whole sequence: without sequence parallelism the rank holds it; with Ulysses each rank's head group
 has the whole sequence after the all-to-all, so one layout (built from the whole sequence's document lengths)
 masks every head group the same way.
 """
@@ -18,7 +22,9 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("flex", "sdpa_mask")
+from orchestrator.attention_per_document import per_document_attention
+
+KERNELS = ("flex", "sdpa_mask", "per_document")
 FLEX_BLOCK = 128
 """FlexAttention's tile (its default): the block mask's granularity."""
 
@@ -31,7 +37,7 @@ class DocumentLayout:
     lengths: List[List[int]]
     padding: List[int]
     kernel: str = "auto"
-    """flex, sdpa_mask, or auto: flex on CUDA, sdpa_mask elsewhere."""
+    """flex, sdpa_mask, per_document, or auto: flex on CUDA, sdpa_mask elsewhere."""
     _cache: Dict[Tuple[str, str], object] = field(default_factory=dict, repr=False)
     """Masks built once per device and shared by every layer of the forward (and its backward)."""
 
@@ -80,7 +86,10 @@ class DocumentLayout:
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
     """Causal attention within documents: q [B, H, S, D], k and v [B, Hkv, S, D] (whole sequences) -> [B, H, S, D]."""
     grouped = q.shape[1] != k.shape[1]
-    if layout.kernel_for(q.device) == "flex":
+    kernel = layout.kernel_for(q.device)
+    if kernel == "per_document":
+        return per_document_attention(q, k, v, layout.lengths)
+    if kernel == "flex":
         if not q.is_cuda:
             raise RuntimeError("data.document_attention=flex needs CUDA (FlexAttention has no CPU backward); use "
                                "sdpa_mask or auto")

@@ -108,14 +108,22 @@ def test_packing_keeps_documents_whole_and_cuts_only_longer_ones():
     assert (pieces[firsts[:-1], 0] == oldest_not_placed[firsts[:-1]]).all()  # each sequence opens with the oldest
 
 
-def test_a_packed_sequence_equals_each_document_alone():
+KERNELS = pytest.mark.parametrize("kernel", ["sdpa_mask", "per_document"])
+"""The CPU kernels of packed documents: the dense mask, and the causal kernel once per document."""
+
+
+@KERNELS
+def test_a_packed_sequence_equals_each_document_alone(kernel):
     stream, offsets, batch, layout = _packed()
+    layout.kernel = kernel
     model = _model()
     _assert_close(_packed_sums(model, batch, layout), _alone(model, stream, offsets))
 
 
-def test_a_packed_sequence_under_a_swap_and_recompute_plan_equals_each_document_alone():
+@KERNELS
+def test_a_packed_sequence_under_a_swap_and_recompute_plan_equals_each_document_alone(kernel):
     stream, offsets, batch, layout = _packed()
+    layout.kernel = kernel
     model = _model()
     reference = _alone(model, stream, offsets)
     planned = copy.deepcopy(model)

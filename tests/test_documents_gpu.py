@@ -77,3 +77,21 @@ def test_a_packed_micro_batch_on_flex_equals_each_document_alone(with_plan):
     assert torch.allclose(loss, total, rtol=1e-4)
     for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
         assert (mine.grad - theirs.grad).abs().max() <= 1e-3 * theirs.grad.abs().max(), name
+
+
+def test_per_document_attention_on_cudnn_equals_each_document_alone():
+    """data.document_attention=per_document on CUDA: cuDNN's own forward and backward ops once per document (windows
+    extended to 1,024-token multiples), bf16; fp32 is refused in one line (cuDNN's attention takes bf16/fp16)."""
+    layout = DocumentLayout([[700, 1500, 300, 1596], [2048, 1000, 1000, 48]], [0, 0], kernel="per_document")
+    torch.manual_seed(0)
+    q = torch.randn(2, 4096, 8, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, 4096, 2, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+            for _ in range(2))
+    grad = torch.randn_like(q)
+    out = document_attention(q, k, v, layout)
+    want = _alone(q, k, v, layout)
+    assert (out - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        assert (got - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
+    with pytest.raises(RuntimeError, match="takes bf16 or fp16, not float32"):
+        document_attention(q.float(), k.float(), v.float(), layout)

@@ -14,6 +14,9 @@ is the median of --repeats timed runs after a warm-up (which includes FlexAttent
                     heads repeated (not what longtrain runs)
     documents_per_doc  candidate: one fused SDPA causal call per document (the causal row's kernel on each
                     document's slice), outputs concatenated
+    per_document_kernel  longtrain's `per_document` kernel (orchestrator/attention_per_document.py): cuDNN's
+                    forward and backward ops once per document inside one autograd function, windows of 1K multiples,
+                    q/k/v laid out as the model's projections make them
     documents_varlen_attn  candidate: torch.nn.attention.varlen.varlen_attn (FlashAttention's varlen kernel, GQA
                     without repeating heads, [tokens, heads, dim] layout), causal window
     --fresh-layouts N: the documents path and the per-document calls (exact, and windows bucketed to 1K / 4K
@@ -120,6 +123,11 @@ def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> 
     spans = np.cumsum([0] + list(layout.lengths[0]))
     rows["documents_per_doc"] = (timed(run(lambda a, b, c: per_document_sdpa(a, b, c, spans)), repeats),
                                  document_flops)
+    per_document = DocumentLayout(layout.lengths, layout.padding, kernel="per_document")
+    model_layout = model_layout_tensors(seq, heads, kv_heads, dim)  # as the model's projections lay them out
+    rows["per_document_kernel"] = (timed(lambda: torch.autograd.grad(
+        document_attention(*model_layout[:3], per_document), model_layout[:3], model_layout[3]), repeats),
+        document_flops)
     try:
         from torch.nn.attention.varlen import varlen_attn
 
@@ -148,6 +156,14 @@ def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> 
     return result
 
 
+def model_layout_tensors(seq: int, heads: int, kv_heads: int, dim: int):
+    """q, k, v (requiring grad) and an output gradient stored [B, S, H, D] and seen as [B, H, S, D], as the model's
+    projections and its output projection's backward make them."""
+    def make(h, grad=True):
+        return torch.randn(1, seq, h, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(grad)
+    return make(heads), make(kv_heads), make(kv_heads), make(heads, False)
+
+
 def per_document_sdpa(q, k, v, spans, bucket: int = 0):
     """Causal attention per document: one fused SDPA call on each document's slice (the causal row's kernel).
     bucket > 0: each call's window is the document extended into the tokens after it up to a multiple of `bucket`
@@ -173,25 +189,31 @@ def fresh_layout_rows(model: ModelConfig, seq: int, mean: int, seed: int, layout
     grad = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
     one_layer = ModelConfig(**{**LLAMA3_8B, "num_layers": 1})
     layouts_lengths = [document_lengths(seq, mean, seed + 1000 + i) for i in range(layouts)]
+    laid = model_layout_tensors(seq, heads, kv_heads, dim)
     kernels = {
         "documents": lambda lengths: document_attention(q, k, v, DocumentLayout([lengths], [0], kernel="flex")),
+        "per_document_kernel": lambda lengths: document_attention(*laid[:3], DocumentLayout([lengths], [0],
+                                                                                         kernel="per_document")),
         "documents_per_doc": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths)),
         "documents_per_doc_bucket1k": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths), 1024),
         "documents_per_doc_bucket4k": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths), 4096),
     }
     rows = {}
     for name, attend in kernels.items():
-        seconds, flops = [], 0.0
+        seconds, flops = [], []
         for lengths in layouts_lengths:
             torch.cuda.synchronize()
             started = time.perf_counter()
-            torch.autograd.grad(attend(lengths), (q, k, v), grad)
+            if name == "per_document_kernel":
+                torch.autograd.grad(attend(lengths), laid[:3], laid[3])
+            else:
+                torch.autograd.grad(attend(lengths), (q, k, v), grad)
             torch.cuda.synchronize()
             seconds.append(time.perf_counter() - started)
-            flops += attention_training_flops(one_layer, sum(n * n for n in lengths))
-        rows[name] = {"seconds": seconds, "tflops": flops / sum(seconds) / 1e12,
-                      "tflops_last_half": (flops / layouts) * (layouts - layouts // 2) / sum(seconds[layouts // 2:])
-                      / 1e12}
+            flops.append(attention_training_flops(one_layer, sum(n * n for n in lengths)))
+        half = layouts // 2
+        rows[name] = {"seconds": seconds, "tflops": sum(flops) / sum(seconds) / 1e12,
+                      "tflops_last_half": sum(flops[half:]) / sum(seconds[half:]) / 1e12}
         print(f"fresh layouts, {name}: " + " ".join(f"{t * 1e3:.0f}" for t in seconds) + " ms", flush=True)
     return rows
 
@@ -253,7 +275,7 @@ def markdown(result: dict, command: str) -> str:
              f"the documents need: {meta['attention_share']:.1%} of causal. torch {meta['torch']}.", "",
              "| attention fwd+bwd | ms | TFLOP/s (on its own FLOPs) |", "| --- | ---: | ---: |"]
     for name in ("causal", "documents", "causal_flex", "documents_varlen", "documents_per_doc",
-                 "documents_varlen_attn"):
+                 "per_document_kernel", "documents_varlen_attn"):
         if name not in attention:
             continue
         row = attention[name]
@@ -265,7 +287,8 @@ def markdown(result: dict, command: str) -> str:
               f"Causal SDPA's kernel: {attention.get('causal_backend', 'not recorded')}.", "",
               f"documents / causal TFLOP/s: **{ratio:.2f}x** (goal >= 0.85x)"] + [
               f"{name} / causal: {attention[name]['tflops'] / attention['causal']['tflops']:.2f}x"
-              for name in ("documents_per_doc", "documents_varlen_attn") if name in attention] + ["",
+              for name in ("documents_per_doc", "per_document_kernel", "documents_varlen_attn")
+              if name in attention] + ["",
               "| stack fwd+bwd | s | tokens/s | TFLOP/s (model FLOPs) | peak GiB |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, row in stack.items():
         lines.append(f"| {name} | {row['seconds']:.3f} | {row['tokens_per_second']:,.0f} | {row['tflops']:.0f} | "

@@ -19,7 +19,7 @@ DATA_SOURCES = ("corpus", "synthetic", "tokens", "jsonl", "parquet", "text")
 TEXT_SOURCES = ("jsonl", "parquet", "text")
 """Sources of documents (text), tokenized by `longtrain prepare-data`."""
 PACKINGS = ("auto", "stream", "documents")
-DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask")
+DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask", "per_document")
 TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("auto", "bf16", "fp32")
 ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu", "alst")
@@ -211,7 +211,9 @@ class DataConfig:
     document_attention: str = "auto"
     """The attention kernel of packing=documents: flex (PyTorch FlexAttention with a block mask built from the
     document boundaries: skips masked blocks; CUDA), sdpa_mask (SDPA with a dense sequence x sequence mask: any
-    device, for tests and small sequences), auto: flex on CUDA, sdpa_mask elsewhere."""
+    device, for tests and small sequences), per_document (the causal kernel, cuDNN's on CUDA, once per document:
+    faster than flex where documents are long, slower where they are short; bf16 on CUDA; any device), auto: flex on
+    CUDA, sdpa_mask elsewhere."""
     cache_dir: Optional[str] = None
     """Where prepared text sources go, one directory per content hash of the source files and the tokenizer
     (default $LONGTRAIN_DATA_CACHE, else ~/.cache/longtrain/data)."""
