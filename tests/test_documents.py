@@ -132,6 +132,24 @@ def test_a_packed_sequence_under_a_swap_and_recompute_plan_equals_each_document_
         _assert_close(_packed_sums(planned, batch, layout), reference)
 
 
+@KERNELS
+def test_a_packed_sequence_with_layers_replayed_whole_equals_each_document_alone(kernel):
+    """Whole-layer checkpointing (a replayed forward matches saved tensors by order: the per-document kernel saves
+    one log-sum-exp per document, the same ones again in the replay)."""
+    from spec.plan import LayerPlan
+
+    stream, offsets, batch, layout = _packed()
+    layout.kernel = kernel
+    model = _model()
+    reference = _alone(model, stream, offsets)
+    planned = copy.deepcopy(model)
+    tokenwise.apply(planned, tokenwise.Config(), [LayerPlan(0, checkpoint_layer=True),
+                                                  LayerPlan(1, 0.0, 0.0, 1.0, True, checkpoint_layer=True),
+                                                  LayerPlan(2, 0.5, 0.0, 0.5)])
+    for _ in range(2):
+        _assert_close(_packed_sums(planned, batch, layout), reference)
+
+
 def test_activation_compression_composes_with_packed_documents():
     """Mesa int8 keeps the forward exact: the packed losses stay each document's; the backward runs."""
     from orchestrator.memory import compressed
