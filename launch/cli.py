@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                                                          "behind, for the plans the bench makes (calibration)")
     bench.add_argument("--trace", action="store_true", help="print a torch.profiler summary of one step of each "
                                                              "longtrain row (where the time goes)")
+    bench.add_argument("--elementwise", choices=["eager", "compiled"], default="eager",
+                       help="the layers' RMSNorm and RoPE: op by op, or fused by torch.compile (train.elementwise)")
     bench.set_defaults(handler=_bench)
     predictors = _command(commands, "train-predictors", help="fit token elimination's block-score predictors",
                           description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "
@@ -342,7 +344,7 @@ def _bench(args: argparse.Namespace) -> int:
                              "32768,65536") from error
     return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
                              args.plan_fraction, args.trace, args.policy,
-                             args.swap_hidden)
+                             args.swap_hidden, args.elementwise)
 
 
 def _prepare_data(args: argparse.Namespace) -> int:

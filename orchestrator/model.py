@@ -44,24 +44,42 @@ from orchestrator.loss import segmented_cross_entropy
 from orchestrator.rope import inverse_frequencies
 
 
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The norm's output and its fp32 scale per token (what backward needs besides the input)."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * rstd).type_as(x) * weight, rstd
+
+
+def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the input and the weight, the normalised input recomputed from the input and its scale."""
+    normed = x.float() * rstd
+    grad_out32 = grad_out.float()
+    grad_weight = (grad_out32 * normed.type_as(x).float()).flatten(0, -2).sum(0)
+    grad_normed = grad_out32 * weight.float()
+    grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+    return grad_x.type_as(x), grad_weight.type_as(weight)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm that saves only its input (activation dtype) and one fp32 scale per token for backward, or instead
     of the input its compact form (`packed` and its tensors, from `RMSNorm.saved_input`).
 
     Why not plain autograd: the fp32 upcast would be saved by autograd (2x the bytes of a bf16 input, in every
     layer, twice); at 1M tokens that is gigabytes per layer. The backward recomputes the normalised input.
+    `kernels` (`RMSNorm.kernels`) computes both directions: these functions, or the same compiled.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, packed=None, *compact: torch.Tensor):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.packed = packed
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, kernels, packed=None, *compact: torch.Tensor):
+        out, rstd = kernels.rms_norm_forward(x, weight, eps)
+        ctx.packed, ctx.kernels = packed, kernels
         if packed is None:
             ctx.save_for_backward(x, weight, rstd)
         else:
             ctx.save_for_backward(weight, rstd, *compact)
-        return (x32 * rstd).type_as(x) * weight
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -71,12 +89,15 @@ class _RMSNormFunction(torch.autograd.Function):
         else:
             weight, rstd, *compact = ctx.saved_tensors
             x = ctx.packed.restore_tensor(compact)
-        normed = x.float() * rstd
-        grad_out32 = grad_out.float()
-        grad_weight = (grad_out32 * normed.type_as(x).float()).flatten(0, -2).sum(0)
-        grad_normed = grad_out32 * weight.float()
-        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-        return (grad_x.type_as(x), grad_weight.type_as(weight), None, None) + (None,) * len(compact)
+        grad_x, grad_weight = ctx.kernels.rms_norm_backward(grad_out, x, weight, rstd)
+        return (grad_x, grad_weight, None, None, None) + (None,) * len(compact)
+
+
+class EagerKernels:
+    """The layer's elementwise work as written here, run op by op (`orchestrator.elementwise` compiles the same)."""
+
+    rms_norm_forward = staticmethod(rms_norm_forward)
+    rms_norm_backward = staticmethod(rms_norm_backward)
 
 
 class RMSNorm(nn.Module):
@@ -88,12 +109,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.saved_input = None
         """Slot (see the module docstring): keeps a compact form of the input for backward."""
+        self.kernels = EagerKernels
+        """Slot: computes the norm's forward and backward (`orchestrator.elementwise`: compiled)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.saved_input is None or not torch.is_grad_enabled():
-            return _RMSNormFunction.apply(x, self.weight, self.eps, None)
+            return _RMSNormFunction.apply(x, self.weight, self.eps, self.kernels, None)
         packed, compact = self.saved_input.pack(x, self.training)
-        return _RMSNormFunction.apply(x, self.weight, self.eps, packed, *compact)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, self.kernels, packed, *compact)
 
 
 class _CompactInputLinear(torch.autograd.Function):
@@ -171,6 +194,8 @@ class Attention(nn.Module):
         self.documents = None
         """The packed documents of this forward (a `DocumentLayout`, whole sequence), set by `LlamaModel.forward`;
         None: causal attention over the whole sequence."""
+        self.rope = apply_rope
+        """Slot: rotates q and k (`orchestrator.elementwise`: a fused kernel with its own backward)."""
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B, H, S, D], k and v [B, Hkv, S, D], RoPE applied: per token, so any token slice recomputes alone."""
@@ -178,7 +203,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return self.rope(q, cos, sin), self.rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over all tokens: [B, H, S, D]."""

@@ -19,6 +19,7 @@ from spec.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
 from orchestrator import sequence_parallel
+from orchestrator import elementwise
 from orchestrator.memory import apply_plan, compressed
 from orchestrator.metrics import StepMeter
 from orchestrator.nonfinite import step_is_usable
@@ -62,6 +63,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     precision = resolve_precision(job.train.precision, use_cuda)
     plan = checked_plan(job, profile, precision)
     memory = apply_plan(model, plan, job.compression, job.token_elim, job.train)
+    elementwise.install(model, job.train.elementwise, torch.device("cuda" if use_cuda else "cpu"))
     if sp_group is not None:
         sequence_parallel.install(model, sp_group, split_layers=memory.split_layers)
     engine, _, _, scheduler = initialize_engine(model, ds_config, job.train.offload)

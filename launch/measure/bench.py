@@ -37,6 +37,7 @@ from spec.config import JobConfig
 from orchestrator.memory.ds_checkpointing import deepspeed_layer_runner
 from launch.measure.calibration import bench_job, not_in_bench_bytes
 from orchestrator.memory import tokenwise
+from orchestrator import elementwise
 from orchestrator.model import DecoderLayer, rope_tables
 from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 from spec.hardware import HardwareProfile
@@ -104,6 +105,8 @@ class BenchOptions:
     """Profile one extra step of the longtrain rows (`--trace`)."""
     trace_dir: Optional[str] = None
     """Where `--trace` keeps each traced step's Chrome trace (gzip), next to the report."""
+    elementwise: str = "eager"
+    """The layers' RMSNorm and RoPE (`--elementwise`, train.elementwise): eager or compiled."""
 
 
 def layer_flops_per_token(job: JobConfig, causal_halved: bool) -> float:
@@ -135,6 +138,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
              options: BenchOptions) -> None:
     torch.manual_seed(0)
     stack = LayerStack(job).cuda().to(torch.bfloat16)
+    elementwise.install(stack, options.elementwise, torch.device("cuda"))
     step, host_bytes = _mode_step(mode, stack, job, profile, row, options)
     seq = job.data.seq_len
     x = torch.randn(1, seq, job.model.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)

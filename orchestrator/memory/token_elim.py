@@ -45,7 +45,7 @@ import torch
 from spec import activations as role
 from spec.config.schema import TokenElimConfig
 from spec.errors import ConfigError
-from orchestrator.model import DecoderLayer, apply_rope, merge_heads
+from orchestrator.model import DecoderLayer, merge_heads
 from spec.activations import kept_blocks
 
 Config = TokenElimConfig
@@ -183,8 +183,8 @@ def kept_token_indices(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, 
 def rotated_query_key(layer: DecoderLayer, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """The layer's q [B, H, S, D] and k [B, Hkv, S, D] after RoPE, from its normed input."""
     (batch, seq, _), attn = normed.shape, layer.attn
-    q = apply_rope(attn.q_proj(normed).view(batch, seq, attn.num_heads, -1).transpose(1, 2), cos, sin)
-    k = apply_rope(attn.k_proj(normed).view(batch, seq, attn.num_kv_heads, -1).transpose(1, 2), cos, sin)
+    q = attn.rope(attn.q_proj(normed).view(batch, seq, attn.num_heads, -1).transpose(1, 2), cos, sin)
+    k = attn.rope(attn.k_proj(normed).view(batch, seq, attn.num_kv_heads, -1).transpose(1, 2), cos, sin)
     return q, k
 
 

@@ -20,6 +20,7 @@ TEXT_SOURCES = ("jsonl", "parquet", "text")
 """Sources of documents (text), tokenized by `longtrain prepare-data`."""
 PACKINGS = ("auto", "stream", "documents")
 DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask", "per_document")
+ELEMENTWISE = ("eager", "compiled")
 TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("auto", "bf16", "fp32")
 ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu", "alst")
@@ -355,6 +356,9 @@ class TrainConfig:
     """Run every MLP through DeepSpeed's TiledMLP: forward in sequence tiles of hidden_size tokens without saving
     its intermediates, recomputed tile by tile in backward, so no tensor scales with tokens x intermediate_size
     (one more MLP forward per step). Set by train.activation_checkpointing=alst."""
+    elementwise: str = "eager"
+    """The layer's RMSNorm and RoPE: eager (op by op), or compiled (fused by torch.compile, on CUDA; the same
+    tensors saved, so plans are unchanged; CPU stays eager)."""
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
     """Escape hatch: keys merged last into the generated DeepSpeed config (see README)."""
     on_nonfinite: str = "stop"
@@ -384,6 +388,8 @@ class TrainConfig:
                          f"{self.zero_stage}; set train.zero_stage=3")
         if self.max_failures < 0:
             found.append(f"train.max_failures ({self.max_failures}) must be >= 0 (-1 is not supported)")
+        if self.elementwise not in ELEMENTWISE:
+            found.append(f"train.elementwise ({self.elementwise!r}) must be one of {', '.join(ELEMENTWISE)}")
         if self.on_nonfinite not in ON_NONFINITE:
             found.append(f"train.on_nonfinite ({self.on_nonfinite!r}) must be one of {', '.join(ON_NONFINITE)}")
         elif self.on_nonfinite == "skip" and self.zero_stage == 0:
