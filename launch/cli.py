@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--trace", action="store_true", help="print a torch.profiler summary of one step of each "
                                                              "longtrain row (where the time goes)")
     bench.add_argument("--elementwise", choices=["eager", "compiled"], default="eager",
-                       help="the layers' RMSNorm and RoPE: op by op, or fused by torch.compile (train.elementwise)")
+                       help="the layers' RMSNorm, RoPE and SwiGLU: op by op, or fused by torch.compile "
+                            "(train.elementwise)")
     bench.set_defaults(handler=_bench)
     predictors = _command(commands, "train-predictors", help="fit token elimination's block-score predictors",
                           description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "

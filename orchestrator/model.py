@@ -234,6 +234,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.saved_swiglu = None
         """Slot (see the module docstring): computes silu(gate) * up keeping compact codes of gate and up."""
+        self.fused_swiglu = None
+        """Slot: computes silu(gate) * up saving gate and up only (`orchestrator.elementwise`)."""
         self.tiling = None
         """Slot: called as tiling(mlp, x) instead of the forward (the tiled MLP)."""
 
@@ -241,6 +243,8 @@ class MLP(nn.Module):
         """silu(gate) * up and the intermediates autograd saves (with `saved_swiglu`, compact codes instead)."""
         if self.saved_swiglu is not None and torch.is_grad_enabled():
             return {role.GATED: self.saved_swiglu.swiglu(gate, up, self.training)}
+        if self.fused_swiglu is not None and torch.is_grad_enabled():
+            return {role.GATED: self.fused_swiglu(gate, up)}
         silu_gate = F.silu(gate)
         return {role.SILU_GATE: silu_gate, role.GATED: silu_gate * up}
 

@@ -150,7 +150,7 @@ class CostModel:
                              attention_forward_flops_per_token(model, seq) * tokens)
             scoring_seconds = (scoring_flops[0] / (self.matmul_tflops() * 1e12)
                                + scoring_flops[1] / (self.attention_tflops(seq) * 1e12)) * self.layer_overhead
-        tensors = layer_saved_tensors(model, self.element_bytes)
+        tensors = layer_saved_tensors(model, self.element_bytes, self.job.train.elementwise == "compiled")
         if keep_share < 1:
             tensors = sparse_saved_tensors(tensors, model, self.element_bytes, keep_share)
         exchange = self.exchange_seconds(keep_share)

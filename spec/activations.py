@@ -69,8 +69,10 @@ class SavedTensor:
     the runtime splits each tensor's own rows into kept / swapped / recomputed ranges."""
 
 
-def layer_saved_tensors(model: ModelConfig, bytes_per_element: int) -> List[SavedTensor]:
-    """What one decoder layer saves for backward, per token on this GPU (Ulysses keeps per-GPU bytes equal)."""
+def layer_saved_tensors(model: ModelConfig, bytes_per_element: int, fused_swiglu: bool = False) -> List[SavedTensor]:
+    """What one decoder layer saves for backward, per token on this GPU (Ulysses keeps per-GPU bytes equal).
+    fused_swiglu (train.elementwise=compiled): SwiGLU saves its gate and up only and recomputes silu(gate) in
+    backward, so silu_gate is not saved."""
     h, kv, inter = model.hidden_size, model.num_kv_heads * model.head_dim, model.intermediate_size
     e = bytes_per_element
     width = {"layer_input": h, "attn_out": h, "attn_norm_out": h, "q": h, "k": kv, "v": kv, "attn_residual": h,
@@ -78,7 +80,8 @@ def layer_saved_tensors(model: ModelConfig, bytes_per_element: int) -> List[Save
     # The output projection's input is a view of attn_out (SDPA writes B,S,H,D), so it costs nothing extra.
     skeletal = [SavedTensor(name, width[name] * e, True) for name in SKELETAL]
     lse = SavedTensor("attn_lse", model.num_heads * 4, True)  # saved by the attention kernel, fp32 per head
-    return skeletal + [lse] + [SavedTensor(name, width[name] * e, False) for name in TOKEN_WISE]
+    return skeletal + [lse] + [SavedTensor(name, width[name] * e, False) for name in TOKEN_WISE
+                               if not (fused_swiglu and name == SILU_GATE)]
 
 
 MLP_INTERMEDIATES = (GATE, UP, SILU_GATE, GATED)

@@ -1,4 +1,4 @@
-"""train.elementwise=compiled on a GPU (skipped without CUDA; run on a lent GPU machine): RMSNorm and RoPE compiled
+"""train.elementwise=compiled on a GPU (skipped without CUDA; run on a lent GPU machine): RMSNorm, RoPE and SwiGLU compiled
 by torch.compile give the eager model's loss and gradients (fp32: 1e-5 relative; bf16: the rounding of bf16), over
 two sequence lengths (dynamic shapes, no error on the second).
 
@@ -25,7 +25,7 @@ def test_compiled_elementwise_equals_eager(dtype, tolerance):
     torch.manual_seed(0)
     eager = LlamaModel(MODEL).cuda().to(dtype)
     fused = copy.deepcopy(eager)
-    assert elementwise.install(fused, "compiled", torch.device("cuda")).startswith("compiled")
+    assert "torch.compile" in elementwise.install(fused, "compiled", torch.device("cuda"))
     for length in (1024, 700):
         tokens = torch.randint(0, MODEL.vocab_size, (2, length + 1), device="cuda")
         results = []

@@ -106,7 +106,7 @@ class BenchOptions:
     trace_dir: Optional[str] = None
     """Where `--trace` keeps each traced step's Chrome trace (gzip), next to the report."""
     elementwise: str = "eager"
-    """The layers' RMSNorm and RoPE (`--elementwise`, train.elementwise): eager or compiled."""
+    """The layers' RMSNorm, RoPE and SwiGLU (`--elementwise`, train.elementwise): eager or compiled."""
 
 
 def layer_flops_per_token(job: JobConfig, causal_halved: bool) -> float:

@@ -357,8 +357,9 @@ class TrainConfig:
     its intermediates, recomputed tile by tile in backward, so no tensor scales with tokens x intermediate_size
     (one more MLP forward per step). Set by train.activation_checkpointing=alst."""
     elementwise: str = "eager"
-    """The layer's RMSNorm and RoPE: eager (op by op), or compiled (fused by torch.compile, on CUDA; the same
-    tensors saved, so plans are unchanged; CPU stays eager)."""
+    """The layer's RMSNorm, RoPE and SwiGLU: eager (op by op), or compiled (autograd functions fused by
+    torch.compile on CUDA, uncompiled on CPU; SwiGLU then recomputes silu(gate) in backward instead of saving it, and
+    plans count that)."""
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
     """Escape hatch: keys merged last into the generated DeepSpeed config (see README)."""
     on_nonfinite: str = "stop"
