@@ -25,6 +25,8 @@ for backward, or (token elimination) which rows the attention block sees.
   TiledMLP); `LlamaModel.loss_function`: replaces the segmented loss (the ALST recipe's TiledFusedLogitsLoss).
 - LoRA (`orchestrator.lora`, peft) wraps the projections; the frozen base `Linear` then saves nothing for its
   weight, and the slot that keeps a compact input is the adapter's `lora_A` (`input_linears` finds it).
+- `RMSNorm.kernels`, `Attention.rope`, `MLP.fused_swiglu`: the norm's, RoPE's and SwiGLU's arithmetic as fused
+  kernels (`orchestrator.elementwise`, train.elementwise=compiled); the eager functions here otherwise.
 - `Attention.documents`: not a technique's: the micro-batch's packed documents (`orchestrator.attention`), set by
   `LlamaModel.forward` for one forward and its backward; attention then stays within each document.
 """
