@@ -1,0 +1,48 @@
+"""No host synchronisation inside a training step's forward and backward (issue 19's static-shape friendliness):
+kernels queue ahead only if nothing in the step waits for the GPU. Skipped without CUDA; run on a lent GPU machine:
+
+    python -m pytest -q -m gpu tests/test_sync_free_gpu.py
+
+torch.cuda.set_sync_debug_mode("error") turns every synchronising call (.item(), a device-to-host copy, nonzero,
+a stream or event wait) into an error naming it. The first step runs outside the check (allocator, cuDNN and
+compilation set-up); the second is checked: the plain layer, a swap / recompute plan (the copy streams), and the
+fused elementwise kernels.
+"""
+
+import pytest
+import torch
+
+from orchestrator import elementwise
+from orchestrator.memory import tokenwise
+from orchestrator.model import LlamaModel
+from spec.config import ModelConfig
+from tests.conftest import layer_plans, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+MODEL = ModelConfig(vocab_size=512, hidden_size=256, num_layers=3, num_heads=8, num_kv_heads=2, intermediate_size=512)
+
+
+@pytest.mark.parametrize("setup", ["plain", "swap_recompute_plan", "fused_elementwise"])
+def test_a_step_does_not_synchronise_with_the_host(setup):
+    torch.manual_seed(0)
+    model = LlamaModel(MODEL).cuda().to(torch.bfloat16)
+    if setup == "swap_recompute_plan":
+        tokenwise.apply(model, tokenwise.Config(), layer_plans([(0.25, 0.5, 0.25), (0.0, 1.0, 0.0, True),
+                                                                (0.5, 0.0, 0.5)]))
+    elif setup == "fused_elementwise":
+        elementwise.install(model, "compiled", torch.device("cuda"))
+    tokens = torch.randint(0, MODEL.vocab_size, (1, 4097), device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
