@@ -72,7 +72,10 @@ def apply_plan(model, plan: Optional[Plan], compression: CompressionConfig, elim
     applied, num_layers = AppliedMemory(), len(model.layers)
     split = [layer for layer in plan.layers if not layer.is_plain] if plan is not None else []
     if split:
-        applied.runtime = _apply("swap", model, tokenwise.Config(), split, _split_summary(split))
+        host_bytes = _swap_host_bytes(plan)
+        applied.runtime = _apply("swap", model, tokenwise.Config(host_bytes=host_bytes), split,
+                                 _split_summary(split) + (f"; {host_bytes / 2**30:.1f} GiB of host memory pinned up "
+                                                          "front" if host_bytes else ""))
         if plan.runtime_arena:
             applied.kept_arena = _apply("arena", model, arena.Config(plan.runtime_arena), [p.layer for p in split],
                                    f"{plan.runtime_arena['arena_bytes'] / 2**30:.2f} GiB")
@@ -93,6 +96,13 @@ def apply_plan(model, plan: Optional[Plan], compression: CompressionConfig, elim
                list(range(num_layers)), train.activation_checkpointing)
     applied.compressed_layers.sort()
     return applied
+
+
+def _swap_host_bytes(plan: Plan) -> int:
+    """The plan's swap share of host memory (its host bytes less the offloaded optimizer's and parameters')."""
+    predicted = plan.predicted or {}
+    gib = predicted.get("host_gib", 0.0) - (predicted.get("host_memory") or {}).get("offloaded_gib", 0.0)
+    return max(0, int(gib * 2**30))
 
 
 def _apply(name: str, model, config, layers: list, summary: str):

@@ -8,19 +8,25 @@ from typing import Deque, Dict, Optional, Tuple
 
 import torch
 
+from orchestrator.memory.host_slab import HostSlab, host_empty
+
 
 class HostPool:
     """Host buffers for swapped slices, allocated once per (layer, role, shape) and reused every step; pinned
-    on a CUDA machine so copies are asynchronous."""
+    (byte for byte, `host_slab`) on a CUDA machine so copies are asynchronous; carved from `slab` when the plan's
+    share was pinned up front."""
 
-    def __init__(self):
+    def __init__(self, slab: Optional[HostSlab] = None):
         self.buffers: Dict[tuple, torch.Tensor] = {}
+        self.slab = slab
 
     def buffer(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
         full_key = (*key, tuple(like.shape), like.dtype)
         if full_key not in self.buffers:
-            pin = like.is_cuda
-            self.buffers[full_key] = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
+            if self.slab is not None:
+                self.buffers[full_key] = self.slab.take(tuple(like.shape), like.dtype)
+            else:
+                self.buffers[full_key] = host_empty(tuple(like.shape), like.dtype, pin=like.is_cuda)
         return self.buffers[full_key]
 
     @property

@@ -32,6 +32,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from orchestrator.memory.compact import CompactForm, collecting
+from orchestrator.memory.host_slab import HostSlab
 from orchestrator.memory.layer_replay import ReplayCapture, parameter_storages, replay_forward
 from orchestrator.memory.quant_int8 import SwapCodes
 from orchestrator.memory.swap_stream import HostPool, SwapStream, dense_flat
@@ -51,6 +52,8 @@ class Config:
     """Bring the next layer's swapped slices back while this layer's backward runs (GPU)."""
     int8_swap_seed: int = 20240717
     """Seed of the int8 swap's stochastic rounding (its own generator: the training RNG streams stay as they are)."""
+    host_bytes: int = 0
+    """The plan's swap share of host memory: pinned up front in one slab (`host_slab.HostSlab`) when > 0."""
 
 
 @dataclass
@@ -114,7 +117,8 @@ class TokenwiseRuntime:
     def __init__(self, layers: Dict[int, LayerPlan], config: Config):
         self.layers, self.config = layers, config
         self.arena = None
-        self.pool = HostPool()
+        self.pool = HostPool(HostSlab(config.host_bytes, pin=torch.cuda.is_available())
+                             if config.host_bytes > 0 else None)
         self.swap = SwapStream(config.max_layers_ahead)
         self.pending: List[_LayerRecord] = []
         self.replaying: Optional[list] = None
