@@ -3,9 +3,12 @@
 (on the GPU or in host memory), its forward runs once more in backward, and the plan file records the choice."""
 
 import copy
+import gc
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from orchestrator.lora import apply_lora
 from orchestrator.memory import apply_plan, tiled_mlp, tokenwise
@@ -145,6 +148,61 @@ def test_a_replayed_layers_host_input_is_fetched_when_its_backward_starts(monkey
     assert started == [2, 1, 0]
     assert fetched == [2, 1, 0, 0]  # each at its own start; layer 0 (split) also prefetched during layer 1's
     assert not runtime.pending
+
+
+class _MadeStorages(TorchDispatchMode):
+    """Every storage an op makes while active, held weakly: the bytes still alive at any moment."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr():
+                storage = tensor.untyped_storage()
+                self.made[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def live_bytes(self) -> int:
+        return sum(nbytes for ref, nbytes in self.made.values() if not ref.expired())
+
+
+@pytest.mark.parametrize("input_on_host", [False, True])
+def test_a_replayed_layer_frees_its_tensors_when_its_backward_ends(input_on_host, monkeypatch):
+    """By reference counting, not by Python's cyclic collector: the replay's hooks once held their own capture list
+    in a cycle, so every replayed layer's input outlived its backward until the collector ran (in the trainer tens
+    of layers later: +37.6 GiB over the plan on a lent H200 at 320K). With the collector off, the bytes alive when
+    each layer's replay starts do not grow from layer to layer, and a collection after the step frees nothing."""
+    job = _job("model.num_layers=4")
+    model = _model(job)
+    inputs, targets = _batch()
+    _apply(model, [checkpointed(i, input_on_host) for i in range(4)])
+    loss_and_grads(model, inputs, targets)  # the host pool's buffers are made in the first step
+    tracker, at_replay, replayed = _MadeStorages(), [], tokenwise._replayed
+
+    def replay_and_count(runtime, record, index):
+        if record.replayed is None:  # activations alive: less the weight gradients of the layers done
+            grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
+            at_replay.append(tracker.live_bytes() - grads)
+        return replayed(runtime, record, index)
+
+    monkeypatch.setattr(tokenwise, "_replayed", replay_and_count)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with tracker:
+            loss_and_grads(model, inputs, targets)
+        after_step = tracker.live_bytes()
+        gc.collect()
+        assert tracker.live_bytes() == after_step
+    finally:
+        if collecting:
+            gc.enable()
+    layer_input = BATCH * SEQ_LEN * job.model.hidden_size * next(model.parameters()).element_size()
+    assert len(at_replay) == 4, at_replay
+    assert all(later - earlier < layer_input / 2 for earlier, later in zip(at_replay, at_replay[1:])), at_replay
 
 
 def test_apply_plan_installs_it_from_a_plan_and_logs_it(caplog):

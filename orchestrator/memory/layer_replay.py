@@ -38,6 +38,7 @@ class ReplayCapture:
 
     def __exit__(self, *exc):
         self.context.__exit__(*exc)
+        self.context = None  # it holds our bound methods: a cycle that would keep `captured` until the collector ran
         return False
 
     def tag(self, tensors) -> None:
