@@ -31,6 +31,7 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
     ("grad_gate", 11, 13), ("grad_mlp_norm_out", 12, 14), ("grad_attn_residual", 13, 15),
     ("grad_attn_out", 14, 16), ("grad_q", 15, 17), ("grad_k", 15, 17), ("grad_v", 15, 17),
     ("grad_q_accum_fp32", 15, 16),  # the flash backward accumulates dq in fp32
+    ("grad_kv_expanded", 15, 16),  # and with grouped-query attention computes dk, dv for every query head first
     ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
 ]
 _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
@@ -44,7 +45,8 @@ _LEVEL1_TILED = [  # the MLP through DeepSpeed's TiledMLP: it saves its input on
     ("mlp_tile@bwd", 9, 11), ("grad_attn_residual", 13, 15),
     ("q@bwd", 14, 16), ("k@bwd", 14, 16), ("v@bwd", 14, 16), ("attn_norm_out@bwd", 14, 17),
     ("grad_attn_out", 14, 16), ("grad_q", 15, 17), ("grad_k", 15, 17), ("grad_v", 15, 17),
-    ("grad_q_accum_fp32", 15, 16), ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
+    ("grad_q_accum_fp32", 15, 16), ("grad_kv_expanded", 15, 16), ("grad_attn_norm_out", 16, 18),
+    ("grad_layer_input", 17, 18),
 ]
 _REPLAYED = [("attn_out@bwd", _FORWARD_END, 16), ("attn_lse@bwd", _FORWARD_END, 16)]
 """A checkpointed layer (`checkpoint_layer`): its replayed forward makes every saved tensor again at the start of
@@ -89,6 +91,10 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
             size = hidden_bytes
         elif name == "grad_q_accum_fp32":
             size = per_token["q"] * 4 / layer.element_bytes
+        elif name == "grad_kv_expanded":
+            size = gqa_expanded_bytes_per_token(layer, per_token)
+            if not size:
+                continue
         else:
             size = hidden_bytes if name.split("@")[0] in _HIDDEN_SIZED else (
                 activation[base] if name in TOKEN_WISE or name.endswith("@bwd") else per_token[base])
@@ -97,6 +103,15 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
 
 
 _RESTORED = {f"{name}@bwd" for name in TOKEN_WISE}
+
+
+def gqa_expanded_bytes_per_token(layer: LayerCost, per_token: Dict[str, float]) -> float:
+    """FlashAttention's backward (PyTorch's `mha_bwd`, the kernel a GPU runs in half precision) with fewer key/value
+    heads than query heads writes dk and dv for every query head (two q-sized buffers) and sums them over each
+    group after, beside dq, its fp32 accumulator and the kv-sized dk, dv (level-1 events of their own). 0 without
+    grouped queries, and in fp32 (a CPU plan: no flash kernel)."""
+    grouped = per_token["k"] < per_token["q"] and layer.element_bytes == 2
+    return 2 * per_token["q"] if grouped else 0.0
 
 
 def _level1(layer: LayerCost, checkpoint: bool) -> List[tuple]:

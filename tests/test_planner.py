@@ -226,6 +226,28 @@ def test_a_keep_all_layer_block_holds_only_transients():
     assert not keeps_everything([LayerPlan(0, offload_skeletal=True)])
 
 
+@pytest.mark.parametrize("preset, precision, expanded", [("llama3-8b", "bf16", True), ("llama-7b", "bf16", False),
+                                                         ("llama3-8b", "fp32", False)])
+def test_the_attention_backward_holds_flash_attentions_per_query_head_dk_dv(preset, precision, expanded):
+    """PyTorch's FlashAttention backward (`mha_bwd`) with fewer key/value heads than query heads writes dk and dv for
+    every query head, then sums each group: two q-sized buffers beside dq's fp32 accumulator while the kernel runs
+    (a lent H200's 256K plan of Llama-3-8B peaked 7.85 GiB above a model without them). Not with as many key/value
+    heads as query heads (Llama-2), nor in an fp32 plan (no flash kernel)."""
+    from planner.cost_model import CostModel
+    from planner.schedule import layer_block_buffers
+
+    layer = CostModel(load_job_config(None, [f"model.preset={preset}", "data.seq_len=32768"]), load_profile("h200"),
+                      precision).layer()
+    buffers = {b.name: b for b in layer_block_buffers(layer)}
+    q = next(t.bytes_per_token for t in layer.tensors if t.name == "q") * layer.tokens
+    if not expanded:
+        assert "grad_kv_expanded" not in buffers
+        return
+    kv_expanded, accumulator = buffers["grad_kv_expanded"], buffers["grad_q_accum_fp32"]
+    assert kv_expanded.size_bytes == 2 * q and (kv_expanded.start, kv_expanded.end) == (15, 16)
+    assert (accumulator.start, accumulator.end) == (15, 16)  # both live while the kernel runs
+
+
 def test_swap_hidden_fraction_is_a_parameter_of_the_plan_not_a_global():
     """`longtrain bench --swap-hidden` calibrates it: copies that hide nothing make swapping pointless."""
     import planner.policy
