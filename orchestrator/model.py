@@ -61,7 +61,7 @@ def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     grad_weight = (grad_out32 * normed.type_as(x).float()).flatten(0, -2).sum(0)
     grad_normed = grad_out32 * weight.float()
     grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-    return grad_x.type_as(x), grad_weight.type_as(weight)
+    return grad_x.type_as(x), grad_weight  # fp32: `_RMSNormFunction` sums its row chunks' before rounding
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -70,12 +70,15 @@ class _RMSNormFunction(torch.autograd.Function):
 
     Why not plain autograd: the fp32 upcast would be saved by autograd (2x the bytes of a bf16 input, in every
     layer, twice); at 1M tokens that is gigabytes per layer. The backward recomputes the normalised input.
-    `kernels` (`RMSNorm.kernels`) computes both directions: these functions, or the same compiled.
+    `kernels` (`RMSNorm.kernels`) computes both directions: these functions, or the same compiled. Both run on
+    `NORM_CHUNK_ROWS` tokens at a time (`_by_rows`): their fp32 work (the upcast input and gradient, the normalised
+    rows and their products: about ten fp32 bytes a bf16 element at once, 25 GiB at 320K tokens x 4096 in one go)
+    is then one chunk's, and the planner's working set (the tensors in and out) is what exists.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, kernels, packed=None, *compact: torch.Tensor):
-        out, rstd = kernels.rms_norm_forward(x, weight, eps)
+        out, rstd = _by_rows(lambda rows: kernels.rms_norm_forward(rows[0], weight, eps), x)
         ctx.packed, ctx.kernels = packed, kernels
         if packed is None:
             ctx.save_for_backward(x, weight, rstd)
@@ -91,8 +94,37 @@ class _RMSNormFunction(torch.autograd.Function):
         else:
             weight, rstd, *compact = ctx.saved_tensors
             x = ctx.packed.restore_tensor(compact)
-        grad_x, grad_weight = ctx.kernels.rms_norm_backward(grad_out, x, weight, rstd)
-        return (grad_x, grad_weight, None, None, None) + (None,) * len(compact)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+
+        def chunk_backward(rows):
+            grad_rows, weight_part = ctx.kernels.rms_norm_backward(rows[0], rows[1], weight, rows[2])
+            grad_weight.add_(weight_part)
+            return (grad_rows,)
+
+        (grad_x,) = _by_rows(chunk_backward, grad_out, x, rstd)
+        return (grad_x, grad_weight.type_as(weight), None, None, None) + (None,) * len(compact)
+
+
+NORM_CHUNK_ROWS = 8192
+"""Tokens an RMSNorm forward or backward computes at once (`_RMSNormFunction`)."""
+
+
+def _by_rows(fn, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """`fn` on the tensors' rows (all but the last dim; equal row counts), `NORM_CHUNK_ROWS` at a time, its outputs
+    written into whole tensors of the first tensor's leading shape: each row's result is the unchunked one."""
+    lead = tensors[0].shape[:-1]
+    rows = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    count = rows[0].shape[0]
+    if count <= NORM_CHUNK_ROWS:
+        return fn(tensors)
+    outs = None
+    for start in range(0, count, NORM_CHUNK_ROWS):
+        parts = fn([r[start:start + NORM_CHUNK_ROWS] for r in rows])
+        if outs is None:
+            outs = [torch.empty((count, p.shape[-1]), dtype=p.dtype, device=p.device) for p in parts]
+        for out, part in zip(outs, parts):
+            out[start:start + part.shape[0]] = part
+    return tuple(out.view(*lead, out.shape[-1]) for out in outs)
 
 
 class EagerKernels:

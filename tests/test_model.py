@@ -101,3 +101,51 @@ def test_rmsnorm_gradients_match_plain_autograd(dtype):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     for mine, reference in zip(ours, run(plain)):
         torch.testing.assert_close(mine.float(), reference.float(), **tol)
+
+
+def _norm_step(rows_per_chunk: int, monkeypatch):
+    """One bf16 RMSNorm forward and backward over 2 x 200 tokens: output, input and weight gradients, and the most
+    bytes the backward's own tensors held at once (each storage an op makes, weakly held)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import orchestrator.model as model_module
+
+    class PeakBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made, self.peak = {}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    storage = tensor.untyped_storage()
+                    self.made[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            self.peak = max(self.peak, sum(n for ref, n in self.made.values() if not ref.expired()))
+            return out
+
+    monkeypatch.setattr(model_module, "NORM_CHUNK_ROWS", rows_per_chunk)
+    torch.manual_seed(0)
+    norm = model_module.RMSNorm(32, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 200, 32, dtype=torch.bfloat16, requires_grad=True)
+    out = norm(x)
+    tracker = PeakBytes()
+    with tracker:
+        out.backward(torch.randn_like(out))
+    return out, x.grad, norm.weight.grad, tracker.peak
+
+
+def test_rms_norm_computes_a_chunk_of_tokens_at_a_time(monkeypatch):
+    """Its fp32 work (the upcast input and gradient, the normalised rows, their products: about ten fp32 bytes a
+    bf16 element at once) is one chunk's: over the whole sequence the backward of one norm held 25 GiB at 320K
+    tokens x 4096 beside the tensors the planner counts. Each row is computed as unchunked (output and input
+    gradient bitwise); the weight gradient sums the chunks' in fp32."""
+    whole = _norm_step(10**9, monkeypatch)
+    chunked = _norm_step(64, monkeypatch)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    torch.testing.assert_close(chunked[2].float(), whole[2].float(), rtol=1e-2, atol=1e-2)
+    grad_x, chunk_work = 2 * 200 * 32 * 2, 12 * 64 * 32 * 4  # the bf16 input gradient; a chunk's fp32 work
+    assert chunked[3] <= grad_x + chunk_work < whole[3]
