@@ -17,6 +17,14 @@ from spec.config import ModelConfig, load_job_config
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files with `slow` tests (Ray and DeepSpeed runs) first, each file's tests kept together and in order: the
+    suite runs two files at a time (pytest-xdist, `--dist loadfile` in pyproject.toml), and a long file started last
+    would run alone while the other worker sits idle."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture
 def debug_model_config() -> ModelConfig:
     return load_job_config(None, []).model

@@ -173,6 +173,7 @@ def exact_curves(one_rank_group):
     return curves
 
 
+@pytest.mark.slow  # 100 DeepSpeed steps a seed, three seeds a case: the longest tests of the suite
 @pytest.mark.parametrize("overrides", [
     pytest.param(["compression.linear_inputs=int8"], id="mesa-int8"),
     pytest.param(["compression.silu=int4"], id="s2a-int4"),

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launch.cli import main
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.slow
 DASHBOARD = "http://127.0.0.1:8276"
 RUNS = Path(tempfile.mkdtemp(prefix="longtrain-test-jobs-"))
 """Run directories of the submitted jobs: an absolute path, as on a real cluster's shared storage."""
+CLUSTER_MARK = "LONGTRAIN_TEST_RAY_CLUSTER"
+"""Set in the environment of `ray start`: every process of the test cluster inherits it."""
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,8 @@ def ray_head(tmp_path_factory):
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     saved = {key: os.environ.get(key) for key in token}
     os.environ.update(token)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    mark = secrets.token_hex(8)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **{CLUSTER_MARK: mark})
     ray = str(Path(sys.executable).parent / "ray")
     # each node's dashboard agent on a port of its own: both default to 52365, and the head's agent, which takes the
     # jobs, fails to bind when the second node's (or another Ray's on this machine) got there first
@@ -43,13 +47,33 @@ def ray_head(tmp_path_factory):
                     "--dashboard-agent-listen-port=52482", "--disable-usage-stats"], check=True, env=env,
                    capture_output=True, timeout=180)
     yield DASHBOARD
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    _kill_cluster(mark)
     shutil.rmtree(RUNS, ignore_errors=True)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _kill_cluster(mark: str) -> None:
+    """Kill this cluster's processes only: those that inherited the mark and their children (the dashboard's
+    module processes, forked by a marked forkserver, read as unmarked). `ray stop` would kill every Ray on the
+    machine, other tests' private ones among them when tests run side by side."""
+    marked = {}
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(CLUSTER_MARK) == mark:
+                marked.update((p.pid, p) for p in [process, *process.children(recursive=True)])
+        except (psutil.Error, OSError):  # gone meanwhile, or another user's
+            continue
+    marked = list(marked.values())
+    for process in marked:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(marked, timeout=30)
 
 
 def _cli(capsys, *args):
