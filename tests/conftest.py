@@ -14,6 +14,10 @@ import torch.multiprocessing as mp
 
 from spec.config import ModelConfig, load_job_config
 
+os.environ.setdefault("RAY_worker_niceness", "0")
+"""Ray starts its workers at nice 15; beside a test computing in its own process (two files run at a time) a Ray
+run's workers then got ~5% of a core and stalled for minutes. Inherited by every Ray a test starts."""
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
 
 
