@@ -145,7 +145,7 @@ def _plan(decisions):
 
     plan = Plan.__new__(Plan)
     plan.layers = layer_plans(decisions)
-    plan.runtime_arena = {}
+    plan.runtime_arena, plan.predicted = {}, {}
     return plan
 
 
