@@ -27,10 +27,11 @@ CLUSTER_MARK = "LONGTRAIN_TEST_RAY_CLUSTER"
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head():
     """A two-node cluster on loopback (a head and a second Ray node, one CPU each, so a 2-worker job spans both),
     with Ray's token authentication on and a token of its own, which longtrain's Jobs client sends."""
-    temp = tmp_path_factory.mktemp("ray")
+    temp = tempfile.mkdtemp(prefix="lt-ray-")  # short: Ray's socket paths under it must stay within AF_UNIX's 107
+    # bytes, which pytest's own temporary folders (deeper with two processes: popen-gw0/) exceed
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     saved = {key: os.environ.get(key) for key in token}
     os.environ.update(token)
@@ -39,21 +40,24 @@ def ray_head(tmp_path_factory):
     ray = str(Path(sys.executable).parent / "ray")
     # each node's dashboard agent on a port of its own: both default to 52365, and the head's agent, which takes the
     # jobs, fails to bind when the second node's (or another Ray's on this machine) got there first
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
-                    "--dashboard-host=127.0.0.1", "--dashboard-port=8276", "--num-cpus=1",
-                    "--dashboard-agent-listen-port=52481", f"--temp-dir={temp}", "--disable-usage-stats"], check=True,
-                   env=env, capture_output=True, timeout=180)
-    subprocess.run([ray, "start", "--address=127.0.0.1:6391", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                    "--dashboard-agent-listen-port=52482", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=180)
-    yield DASHBOARD
-    _kill_cluster(mark)
-    shutil.rmtree(RUNS, ignore_errors=True)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
+                        "--dashboard-host=127.0.0.1", "--dashboard-port=8276", "--num-cpus=1",
+                        "--dashboard-agent-listen-port=52481", f"--temp-dir={temp}", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=180)
+        subprocess.run([ray, "start", "--address=127.0.0.1:6391", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                        "--dashboard-agent-listen-port=52482", "--disable-usage-stats"], check=True, env=env,
+                       capture_output=True, timeout=180)
+        yield DASHBOARD
+    finally:  # also when a start failed: no cluster and no token left behind for the process's later tests
+        _kill_cluster(mark)
+        shutil.rmtree(RUNS, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _kill_cluster(mark: str) -> None:
