@@ -9,6 +9,7 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+from spec.config.schema import ELEMENTWISE
 from spec.errors import LongtrainError
 
 EXIT_USER_ERROR = 2
@@ -112,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                                                          "behind, for the plans the bench makes (calibration)")
     bench.add_argument("--trace", action="store_true", help="print a torch.profiler summary of one step of each "
                                                              "longtrain row (where the time goes)")
-    bench.add_argument("--elementwise", choices=["eager", "compiled"], default="eager",
+    bench.add_argument("--elementwise", choices=ELEMENTWISE, default="eager",
                        help="the layers' RMSNorm, RoPE and SwiGLU: op by op, or fused by torch.compile "
                             "(train.elementwise)")
     bench.set_defaults(handler=_bench)

@@ -21,15 +21,11 @@ import logging
 from typing import Optional
 
 import torch
-
 import torch.nn.functional as F
 
-from orchestrator.model import MLP, Attention, EagerKernels, RMSNorm, apply_rope, rms_norm_backward, rms_norm_forward
+from orchestrator.model import MLP, Attention, RMSNorm, apply_rope, rms_norm_backward, rms_norm_forward
 
 log = logging.getLogger("longtrain.model")
-
-MODES = ("eager", "compiled")
-
 
 def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The gradient of `apply_rope` for its input: y = x cos + R(x) sin with R(x1, x2) = (-x2, x1), so
@@ -123,13 +119,3 @@ def install(model: torch.nn.Module, mode: str, device: torch.device,
     log.info("elementwise kernels: %s", summary)
     return summary
 
-
-def uninstall(model: torch.nn.Module) -> None:
-    """Back to eager (tests)."""
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.kernels = EagerKernels
-        elif isinstance(module, Attention):
-            module.rope = apply_rope
-        elif isinstance(module, MLP):
-            module.fused_swiglu = None

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from orchestrator.attention import DocumentLayout, document_attention, document_block_mask  # noqa: E402
+from orchestrator.attention_per_document import windows  # noqa: E402
 from orchestrator.model import DecoderLayer, rope_tables  # noqa: E402
 from spec.config import ModelConfig  # noqa: E402
 from spec.flops import attention_training_flops, layer_matmul_params  # noqa: E402
@@ -121,7 +122,7 @@ def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> 
     except Exception as error:  # noqa: BLE001 - a row that cannot run says why
         print(f"documents_varlen: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
     spans = np.cumsum([0] + list(layout.lengths[0]))
-    rows["documents_per_doc"] = (timed(run(lambda a, b, c: per_document_sdpa(a, b, c, spans)), repeats),
+    rows["documents_per_doc"] = (timed(run(lambda a, b, c: per_document_sdpa(a, b, c, layout.lengths[0])), repeats),
                                  document_flops)
     per_document = DocumentLayout(layout.lengths, layout.padding, kernel="per_document")
     model_layout = model_layout_tensors(seq, heads, kv_heads, dim)  # as the model's projections lay them out
@@ -164,14 +165,13 @@ def model_layout_tensors(seq: int, heads: int, kv_heads: int, dim: int):
     return make(heads), make(kv_heads), make(kv_heads), make(heads, False)
 
 
-def per_document_sdpa(q, k, v, spans, bucket: int = 0):
-    """Causal attention per document: one fused SDPA call on each document's slice (the causal row's kernel).
-    bucket > 0: each call's window is the document extended into the tokens after it up to a multiple of `bucket`
-    (where the sequence has them), so calls share a few shapes and cuDNN's compiled graphs; causal attention keeps
-    the document's rows blind to the extension, whose rows are dropped."""
-    seq, outputs = q.shape[2], []
-    for s, e in zip(spans[:-1], spans[1:]):
-        w = min(seq, s + -(-(e - s) // bucket) * bucket) if bucket else e
+def per_document_sdpa(q, k, v, lengths, bucket: int = 0):
+    """Causal attention per document: one fused SDPA call on each document's slice (the causal row's kernel), on
+    the windows `per_document` uses (`orchestrator.attention_per_document.windows`: bucket > 0 extends each into
+    the tokens after it, up to a multiple of `bucket`, so calls share a few shapes and cuDNN's compiled graphs;
+    causal attention keeps the document's rows blind to the extension, whose rows are dropped)."""
+    outputs = []
+    for s, e, w in windows(lengths, q.shape[2], bucket):
         out = F.scaled_dot_product_attention(q[:, :, s:w], k[:, :, s:w], v[:, :, s:w], is_causal=True,
                                              enable_gqa=True)
         outputs.append(out[:, :, :e - s])
@@ -194,9 +194,9 @@ def fresh_layout_rows(model: ModelConfig, seq: int, mean: int, seed: int, layout
         "documents": lambda lengths: document_attention(q, k, v, DocumentLayout([lengths], [0], kernel="flex")),
         "per_document_kernel": lambda lengths: document_attention(*laid[:3], DocumentLayout([lengths], [0],
                                                                                          kernel="per_document")),
-        "documents_per_doc": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths)),
-        "documents_per_doc_bucket1k": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths), 1024),
-        "documents_per_doc_bucket4k": lambda lengths: per_document_sdpa(q, k, v, np.cumsum([0] + lengths), 4096),
+        "documents_per_doc": lambda lengths: per_document_sdpa(q, k, v, lengths),
+        "documents_per_doc_bucket1k": lambda lengths: per_document_sdpa(q, k, v, lengths, 1024),
+        "documents_per_doc_bucket4k": lambda lengths: per_document_sdpa(q, k, v, lengths, 4096),
     }
     rows = {}
     for name, attend in kernels.items():
@@ -281,8 +281,8 @@ def markdown(result: dict, command: str) -> str:
         row = attention[name]
         lines.append(f"| {name} | {row['seconds'] * 1e3:.1f} | {row['tflops']:.0f} |")
     fresh = result.get("fresh_layouts", {})
-    lines += [f"| {name} over {len(row['seconds'])} new layouts | {sum(row['seconds']) * 1e3:.1f} | {row['tflops']:.0f} "
-              f"(last half {row['tflops_last_half']:.0f}) |" for name, row in fresh.items()]
+    lines += [f"| {name} over {len(row['seconds'])} new layouts | {sum(row['seconds']) * 1e3:.1f} | "
+              f"{row['tflops']:.0f} (last half {row['tflops_last_half']:.0f}) |" for name, row in fresh.items()]
     lines += [f"| mask_build | {attention['mask_build']['seconds'] * 1e3:.2f} | |", "",
               f"Causal SDPA's kernel: {attention.get('causal_backend', 'not recorded')}.", "",
               f"documents / causal TFLOP/s: **{ratio:.2f}x** (goal >= 0.85x)"] + [

@@ -74,7 +74,7 @@ class HostSlab:
         """A host tensor of this shape and dtype: a view into the slab, or, when the slab has no room left, a
         tensor of its own (pinned alike)."""
         storage = self.ready()
-        need = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        need = int(torch.Size(shape).numel()) * dtype.itemsize
         start = -(-self.offset // ALIGNMENT) * ALIGNMENT
         if start + need > self.nbytes:
             self.fallback_bytes += need
