@@ -115,6 +115,11 @@ def _prepare_documents(job: JobConfig) -> None:
     if job.data.packs_documents and job.data.document_attention == "flex" and not uses_cuda(job.cluster):
         raise ConfigError("data.document_attention=flex needs CUDA workers (FlexAttention has no CPU backward); use "
                           "data.document_attention=auto or sdpa_mask on CPU")
+    if (job.data.packs_documents and job.data.document_attention == "per_document" and uses_cuda(job.cluster)
+            and job.train.precision == "fp32"):
+        raise ConfigError("data.document_attention=per_document runs cuDNN's attention on CUDA workers, which takes "
+                          "bf16 or fp16, not train.precision=fp32; use train.precision=bf16 or "
+                          "data.document_attention=flex")
     prepared = ensure_prepared(job)
     print(prepared.report(job) if prepared.created else
           f"data       {prepared.directory} (prepared earlier: {prepared.summary['documents']:,} documents, "

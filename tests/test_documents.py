@@ -253,6 +253,20 @@ def test_token_elimination_with_packed_documents_is_refused_at_load():
     assert job.data.packs_documents and not load_job_config().data.packs_documents
 
 
+@pytest.mark.parametrize("kernel,overrides,words", [
+    ("flex", ["cluster.use_gpu=false"], "flex needs CUDA workers"),
+    ("per_document", ["cluster.use_gpu=true", "train.precision=fp32"], "takes bf16 or fp16, not train.precision=fp32"),
+])
+def test_a_kernel_the_workers_cannot_run_is_refused_before_preparing(kernel, overrides, words, tmp_path):
+    from launch.preflight import _prepare_documents
+
+    job = load_job_config(None, ["data.source=jsonl", f"data.path={tmp_path / 'x.jsonl'}", "data.tokenizer=t.json",
+                                 f"data.document_attention={kernel}", *overrides])
+    with pytest.raises(ConfigError, match=words):
+        _prepare_documents(job)
+    assert not any(tmp_path.iterdir())  # refused before anything was prepared
+
+
 def test_the_planner_counts_the_attention_of_the_documents(tmp_path):
     import json
 
