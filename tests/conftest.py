@@ -11,6 +11,8 @@ from typing import Any, Callable, List
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from spec.config import ModelConfig, load_job_config
 
@@ -114,3 +116,25 @@ def mount_tmpfs(path: Path, size: str) -> None:
                              text=True)
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+
+
+class StorageTracker(TorchDispatchMode):
+    """A dispatch mode that records every storage an op makes while active, held weakly: `live_bytes()` are those
+    still alive now, `peak` the most alive after any op (what a memory test compares with a plan)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr():
+                storage = tensor.untyped_storage()
+                self.made[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, self.live_bytes())
+        return out
+
+    def live_bytes(self) -> int:
+        return sum(nbytes for ref, nbytes in self.made.values() if not ref.expired())

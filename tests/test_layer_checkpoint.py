@@ -7,15 +7,13 @@ import gc
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from orchestrator.lora import apply_lora
 from orchestrator.memory import apply_plan, tiled_mlp, tokenwise
 from orchestrator.model import MLP, Attention, LlamaModel
 from spec.config import load_job_config
 from spec.plan import LayerPlan, Plan, PlanError, check_plan_composes
-from tests.conftest import loss_and_grads
+from tests.conftest import StorageTracker, loss_and_grads
 
 SHAPE = ["model.num_layers=3", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
          "model.intermediate_size=160", "model.vocab_size=256", "data.seq_len=128"]
@@ -150,25 +148,6 @@ def test_a_replayed_layers_host_input_is_fetched_when_its_backward_starts(monkey
     assert not runtime.pending
 
 
-class _MadeStorages(TorchDispatchMode):
-    """Every storage an op makes while active, held weakly: the bytes still alive at any moment."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr():
-                storage = tensor.untyped_storage()
-                self.made[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-        return out
-
-    def live_bytes(self) -> int:
-        return sum(nbytes for ref, nbytes in self.made.values() if not ref.expired())
-
-
 @pytest.mark.parametrize("input_on_host", [False, True])
 def test_a_replayed_layer_frees_its_tensors_when_its_backward_ends(input_on_host, monkeypatch):
     """By reference counting, not by Python's cyclic collector: the replay's hooks once held their own capture list
@@ -180,7 +159,7 @@ def test_a_replayed_layer_frees_its_tensors_when_its_backward_ends(input_on_host
     inputs, targets = _batch()
     _apply(model, [checkpointed(i, input_on_host) for i in range(4)])
     loss_and_grads(model, inputs, targets)  # the host pool's buffers are made in the first step
-    tracker, at_replay, replayed = _MadeStorages(), [], tokenwise._replayed
+    tracker, at_replay, replayed = StorageTracker(), [], tokenwise._replayed
 
     def replay_and_count(runtime, record, index):
         if record.replayed is None:  # activations alive: less the weight gradients of the layers done

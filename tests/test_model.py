@@ -10,6 +10,7 @@ from spec.config import MODEL_PRESETS, ModelConfig
 from spec.flops import parameter_count
 from orchestrator.model import (Attention, EagerKernels, LlamaModel, _RMSNormFunction, apply_rope, count_parameters,
                                 rope_tables)
+from tests.conftest import StorageTracker
 
 PUBLISHED_PARAMETER_COUNTS = {"llama-7b": 6_738_415_616, "llama3-8b": 8_030_261_248, "llama-1b": 1_235_814_400}
 
@@ -106,24 +107,7 @@ def test_rmsnorm_gradients_match_plain_autograd(dtype):
 def _norm_step(rows_per_chunk: int, monkeypatch):
     """One bf16 RMSNorm forward and backward over 2 x 200 tokens: output, input and weight gradients, and the most
     bytes the backward's own tensors held at once (each storage an op makes, weakly held)."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import orchestrator.model as model_module
-
-    class PeakBytes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.made, self.peak = {}, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for tensor in torch.utils._pytree.tree_leaves(out):
-                if isinstance(tensor, torch.Tensor):
-                    storage = tensor.untyped_storage()
-                    self.made[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-            self.peak = max(self.peak, sum(n for ref, n in self.made.values() if not ref.expired()))
-            return out
 
     monkeypatch.setattr(model_module, "NORM_CHUNK_ROWS", rows_per_chunk)
     torch.manual_seed(0)
@@ -132,7 +116,7 @@ def _norm_step(rows_per_chunk: int, monkeypatch):
         norm.weight.normal_()
     x = torch.randn(2, 200, 32, dtype=torch.bfloat16, requires_grad=True)
     out = norm(x)
-    tracker = PeakBytes()
+    tracker = StorageTracker()
     with tracker:
         out.backward(torch.randn_like(out))
     return out, x.grad, norm.weight.grad, tracker.peak
