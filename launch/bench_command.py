@@ -12,7 +12,7 @@ from spec.errors import LongtrainError
 def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeats: int, out: Optional[str],
                       profile_name: Optional[str], plan_fraction: Optional[float] = None, trace: bool = False,
                       policy: Optional[str] = None, swap_hidden: Optional[float] = None,
-                      elementwise: str = "eager") -> int:
+                      elementwise: str = "eager", attention_kernel: str = "sdpa") -> int:
     import torch
 
     from launch.measure.bench import MODES, BenchOptions, longest_trained, run_bench
@@ -27,11 +27,13 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
     profile = load_profile(profile_name or detect_profile_name(torch.cuda.get_device_name()))
     check_writable_dir(out or "profiles/runs", "--out")
     stem = Path(out or "profiles/runs") / (f"{profile.name}_{time.strftime('%Y-%m-%d')}_bench-{layers}l"
-                                           + ("" if elementwise == "eager" else f"-{elementwise}"))
+                                           + ("" if elementwise == "eager" else f"-{elementwise}")
+                                           + ("" if attention_kernel == "sdpa" else f"-{attention_kernel}"))
     stem.parent.mkdir(parents=True, exist_ok=True)
     options = BenchOptions(plan_fraction=plan_fraction, swap_hidden_fraction=swap_hidden,
                            hand_policy=parse_policy(policy) if policy else None, trace=trace,
-                           trace_dir=str(stem.parent) if trace else None, elementwise=elementwise)
+                           trace_dir=str(stem.parent) if trace else None, elementwise=elementwise,
+                           attention_kernel=attention_kernel)
     device = torch.cuda.get_device_name()
     print(f"longtrain bench: {layers} Llama-7B-shaped layers on {device} (profile {profile.name}), "
           f"seq_len {seq_lens}, {repeats} timed steps per row after one warm-up")
@@ -46,7 +48,8 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
                        + (f" --policy {policy}" if policy else "")
                        + (f" --swap-hidden {swap_hidden}" if swap_hidden is not None else "")
                        + (" --trace" if trace else "")
-                       + (f" --elementwise {elementwise}" if elementwise != "eager" else "")}
+                       + (f" --elementwise {elementwise}" if elementwise != "eager" else "")
+                       + (f" --attention-kernel {attention_kernel}" if attention_kernel != "sdpa" else "")}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(markdown(meta, rows) + f"\nLongest sequence trained: {longest}\n")
     plot(rows, stem.with_suffix(".png"), meta)

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from spec.config.schema import ELEMENTWISE
+from spec.config.schema import ATTENTION_KERNELS, ELEMENTWISE
 from spec.errors import LongtrainError
 
 EXIT_USER_ERROR = 2
@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--elementwise", choices=ELEMENTWISE, default="eager",
                        help="the layers' RMSNorm, RoPE and SwiGLU: op by op, or fused by torch.compile "
                             "(train.elementwise)")
+    bench.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="sdpa",
+                       help="the layers' causal attention: PyTorch SDPA, or FlashAttention-4 (the flash-attn-4 "
+                            "package) (train.attention_kernel)")
     bench.set_defaults(handler=_bench)
     predictors = _command(commands, "train-predictors", help="fit token elimination's block-score predictors",
                           description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "
@@ -346,7 +349,7 @@ def _bench(args: argparse.Namespace) -> int:
                              "32768,65536") from error
     return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
                              args.plan_fraction, args.trace, args.policy,
-                             args.swap_hidden, args.elementwise)
+                             args.swap_hidden, args.elementwise, args.attention_kernel)
 
 
 def _prepare_data(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ def check_job(job: JobConfig) -> None:
     _check_profile(job)
     _check_plan(job)
     _check_activation_checkpointing(job)
+    _check_attention_kernel(job)
     _check_predictors(job)
     _check_deepspeed_extra(job)
     check_whole_job(job)  # host memory for the plan and the offload, CPU Adam, peft
@@ -60,6 +61,22 @@ def _check_activation_checkpointing(job: JobConfig) -> None:
     from orchestrator.memory.ds_checkpointing import check_supported
 
     check_supported(job.train.activation_checkpointing, uses_cuda(job.cluster))
+
+
+def _check_attention_kernel(job: JobConfig) -> None:
+    """FlashAttention-4 (train.attention_kernel=fa4, data.document_attention=varlen) runs on CUDA in bf16/fp16 only;
+    whether its package is installed is the workers' to say (a cluster's may differ from the driver's)."""
+    uses_fa4 = [key for key, on in (("train.attention_kernel=fa4", job.train.attention_kernel == "fa4"),
+                                    ("data.document_attention=varlen", job.data.packs_documents
+                                     and job.data.document_attention == "varlen")) if on]
+    if not uses_fa4:
+        return
+    if not uses_cuda(job.cluster):
+        raise ConfigError(f"{uses_fa4[0]} runs FlashAttention-4, which needs CUDA workers (Hopper or Blackwell); use "
+                          "train.attention_kernel=sdpa and data.document_attention=auto on CPU")
+    if job.train.precision == "fp32":
+        raise ConfigError(f"{uses_fa4[0]} runs FlashAttention-4, which takes bf16 or fp16, not train.precision=fp32; "
+                          "use train.precision=bf16 or train.attention_kernel=sdpa")
 
 
 def _check_predictors(job: JobConfig) -> None:

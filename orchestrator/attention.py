@@ -9,7 +9,8 @@ so elsewhere (tests, the debug model) SDPA runs with a dense S x S boolean mask:
 
 A third kernel, `per_document` (`orchestrator/attention_per_document.py`), runs the causal kernel itself (cuDNN's on a
 GPU) once per document: faster than FlexAttention where documents are long, far slower where they are short; it is
-chosen by name until measured in training (`auto` keeps flex on CUDA).
+chosen by name. A fourth, `varlen`, is FlashAttention-4's variable-length kernel (`orchestrator/attention_fa4.py`):
+every document in one call, faster than both on an H200; `auto` picks it where train.attention_kernel=fa4.
 
 All see the whole sequence: without sequence parallelism the rank holds it; with Ulysses each rank's head group
 has the whole sequence after the all-to-all, so one layout (built from the whole sequence's document lengths)
@@ -22,9 +23,11 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from orchestrator import attention_fa4
 from orchestrator.attention_per_document import per_document_attention
+from spec.errors import ConfigError
 
-KERNELS = ("flex", "sdpa_mask", "per_document")
+KERNELS = ("flex", "sdpa_mask", "per_document", "varlen")
 FLEX_BLOCK = 128
 """FlexAttention's tile (its default): the block mask's granularity."""
 
@@ -37,7 +40,8 @@ class DocumentLayout:
     lengths: List[List[int]]
     padding: List[int]
     kernel: str = "auto"
-    """flex, sdpa_mask, per_document, or auto: flex on CUDA, sdpa_mask elsewhere."""
+    """flex, sdpa_mask, per_document, varlen, or auto: varlen where the causal kernel is fa4, else flex on CUDA,
+    sdpa_mask elsewhere."""
     _cache: Dict[Tuple[str, str], object] = field(default_factory=dict, repr=False)
     """Masks built once per device and shared by every layer of the forward (and its backward)."""
 
@@ -77,18 +81,50 @@ class DocumentLayout:
             self._cache[key] = document_block_mask(self.segment_ids(device))
         return self._cache[key]
 
-    def kernel_for(self, device: torch.device) -> str:
+    def cumulative_lengths(self, device) -> torch.Tensor:
+        """int32 running sums of every segment over all rows in order (0 first): the varlen kernel's boundaries."""
+        key = ("cumulative", str(device))
+        if key not in self._cache:
+            every = [n for row in self.lengths for n in row]
+            self._cache[key] = torch.cumsum(torch.tensor([0] + every), 0).to(device=device, dtype=torch.int32)
+        return self._cache[key]
+
+    def kernel_for(self, device: torch.device, causal_kernel: str = "sdpa") -> str:
         if self.kernel != "auto":
             return self.kernel
-        return "flex" if device.type == "cuda" else "sdpa_mask"
+        if device.type != "cuda":
+            return "sdpa_mask"
+        return "varlen" if causal_kernel == "fa4" else "flex"
 
 
-def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+def install(model, kernel: str, uses_varlen: bool, device: torch.device, dtype: torch.dtype) -> None:
+    """Every layer's causal kernel (train.attention_kernel). FlashAttention-4 where it cannot run (no package, an older
+    GPU) is one line before the first step, not an error inside it."""
+    if kernel == "fa4" or uses_varlen:
+        reason = attention_fa4.unavailable(device, dtype)
+        if reason is not None:
+            key = "train.attention_kernel=fa4" if kernel == "fa4" else "data.document_attention=varlen"
+            raise ConfigError(f"{key}: {reason}; or train.attention_kernel=sdpa and data.document_attention=auto")
+    for layer in model.layers:
+        layer.attn.kernel = kernel
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+    """Causal attention over whole sequences (train.attention_kernel): q [B, H, S, D], k and v [B, Hkv, S, D]."""
+    if kernel == "fa4":
+        return attention_fa4.causal_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
+                       causal_kernel: str = "sdpa") -> torch.Tensor:
     """Causal attention within documents: q [B, H, S, D], k and v [B, Hkv, S, D] (whole sequences) -> [B, H, S, D]."""
     grouped = q.shape[1] != k.shape[1]
-    kernel = layout.kernel_for(q.device)
+    kernel = layout.kernel_for(q.device, causal_kernel)
     if kernel == "per_document":
         return per_document_attention(q, k, v, layout.lengths)
+    if kernel == "varlen":
+        return attention_fa4.document_attention(q, k, v, layout.lengths, layout.cumulative_lengths(q.device))
     if kernel == "flex":
         if not q.is_cuda:
             raise RuntimeError("data.document_attention=flex needs CUDA (FlexAttention has no CPU backward); use "

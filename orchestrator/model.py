@@ -41,7 +41,7 @@ from torch import nn
 
 from spec import activations as role
 from spec.config import ModelConfig
-from orchestrator.attention import document_attention
+from orchestrator.attention import causal_attention, document_attention
 from orchestrator.loss import segmented_cross_entropy
 from orchestrator.rope import inverse_frequencies
 
@@ -230,6 +230,9 @@ class Attention(nn.Module):
         None: causal attention over the whole sequence."""
         self.rope = apply_rope
         """Slot: rotates q and k (`orchestrator.elementwise`: a fused kernel with its own backward)."""
+        self.kernel = "sdpa"
+        """train.attention_kernel: sdpa (PyTorch's fused kernels: cuDNN's or FlashAttention-2 on a GPU) or fa4
+        (`orchestrator.attention_fa4`); packed documents' kernel follows it where data.document_attention=auto."""
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B, H, S, D], k and v [B, Hkv, S, D], RoPE applied: per token, so any token slice recomputes alone."""
@@ -244,8 +247,8 @@ class Attention(nn.Module):
         if self.sequence_parallel is not None:
             return self.sequence_parallel(q, k, v, documents=self.documents)
         if self.documents is not None:
-            return document_attention(q, k, v, self.documents)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+            return document_attention(q, k, v, self.documents, self.kernel)
+        return causal_attention(q, k, v, self.kernel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         out = self.attend(*self.project(x, cos, sin))

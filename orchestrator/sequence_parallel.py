@@ -25,10 +25,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from orchestrator.attention import document_attention
+from orchestrator.attention import causal_attention, document_attention
 from spec.parallel import ParallelDims
 
 HEADS, SEQUENCE, BATCH = 2, 1, 0
@@ -62,27 +61,25 @@ def install(model, group: dist.ProcessGroup, split_layers) -> None:
     for index, layer in enumerate(model.layers):
         attention = layer.attn
         if index in split_layers:
-            attention.sequence_parallel = LocalShardAttention(group, attention.num_heads, attention.num_kv_heads)
+            attention.sequence_parallel = LocalShardAttention(group, attention.kernel)
         else:
-            inner = DistributedAttention(_LocalAttention(attention.num_heads != attention.num_kv_heads), group,
+            inner = DistributedAttention(_LocalAttention(attention.kernel), group,
                                          scatter_idx=HEADS, gather_idx=SEQUENCE)
             attention.sequence_parallel = _HeadMajor(inner)
 
 
 class _LocalAttention(torch.nn.Module):
-    """Causal attention on [B, S, H, D] tensors (DeepSpeed's layout) through SDPA's [B, H, S, D]."""
+    """Causal attention on [B, S, H, D] tensors (DeepSpeed's layout) through our [B, H, S, D] contract."""
 
-    def __init__(self, grouped: bool):
+    def __init__(self, kernel: str):
         super().__init__()
-        self.grouped = grouped
+        self.kernel = kernel
 
     def forward(self, q, k, v, documents=None):
+        heads_major = [t.transpose(1, 2) for t in (q, k, v)]
         if documents is not None:
-            out = document_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
-            return out.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=self.grouped)
-        return out.transpose(1, 2)
+            return document_attention(*heads_major, documents, self.kernel).transpose(1, 2)
+        return causal_attention(*heads_major, self.kernel).transpose(1, 2)
 
 
 class _HeadMajor:
@@ -101,12 +98,11 @@ class _HeadMajor:
 class LocalShardAttention:
     """Ulysses attention that saves only this rank's token shard (see the module docstring)."""
 
-    def __init__(self, group: dist.ProcessGroup, num_heads: int, num_kv_heads: int):
-        self.group = group
-        self.grouped = num_heads != num_kv_heads
+    def __init__(self, group: dist.ProcessGroup, kernel: str):
+        self.group, self.kernel = group, kernel
 
     def __call__(self, q, k, v, documents=None):
-        return _LocalShardFunction.apply(q, k, v, self.group, self.grouped, documents)
+        return _LocalShardFunction.apply(q, k, v, self.group, self.kernel, documents)
 
 
 def _to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -160,18 +156,18 @@ class _Regathered:
 
 
 class _LocalShardFunction(torch.autograd.Function):
-    """Exchange, SDPA (whatever kernel it picks for the plain model), exchange back; SDPA's autograd node is kept
+    """Exchange, the model's attention kernel (train.attention_kernel), exchange back; its autograd node is kept
     (`ctx.inner`) with its large saved tensors replaced by names (`_Regathered`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, grouped, documents=None):
+    def forward(ctx, q, k, v, group, kernel, documents=None):
         leaves = [_to_heads(t, group).detach().requires_grad_() for t in (q, k, v)]
         regathered = _Regathered()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(regathered.pack, regathered.unpack):
             if documents is None:
-                out_heads = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=grouped)
+                out_heads = causal_attention(*leaves, kernel)
             else:
-                out_heads = document_attention(*leaves, documents)
+                out_heads = document_attention(*leaves, documents, kernel)
         regathered.name(q=leaves[0], k=leaves[1], v=leaves[2], out=out_heads)
         out = _to_tokens(out_heads.detach(), group)
         out_heads.untyped_storage().resize_(0)  # autograd below needs its node and shape only, not its data

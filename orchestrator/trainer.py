@@ -19,7 +19,7 @@ from spec.config import JobConfig
 from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
 from orchestrator import sequence_parallel
-from orchestrator import elementwise
+from orchestrator import attention, elementwise
 from orchestrator.memory import apply_plan, compressed
 from orchestrator.metrics import StepMeter
 from orchestrator.nonfinite import step_is_usable
@@ -64,6 +64,10 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     plan = checked_plan(job, profile, precision)
     memory = apply_plan(model, plan, job.compression, job.token_elim, job.train)
     elementwise.install(model, job.train.elementwise, torch.device("cuda" if use_cuda else "cpu"))
+    attention.install(model, job.train.attention_kernel,
+                      job.data.packs_documents and job.data.document_attention == "varlen",
+                      torch.device("cuda" if use_cuda else "cpu"),
+                      torch.bfloat16 if precision == "bf16" else torch.float32)
     if sp_group is not None:
         sequence_parallel.install(model, sp_group, split_layers=memory.split_layers)
     engine, _, _, scheduler = initialize_engine(model, ds_config, job.train.offload)

@@ -6,9 +6,11 @@ sigma 1, seeded; the last document cut to fill the sequence exactly, so both run
 is the median of --repeats timed runs after a warm-up (which includes FlexAttention's compilation):
 
   attention alone, forward + backward of q [1, 32, S, 128], k and v [1, 8, S, 128]:
-    causal          SDPA with is_causal (the flash / cuDNN kernel every causal layer runs), on its own FLOPs
-    documents       longtrain's path (orchestrator.attention: FlexAttention compiled, block mask built from the
-                    document boundaries), on the FLOPs the documents need (sum of length^2, halved)
+    causal          the causal kernel every layer runs (--causal-kernel: sdpa, cuDNN's on an H200; or fa4), on its
+                    own FLOPs, q/k/v laid out as the model's projections make them
+    documents       longtrain's path with --kernel (flex: FlexAttention compiled, block mask built from the document
+                    boundaries; per_document; varlen: FlashAttention-4's variable-length kernel), on the FLOPs the
+                    documents need (sum of length^2, halved); --no-candidates times only these two (and the stack)
     causal_flex     FlexAttention with a causal block mask: the same kernel without documents
     documents_varlen  for comparison: SDPA on nested (jagged) tensors, FlashAttention's varlen kernel, k and v
                     heads repeated (not what longtrain runs)
@@ -24,8 +26,8 @@ is the median of --repeats timed runs after a warm-up (which includes FlexAttent
                     compiles per shape (cuDNN builds a graph per sequence length) pays for it
     mask_build      building the documents' block mask (once per micro-batch, shared by every layer)
   the layer stack, forward + backward on the same tokens (no embedding, no LM head):
-    causal          positions 0..S-1, SDPA causal
-    documents       per-document positions and the document mask (the path `longtrain train` runs)
+    causal          positions 0..S-1, the causal kernel
+    documents       per-document positions and the documents kernel (the path `longtrain train` runs)
 
 TFLOP/s count model FLOPs (spec.flops' convention: causal attention halved; documents: summed over documents).
 Goal (issue 17): documents' attention TFLOP/s >= 0.85 x causal's; the stack's step time on the same tokens shows
@@ -53,7 +55,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from orchestrator.attention import DocumentLayout, document_attention, document_block_mask  # noqa: E402
+from orchestrator.attention import (DocumentLayout, causal_attention, document_attention,  # noqa: E402
+                                    document_block_mask)
 from orchestrator.attention_per_document import windows  # noqa: E402
 from orchestrator.model import DecoderLayer, rope_tables  # noqa: E402
 from spec.config import ModelConfig  # noqa: E402
@@ -88,7 +91,8 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> dict:
+def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int, causal_kernel: str = "sdpa",
+                   candidates: bool = True) -> dict:
     from torch.nn.attention.flex_attention import flex_attention
 
     seq, heads, kv_heads, dim = layout.seq_len, model.num_heads, model.num_kv_heads, model.head_dim
@@ -106,16 +110,23 @@ def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> 
             torch.autograd.grad(out, (q, k, v), grad)
         return step
 
+    model_layout = model_layout_tensors(seq, heads, kv_heads, dim)  # as the model's projections lay them out
+
+    def run_model_layout(attend):
+        return lambda: torch.autograd.grad(attend(*model_layout[:3]), model_layout[:3], model_layout[3])
+
+    rows = {
+        "causal": (timed(run_model_layout(lambda a, b, c: causal_attention(a, b, c, causal_kernel)), repeats),
+                   causal_flops),
+        "documents": (timed(run_model_layout(lambda a, b, c: document_attention(a, b, c, layout, causal_kernel)),
+                            repeats), document_flops),
+    }
+    if not candidates:
+        return _attention_result(rows, layout, repeats, "not recorded")
     causal_mask = document_block_mask(torch.zeros(1, seq, dtype=torch.int32, device="cuda"))  # one segment
     compiled = torch.compile(flex_attention, dynamic=False)
-    rows = {
-        "causal": (timed(run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True,
-                                                                                enable_gqa=True)), repeats),
-                   causal_flops),
-        "documents": (timed(run(lambda a, b, c: document_attention(a, b, c, layout)), repeats), document_flops),
-        "causal_flex": (timed(run(lambda a, b, c: compiled(a, b, c, block_mask=causal_mask, enable_gqa=True)),
-                              repeats), causal_flops),
-    }
+    rows["causal_flex"] = (timed(run(lambda a, b, c: compiled(a, b, c, block_mask=causal_mask, enable_gqa=True)),
+                                 repeats), causal_flops)
     try:  # another maintained kernel: flash varlen through SDPA on nested (jagged) tensors, for comparison
         rows["documents_varlen"] = (timed(run(lambda a, b, c: varlen_attention(a, b, c, layout.lengths[0])),
                                           repeats), document_flops)
@@ -125,10 +136,8 @@ def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> 
     rows["documents_per_doc"] = (timed(run(lambda a, b, c: per_document_sdpa(a, b, c, layout.lengths[0])), repeats),
                                  document_flops)
     per_document = DocumentLayout(layout.lengths, layout.padding, kernel="per_document")
-    model_layout = model_layout_tensors(seq, heads, kv_heads, dim)  # as the model's projections lay them out
-    rows["per_document_kernel"] = (timed(lambda: torch.autograd.grad(
-        document_attention(*model_layout[:3], per_document), model_layout[:3], model_layout[3]), repeats),
-        document_flops)
+    rows["per_document_kernel"] = (timed(run_model_layout(lambda a, b, c: document_attention(a, b, c, per_document)),
+                                         repeats), document_flops)
     try:
         from torch.nn.attention.varlen import varlen_attn
 
@@ -150,6 +159,10 @@ def attention_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> 
     except Exception as error:  # noqa: BLE001 - a private torch function
         backend = f"unknown ({type(error).__name__})"
     print(f"causal SDPA backend: {backend}")
+    return _attention_result(rows, layout, repeats, backend)
+
+
+def _attention_result(rows: dict, layout: DocumentLayout, repeats: int, backend: str) -> dict:
     build = timed(lambda: DocumentLayout(layout.lengths, layout.padding).block_mask("cuda"), repeats)
     result = {name: {"seconds": s, "tflops": f / s / 1e12, "flops": f} for name, (s, f) in rows.items()}
     result["mask_build"] = {"seconds": build}
@@ -232,9 +245,11 @@ def varlen_attention(q, k, v, lengths):
     return out.transpose(1, 2).values().transpose(0, 1)[None]
 
 
-def stack_rows(model: ModelConfig, layout: DocumentLayout, repeats: int) -> dict:
+def stack_rows(model: ModelConfig, layout: DocumentLayout, repeats: int, causal_kernel: str = "sdpa") -> dict:
     torch.manual_seed(0)
     layers = torch.nn.ModuleList(DecoderLayer(model) for _ in range(model.num_layers)).cuda().to(torch.bfloat16)
+    for layer in layers:
+        layer.attn.kernel = causal_kernel
     seq = layout.seq_len
     x = torch.randn(1, seq, model.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
@@ -272,7 +287,8 @@ def markdown(result: dict, command: str) -> str:
              f"Command: `{command}`", "",
              f"Llama-3-8B-shaped layers ({meta['layers']} in the stack), bf16, {meta['seq_len']:,} tokens packed from "
              f"{meta['documents']} documents (log-normal, mean {meta['mean_doc']:,}, seed {meta['seed']}); attention "
-             f"the documents need: {meta['attention_share']:.1%} of causal. torch {meta['torch']}.", "",
+             f"the documents need: {meta['attention_share']:.1%} of causal. torch {meta['torch']}. Kernels: causal "
+             f"{meta.get('causal_kernel', 'sdpa')}, documents {meta.get('kernel', 'flex')}.", "",
              "| attention fwd+bwd | ms | TFLOP/s (on its own FLOPs) |", "| --- | ---: | ---: |"]
     for name in ("causal", "documents", "causal_flex", "documents_varlen", "documents_per_doc",
                  "per_document_kernel", "documents_varlen_attn"):
@@ -309,29 +325,38 @@ def main() -> None:
     parser.add_argument("--attention-only", action="store_true", help="skip the layer stack's rows")
     parser.add_argument("--fresh-layouts", type=int, default=0,
                         help="also time each kernel over this many new layouts (new lengths every call)")
+    parser.add_argument("--kernel", choices=("flex", "per_document", "varlen"), default="flex",
+                        help="the documents rows' kernel (data.document_attention)")
+    parser.add_argument("--causal-kernel", choices=("sdpa", "fa4"), default="sdpa",
+                        help="the causal rows' kernel (train.attention_kernel)")
+    parser.add_argument("--no-candidates", action="store_true",
+                        help="time only the causal and documents rows (no candidate kernels)")
     parser.add_argument("--out", default="profiles/runs")
     args = parser.parse_args()
     if args.quick:
         args.seq_len, args.layers, args.repeats, args.mean_doc = 16384, 2, 2, 2048
     model = ModelConfig(**{**LLAMA3_8B, "num_layers": args.layers})
     lengths = document_lengths(args.seq_len, args.mean_doc, args.seed)
-    layout = DocumentLayout([lengths], [0], kernel="flex")
+    layout = DocumentLayout([lengths], [0], kernel=args.kernel)
     gpu = torch.cuda.get_device_name()
     meta = {"gpu": gpu, "date": date.today().isoformat(), "torch": torch.__version__, "seq_len": args.seq_len,
             "layers": args.layers, "mean_doc": args.mean_doc, "seed": args.seed, "documents": len(lengths),
             "document_lengths": lengths, "attention_share": layout.sum_squared_lengths() / args.seq_len**2,
-            "repeats": args.repeats}
-    result = {"meta": meta, "attention": attention_rows(model, layout, args.repeats)}
+            "repeats": args.repeats, "kernel": args.kernel, "causal_kernel": args.causal_kernel}
+    result = {"meta": meta, "attention": attention_rows(model, layout, args.repeats, args.causal_kernel,
+                                                        not args.no_candidates)}
     torch.cuda.empty_cache()
     if args.fresh_layouts:
         result["fresh_layouts"] = fresh_layout_rows(model, args.seq_len, args.mean_doc, args.seed, args.fresh_layouts)
-    result["stack"] = {} if args.attention_only else stack_rows(model, layout, args.repeats)
+    result["stack"] = {} if args.attention_only else stack_rows(model, layout, args.repeats, args.causal_kernel)
     command = "python docs/probes/document_masking_gpu.py " + " ".join(sys.argv[1:])
     result["command"] = command
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"{gpu.split()[-1].lower()}_{meta['date']}_document_masking" + ("_quick" if args.quick else "")
-            + ("" if args.mean_doc == 16384 else f"_mean{args.mean_doc // 1024}k"))
+            + ("" if args.mean_doc == 16384 else f"_mean{args.mean_doc // 1024}k")
+            + ("" if args.kernel == "flex" else f"_{args.kernel}")
+            + ("" if args.causal_kernel == "sdpa" else f"_{args.causal_kernel}"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result, command))
     print(markdown(result, command))

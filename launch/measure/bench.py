@@ -37,7 +37,7 @@ from spec.config import JobConfig
 from orchestrator.memory.ds_checkpointing import deepspeed_layer_runner
 from launch.measure.calibration import bench_job, not_in_bench_bytes
 from orchestrator.memory import tokenwise
-from orchestrator import elementwise
+from orchestrator import attention, elementwise
 from orchestrator.model import DecoderLayer, rope_tables
 from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 from spec.hardware import HardwareProfile
@@ -107,6 +107,12 @@ class BenchOptions:
     """Where `--trace` keeps each traced step's Chrome trace (gzip), next to the report."""
     elementwise: str = "eager"
     """The layers' RMSNorm, RoPE and SwiGLU (`--elementwise`, train.elementwise): eager or compiled."""
+    attention_kernel: str = "sdpa"
+    """The layers' causal attention (`--attention-kernel`, train.attention_kernel): sdpa or fa4."""
+
+    def job_overrides(self) -> List[str]:
+        """The job keys these flags stand for: the plan is made for the layer that runs."""
+        return [f"train.elementwise={self.elementwise}", f"train.attention_kernel={self.attention_kernel}"]
 
 
 def layer_flops_per_token(job: JobConfig, causal_halved: bool) -> float:
@@ -139,6 +145,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     torch.manual_seed(0)
     stack = LayerStack(job).cuda().to(torch.bfloat16)
     elementwise.install(stack, options.elementwise, torch.device("cuda"))
+    attention.install(stack, options.attention_kernel, False, torch.device("cuda"), torch.bfloat16)
     step, host_bytes = _mode_step(mode, stack, job, profile, row, options)
     seq = job.data.seq_len
     x = torch.randn(1, seq, job.model.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -370,7 +377,7 @@ def run_bench(num_layers: int, seq_lens: List[int], modes: List[str], profile: H
     rows, out_of_memory = [], set()
     for seq_len in sorted(seq_lens):
         for mode in modes:
-            job = bench_job(num_layers, seq_len, preset)
+            job = bench_job(num_layers, seq_len, preset, options.job_overrides())
             if mode in out_of_memory:
                 row = BenchRow(mode, seq_len, "skipped", note="ran out of memory at a shorter sequence")
             elif mode == "save_on_cpu" and _pinned_need_bytes(job) > HOST_SHARE * _host_bytes():

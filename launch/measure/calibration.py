@@ -140,11 +140,12 @@ def assignments(num_groups: int, num_layers: int) -> List[Tuple[int, ...]]:
     return [a for a in itertools.product(range(num_groups), repeat=num_layers) if len(set(a)) == num_groups]
 
 
-def bench_job(num_layers: int, seq_len: int, preset: str = "llama-7b"):
-    """The job `longtrain bench` plans and measures (defined here, where the calibration re-predicts its rows)."""
+def bench_job(num_layers: int, seq_len: int, preset: str = "llama-7b", overrides: Sequence[str] = ()):
+    """The job `longtrain bench` plans and measures (defined here, where the calibration re-predicts its rows);
+    `overrides`: the bench's kernel flags as the job keys they stand for (train.elementwise, ...)."""
     return load_job_config(None, [f"model.preset={preset}", f"model.num_layers={num_layers}",
                                   f"data.seq_len={seq_len}", "data.micro_batch_size=1", "cluster.num_workers=1",
-                                  "train.zero_stage=0", "optim.warmup_steps=1", "train.max_steps=2"])
+                                  "train.zero_stage=0", "optim.warmup_steps=1", "train.max_steps=2", *overrides])
 
 
 def not_in_bench_bytes(static) -> float:

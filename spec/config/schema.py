@@ -19,8 +19,9 @@ DATA_SOURCES = ("corpus", "synthetic", "tokens", "jsonl", "parquet", "text")
 TEXT_SOURCES = ("jsonl", "parquet", "text")
 """Sources of documents (text), tokenized by `longtrain prepare-data`."""
 PACKINGS = ("auto", "stream", "documents")
-DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask", "per_document")
+DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask", "per_document", "varlen")
 ELEMENTWISE = ("eager", "compiled")
+ATTENTION_KERNELS = ("sdpa", "fa4")
 TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("auto", "bf16", "fp32")
 ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu", "alst")
@@ -213,8 +214,10 @@ class DataConfig:
     """The attention kernel of packing=documents: flex (PyTorch FlexAttention with a block mask built from the
     document boundaries: skips masked blocks; CUDA), sdpa_mask (SDPA with a dense sequence x sequence mask: any
     device, for tests and small sequences), per_document (the causal kernel, cuDNN's on CUDA, once per document:
-    faster than flex where documents are long, slower where they are short; bf16 on CUDA; any device), auto: flex on
-    CUDA, sdpa_mask elsewhere."""
+    faster than flex where documents are long, slower where they are short; bf16 on CUDA; any device), varlen
+    (FlashAttention-4's variable-length kernel, every document in one call: the fastest on an H200; needs
+    train.attention_kernel's package), auto: varlen where train.attention_kernel=fa4, flex on other CUDA workers,
+    sdpa_mask elsewhere."""
     cache_dir: Optional[str] = None
     """Where prepared text sources go, one directory per content hash of the source files and the tokenizer
     (default $LONGTRAIN_DATA_CACHE, else ~/.cache/longtrain/data)."""
@@ -360,6 +363,10 @@ class TrainConfig:
     """The layer's RMSNorm, RoPE and SwiGLU: eager (op by op), or compiled (autograd functions fused by
     torch.compile on CUDA, uncompiled on CPU; SwiGLU then recomputes silu(gate) in backward instead of saving it, and
     plans count that)."""
+    attention_kernel: str = "sdpa"
+    """Causal attention: sdpa (PyTorch's fused kernels: cuDNN's or FlashAttention-2 on a GPU, a flash kernel on CPU)
+    or fa4 (FlashAttention-4, the flash-attn-4 package, on Hopper or Blackwell GPUs in bf16/fp16: 1.14x cuDNN's
+    causal rate at 128K tokens on an H200; packed documents then take its variable-length kernel)."""
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
     """Escape hatch: keys merged last into the generated DeepSpeed config (see README)."""
     on_nonfinite: str = "stop"
@@ -389,6 +396,9 @@ class TrainConfig:
                          f"{self.zero_stage}; set train.zero_stage=3")
         if self.max_failures < 0:
             found.append(f"train.max_failures ({self.max_failures}) must be >= 0 (-1 is not supported)")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            found.append(f"train.attention_kernel ({self.attention_kernel!r}) must be one of "
+                         f"{', '.join(ATTENTION_KERNELS)}")
         if self.elementwise not in ELEMENTWISE:
             found.append(f"train.elementwise ({self.elementwise!r}) must be one of {', '.join(ELEMENTWISE)}")
         if self.on_nonfinite not in ON_NONFINITE:
