@@ -15,7 +15,7 @@ FLOP-weighted mean length, both from the prepared data's packing summary (`spec.
 
 import math
 from dataclasses import dataclass, replace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from spec.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
 from spec.flops import (attention_forward_flops_per_token, attention_projection_params, attention_training_flops,
@@ -31,7 +31,8 @@ DEFAULT_MATMUL_EFFICIENCY = 0.75
 """Achieved / peak matmul rate assumed when a profile has no measurement (H100 measured 743/989 = 0.75)."""
 DEFAULT_ATTENTION_EFFICIENCY = 0.55
 DEFAULT_LAYER_OVERHEAD = 1.2
-"""Layer time / (matmul time + attention time): norms, RoPE, SwiGLU and copies are memory-bound extras."""
+"""Without measured layer rates: layer time / (matmul time + attention time), one factor on both (norms, RoPE,
+SwiGLU and copies are memory-bound extras)."""
 BACKWARD_TO_FORWARD = 2.0
 CUDA_WORKSPACE_BYTES = 1.5 * 2**30
 """cuBLAS / flash workspaces and NCCL buffers the caching allocator holds besides tensors."""
@@ -110,7 +111,7 @@ class CostModel:
         self.dims = job.parallel_dims()
         self.world_size, self.sp_degree = self.dims.world_size, self.dims.sp_degree
         self.tokens_per_gpu = self.dims.tokens_per_rank
-        self.layer_overhead = fitted_layer_overhead(profile) or DEFAULT_LAYER_OVERHEAD
+        self.overhead = fitted_layer_overhead(profile) or LayerOverhead()
         self.documents = document_attention_stats(job.data)
         """Packed documents' attention share and effective length (None: one causal sequence)."""
 
@@ -136,11 +137,14 @@ class CostModel:
         if self.documents is not None:  # token elimination does not run with packed documents
             attention_forward *= self.documents["attention_share"]
             attention_length = max(self.documents["effective_length"], 1)
-        calibration = self.profile.calibration
-        matmul_seconds = (matmul_forward / (self.matmul_tflops() * 1e12) * self.layer_overhead
+        calibration, overhead = self.profile.calibration, self.overhead
+        matmul_seconds = (matmul_forward / (self.matmul_tflops() * 1e12) * overhead.matmul_factor
                           * calibration.matmul_time_factor)
         attention_seconds = (attention_forward / (self.attention_tflops(attention_length) * 1e12)
-                             * self.layer_overhead * calibration.attention_time_factor)
+                             * overhead.attention_factor * calibration.attention_time_factor)
+        elementwise_seconds = (overhead.forward_seconds_per_token(model, self.element_bytes) * tokens
+                               * (1 - (1 - keep_share) * attention_projection_params(model)
+                                  / layer_matmul_params(model)) * calibration.matmul_time_factor)
         scoring_seconds = 0.0
         if keep_share < 1 and not self.job.token_elim.predictors:
             kv = model.num_kv_heads * model.head_dim
@@ -148,19 +152,20 @@ class CostModel:
             # ReLU sums) runs at half flash's rate: H100, 87 ms per layer at 64K, 367 ms at 128K (docs/log.md)
             scoring_flops = (2.0 * model.hidden_size * (model.hidden_size + kv) * tokens,
                              attention_forward_flops_per_token(model, seq) * tokens)
-            scoring_seconds = (scoring_flops[0] / (self.matmul_tflops() * 1e12)
-                               + scoring_flops[1] / (self.attention_tflops(seq) * 1e12)) * self.layer_overhead
+            scoring_seconds = (scoring_flops[0] / (self.matmul_tflops() * 1e12) * overhead.matmul_factor
+                               + scoring_flops[1] / (self.attention_tflops(seq) * 1e12) * overhead.attention_factor)
         tensors = layer_saved_tensors(model, self.element_bytes, self.job.train.elementwise == "compiled")
         if keep_share < 1:
             tensors = sparse_saved_tensors(tensors, model, self.element_bytes, keep_share)
         exchange = self.exchange_seconds(keep_share)
         if model.lora.enabled or self.job.train.tiled_mlp:
             return whole_job.layer_cost(self, tensors, matmul_seconds, attention_seconds, scoring_seconds, keep_share,
-                                        exchange)
+                                        exchange, elementwise_seconds)
+        per_token = matmul_seconds + elementwise_seconds
         return LayerCost(
-            forward_seconds=matmul_seconds + attention_seconds + scoring_seconds + exchange,
-            backward_seconds=BACKWARD_TO_FORWARD * (matmul_seconds + attention_seconds) + exchange,
-            recompute_seconds=matmul_seconds,
+            forward_seconds=per_token + attention_seconds + scoring_seconds + exchange,
+            backward_seconds=BACKWARD_TO_FORWARD * (per_token + attention_seconds) + exchange,
+            recompute_seconds=per_token,
             skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * tokens,
             token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * tokens,
             tensors=tensors, tokens=tokens, element_bytes=self.element_bytes,
@@ -303,23 +308,63 @@ def calibrated_peak_bytes(profile: HardwareProfile, static_bytes: float, arena_b
     return static_bytes + calibration.peak_memory_factor * arena_bytes + calibration.peak_memory_offset_gib * 2**30
 
 
-def fitted_layer_overhead(profile: HardwareProfile) -> float:
-    """The factor that makes the matmul + attention estimate match the profile's measured layer rates (measured on
-    the profile's `layer_shape`, Llama-7B when it names none); averaged over sequence lengths; 0 if none."""
+@dataclass(frozen=True)
+class LayerOverhead:
+    """What a layer costs beyond its matmuls and attention at their measured rates, from the profile's measured
+    layer rates (`fitted_layer_overhead`). Why two terms: the extras (norms, RoPE, SwiGLU, residual adds, layout
+    copies) are memory-bound passes over each token's activations, so their time grows with the tokens, not with
+    the attention's tokens x sequence; one factor on the whole layer, fitted at 16K-64K, over-priced a 256K layer's
+    attention by that factor (Llama-3-8B on a lent H200: +19% at 256K, +25% at 320K). Without measured layer rates
+    (datasheet profiles) one factor on both parts, DEFAULT_LAYER_OVERHEAD, as before."""
+
+    matmul_factor: float = DEFAULT_LAYER_OVERHEAD
+    attention_factor: float = DEFAULT_LAYER_OVERHEAD
+    """The layer's attention time / the attention kernel's measured time at the same length (in place: the
+    model's head-major views, its GQA)."""
+    seconds_per_token: float = 0.0
+    """The extras' forward + backward seconds per token of one layer of `reference_bytes_per_token`."""
+    reference_bytes_per_token: float = 1.0
+    """The measured layer's saved activations per token (bf16): the extras' traffic scales with them."""
+
+    def forward_seconds_per_token(self, model: ModelConfig, element_bytes: int) -> float:
+        """The extras' forward share (a third: backward reads and writes about twice a forward's bytes, as its
+        matmuls do twice a forward's FLOPs) for this model's layer, scaled by its activations per token."""
+        if not self.seconds_per_token:
+            return 0.0
+        per_token = sum(t.bytes_per_token for t in layer_saved_tensors(model, 2))
+        return self.seconds_per_token / (1 + BACKWARD_TO_FORWARD) * per_token / self.reference_bytes_per_token
+
+
+def fitted_layer_overhead(profile: HardwareProfile) -> Optional[LayerOverhead]:
+    """The layer's extras from the profile's measured layer rates (measured on its `layer_shape`, Llama-7B when it
+    names none): per measured length, seconds per token = matmuls + a x attention + c, with the matmuls and the
+    attention at the profile's measured rates; a (attention in place against the kernel alone) and c (per-token
+    extras) by least squares over the lengths (two or more), c alone with a = 1 from one. None without
+    measurements."""
     measured = profile.measured
     model = ModelConfig(**{**MODEL_PRESETS["llama-7b"], **measured.layer_shape})
     matmul_tflops = measured_matmul_tflops(profile, measured.rates_precision)
     if not (measured.layer_fwd_bwd_tflops_by_seq_len and matmul_tflops):
-        return 0.0
-    ratios = []
-    for seq, layer_tflops in measured.layer_fwd_bwd_tflops_by_seq_len.items():
+        return None
+    rows = []  # (attention seconds, seconds left after the matmuls), per token, forward + backward
+    for seq, layer_tflops in sorted(measured.layer_fwd_bwd_tflops_by_seq_len.items()):
         matmul = 2.0 * layer_matmul_params(model)
         attention = attention_forward_flops_per_token(model, int(seq))
-        ideal_seconds = 3 * (matmul / matmul_tflops
-                             + attention / (interpolate_log(measured.attention_fwd_bwd_tflops_by_seq_len, seq)
-                                            or matmul_tflops))
-        ratios.append((3 * (matmul + attention) / layer_tflops) / ideal_seconds)
-    return sum(ratios) / len(ratios)
+        attention_rate = interpolate_log(measured.attention_fwd_bwd_tflops_by_seq_len, seq) or matmul_tflops
+        layer_seconds = 3 * (matmul + attention) / (layer_tflops * 1e12)
+        rows.append((3 * attention / (attention_rate * 1e12), layer_seconds - 3 * matmul / (matmul_tflops * 1e12)))
+    attention_factor, extras = 1.0, sum(left - a for a, left in rows) / len(rows)
+    if len({a for a, _ in rows}) > 1:
+        mean_a, mean_left = (sum(a for a, _ in rows) / len(rows), sum(left for _, left in rows) / len(rows))
+        slope = (sum((a - mean_a) * (left - mean_left) for a, left in rows)
+                 / sum((a - mean_a) ** 2 for a, _ in rows))
+        if slope > 0 and mean_left - slope * mean_a >= 0:
+            attention_factor, extras = slope, mean_left - slope * mean_a
+    if extras < 0:  # the layer ran faster than its parts: no extras, the attention in place takes the rest
+        attention_factor, extras = sum(left for _, left in rows) / sum(a for a, _ in rows), 0.0
+    reference = sum(t.bytes_per_token for t in layer_saved_tensors(model, 2))
+    return LayerOverhead(matmul_factor=1.0, attention_factor=attention_factor, seconds_per_token=extras,
+                         reference_bytes_per_token=reference)
 
 
 def default_pcie_gbps(profile: HardwareProfile) -> float:

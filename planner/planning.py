@@ -21,7 +21,8 @@ from planner.cost_model import CostModel, calibrated_peak_bytes, largest_layer
 from spec.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
 from spec.plan import Plan, hash_inputs, parse_compression_spec, plan_inputs
-from planner.policy import SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, policy_inputs, solve_policy
+from planner.policy import (SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, exposed_copy_seconds, policy_inputs,
+                            solve_policy)
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 from spec.activations import FRACTION_DECIMALS
 from spec.units import GIB
@@ -419,3 +420,35 @@ def _longest_fitting_seq_len(job: JobConfig, profile: HardwareProfile, laid_out:
         trial.data.seq_len = middle * unit
         low, high = (middle, high) if _fits(trial, profile, laid_out) else (low, middle - 1)
     return low * unit
+
+
+def predict_decisions(job: JobConfig, profile: HardwareProfile, decisions: List) -> Plan:
+    """A plan with these per-layer decisions (e.g. a plan file that ran, made by an older planner), predicted and
+    laid out by today's cost model: the time, peak and host the MIP would report had it chosen them, so measured
+    runs can be set against the model as it is now. Exact plans only (no int8 swap, no compressed layer)."""
+    decisions = [copy.deepcopy(d) for d in decisions]
+    if any(d.swap_codec != "none" or d.activation_compression != "none" for d in decisions):
+        raise LongtrainError("predict_decisions takes exact plans only (no int8 swap or compressed layer)")
+    cost = CostModel(job, profile, training_precision(profile))
+    block = solve_layout(layer_block_buffers(largest_layer(cost.layers())), job.plan.time_limit_seconds)
+    inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes, False, job.plan.time_limit_seconds)
+    p, n = inputs, len(decisions)
+    kept = [p.input_bytes[i] if d.checkpoint_layer else p.skeletal_bytes[i] for i, d in enumerate(decisions)]
+    moved = [p.token_wise_bytes[i] * d.swap_fraction + kept[i] * d.offload_skeletal for i, d in enumerate(decisions)]
+    stalls = 0.0
+    for i, d in enumerate(decisions):
+        following = decisions[i + 1] if i + 1 < n else None
+        recompute_next = following.recompute_fraction if following and not following.checkpoint_layer else 0.0
+        replay_next = float(following.checkpoint_layer) if following else 0.0
+        stalls += max(0.0, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=False))
+        fetched = p.input_bytes[i] / p.pcie_bytes_per_second if d.checkpoint_layer and d.offload_skeletal else 0.0
+        stalls += max(0.0, fetched, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=True,
+                                                         replay_next=replay_next))
+    extra = sum(p.replay_seconds[i] if d.checkpoint_layer else p.recompute_seconds[i] * d.recompute_fraction
+                for i, d in enumerate(decisions))
+    policy = PolicyResult(feasible=True, status="given", solver="none", solve_seconds=0.0, decisions=decisions,
+                          micro_batch_seconds=sum(p.forward_seconds) + sum(p.backward_seconds) + 3 * p.head_seconds
+                          + extra + stalls,
+                          host_bytes=sum(moved), swap_bytes_per_micro_batch=2 * sum(moved),
+                          gpu_budget_bytes=p.gpu_budget_bytes, host_budget_bytes=p.host_budget_bytes)
+    return _lay_out(job, profile, (cost, policy, inputs, block))[0]

@@ -57,21 +57,23 @@ def _mlp_share(model: ModelConfig) -> float:
 
 
 def layer_cost(cost, tensors, matmul_seconds: float, attention_seconds: float, scoring_seconds: float,
-               keep_share: float, exchange_seconds: float = 0.0):
+               keep_share: float, exchange_seconds: float = 0.0, elementwise_seconds: float = 0.0):
     """`CostModel.layer` for a LoRA layer and/or a tiled MLP (times and inventory as the module docstring says;
-    `exchange_seconds`: Ulysses' all-to-all, once in forward and once in backward, `LayerCost.exchange_seconds`)."""
+    `exchange_seconds`: Ulysses' all-to-all, once in forward and once in backward, `LayerCost.exchange_seconds`;
+    `elementwise_seconds`: the forward's memory-bound extras, `cost_model.LayerOverhead`, twice that in backward
+    whatever the weights: they are the activations' passes)."""
     from planner.cost_model import BACKWARD_TO_FORWARD, LayerCost
 
     model, tokens = cost.model, cost.tokens_per_gpu
     adapters = 2.0 * lora_parameter_count(model) / model.num_layers * tokens / (cost.matmul_tflops() * 1e12)
     weight_grads = 0.0 if model.lora.enabled else 1.0
-    forward = matmul_seconds + attention_seconds + scoring_seconds + adapters + exchange_seconds
-    backward = ((1.0 + weight_grads) * matmul_seconds + BACKWARD_TO_FORWARD * attention_seconds
+    forward = matmul_seconds + attention_seconds + scoring_seconds + adapters + exchange_seconds + elementwise_seconds
+    backward = ((1.0 + weight_grads) * matmul_seconds + BACKWARD_TO_FORWARD * (attention_seconds + elementwise_seconds)
                 + BACKWARD_TO_FORWARD * adapters + exchange_seconds)
-    recompute, tile_bytes, mlp = matmul_seconds + adapters, 0.0, 0.0
+    recompute, tile_bytes, mlp = matmul_seconds + adapters + elementwise_seconds, 0.0, 0.0
     if cost.job.train.tiled_mlp:
         tensors = tiled_mlp_saved_tensors(tensors)
-        mlp = matmul_seconds * _mlp_share(model)  # a checkpointed layer's replay skips it too
+        mlp = (matmul_seconds + elementwise_seconds) * _mlp_share(model)  # a checkpointed layer's replay skips it too
         backward += mlp  # each tile's forward again, with gradients
         recompute -= mlp  # recomputation stops at the MLP's input
         tile_bytes = min(tile_tokens(model), tokens) * model.intermediate_size * cost.element_bytes

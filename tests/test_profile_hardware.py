@@ -62,7 +62,8 @@ def test_cpu_quick_run_writes_a_loadable_profile_with_positive_rates(tmp_path, c
     assert set(measured.skipped) == {"pcie", "nccl"}
     assert profile.host_memory_gib > 0 and profile.device_memory_gib > 0
     # the planner can use it: its layer overhead comes from the measured (debug-shaped, fp32) layer
-    assert fitted_layer_overhead(profile) > 0
+    overhead = fitted_layer_overhead(profile)
+    assert overhead.attention_factor > 0 and overhead.seconds_per_token >= 0
     job = load_job_config(None, ["data.seq_len=512"])
     assert CostModel(job, profile, "fp32").layer().forward_seconds > 0
 
