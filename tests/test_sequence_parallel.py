@@ -120,7 +120,7 @@ def test_shard_saving_attention_keeps_no_whole_sequence_tensor_and_matches_sdpa(
         group = dist.new_group([0])
         q, k, v = (torch.randn(1, 4, 64, 8, requires_grad=True) for _ in range(3))
         with sdpa_kernel(SDPBackend.MATH) if backend == "math" else nullcontext():
-            out = LocalShardAttention(group, 4, 4)(q, k, v)
+            out = LocalShardAttention(group, "sdpa")(q, k, v)
             leaves, out_heads, regathered = out.grad_fn.inner
             if backend == "default":  # the math kernel saves scaled / transposed copies: correct, not lean
                 assert sorted(role for _, role, _ in regathered.saved if role) == ["k", "out", "q", "v"]
