@@ -81,6 +81,9 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
         if plain and (name in TOKEN_WISE or name.endswith("@bwd")) and name not in _TILE_COPIES:
             continue
         base = name.split("@")[0].removeprefix("grad_")
+        if base == "silu_gate" and base not in per_token:
+            continue  # a fused SwiGLU (train.elementwise=compiled) saves gate and up only; one backward pass makes
+            # their gradients, with no silu(gate) or its gradient in memory
         if name in _TILE_COPIES:
             buffers.append(Buffer(name=name, layer=-1, size_bytes=align(_TILE_COPIES[name] * layer.mlp_tile_bytes),
                                   start=start, end=end))

@@ -119,3 +119,22 @@ def test_eager_keeps_the_layer_as_it_is_and_the_plan_knows_the_mode():
 def test_an_unknown_mode_is_one_line():
     with pytest.raises(ConfigError, match=r"train.elementwise \('fused'\) must be one of eager, compiled"):
         load_job_config(None, ["train.elementwise=fused"])
+
+
+def test_a_plan_for_the_fused_layer_has_no_silu_gate_buffers_and_a_lower_peak():
+    """The layer block of train.elementwise=compiled: no silu(gate), no gradient of it (the fused backward makes d
+    gate and d up in one pass); with every activation kept on the GPU the peak drops by at least the saved
+    silu(gate)s (one intermediate-wide bf16 tensor per token per layer)."""
+    from planner.planning import make_plan
+    from spec.hardware import load_profile
+
+    shape = ["model.preset=llama-7b", "model.num_layers=4", "data.seq_len=8192", "data.micro_batch_size=1",
+             "cluster.num_workers=1"]
+    outcomes = {mode: make_plan(load_job_config(None, [*shape, f"train.elementwise={mode}"]), load_profile("h200"))
+                for mode in ("eager", "compiled")}
+    names = {mode: {b.name for b in outcome.layer_block.buffers} for mode, outcome in outcomes.items()}
+    assert "grad_silu_gate" in names["eager"]
+    assert not {n for n in names["compiled"] if "silu_gate" in n}
+    saved_silu = 4 * 8192 * 11008 * 2 / 2**30
+    peaks = {mode: outcome.plan.predicted["peak_gpu_gib"] for mode, outcome in outcomes.items()}
+    assert peaks["compiled"] <= peaks["eager"] - saved_silu
