@@ -28,10 +28,11 @@ WORKER_SETUP_HOOK = "launch.loopback.install_rendezvous"
 
 @contextmanager
 def loopback_only() -> Iterator[None]:
-    """Around `ray.init` of a local run, which starts the GCS and the raylet (whose children, the agents and the
-    workers, inherit their environment). The variable is read when Ray is imported, so the driver's already
-    imported copy is set too; both are put back afterwards, so a later `ray start` from this process (a test
-    cluster of several nodes, which the variable would refuse) is not affected."""
+    """Around the start of a local run's head (`launch.local_head`: the GCS and the raylet, whose children, the
+    agents and the workers, inherit their environment) and the driver's `ray.init` joining it. The variable is read
+    when Ray is imported, so the driver's already imported copy is set too; both are put back afterwards, so a later
+    `ray start` from this process (a test cluster of several nodes, which the variable would refuse) is not
+    affected."""
     from ray._private import ray_constants
 
     saved = os.environ.get(_CLUSTER_VAR), ray_constants.ENABLE_RAY_CLUSTER
@@ -50,12 +51,12 @@ def loopback_only() -> Iterator[None]:
 
 
 def check() -> None:
-    """After `ray.init`: the node address Ray settled on must be loopback (one line and no Ray left otherwise)."""
+    """After `ray.init`: the node address Ray settled on must be loopback (one line otherwise; the caller stops
+    the Ray it started)."""
     import ray
 
     address = ray.util.get_node_ip_address()
     if address != LOOPBACK:
-        ray.shutdown()
         raise LongtrainError(f"the private Ray started on {address}, not on {LOOPBACK}; this Ray does not honour "
                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: install the ray version pyproject.toml pins")
 

@@ -20,11 +20,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from launch import loopback
 from launch.host_check import check_cluster_host_memory
+from launch.local_head import LocalHead, start_head
 from launch.placement import check_capacity
 from spec.config import ClusterConfig, JobConfig
 from orchestrator.checkpoint import CheckpointRef
 from orchestrator.ds_config import uses_cuda
-from spec.errors import LongtrainError
 from orchestrator.trainer import WorkerInfo, train
 
 POLL_SECONDS = 0.5
@@ -46,33 +46,48 @@ class ProgressBoard:
 
 
 def connect(cluster: ClusterConfig, log_dir: Path) -> None:
-    """Start a private Ray on loopback (address=local) or join a running cluster; Ray's logs go to log_dir.
+    """Start a private Ray on loopback (address=local: `launch.local_head`) or join a running cluster; Ray's logs go
+    to log_dir. `disconnect` leaves it (and stops the private one), also when this raises.
 
     Then settles cluster.use_gpu (unset: GPUs when the cluster has them; locally, when this machine sees CUDA) and
     checks that the workers fit (one line if not). One `ray.init` only: inside a submitted job, a second one after
     `ray.shutdown` loses the job's unpacked working directory (the run directory with it)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     _route_ray_logs(log_dir / "ray_driver.log")
-    _init(cluster, {"env_vars": worker_env(cluster)})
-    if cluster.use_gpu is None and cluster.address != "local":
-        cluster.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    cluster.use_gpu = uses_cuda(cluster)
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    where = "this machine's Ray" if cluster.address == "local" else f"the Ray cluster at {cluster.address}"
     try:
+        _init(cluster, {"env_vars": worker_env(cluster)}, log_dir)
+        if cluster.use_gpu is None and cluster.address != "local":
+            cluster.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        cluster.use_gpu = uses_cuda(cluster)
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        where = "this machine's Ray" if cluster.address == "local" else f"the Ray cluster at {cluster.address}"
         check_capacity(cluster, nodes, cluster.use_gpu, where)
-    except LongtrainError:
-        ray.shutdown()
+    except BaseException:
+        disconnect()
         raise
 
 
-def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None:
+_local_head: Optional[LocalHead] = None
+"""The private head of the local run this process drives (None: none, or a cluster's run)."""
+
+
+def disconnect() -> None:
+    """Leave Ray, and stop the local run's private head (a cluster stays up)."""
+    global _local_head
+    ray.shutdown()
+    head, _local_head = _local_head, None
+    if head is not None:
+        head.stop()
+
+
+def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]], log_dir: Path) -> None:
+    global _local_head
     if cluster.address == "local":
         needed = cluster.num_workers * cluster.cpus_per_worker
         with loopback.loopback_only():
-            ray.init(address="local", _node_ip_address=loopback.LOOPBACK, include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False, logging_level=logging.WARNING,
-                     runtime_env=_local_runtime_env(runtime_env or {}))
+            _local_head = start_head(max(os.cpu_count() or 1, needed), log_dir / "ray_head.log")
+            ray.init(address=_local_head.address, _node_ip_address=loopback.LOOPBACK, log_to_driver=False,
+                     logging_level=logging.WARNING, runtime_env=_local_runtime_env(runtime_env or {}))
         loopback.check()
     else:  # the address answered us in the preflight (`launch.ray_address_check`)
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING,

@@ -55,9 +55,8 @@ def _train_holding_the_lock(job: JobConfig, placement: RunPlacement, config_path
     _write_config(job, run_dir, config_path, overrides)
     resume = resume_command(config_as_named(config_path), overrides, run_dir)
 
-    import ray  # heavy: imported after the config is known to be valid
-
-    from launch.console import RunConsole
+    from launch.console import RunConsole  # heavy: imported after the config is known to be valid
+    from launch.ray_train import disconnect
 
     started = time.time()
     with second_interrupt_exits(lambda: _resume_hint(run_dir, resume), EXIT_INTERRUPTED):
@@ -68,7 +67,7 @@ def _train_holding_the_lock(job: JobConfig, placement: RunPlacement, config_path
                                  trackers=_open_trackers(job, run_dir))
             code = _run_workers(job, run_dir, placement.initial, console, resume)
         finally:
-            ray.shutdown()
+            disconnect()
     if code is not None:
         return TrainResult(code, run_dir, _summary_so_far(console), resume)
     summary = console.finish(_resume_hint(run_dir, resume))

@@ -1,0 +1,121 @@
+"""A local run's private Ray head: `ray start --head` as a child of the driver, every port chosen by the OS.
+
+Why not `ray.init(address="local")`: the head it starts has its dashboard agent's HTTP server on Ray's fixed port
+52365, and `ray.init` has no argument to change it (Ray's answer, ray-project/ray#34886: `ray start` chooses it).
+Two runs on one machine (or two test processes) then collide: the second agent fails to bind and runs without its
+HTTP API. `ray start` takes 0 for that port, and for the worker ports (its default range 10002-19999 is another
+fixed choice), so each server binds a free port itself (checked with `ss -ltnp` while two runs are alive: no port
+shared). The head also gets a temp dir of its own, where Ray records the cluster's address (in the default
+/tmp/ray, `ray.init()` and `address=auto` elsewhere on the machine would find this private cluster). It runs in its
+own session: a Ctrl-C at the terminal reaches only the driver, which stops the run in order and then the head
+(`stop`); a driver that dies without stopping it leaves the head to `launch.guard`, as the head is below the driver.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import psutil
+
+from spec.errors import LongtrainError
+
+HEAD_ENV = {"AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+"""The head's monitor and dashboard processes serve Prometheus metrics on fixed ports (44217, 44227) that the first
+two variables choose; 0: a free one (nothing of a local run scrapes them). On SIGTERM `ray start` drains the node
+for up to 30 s first (for Ray Serve's proxies); a private run has nothing to drain: 0 ends it at once."""
+START_TIMEOUT_SECONDS = 120.0
+STOP_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class LocalHead:
+    process: subprocess.Popen
+    temp_dir: Path
+    address: str
+    """The GCS address, `127.0.0.1:PORT`, for `ray.init(address=...)`."""
+
+    def stop(self) -> None:
+        """SIGTERM: `ray start --block` then ends its Ray processes itself (Ray's own shutdown); any left after 30 s
+        are killed. The temp dir stays, with Ray's session logs, as `ray.init`'s sessions stay in /tmp/ray."""
+        tree = _tree(self.process.pid)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+        left = [process for process in tree if _alive(process)]
+        for process in left:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=10)
+        if self.process.poll() is None:
+            self.process.wait(10)
+
+
+def start_head(num_cpus: int, log_file: Path) -> LocalHead:
+    """Start the head on 127.0.0.1 and wait until it has recorded its address (one line naming the log if it
+    does not start). Token authentication is on for the head and this process, as `ray.init` has it for a new
+    local cluster (Ray's own calls: the token is where Ray looks, ~/.ray/auth_token unless RAY_AUTH_TOKEN says)."""
+    from ray._private.authentication.authentication_token_setup import (enable_token_auth_by_default,
+                                                                        ensure_token_if_auth_enabled)
+
+    enable_token_auth_by_default()
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix="lt-", dir=_ray_temp_root()))  # short: Ray's socket paths below it
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",   # must fit AF_UNIX's
+               "--node-ip-address=127.0.0.1", "--port=0", "--include-dashboard=false",     # 107 bytes
+               "--dashboard-agent-listen-port=0", "--min-worker-port=0", "--max-worker-port=0",
+               f"--ray-client-server-port={_free_port()}",  # `ray start` always starts one; its default: 10001
+               f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(command, env=dict(os.environ, **HEAD_ENV), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True, close_fds=True)
+    address_file = temp_dir / "ray_current_cluster"  # what `ray start` writes once the head runs
+    deadline = time.time() + START_TIMEOUT_SECONDS
+    while not (address_file.exists() and address_file.read_text().strip()):
+        if process.poll() is not None or time.time() > deadline:
+            LocalHead(process, temp_dir, "").stop()
+            why = f"exited with code {process.returncode}" if process.returncode is not None else \
+                f"did not start within {START_TIMEOUT_SECONDS:.0f} s"
+            raise LongtrainError(f"the local Ray head ({' '.join(command[3:6])} ...) {why}; see {log_file}")
+        time.sleep(0.1)
+    return LocalHead(process, temp_dir, address_file.read_text().strip())
+
+
+def _free_port() -> int:
+    """A loopback port free now, for the one server `ray start` cannot be asked to bind itself (Ray Client's;
+    Ray picks its other fixed-by-default ports the same way)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _ray_temp_root() -> str:
+    root = os.path.join(tempfile.gettempdir(), "ray")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _tree(pid: int) -> List[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
