@@ -114,3 +114,12 @@ def test_the_driver_refuses_fa4_where_the_workers_cannot_run_it(overrides, messa
 def test_an_unknown_kernel_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match=r"train.attention_kernel \('fa3'\) must be one of sdpa, fa4"):
         load_job_config(None, ["train.attention_kernel=fa3"])
+
+
+def test_eval_refuses_fa4_where_it_cannot_run_before_loading_weights():
+    from orchestrator.eval.models import EvalModel
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    model = EvalModel("m", config, 128, None, "/nonexistent:tag", 128)  # the weights' path is never read
+    with pytest.raises(ConfigError, match=r"^train.attention_kernel=fa4: FlashAttention-4 runs on CUDA GPUs"):
+        model.build(torch.device("cpu"), torch.float32, "fa4")

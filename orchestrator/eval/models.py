@@ -30,11 +30,14 @@ class EvalModel:
     default_length: int
     """eval.length when unset: the length a run trained at; data.seq_len (within max_length) for a HF directory."""
 
-    def build(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        """The model with its weights, in eval mode (built only when it is evaluated: one in memory at a time)."""
+    def build(self, device: torch.device, dtype: torch.dtype, attention_kernel: str = "sdpa") -> torch.nn.Module:
+        """The model with its weights, in eval mode (built only when it is evaluated: one in memory at a time), its
+        attention through train.attention_kernel (a kernel that cannot run here refused before the weights load)."""
+        from orchestrator import attention
         from orchestrator.model import LlamaModel
 
         model = LlamaModel(self.config)
+        attention.install(model, attention_kernel, False, device, dtype)
         _load(model, self.spec)
         return model.to(device=device, dtype=dtype).eval()
 

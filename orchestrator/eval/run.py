@@ -122,7 +122,7 @@ def evaluate(model: EvalModel, job: JobConfig, device: torch.device, dtype: torc
              built: Optional[torch.nn.Module] = None) -> ModelResult:
     """Perplexity by position and the passkey grid of one model (`built`: a model already in memory, for tests)."""
     started = time.time()
-    net = built if built is not None else model.build(device, dtype)
+    net = built if built is not None else model.build(device, dtype, job.train.attention_kernel)
     reset_peak(device)
     seconds = {"load": time.time() - started}
     length, codec = job.eval.length or job.data.seq_len, Codec(model.tokenizer_file)
