@@ -31,6 +31,14 @@ RECIPES = {
     "longtrain": ["train.tiled_mlp=true", "plan.gpu_memory_fraction=0.8", "plan.host_memory_fraction=0.6"],
     "alst": ["train.activation_checkpointing=alst", "train.zero_stage=3"],
 }
+FULL_3B = ["model.hidden_size=3072", "model.num_layers=28", "model.num_heads=24", "model.num_kv_heads=8",
+           "model.intermediate_size=8192", "model.tie_embeddings=true", "model.lora.rank=0",
+           "train.offload.optimizer=true"]
+"""--full-3b: full fine-tuning of the Llama-3.2-3B shape with the optimizer offloaded to CPU (DeepSpeed's CPU Adam,
+built on first use), for both recipes (longtrain's on ZeRO-2, ALST's on ZeRO-3): the 8B's 16 bytes a parameter do not
+fit a 128 GiB host."""
+FULL_3B_HELP = "full fine-tuning of the Llama-3.2-3B shape, optimizer offloaded (both recipes)"
+FULL_3B_RECIPES = {"longtrain": ["train.zero_stage=2"], "alst": []}
 SMOKE = ["model.preset=debug", "model.lora.rank=4", "data.source=synthetic", "data.micro_batch_size=1",
          "cluster.num_workers=1", "train.max_steps=10", "optim.warmup_steps=1", "metrics.warmup_steps=0",
          "train.log_every_steps=1", "checkpoint.every_steps=0", "checkpoint.at_end=false"]
@@ -38,8 +46,10 @@ SMOKE_RECIPES = {"longtrain": ["train.tiled_mlp=true"],
                  "alst": ["train.activation_checkpointing=deepspeed", "train.tiled_mlp=true", "train.zero_stage=3"]}
 
 
-def overrides(recipe: str, seq_len: int, steps: int, plan: str, smoke: bool) -> list:
+def overrides(recipe: str, seq_len: int, steps: int, plan: str, smoke: bool, full_3b: bool = False) -> list:
     base = (SMOKE + SMOKE_RECIPES[recipe]) if smoke else (COMMON + RECIPES[recipe])
+    if full_3b:
+        base = base + FULL_3B + FULL_3B_RECIPES[recipe]
     extra = [f"data.seq_len={seq_len}", f"train.stop_at_step={steps}"]
     return base + extra + ([f"plan.path={plan}"] if plan else [])
 
@@ -52,10 +62,11 @@ def main() -> int:
     parser.add_argument("--plan")
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="debug shape on CPU: the plumbing, not the numbers")
+    parser.add_argument("--full-3b", action="store_true", help=FULL_3B_HELP)
     parser.add_argument("--print-overrides", action="store_true")
     parser.add_argument("overrides", nargs="*", help="more key=value overrides (also given to `longtrain plan`)")
     args = parser.parse_args()
-    chosen = overrides(args.recipe, args.seq_len, args.steps, args.plan, args.smoke) + args.overrides
+    chosen = overrides(args.recipe, args.seq_len, args.steps, args.plan, args.smoke, args.full_3b) + args.overrides
     if args.print_overrides:
         print(" ".join(o for o in chosen if not o.startswith(("plan.path", "train.stop_at_step"))))
         return 0

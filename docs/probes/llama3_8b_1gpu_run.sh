@@ -12,6 +12,9 @@
 #   bash docs/probes/llama3_8b_1gpu_run.sh 262144 1 alst
 #   bash docs/probes/llama3_8b_1gpu_run.sh 327680 1 longtrain plan.gpu_memory_fraction=0.55 plan.host_memory_fraction=0.42
 #   bash docs/probes/llama3_8b_1gpu_run.sh 327680 1 alst                  # whole-layer replay verified at 320K
+# PROBE_FLAGS: flags for both recipes' probe, e.g. full fine-tuning of the 3B shape (its own plan file):
+#   LT_PLAN=profiles/runs/h200_2026-12-02_llama3-3b-full/longtrain_128k.plan.yaml PROBE_FLAGS=--full-3b \
+#     bash docs/probes/llama3_8b_1gpu_run.sh 131072 2
 seq=${1:-131072}; steps=${2:-2}; recipes=${3:-longtrain alst}; shift $(( $# < 3 ? $# : 3 ))
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 source .gpu-bundle/activate.sh
@@ -22,9 +25,9 @@ plan=${LT_PLAN:-profiles/runs/h200_2026-12-01_llama3-8b-1gpu/longtrain_${k}k.pla
 for recipe in $recipes; do
   if [ "$recipe" = longtrain ]; then
     timeout ${LT_TIMEOUT:-560} python3 docs/probes/llama3_8b_1gpu.py --recipe longtrain --seq-len $seq --steps $steps \
-      --plan $plan --out $OUT/longtrain_${k}k.jsonl "$@" > $OUT/longtrain_${k}k.log 2>&1
+      $PROBE_FLAGS --plan $plan --out $OUT/longtrain_${k}k.jsonl "$@" > $OUT/longtrain_${k}k.log 2>&1
   else
-    timeout ${ALST_TIMEOUT:-560} python3 docs/probes/llama3_8b_1gpu.py --recipe alst --seq-len $seq --steps $steps \
+    timeout ${ALST_TIMEOUT:-560} python3 docs/probes/llama3_8b_1gpu.py --recipe alst --seq-len $seq --steps $steps $PROBE_FLAGS \
       --out $OUT/alst_${k}k.jsonl > $OUT/alst_${k}k.log 2>&1
   fi
   echo "$recipe ${k}k exit $?" >> $OUT/machine.txt
