@@ -1,6 +1,7 @@
-"""The host side of MEMO's swap (`tokenwise`): reused host buffers, the side CUDA stream that copies swapped slices
-out during forward and back one layer ahead during backward, and the throttle that keeps the host a bounded number
-of layers ahead of the device. Without CUDA every copy is a plain copy, so the same code path runs in CI.
+"""The host side of MEMO's swap (`tokenwise`): reused host buffers, the CUDA copy streams (one each way) that copy
+swapped slices out during forward and back one layer ahead during backward, and the throttle that keeps the host a
+bounded number of layers ahead of the device. Without CUDA every copy is a plain copy, so the same code path runs in
+CI.
 """
 
 from collections import deque
@@ -51,41 +52,58 @@ def dense_flat(tensor: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 class SwapStream:
-    """The side stream of one model's swaps (made on the first copy out, on GPU) and its throttle."""
+    """The two copy streams of one model's swaps (made on the first copy out, on GPU) and its throttle.
+
+    Why two: PCIe moves data both ways at once (on an H100 55 GB/s each way alone, 93 GB/s together), and the copy
+    engines take each direction separately, but work queued on one stream runs in order: with one stream the last
+    layers' copies out and the first layers' prefetches of a backward waited for each other. Each direction has its
+    own stream now, ordered per host buffer by events: a prefetch waits for the copy out of the same buffer, and a
+    copy out waits for the prefetch still reading the buffer it overwrites (the next step's), nothing else."""
 
     def __init__(self, max_layers_ahead: int):
-        self.stream = None
+        self.out_stream = None
+        """Device -> host (forward's swaps)."""
+        self.in_stream = None
+        """Host -> device (backward's prefetches)."""
         self.max_layers_ahead = max_layers_ahead
         self.in_flight: Deque[object] = deque()
         """Device events of the latest layers' copies (forward) or backward starts: the host waits for the oldest
         beyond `max_layers_ahead`, so it never queues more than that many layers ahead of the device."""
+        self.last_copy: Dict[int, object] = {}
+        """Host buffer address -> the event of its latest copy, either way."""
 
-    def copy_stream(self):
-        if self.stream is None and torch.cuda.is_available():
-            self.stream = torch.cuda.Stream()
-        return self.stream
+    def _streams(self) -> bool:
+        if self.out_stream is None and torch.cuda.is_available():
+            self.out_stream, self.in_stream = torch.cuda.Stream(), torch.cuda.Stream()
+        return self.out_stream is not None
 
     def copy_out(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Device -> host on the side stream (the compute stream does not wait); a plain copy on CPU."""
-        stream = self.copy_stream()
-        if stream is None or not src.is_cuda:
+        """Device -> host on the out stream (the compute stream does not wait); a plain copy on CPU."""
+        if not src.is_cuda or not self._streams():
             dst.copy_(src)
             return
+        stream = self.out_stream
         stream.wait_stream(torch.cuda.current_stream())
+        previous = self.last_copy.get(dst.data_ptr())
+        if previous is not None:
+            stream.wait_event(previous)
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        self.last_copy[dst.data_ptr()] = copied
         src.record_stream(stream)
 
     def forward_done(self) -> None:
         """Throttle the host on an event where a layer's copies out end (GPU only)."""
-        if self.stream is not None:
+        if self.out_stream is not None:
             copied_out = torch.cuda.Event()
-            copied_out.record(self.stream)
+            copied_out.record(self.out_stream)
             self.throttle(copied_out)
 
     def backward_started(self) -> None:
         """Throttle the host on an event where a layer's backward starts on the compute stream (GPU only)."""
-        if self.stream is not None:
+        if self.out_stream is not None:
             started = torch.cuda.Event()
             started.record(torch.cuda.current_stream())
             self.throttle(started)
@@ -103,15 +121,15 @@ class SwapStream:
             self.in_flight.popleft().synchronize()
 
     def prefetch(self, hosts: Dict[str, Tuple[torch.Tensor, torch.device]]):
-        """Start the host -> device copies of a layer's swapped slices (role: (host buffer, device)) on the side
-        stream: (the device tensors, the event that marks them ready), or None without a side stream.
+        """Start the host -> device copies of a layer's swapped slices (role: (host buffer, device)) on the in
+        stream: (the device tensors, the event that marks them ready), or None without copy streams.
 
         The destinations come from the compute stream's pool (blocks of a side-stream pool would never serve the
         compute stream: reserved memory doubles), and the copies start only once the compute stream reaches this
-        point: after every earlier use of those blocks, and after the backward of the layer above has started, so
-        a prefetch never competes for the copy engine with the copies the device is waiting for. The copy-out of
-        the same slices ran earlier on the same stream, so it has finished."""
-        stream = self.stream
+        point (after every earlier use of those blocks, and after the backward of the layer above has started, so
+        a prefetch never competes with the copies the device is waiting for) and once each buffer's copy out has
+        ended (on the out stream, which may still be copying later layers out)."""
+        stream = self.in_stream
         if stream is None:
             return None
         targets = {role: torch.empty(host.shape, dtype=host.dtype, device=device)
@@ -120,10 +138,16 @@ class SwapStream:
         ready.record(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
+            for host, _ in hosts.values():
+                copied = self.last_copy.get(host.data_ptr())
+                if copied is not None:
+                    stream.wait_event(copied)
             for role, (host, _) in hosts.items():
                 targets[role].copy_(host, non_blocking=True)
             fetched = torch.cuda.Event()
             fetched.record(stream)
+        for host, _ in hosts.values():
+            self.last_copy[host.data_ptr()] = fetched
         return targets, fetched
 
     @staticmethod
