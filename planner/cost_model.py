@@ -122,7 +122,8 @@ class CostModel:
     def attention_tflops(self, seq_len: int) -> float:
         measured = self.profile.measured
         table = measured.attention_fwd_bwd_tflops_by_seq_len if self.precision == measured.rates_precision else {}
-        return interpolate_log(table, seq_len) or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY
+        sdpa = interpolate_log(table, seq_len) or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY
+        return sdpa * measured.attention_kernel_speedup.get(self.job.train.attention_kernel, 1.0)
 
     def layer(self, keep_share: float = 1.0) -> LayerCost:
         """One layer; `keep_share` < 1: a token-eliminated layer whose attention block sees that share of the

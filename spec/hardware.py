@@ -44,6 +44,10 @@ class MeasuredRates:
     alltoall_busbw_gbps: Optional[float] = None
     skipped: Dict[str, str] = field(default_factory=dict)
     """Measurements that did not run on this machine, with the reason."""
+    attention_kernel_speedup: Dict[str, float] = field(default_factory=dict)
+    """train.attention_kernel other than sdpa -> its forward + backward attention rate over SDPA's on this hardware
+    (measured side by side: `docs/probes/fa4_attention_gpu.py`); the cost model scales the attention rates by it.
+    A kernel missing here is priced at SDPA's rates."""
     cpu_adam_params_per_second: Optional[float] = None
     """DeepSpeed's CPU Adam (the offloaded optimizer's step) on this host: parameters updated per second."""
     derived: Dict[str, str] = field(default_factory=dict)

@@ -136,8 +136,8 @@ def plan_inputs(job: JobConfig, profile, precision: str) -> dict:
 
 
 def _whole_job_inputs(job: JobConfig) -> dict:
-    """LoRA, offload, the tiled MLP, an explicit host memory and fused elementwise kernels change a plan's bytes and
-    times: plan inputs when set (absent otherwise, so plans made before they existed keep their hash)."""
+    """LoRA, offload, the tiled MLP, an explicit host memory, fused elementwise kernels and another attention kernel
+    change a plan's bytes and times: plan inputs when set (absent otherwise, so plans made before they existed keep their hash)."""
     inputs, lora, train = {}, job.model.lora, job.train
     if lora.enabled:
         inputs["lora"] = {"rank": lora.rank, "target_modules": sorted(lora.target_modules)}
@@ -149,6 +149,8 @@ def _whole_job_inputs(job: JobConfig) -> dict:
         inputs["host_memory_gib"] = job.plan.host_memory_gib
     if job.train.elementwise != "eager":  # a fused SwiGLU saves less
         inputs["elementwise"] = job.train.elementwise
+    if job.train.attention_kernel != "sdpa":  # priced at the profile's rate for that kernel
+        inputs["attention_kernel"] = job.train.attention_kernel
     return inputs
 
 

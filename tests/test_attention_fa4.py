@@ -123,3 +123,26 @@ def test_eval_refuses_fa4_where_it_cannot_run_before_loading_weights():
     model = EvalModel("m", config, 128, None, "/nonexistent:tag", 128)  # the weights' path is never read
     with pytest.raises(ConfigError, match=r"^train.attention_kernel=fa4: FlashAttention-4 runs on CUDA GPUs"):
         model.build(torch.device("cpu"), torch.float32, "fa4")
+
+
+def test_the_planner_prices_fa4_at_the_profiles_measured_ratio():
+    """Attention seconds scale by the profile's attention_kernel_speedup (1.14 on the H200 profiles); a profile
+    without an entry prices fa4 at SDPA's rates; the kernel is a plan input only when it is not sdpa."""
+    from dataclasses import replace
+
+    from planner.cost_model import CostModel
+    from spec.hardware import load_profile
+    from spec.plan import plan_inputs
+
+    shape = ["model.preset=llama-7b", "model.num_layers=4", "data.seq_len=131072", "data.micro_batch_size=1",
+             "cluster.num_workers=1"]
+    jobs = {kernel: load_job_config(None, [*shape, f"train.attention_kernel={kernel}"]) for kernel in ("sdpa", "fa4")}
+    h200 = load_profile("h200")
+    assert h200.measured.attention_kernel_speedup["fa4"] == pytest.approx(1.14)
+    rates = {kernel: CostModel(job, h200).attention_tflops(131072) for kernel, job in jobs.items()}
+    assert rates["fa4"] == pytest.approx(1.14 * rates["sdpa"])
+    bare = replace(h200, measured=replace(h200.measured, attention_kernel_speedup={}))
+    assert CostModel(jobs["fa4"], bare).attention_tflops(131072) == pytest.approx(rates["sdpa"])
+    inputs = {kernel: plan_inputs(job, h200, "bf16") for kernel, job in jobs.items()}
+    assert "attention_kernel" not in inputs["sdpa"] and inputs["fa4"]["attention_kernel"] == "fa4"
+    assert {k: v for k, v in inputs["fa4"].items() if k != "attention_kernel"} == inputs["sdpa"]
