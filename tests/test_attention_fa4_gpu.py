@@ -8,24 +8,22 @@ run on the same kernel.
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 from orchestrator import attention, attention_fa4
 from orchestrator.attention import DocumentLayout, causal_attention, document_attention
-from orchestrator.documents import PackedDocuments, pack
 from orchestrator.memory import tokenwise
 from orchestrator.model import LlamaModel
 from spec.config import ModelConfig
 from tests.conftest import layer_plans, requires_gpu
+from tests.test_documents_gpu import packed_micro_batch
 
 _REASON = attention_fa4.unavailable(torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else "no GPU"
 pytestmark = [pytest.mark.gpu, requires_gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
 MODEL = ModelConfig(vocab_size=512, hidden_size=512, num_layers=3, num_heads=4, num_kv_heads=2,
                     intermediate_size=1024)
-DOCUMENTS = [700, 1500, 300, 1596, 2048, 1000, 1000]
 
 
 def _inputs(batch, seq, heads=8, kv_heads=2, dim=128):
@@ -65,18 +63,13 @@ def test_fa4_varlen_gives_each_document_alone_as_closely_as_sdpa_bf16():
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
 def test_a_swap_recompute_plan_on_fa4_equals_the_plain_run(packed):
-    stream = np.random.default_rng(1).integers(0, MODEL.vocab_size, sum(DOCUMENTS))
-    offsets = np.concatenate([[0], np.cumsum(DOCUMENTS)])
-    documents = PackedDocuments(stream, *pack(offsets, 4096), 4096, 0.0)
-    rows = [documents.window(i) for i in range(documents.num_train)]
-    tokens, targets, positions = (torch.from_numpy(np.stack([getattr(r, key) for r in rows])).cuda()
-                                  for key in ("tokens", "targets", "positions"))
+    _, _, tokens, targets, positions, layout = packed_micro_batch(MODEL.vocab_size)
     torch.manual_seed(0)
     plain = LlamaModel(MODEL).cuda().to(torch.bfloat16)
     attention.install(plain, "fa4", False, torch.device("cuda"), torch.bfloat16)
     planned = copy.deepcopy(plain)
     tokenwise.apply(planned, tokenwise.Config(), layer_plans({1: (0.25, 0.5, 0.25), 2: (0.5, 0.0, 0.5, True)}))
-    extra = {"positions": positions, "documents": documents.layout(rows)} if packed else {}
+    extra = {"positions": positions, "documents": layout} if packed else {}
     losses = []
     for model in (plain, planned):
         loss = model(tokens, targets=targets, **extra)

@@ -53,21 +53,28 @@ def test_flex_document_attention_equals_each_document_alone(dtype, tolerance):
         assert (got - expected).abs().max().item() <= tolerance * expected.abs().max().item()
 
 
-@pytest.mark.parametrize("with_plan", [False, True], ids=["plain", "swap_recompute_plan"])
-def test_a_packed_micro_batch_on_flex_equals_each_document_alone(with_plan):
-    stream = np.random.default_rng(1).integers(0, MODEL.vocab_size, sum(DOCUMENTS))
-    offsets = np.concatenate([[0], np.cumsum(DOCUMENTS)])
-    packed = PackedDocuments(stream, *pack(offsets, 4096), 4096, 0.0)
+def packed_micro_batch(vocab_size: int, documents=DOCUMENTS, seq_len: int = 4096):
+    """DOCUMENTS of random tokens packed into rows of seq_len on the GPU: (token stream, document offsets, tokens,
+    targets, positions, the rows' DocumentLayout)."""
+    stream = np.random.default_rng(1).integers(0, vocab_size, sum(documents))
+    offsets = np.concatenate([[0], np.cumsum(documents)])
+    packed = PackedDocuments(stream, *pack(offsets, seq_len), seq_len, 0.0)
     rows = [packed.window(i) for i in range(packed.num_train)]
     tokens, targets, positions = (torch.from_numpy(np.stack([getattr(r, key) for r in rows])).cuda()
                                   for key in ("tokens", "targets", "positions"))
+    return stream, offsets, tokens, targets, positions, packed.layout(rows)
+
+
+@pytest.mark.parametrize("with_plan", [False, True], ids=["plain", "swap_recompute_plan"])
+def test_a_packed_micro_batch_on_flex_equals_each_document_alone(with_plan):
+    stream, offsets, tokens, targets, positions, layout = packed_micro_batch(MODEL.vocab_size)
     torch.manual_seed(0)
     model = LlamaModel(MODEL).cuda()
     reference = copy.deepcopy(model)
     if with_plan:
         tokenwise.apply(model, tokenwise.Config(), layer_plans({1: (0.25, 0.5, 0.25), 2: (0.5, 0.0, 0.5, True)}))
     predicted = int((targets != -100).sum())
-    loss = model(tokens, targets=targets, positions=positions, documents=packed.layout(rows)) * predicted
+    loss = model(tokens, targets=targets, positions=positions, documents=layout) * predicted
     loss.backward()
     total = 0
     for start, stop in zip(offsets[:-1], offsets[1:]):
