@@ -62,9 +62,9 @@ class LocalHead:
             self.process.wait(10)
 
 
-def start_head(num_cpus: int, log_file: Path) -> LocalHead:
-    """Start the head on 127.0.0.1 and wait until it has recorded its address (one line naming the log if it
-    does not start). Token authentication is on for the head and this process, as `ray.init` has it for a new
+def start_head(num_cpus: int) -> LocalHead:
+    """Start the head on 127.0.0.1 and wait until it has recorded its address (one line naming its log and Ray's
+    session logs if it does not start). Token authentication is on for the head and this process, as `ray.init` has it for a new
     local cluster (Ray's own calls: the token is where Ray looks, ~/.ray/auth_token unless RAY_AUTH_TOKEN says)."""
     from ray._private.authentication.authentication_token_setup import (enable_token_auth_by_default,
                                                                         ensure_token_if_auth_enabled)
@@ -72,6 +72,7 @@ def start_head(num_cpus: int, log_file: Path) -> LocalHead:
     enable_token_auth_by_default()
     ensure_token_if_auth_enabled(None, create_token_if_missing=True)
     temp_dir = Path(tempfile.mkdtemp(prefix="lt-", dir=_ray_temp_root()))  # short: Ray's socket paths below it
+    log_file = temp_dir / "ray_start.log"  # here, not in the run directory: a run that did not start removes that
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",   # must fit AF_UNIX's
                "--node-ip-address=127.0.0.1", "--port=0", "--include-dashboard=false",     # 107 bytes
                "--dashboard-agent-listen-port=0", "--min-worker-port=0", "--max-worker-port=0",
@@ -87,7 +88,8 @@ def start_head(num_cpus: int, log_file: Path) -> LocalHead:
             LocalHead(process, temp_dir, "").stop()
             why = f"exited with code {process.returncode}" if process.returncode is not None else \
                 f"did not start within {START_TIMEOUT_SECONDS:.0f} s"
-            raise LongtrainError(f"the local Ray head ({' '.join(command[3:6])} ...) {why}; see {log_file}")
+            raise LongtrainError(f"the local Ray head ({' '.join(command[3:6])} ...) {why}; see {log_file} and "
+                                 f"Ray's logs under {temp_dir}/session_latest/logs (raylet.err, dashboard_agent.log)")
         time.sleep(0.1)
     return LocalHead(process, temp_dir, address_file.read_text().strip())
 

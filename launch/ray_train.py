@@ -55,7 +55,7 @@ def connect(cluster: ClusterConfig, log_dir: Path) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     _route_ray_logs(log_dir / "ray_driver.log")
     try:
-        _init(cluster, {"env_vars": worker_env(cluster)}, log_dir)
+        _init(cluster, {"env_vars": worker_env(cluster)})
         if cluster.use_gpu is None and cluster.address != "local":
             cluster.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         cluster.use_gpu = uses_cuda(cluster)
@@ -80,12 +80,12 @@ def disconnect() -> None:
         head.stop()
 
 
-def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]], log_dir: Path) -> None:
+def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None:
     global _local_head
     if cluster.address == "local":
         needed = cluster.num_workers * cluster.cpus_per_worker
         with loopback.loopback_only():
-            _local_head = start_head(max(os.cpu_count() or 1, needed), log_dir / "ray_head.log")
+            _local_head = start_head(max(os.cpu_count() or 1, needed))
             ray.init(address=_local_head.address, _node_ip_address=loopback.LOOPBACK, log_to_driver=False,
                      logging_level=logging.WARNING, runtime_env=_local_runtime_env(runtime_env or {}))
         loopback.check()

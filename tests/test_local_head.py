@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 DRIVER = """
 import os, sys, time
+from pathlib import Path
 import ray
 from launch.ray_train import connect, disconnect
 from spec.config import load_job_config
