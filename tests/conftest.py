@@ -16,7 +16,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from spec.config import ModelConfig, load_job_config
 
+os.environ.setdefault("RAY_worker_niceness", "0")
+"""Ray starts its workers at nice 15; beside a test computing in its own process (two files run at a time) a Ray
+run's workers then got ~5% of a core and stalled for minutes. Inherited by every Ray a test starts."""
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files with `slow` tests (Ray and DeepSpeed runs) first, each file's tests kept together and in order: the
+    suite runs two files at a time (pytest-xdist, `--dist loadfile` in pyproject.toml), and a long file started last
+    would run alone while the other worker sits idle."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture
