@@ -11,6 +11,8 @@ own session: a Ctrl-C at the terminal reaches only the driver, which stops the r
 (`stop`); a driver that dies without stopping it leaves the head to `launch.guard`, as the head is below the driver.
 """
 
+import atexit
+import ctypes
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ HEAD_ENV = {"AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0", "RAY_GR
 two variables choose; 0: a free one (nothing of a local run scrapes them). On SIGTERM `ray start` drains the node
 for up to 30 s first (for Ray Serve's proxies); a private run has nothing to drain: 0 ends it at once."""
 START_TIMEOUT_SECONDS = 120.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_TIMEOUT_SECONDS = 30.0
 
 
@@ -43,7 +46,11 @@ class LocalHead:
 
     def stop(self) -> None:
         """SIGTERM: `ray start --block` then ends its Ray processes itself (Ray's own shutdown); any left after 30 s
-        are killed. The temp dir stays, with Ray's session logs, as `ray.init`'s sessions stay in /tmp/ray."""
+        are killed. The temp dir stays, with Ray's session logs, as `ray.init`'s sessions stay in /tmp/ray. Again
+        (at exit): nothing to do."""
+        atexit.unregister(self.stop)
+        if self.process.poll() is not None:  # ended and reaped: its pid may be another process's now
+            return
         tree = _tree(self.process.pid)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -64,8 +71,9 @@ class LocalHead:
 
 def start_head(num_cpus: int) -> LocalHead:
     """Start the head on 127.0.0.1 and wait until it has recorded its address (one line naming its log and Ray's
-    session logs if it does not start). Token authentication is on for the head and this process, as `ray.init` has it for a new
-    local cluster (Ray's own calls: the token is where Ray looks, ~/.ray/auth_token unless RAY_AUTH_TOKEN says)."""
+    session logs if it does not start). Token authentication is on for the head and this process, as `ray.init`
+    has it for a new local cluster (Ray's own calls: the token is where Ray looks, ~/.ray/auth_token unless
+    RAY_AUTH_TOKEN says)."""
     from ray._private.authentication.authentication_token_setup import (enable_token_auth_by_default,
                                                                         ensure_token_if_auth_enabled)
 
@@ -79,8 +87,8 @@ def start_head(num_cpus: int) -> LocalHead:
                f"--ray-client-server-port={_free_port()}",  # `ray start` always starts one; its default: 10001
                f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     with open(log_file, "ab") as log:
-        process = subprocess.Popen(command, env=dict(os.environ, **HEAD_ENV), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   start_new_session=True, close_fds=True)
+        process = subprocess.Popen(command, env=dict(os.environ, **HEAD_ENV), stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=log, start_new_session=True, close_fds=True, preexec_fn=_end_with_parent)
     address_file = temp_dir / "ray_current_cluster"  # what `ray start` writes once the head runs
     deadline = time.time() + START_TIMEOUT_SECONDS
     while not (address_file.exists() and address_file.read_text().strip()):
@@ -91,7 +99,17 @@ def start_head(num_cpus: int) -> LocalHead:
             raise LongtrainError(f"the local Ray head ({' '.join(command[3:6])} ...) {why}; see {log_file} and "
                                  f"Ray's logs under {temp_dir}/session_latest/logs (raylet.err, dashboard_agent.log)")
         time.sleep(0.1)
-    return LocalHead(process, temp_dir, address_file.read_text().strip())
+    head = LocalHead(process, temp_dir, address_file.read_text().strip())
+    atexit.register(head.stop)  # a driver ending on an uncaught exception, before `stop`
+    return head
+
+
+def _end_with_parent() -> None:
+    """In the head's process before `ray start` runs: SIGTERM when the driver ends, however it ends (os._exit
+    after a Ctrl-C, SIGKILL), and `ray start` then stops its Ray processes (PR_SET_PDEATHSIG; Ray's own children
+    share its fate the same way). `ray.init`'s head shared the driver's fate like this; `launch.guard` stays the
+    second line."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:
