@@ -5,14 +5,14 @@ kernels queue ahead only if nothing in the step waits for the GPU. Skipped witho
 
 torch.cuda.set_sync_debug_mode("error") turns every synchronising call (.item(), a device-to-host copy, nonzero,
 a stream or event wait) into an error naming it. The first step runs outside the check (allocator, cuDNN and
-compilation set-up); the second is checked: the plain layer, a swap / recompute plan (the copy streams), and the
-fused elementwise kernels.
+compilation set-up); the second is checked: the plain layer, a swap / recompute plan (the copy streams), the
+fused elementwise kernels, and FlashAttention-4 (where its package is installed).
 """
 
 import pytest
 import torch
 
-from orchestrator import elementwise
+from orchestrator import attention, attention_fa4, elementwise
 from orchestrator.memory import tokenwise
 from orchestrator.model import LlamaModel
 from spec.config import ModelConfig
@@ -23,10 +23,15 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 MODEL = ModelConfig(vocab_size=512, hidden_size=256, num_layers=3, num_heads=8, num_kv_heads=2, intermediate_size=512)
 
 
-@pytest.mark.parametrize("setup", ["plain", "swap_recompute_plan", "fused_elementwise"])
+@pytest.mark.parametrize("setup", ["plain", "swap_recompute_plan", "fused_elementwise", "fa4"])
 def test_a_step_does_not_synchronise_with_the_host(setup):
     torch.manual_seed(0)
     model = LlamaModel(MODEL).cuda().to(torch.bfloat16)
+    if setup == "fa4":
+        reason = attention_fa4.unavailable(torch.device("cuda"), torch.bfloat16)
+        if reason is not None:
+            pytest.skip(reason)
+        attention.install(model, "fa4", False, torch.device("cuda"), torch.bfloat16)
     if setup == "swap_recompute_plan":
         tokenwise.apply(model, tokenwise.Config(), layer_plans([(0.25, 0.5, 0.25), (0.0, 1.0, 0.0, True),
                                                                 (0.5, 0.0, 0.5)]))
