@@ -59,7 +59,8 @@ def test_cpu_quick_run_writes_a_loadable_profile_with_positive_rates(tmp_path, c
     debug = load_job_config(None, []).model
     predicted = sum(t.bytes_per_token for t in layer_saved_tensors(debug, 4))
     assert measured.layer_saved_bytes_per_token == pytest.approx(predicted, rel=0.05)
-    assert set(measured.skipped) == {"pcie", "nccl"}
+    assert set(measured.skipped) == {"pcie", "nccl", "attention_fa4"}
+    assert "CUDA" in measured.skipped["attention_fa4"]
     assert profile.host_memory_gib > 0 and profile.device_memory_gib > 0
     # the planner can use it: its layer overhead comes from the measured (debug-shaped, fp32) layer
     overhead = fitted_layer_overhead(profile)
@@ -94,7 +95,13 @@ def test_gpu_quick_run_measures_every_rate(tmp_path):
     assert main(["profile", "hardware", "--quick", "--out", str(out)]) == 0
     profile = load_profile(out)
     measured = profile.measured
+    from orchestrator import attention_fa4
+
     expected_skips = {"nccl"} if torch.cuda.device_count() < 2 else set()
+    if attention_fa4.unavailable(torch.device("cuda"), torch.bfloat16) is not None:
+        expected_skips.add("attention_fa4")
+    else:
+        assert measured.attention_kernel_speedup["fa4"] > 0.5
     assert set(measured.skipped) == expected_skips, measured.skipped
     assert measured.matmul_bf16_tflops > 50 and measured.matmul_fp32_tflops > 5
     assert min(measured.attention_fwd_bwd_tflops_by_seq_len.values()) > 50

@@ -2,7 +2,8 @@
 
 What is measured, each one after a warm-up, median of several timed runs (CUDA events on a GPU, perf_counter on
 CPU): bf16 and fp32 matmul; causal attention forward + backward (`scaled_dot_product_attention`, is_causal,
-causal FLOPs halved as `attention_fwd_bwd_tflops_by_seq_len` always was); one `DecoderLayer` of the configured
+causal FLOPs halved as `attention_fwd_bwd_tflops_by_seq_len` always was) and, where FlashAttention-4 runs, its rate
+over SDPA's at the longest of those lengths (`attention_kernel_speedup`); one `DecoderLayer` of the configured
 shape forward + backward and the bytes per token it saves for backward (saved_tensors_hooks, storages counted
 once); pinned and pageable host<->device copies each way and both ways at once (two streams); device and host
 memory; NCCL all-reduce and all-to-all bus bandwidth when at least two GPUs are visible (one process per GPU).
@@ -152,6 +153,35 @@ def measure_attention(result: Measurement, device, dtype, seq_len: int, heads: i
     result.measured.setdefault("attention_fwd_bwd_tflops_by_seq_len", {})[seq_len] = _round_rate(tflops)
     result.report(f"attention fwd+bwd causal {heads}x{head_dim} seq {seq_len}",
                   f"{_rate(tflops)}  ({seconds * 1e3:.1f} ms)")
+
+
+def measure_attention_kernels(result: Measurement, device, dtype, seq_len: int, heads: int, head_dim: int,
+                              repeats: int) -> None:
+    """Each train.attention_kernel other than sdpa against SDPA, forward + backward on the same q, k, v laid out as
+    the model's projections make them ([B, S, H, D] storage): `attention_kernel_speedup` (what the planner scales
+    SDPA's rates by). A kernel that cannot run here is recorded under `skipped` with the reason."""
+    import torch
+
+    from orchestrator import attention_fa4
+    from orchestrator.attention import causal_attention
+
+    reason = attention_fa4.unavailable(device, dtype)
+    if reason is not None:
+        result.skipped["attention_fa4"] = reason
+        return
+    q, k, v, grad = (torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+                     for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    seconds = {}
+    for kernel in ("sdpa", "fa4"):
+        seconds[kernel] = median_seconds(
+            lambda kernel=kernel: torch.autograd.grad(causal_attention(q, k, v, kernel), (q, k, v), grad),
+            device.type == "cuda", repeats)
+    speedup = round(seconds["sdpa"] / seconds["fa4"], 3)
+    result.measured.setdefault("attention_kernel_speedup", {})["fa4"] = speedup
+    result.report(f"attention fwd+bwd causal {heads}x{head_dim} seq {seq_len}, fa4 / sdpa",
+                  f"{speedup:.2f}x  ({seconds['fa4'] * 1e3:.1f} ms against {seconds['sdpa'] * 1e3:.1f} ms)")
 
 
 def measure_layer(result: Measurement, device, dtype, model, seq_len: int, repeats: int, saved_bytes: bool) -> None:
