@@ -10,7 +10,8 @@ each chunk's logits, their fp32 copy and cross-entropy's saved log-softmax and g
   MLP) with its working set, the same as a plan's whole-layer checkpoint (`schedule.layer_block_buffers(checkpoint=
   True)`), and the loss's chunk at the head; + the layer inputs DeepSpeed's offload engine holds on the GPU
   (`DEEPSPEED_INPUTS_ON_GPU`), alive at the head and through the last layer's backward.
-- Host: every layer's input, hidden x 2 bytes a token, plus the offloaded optimizer.
+- Host: every layer's input but the last (never offloaded, `DEEPSPEED_INPUTS_ON_GPU`), hidden x 2 bytes a token,
+  plus the offloaded optimizer.
 - Time: every layer's forward twice and its backward once (the tiled MLP's extra forward in its backward), the head
   3x (the loss runs its backward inside its forward), the offloaded optimizer's step; the copies to the host hidden
   on the engine's side stream, the copies back not: each is made when its layer's backward starts.
@@ -76,7 +77,7 @@ def predict_alst(job: JobConfig, profile: HardwareProfile) -> AlstPrediction:
     fetched = (job.model.num_layers - held) * input_bytes / cost.pcie_bytes_per_second()
     step = (sum(2 * layer.forward_seconds + layer.backward_seconds for layer in layers) + 3 * cost.head_seconds()
             + fetched + whole_job.optimizer_step_seconds(cost)) * job.train.grad_accum_steps
-    inputs = job.model.num_layers * input_bytes
+    inputs = (job.model.num_layers - 1) * input_bytes  # the newest input is never offloaded
     host_static = whole_job.host_static_bytes(job, cost.element_bytes)
     return AlstPrediction(
         step_seconds=step, mfu=cost.step_flops_per_gpu() / (step * profile.peak_tflops(precision) * 1e12),

@@ -86,11 +86,11 @@ def test_a_tiled_mlp_saves_no_mlp_intermediate_and_shrinks_the_layer_working_set
     assert tiled.mlp_tile_bytes == 4096 * 14336 * 2
 
 
-def test_alst_keeps_every_layer_input_on_the_host():
+def test_alst_keeps_every_layer_input_but_the_newest_on_the_host():
     job = _job("data.seq_len=131072", "model.lora.rank=16", "train.activation_checkpointing=alst",
                "train.zero_stage=3")
     prediction = predict_alst(job, load_profile("h200_1x_lent"))
-    assert prediction.host_gib == pytest.approx(32 * 131072 * 4096 * 2 / GIB)
+    assert prediction.host_gib == pytest.approx(31 * 131072 * 4096 * 2 / GIB)  # the newest is never offloaded
     assert prediction.fits and prediction.binding().startswith("host memory")
 
 
