@@ -135,9 +135,10 @@ def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, La
         block = solve_layout(layer_block_buffers(plain[i], compact=compact[i] if compressed[i] else None),
                              job.plan.time_limit_seconds)
     forward_bytes, backward_bytes, block = _block_halves(job, decisions, plain, inputs, block)
+    looked_up = [not bytes_kept for bytes_kept in inputs.input_bytes]
     step = solve_layout(step_buffers(layers, decisions, forward_bytes, cost.head_and_loss_bytes(), factors,
-                                     head_reuses_block=True, backward_block_bytes=backward_bytes),
-                        job.plan.time_limit_seconds)
+                                     head_reuses_block=True, backward_block_bytes=backward_bytes,
+                                     looked_up=looked_up), job.plan.time_limit_seconds)
     plan = _assemble(job, profile, cost, policy, block, step)
     # compressed layers keep their compact forms in the caching allocator: the arena regions hold plain roles
     partly_kept = {d.layer for d in policy.decisions

@@ -49,6 +49,7 @@ from planner import whole_job
 from planner.cost_model import PLANNER_COMPRESSION, CostModel, LayerCost
 from planner.layout import LayoutResult, solve_layout
 from planner.schedule import layer_block_buffers, layer_input_bytes
+from spec.activations import input_looked_up_again
 from spec.plan import LayerPlan, compression_spec
 from planner.solver import make_solver, solve_quietly, solver_name, status_name
 from spec.units import GIB
@@ -130,7 +131,7 @@ class PolicyInputs:
     head_bytes: float = 0.0
     """The LM head and loss buffers, alive when no layer's working set is (`static_bytes` leaves them out)."""
     input_bytes: List[float] = field(default_factory=list)
-    """I_i: each layer's input, all a checkpointed layer keeps."""
+    """I_i: each layer's input, all a checkpointed layer keeps (0: looked up again, `input_looked_up_again`)."""
     checkpoint_block_bytes: List[float] = field(default_factory=list)
     """Each layer's working set in backward when checkpointed (its forward replayed whole before it); empty: no
     layer may be checkpointed."""
@@ -182,7 +183,8 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
         if compact else [],
         compress=compress, compression_spec=compression_spec(settings) if settings else "none",
         sparse=tuple(layer.keep_share < 1 for layer in layers),
-        input_bytes=[layer_input_bytes(layer) for layer in layers],
+        input_bytes=[0.0 if input_looked_up_again(i, zero_stage) else layer_input_bytes(layer)
+                     for i, layer in enumerate(layers)],
         replay_seconds=[layer.checkpoint_seconds for layer in layers],
         checkpoint_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds, "backward")],
         checkpoint_forward_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds,
@@ -348,6 +350,8 @@ def _checkpoint_rules(problem: pulp.LpProblem, p: PolicyInputs, i: int, ckpt, ck
     block, block_fwd, staging_bwd = memory
     problem += ckpt_off[i] <= ckpt[i]
     problem += ckpt_off[i] <= offload[i]
+    if p.input_bytes and not p.input_bytes[i]:  # nothing kept: nothing in host memory either
+        problem += ckpt_off[i] == 0
     problem += ckpt_off[i] >= ckpt[i] + offload[i] - 1
     problem += ckpt[i] + comp[i] <= 1
     problem += staging_bwd >= (2 * p.skeletal_bytes[i] * offload[i]

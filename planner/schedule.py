@@ -157,13 +157,15 @@ def kept_token_wise_bytes(layer: LayerCost, swap_fraction: float, recompute_frac
 
 def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[LayerPlan], block_bytes: int, head_bytes: float,
                  compression_factor: Sequence[float], head_reuses_block: bool = False,
-                 backward_block_bytes: int = 0) -> List[Buffer]:
+                 backward_block_bytes: int = 0, looked_up: Sequence[bool] = ()) -> List[Buffer]:
     """Level 2: buffers across the whole step, given each layer's cost (a compressed layer has smaller token-wise
     tensors, a token-eliminated one smaller attention tensors) and decision (keep, swap, offload_skeletal,
     checkpoint_layer). `head_reuses_block`: the layer block is two buffers, forward (`block_bytes`) and backward
     (`backward_block_bytes`, or the same), so the head's buffers may take its room (the planner's; a bench of
     layers alone, which has no head, keeps one). A checkpointed layer's input in host memory comes back when its
-    own backward starts, not one layer ahead (`orchestrator.memory.tokenwise`)."""
+    own backward starts, not one layer ahead (`orchestrator.memory.tokenwise`). `looked_up`: per layer, a
+    checkpointed layer's input is looked up again in its replay (`spec.activations.input_looked_up_again`): it
+    exists only during that layer's backward."""
     num_layers = len(decisions)
     last = 2 * num_layers + 1
     block = ([Buffer("layer_block", -1, align(block_bytes), 0, num_layers),
@@ -178,7 +180,9 @@ def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[LayerPlan], bl
                         * compression_factor[i])
         kept = kept_token_wise_bytes(layer, decision.swap_fraction, decision.recompute_fraction)
         skeletal = align(layer_input_bytes(layer) if decision.checkpoint_layer else layer.skeletal_bytes)
-        if decision.offload_skeletal:
+        if decision.checkpoint_layer and i < len(looked_up) and looked_up[i]:
+            buffers.append(Buffer("input_again", i, skeletal, backward, backward + 1))
+        elif decision.offload_skeletal:
             buffers += [Buffer("skeletal_out", i, skeletal, forward, forward + 2),
                         Buffer("skeletal_in", i, skeletal, backward - (not decision.checkpoint_layer), backward + 1)]
         else:

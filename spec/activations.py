@@ -45,6 +45,13 @@ FRACTION_DECIMALS = 4
 """Plan files carry fractions rounded to this many decimals; layouts are computed from the rounded values."""
 
 
+def input_looked_up_again(layer_index: int, zero_stage: int) -> bool:
+    """A layer replayed whole whose input is the embedding's output (layer 0) keeps nothing of it: the replay looks
+    the token ids up again (`orchestrator.memory.tokenwise.EmbeddingSource`; exact, the embedding does not change
+    within a step). Not under ZeRO-3, whose partitioned embedding weight is whole only inside its module's call."""
+    return layer_index == 0 and zero_stage < 3
+
+
 def token_ranges(swap_fraction: float, recompute_fraction: float, seq_len: int) -> Tuple[int, int, int]:
     """(kept, swapped, recomputed) tokens of a sequence; swap and recompute rounded to whole tokens, the rest kept."""
     swapped = int(round(swap_fraction * seq_len))

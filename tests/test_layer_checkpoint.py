@@ -123,9 +123,53 @@ def test_a_checkpointed_layer_keeps_only_its_input_and_attends_twice(monkeypatch
     assert len(calls) == 3
     assert [sorted(record.roles) for record in runtime.pending] == [["layer_input"]] * 3
     element = next(model.parameters()).element_size()
-    assert runtime.pool.bytes == 3 * BATCH * SEQ_LEN * job.model.hidden_size * element
+    # layer 0's input is the embedding's output: looked up again in its replay, not kept
+    assert runtime.pool.bytes == 2 * BATCH * SEQ_LEN * job.model.hidden_size * element
+    assert runtime.pending[0].roles["layer_input"].again is not None
     loss.backward()
     assert len(calls) == 6 and not runtime.pending
+
+
+@pytest.mark.parametrize("partitioned", [False, True])
+def test_layer_0s_input_is_looked_up_again_bitwise_unless_the_embedding_is_partitioned(partitioned, monkeypatch):
+    """Replayed whole, layer 0 keeps nothing of its input (the embedding's output): the replay looks the ids up
+    again, and the loss and every gradient (the embedding's too) are bitwise those of keeping it. A ZeRO-3
+    partitioned embedding (`ds_id`) is whole only inside its call: the input is kept then, as the planner counts
+    (`spec.activations.input_looked_up_again`). ~1 s."""
+    job = _job()
+    inputs, targets = _batch()
+    kept = _model(job)
+    kept_runtime = _apply(kept, [checkpointed(i, False) for i in range(3)])
+    kept.embed._forward_hooks.clear()  # the runtime as before: every input kept
+    reference = loss_and_grads(kept, inputs, targets)
+    assert kept_runtime.embedding is None
+    looked_up = _model(job)
+    if partitioned:
+        looked_up.embed.weight.ds_id = 0
+    runtime = _apply(looked_up, [checkpointed(i, False) for i in range(3)])
+    stores = []
+    finalize = tokenwise._LayerHooks._finalize_checkpointed
+
+    def record_store(hooks):
+        finalize(hooks)
+        stores.append(hooks.record.roles["layer_input"])
+
+    monkeypatch.setattr(tokenwise._LayerHooks, "_finalize_checkpointed", record_store)
+    _assert_bitwise(reference, loss_and_grads(looked_up, inputs, targets))
+    assert [store.again is not None for store in stores] == [not partitioned, False, False]
+    assert (stores[0].whole is None) == (not partitioned)
+    assert not runtime.pending
+    alive = []  # after the forward: one layer input less when it is looked up again (less the ids it keeps)
+    for model in (kept, looked_up):
+        with StorageTracker() as tracker:
+            loss = model(inputs, targets=targets)
+        alive.append(tracker.live_bytes())
+        loss.backward()
+    layer_input = BATCH * SEQ_LEN * job.model.hidden_size * next(kept.parameters()).element_size()
+    if partitioned:
+        assert alive[0] == alive[1]
+    else:
+        assert alive[0] - alive[1] == pytest.approx(layer_input - inputs.numel() * 8, abs=64)
 
 
 def test_a_replayed_layers_host_input_is_fetched_when_its_backward_starts(monkeypatch):

@@ -34,13 +34,13 @@ def _plan(profile, *overrides):
 def test_the_mip_checkpoints_whole_layers_only_when_memory_is_short(profile):
     """4 Llama-3-8B layers on one H200, 16 GiB of host memory: at 128K everything stays; at 896K no policy of the
     token-wise split fits (a layer keeps its input and attention output at the least, 16 KB a token) and the MIP
-    replays layers whole."""
+    replays layers whole (layer 0 first: replayed, it keeps nothing, its input is looked up again)."""
     ample = _plan(profile, "data.seq_len=131072")
     assert not any(layer.checkpoint_layer for layer in ample.layers)
     short_job = load_job_config(None, [*FOUR_LAYERS, "data.seq_len=917504"])
     short = make_plan(short_job, profile).plan
     replayed = [layer for layer in short.layers if layer.checkpoint_layer]
-    assert len(replayed) >= 3
+    assert len(replayed) >= 2 and short.layers[0].checkpoint_layer
     assert all((layer.keep_fraction, layer.swap_fraction, layer.recompute_fraction) == (0.0, 0.0, 1.0)
                for layer in replayed)
     assert short.predicted["peak_gpu_gib"] <= short.predicted["gpu_budget_gib"]

@@ -208,3 +208,23 @@ def test_the_alst_peak_counts_the_inputs_deepspeeds_offload_engine_keeps_on_the_
         row = _measured_row(rows, step)
         assert prediction.peak_gpu_gib == pytest.approx(row["peak_allocated_gib"], rel=0.05)
         assert prediction.host_gib == pytest.approx(row["host_rss_gib"], rel=0.10)
+
+
+def test_a_replayed_layer_0_keeps_nothing_of_its_input_unless_zero_3():
+    """Layer 0's input is the embedding's output: replayed whole, the runtime looks the ids up again, so the plan
+    counts no bytes for it (GPU or host), only the lookup's output during its own backward; under ZeRO-3 the
+    runtime keeps it and the plan counts it."""
+    from planner.planning import predict_decisions
+    from spec.plan import LayerPlan
+
+    profile = load_profile("h200_1x_lent")
+    for stage in (2, 3):
+        job = _llama3_job("longtrain", 262144, [f"train.zero_stage={stage}"])
+        cost = CostModel(job, profile, "bf16")
+        inputs = policy_inputs(cost, stage, 0)
+        assert (inputs.input_bytes[0] == 0) == (stage < 3) and inputs.input_bytes[1] == 262144 * 4096 * 2
+    decisions = [LayerPlan(i, 0.0, 0.0, 1.0, offload_skeletal=True, checkpoint_layer=True) for i in range(32)]
+    plan = predict_decisions(_llama3_job("longtrain", 262144), profile, decisions)
+    assert plan.predicted["host_gib"] == pytest.approx(31 * 2.0, abs=0.01)  # 31 inputs of 2 GiB; layer 0's none
+    again = [b for b in plan.layout if b["name"] == "input_again"]
+    assert [(b["layer"], b["size_bytes"]) for b in again] == [(0, 262144 * 4096 * 2)]

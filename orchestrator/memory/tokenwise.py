@@ -24,10 +24,12 @@ prefetch, throttle) are `swap_stream`'s. A layer the plan checkpoints whole (`ch
 input, as a skeletal role, and replays its forward in backward (`layer_replay`); its input in host memory is fetched
 when its own backward starts, not one layer ahead: its backward (a whole forward and backward with attention) is
 far longer than the copy, and a prefetched input would sit on the GPU beside the replay's working set, at the peak.
+A checkpointed layer whose input is the embedding's output (layer 0) keeps nothing: its replay looks the token ids
+up again (`EmbeddingSource`), the same rows bit for bit (the embedding does not change within a step).
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -80,6 +82,8 @@ class _RoleStore:
     """Set when `host` holds int8 codes of the swapped slice instead of the slice."""
     whole: Optional[torch.Tensor] = None
     """Set when the role is not split (a skeletal tensor kept on the device)."""
+    again: Optional[Callable[[], torch.Tensor]] = None
+    """Set when nothing is stored: the tensor is made again (a replayed layer 0's input, `EmbeddingSource`)."""
     num_views: int = 0
 
 
@@ -123,6 +127,8 @@ class TokenwiseRuntime:
         self.pending: List[_LayerRecord] = []
         self.replaying: Optional[list] = None
         """Set while a checkpointed layer's forward is replayed: the layer's hooks then only capture."""
+        self.embedding: Optional[EmbeddingSource] = None
+        """The last embedding lookup of the model (`apply` hooks the model's embedding)."""
         self._generator = None
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -131,6 +137,31 @@ class TokenwiseRuntime:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.config.int8_swap_seed)
         return self._generator
+
+
+class EmbeddingSource:
+    """The model's last embedding lookup: its module, token ids and output storage, so a replayed layer whose input
+    is that output can look the ids up again instead of keeping it (on the GPU or in host memory). Not under ZeRO-3
+    (a partitioned embedding weight is whole only inside its module's call; `planner.schedule.layer_input_bytes`
+    counts the input then)."""
+
+    def __init__(self, module: torch.nn.Module, tokens: torch.Tensor, output: torch.Tensor):
+        self.module, self.tokens = module, tokens.detach()
+        self.storage = output.untyped_storage().data_ptr()
+
+    @staticmethod
+    def hook(runtime: "TokenwiseRuntime"):
+        def remember(module, args, output):
+            partitioned = hasattr(module.weight, "ds_id")  # DeepSpeed ZeRO-3
+            runtime.embedding = None if partitioned else EmbeddingSource(module, args[0], output)
+        return remember
+
+    def made(self, x: torch.Tensor) -> bool:
+        return x.untyped_storage().data_ptr() == self.storage and x.storage_offset() == 0
+
+    def again(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(self.tokens)
 
 
 class _LayerSplit:
@@ -236,7 +267,13 @@ class _LayerHooks:
         """Keep the layer input (whole, or its host copy) and the saved parameters; drop every other saved tensor,
         remembering its place in the order of saves for the replay."""
         record, x = self.record, self.tags[LAYER_INPUT]
-        record.roles[LAYER_INPUT] = _split(self.runtime, record, LAYER_INPUT, x)
+        source = self.runtime.embedding
+        if source is not None and source.made(x):  # layer 0: look the ids up again in the replay
+            record.roles[LAYER_INPUT] = _RoleStore(tuple(x.shape), tuple(x.stride()), x.dtype, x.device,
+                                                   again=source.again)
+        else:
+            record.roles[LAYER_INPUT] = _split(self.runtime, record, LAYER_INPUT, x)
+        self.runtime.embedding = None  # the lookup's tensors go with this forward
         weights, source = parameter_storages(record.layer), x.untyped_storage().data_ptr()
         for index, saved in enumerate(record.saved):
             storage = saved.tensor.untyped_storage().data_ptr()
@@ -365,6 +402,8 @@ def _restore(runtime: TokenwiseRuntime, record: _LayerRecord, role: str) -> torc
     store = record.roles[role]
     if store.whole is not None:
         return store.whole
+    if store.again is not None:
+        return store.again()
     out = torch.empty_strided(store.shape, store.stride, dtype=store.dtype, device=store.device)
     dim = _token_dim(role)
     kept = store.kept.shape[dim] if store.kept is not None else 0
@@ -441,6 +480,8 @@ def apply(model, config: Config, layers: Iterable[LayerPlan]) -> Optional[Tokenw
     runtime = TokenwiseRuntime(active, config)
     for index, layer in enumerate(model.layers):
         layer.activation_hooks = _LayerSplit(runtime, index) if index in active else None
+    if any(plan.checkpoint_layer for plan in active.values()) and hasattr(model, "embed"):
+        model.embed.register_forward_hook(EmbeddingSource.hook(runtime))
     return runtime
 
 
