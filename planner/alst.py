@@ -13,7 +13,8 @@ each chunk's logits, their fp32 copy and cross-entropy's saved log-softmax and g
 - Host: every layer's input but the last (never offloaded, `DEEPSPEED_INPUTS_ON_GPU`), hidden x 2 bytes a token,
   plus the offloaded optimizer.
 - Time: every layer's forward twice and its backward once (the tiled MLP's extra forward in its backward), the head
-  3x (the loss runs its backward inside its forward), the offloaded optimizer's step; the copies to the host hidden
+  once for the logits and once for their input gradient (the loss runs its backward inside its forward, the logits
+  made once), once more for the weight gradient if the head trains (not with LoRA), the offloaded optimizer's step; the copies to the host hidden
   on the engine's side stream, the copies back not: each is made when its layer's backward starts.
 """
 
@@ -75,7 +76,9 @@ def predict_alst(job: JobConfig, profile: HardwareProfile) -> AlstPrediction:
     activations = max(replay + static.adapter_activations / job.model.num_layers, loss) + held * input_bytes
     peak = calibrated_peak_bytes(profile, on_gpu, activations)
     fetched = (job.model.num_layers - held) * input_bytes / cost.pcie_bytes_per_second()
-    step = (sum(2 * layer.forward_seconds + layer.backward_seconds for layer in layers) + 3 * cost.head_seconds()
+    head_passes = 2 + (not job.model.lora.enabled)  # a frozen head has no weight gradient
+    step = (sum(2 * layer.forward_seconds + layer.backward_seconds for layer in layers)
+            + head_passes * cost.head_seconds()
             + fetched + whole_job.optimizer_step_seconds(cost)) * job.train.grad_accum_steps
     inputs = (job.model.num_layers - 1) * input_bytes  # the newest input is never offloaded
     host_static = whole_job.host_static_bytes(job, cost.element_bytes)
