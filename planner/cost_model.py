@@ -67,6 +67,8 @@ class LayerCost:
     exchange_seconds: float = 0.0
     """Ulysses' all-to-all of one pass (q, k, v to heads and the output back; in backward the same bytes as
     gradients), already in forward_seconds and backward_seconds once each; 0 without sequence parallelism."""
+    attention_kernel: str = "sdpa"
+    """train.attention_kernel: its backward's buffers beside dq differ (`schedule.gqa_expanded_bytes_per_token`)."""
 
     @property
     def checkpoint_seconds(self) -> float:
@@ -122,7 +124,8 @@ class CostModel:
     def attention_tflops(self, seq_len: int) -> float:
         measured = self.profile.measured
         table = measured.attention_fwd_bwd_tflops_by_seq_len if self.precision == measured.rates_precision else {}
-        sdpa = interpolate_log(table, seq_len) or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY
+        sdpa = (interpolate_log(table, seq_len)
+                or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY)
         return sdpa * measured.attention_kernel_speedup.get(self.job.train.attention_kernel, 1.0)
 
     def layer(self, keep_share: float = 1.0) -> LayerCost:
@@ -170,7 +173,8 @@ class CostModel:
             skeletal_bytes=sum(t.bytes_per_token for t in tensors if t.skeletal) * tokens,
             token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * tokens,
             tensors=tensors, tokens=tokens, element_bytes=self.element_bytes,
-            sequences=self.job.data.micro_batch_size, keep_share=keep_share, exchange_seconds=exchange)
+            sequences=self.job.data.micro_batch_size, keep_share=keep_share, exchange_seconds=exchange,
+            attention_kernel=self.job.train.attention_kernel)
 
     def exchange_bytes(self, keep_share: float = 1.0) -> float:
         """Bytes one GPU sends in one pass of Ulysses' all-to-all in one layer: its tokens of q, k and v (to every

@@ -109,12 +109,18 @@ _RESTORED = {f"{name}@bwd" for name in TOKEN_WISE}
 
 
 def gqa_expanded_bytes_per_token(layer: LayerCost, per_token: Dict[str, float]) -> float:
-    """FlashAttention's backward (PyTorch's `mha_bwd`, the kernel a GPU runs in half precision) with fewer key/value
-    heads than query heads writes dk and dv for every query head (two q-sized buffers) and sums them over each
-    group after, beside dq, its fp32 accumulator and the kv-sized dk, dv (level-1 events of their own). 0 without
-    grouped queries, and in fp32 (a CPU plan: no flash kernel)."""
+    """With fewer key/value heads than query heads, what the attention backward allocates beyond dq, its fp32
+    accumulator and the kv-sized dk, dv (level-1 events of their own): SDPA's kernels in half precision (cuDNN's on
+    an H200, measured by `docs/probes/gqa_attention_backward_memory.py`; FlashAttention's `mha_bwd`) write dk and dv
+    for every query head (two q-sized buffers) and sum them over each group after; FlashAttention-4 accumulates dk
+    and dv over the group in fp32 buffers of kv size (`flash_attn.cute.interface._flash_attn_bwd`'s dk_accum,
+    dv_accum). 0 without grouped queries, and in fp32 (a CPU plan: no flash kernel)."""
     grouped = per_token["k"] < per_token["q"] and layer.element_bytes == 2
-    return 2 * per_token["q"] if grouped else 0.0
+    if not grouped:
+        return 0.0
+    if layer.attention_kernel == "fa4":
+        return 2 * per_token["k"] * 4 / layer.element_bytes
+    return 2 * per_token["q"]
 
 
 def _level1(layer: LayerCost, checkpoint: bool) -> List[tuple]:

@@ -83,7 +83,8 @@ def layer_cost(cost, tensors, matmul_seconds: float, attention_seconds: float, s
         token_wise_bytes=sum(t.bytes_per_token for t in tensors if not t.skeletal) * tokens,
         tensors=tensors, tokens=tokens, element_bytes=cost.element_bytes,
         sequences=cost.job.data.micro_batch_size, keep_share=keep_share, mlp_tile_bytes=tile_bytes,
-        replay_seconds=forward - mlp, exchange_seconds=exchange_seconds)
+        replay_seconds=forward - mlp, exchange_seconds=exchange_seconds,
+        attention_kernel=cost.job.train.attention_kernel)
 
 
 def tile_tokens(model: ModelConfig) -> int:

@@ -146,3 +146,19 @@ def test_the_planner_prices_fa4_at_the_profiles_measured_ratio():
     inputs = {kernel: plan_inputs(job, h200, "bf16") for kernel, job in jobs.items()}
     assert "attention_kernel" not in inputs["sdpa"] and inputs["fa4"]["attention_kernel"] == "fa4"
     assert {k: v for k, v in inputs["fa4"].items() if k != "attention_kernel"} == inputs["sdpa"]
+
+
+def test_the_planner_counts_fa4s_grouped_query_backward_buffers():
+    """cuDNN's GQA backward writes dk and dv per query head (two q-sized bf16 buffers); FA4's accumulates them per
+    key/value head in fp32 (two kv-sized fp32 buffers): Llama-3-8B's 32 / 8 heads, 16 KB against 8 KB a token."""
+    from planner.planning import make_plan
+    from spec.hardware import load_profile
+
+    shape = ["model.preset=llama3-8b", "model.num_layers=2", "data.seq_len=8192", "data.micro_batch_size=1",
+             "cluster.num_workers=1"]
+    sizes = {}
+    for kernel in ("sdpa", "fa4"):
+        outcome = make_plan(load_job_config(None, [*shape, f"train.attention_kernel={kernel}"]), load_profile("h200"))
+        sizes[kernel] = next(b.size_bytes for b in outcome.layer_block.buffers if b.name == "grad_kv_expanded")
+    assert sizes["sdpa"] == 2 * 4096 * 2 * 8192
+    assert sizes["fa4"] == 2 * 8 * 128 * 4 * 8192
