@@ -16,8 +16,9 @@ PACKAGES = ("spec", "orchestrator", "planner", "launch", "longtrain")
 IMPORT_TO_DISTRIBUTION = {"yaml": "pyyaml", "ray": "ray", "pulp": "pulp", "grpc": "grpcio"}
 PROVIDED_BY_TORCH = {"triton"}
 """Imported only on CUDA machines, where the CUDA builds of torch bring it."""
-OPTIONAL_EXTRAS = {"wandb", "mlflow"}
-"""Imported only when installed and asked for (metrics.trackers); declared as extras, checked below."""
+OPTIONAL_EXTRAS = {"wandb": "wandb", "mlflow": "mlflow", "flash_attn": "fa4"}
+"""Import -> extra: imported only when installed and asked for (metrics.trackers, train.attention_kernel=fa4);
+declared as extras, checked below."""
 
 
 def _third_party_imports() -> set:
@@ -35,11 +36,11 @@ def _third_party_imports() -> set:
 def test_every_third_party_import_is_declared():
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=\[ ;]", requirement, maxsplit=1)[0].lower() for requirement in declared}
-    missing = sorted(module for module in _third_party_imports() - PROVIDED_BY_TORCH - OPTIONAL_EXTRAS
+    missing = sorted(module for module in _third_party_imports() - PROVIDED_BY_TORCH - set(OPTIONAL_EXTRAS)
                      if IMPORT_TO_DISTRIBUTION.get(module, module) not in names)
     assert not missing, f"imported but not in pyproject.toml dependencies: {missing}"
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert OPTIONAL_EXTRAS <= set(extras), "each optional tracker is an extra: pip install -e '.[wandb]'"
+    assert set(OPTIONAL_EXTRAS.values()) <= set(extras), "each optional import is an extra: pip install -e '.[wandb]'"
 
 
 @pytest.mark.slow
