@@ -58,15 +58,19 @@ class LocalHead:
                 self.process.wait(STOP_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
                 pass
-        left = [process for process in tree if _alive(process)]
-        for process in left:
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=10)
+        kill_processes([process for process in tree if _alive(process)], timeout=10)
         if self.process.poll() is None:
             self.process.wait(10)
+
+
+def kill_processes(processes: List[psutil.Process], timeout: float) -> None:
+    """SIGKILL each (one already gone is skipped) and wait up to `timeout` seconds for them all."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=timeout)
 
 
 def start_head(num_cpus: int) -> LocalHead:

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from launch.cli import main
+from launch.local_head import kill_processes
 
 pytestmark = pytest.mark.slow
 DASHBOARD = "http://127.0.0.1:8276"
@@ -71,13 +72,7 @@ def _kill_cluster(mark: str) -> None:
                 marked.update((p.pid, p) for p in [process, *process.children(recursive=True)])
         except (psutil.Error, OSError):  # gone meanwhile, or another user's
             continue
-    marked = list(marked.values())
-    for process in marked:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(marked, timeout=30)
+    kill_processes(list(marked.values()), timeout=30)
 
 
 def _cli(capsys, *args):
