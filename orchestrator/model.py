@@ -3,8 +3,8 @@
 Why our own: the memory techniques (swap, recompute, quantization, token elimination) need to decide, per layer,
 what each block saves for backward. So the layer is spelled out as explicit modules (`DecoderLayer`, its
 `Attention` and `MLP`), attention goes through one fused kernel (`orchestrator.attention`: PyTorch's SDPA, or
-FlashAttention-4 with train.attention_kernel=fa4), and the
-layers live in one `ModuleList` a technique can wrap one by one. Shapes: B batch, S tokens, H heads, D head dim.
+FlashAttention-4 with train.attention_kernel=fa4), and the layers live in one `ModuleList` a technique can wrap one
+by one. Shapes: B batch, S tokens, H heads, D head dim.
 Hugging Face's Llama, Mistral (without a sliding window) and Qwen2 (q/k/v biases) are this model
 (`model.architecture`); RoPE scaling for context extension is in `orchestrator.rope`.
 
