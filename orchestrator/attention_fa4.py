@@ -10,7 +10,8 @@ repeating them and compiles nothing per document length.
 Layout: the model's q, k, v are [B, H, S, D] views of [B, S, H, D] storage (the projections' output), which is FA4's
 own layout, so the kernel reads them in place and autograd saves the very tensors the token-wise runtime tagged (it
 finds saved tensors by storage); the output comes back [B, S, H, D] and is returned as a [B, H, S, D] view, as SDPA's
-is. The package is optional: where it cannot run, `unavailable` says why in one line.
+is. The package is optional: where it cannot run, `unavailable` says why in one line (checked once, by
+`orchestrator.attention.install`, not on every call).
 """
 
 from typing import List, Optional
@@ -47,15 +48,8 @@ def kernels():
     return _KERNELS
 
 
-def require(q: torch.Tensor) -> None:
-    reason = unavailable(q.device, q.dtype)
-    if reason is not None:
-        raise RuntimeError(f"train.attention_kernel=fa4: {reason}; or train.attention_kernel=sdpa")
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [B, H, S, D], k and v [B, Hkv, S, D] -> [B, H, S, D], causal."""
-    require(q)
     flash_attn_func, _ = kernels()
     out = _first(flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True))
     return out.transpose(1, 2)
@@ -65,7 +59,6 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
                        cumulative: torch.Tensor) -> torch.Tensor:
     """Causal attention within each segment: q [B, H, S, D], k and v [B, Hkv, S, D]; `lengths` per row (summing to
     S) and `cumulative` their running sums over all rows in order, int32 on q's device -> [B, H, S, D]."""
-    require(q)
     _, flash_attn_varlen_func = kernels()
     batch, heads, seq, dim = q.shape
     flat = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], t.shape[3]) for t in (q, k, v)]

@@ -63,10 +63,10 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     precision = resolve_precision(job.train.precision, use_cuda)
     plan = checked_plan(job, profile, precision)
     memory = apply_plan(model, plan, job.compression, job.token_elim, job.train)
-    elementwise.install(model, job.train.elementwise, torch.device("cuda" if use_cuda else "cpu"))
+    device = torch.device("cuda" if use_cuda else "cpu")
+    elementwise.install(model, job.train.elementwise, device)
     attention.install(model, job.train.attention_kernel,
-                      job.data.packs_documents and job.data.document_attention == "varlen",
-                      torch.device("cuda" if use_cuda else "cpu"),
+                      job.data.packs_documents and job.data.document_attention == "varlen", device,
                       torch.bfloat16 if precision == "bf16" else torch.float32)
     if sp_group is not None:
         sequence_parallel.install(model, sp_group, split_layers=memory.split_layers)

@@ -46,7 +46,6 @@ class _Reference:
 def reference(monkeypatch):
     kernels = _Reference()
     monkeypatch.setattr(attention_fa4, "_KERNELS", (kernels.causal, kernels.varlen))
-    monkeypatch.setattr(attention_fa4, "unavailable", lambda device, dtype: None)
     return kernels
 
 

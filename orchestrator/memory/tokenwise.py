@@ -267,10 +267,10 @@ class _LayerHooks:
         """Keep the layer input (whole, or its host copy) and the saved parameters; drop every other saved tensor,
         remembering its place in the order of saves for the replay."""
         record, x = self.record, self.tags[LAYER_INPUT]
-        source = self.runtime.embedding
-        if source is not None and source.made(x):  # layer 0: look the ids up again in the replay
+        embedding = self.runtime.embedding
+        if embedding is not None and embedding.made(x):  # layer 0: look the ids up again in the replay
             record.roles[LAYER_INPUT] = _RoleStore(tuple(x.shape), tuple(x.stride()), x.dtype, x.device,
-                                                   again=source.again)
+                                                   again=embedding.again)
         else:
             record.roles[LAYER_INPUT] = _split(self.runtime, record, LAYER_INPUT, x)
         self.runtime.embedding = None  # the lookup's tensors go with this forward
