@@ -26,11 +26,11 @@ def check_job(job: JobConfig) -> None:
     """Raise a one-line `LongtrainError` for the first rule the job breaks (its config is already valid)."""
     _check_cluster_address(job)
     _check_local_devices(job)
+    _check_attention_kernel(job)  # before the data: preparing documents writes their cache
     _check_data(job)
     _check_profile(job)
     _check_plan(job)
     _check_activation_checkpointing(job)
-    _check_attention_kernel(job)
     _check_predictors(job)
     _check_deepspeed_extra(job)
     check_whole_job(job)  # host memory for the plan and the offload, CPU Adam, peft

@@ -161,3 +161,12 @@ def test_the_planner_counts_fa4s_grouped_query_backward_buffers():
         sizes[kernel] = next(b.size_bytes for b in outcome.layer_block.buffers if b.name == "grad_kv_expanded")
     assert sizes["sdpa"] == 2 * 4096 * 2 * 8192
     assert sizes["fa4"] == 2 * 8 * 128 * 4 * 8192
+
+
+def test_varlen_on_cpu_workers_is_refused_before_the_documents_are_prepared(tmp_path, monkeypatch):
+    monkeypatch.setattr("launch.preflight._check_local_devices", lambda job: None)
+    job = load_job_config(None, ["data.source=jsonl", f"data.path={tmp_path / 'x.jsonl'}", "data.tokenizer=t.json",
+                                 "data.document_attention=varlen", "metrics.hardware_profile=h200"])
+    with pytest.raises(ConfigError, match=r"^data.document_attention=varlen runs FlashAttention-4, which needs CUDA"):
+        check_job(job)
+    assert not any(tmp_path.iterdir())
