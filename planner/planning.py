@@ -21,7 +21,7 @@ from planner.cost_model import CostModel, calibrated_peak_bytes, largest_layer
 from spec.hardware import HardwareProfile
 from planner.layout import Buffer, LayoutResult, solve_layout
 from spec.plan import Plan, hash_inputs, parse_compression_spec, plan_inputs
-from planner.policy import (SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, exposed_copy_seconds, policy_inputs,
+from planner.policy import (SWAP_HIDDEN_FRACTION, PolicyInputs, PolicyResult, given_copies, policy_inputs,
                             solve_policy)
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 from spec.activations import FRACTION_DECIMALS
@@ -433,18 +433,8 @@ def predict_decisions(job: JobConfig, profile: HardwareProfile, decisions: List)
     cost = CostModel(job, profile, training_precision(profile))
     block = solve_layout(layer_block_buffers(largest_layer(cost.layers())), job.plan.time_limit_seconds)
     inputs = policy_inputs(cost, job.train.zero_stage, block.arena_bytes, False, job.plan.time_limit_seconds)
-    p, n = inputs, len(decisions)
-    kept = [p.input_bytes[i] if d.checkpoint_layer else p.skeletal_bytes[i] for i, d in enumerate(decisions)]
-    moved = [p.token_wise_bytes[i] * d.swap_fraction + kept[i] * d.offload_skeletal for i, d in enumerate(decisions)]
-    stalls = 0.0
-    for i, d in enumerate(decisions):
-        following = decisions[i + 1] if i + 1 < n else None
-        recompute_next = following.recompute_fraction if following and not following.checkpoint_layer else 0.0
-        replay_next = float(following.checkpoint_layer) if following else 0.0
-        stalls += max(0.0, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=False))
-        fetched = p.input_bytes[i] / p.pcie_bytes_per_second if d.checkpoint_layer and d.offload_skeletal else 0.0
-        stalls += max(0.0, fetched, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=True,
-                                                         replay_next=replay_next))
+    p = inputs
+    stalls, moved = given_copies(p, decisions)
     extra = sum(p.replay_seconds[i] if d.checkpoint_layer else p.recompute_seconds[i] * d.recompute_fraction
                 for i, d in enumerate(decisions))
     policy = PolicyResult(feasible=True, status="given", solver="none", solve_seconds=0.0, decisions=decisions,

@@ -41,7 +41,7 @@ Per-layer constants (F, B, R, T, K) differ where token elimination makes a layer
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import pulp
 
@@ -225,7 +225,7 @@ def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backwar
     """Seconds of layer i's host copies (`moved` bytes each way) not hidden behind the neighbouring compute: the
     next layer's forward, or in backward the next layer's backward, its recomputed share and its replayed forward
     when it is checkpointed (`replay_next`). Negative when hidden. Works on numbers and on the MIP's affine
-    expressions alike, so the MIP and `launch.measure.calibration.predict` share one formula.
+    expressions alike, so the MIP and `given_copies` (decisions already made) share one formula.
 
     The last layer has no next layer (MEMO's rule: nothing hides its copies): its copy out may run under the LM
     head's forward and backward (3 x head_seconds; the copy back waits for it on the one copy stream), and its copy
@@ -239,6 +239,25 @@ def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backwar
     else:
         neighbour = p.forward_seconds[i + 1] if i + 1 < n else 3 * p.head_seconds
     return moved * (1 / p.pcie_bytes_per_second) - p.swap_hidden_fraction * neighbour
+
+
+def given_copies(p: PolicyInputs, decisions: Sequence[LayerPlan]) -> Tuple[float, List[float]]:
+    """For decisions already made (a plan file, a bench row): the seconds their host copies leave exposed
+    (`exposed_copy_seconds` each way, a checkpointed layer's host input fetched when its backward starts) and each
+    layer's bytes moved each way."""
+    n = len(decisions)
+    kept = [p.input_bytes[i] if d.checkpoint_layer else p.skeletal_bytes[i] for i, d in enumerate(decisions)]
+    moved = [p.token_wise_bytes[i] * d.swap_fraction + kept[i] * d.offload_skeletal for i, d in enumerate(decisions)]
+    stalls = 0.0
+    for i, d in enumerate(decisions):
+        following = decisions[i + 1] if i + 1 < n else None
+        recompute_next = following.recompute_fraction if following and not following.checkpoint_layer else 0.0
+        replay_next = float(following.checkpoint_layer) if following else 0.0
+        stalls += max(0.0, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=False))
+        fetched = p.input_bytes[i] / p.pcie_bytes_per_second if d.checkpoint_layer and d.offload_skeletal else 0.0
+        stalls += max(0.0, fetched, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=True,
+                                                         replay_next=replay_next))
+    return stalls, moved
 
 
 def _build(p: PolicyInputs):

@@ -31,7 +31,7 @@ from planner.cost_model import CostModel, calibrated_peak_bytes
 from spec.hardware import Calibration, HardwareProfile
 from spec.plan import LayerPlan
 from planner.layout import solve_layout
-from planner.policy import exposed_copy_seconds, policy_inputs
+from planner.policy import given_copies, policy_inputs
 from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 from spec.units import GIB
 
@@ -162,13 +162,7 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[LayerPlan], profi
     block = solve_layout(layer_block_buffers(layer), LAYOUT_SECONDS)
     p = policy_inputs(cost, 0, block.arena_bytes)
     n = num_layers
-    stalls = 0.0
-    for i, decision in enumerate(decisions):
-        moved = (p.token_wise_bytes[i] * decision.swap_fraction
-                 + p.skeletal_bytes[i] * decision.offload_skeletal)
-        recompute_next = decisions[i + 1].recompute_fraction if i + 1 < n else 0.0
-        stalls += max(0.0, exposed_copy_seconds(p, i, moved, recompute_next, backward=False))
-        stalls += max(0.0, exposed_copy_seconds(p, i, moved, recompute_next, backward=True))
+    stalls, _ = given_copies(p, decisions)
     recomputed = sum(d.recompute_fraction for d in decisions)
     # a dense layer's forward = matmul + attention parts (the bench job has no token elimination)
     attention_forward = layer.forward_seconds - layer.recompute_seconds
