@@ -46,8 +46,9 @@ def watch(driver_pid: int, mark: str) -> None:
         if not left:
             return
         for process in left:
-            print(f"guard: driver {driver_pid} has ended; killing {process.pid} ({_name(process)})", flush=True)
+            name = _name(process)
             _kill(process)
+            _log(f"guard: driver {driver_pid} has ended; killed {process.pid} ({name})")
         psutil.wait_procs(left, timeout=POLL_SECONDS)
 
 
@@ -92,6 +93,15 @@ def _kill(process: psutil.Process) -> None:
     try:
         process.kill()
     except psutil.Error:
+        pass
+
+
+def _log(line: str) -> None:
+    """A line to the guard's log, which lives on the run's disk: a full disk (ENOSPC) or a log that went away must
+    not end the guard, whose job is the killing, not the record of it."""
+    try:
+        print(line, flush=True)
+    except OSError:
         pass
 
 
