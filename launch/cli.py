@@ -117,8 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="the layers' RMSNorm, RoPE and SwiGLU: op by op, or fused by torch.compile "
                             "(train.elementwise)")
     bench.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="sdpa",
-                       help="the layers' causal attention: PyTorch SDPA, or FlashAttention-4 (the flash-attn-4 "
-                            "package) (train.attention_kernel)")
+                       help="the layers' causal attention: PyTorch SDPA, FlashAttention-4 (the flash-attn-4 "
+                            "package), or auto: the faster at each length by the profile (train.attention_kernel)")
     bench.set_defaults(handler=_bench)
     predictors = _command(commands, "train-predictors", help="fit token elimination's block-score predictors",
                           description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "

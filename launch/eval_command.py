@@ -30,6 +30,12 @@ def run_eval(args: Sequence[str], out: Optional[str], device_name: Optional[str]
     target = output_dir(out, models)
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if job.train.attention_kernel == "auto":  # the profile's pick, refused here if it cannot run
+        from orchestrator import attention
+        from orchestrator.trainer import profile_name
+        from spec.hardware import load_profile
+
+        job = attention.resolved_kernel(job, load_profile(profile_name(job, device.type == "cuda")), device, dtype)
     check_memory(resolved, job, device, dtype)
     started, results = time.time(), []
     for model in resolved:

@@ -90,7 +90,7 @@ def measure_all(cuda: bool, quick: bool, model, num_gpus: int) -> Measurement:
             result.attempt(f"attention_{seq}", lambda s=seq: measure_attention(
                 result, device, dtype, s, settings.attention_heads, settings.attention_head_dim, settings.repeats))
         result.attempt("attention_kernels", lambda: measure_attention_kernels(
-            result, device, dtype, max(settings.attention_seq_lens), settings.attention_heads,
+            result, device, dtype, settings.attention_seq_lens, settings.attention_heads,
             settings.attention_head_dim, settings.repeats))
         for i, seq in enumerate(settings.layer_seq_lens):
             result.attempt(f"layer_{seq}", lambda s=seq, first=i == 0: measure_layer(

@@ -17,15 +17,19 @@ has the whole sequence after the all-to-all, so one layout (built from the whole
 masks every head group the same way.
 """
 
+import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from orchestrator import attention_fa4
 from orchestrator.attention_per_document import per_document_attention
+from spec import attention_choice
 from spec.errors import ConfigError
+
+log = logging.getLogger("longtrain.model")
 
 KERNELS = ("flex", "sdpa_mask", "per_document", "varlen")
 FLEX_BLOCK = 128
@@ -95,6 +99,21 @@ class DocumentLayout:
         if device.type != "cuda":
             return "sdpa_mask"
         return "varlen" if causal_kernel == "fa4" else "flex"
+
+
+def resolved_kernel(job, profile, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+    """The job with train.attention_kernel=auto replaced by the kernel the profile picks at data.seq_len
+    (`spec.attention_choice`, as the planner does), the choice logged; with device and dtype, a picked kernel that
+    cannot run here is refused in one line naming the choice."""
+    if job.train.attention_kernel != "auto":
+        return job
+    kernel, why = attention_choice.choose("auto", job.data.seq_len, profile)
+    reason = attention_fa4.unavailable(device, dtype) if kernel == "fa4" and device is not None else None
+    if reason is not None:
+        raise ConfigError(f"train.attention_kernel=auto picked fa4 ({why}) but {reason}; install flash-attn-4 or "
+                          "set train.attention_kernel=sdpa")
+    log.info("attention kernel: %s (%s)", kernel, why)
+    return attention_choice.resolved(job, profile)
 
 
 def install(model, kernel: str, uses_varlen: bool, device: torch.device, dtype: torch.dtype) -> None:

@@ -61,6 +61,8 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     model = build_model(job, use_cuda, ds_config, load_base=source is None or job.model.lora.enabled)
     profile = load_profile(profile_name(job, use_cuda))
     precision = resolve_precision(job.train.precision, use_cuda)
+    job = attention.resolved_kernel(job, profile, torch.device("cuda" if use_cuda else "cpu"),
+                                    torch.bfloat16 if precision == "bf16" else torch.float32)
     plan = checked_plan(job, profile, precision)
     memory = apply_plan(model, plan, job.compression, job.token_elim, job.train)
     device = torch.device("cuda" if use_cuda else "cpu")

@@ -13,7 +13,6 @@ documents (data.packing=documents) the share of them the document mask leaves, a
 FLOP-weighted mean length, both from the prepared data's packing summary (`spec.prepared`).
 """
 
-import math
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
@@ -23,7 +22,8 @@ from spec.flops import (attention_forward_flops_per_token, attention_projection_
                         training_flops_per_token)
 from spec.prepared import document_attention_stats
 from planner import whole_job
-from spec.hardware import HardwareProfile
+from spec import attention_choice
+from spec.hardware import HardwareProfile, interpolate_log
 from spec.activations import (LOSS_CHUNK_TOKENS, ZERO_BUCKET_ELEMENTS, SavedTensor, compressed_saved_tensors,
                               kept_blocks, layer_saved_tensors, sparse_saved_tensors)
 
@@ -107,6 +107,7 @@ class CostModel:
     """Times and bytes of a job on a hardware profile (per GPU, per micro-batch)."""
 
     def __init__(self, job: JobConfig, profile: HardwareProfile, precision: str = "bf16"):
+        job = attention_choice.resolved(job, profile)  # train.attention_kernel=auto: the kernel the profile picks
         self.job, self.model, self.profile = job, job.model, profile
         self.precision = precision
         self.element_bytes = 2 if precision == "bf16" else 4
@@ -122,11 +123,13 @@ class CostModel:
         return measured or self.profile.peak_tflops(self.precision) * DEFAULT_MATMUL_EFFICIENCY
 
     def attention_tflops(self, seq_len: int) -> float:
-        measured = self.profile.measured
+        measured, kernel = self.profile.measured, self.job.train.attention_kernel
+        if self.precision == measured.rates_precision and measured.attention_tflops_by_kernel.get(kernel):
+            return interpolate_log(measured.attention_tflops_by_kernel[kernel], seq_len)
         table = measured.attention_fwd_bwd_tflops_by_seq_len if self.precision == measured.rates_precision else {}
         sdpa = (interpolate_log(table, seq_len)
                 or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY)
-        return sdpa * measured.attention_kernel_speedup.get(self.job.train.attention_kernel, 1.0)
+        return sdpa * measured.attention_kernel_speedup.get(kernel, 1.0)
 
     def layer(self, keep_share: float = 1.0) -> LayerCost:
         """One layer; `keep_share` < 1: a token-eliminated layer whose attention block sees that share of the
@@ -285,20 +288,6 @@ class CostModel:
     def pcie_bytes_per_second(self) -> float:
         gbps = self.profile.measured.pcie_pinned_gbps_each_way or default_pcie_gbps(self.profile)
         return gbps * 1e9
-
-
-def interpolate_log(table: Dict[int, float], x: float) -> float:
-    """Piecewise-linear in log(x) through a {x: value} table, clamped at its ends; 0 for an empty table."""
-    if not table:
-        return 0.0
-    points = sorted((int(k), float(v)) for k, v in table.items())
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return y0 + t * (y1 - y0)
-    return points[-1][1]
 
 
 def measured_matmul_tflops(profile: HardwareProfile, precision: str) -> float:

@@ -4,6 +4,7 @@ Why files, not constants: a plan made on a laptop must name the machine it was m
 profile hardware` replaces datasheet guesses by measurements without touching code. Field names carry units.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -45,15 +46,45 @@ class MeasuredRates:
     skipped: Dict[str, str] = field(default_factory=dict)
     """Measurements that did not run on this machine, with the reason."""
     attention_kernel_speedup: Dict[str, float] = field(default_factory=dict)
-    """train.attention_kernel other than sdpa -> its forward + backward attention rate over SDPA's on this hardware
-    (measured side by side: `docs/probes/fa4_attention_gpu.py`); the cost model scales the attention rates by it.
-    A kernel missing here is priced at SDPA's rates."""
+    """train.attention_kernel other than sdpa -> its forward + backward attention rate over SDPA's at one length
+    (measured side by side: `docs/probes/fa4_attention_gpu.py`), for profiles without `attention_tflops_by_kernel`;
+    the cost model scales SDPA's rates by it. A kernel missing from both is priced at SDPA's rates."""
+    attention_tflops_by_kernel: Dict[str, Dict[int, float]] = field(default_factory=dict)
+    """Causal attention forward + backward (causal FLOPs halved) per kernel and length, on the model's layout:
+    train.attention_kernel's choices (sdpa, fa4) and, for the record, SDPA's own backends (sdpa_cudnn, sdpa_flash).
+    Written by `longtrain profile hardware`; `train.attention_kernel=auto` takes the fastest at the job's length,
+    and the cost model prices a kernel at its own row."""
     cpu_adam_params_per_second: Optional[float] = None
     """DeepSpeed's CPU Adam (the offloaded optimizer's step) on this host: parameters updated per second."""
     derived: Dict[str, str] = field(default_factory=dict)
     """Rates above that were not measured on this hardware but derived from measured runs, each with the file it
     came from and the arithmetic (e.g. the all-to-all bandwidth from a sequence-parallel run's step time until
     `longtrain profile hardware` measures it on a machine with several GPUs, which writes no entry here)."""
+
+    def attention_rate(self, kernel: str, seq_len: int) -> float:
+        """A kernel's measured causal forward + backward TFLOP/s at this length: its own row, else SDPA's table
+        scaled by its one-length speedup (sdpa: 1); 0 where nothing was measured for it."""
+        own = self.attention_tflops_by_kernel.get(kernel)
+        if own:
+            return interpolate_log(own, seq_len)
+        if kernel != "sdpa" and kernel not in self.attention_kernel_speedup:
+            return 0.0
+        return (interpolate_log(self.attention_fwd_bwd_tflops_by_seq_len, seq_len)
+                * self.attention_kernel_speedup.get(kernel, 1.0))
+
+
+def interpolate_log(table: Dict[int, float], x: float) -> float:
+    """Piecewise-linear in log(x) through a {x: value} table, clamped at its ends; 0 for an empty table."""
+    if not table:
+        return 0.0
+    points = sorted((int(k), float(v)) for k, v in table.items())
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return points[-1][1]
 
 
 @dataclass

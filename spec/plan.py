@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from spec import attention_choice
 from spec.activations import token_ranges
 from spec.config.schema import CompressionConfig, JobConfig
 from spec.errors import LongtrainError
@@ -132,10 +133,10 @@ def plan_inputs(job: JobConfig, profile, precision: str) -> dict:
             "host_memory_fraction": job.plan.host_memory_fraction, "allow_approximate": job.plan.allow_approximate,
             **({"compression": compression_spec(job.compression)
                 + f" layers={job.compression.layer_indices(m.num_layers)}"} if job.compression.is_active else {}),
-            **_token_elim_inputs(job), **document_inputs(job.data), **_whole_job_inputs(job)}
+            **_token_elim_inputs(job), **document_inputs(job.data), **_whole_job_inputs(job, profile)}
 
 
-def _whole_job_inputs(job: JobConfig) -> dict:
+def _whole_job_inputs(job: JobConfig, profile) -> dict:
     """LoRA, offload, the tiled MLP, an explicit host memory, fused elementwise kernels and another attention kernel
     change a plan's bytes and times: plan inputs when set (absent otherwise, so plans made before they existed keep their hash)."""
     inputs, lora, train = {}, job.model.lora, job.train
@@ -149,8 +150,9 @@ def _whole_job_inputs(job: JobConfig) -> dict:
         inputs["host_memory_gib"] = job.plan.host_memory_gib
     if job.train.elementwise != "eager":  # a fused SwiGLU saves less
         inputs["elementwise"] = job.train.elementwise
-    if job.train.attention_kernel != "sdpa":  # priced at the profile's rate for that kernel
-        inputs["attention_kernel"] = job.train.attention_kernel
+    kernel, _ = attention_choice.choose(job.train.attention_kernel, job.data.seq_len, profile)
+    if kernel != "sdpa":  # priced at the profile's rate for that kernel (auto: the one it picks)
+        inputs["attention_kernel"] = kernel
     return inputs
 
 

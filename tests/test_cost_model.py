@@ -6,7 +6,8 @@ import torch
 from spec.config import load_job_config
 from orchestrator.model import DecoderLayer, rope_tables
 from launch.measure.hardware import saved_bytes_per_token
-from planner.cost_model import CostModel, interpolate_log
+from planner.cost_model import CostModel
+from spec.hardware import interpolate_log
 from spec.activations import layer_saved_tensors
 from spec.hardware import load_profile
 

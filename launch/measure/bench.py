@@ -108,7 +108,8 @@ class BenchOptions:
     elementwise: str = "eager"
     """The layers' RMSNorm, RoPE and SwiGLU (`--elementwise`, train.elementwise): eager or compiled."""
     attention_kernel: str = "sdpa"
-    """The layers' causal attention (`--attention-kernel`, train.attention_kernel): sdpa or fa4."""
+    """The layers' causal attention (`--attention-kernel`, train.attention_kernel): sdpa, fa4, or auto (the profile's
+    pick at each row's length)."""
 
     def job_overrides(self) -> List[str]:
         """The job keys these flags stand for: the plan is made for the layer that runs."""
@@ -145,7 +146,10 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     torch.manual_seed(0)
     stack = LayerStack(job).cuda().to(torch.bfloat16)
     elementwise.install(stack, options.elementwise, torch.device("cuda"))
-    attention.install(stack, options.attention_kernel, False, torch.device("cuda"), torch.bfloat16)
+    kernel = attention.resolved_kernel(job, profile, torch.device("cuda"), torch.bfloat16).train.attention_kernel
+    if kernel != options.attention_kernel:
+        row.note = (row.note + "; " if row.note else "") + f"attention {kernel} (auto)"
+    attention.install(stack, kernel, False, torch.device("cuda"), torch.bfloat16)
     step, host_bytes = _mode_step(mode, stack, job, profile, row, options)
     seq = job.data.seq_len
     x = torch.randn(1, seq, job.model.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)

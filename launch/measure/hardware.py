@@ -2,10 +2,10 @@
 
 What is measured, each one after a warm-up, median of several timed runs (CUDA events on a GPU, perf_counter on
 CPU): bf16 and fp32 matmul; causal attention forward + backward (`scaled_dot_product_attention`, is_causal,
-causal FLOPs halved as `attention_fwd_bwd_tflops_by_seq_len` always was) and, where FlashAttention-4 runs, its rate
-over SDPA's at the longest of those lengths (`attention_kernel_speedup`); one `DecoderLayer` of the configured
-shape forward + backward and the bytes per token it saves for backward (saved_tensors_hooks, storages counted
-once); pinned and pageable host<->device copies each way and both ways at once (two streams); device and host
+causal FLOPs halved as `attention_fwd_bwd_tflops_by_seq_len` always was) and each attention kernel at the same
+lengths (SDPA's pick, its cuDNN and flash backends, FlashAttention-4 where it runs: `attention_tflops_by_kernel`);
+one `DecoderLayer` of the configured shape forward + backward and the bytes per token it saves for backward
+(saved_tensors_hooks, storages counted once); pinned and pageable host<->device copies each way and both ways at once (two streams); device and host
 memory; NCCL all-reduce and all-to-all bus bandwidth when at least two GPUs are visible (one process per GPU).
 A measurement that fails is recorded under `measured.skipped` with its reason; the others still run.
 """
@@ -155,33 +155,55 @@ def measure_attention(result: Measurement, device, dtype, seq_len: int, heads: i
                   f"{_rate(tflops)}  ({seconds * 1e3:.1f} ms)")
 
 
-def measure_attention_kernels(result: Measurement, device, dtype, seq_len: int, heads: int, head_dim: int,
+def measure_attention_kernels(result: Measurement, device, dtype, seq_lens: List[int], heads: int, head_dim: int,
                               repeats: int) -> None:
-    """Each train.attention_kernel other than sdpa against SDPA, forward + backward on the same q, k, v laid out as
-    the model's projections make them ([B, S, H, D] storage): `attention_kernel_speedup` (what the planner scales
-    SDPA's rates by). A kernel that cannot run here is recorded under `skipped` with the reason."""
+    """Causal forward + backward of each kernel at each length on the same q, k, v laid out as the model's
+    projections make them ([B, S, H, D] storage): train.attention_kernel's choices (sdpa: PyTorch's own pick, fa4)
+    and SDPA's backends forced one at a time (sdpa_cudnn, sdpa_flash; CUDA only), into `attention_tflops_by_kernel`
+    (what `train.attention_kernel=auto` and the cost model read). A kernel that cannot run here is recorded under
+    `skipped` with the reason; one that fails at a length leaves that length out of its row."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from orchestrator import attention_fa4
     from orchestrator.attention import causal_attention
 
+    def run(kernel: str, backend=None):
+        def call(q, k, v):
+            if backend is None:
+                return causal_attention(q, k, v, kernel)
+            with sdpa_kernel([backend]):
+                return causal_attention(q, k, v, "sdpa")
+        return call
+
+    kernels = {"sdpa": run("sdpa")}
+    if device.type == "cuda":
+        kernels.update(sdpa_cudnn=run("sdpa", SDPBackend.CUDNN_ATTENTION),
+                       sdpa_flash=run("sdpa", SDPBackend.FLASH_ATTENTION))
     reason = attention_fa4.unavailable(device, dtype)
-    if reason is not None:
+    if reason is None:
+        kernels["fa4"] = run("fa4")
+    else:
         result.skipped["attention_fa4"] = reason
-        return
-    q, k, v, grad = (torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
-                     for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
-    seconds = {}
-    for kernel in ("sdpa", "fa4"):
-        seconds[kernel] = median_seconds(
-            lambda kernel=kernel: torch.autograd.grad(causal_attention(q, k, v, kernel), (q, k, v), grad),
-            device.type == "cuda", repeats)
-    speedup = round(seconds["sdpa"] / seconds["fa4"], 3)
-    result.measured.setdefault("attention_kernel_speedup", {})["fa4"] = speedup
-    result.report(f"attention fwd+bwd causal {heads}x{head_dim} seq {seq_len}, fa4 / sdpa",
-                  f"{speedup:.2f}x  ({seconds['fa4'] * 1e3:.1f} ms against {seconds['sdpa'] * 1e3:.1f} ms)")
+    table = result.measured.setdefault("attention_tflops_by_kernel", {})
+    for seq_len in seq_lens:
+        q, k, v, grad = (torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+                         for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_()
+        rates = {}
+        for name, call in kernels.items():
+            try:
+                seconds = median_seconds(lambda call=call: torch.autograd.grad(call(q, k, v), (q, k, v), grad),
+                                         device.type == "cuda", repeats)
+            except RuntimeError as error:  # a backend without this shape: the others still count
+                result.report(f"attention {name} seq {seq_len}", f"skipped ({str(error).splitlines()[0][:100]})")
+                continue
+            rates[name] = 3 * 2.0 * seq_len**2 * heads * head_dim / seconds / 1e12
+            table.setdefault(name, {})[seq_len] = _round_rate(rates[name])
+        result.report(f"attention fwd+bwd causal {heads}x{head_dim} seq {seq_len}, by kernel",
+                      ", ".join(f"{name} {_rate(rate)}" for name, rate in rates.items()))
+        del q, k, v, grad
 
 
 def measure_layer(result: Measurement, device, dtype, model, seq_len: int, repeats: int, saved_bytes: bool) -> None:

@@ -21,7 +21,7 @@ TEXT_SOURCES = ("jsonl", "parquet", "text")
 PACKINGS = ("auto", "stream", "documents")
 DOCUMENT_ATTENTION = ("auto", "flex", "sdpa_mask", "per_document", "varlen")
 ELEMENTWISE = ("eager", "compiled")
-ATTENTION_KERNELS = ("sdpa", "fa4")
+ATTENTION_KERNELS = ("sdpa", "fa4", "auto")
 TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("auto", "bf16", "fp32")
 ACTIVATION_CHECKPOINTING = ("none", "deepspeed", "deepspeed_cpu", "alst")
@@ -366,7 +366,9 @@ class TrainConfig:
     attention_kernel: str = "sdpa"
     """Causal attention: sdpa (PyTorch's fused kernels: cuDNN's or FlashAttention-2 on a GPU, a flash kernel on CPU)
     or fa4 (FlashAttention-4, the flash-attn-4 package, on Hopper or Blackwell GPUs in bf16/fp16: 1.14x cuDNN's
-    causal rate at 128K tokens on an H200; packed documents then take its variable-length kernel)."""
+    causal rate at 128K tokens on an H200; packed documents then take its variable-length kernel), or auto (the
+    faster of the two at data.seq_len by the hardware profile's measured rates, `spec.attention_choice`; SDPA where
+    the profile measured no other)."""
     deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
     """Escape hatch: keys merged last into the generated DeepSpeed config (see README)."""
     on_nonfinite: str = "stop"
