@@ -7,30 +7,45 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
 
 from launch.cli import main
-from launch.local_head import kill_processes
+from launch.local_head import HEAD_ENV, kill_processes
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-DASHBOARD = "http://127.0.0.1:8276"
 RUNS = Path(tempfile.mkdtemp(prefix="longtrain-test-jobs-"))
 """Run directories of the submitted jobs: an absolute path, as on a real cluster's shared storage."""
 CLUSTER_MARK = "LONGTRAIN_TEST_RAY_CLUSTER"
 """Set in the environment of `ray start`: every process of the test cluster inherits it."""
+TAKEN_PORTS = [6379, 8265, 10001, 52365, 6391, 8276, 52481, 52482]
+"""Held by another process while the cluster starts: Ray's default GCS, dashboard, Ray Client and dashboard-agent
+ports (another Ray on this machine holds them) and the fixed ports this cluster had before (52481/52482 lie in the
+range the OS hands out as free ports, so any process could hold them). The cluster must start all the same."""
+
+
+class Cluster(NamedTuple):
+    dashboard: str
+    gcs: str
+    ray_client: str
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def cluster():
     """A two-node cluster on loopback (a head and a second Ray node, one CPU each, so a 2-worker job spans both),
-    with Ray's token authentication on and a token of its own, which longtrain's Jobs client sends."""
+    with Ray's token authentication on and a token of its own, which longtrain's Jobs client sends. Every port is
+    free when chosen, as `launch.local_head` chooses them: 0 where `ray start` takes it (the OS picks), a free one
+    where it does not (the dashboard's, Ray Client's)."""
     temp = tempfile.mkdtemp(prefix="lt-ray-")  # short: Ray's socket paths under it must stay within AF_UNIX's 107
     # bytes, which pytest's own temporary folders (deeper with two processes: popen-gw0/) exceed
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
@@ -38,18 +53,21 @@ def ray_head():
     os.environ.update(token)
     mark = secrets.token_hex(8)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **{CLUSTER_MARK: mark})
+    env.update(HEAD_ENV)
     ray = str(Path(sys.executable).parent / "ray")
-    # each node's dashboard agent on a port of its own: both default to 52365, and the head's agent, which takes the
-    # jobs, fails to bind when the second node's (or another Ray's on this machine) got there first
+    # each node's dashboard agent on a port of its own (both default to 52365): 0, the OS picks
+    ports = ["--dashboard-agent-listen-port=0", "--min-worker-port=0", "--max-worker-port=0"]
+    dashboard_port, client_port = free_port(), free_port()
     try:
-        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391",
-                        "--dashboard-host=127.0.0.1", "--dashboard-port=8276", "--num-cpus=1",
-                        "--dashboard-agent-listen-port=52481", f"--temp-dir={temp}", "--disable-usage-stats"],
-                       check=True, env=env, capture_output=True, timeout=180)
-        subprocess.run([ray, "start", "--address=127.0.0.1:6391", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                        "--dashboard-agent-listen-port=52482", "--disable-usage-stats"], check=True, env=env,
-                       capture_output=True, timeout=180)
-        yield DASHBOARD
+        with _held(TAKEN_PORTS):
+            subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0", *ports,
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=1",
+                            f"--ray-client-server-port={client_port}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                           check=True, env=env, capture_output=True, timeout=180)
+            gcs = (Path(temp) / "ray_current_cluster").read_text().strip()
+            subprocess.run([ray, "start", f"--address={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1", *ports,
+                            "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+        yield Cluster(f"http://127.0.0.1:{dashboard_port}", gcs, f"ray://127.0.0.1:{client_port}")
     finally:  # also when a start failed: no cluster and no token left behind for the process's later tests
         _kill_cluster(mark)
         shutil.rmtree(RUNS, ignore_errors=True)
@@ -59,6 +77,25 @@ def ray_head():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def ray_head(cluster):
+    """The cluster's dashboard address, which the jobs commands take."""
+    return cluster.dashboard
+
+
+@contextmanager
+def _held(ports):
+    """Each port that is free now bound by this process (no listening) until the block ends."""
+    with ExitStack() as stack:
+        for port in ports:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # held already: as good
+                pass
+        yield
 
 
 def _kill_cluster(mark: str) -> None:
@@ -81,10 +118,10 @@ def _cli(capsys, *args):
     return code, captured.out, captured.err
 
 
-def _wait_for(capsys, job_id, wanted, seconds):
+def _wait_for(capsys, address, job_id, wanted, seconds):
     deadline = time.time() + seconds
     while time.time() < deadline:
-        _, out, _ = _cli(capsys, "status", job_id, "--address", DASHBOARD)
+        _, out, _ = _cli(capsys, "status", job_id, "--address", address)
         if any(state in out for state in wanted):
             return out
         time.sleep(2)
@@ -117,8 +154,8 @@ def test_a_running_job_stops_with_its_summary_and_the_command_that_resumes_it(ra
     code, out, _ = _cli(capsys, "submit", "experiments/mine.yaml", "train.max_steps=5000", "checkpoint.every_steps=5",
                         f"run.root={RUNS}", "--address", ray_head)
     job_id = re.search(r"submitted (\S+)", out).group(1)
-    _wait_for(capsys, job_id, ("RUNNING",), 120)
-    _wait_for_log(capsys, job_id, "checkpoint step 5 ->", 180)
+    _wait_for(capsys, ray_head, job_id, ("RUNNING",), 120)
+    _wait_for_log(capsys, ray_head, job_id, "checkpoint step 5 ->", 180)
     code, out, _ = _cli(capsys, "stop", job_id, "--address", ray_head)
     assert code == 0 and f"{job_id}: STOPPED" in out and re.search("^run summary$", out, re.MULTILINE), out
     resume = next(line for line in out.splitlines() if line.startswith("resume with: "))
@@ -130,10 +167,10 @@ def test_a_running_job_stops_with_its_summary_and_the_command_that_resumes_it(ra
     assert "longtrain: stopped by SIGTERM" in logs and "Traceback" not in logs, logs[-3000:]
 
 
-def _wait_for_log(capsys, job_id, text, seconds):
+def _wait_for_log(capsys, address, job_id, text, seconds):
     deadline = time.time() + seconds
     while time.time() < deadline:
-        logs = _cli(capsys, "logs", job_id, "--address", DASHBOARD)[1]
+        logs = _cli(capsys, "logs", job_id, "--address", address)[1]
         if text in logs:
             return
         time.sleep(2)
@@ -159,14 +196,15 @@ def test_a_gpu_job_on_a_cluster_without_gpus_fails_with_the_reason_in_status(ray
     assert "0 GPUs" in why and "cluster.use_gpu=false" in why
 
 
-@pytest.mark.parametrize("address", ["ray://127.0.0.1:10001", "127.0.0.1:6391"], ids=["ray-client", "gcs"])
+@pytest.mark.parametrize("kind", ["ray_client", "gcs"], ids=["ray-client", "gcs"])
 @pytest.mark.parametrize("auth, said", [({}, "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"),
                                         ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
                                          "the cluster refused our token")], ids=["no-token", "wrong-token"])
-def test_an_address_refusing_us_is_one_line_naming_the_fix(ray_head, address, auth, said, tmp_path):
-    """The head's Ray Client server (ray://, port 10001) and its GCS (HOST:PORT) ask for a token: without
+def test_an_address_refusing_us_is_one_line_naming_the_fix(cluster, kind, auth, said, tmp_path):
+    """The head's Ray Client server (ray://HOST:PORT) and its GCS (HOST:PORT) ask for a token: without
     RAY_AUTH_MODE=token, or with the wrong token, `train` says so in a second or two instead of Ray's 30 s 'ray client
     connection timeout' or 20 s of GCS retries and a traceback. About 4 s each (a fresh `longtrain train`)."""
+    address = getattr(cluster, kind)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | auth
     started = time.time()
     result = subprocess.run([sys.executable, "-m", "launch.cli", "train", f"cluster.address={address}",
