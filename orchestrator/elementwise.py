@@ -13,6 +13,8 @@ functions are model.py's own (`rms_norm_forward`, `rms_norm_backward`, `apply_ro
 rotation's transpose) and of SwiGLU written out, compiled with dynamic shapes (the token-wise runtime recomputes
 token slices of any length).
 
+The same switch runs the compression codecs' encode and decode compiled (`orchestrator.memory.codec_kernels`).
+
 On CPU the same Functions run uncompiled (CI has no GPU, and compiling would cost more than it saves there): the same
 tensors are saved as on a GPU, so a plan made for the job holds on both.
 """
@@ -23,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from orchestrator.memory import codec_kernels
 from orchestrator.model import MLP, Attention, RMSNorm, apply_rope, rms_norm_backward, rms_norm_forward
 
 log = logging.getLogger("longtrain.model")
@@ -101,11 +104,13 @@ class FusedKernels:
 
 def install(model: torch.nn.Module, mode: str, device: torch.device,
             kernels: Optional[FusedKernels] = None) -> str:
-    """Fill the norm, RoPE and SwiGLU slots of every layer for `mode`; returns what the run header says. `kernels`:
-    the fused functions to install (default: compiled on CUDA, uncompiled elsewhere)."""
+    """Fill the norm, RoPE and SwiGLU slots of every layer for `mode`, and run the compression codecs compiled or
+    not with them; returns what the run header says. `kernels`: the fused functions to install (default: compiled on
+    CUDA, uncompiled elsewhere)."""
+    compiled = mode != "eager" and kernels is None and device.type == "cuda"
+    codec_kernels.install((lambda fn: torch.compile(fn, dynamic=True)) if compiled else None)
     if mode == "eager":
         return "eager"
-    compiled = kernels is None and device.type == "cuda"
     fused = kernels or (FusedKernels() if compiled else FusedKernels(lambda fn: fn))
     for module in model.modules():
         if isinstance(module, RMSNorm):
@@ -114,7 +119,7 @@ def install(model: torch.nn.Module, mode: str, device: torch.device,
             module.rope = fused.rotate
         elif isinstance(module, MLP):
             module.fused_swiglu = fused.gated
-    summary = ("fused (RMSNorm, RoPE, SwiGLU)" + ("; torch.compile" if compiled else
+    summary = ("fused (RMSNorm, RoPE, SwiGLU, compression codecs)" + ("; torch.compile" if compiled else
                                                   "; not compiled: torch.compile fuses them on CUDA only"))
     log.info("elementwise kernels: %s", summary)
     return summary

@@ -7,7 +7,8 @@ gate/up) share one store, which packs that tensor once per forward and hands eve
 so they are stored once. `Packed` says how backward reads them back (the whole tensor, rows of it, or a weight
 gradient). Under a token-wise plan (`tokenwise`) each store reports its `CompactForm`, and the plan keeps, swaps or
 recomputes its token ranges like any activation: a recomputed range is encoded again with the stored ranges, sample
-and seed (rounding noise is seeded per block of rows), so it equals what was stored.
+and seed (an element's rounding noise is a hash of the seed and its index, `quant_int8`), so it equals what was
+stored. Encoding and decoding run through `codec_kernels`: op by op, or compiled into one kernel each way.
 
 A store packs (moving its running range and its step's seed) only in a training forward with autograd on, and every
 recomputation packs at most once a step: the token-wise recompute runs without autograd and encodes with the stored
@@ -25,10 +26,48 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from orchestrator.memory import quant_int4_deriv, quant_int8, wta_crs
+from orchestrator.memory.codec_kernels import fused, kernel
 
 BACKWARD_CHUNK_ELEMENTS = 2**24
 """Elements a chunked backward restores at once (the SwiGLU's and a linear's weight gradient: fp32 temporaries of
 ~6 x 64 MiB)."""
+FUSED_BACKWARD_CHUNK_ELEMENTS = 2**26
+"""The same for a linear's weight gradient with fused codecs: the kernel writes the rows in the activation dtype with
+no fp32 temporaries (128 MiB in bf16), and fewer chunks mean fewer fp32 sums of the [out, in] partial gradients."""
+
+
+def exact_rows(values: torch.Tensor, weight: Optional[torch.Tensor], rows: int, columns: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Kept rows [rows, columns] in `dtype`, times their importance weights (fp32) when sampled."""
+    values = values.reshape(rows, columns)
+    if weight is not None:
+        values = values.float() * weight.unsqueeze(1)
+    return values.to(dtype)
+
+
+def int8_rows(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, weight: Optional[torch.Tensor],
+              rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [rows, columns] in `dtype` decoded (fp32) from their int8 codes, times their weights when sampled."""
+    grouped = codes.reshape(rows, scale.numel(), -1)
+    values = quant_int8.dequantized(grouped, scale, offset, torch.float32).reshape(rows, columns)
+    if weight is not None:
+        values = values * weight.unsqueeze(1)
+    return values.to(dtype)
+
+
+def int4_rows(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, weight: Optional[torch.Tensor],
+              rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """`int8_rows` from packed 4-bit codes."""
+    codes = quant_int4_deriv.unpack_nibbles(packed, rows * columns)
+    return int8_rows(codes, scale, offset, weight, rows, columns, dtype)
+
+
+def decoded_rows(bits: int, tensors, rows: int, columns: int, dtype: torch.dtype,
+                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows [rows, columns] in `dtype` from compact tensors of `bits` (16: the rows themselves)."""
+    if bits == 16:
+        return exact_rows(tensors[0], weight, rows, columns, dtype)
+    return (int4_rows if bits == 4 else int8_rows)(*tensors, weight, rows, columns, dtype)
 
 
 @dataclass(frozen=True)
@@ -47,35 +86,29 @@ class Packed:
         if self.sampled:
             index, weight = tensors[-2:]
             tensors = tensors[:-2]
-        rows_shape = (index.numel() if self.sampled else _rows(self.shape), self.shape[-1])
-        if self.bits == 16:
-            rows = tensors[0].reshape(rows_shape)
-        else:
-            codes, scale, offset = tensors
-            if self.bits == 4:
-                codes = quant_int4_deriv.unpack_nibbles(codes, rows_shape[0] * rows_shape[1])
-            codes = codes.reshape(rows_shape[0], scale.numel(), -1)
-            rows = quant_int8.Int8Codes(codes, scale, offset, rows_shape, torch.float32).dequantize()
-        if weight is not None:
-            rows = rows.float() * weight.unsqueeze(1)
-        return rows.to(self.dtype), index
+        rows = index.numel() if self.sampled else _rows(self.shape)
+        return self.decode(tensors, weight, rows, self.dtype), index
 
-    def restore_rows(self, tensors, start: int, stop: int) -> torch.Tensor:
-        """Rows start..stop of an unsampled compact tensor, in fp32, without restoring the rest (a backward that
-        works chunk by chunk keeps its fp32 temporaries to one chunk)."""
-        tensors = list(tensors)
+    def decode(self, tensors, weight: Optional[torch.Tensor], rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """All rows of these compact tensors (without index and weight) as [rows, columns] in `dtype`."""
+        function = exact_rows if self.bits == 16 else int4_rows if self.bits == 4 else int8_rows
+        return kernel(function, tensors[0].device)(*tensors, weight, rows, self.shape[-1], dtype)
+
+    def row_slice(self, tensors, start: int, stop: int) -> tuple:
+        """The compact tensors of rows start..stop of an unsampled compact tensor (views)."""
         columns = self.shape[-1]
         if self.bits == 16:
-            return tensors[0].reshape(-1, columns)[start:stop].float()
+            return (tensors[0].reshape(-1, columns)[start:stop],)
         codes, scale, offset = tensors
         if self.bits == 4:  # two codes per byte in row-major order: `start * columns` must be even
             assert start * columns % 2 == 0, "4-bit rows must start on a byte"
-            codes = quant_int4_deriv.unpack_nibbles(codes[start * columns // 2:(stop * columns + 1) // 2],
-                                                    (stop - start) * columns)
-        else:
-            codes = codes.reshape(-1, columns)[start:stop]
-        codes = codes.reshape(stop - start, scale.numel(), -1)
-        return quant_int8.Int8Codes(codes, scale, offset, (stop - start, columns), torch.float32).dequantize()
+            return codes[start * columns // 2:(stop * columns + 1) // 2], scale, offset
+        return codes.reshape(-1, columns)[start:stop], scale, offset
+
+    def restore_rows(self, tensors, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows start..stop of an unsampled compact tensor, in `dtype` (fp32 by default), without restoring the rest
+        (a backward that works chunk by chunk keeps its temporaries to one chunk)."""
+        return self.decode(self.row_slice(tensors, start, stop), None, stop - start, dtype)
 
     def restore_tensor(self, tensors) -> torch.Tensor:
         """The whole (unsampled) input back, in its shape and dtype: what a norm's backward reads."""
@@ -85,14 +118,15 @@ class Packed:
     def weight_grad(self, tensors, grad2d: torch.Tensor) -> torch.Tensor:
         """g^T x from the compact x; unsampled codes are restored a chunk of rows at a time, the products summed in
         fp32, so the backward never holds the whole input in fp32 (it did: the H100 peak barely moved with int8)."""
-        step = max(1, BACKWARD_CHUNK_ELEMENTS // self.shape[-1])
+        chunk = FUSED_BACKWARD_CHUNK_ELEMENTS if fused(grad2d.device) else BACKWARD_CHUNK_ELEMENTS
+        step = max(1, chunk // self.shape[-1])
         if self.sampled or self.bits == 16 or step >= grad2d.shape[0]:
             rows, index = self.restore(tensors)
             picked = grad2d if index is None else grad2d.index_select(0, index)
             return picked.t().matmul(rows.to(picked.dtype))
         total = None
         for start, stop in quant_int8.row_chunks(grad2d.shape[0], step):
-            part = grad2d[start:stop].t().matmul(self.restore_rows(tensors, start, stop).to(grad2d.dtype)).float()
+            part = grad2d[start:stop].t().matmul(self.restore_rows(tensors, start, stop, grad2d.dtype)).float()
             total = part if total is None else total.add_(part)
         return total.to(grad2d.dtype)
 
@@ -122,16 +156,17 @@ class InputStore:
         if k < rows.shape[0]:
             generator = torch.Generator(device=x.device)
             generator.manual_seed(seed)
-            index, weight = (t[0] for t in wta_crs.draw_rows(wta_crs.row_norms(rows), k, generator))
+            norms = kernel(wta_crs.row_norms, rows.device)(rows)
+            index, weight = (t[0] for t in wta_crs.draw_rows(norms, k, generator))
             index, weight = _token_major(index, weight, tuple(x.shape))
             rows = rows.index_select(0, index)
         tensors = (rows,)
-        if self.int8:
-            levels = quant_int4_deriv.LEVELS if self.bits == 4 else quant_int8.LEVELS
-            tensors = quant_int8.quantize(rows, self.running, self.int8.num_groups, training, seed,
-                                          levels=levels).tensors
-            if self.bits == 4:
-                tensors = (quant_int4_deriv.pack_nibbles(tensors[0]), *tensors[1:])
+        if self.int8 and self.bits == 4:
+            x3, scale, offset = quant_int8.ranged(rows, self.running, self.int8.num_groups, training,
+                                                  levels=quant_int4_deriv.LEVELS)
+            tensors = (quant_int4_deriv.encode_packed(x3, scale, offset, seed), scale, offset)
+        elif self.int8:
+            tensors = quant_int8.quantize(rows, self.running, self.int8.num_groups, training, seed).tensors
         if index is not None:
             tensors = (*tensors, index, weight)
         packed = Packed(self.bits if self.int8 else 16, index is not None, tuple(x.shape), x.dtype)
@@ -238,16 +273,16 @@ class CompactForm:
             rows = source[chosen // seq, chosen % seq - start]
             if self.packed.bits == 16:
                 return rows.view(1, -1, columns)
-            return self._codes(rows, first, self.index.numel()).view(1, stop - first, -1)
-        pieces = [self._codes(source[b], b * seq + start, source.shape[0] * seq) for b in range(source.shape[0])]
+            return self._codes(rows, first).view(1, stop - first, -1)
+        pieces = [self._codes(source[b], b * seq + start) for b in range(source.shape[0])]
         return torch.stack(pieces).view(source.shape[0], source.shape[1], -1)
 
-    def _codes(self, rows: torch.Tensor, first_row: int, total_rows: int) -> torch.Tensor:
-        levels = quant_int4_deriv.LEVELS if self.packed.bits == 4 else quant_int8.LEVELS
+    def _codes(self, rows: torch.Tensor, first_row: int) -> torch.Tensor:
+        """The codes of these rows, the tensor's rows first_row onwards (packed two a byte for 4-bit codes)."""
         grouped = rows.reshape(rows.shape[0], self.scale.numel(), -1)
-        codes = quant_int8.encode_rows(grouped, self.scale, self.offset, levels,
-                                      quant_int8.SeededNoise(self.seed), first_row, total_rows)
-        return quant_int4_deriv.pack_nibbles(codes) if self.packed.bits == 4 else codes
+        if self.packed.bits == 4:
+            return quant_int4_deriv.encode_packed(grouped, self.scale, self.offset, self.seed, first_row)
+        return quant_int8.encode_seeded(grouped, self.scale, self.offset, quant_int8.LEVELS, self.seed, first_row)
 
 
 def _rows(shape: tuple) -> int:

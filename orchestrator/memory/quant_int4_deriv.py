@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from orchestrator.memory import quant_int8
+from orchestrator.memory.codec_kernels import fused, kernel
+
 LEVELS = 15
 
 
@@ -47,3 +50,19 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=1).reshape(-1)[:numel]
+
+
+def seeded_nibbles(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, key_low: int, key_high: int,
+                   first_index: int) -> torch.Tensor:
+    """`quant_int8.seeded_codes` on the 16 levels, packed two a byte (compiled: one kernel, the codes never
+    written)."""
+    return pack_nibbles(quant_int8.seeded_codes(x3, scale, offset, key_low, key_high, first_index, LEVELS))
+
+
+def encode_packed(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, seed: int,
+                  first_row: int = 0) -> torch.Tensor:
+    """Packed 4-bit codes of rows first_row .. first_row + P of a tensor (`quant_int8.encode_seeded`'s codes)."""
+    if fused(x3.device):
+        row = x3[0].numel() if x3.shape[0] else 1
+        return kernel(seeded_nibbles, x3.device)(x3, scale, offset, *quant_int8.noise_keys(seed), first_row * row)
+    return pack_nibbles(quant_int8.encode_seeded(x3, scale, offset, LEVELS, seed, first_row))

@@ -6,7 +6,11 @@ split into groups (contiguous channel groups of a [..., C] tensor, or heads of a
 has a range (alpha = width, beta = minimum) kept as a running estimate: the first training forward sets it from the
 batch, later ones decay towards the batch's (alpha <- d*alpha + (1-d)*range), before quantising that batch. Codes
 are q = floor((x - beta) * 255 / alpha + u), u ~ U[0, 1) (stochastic rounding: unbiased inside the range), CLAMPED
-to [0, 255]; Mesa's public code wraps values above the range around the byte, we do not. The ranges are frozen in
+to [0, 255]; Mesa's public code wraps values above the range around the byte, we do not. The noise u of an element
+is a counter-based hash of (seed, its index in the tensor) (`rounding_noise`), not a generator's draw: a fused kernel
+computes it in registers instead of reading a tensor of it, the codes of any row range can be made again alone
+(a token-wise plan recomputes a slice of the tokens), and the compiled (`codec_kernels`) and op-by-op paths draw the
+same u, so a seed gives the same codes on both. The ranges are frozen in
 eval and without autograd, so they move once a training step, recomputation or not (`compact`'s docstring says why
 no recomputation packs twice). Error inside the range: |x_hat - x| < alpha / 255.
 
@@ -17,9 +21,11 @@ from one generator (`StreamNoise`), as nothing is encoded twice.
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+
+from orchestrator.memory.codec_kernels import fused, kernel
 
 LEVELS = 255
 MIN_RANGE = 1e-8
@@ -57,12 +63,17 @@ class Int8Codes:
     dtype: torch.dtype
 
     def dequantize(self) -> torch.Tensor:
-        values = self.codes.float() / self.scale.view(1, -1, 1) + self.offset.view(1, -1, 1)
-        return values.reshape(self.shape).to(self.dtype)
+        decode = kernel(dequantized, self.codes.device)
+        return decode(self.codes, self.scale, self.offset, self.dtype).reshape(self.shape)
 
     @property
     def tensors(self) -> tuple:
         return self.codes, self.scale, self.offset
+
+
+def dequantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes [P, G, Q] back to values in `dtype` (through fp32): codes / scale + offset."""
+    return (codes.float() / scale.view(1, -1, 1) + offset.view(1, -1, 1)).to(dtype)
 
 
 def grouped(x: torch.Tensor, num_groups: int, head_major: bool = False) -> torch.Tensor:
@@ -84,8 +95,7 @@ class RunningRange:
 
     def update(self, x3: torch.Tensor) -> None:
         """Fold one batch's per-group min and max (x3 is [P, G, Q]) into the estimate."""
-        low = x3.detach().amin(dim=(0, 2)).float()  # min/max of the activation dtype: no fp32 copy of x
-        width = x3.detach().amax(dim=(0, 2)).float() - low
+        low, width = kernel(group_range, x3.device)(x3.detach())
         if self.alpha is None or self.alpha.shape != width.shape:
             self.alpha, self.beta = width, low
             return
@@ -93,43 +103,88 @@ class RunningRange:
         self.beta = self.decay * self.beta + (1 - self.decay) * low
 
 
-NOISE_BLOCK_ELEMENTS = 2**22
-"""Rounding noise comes from one seeded draw per block of whole rows of about this many elements: the codes of any
-row range can be made again alone (a token-wise plan recomputes a slice of the tokens), and quantising keeps fp32
-temporaries of one block, not of the whole tensor."""
+def group_range(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (min, max - min) in fp32 of x3 [P, G, Q], from the activation dtype (no fp32 copy of x)."""
+    low = x3.amin(dim=(0, 2)).float()
+    return low, x3.amax(dim=(0, 2)).float() - low
+
+
+ENCODE_BLOCK_ELEMENTS = 2**22
+"""The op-by-op encoder goes a block of whole rows of about this many elements at a time, so its fp32 temporaries
+are one block's, not the whole tensor's (a fused kernel has none and encodes the tensor at once)."""
 
 
 def quantize(x: torch.Tensor, running: RunningRange, num_groups: int, update: bool, noise_seed: int = 0,
              head_major: bool = False, levels: int = LEVELS) -> Int8Codes:
     """x's codes in [0, levels] under the running range (updated first when `update`), stochastically rounded,
     clamped (S2A uses levels=15)."""
-    x3 = grouped(x.detach(), num_groups, head_major)
-    if update or running.alpha is None:
-        running.update(x3)
-    scale = levels / running.alpha.clamp_min(MIN_RANGE)
-    offset = running.beta.clone()
-    codes = encode_rows(x3, scale, offset, levels, SeededNoise(noise_seed), first_row=0, total_rows=x3.shape[0])
+    x3, scale, offset = ranged(x, running, num_groups, update, head_major, levels)
+    codes = encode_seeded(x3, scale, offset, levels, noise_seed)
     return Int8Codes(codes, scale, offset, tuple(x.shape), x.dtype)
 
 
-class SeededNoise:
-    """Mesa's rounding noise: one seeded draw per block of whole rows (`NOISE_BLOCK_ELEMENTS`), so the codes of any
-    row range can be made again alone, equal to the first encoding."""
-
-    block_elements = NOISE_BLOCK_ELEMENTS
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def draw(self, block: int, block_shape: tuple, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-        """Rows lo..hi (within the block) of the block's noise."""
-        return _block_noise(self.seed, block, block_shape, device)[lo:hi]
+def ranged(x: torch.Tensor, running: RunningRange, num_groups: int, update: bool, head_major: bool = False,
+           levels: int = LEVELS) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x as [P, G, Q], scale, offset) under the running range, updated first when `update`."""
+    x3 = grouped(x.detach(), num_groups, head_major)
+    if update or running.alpha is None:
+        running.update(x3)
+    return x3, levels / running.alpha.clamp_min(MIN_RANGE), running.beta.clone()
 
 
-def _block_noise(seed: int, block: int, shape: tuple, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(hash((seed, block)) % (2**63 - 1))  # int tuples hash the same in every process
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(v: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, constants from C. Wellons' hash-prospector) on int64 tensors
+    holding values in [0, 2^32); both multipliers are below 2^31, so no product leaves int64."""
+    v = v ^ (v >> 16)
+    v = (v * 0x21F0AAAD) & _MASK32
+    v = v ^ (v >> 15)
+    v = (v * 0x735A2D97) & _MASK32
+    return v ^ (v >> 15)
+
+
+def noise_keys(seed: int) -> Tuple[int, int]:
+    """The two 32-bit keys `rounding_noise` mixes in, from a seed of any size."""
+    seed %= 2**64
+    return seed & _MASK32, (seed >> 32) & _MASK32
+
+
+def rounding_noise(index: torch.Tensor, key_low: int, key_high: int) -> torch.Tensor:
+    """u in [0, 1) (fp32, multiples of 2^-24) for each element index (int64, any size): a hash of the index's two
+    32-bit halves and the seed's keys, so it is the same wherever and however often the element is encoded."""
+    low = _mix32((index & _MASK32) ^ key_low)
+    mixed = _mix32(low ^ (((index >> 32) + key_high) & _MASK32))
+    return (mixed >> 8).float() * 2.0**-24
+
+
+def _rounded(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, u: torch.Tensor, levels: int):
+    """floor((x - offset) * scale + u) clamped to [0, levels], as uint8: the one arithmetic of every encoder."""
+    scaled = (x3.float() - offset.view(1, -1, 1)) * scale.view(1, -1, 1) + u
+    return scaled.floor().clamp(0, levels).to(torch.uint8)
+
+
+def seeded_codes(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, key_low: int, key_high: int,
+                 first_index: int, levels: int) -> torch.Tensor:
+    """Codes of x3 [P, G, Q], whose first element is element `first_index` of the tensor the seed's noise is for."""
+    index = torch.arange(x3.numel(), device=x3.device, dtype=torch.int64).view(x3.shape) + first_index
+    return _rounded(x3, scale, offset, rounding_noise(index, key_low, key_high), levels)
+
+
+def encode_seeded(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: int, seed: int,
+                  first_row: int = 0) -> torch.Tensor:
+    """Codes [P, G, Q] of rows first_row .. first_row + P of a tensor, with the seed's rounding noise: the same
+    codes whether the rows are encoded alone or with the whole tensor. Fused: one kernel; op by op: a block of
+    rows at a time (`ENCODE_BLOCK_ELEMENTS`)."""
+    keys = noise_keys(seed)
+    row = x3[0].numel() if x3.shape[0] else 1
+    if fused(x3.device):
+        return kernel(seeded_codes, x3.device)(x3, scale, offset, *keys, first_row * row, levels)
+    codes = torch.empty(x3.shape, dtype=torch.uint8, device=x3.device)
+    for lo, hi in row_chunks(x3.shape[0], max(1, ENCODE_BLOCK_ELEMENTS // row)):
+        codes[lo:hi] = seeded_codes(x3[lo:hi], scale, offset, *keys, (first_row + lo) * row, levels)
+    return codes
 
 
 SWAP_CHUNK_ELEMENTS = 2**26
@@ -152,9 +207,8 @@ class StreamNoise:
 def encode_rows(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: int, noise,
                 first_row: int = 0, total_rows: Optional[int] = None) -> torch.Tensor:
     """Codes [P, G, Q] of rows first_row .. first_row + P of a tensor of total_rows rows (default: these rows),
-    floor((x - offset) * scale + u) clamped to [0, levels], u from `noise` (`SeededNoise`: the same codes whether
-    the rows are encoded alone or with the whole tensor; `StreamNoise`: the swap's). Block by block of rows, so
-    the fp32 temporaries stay one block's."""
+    floor((x - offset) * scale + u) clamped to [0, levels], u from `noise` (`StreamNoise`: the swap's). Block by
+    block of rows, so the fp32 temporaries stay one block's."""
     total_rows = x3.shape[0] if total_rows is None else total_rows
     codes = torch.empty(x3.shape, dtype=torch.uint8, device=x3.device)
     scale, offset = scale.view(1, -1, 1), offset.view(1, -1, 1)
@@ -164,8 +218,7 @@ def encode_rows(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, lev
         lo, hi = max(first_row, block * block_rows), min(stop_row, (block + 1) * block_rows)
         u = noise.draw(block, (block_rows, *x3.shape[1:]), lo - block * block_rows, hi - block * block_rows,
                        x3.device)
-        scaled = (x3[lo - first_row:hi - first_row].float() - offset) * scale + u
-        codes[lo - first_row:hi - first_row] = scaled.floor_().clamp_(0, levels).to(torch.uint8)
+        codes[lo - first_row:hi - first_row] = _rounded(x3[lo - first_row:hi - first_row], scale, offset, u, levels)
     return codes
 
 

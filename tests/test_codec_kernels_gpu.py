@@ -1,0 +1,89 @@
+"""The compression codecs compiled on a GPU (train.elementwise=compiled; skipped without CUDA; run on a lent GPU
+machine):
+
+    python -m pytest -q -m gpu tests/test_codec_kernels_gpu.py
+
+The compiled encoders give the eager functions' codes (the noise is the same integer hash; a fused multiply-add may
+move a value sitting on a rounding edge by one code, so at most 1e-4 of the codes may differ, by one), a compressed
+model's gradients match op by op within bf16 rounding, and a compressed step queues without host synchronisation.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from spec.config import load_job_config
+from orchestrator import elementwise
+from orchestrator.memory import apply_plan, codec_kernels, quant_int4_deriv, quant_int8
+from orchestrator.model import LlamaModel
+from tests.conftest import requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+CUDA = torch.device("cuda")
+SECTION = ["compression.linear_inputs=int8", "compression.norm_inputs=int8", "compression.silu=int4",
+           "compression.layers=[0,1]", "data.seq_len=1024"]
+
+
+@pytest.fixture(autouse=True)
+def eager_afterwards():
+    yield
+    codec_kernels.install(None)
+
+
+def test_compiled_codes_are_the_eager_codes():
+    torch.manual_seed(0)
+    x3 = quant_int8.grouped(torch.randn(4096, 1024, device="cuda").to(torch.bfloat16), 8)
+    scale, offset = torch.full((8,), 255 / 8.0, device="cuda"), torch.full((8,), -4.0, device="cuda")
+    keys = quant_int8.noise_keys(12345)
+    codec_kernels.install(lambda fn: torch.compile(fn, dynamic=True))
+    for levels, first in ((255, 0), (15, 1024 * 77)):
+        eager = quant_int8.seeded_codes(x3, scale, offset, *keys, first, levels)
+        compiled = codec_kernels.kernel(quant_int8.seeded_codes, CUDA)(x3, scale, offset, *keys, first, levels)
+        differ = (eager.int() - compiled.int()).abs()
+        assert int(differ.max()) <= 1 and float((differ > 0).float().mean()) <= 1e-4
+    packed = codec_kernels.kernel(quant_int4_deriv.seeded_nibbles, CUDA)(x3, scale, offset, *keys, 0)
+    eager = quant_int4_deriv.seeded_nibbles(x3, scale, offset, *keys, 0)
+    assert float((packed != eager).float().mean()) <= 2e-4
+
+
+def _compressed_model():
+    job = load_job_config(None, SECTION)
+    torch.manual_seed(0)
+    model = LlamaModel(job.model).cuda().to(torch.bfloat16)
+    apply_plan(model, None, job.compression, job.token_elim, job.train)
+    return job, model
+
+
+def test_a_compressed_model_trains_as_op_by_op():
+    job, fused = _compressed_model()
+    eager = copy.deepcopy(fused)
+    assert "torch.compile" in elementwise.install(fused, "compiled", CUDA)
+    tokens = torch.randint(0, job.model.vocab_size, (1, 1025), device="cuda")
+    results = []
+    for model, mode in ((fused, "compiled"), (eager, "eager")):
+        elementwise.install(model, mode, CUDA)
+        model.zero_grad(set_to_none=True)
+        model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+        results.append([p.grad.float() for p in model.parameters()])
+    for got, want in zip(*results):
+        assert (got - want).abs().max().item() <= 3e-2 * max(want.abs().max().item(), 1e-6)
+
+
+def test_a_compressed_step_does_not_synchronise_with_the_host():
+    job, model = _compressed_model()
+    elementwise.install(model, "compiled", CUDA)
+    tokens = torch.randint(0, job.model.vocab_size, (1, 1025), device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
