@@ -32,18 +32,24 @@ def start_guard(log_file: Path) -> None:
     mark = uuid.uuid4().hex
     os.environ[RUN_MARK] = mark
     with open(log_file, "a") as log:
-        subprocess.Popen([sys.executable, "-m", "launch.guard", str(os.getpid()), mark], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=log, start_new_session=True, close_fds=True)
+        subprocess.Popen([sys.executable, "-m", "launch.guard", str(os.getpid()), mark, str(log_file.parent / "ray")],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
 
 
-def watch(driver_pid: int, mark: str) -> None:
-    """Wait for the driver to end, then kill the marked processes until none is left (or 10 s have passed)."""
+def watch(driver_pid: int, mark: str, ray_logs: Path) -> None:
+    """Wait for the driver to end, then kill the marked processes until none is left (or 10 s have passed). Then
+    remove the temp dir of a local head the driver did not stop itself (it died, or left at once after a Ctrl-C),
+    its Ray session logs copied to `ray_logs` (the run's logs/ray): that run did not finish."""
+    from launch.local_head import remove_temp_dir, temp_dirs_of_run
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     known = _watch_tree(driver_pid)
     deadline = time.time() + KILL_ROUNDS_SECONDS
     while time.time() < deadline:
         left = [p for p in known.values() if _alive(p)] + [p for p in marked_processes(mark) if p.pid not in known]
         if not left:
+            for temp_dir in temp_dirs_of_run(mark):
+                remove_temp_dir(temp_dir, ray_logs)
             return
         for process in left:
             name = _name(process)
@@ -113,4 +119,4 @@ def _name(process: psutil.Process) -> str:
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]), sys.argv[2])
+    watch(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))

@@ -14,6 +14,7 @@ own session: a Ctrl-C at the terminal reaches only the driver, which stops the r
 import atexit
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,10 +23,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import psutil
 
+from launch.guard import RUN_MARK
 from spec.errors import LongtrainError
 
 HEAD_ENV = {"AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -35,6 +37,7 @@ for up to 30 s first (for Ray Serve's proxies); a private run has nothing to dra
 START_TIMEOUT_SECONDS = 120.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_TIMEOUT_SECONDS = 30.0
+MARK_CHARS = 8
 
 
 @dataclass
@@ -44,13 +47,19 @@ class LocalHead:
     address: str
     """The GCS address, `127.0.0.1:PORT`, for `ray.init(address=...)`."""
 
-    def stop(self) -> None:
+    def stop(self, keep_logs_in: Optional[Path] = None) -> None:
         """SIGTERM: `ray start --block` then ends its Ray processes itself (Ray's own shutdown); any left after 30 s
-        are killed. The temp dir stays, with Ray's session logs, as `ray.init`'s sessions stay in /tmp/ray. Again
+        are killed. Then the temp dir goes: each run left ~1 MB in /tmp/ray that nothing removed (`ray.init`'s
+        sessions stay there too). Ray's session logs (raylet.err, the workers' .err files) are what a user reads
+        after a failed run, so `keep_logs_in` (the run's logs/ray) gets a copy first; a finished run's summary is in
+        its run directory and its Ray logs are not kept. If the copy fails (a full disk), the temp dir stays. Again
         (at exit): nothing to do."""
         atexit.unregister(self.stop)
-        if self.process.poll() is not None:  # ended and reaped: its pid may be another process's now
-            return
+        if self.process.poll() is None:  # else ended and reaped: its pid may be another process's now
+            self._end()
+        remove_temp_dir(self.temp_dir, keep_logs_in)
+
+    def _end(self) -> None:
         tree = _tree(self.process.pid)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -61,6 +70,23 @@ class LocalHead:
         kill_processes([process for process in tree if _alive(process)], timeout=10)
         if self.process.poll() is None:
             self.process.wait(10)
+
+
+def remove_temp_dir(temp_dir: Path, keep_logs_in: Optional[Path]) -> None:
+    """Remove a stopped head's temp dir, its Ray session logs copied to `keep_logs_in` first (when given); if the
+    copy fails (a full disk), the temp dir stays, the logs' only copy."""
+    if keep_logs_in is not None:
+        try:
+            shutil.copytree(temp_dir / "session_latest" / "logs", keep_logs_in, symlinks=True, dirs_exist_ok=True)
+        except OSError:
+            return
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def temp_dirs_of_run(mark: str) -> List[Path]:
+    """The temp dirs of the heads started under `launch.guard`'s run mark (named after it), for the guard to remove
+    once it has killed what a dead driver left."""
+    return sorted(Path(_ray_temp_root()).glob(f"lt-{mark[:MARK_CHARS]}-*"))
 
 
 def kill_processes(processes: List[psutil.Process], timeout: float) -> None:
@@ -83,10 +109,12 @@ def start_head(num_cpus: int) -> LocalHead:
 
     enable_token_auth_by_default()
     ensure_token_if_auth_enabled(None, create_token_if_missing=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix="lt-", dir=_ray_temp_root()))  # short: Ray's socket paths below it
+    mark = os.environ.get(RUN_MARK, "")[:MARK_CHARS]  # the guard's: it finds this dir if the driver dies
+    temp_dir = Path(tempfile.mkdtemp(prefix=f"lt-{mark}-", dir=_ray_temp_root()))  # short: Ray's socket paths below
+    # it must fit AF_UNIX's 107 bytes
     log_file = temp_dir / "ray_start.log"  # here, not in the run directory: a run that did not start removes that
-    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",   # must fit AF_UNIX's
-               "--node-ip-address=127.0.0.1", "--port=0", "--include-dashboard=false",     # 107 bytes
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+               "--node-ip-address=127.0.0.1", "--port=0", "--include-dashboard=false",
                "--dashboard-agent-listen-port=0", "--min-worker-port=0", "--max-worker-port=0",
                f"--ray-client-server-port={_free_port()}",  # `ray start` always starts one; its default: 10001
                f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
@@ -97,7 +125,7 @@ def start_head(num_cpus: int) -> LocalHead:
     deadline = time.time() + START_TIMEOUT_SECONDS
     while not (address_file.exists() and address_file.read_text().strip()):
         if process.poll() is not None or time.time() > deadline:
-            LocalHead(process, temp_dir, "").stop()
+            LocalHead(process, temp_dir, "")._end()  # its temp dir stays: the line below names its logs
             why = f"exited with code {process.returncode}" if process.returncode is not None else \
                 f"did not start within {START_TIMEOUT_SECONDS:.0f} s"
             raise LongtrainError(f"the local Ray head ({' '.join(command[3:6])} ...) {why}; see {log_file} and "

@@ -71,13 +71,14 @@ _local_head: Optional[LocalHead] = None
 """The private head of the local run this process drives (None: none, or a cluster's run)."""
 
 
-def disconnect() -> None:
-    """Leave Ray, and stop the local run's private head (a cluster stays up)."""
+def disconnect(keep_logs_in: Optional[Path] = None) -> None:
+    """Leave Ray, and stop the local run's private head (a cluster stays up); its Ray session logs are copied to
+    `keep_logs_in` (a failed run's) or go with its temp dir."""
     global _local_head
     ray.shutdown()
     head, _local_head = _local_head, None
     if head is not None:
-        head.stop()
+        head.stop(keep_logs_in)
 
 
 def _init(cluster: ClusterConfig, runtime_env: Optional[Dict[str, Any]]) -> None:

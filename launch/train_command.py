@@ -60,14 +60,16 @@ def _train_holding_the_lock(job: JobConfig, placement: RunPlacement, config_path
 
     started = time.time()
     with second_interrupt_exits(lambda: _resume_hint(run_dir, resume), EXIT_INTERRUPTED):
+        finished = False
         try:
             _connect(job, run_dir, created)
             print(_header(job, run_dir, uses_cuda(job.cluster)), flush=True)
             console = RunConsole(run_dir, job.train.max_steps, job.metrics.warmup_steps,
                                  trackers=_open_trackers(job, run_dir))
             code = _run_workers(job, run_dir, placement.initial, console, resume)
-        finally:
-            disconnect()
+            finished = code is None
+        finally:  # a run that stopped early or failed keeps its Ray session logs beside its own
+            disconnect(None if finished else run_dir / "logs" / "ray")
     if code is not None:
         return TrainResult(code, run_dir, _summary_so_far(console), resume)
     summary = console.finish(_resume_hint(run_dir, resume))

@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launch.guard import RUN_MARK
+from launch.local_head import temp_dirs_of_run
 from tests.conftest import mount_tmpfs
 
 pytestmark = pytest.mark.slow
@@ -39,6 +41,17 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> No
 def _tree(process: subprocess.Popen) -> list:
     """The driver's descendants now: the guard, Ray's GCS, raylet and agents, the actors and the workers."""
     return psutil.Process(process.pid).children(recursive=True)
+
+
+def _run_mark(tree: list) -> str:
+    """The run's mark, which the driver set after it started (its /proc environ shows what it started with)."""
+    for process in tree:
+        try:
+            if RUN_MARK in process.environ():
+                return process.environ()[RUN_MARK]
+        except psutil.Error:
+            continue
+    raise AssertionError("no process of the run carries its mark")
 
 
 def _alive(processes: list) -> list:
@@ -68,10 +81,13 @@ def test_a_killed_driver_leaves_no_process_of_the_run(tmp_path):
     _wait_for(run_dir / "checkpoints" / "latest", process)
     workers, tree = _workers(run_dir), _tree(process)
     assert len(workers) == 2 and len(tree) > 5
+    temp_dirs = temp_dirs_of_run(_run_mark(tree))
+    assert len(temp_dirs) == 1
     process.kill()
     process.wait()
     assert _gone_within(workers, 10) == [], "workers outlived the driver by 10 s"
     assert _gone_within(tree, 30) == [], "processes of the run outlived the driver by 30 s"
+    assert (run_dir / "logs" / "ray" / "raylet.out").is_file() and not temp_dirs[0].exists()  # by the guard
     tags = sorted((run_dir / "checkpoints").glob("step_*"))
     time.sleep(1)
     assert sorted((run_dir / "checkpoints").glob("step_*")) == tags  # and nothing trains or saves any more
@@ -84,6 +100,7 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_no_process_left(tmp_path, 
     process = _start(run_dir, "train.max_steps=100000", "checkpoint.every_steps=5", "train.log_every_steps=5")
     _wait_for(run_dir / "checkpoints" / "latest", process)
     tree = _tree(process)
+    temp_dirs = temp_dirs_of_run(_run_mark(tree))
     for _ in range(times):
         try:
             (os.killpg if to_group else os.kill)(process.pid, signal.SIGINT)
@@ -97,6 +114,8 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_no_process_left(tmp_path, 
         assert line.startswith("longtrain: interrupted") and line.endswith(f"resume={run_dir}"), line
         assert "resume with: longtrain train" in line
     assert _gone_within(tree, 15) == []
+    assert (run_dir / "logs" / "ray" / "raylet.out").is_file()  # a run that did not finish keeps Ray's logs
+    assert len(temp_dirs) == 1 and not temp_dirs[0].exists()
 
 
 def test_a_full_disk_is_one_line_with_the_path_and_the_resume_command(tmp_path):

@@ -22,11 +22,12 @@ time.sleep(float(sys.argv[1]))
 """A stand-in driver: it starts a child (a Ray process, for the guard) and ends without stopping it."""
 
 
-def _guarded_child_after_the_driver_ends(log) -> psutil.Process:
+def _guarded_child_after_the_driver_ends(log, ray_logs: Path) -> psutil.Process:
     mark = f"test-guard-{os.getpid()}-{time.time_ns()}"
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, "1.5"], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, **{RUN_MARK: mark}))
-    guard = subprocess.Popen([sys.executable, "-m", "launch.guard", str(driver.pid), mark], cwd=ROOT,
+    guard = subprocess.Popen([sys.executable, "-m", "launch.guard", str(driver.pid), mark, str(ray_logs)],
+                             cwd=ROOT,
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     child = psutil.Process(int(driver.stdout.readline()))
     driver.wait(30)
@@ -34,9 +35,9 @@ def _guarded_child_after_the_driver_ends(log) -> psutil.Process:
     return child
 
 
-def test_the_guard_kills_a_dead_drivers_processes_though_its_log_disk_is_full():
+def test_the_guard_kills_a_dead_drivers_processes_though_its_log_disk_is_full(tmp_path):
     with open("/dev/full", "w") as full:
-        child = _guarded_child_after_the_driver_ends(full)
+        child = _guarded_child_after_the_driver_ends(full, tmp_path / "ray")
     try:
         deadline = time.time() + 5
         while _alive(child) and time.time() < deadline:

@@ -1,7 +1,8 @@
 """Two local runs' private Rays alive at once on one machine (two `longtrain train`, or two test processes): both
 start and run a task, no port is bound by both (Ray's defaults fix a few: the dashboard agent's 52365, Ray
 Client's 10001, the metrics servers' 44217 and 44227), each dashboard agent serves its HTTP API (Ray's token
-authentication refuses an anonymous call) and each head is gone once its driver disconnects. Real Ray, through
+authentication refuses an anonymous call) and each head is gone once its driver disconnects, with its temp dir
+under /tmp/ray (a failed run's Ray logs copied to its run directory first). Real Ray, through
 `launch.ray_train.connect`/`disconnect` as `longtrain train` calls them; ~15-25 s."""
 
 import http.client
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -20,17 +22,19 @@ DRIVER = """
 import os, sys, time
 from pathlib import Path
 import ray
-from launch.ray_train import connect, disconnect
+from launch import ray_train
 from spec.config import load_job_config
 
-log_dir, release = Path(sys.argv[1]), Path(sys.argv[2])
-connect(load_job_config(None, ["cluster.num_workers=1"]).cluster, log_dir)
+log_dir, release, failed = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "failed"
+ray_train.connect(load_job_config(None, ["cluster.num_workers=1"]).cluster, log_dir)
 print("task ran in", ray.get(ray.remote(lambda: os.getpid()).remote()), flush=True)
+print("temp dir", ray_train._local_head.temp_dir, flush=True)
 (log_dir / "up").touch()
 while not release.exists():
     time.sleep(0.2)
-disconnect()
+ray_train.disconnect(log_dir / "ray" if failed else None)
 """
+"""A driver as `longtrain train` is one: a run that finished (argv[3] "finished") or failed ("failed")."""
 
 
 def _tree(pid: int) -> list:
@@ -66,8 +70,8 @@ def _agent_refuses_anonymous(ports: dict) -> bool:
 def test_two_local_rays_at_once_share_no_port_and_both_run(tmp_path):
     release = tmp_path / "release"
     logs = [tmp_path / "a", tmp_path / "b"]
-    drivers = [subprocess.Popen([sys.executable, "-c", DRIVER, str(log), str(release)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for log in logs]
+    drivers = [subprocess.Popen([sys.executable, "-c", DRIVER, str(log), str(release), how], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for log, how in zip(logs, ["finished", "failed"])]
     try:
         deadline = time.time() + 180
         while not all((log / "up").exists() for log in logs):
@@ -87,6 +91,9 @@ def test_two_local_rays_at_once_share_no_port_and_both_run(tmp_path):
         assert driver.returncode == 0 and "task ran in" in out, err[-3000:]
     left = [p for tree in trees for p in tree if _running(p)]
     assert not left, f"left running after disconnect: {[p.pid for p in left]}"
+    temp_dirs = [Path(out.split("temp dir ")[1].split()[0]) for out, _ in outputs]
+    assert not [d for d in temp_dirs if d.exists()], f"a head's temp dir left after disconnect: {temp_dirs}"
+    assert not (logs[0] / "ray").exists() and (logs[1] / "ray" / "raylet.out").is_file()  # the failed run's copy
 
 
 def _running(process: psutil.Process) -> bool:

@@ -67,6 +67,7 @@ def test_checkpoints_are_complete_and_latest_points_at_the_last(default_run):
         assert {"COMPLETE", "mp_rank_00_model_states.pt", "longtrain_rank0.pt", "longtrain_rank1.pt"} <= names
         assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
     assert (run_dir / "config.yaml").is_file() and (run_dir / "logs" / "rank0.log").is_file()
+    assert not (run_dir / "logs" / "ray").exists()  # Ray's session logs are kept for runs that did not finish only
 
 
 def test_resume_continues_the_run_from_its_latest_checkpoint(default_run):
