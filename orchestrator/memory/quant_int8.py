@@ -8,15 +8,15 @@ batch, later ones decay towards the batch's (alpha <- d*alpha + (1-d)*range), be
 are q = floor((x - beta) * 255 / alpha + u), u ~ U[0, 1) (stochastic rounding: unbiased inside the range), CLAMPED
 to [0, 255]; Mesa's public code wraps values above the range around the byte, we do not. The noise u of an element
 is a counter-based hash of (seed, its index in the tensor) (`rounding_noise`), not a generator's draw: a fused kernel
-computes it in registers instead of reading a tensor of it, the codes of any row range can be made again alone
-(a token-wise plan recomputes a slice of the tokens), and the compiled (`codec_kernels`) and op-by-op paths draw the
-same u, so a seed gives the same codes on both. The ranges are frozen in
-eval and without autograd, so they move once a training step, recomputation or not (`compact`'s docstring says why
-no recomputation packs twice). Error inside the range: |x_hat - x| < alpha / 255.
+computes it in registers instead of reading a tensor of it, the codes of any row range can be made again alone (a
+token-wise plan recomputes a slice of the tokens), and the compiled (`codec_kernels`) and op-by-op paths draw the
+same u, so a seed gives the same codes on both. The ranges are frozen in eval and without autograd, so they move
+once a training step, recomputation or not (`compact`'s docstring says why no recomputation packs twice). Error
+inside the range: |x_hat - x| < alpha / 255.
 
-The same encoder (`encode_rows`) makes the int8 swap's codes (`SwapCodes`, the plan's `swap_codec: int8`): there the
+The int8 swap's codes (`SwapCodes`, the plan's `swap_codec: int8`) use the same rounding (`encode_rows`): there the
 range is the swapped slice's own min and max (the whole slice is at hand) and the rounding noise is drawn in order
-from one generator (`StreamNoise`), as nothing is encoded twice.
+from one generator (`StreamNoise`), as nothing is encoded twice; that codec still runs op by op.
 """
 
 import math
@@ -95,12 +95,16 @@ class RunningRange:
 
     def update(self, x3: torch.Tensor) -> None:
         """Fold one batch's per-group min and max (x3 is [P, G, Q]) into the estimate."""
-        low, width = kernel(group_range, x3.device)(x3.detach())
-        if self.alpha is None or self.alpha.shape != width.shape:
-            self.alpha, self.beta = width, low
-            return
-        self.alpha = self.decay * self.alpha + (1 - self.decay) * width
-        self.beta = self.decay * self.beta + (1 - self.decay) * low
+        if self.alpha is None or self.alpha.shape[0] != x3.shape[1]:
+            self.beta, self.alpha = kernel(group_range, x3.device)(x3.detach())
+        else:
+            self.alpha, self.beta = kernel(decayed_range, x3.device)(x3.detach(), self.alpha, self.beta, self.decay)
+
+
+def decayed_range(x3: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, decay: float):
+    """The running (alpha, beta) moved towards x3's per-group width and minimum (compiled: one reduction kernel)."""
+    low, width = group_range(x3)
+    return decay * alpha + (1 - decay) * width, decay * beta + (1 - decay) * low
 
 
 def group_range(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
