@@ -63,7 +63,7 @@ def check_cluster_host_memory(job: JobConfig, nodes: List[dict], use_gpu: bool) 
         have = node_host_memory_gib(resources)
         if workers and per_gpu * workers > have:
             where = node.get("NodeManagerAddress") or node.get("NodeID", "?")
-            fix = (f"re-plan with plan.host_memory_gib={int(have)}" if job.plan.path else
+            fix = (f"re-plan with plan.host_memory_gib={int(round(have, 6))}" if job.plan.path else  # Ray's floats
                    "shorten data.seq_len or spread the job over more nodes")
             raise PlanError(f"Ray node {where} has {have:.1f} GiB of host memory (its memory + object_store_memory "
                             f"resources) and {workers} worker(s) may land on it, which need {per_gpu * workers:.1f} "
@@ -83,7 +83,7 @@ def _host_need_gib(job: JobConfig):
         from spec.plan import load_plan
 
         return load_plan(Path(job.plan.path)).predicted.get("host_gib", 0.0), f"the plan {job.plan.path}"
-    need = host_static_bytes(job, element) / GIB
+    need = host_static_bytes(job, element, uses_cuda(job.cluster)) / GIB
     what = ["offloaded optimizer and parameters"] if need else []
     if job.train.activation_checkpointing in ("deepspeed_cpu", "alst"):
         dims = job.parallel_dims()

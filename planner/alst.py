@@ -11,7 +11,8 @@ each chunk's logits, their fp32 copy and cross-entropy's saved log-softmax and g
   True)`), and the loss's chunk at the head; + the layer inputs DeepSpeed's offload engine holds on the GPU
   (`DEEPSPEED_INPUTS_ON_GPU`), alive at the head and through the last layer's backward.
 - Host: every layer's input but the last (never offloaded, `DEEPSPEED_INPUTS_ON_GPU`), hidden x 2 bytes a token,
-  plus the offloaded optimizer.
+  each pinned on its own by DeepSpeed's offload engine (`activation_checkpointing/offload_activations.py:178-180`),
+  so a power-of-two block on a GPU (`planner.offload_host.pinned_block_bytes`), plus the offloaded optimizer.
 - Time: every layer's forward twice and its backward once (the tiled MLP's extra forward in its backward), the head
   once for the logits and once for their input gradient (the loss runs its backward inside its forward, the logits
   made once), once more for the weight gradient if the head trains (not with LoRA), the offloaded optimizer's step; the copies to the host hidden
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 from planner import whole_job
 from planner.cost_model import CostModel, calibrated_peak_bytes
 from planner.layout import solve_layout
+from planner.offload_host import pinned_block_bytes
 from planner.schedule import layer_block_buffers
 from spec.activations import LOSS_CHUNK_TOKENS
 from spec.config import JobConfig
@@ -80,8 +82,9 @@ def predict_alst(job: JobConfig, profile: HardwareProfile) -> AlstPrediction:
     step = (sum(2 * layer.forward_seconds + layer.backward_seconds for layer in layers)
             + head_passes * cost.head_seconds()
             + fetched + whole_job.optimizer_step_seconds(cost)) * job.train.grad_accum_steps
-    inputs = (job.model.num_layers - 1) * input_bytes  # the newest input is never offloaded
-    host_static = whole_job.host_static_bytes(job, cost.element_bytes)
+    cuda = profile.device_kind == "cuda"
+    inputs = (job.model.num_layers - 1) * pinned_block_bytes(int(input_bytes), cuda)  # the newest is not offloaded
+    host_static = whole_job.host_static_bytes(job, cost.element_bytes, cuda)
     return AlstPrediction(
         step_seconds=step, mfu=cost.step_flops_per_gpu() / (step * profile.peak_tflops(precision) * 1e12),
         peak_gpu_gib=peak / GIB, gpu_budget_gib=profile.device_memory_gib * job.plan.gpu_memory_fraction,

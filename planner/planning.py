@@ -67,7 +67,8 @@ def make_plan(job: JobConfig, profile: HardwareProfile,
 def check_host_static(job: JobConfig, profile: HardwareProfile) -> None:
     """The offloaded optimizer and parameters must fit the host before any activation goes there: one line with
     the host memory the job needs, and where the machine's figure came from."""
-    static = whole_job.host_static_bytes(job, 2 if training_precision(profile) == "bf16" else 4)
+    static = whole_job.host_static_bytes(job, 2 if training_precision(profile) == "bf16" else 4,
+                                         profile.device_kind == "cuda")
     budget = whole_job.host_budget_bytes(job, profile)
     if static <= budget:
         return
@@ -76,7 +77,9 @@ def check_host_static(job: JobConfig, profile: HardwareProfile) -> None:
     needed = static * gpus / job.plan.host_memory_fraction / GIB
     raise PlanInfeasible(
         f"does not fit the host memory: the offloaded {_offloaded(job)} need {static / GIB:.1f} GiB per GPU "
-        f"({whole_job.trainable_parameter_count(job.model) / 1e9:.2f}B trainable parameters) but {host.gib:g} GiB of "
+        f"({whole_job.trainable_parameter_count(job.model) / 1e9:.2f}B trainable parameters, "
+        f"{static / whole_job.trainable_parameter_count(job.model):.1f} bytes each in DeepSpeed's host buffers) but "
+        f"{host.gib:g} GiB of "
         f"host memory ({host.source}) x plan.host_memory_fraction={job.plan.host_memory_fraction} over {gpus} "
         f"GPU(s) leaves {budget / GIB:.1f} GiB; it needs a node with at least {needed:.0f} GiB, more nodes "
         "(cluster.num_workers), or LoRA (model.lora.rank) instead of full fine-tuning")
@@ -84,7 +87,7 @@ def check_host_static(job: JobConfig, profile: HardwareProfile) -> None:
 
 def _offloaded(job: JobConfig) -> str:
     offload = job.train.offload
-    parts = ["optimizer states (16 bytes a parameter)"] * offload.optimizer + ["parameters"] * offload.params
+    parts = ["optimizer states"] * offload.optimizer + ["parameters"] * offload.params
     return " and ".join(parts)
 
 
@@ -213,7 +216,7 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
     static.adapter_activations *= 1 - checkpointed / len(policy.decisions)  # a checkpointed layer's are replayed
     static_bytes = static.total - static.head_and_loss  # the head's buffers are in the arena
     step_seconds = policy.micro_batch_seconds * job.train.grad_accum_steps + whole_job.optimizer_step_seconds(cost)
-    host_static = whole_job.host_static_bytes(job, cost.element_bytes)
+    host_static = whole_job.host_static_bytes(job, cost.element_bytes, profile.device_kind == "cuda")
     mfu = cost.step_flops_per_gpu() / (step_seconds * profile.peak_tflops(precision) * 1e12)
     predicted = {
         "step_seconds": round(step_seconds, 6), "mfu": round(mfu, 4),

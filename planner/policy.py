@@ -174,8 +174,8 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
         head_bytes=static.head_and_loss, adapter_bytes=static.adapter_activations / n, block_bytes=block_bytes,
         head_seconds=cost.head_seconds(), pcie_bytes_per_second=cost.pcie_bytes_per_second(),
         gpu_budget_bytes=profile.device_memory_gib * GIB * job.plan.gpu_memory_fraction,
-        host_budget_bytes=(whole_job.host_budget_bytes(job, profile)
-                           - whole_job.host_static_bytes(job, cost.element_bytes)),  # offload comes first
+        host_budget_bytes=(whole_job.host_budget_bytes(job, profile)  # the offloaded states come first
+                           - whole_job.host_static_bytes(job, cost.element_bytes, profile.device_kind == "cuda")),
         int8_factor=1.0 / cost.element_bytes, allow_int8=approximate,
         compressed_token_wise_bytes=[layer.token_wise_bytes for layer in compact],
         layer_block_bytes=[b.arena_bytes for b in block_layouts(layers, [], time_limit_seconds)] if compact else [],

@@ -9,10 +9,10 @@ next forward in DeepSpeed 0.19.8). Counts, per GPU:
 - LoRA (Hu et al., arXiv 2106.09685): base weights in the activation dtype, no gradients, no optimizer state;
   adapters r x (in + out) per targeted projection, with their gradients and Adam states (12 bytes each in mixed
   precision); backward of a frozen projection computes the input gradient only (1x its forward, not 2x).
-- Offloaded optimizer: fp32 master weights, Adam's two moments and the fp32 gradient partition in pinned host
-  memory, 16 bytes per trainable parameter (`HOST_OPTIMIZER_BYTES_PER_PARAM`), split over the ZeRO ranks.
-- Offloaded parameters (ZeRO-3): the weights in pinned host memory (2 bytes each in bf16); the GPU holds what
-  DeepSpeed gathers at once, at most `stage3_max_live_parameters` (1e9 by default).
+- Offloaded optimizer and parameters: the host buffers DeepSpeed 0.19.8 allocates for them, buffer by buffer
+  (`planner.offload_host`: 18 bytes a trainable parameter in bf16 before a GPU's power-of-two pinned blocks), split
+  over the ZeRO ranks; with parameter offload (ZeRO-3) the GPU holds what DeepSpeed gathers at once, at most
+  `stage3_max_live_parameters` (1e9 by default).
 - Tiled MLP: the MLP saves only its input, runs its forward once more in backward, and holds one tile's
   intermediates (`tile x intermediate_size`, hidden_size tokens a tile) instead of the sequence's.
 """
@@ -20,16 +20,13 @@ next forward in DeepSpeed 0.19.8). Counts, per GPU:
 from dataclasses import dataclass
 from typing import Tuple
 
+from planner.offload_host import offload_host_bytes
 from spec.activations import ZERO_BUCKET_ELEMENTS, lora_adapter_bytes_per_token, tiled_mlp_saved_tensors
 from spec.config import JobConfig, ModelConfig
 from spec.flops import layer_matmul_params, parameter_count
 from spec.hardware import HardwareProfile
 from spec.units import GIB
 
-HOST_OPTIMIZER_BYTES_PER_PARAM = 16
-"""DeepSpeed ZeRO-Offload's pinned host buffers per trainable parameter: fp32 master weight 4, Adam exp_avg 4 and
-exp_avg_sq 4, the fp32 gradient partition 4 (stage 1-2: single_partition_of_fp32_groups, its optimizer state and
-the CPU gradient buffer; stage 3: fp32_partitioned_groups_flat, state, grad partitions)."""
 MAX_LIVE_PARAMETERS = int(1e9)
 """DeepSpeed's default stage3_max_live_parameters: what ZeRO-3 keeps gathered on the GPU at once."""
 DEFAULT_CPU_ADAM_PARAMS_PER_SECOND = 1.0e9
@@ -119,15 +116,10 @@ def adapter_activation_bytes(cost) -> float:
     return per_token * cost.tokens_per_gpu * cost.model.num_layers
 
 
-def host_static_bytes(job: JobConfig, element_bytes: int) -> float:
-    """Pinned host bytes one GPU's process holds for the offloaded optimizer and parameters (before activations)."""
-    model, offload, n = job.model, job.train.offload, job.cluster.num_workers
-    total = 0.0
-    if offload.optimizer:
-        total += HOST_OPTIMIZER_BYTES_PER_PARAM * trainable_parameter_count(model) / n
-    if offload.params:
-        total += element_bytes * (parameter_count(model) + lora_parameter_count(model)) / n
-    return total
+def host_static_bytes(job: JobConfig, element_bytes: int, cuda: bool) -> float:
+    """Host bytes one GPU's process holds for the offloaded optimizer and parameters (before activations); `cuda`:
+    the workers train on GPUs, where DeepSpeed's pinned buffers are power-of-two blocks (`planner.offload_host`)."""
+    return float(offload_host_bytes(job, element_bytes, cuda))
 
 
 def optimizer_step_seconds(cost) -> float:

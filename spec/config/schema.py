@@ -315,8 +315,9 @@ class OffloadConfig:
     memory: what does not fit next to the activations goes to the host."""
 
     optimizer: bool = False
-    """fp32 master weights, Adam moments and fp32 gradients of the trainable parameters in pinned host memory
-    (about 16 bytes per parameter, split over the data-parallel ranks), stepped by DeepSpeed's CPU Adam; ZeRO 1-3."""
+    """fp32 master weights and gradients, a bf16 copy and Adam's moments of the trainable parameters in host memory
+    (18 bytes per parameter in bf16, split over the data-parallel ranks; on a GPU each pinned buffer is a power-of-two
+    block: `planner.offload_host`), stepped by DeepSpeed's CPU Adam; ZeRO 1-3."""
     params: bool = False
     """bf16 parameters in pinned host memory, gathered to the GPU module by module (ZeRO-3 only); the model is
     built under deepspeed.zero.Init, so no worker holds the whole model on its host."""
