@@ -35,8 +35,8 @@ FULL_3B = ["model.hidden_size=3072", "model.num_layers=28", "model.num_heads=24"
            "model.intermediate_size=8192", "model.tie_embeddings=true", "model.lora.rank=0",
            "train.offload.optimizer=true"]
 """--full-3b: full fine-tuning of the Llama-3.2-3B shape with the optimizer offloaded to CPU (DeepSpeed's CPU Adam,
-built on first use), for both recipes (longtrain's on ZeRO-2, ALST's on ZeRO-3): the 8B's 16 bytes a parameter do not
-fit a 128 GiB host."""
+built on first use), for both recipes (longtrain's on ZeRO-2, ALST's on ZeRO-3): the 8B's offloaded optimizer (140.8 GiB
+of DeepSpeed's host buffers, `planner.offload_host`) does not fit a 128 GiB host."""
 FULL_3B_HELP = "full fine-tuning of the Llama-3.2-3B shape, optimizer offloaded (both recipes)"
 FULL_3B_RECIPES = {"longtrain": ["train.zero_stage=2"], "alst": []}
 SMOKE = ["model.preset=debug", "model.lora.rank=4", "data.source=synthetic", "data.micro_batch_size=1",
