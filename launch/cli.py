@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--swap-hidden", type=float, help="share of a neighbouring layer's compute a host copy hides "
                                                          "behind, for the plans the bench makes (calibration)")
     bench.add_argument("--trace", action="store_true", help="print a torch.profiler summary of one step of each "
-                                                             "longtrain row (where the time goes)")
+                                                             "row (where the time goes)")
     bench.add_argument("--elementwise", choices=ELEMENTWISE, default="eager",
                        help="the layers' RMSNorm, RoPE and SwiGLU: op by op, or fused by torch.compile "
                             "(train.elementwise)")

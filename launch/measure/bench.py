@@ -102,7 +102,7 @@ class BenchOptions:
     hand_policy: Optional[LayerPlan] = None
     """One layer's decision for every layer instead of the planner's plan (`--policy K/S/R[/host]`)."""
     trace: bool = False
-    """Profile one extra step of the longtrain rows (`--trace`)."""
+    """Profile one extra step of every row that ran (`--trace`)."""
     trace_dir: Optional[str] = None
     """Where `--trace` keeps each traced step's Chrome trace (gzip), next to the report."""
     elementwise: str = "eager"
@@ -175,11 +175,11 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     row.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
     row.alloc_retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before
     row.host_gib = host_bytes() / GIB
-    if options.trace and mode.startswith("longtrain"):
-        row.trace = _trace_one_step(step, x, cos, sin, grad, options.trace_dir)
+    if options.trace:
+        row.trace = _trace_one_step(step, x, cos, sin, grad, options.trace_dir, mode)
 
 
-def _trace_one_step(step, x, cos, sin, grad, trace_dir: Optional[str]) -> str:
+def _trace_one_step(step, x, cos, sin, grad, trace_dir: Optional[str], mode: str) -> str:
     """The top device operations of one step, and whether its host copies hid under compute."""
     import tempfile
     from pathlib import Path
@@ -200,7 +200,7 @@ def _trace_one_step(step, x, cos, sin, grad, trace_dir: Optional[str]) -> str:
             import gzip
             import shutil
 
-            saved = Path(trace_dir) / f"trace_{x.shape[1]}.json.gz"
+            saved = Path(trace_dir) / f"trace_{mode}_{x.shape[1]}.json.gz"
             with path.open("rb") as source, gzip.open(saved, "wb") as target:
                 shutil.copyfileobj(source, target)
             timeline += f"\nChrome trace (open in Perfetto): {saved}"
