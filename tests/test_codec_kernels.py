@@ -131,3 +131,29 @@ def compiled_equals_eager() -> None:
         packed = codec_kernels.kernel(quant_int4_deriv.seeded_nibbles, CPU)(x3, scale, offset, *keys, first)
         assert torch.equal(packed, quant_int4_deriv.seeded_nibbles(x3, scale, offset, *keys, first))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_compiled_compressed_model_compiles_only_in_its_first_step():
+    """Every codec function is traced in the first step (the running range's first update goes through the decayed
+    update with weight 0): a graph traced later would be compiled inside a timed or a training step. Dynamo's own
+    tracing and guards decide this, so its eager backend shows it without inductor's compile time."""
+    from torch._dynamo.utils import counters
+
+    job = load_job_config(None, ["compression.linear_inputs=int8", "compression.norm_inputs=int8",
+                                 "compression.silu=int4", "compression.layers=[0,1]", "data.seq_len=128"])
+    torch.manual_seed(0)
+    model = LlamaModel(job.model)
+    apply_plan(model, None, job.compression, job.token_elim, job.train)
+    tokens = torch.randint(0, job.model.vocab_size, (1, 129))
+    torch._dynamo.reset()
+    codec_kernels.install(lambda fn: torch.compile(fn, dynamic=True, backend="eager"), "cpu")
+    try:
+        graphs = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        codec_kernels.install(None)
+        torch._dynamo.reset()
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs

@@ -31,6 +31,7 @@ from functools import partial
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch._dynamo.utils import counters
 from torch import nn
 
 from spec.config import JobConfig
@@ -160,12 +161,16 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    graphs_before = counters["stats"]["unique_graphs"]
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         step(x, cos, sin, grad)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+    compiled = counters["stats"]["unique_graphs"] - graphs_before
+    if compiled:  # torch.compile traced something after the warm-up: a timed step paid for compiling it
+        row.note = (row.note + "; " if row.note else "") + f"{compiled} graph(s) compiled in the timed steps"
     row.step_seconds = statistics.median(times)
     row.tokens_per_second = seq / row.step_seconds
     peak = profile.peak_tflops("bf16") * 1e12

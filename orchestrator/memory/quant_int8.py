@@ -92,17 +92,25 @@ class RunningRange:
         self.decay = decay
         self.alpha: Optional[torch.Tensor] = None
         self.beta: Optional[torch.Tensor] = None
+        self._weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def update(self, x3: torch.Tensor) -> None:
-        """Fold one batch's per-group min and max (x3 is [P, G, Q]) into the estimate."""
-        if self.alpha is None or self.alpha.shape[0] != x3.shape[1]:
-            self.beta, self.alpha = kernel(group_range, x3.device)(x3.detach())
-        else:
-            self.alpha, self.beta = kernel(decayed_range, x3.device)(x3.detach(), self.alpha, self.beta, self.decay)
+        """Fold one batch's per-group min and max (x3 is [P, G, Q]) into the estimate. The first batch sets it
+        through the same function with weight 0 (0 x 0 + 1 x range is the range exactly), so a compiled run makes
+        one kernel in its first step, not a second one in its second (that compile would land in a timed step)."""
+        if self._weights is None or self._weights[0].device != x3.device:
+            self._weights = (torch.zeros((), device=x3.device), torch.full((), self.decay, device=x3.device))
+        first = self.alpha is None or self.alpha.shape[0] != x3.shape[1]
+        if first:
+            self.alpha, self.beta = (torch.zeros(x3.shape[1], device=x3.device) for _ in range(2))  # not aliased:
+            # one tensor passed twice would compile a graph of its own
+        weight = self._weights[0] if first else self._weights[1]
+        self.alpha, self.beta = kernel(decayed_range, x3.device)(x3.detach(), self.alpha, self.beta, weight)
 
 
-def decayed_range(x3: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, decay: float):
-    """The running (alpha, beta) moved towards x3's per-group width and minimum (compiled: one reduction kernel)."""
+def decayed_range(x3: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, decay: torch.Tensor):
+    """The running (alpha, beta) moved towards x3's per-group width and minimum by `decay` (a 0-d tensor, so every
+    step runs the same compiled graph; compiled: one reduction kernel)."""
     low, width = group_range(x3)
     return decay * alpha + (1 - decay) * width, decay * beta + (1 - decay) * low
 
