@@ -47,8 +47,8 @@ def test_compiled_codes_are_the_eager_codes():
     assert float((packed != eager).float().mean()) <= 2e-4
 
 
-def _compressed_model():
-    job = load_job_config(None, SECTION)
+def _compressed_model(section=SECTION):
+    job = load_job_config(None, section)
     torch.manual_seed(0)
     model = LlamaModel(job.model).cuda().to(torch.bfloat16)
     apply_plan(model, None, job.compression, job.token_elim, job.train)
@@ -70,8 +70,10 @@ def test_a_compressed_model_trains_as_op_by_op():
         assert (got - want).abs().max().item() <= 3e-2 * max(want.abs().max().item(), 1e-6)
 
 
-def test_a_compressed_step_does_not_synchronise_with_the_host():
-    job, model = _compressed_model()
+@pytest.mark.parametrize("section", [SECTION, [*SECTION, "compression.wta_crs_keep_ratio=0.7"]],
+                         ids=["codes", "codes_and_wta_crs"])
+def test_a_compressed_step_does_not_synchronise_with_the_host(section):
+    job, model = _compressed_model(section)
     elementwise.install(model, "compiled", CUDA)
     tokens = torch.randint(0, job.model.vocab_size, (1, 1025), device="cuda")
 

@@ -207,3 +207,18 @@ def test_one_sample_per_shared_input_in_a_layer(debug_model_config: ModelConfig)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(torch.randn(2, 64, debug_model_config.hidden_size, requires_grad=True), cos, sin)
     assert len(index_storages) == 3  # q/k/v share one sample, gate/up one, down one
+
+
+def test_the_training_draw_reads_no_value_back_to_the_host(monkeypatch):
+    """The systematic draw (what training uses) decides on the device: no tensor is turned into a Python number
+    (on a GPU each such read waits for the device). Every read goes through these methods, so they raise here."""
+    def refuse(*_):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "__float__", "__int__", "__bool__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    p = torch.rand(500, dtype=torch.float64) ** 4
+    p[:50] = 0
+    index, weight = wta_crs.draw_rows(p, 123, torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert index.shape == weight.shape == (1, 123) and len(set(index[0].tolist())) == 123

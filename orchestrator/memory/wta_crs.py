@@ -56,9 +56,10 @@ def inclusion_probabilities(p: torch.Tensor, k: int) -> torch.Tensor:
     tail = torch.flip(torch.cumsum(torch.flip(sorted_p, (0,)), 0), (0,))  # tail[m] = sum of sorted_p[m:]
     capped = torch.arange(k, device=p.device, dtype=p.dtype)  # m rows capped at 1, c = (k - m) / tail[m]
     scale = (k - capped) / tail[:k]
-    m = int(torch.nonzero(scale * sorted_p[:k] <= 1)[0])  # m = k - 1 always qualifies
-    sorted_pi = (scale[m] * sorted_p).clamp_max(1.0)
-    sorted_pi[:m] = 1.0
+    # m: the first row with scale * p <= 1 (m = k - 1 always qualifies), found on the device: no host sync
+    m = torch.argmax((scale * sorted_p[:k] <= 1).to(torch.int8)).view(1)
+    sorted_pi = (scale.index_select(0, m) * sorted_p).clamp_max(1.0)
+    sorted_pi = torch.where(torch.arange(p.numel(), device=p.device) < m, 1.0, sorted_pi)
     return torch.empty_like(p).scatter_(0, order, sorted_pi)
 
 
@@ -97,7 +98,8 @@ def draw_rows(p: torch.Tensor, k: int, generator: Optional[torch.Generator] = No
 def _systematic(p: torch.Tensor, k: int, generator: Optional[torch.Generator], num_draws: int):
     """k distinct rows, row i with probability pi_i (`inclusion_probabilities`), weighted 1/pi_i. Rows with p = 0
     contribute nothing, so they get a tiny positive p: the budget is always k rows and the estimate stays unbiased."""
-    p = p.clamp_min(float(p.max()) * 1e-9 if float(p.max()) > 0 else 1.0)
+    largest = p.max()
+    p = p.clamp_min(torch.where(largest > 0, largest * 1e-9, 1.0))  # a tensor bound: no host sync
     pi = inclusion_probabilities(p, k)
     edges = torch.cumsum(pi, 0)
     edges = edges * (k / edges[-1])  # sum pi = k up to rounding: the last point u + k - 1 stays inside
