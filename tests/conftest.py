@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
     def seconds(item) -> float:
         default = UNMEASURED_SLOW_FILE_SECONDS if item.path in slow_files else 0.0
-        return measured.get(item.path.relative_to(config.rootpath).as_posix(), default)
+        return measured.get(item.nodeid.split("::")[0], default)
 
     items.sort(key=lambda item: -seconds(item))
 
