@@ -157,3 +157,23 @@ def test_a_compiled_compressed_model_compiles_only_in_its_first_step():
         codec_kernels.install(None)
         torch._dynamo.reset()
     assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs
+
+
+def test_the_int8_swap_codec_is_the_same_on_the_fused_path():
+    """SwapCodes encode and decode through `codec_kernels` (whole slices at once when fused): the same codes and
+    values as op by op (the identity stands in for the compiler: the branch is what is tested here)."""
+    torch.manual_seed(0)
+    flat = (torch.randn(3000, 64) * torch.linspace(0.1, 5, 64)).view(-1)
+    op_by_op = quant_int8.SwapCodes.encode(flat, 64, seed=7)
+    want = torch.empty_like(flat)
+    op_by_op.decode_into(want, op_by_op.codes)
+    codec_kernels.install(lambda fn: fn, "cpu")
+    try:
+        fused = quant_int8.SwapCodes.encode(flat, 64, seed=7)
+        got = torch.empty_like(flat)
+        fused.decode_into(got, fused.codes)
+    finally:
+        codec_kernels.install(None)
+    assert torch.equal(fused.codes, op_by_op.codes) and torch.equal(got, want)
+    other = quant_int8.SwapCodes.encode(flat, 64, seed=8)
+    assert not torch.equal(other.codes, op_by_op.codes)  # another slice's seed: other noise

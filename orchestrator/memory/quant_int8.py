@@ -14,9 +14,9 @@ same u, so a seed gives the same codes on both. The ranges are frozen in eval an
 once a training step, recomputation or not (`compact`'s docstring says why no recomputation packs twice). Error
 inside the range: |x_hat - x| < alpha / 255.
 
-The int8 swap's codes (`SwapCodes`, the plan's `swap_codec: int8`) use the same rounding (`encode_rows`): there the
-range is the swapped slice's own min and max (the whole slice is at hand) and the rounding noise is drawn in order
-from one generator (`StreamNoise`), as nothing is encoded twice; that codec still runs op by op.
+The int8 swap's codes (`SwapCodes`, the plan's `swap_codec: int8`) use the same encoder (`encode_seeded`), fused
+the same way: there the range is the swapped slice's own min and max (the whole slice is at hand) and each encoded
+slice has a seed of its own (the token-wise runtime counts them), as nothing is encoded twice.
 """
 
 import math
@@ -173,7 +173,7 @@ def rounding_noise(index: torch.Tensor, key_low: int, key_high: int) -> torch.Te
     return (mixed >> 8).float() * 2.0**-24
 
 
-def _rounded(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, u: torch.Tensor, levels: int):
+def rounded_codes(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, u: torch.Tensor, levels: int):
     """floor((x - offset) * scale + u) clamped to [0, levels], as uint8: the one arithmetic of every encoder."""
     scaled = (x3.float() - offset.view(1, -1, 1)) * scale.view(1, -1, 1) + u
     return scaled.floor().clamp(0, levels).to(torch.uint8)
@@ -183,7 +183,7 @@ def seeded_codes(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, ke
                  first_index: int, levels: int) -> torch.Tensor:
     """Codes of x3 [P, G, Q], whose first element is element `first_index` of the tensor the seed's noise is for."""
     index = torch.arange(x3.numel(), device=x3.device, dtype=torch.int64).view(x3.shape) + first_index
-    return _rounded(x3, scale, offset, rounding_noise(index, key_low, key_high), levels)
+    return rounded_codes(x3, scale, offset, rounding_noise(index, key_low, key_high), levels)
 
 
 def encode_seeded(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: int, seed: int,
@@ -202,38 +202,7 @@ def encode_seeded(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, l
 
 
 SWAP_CHUNK_ELEMENTS = 2**26
-"""Elements the int8 swap encodes or decodes at once (its fp32 temporaries)."""
-
-
-class StreamNoise:
-    """The int8 swap's rounding noise: drawn in order from one generator, exactly a chunk of rows at a time (a
-    swapped slice is encoded once, never again in part)."""
-
-    block_elements = SWAP_CHUNK_ELEMENTS
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def draw(self, block: int, block_shape: tuple, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-        return torch.rand((hi - lo, *block_shape[1:]), generator=self.generator, device=device)
-
-
-def encode_rows(x3: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: int, noise,
-                first_row: int = 0, total_rows: Optional[int] = None) -> torch.Tensor:
-    """Codes [P, G, Q] of rows first_row .. first_row + P of a tensor of total_rows rows (default: these rows),
-    floor((x - offset) * scale + u) clamped to [0, levels], u from `noise` (`StreamNoise`: the swap's). Block by
-    block of rows, so the fp32 temporaries stay one block's."""
-    total_rows = x3.shape[0] if total_rows is None else total_rows
-    codes = torch.empty(x3.shape, dtype=torch.uint8, device=x3.device)
-    scale, offset = scale.view(1, -1, 1), offset.view(1, -1, 1)
-    stop_row = first_row + x3.shape[0]
-    block_rows = max(1, min(total_rows, noise.block_elements // max(1, x3[0].numel())))
-    for block in range(first_row // block_rows, -(-stop_row // block_rows)):
-        lo, hi = max(first_row, block * block_rows), min(stop_row, (block + 1) * block_rows)
-        u = noise.draw(block, (block_rows, *x3.shape[1:]), lo - block * block_rows, hi - block * block_rows,
-                       x3.device)
-        codes[lo - first_row:hi - first_row] = _rounded(x3[lo - first_row:hi - first_row], scale, offset, u, levels)
-    return codes
+"""Elements the int8 swap decodes at once op by op (its fp32 temporaries)."""
 
 
 def row_chunks(num_rows: int, step: int):
@@ -261,11 +230,12 @@ class SwapCodes:
     channels: int
 
     @classmethod
-    def encode(cls, flat: torch.Tensor, channels: int, generator: torch.Generator) -> "SwapCodes":
+    def encode(cls, flat: torch.Tensor, channels: int, seed: int) -> "SwapCodes":
+        """`seed`: this slice's own (no two encoded slices share one, so their rounding noise is independent)."""
         rows = grouped(flat.view(-1, channels), SWAP_GROUPS)
-        low = rows.amin(dim=(0, 2)).float()
-        width = (rows.amax(dim=(0, 2)).float() - low).clamp_min(1e-12)
-        codes = encode_rows(rows, 255.0 / width, low, LEVELS, StreamNoise(generator))
+        low, width = kernel(group_range, rows.device)(rows)
+        width = width.clamp_min(1e-12)
+        codes = encode_seeded(rows, 255.0 / width, low, LEVELS, seed)
         return cls(codes.view(-1), low, width, channels)
 
     def decode_into(self, target: torch.Tensor, codes: torch.Tensor) -> None:
@@ -276,6 +246,14 @@ class SwapCodes:
         groups = self.low.numel()
         rows = codes.view(-1, groups, self.channels // groups)
         out = target.view(rows.shape)
-        step = (self.width / 255.0).view(1, -1, 1)
+        step, low = (self.width / 255.0).view(1, -1, 1), self.low.view(1, -1, 1)
+        if fused(rows.device):
+            out.copy_(kernel(swap_values, rows.device)(rows, step, low, out.dtype))
+            return
         for start, stop in row_chunks(rows.shape[0], max(1, SWAP_CHUNK_ELEMENTS // self.channels)):
-            out[start:stop] = (rows[start:stop].float() * step + self.low.view(1, -1, 1)).to(out.dtype)
+            out[start:stop] = swap_values(rows[start:stop], step, low, out.dtype)
+
+
+def swap_values(rows: torch.Tensor, step: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int8 swap's codes back to values (compiled: one kernel)."""
+    return (rows.float() * step + low).to(dtype)

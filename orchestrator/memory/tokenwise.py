@@ -129,14 +129,13 @@ class TokenwiseRuntime:
         """Set while a checkpointed layer's forward is replayed: the layer's hooks then only capture."""
         self.embedding: Optional[EmbeddingSource] = None
         """The last embedding lookup of the model (`apply` hooks the model's embedding)."""
-        self._generator = None
+        self._swap_slices = 0
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The stochastic-rounding generator of int8 swaps (its own seed: the training RNG streams stay as they are)."""
-        if self._generator is None:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.config.int8_swap_seed)
-        return self._generator
+    def swap_seed(self) -> int:
+        """The rounding-noise seed of the next int8-swapped slice: the run's int8 swap seed and a count of the slices
+        encoded (so no two share their noise, and the training RNG streams stay as they are)."""
+        self._swap_slices += 1
+        return (self.config.int8_swap_seed << 32) + self._swap_slices
 
 
 class EmbeddingSource:
@@ -343,7 +342,7 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
         if flat is None:  # not one dense block (micro-batch > 1): gather it on the device first
             flat = part.contiguous().view(-1)
         if plan.swap_codec == "int8" and role not in SKELETAL and form is None:  # skeletal: exact; compact: is
-            store.codes = SwapCodes.encode(flat, part.shape[-1], runtime.generator(flat.device))
+            store.codes = SwapCodes.encode(flat, part.shape[-1], runtime.swap_seed())
             flat = store.codes.codes
         store.host = runtime.pool.buffer((record.layer_index, role), flat)
         runtime.swap.copy_out(store.host, flat)
