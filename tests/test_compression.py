@@ -104,23 +104,6 @@ def _loss_curve(overrides, seed: int, steps: int = 100) -> list:
     return losses
 
 
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-rank gloo group in this process: what DeepSpeed's engine needs."""
-    import os
-
-    import deepspeed
-    import torch.distributed as dist
-
-    from tests.conftest import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-
-
 def loss_gap(overrides, exact_curves: dict) -> tuple:
     """(mean over seeds of the relative gap of the last-50-step mean loss, per-seed gaps) against the exact runs."""
     gaps = []

@@ -100,22 +100,9 @@ def count_engines() -> dict:
 
 
 @pytest.fixture(scope="module")
-def counted():
-    """The engines in this process, one rank over gloo (DeepSpeed's CPU accelerator), the group gone after."""
-    import os
-
-    import deepspeed
-    import torch.distributed as dist
-
-    from tests.conftest import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        yield count_engines()
-    finally:
-        dist.destroy_process_group()
+def counted(one_rank_group):
+    """The engines in this process, one rank over gloo (DeepSpeed's CPU accelerator)."""
+    return count_engines()
 
 
 @pytest.mark.slow
