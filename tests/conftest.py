@@ -1,7 +1,6 @@
 """Shared test helpers: the debug model shape, a skip marker for GPU-only tests, a free port, and spawned
 ranks in a gloo process group (what the multi-rank tests run in, without Ray)."""
 
-import json
 import os
 import shutil
 import socket
@@ -24,46 +23,12 @@ run's workers then got ~5% of a core and stalled for minutes. Inherited by every
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
 
 
-FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
-"""Each test file's seconds in a full run (its tests' setup, call and teardown, summed), which orders the files;
-`pytest --record-file-seconds` rewrites it from a run."""
-UNMEASURED_SLOW_FILE_SECONDS = 60.0
-"""A file with `slow` tests that FILE_SECONDS does not list yet (a new one) counts as this long: early, not last."""
-
-
-def pytest_addoption(parser) -> None:
-    parser.addoption("--record-file-seconds", action="store_true",
-                     help=f"write each test file's seconds in this run to {FILE_SECONDS.name} (a full run's: the "
-                          "order of later runs)")
-
-
 def pytest_collection_modifyitems(config, items) -> None:
-    """The longest files first, each file's tests kept together and in order: the suite runs two files at a time
-    (pytest-xdist, `--dist loadfile` in pyproject.toml), and a worker takes the next file when it is free, so longest
-    first ends both workers close together; a long file started late would run alone while the other sits idle."""
-    measured = json.loads(FILE_SECONDS.read_text())
+    """The files with `slow` tests (Ray and DeepSpeed runs) first, each file's tests kept together and in order: the
+    suite runs two files at a time (pytest-xdist, `--dist loadfile` in pyproject.toml), and a long file started last
+    would run alone while the other worker sits idle."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-
-    def seconds(item) -> float:
-        default = UNMEASURED_SLOW_FILE_SECONDS if item.path in slow_files else 0.0
-        return measured.get(item.nodeid.split("::")[0], default)
-
-    items.sort(key=lambda item: -seconds(item))
-
-
-_file_seconds: dict = {}
-
-
-def pytest_runtest_logreport(report) -> None:
-    """Sums each file's seconds (under pytest-xdist the main process receives every worker's reports)."""
-    path = report.nodeid.split("::")[0]
-    _file_seconds[path] = _file_seconds.get(path, 0.0) + report.duration
-
-
-def pytest_sessionfinish(session) -> None:
-    if session.config.getoption("record_file_seconds") and not hasattr(session.config, "workerinput"):
-        ordered = dict(sorted(((path, round(s, 1)) for path, s in _file_seconds.items()), key=lambda kv: -kv[1]))
-        FILE_SECONDS.write_text(json.dumps(ordered, indent=1) + "\n")
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture
@@ -185,19 +150,3 @@ class StorageTracker(TorchDispatchMode):
 
     def live_bytes(self) -> int:
         return sum(nbytes for ref, nbytes in self.made.values() if not ref.expired())
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-rank gloo group in this process (what a DeepSpeed engine needs, on its CPU accelerator), gone after the
-    module."""
-    import deepspeed
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
