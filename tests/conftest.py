@@ -150,3 +150,19 @@ class StorageTracker(TorchDispatchMode):
 
     def live_bytes(self) -> int:
         return sum(nbytes for ref, nbytes in self.made.values() if not ref.expired())
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-rank gloo group in this process (what a DeepSpeed engine needs, on its CPU accelerator), gone after the
+    module."""
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
