@@ -20,6 +20,12 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 """Ray starts its workers at nice 15; beside a test computing in its own process (two files run at a time) a Ray
 run's workers then got ~5% of a core and stalled for minutes. Inherited by every Ray a test starts."""
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+"""Two files at a time on two cores (pytest-xdist): each worker's own tensor work gets its share of the cores, not
+torch's default of every core, so the workers' threads do not fight over them (processes a test spawns set their
+own, as a run's workers do)."""
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
 
 
