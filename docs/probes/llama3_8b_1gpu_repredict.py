@@ -30,6 +30,8 @@ ROWS = [  # recipe, tokens, extra overrides, measured rows (jsonl), the step com
     ("longtrain", 131072, [], "h200_2026-12-01_llama3-8b-1gpu/longtrain_128k", 2),
     ("longtrain", 262144, [], "h200_2026-12-02_llama3-8b-1gpu/longtrain_256k", 2),
     ("longtrain", 327680, LOW_BUDGETS, "h200_2026-12-02_llama3-8b-1gpu/longtrain_320k", 1),
+    ("longtrain", 393216, ["plan.gpu_memory_fraction=0.9", "plan.host_memory_fraction=0.8"],
+     "h200_2026-12-02_llama3-8b-1gpu/longtrain_384k", 1),
     ("alst", 131072, [], "h200_2026-12-01_llama3-8b-1gpu/alst_128k", 2),
     ("alst", 262144, [], "h200_2026-12-02_llama3-8b-1gpu/alst_256k", 1),
     ("longtrain", 131072, [], f"{FULL_3B}/longtrain_128k", 2),
@@ -55,7 +57,9 @@ def main() -> None:
     for recipe, seq_len, extra, rows, step in ROWS:
         row, full_3b = measured(rows, step), rows.startswith(FULL_3B)
         if recipe == "longtrain":
-            plan = load_plan((RUNS / FULL_3B if full_3b else PLANS) / f"longtrain_{seq_len // 1024}k.plan.yaml")
+            name = f"longtrain_{seq_len // 1024}k.plan.yaml"  # beside the rows, else with the first day's plans
+            own = (RUNS / rows).parent / name
+            plan = load_plan(own if own.exists() else PLANS / name)
             p = predict_decisions(job(recipe, seq_len, extra, full_3b), profile, plan.layers).predicted
             host = (row["host_rss_gib"], "GiB RSS") if full_3b else (row["swap_host_gib"], "GiB pinned")
             values = {"step time": (p["step_seconds"], row["step_seconds"], "s"),
