@@ -344,7 +344,7 @@ def fitted_layer_overhead(profile: HardwareProfile) -> Optional[LayerOverhead]:
     for seq, layer_tflops in sorted(measured.layer_fwd_bwd_tflops_by_seq_len.items()):
         matmul = 2.0 * layer_matmul_params(model)
         attention = attention_forward_flops_per_token(model, int(seq))
-        attention_rate = interpolate_log(measured.attention_fwd_bwd_tflops_by_seq_len, seq) or matmul_tflops
+        attention_rate = measured.attention_rate("sdpa", seq) or matmul_tflops
         layer_seconds = 3 * (matmul + attention) / (layer_tflops * 1e12)
         rows.append((3 * attention / (attention_rate * 1e12), layer_seconds - 3 * matmul / (matmul_tflops * 1e12)))
     attention_factor, extras = 1.0, sum(left - a for a, left in rows) / len(rows)
