@@ -12,11 +12,13 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from launch import loopback
 from launch.host_check import check_cluster_host_memory
@@ -128,7 +130,7 @@ def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
         check_cluster_host_memory(job, [node for node in ray.nodes() if node.get("Alive")], gpu)
     board = ProgressBoard.remote()
     resources = {"CPU": job.cluster.cpus_per_worker, **({"GPU": job.cluster.gpus_per_worker} if gpu else {})}
-    trainer = TorchTrainer(
+    trainer = trainer_type(job.cluster)(
         _worker_loop,
         train_loop_config={"job": job, "run_dir": str(run_dir), "board": board, "initial": initial,
                            "env": accelerator_env(gpu)},
@@ -150,6 +152,32 @@ def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
         on_message(message)
     if "error" in outcome:
         raise outcome["error"]
+
+
+class _Trainer(TorchTrainer):
+    """Ray Train's `TorchTrainer` without its Ray Datasets actor: a run passes no `datasets` (each worker reads its
+    own windows), yet Ray Train 2.60 starts a `DatasetManager` actor for none, ~4 CPU-seconds a run to start its
+    process and load Ray Data. Ray Train makes its parts as callbacks (`_create_default_callbacks`, Ray pinned to
+    2.60.0); `tests/test_ray_train_parts.py` fails if an upgrade changes them."""
+
+    DROPPED: Tuple[type, ...] = (DatasetsCallback,)
+
+    def _create_default_callbacks(self) -> list:
+        return [callback for callback in super()._create_default_callbacks()
+                if not isinstance(callback, self.DROPPED)]
+
+
+class _LocalTrainer(_Trainer):
+    """A local run's: nor the placement-group cleaner, a detached actor that removes the workers' placement group if
+    the controller dies (on a cluster that outlives the run), ~4 CPU-seconds more a run; a private head ends with
+    its driver, placement groups and all."""
+
+    DROPPED = (DatasetsCallback, PlacementGroupCleanerCallback)
+
+
+def trainer_type(cluster: ClusterConfig) -> type:
+    """The `TorchTrainer` a run on this cluster uses: without the parts it has no use for."""
+    return _LocalTrainer if cluster.address == "local" else _Trainer
 
 
 def _fit(trainer: TorchTrainer, outcome: Dict[str, Any]) -> None:
