@@ -108,7 +108,7 @@ def install(model: torch.nn.Module, mode: str, device: torch.device,
     not with them; returns what the run header says. `kernels`: the fused functions to install (default: compiled on
     CUDA, uncompiled elsewhere)."""
     compiled = mode != "eager" and kernels is None and device.type == "cuda"
-    codec_kernels.install((lambda fn: torch.compile(fn, dynamic=True)) if compiled else None)
+    codec_kernels.install(codec_kernels.compile_codec if compiled else None)
     if mode == "eager":
         return "eager"
     fused = kernels or (FusedKernels() if compiled else FusedKernels(lambda fn: fn))

@@ -125,7 +125,7 @@ def compiled_equals_eager() -> None:
     torch.manual_seed(1)
     x3 = quant_int8.grouped(torch.randn(30, 16).to(torch.bfloat16), 2)
     scale, offset = torch.tensor([40.0, 50.0]), torch.tensor([-3.0, -2.5])
-    codec_kernels.install(lambda fn: torch.compile(fn, dynamic=True), "cpu")
+    codec_kernels.install(codec_kernels.compile_codec, "cpu")
     for seed, first_row in ((3, 2), (2**40 + 9, 5)):
         keys, first = quant_int8.noise_keys(seed), first_row * 16
         packed = codec_kernels.kernel(quant_int4_deriv.seeded_nibbles, CPU)(x3, scale, offset, *keys, first)
@@ -146,7 +146,7 @@ def test_a_compiled_compressed_model_compiles_only_in_its_first_step():
     apply_plan(model, None, job.compression, job.token_elim, job.train)
     tokens = torch.randint(0, job.model.vocab_size, (1, 129))
     torch._dynamo.reset()
-    codec_kernels.install(lambda fn: torch.compile(fn, dynamic=True, backend="eager"), "cpu")
+    codec_kernels.install(lambda fn: codec_kernels.compile_codec(fn, backend="eager"), "cpu")
     try:
         graphs = []
         for _ in range(3):
@@ -157,6 +157,32 @@ def test_a_compiled_compressed_model_compiles_only_in_its_first_step():
         codec_kernels.install(None)
         torch._dynamo.reset()
     assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs
+
+
+def test_a_compiled_codec_has_dynamic_rows_and_static_widths():
+    """`compile_codec` traces one graph for chunks of any number of rows, in which the groups and widths are
+    constants (a kernel then finds an element's group by dividing by a constant, not by a runtime size; with every
+    size symbolic, as `dynamic=True` alone makes them, this fails). Dynamo's graph, no inductor: under a second."""
+    graphs = []
+
+    def recording(graph_module, example_inputs):
+        graphs.append([node.meta["example_value"].shape for node in graph_module.graph.nodes
+                       if node.op == "placeholder" and isinstance(node.meta.get("example_value"), torch.Tensor)])
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    decode = codec_kernels.compile_codec(quant_int8.dequantized, backend=recording)
+    codes = torch.randint(0, 256, (64, 4, 24), dtype=torch.uint8)
+    scale, offset = torch.full((4,), 255 / 8.0), torch.full((4,), -4.0)
+    try:
+        for rows in (40, 56, 64):
+            got = decode(codes[:rows], scale, offset, torch.bfloat16)
+            assert torch.equal(got, quant_int8.dequantized(codes[:rows], scale, offset, torch.bfloat16))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1, graphs
+    rows, groups, width = graphs[0][0]
+    assert isinstance(rows, torch.SymInt) and (groups, width) == (4, 24) and type(groups) is int, graphs[0]
 
 
 def test_the_int8_swap_codec_is_the_same_on_the_fused_path():

@@ -37,7 +37,7 @@ def test_compiled_codes_are_the_eager_codes():
     x3 = quant_int8.grouped(torch.randn(4096, 1024, device="cuda").to(torch.bfloat16), 8)
     scale, offset = torch.full((8,), 255 / 8.0, device="cuda"), torch.full((8,), -4.0, device="cuda")
     keys = quant_int8.noise_keys(12345)
-    codec_kernels.install(lambda fn: torch.compile(fn, dynamic=True))
+    codec_kernels.install(codec_kernels.compile_codec)
     for levels, first in ((255, 0), (15, 1024 * 77)):
         eager = quant_int8.seeded_codes(x3, scale, offset, *keys, first, levels)
         compiled = codec_kernels.kernel(quant_int8.seeded_codes, CUDA)(x3, scale, offset, *keys, first, levels)
