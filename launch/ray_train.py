@@ -19,6 +19,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 from launch import loopback
 from launch.host_check import check_cluster_host_memory
@@ -170,9 +171,26 @@ class _Trainer(TorchTrainer):
 class _LocalTrainer(_Trainer):
     """A local run's: nor the placement-group cleaner, a detached actor that removes the workers' placement group if
     the controller dies (on a cluster that outlives the run), ~4 CPU-seconds more a run; a private head ends with
-    its driver, placement groups and all."""
+    its driver, placement groups and all. Nor the autoscaling coordinator (`LocalScalingPolicy`)."""
 
     DROPPED = (DatasetsCallback, PlacementGroupCleanerCallback)
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        if type(controller_init_kwargs.get("scaling_policy")) is FixedScalingPolicy:
+            controller_init_kwargs["scaling_policy"] = LocalScalingPolicy(self.scaling_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+class LocalScalingPolicy(FixedScalingPolicy):
+    """Ray Train's fixed number of workers without its autoscaling coordinator, a detached actor that asks a
+    cluster's autoscaler for the workers' resources (~3 CPU-seconds a run to start): a private head has no
+    autoscaler, and its CPUs were sized for the workers before it started."""
+
+    def after_controller_start(self, train_run_context) -> None:
+        pass
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
 
 
 def trainer_type(cluster: ClusterConfig) -> type:

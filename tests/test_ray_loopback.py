@@ -98,6 +98,8 @@ def test_a_running_local_run_is_private_and_holds_its_directory(tmp_path):
     names = {name for _, _, name in seen}
     print(sorted(seen))
     assert "gcs_server" in names and "raylet" in names and any("RayTrainWorker" in n for n in names)
+    unused = {"ray::DatasetManager", "ray::PlacementGroupCleaner", "ray::_AutoscalingCoordinatorActor"}
+    assert not names & unused, names & unused  # Ray Train parts a local run has no use for (launch.ray_train)
     exposed = sorted(entry for entry in seen if not is_loopback(entry[0]))
     assert not exposed, f"listening off loopback: {exposed}"
     assert refused, "the dashboard agent answered without a token"

@@ -1,7 +1,9 @@
 """The Ray Train parts a run starts: no Ray Datasets actor (a run passes no datasets), and on a local run no
-placement-group cleaner (its private head ends with the driver); the rest as Ray Train makes them. Each dropped
-part is an actor process of its own (~4 CPU-seconds a run). Fails if a Ray upgrade renames or reorders the parts
-(`launch.ray_train` picks them from `_create_default_callbacks`). About 2 s, no Ray started."""
+placement-group cleaner (its private head ends with the driver) and no autoscaling coordinator (it has no
+autoscaler); the rest as Ray Train makes them. Each dropped part is an actor process of its own (3-4 CPU-seconds a
+run). Fails if a Ray upgrade renames or reorders the parts (`launch.ray_train` picks them from
+`_create_default_callbacks`). About 2 s, no Ray started; `tests/test_ray_loopback.py` checks a real run's
+processes."""
 
 import pytest
 
@@ -28,3 +30,23 @@ def test_a_run_starts_the_ray_train_parts_it_uses(address, dropped):
     cluster = load_job_config(None, [f"cluster.address={address}"]).cluster
     assert _parts(TorchTrainer) == RAY_TRAIN_PARTS  # Ray Train's own, which the dropped names must be among
     assert _parts(trainer_type(cluster)) == [part for part in RAY_TRAIN_PARTS if part not in dropped]
+
+
+def test_a_local_run_asks_for_its_workers_without_an_autoscaling_coordinator():
+    """The same decisions as Ray Train's fixed scaling policy, from a controller that started no coordinator actor
+    (Ray not even initialized: Ray Train's own policy would start one in `after_controller_start` and assert on
+    it when deciding)."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
+
+    from launch.ray_train import LocalScalingPolicy
+
+    scaling = ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})
+    policy = LocalScalingPolicy(scaling)
+    policy.after_controller_start(None)
+    assert policy.make_decision_for_non_running_worker_group() == \
+        ResizeDecision(num_workers=2, resources_per_worker={"CPU": 1})
+    with pytest.raises(AssertionError):  # Ray Train's own needs its coordinator
+        FixedScalingPolicy(scaling).make_decision_for_non_running_worker_group()
+    assert not ray.is_initialized()
