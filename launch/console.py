@@ -102,7 +102,18 @@ def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
             f"{tflops:7.3f} TFLOP/s/worker | "
             f"MFU/node {mfu} | peak mem {mem:.2f} GiB | host {host:.2f} GiB (swap {swap:.2f}) | "
             f"step {worst['step_seconds']:.3f} s "
-            f"(slowest rank {worst['rank']})")
+            f"(slowest rank {worst['rank']}){_arena(rows)}")
+
+
+def _arena(rows: List[Dict]) -> str:
+    """' | arena 12.90 GiB, 0 fallbacks' where the plan has an arena: the slice sets of this step (all ranks) that
+    did not fit their planned region and went to the caching allocator (0 B: none)."""
+    size = max(r.get("arena_gib", 0.0) for r in rows)
+    if not size:
+        return ""
+    count = sum(r.get("arena_fallbacks", 0) for r in rows)
+    moved = sum(r.get("arena_fallback_gib", 0.0) for r in rows)
+    return f" | arena {size:.2f} GiB, {count} fallbacks" + (f" ({moved:.2f} GiB to the allocator)" if count else "")
 
 
 def _lr_and_grad_norm(row: Dict) -> str:

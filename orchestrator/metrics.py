@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -44,6 +44,11 @@ class StepReading:
     attention: str = "sequence"
     """What the attention FLOPs counted: `sequence` (seq_len^2 per sequence) or `documents` (summed over packed
     documents)."""
+    arena_gib: float = 0.0
+    """The plan's static arena on this rank (0: none)."""
+    arena_fallbacks: int = 0
+    """Slice sets of this step that did not fit their planned region and went to the caching allocator."""
+    arena_fallback_gib: float = 0.0
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -72,7 +77,8 @@ class StepMeter:
         self._document_squares = (self._document_squares or 0) + layout.sum_squared_lengths() / sp_degree
 
     def stop(self, step: int, loss: float, lr: float, tokens: int, swap_host_bytes: int = 0,
-             grad_norm: Optional[float] = None) -> StepReading:
+             grad_norm: Optional[float] = None, arena_bytes: int = 0,
+             arena_fallbacks: Tuple[int, int] = (0, 0)) -> StepReading:
         _synchronize()
         seconds = max(time.perf_counter() - self._started, 1e-9)
         flops, flops_full = self._flops(tokens)
@@ -85,7 +91,9 @@ class StepMeter:
                            peak_allocated_gib=allocated, peak_reserved_gib=reserved,
                            host_rss_gib=host_peak_rss_gib(), swap_host_gib=swap_host_bytes / GIB,
                            grad_norm=grad_norm,
-                           attention="sequence" if self._document_squares is None else "documents")
+                           attention="sequence" if self._document_squares is None else "documents",
+                           arena_gib=arena_bytes / GIB, arena_fallbacks=arena_fallbacks[0],
+                           arena_fallback_gib=arena_fallbacks[1] / GIB)
 
 
     def _flops(self, tokens: int) -> tuple:

@@ -86,7 +86,8 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
         skipped_before = engine.skipped_steps
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group)
         reading = meter.stop(step, loss, scheduler.get_last_lr()[0], dims.tokens_per_step_per_rank,
-                             swap_host_bytes=memory.host_bytes, grad_norm=_grad_norm(engine))
+                             swap_host_bytes=memory.host_bytes, grad_norm=_grad_norm(engine),
+                             arena_bytes=memory.arena_bytes, arena_fallbacks=memory.step_arena_fallbacks())
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
         if not step_is_usable(engine, step, loss, skipped_before, job.train.on_nonfinite,
                               publish if worker.rank == 0 else None):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from launch.cli import main
+from spec.plan import load_plan
 from tests.conftest import step_losses, train_without_ray
 
 pytestmark = pytest.mark.slow
@@ -34,6 +35,9 @@ def test_planned_run_equals_the_plain_run(tmp_path, capsys):
     assert [m["step"] for m in planned] == [1, 4, 8, 12]
     assert step_losses(planned) == plain
     assert all(r["swap_host_gib"] > 0 for r in planned[-1]["rows"])
+    arena_bytes = load_plan(plan_path).runtime_arena["arena_bytes"]  # the step rows report the plan's arena and
+    # what missed it (nothing: the runtime lays out what the plan did)
+    assert all(r["arena_gib"] == arena_bytes / 2**30 > 0 and r["arena_fallbacks"] == 0 for r in planned[-1]["rows"])
 
 
 def test_a_plan_for_another_job_is_refused_in_one_line(tmp_path, capsys):

@@ -206,6 +206,19 @@ def test_kept_slices_live_in_the_planned_arena_and_stay_exact():
     assert all(torch.equal(p.grad, reference[n]) for n, p in model.named_parameters())
 
 
+def test_a_slice_set_that_misses_its_region_is_counted_for_its_step_line():
+    """A region too small for a layer's kept slices: no views (the caching allocator serves them), and the step's
+    count and bytes say so once, then reset."""
+    from orchestrator.memory.arena import KeptArena
+
+    arena = KeptArena({"arena_bytes": 4096, "buffers": [{"layer": 0, "offset_bytes": 0, "size_bytes": 1024},
+                                                         {"layer": 1, "offset_bytes": 1024, "size_bytes": 3072}]},
+                      torch.device("cpu"))
+    assert arena.views(1, [("a", (4, 64), torch.float32)]) is not None and arena.step_fallbacks() == (0, 0)
+    assert arena.views(0, [("a", (2, 64), torch.float32), ("b", (8, 64), torch.bfloat16)]) is None
+    assert arena.step_fallbacks() == (1, 512 + 1024) and arena.step_fallbacks() == (0, 0)
+
+
 def test_unknown_technique_lists_the_valid_names():
     from spec.errors import ConfigError
     from orchestrator.memory import technique

@@ -38,6 +38,17 @@ def _scalars(log_dir: Path) -> dict:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def test_step_line_reports_the_arena_and_its_fallbacks():
+    rows = [_row(0, 10), _row(1, 10)]
+    assert "arena" not in step_line(10, 2.5, rows, node_rows(rows))  # no plan arena: nothing to say
+    for row in rows:
+        row.update(arena_gib=12.9, arena_fallbacks=0, arena_fallback_gib=0.0)
+    assert step_line(10, 2.5, rows, node_rows(rows)).endswith("| arena 12.90 GiB, 0 fallbacks")
+    rows[1].update(arena_fallbacks=2, arena_fallback_gib=1.5)
+    assert step_line(10, 2.5, rows, node_rows(rows)).endswith(
+        "| arena 12.90 GiB, 2 fallbacks (1.50 GiB to the allocator)")
+
+
 def test_step_line_carries_lr_and_grad_norm():
     rows = [_row(0, 10), _row(1, 10)]
     line = step_line(10, 2.5, rows, node_rows(rows))

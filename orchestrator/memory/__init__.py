@@ -55,6 +55,14 @@ class AppliedMemory:
         """Host memory the swap's buffers hold."""
         return self.runtime.pool.bytes if self.runtime is not None else 0
 
+    @property
+    def arena_bytes(self) -> int:
+        return self.kept_arena.bytes if self.kept_arena is not None else 0
+
+    def step_arena_fallbacks(self) -> Tuple[int, int]:
+        """(slice sets, bytes) the arena handed to the caching allocator since the last call; (0, 0) without one."""
+        return self.kept_arena.step_fallbacks() if self.kept_arena is not None else (0, 0)
+
 
 def apply_plan(model, plan: Optional[Plan], compression: CompressionConfig, elimination: TokenElimConfig,
                train: TrainConfig) -> AppliedMemory:

@@ -51,7 +51,10 @@ class KeptArena:
                         if layers is None or b["layer"] in layers}
         self.fallbacks = 0
         """Slice sets that did not fit their region (then the allocator is used; a plan/runtime mismatch)."""
+        self.fallback_bytes = 0
+        """What those slice sets asked of the caching allocator instead."""
         self.fallen_back: set = set()
+        self._reported = (0, 0)
 
     def views(self, layer: int, slices: List[Tuple[str, tuple, torch.dtype]]) -> Optional[Dict[str, torch.Tensor]]:
         """Contiguous tensors for the layer's kept slices (role, shape, dtype), or None if the plan has no room."""
@@ -69,9 +72,17 @@ class KeptArena:
             cursor += align(nbytes)
         return out
 
+    def step_fallbacks(self) -> Tuple[int, int]:
+        """(slice sets, bytes) that fell back to the caching allocator since the last call: a step's, for its
+        step line (the goal is none)."""
+        now = (self.fallbacks, self.fallback_bytes)
+        since, self._reported = (now[0] - self._reported[0], now[1] - self._reported[1]), now
+        return since
+
     def _fall_back(self, layer: int, needed: int, size: int) -> None:
         """Count a slice set that does not fit; say so once per layer (the run degrades, it does not fail)."""
         self.fallbacks += 1
+        self.fallback_bytes += needed
         if layer not in self.fallen_back:
             self.fallen_back.add(layer)
             log.warning("arena: layer %d needs %d bytes, its planned region has %d: its kept slices use the "
