@@ -28,7 +28,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch._dynamo.utils import counters
@@ -151,7 +151,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     if kernel != options.attention_kernel:
         row.note = (row.note + "; " if row.note else "") + f"attention {kernel} (auto)"
     attention.install(stack, kernel, False, torch.device("cuda"), torch.bfloat16)
-    step, host_bytes = _mode_step(mode, stack, job, profile, row, options)
+    step, parts = _mode_step(mode, stack, job, profile, row, options)
     seq = job.data.seq_len
     x = torch.randn(1, seq, job.model.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cos, sin = rope_tables(torch.arange(seq, device="cuda"), job.model.head_dim, job.model.rope_theta,
@@ -160,6 +160,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     step(x, cos, sin, grad)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    parts.arena_fallbacks()  # the warm-up's
     retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     graphs_before = counters["stats"]["unique_graphs"]
     times = []
@@ -179,7 +180,10 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     row.peak_allocated_gib = torch.cuda.max_memory_allocated() / GIB
     row.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
     row.alloc_retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before
-    row.host_gib = host_bytes() / GIB
+    row.host_gib = parts.host_bytes() / GIB
+    missed = parts.arena_fallbacks()
+    if missed is not None:  # the timed steps' kept slices that missed their planned regions (the goal is none)
+        row.note += f"; arena fallbacks {missed[0]}" + (f" ({missed[1] / GIB:.2f} GiB)" if missed[0] else "")
     if options.trace:
         row.trace = _trace_one_step(step, x, cos, sin, grad, options.trace_dir, mode)
 
@@ -220,6 +224,9 @@ class _StepParts:
     wrap: Callable = lambda layer, x, cos, sin: layer(x, cos, sin)  # noqa: E731
     context: Callable = nullcontext
     host_bytes: Callable[[], float] = lambda: 0.0  # noqa: E731
+    arena_fallbacks: Callable[[], Optional[Tuple[int, int]]] = lambda: None  # noqa: E731
+    """(slice sets, bytes) that missed the plan's arena since the last call (`KeptArena.step_fallbacks`); None
+    without an arena."""
 
 
 def _store_all(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row: BenchRow,
@@ -290,7 +297,10 @@ def _longtrain(stack: LayerStack, job: JobConfig, profile: HardwareProfile, row:
     if job.token_elim.enabled:
         token_elim.apply(stack, job.token_elim, sorted(job.token_elim.keep_ratios(len(stack.layers))))
         row.note += f"; token_elim keep ratio {job.token_elim.keep_ratio} in every layer"
-    return _StepParts(host_bytes=lambda: runtime.pool.bytes) if runtime else _StepParts()
+    if not runtime:
+        return _StepParts()
+    return _StepParts(host_bytes=lambda: runtime.pool.bytes,
+                      arena_fallbacks=lambda: runtime.arena.step_fallbacks() if runtime.arena else None)
 
 
 MODE_PARTS: Dict[str, Callable[..., _StepParts]] = {
@@ -324,7 +334,7 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
         for p in stack.parameters():
             p.grad = None
 
-    return step, parts.host_bytes
+    return step, parts
 
 
 def _pinned_bytes() -> float:
