@@ -33,3 +33,18 @@ def test_policy_argument():
     for bad in ("0/1", "0.5/0.6/0", "0/1/0/disk", "a/b/c"):
         with pytest.raises(LongtrainError, match="--policy"):
             parse_policy(bad)
+
+
+def test_the_fragmentation_note_splits_reserved_spare_into_holes_and_whole_segments():
+    """Issue 20's measure in a bench row: reserved - allocated against 2% of the allocated peak, and how much of it
+    the allocator's split blocks held (holes) at most."""
+    from launch.measure.bench import BenchRow, fragmentation_note
+
+    row = BenchRow("longtrain", 262144, "ok", peak_allocated_gib=98.5, peak_reserved_gib=124.6,
+                   inactive_split_peak_gib=3.14)
+    assert fragmentation_note(row) == ("reserved - allocated 26.1 GiB (26%): holes at most 3.1 GiB, the rest whole "
+                                       "cached segments")
+    row.inactive_split_peak_gib = 40.0  # the two peaks at other moments: never more holes than spare
+    assert "holes at most 26.1 GiB" in fragmentation_note(row)
+    assert fragmentation_note(BenchRow("longtrain", 131072, "ok", peak_allocated_gib=73.4,
+                                       peak_reserved_gib=74.7)) == ""  # 1.8%: within the 2%
