@@ -49,14 +49,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RANK_PRELOAD = ["torch", "deepspeed", "orchestrator.trainer", "tests.conftest"]
+"""What every rank process needs, imported once per test process by multiprocessing's fork server: each rank is
+a fresh fork of it instead of a fresh interpreter importing torch and DeepSpeed again (about 4 CPU-seconds a
+process, most of a short run's cost; the suite starts a few hundred)."""
+
+
 def spawn_gloo(fn: Callable, world: int, *args: Any) -> List[Any]:
-    """Run `fn(rank, world, put, *args)` in `world` spawned processes joined in one gloo process group on
-    loopback (DeepSpeed on its CPU accelerator); returns what the ranks `put`, in arrival order. `fn` must be a
-    module-level function (spawn pickles it)."""
-    with mp.get_context("spawn").Manager() as manager:
+    """Run `fn(rank, world, put, *args)` in `world` new processes joined in one gloo process group on loopback
+    (DeepSpeed on its CPU accelerator); returns what the ranks `put`, in arrival order. `fn` must be a module-level
+    function (it is pickled). Each rank is forked from the fork server (`RANK_PRELOAD`) and gets this process's
+    environment as it is now, as a spawned process would."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(RANK_PRELOAD)
+    with context.Manager() as manager:
         queue = manager.Queue()
-        mp.start_processes(_gloo_rank, args=(world, free_port(), fn, args, queue), nprocs=world,
-                           start_method="spawn", join=True)
+        mp.start_processes(_gloo_rank, args=(world, free_port(), fn, args, queue, dict(os.environ)), nprocs=world,
+                           start_method="forkserver", join=True)
         results = []
         while not queue.empty():
             results.append(queue.get())
@@ -85,7 +94,9 @@ def train_rank(rank: int, world: int, put, job, run_dir: str) -> None:
     train(job, Path(run_dir), WorkerInfo(rank, world, rank, "node0"), put)
 
 
-def _gloo_rank(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _gloo_rank(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, environment: dict) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
