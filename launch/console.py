@@ -107,7 +107,7 @@ def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
 
 def _arena(rows: List[Dict]) -> str:
     """' | arena 12.90 GiB, 0 fallbacks' where the plan has an arena: the slice sets of this step (all ranks) that
-    did not fit their planned region and went to the caching allocator (0 B: none)."""
+    did not fit their planned region and went to the caching allocator."""
     size = max(r.get("arena_gib", 0.0) for r in rows)
     if not size:
         return ""
