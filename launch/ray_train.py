@@ -173,7 +173,7 @@ class _LocalTrainer(_Trainer):
     the controller dies (on a cluster that outlives the run), ~4 CPU-seconds more a run; a private head ends with
     its driver, placement groups and all. Nor the autoscaling coordinator (`LocalScalingPolicy`)."""
 
-    DROPPED = (DatasetsCallback, PlacementGroupCleanerCallback)
+    DROPPED = _Trainer.DROPPED + (PlacementGroupCleanerCallback,)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if type(controller_init_kwargs.get("scaling_policy")) is FixedScalingPolicy:

@@ -1,5 +1,5 @@
-"""Shared test helpers: the debug model shape, a skip marker for GPU-only tests, a free port, and spawned
-ranks in a gloo process group (what the multi-rank tests run in, without Ray)."""
+"""Shared test helpers: the debug model shape, a skip marker for GPU-only tests, a free port, and rank processes
+in a gloo process group (what the multi-rank tests run in, without Ray)."""
 
 import os
 import shutil
