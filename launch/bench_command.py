@@ -18,12 +18,13 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
     from launch.measure.bench import MODES, BenchOptions, longest_trained, run_bench
     from spec.hardware import detect_profile_name, load_profile
 
+    unknown = sorted(set(modes) - set(MODES))  # the flags first: a typo is named on any machine
+    if unknown:
+        raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(MODES)}")
+    hand_policy = parse_policy(policy) if policy else None
     if not torch.cuda.is_available():
         raise LongtrainError("longtrain bench measures a GPU and this machine has no CUDA device; run it on the "
                              "GPU machine (see README, 'On a GPU')")
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(MODES)}")
     profile = load_profile(profile_name or detect_profile_name(torch.cuda.get_device_name()))
     check_writable_dir(out or "profiles/runs", "--out")
     stem = Path(out or "profiles/runs") / (f"{profile.name}_{time.strftime('%Y-%m-%d')}_bench-{layers}l"
@@ -31,7 +32,7 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
                                            + ("" if attention_kernel == "sdpa" else f"-{attention_kernel}"))
     stem.parent.mkdir(parents=True, exist_ok=True)
     options = BenchOptions(plan_fraction=plan_fraction, swap_hidden_fraction=swap_hidden,
-                           hand_policy=parse_policy(policy) if policy else None, trace=trace,
+                           hand_policy=hand_policy, trace=trace,
                            trace_dir=str(stem.parent) if trace else None, elementwise=elementwise,
                            attention_kernel=attention_kernel)
     device = torch.cuda.get_device_name()

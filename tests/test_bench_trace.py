@@ -48,3 +48,19 @@ def test_the_fragmentation_note_splits_reserved_spare_into_holes_and_whole_segme
     assert "holes at most 26.1 GiB" in fragmentation_note(row)
     assert fragmentation_note(BenchRow("longtrain", 131072, "ok", peak_allocated_gib=73.4,
                                        peak_reserved_gib=74.7)) == ""  # 1.8%: within the 2%
+
+
+def test_a_wrong_bench_flag_is_named_on_a_machine_without_a_gpu(tmp_path, capsys, monkeypatch):
+    """A typo in --policy or --modes gets its own one-line error before the GPU check (a laptop user would
+    otherwise only hear that there is no GPU), exit 2, nothing written."""
+    import torch
+
+    from launch.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this check on a GPU machine too
+    monkeypatch.chdir(tmp_path)
+    for flags, named in ((["--policy", "2/0/0"], "--policy '2/0/0'"), (["--modes", "store_al"], "--modes store_al")):
+        assert main(["bench", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err, err
+    assert not any(tmp_path.iterdir())
