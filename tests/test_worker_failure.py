@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import step_losses, train_without_ray
 
 pytestmark = pytest.mark.slow
-ARGS = ["train.max_steps=60", "train.log_every_steps=10", "checkpoint.every_steps=10", "optim.warmup_steps=5",
+ARGS = ["train.max_steps=20", "train.log_every_steps=10", "checkpoint.every_steps=10", "optim.warmup_steps=5",
         "data.micro_batch_size=4"]
 
 
@@ -44,4 +44,4 @@ def test_killed_worker_is_restarted_and_the_run_matches_an_uninterrupted_one(tmp
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, out[-2000:] + err[-2000:]
     assert "resumed from" in out
-    assert _final(killed_dir) == (60, straight[60])
+    assert _final(killed_dir) == (20, straight[20])
