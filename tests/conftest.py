@@ -49,10 +49,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-RANK_PRELOAD = ["torch", "deepspeed", "orchestrator.trainer", "tests.conftest"]
+RANK_PRELOAD = ["torch", "deepspeed", "orchestrator.trainer", "tests.conftest",
+                "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
+                "deepspeed.runtime.zero.muon.original_muon", "deepspeed.module_inject", "deepspeed.ops.triton_ops",
+                "deepspeed.runtime.superoffload", "torch._dynamo", "torch._inductor.compile_fx",
+                "torch.utils.serialization", "peft"]
 """What every rank process needs, imported once per test process by multiprocessing's fork server: each rank is
 a fresh fork of it instead of a fresh interpreter importing torch and DeepSpeed again (about 4 CPU-seconds a
-process, most of a short run's cost; the suite starts a few hundred)."""
+process, most of a short run's cost; the suite starts a few hundred). Past the first four, what a rank imported
+on its own when DeepSpeed built its engine (torch.compile's dynamo and inductor through DeepSpeed's Muon module,
+sympy, networkx, DTensor) and peft for LoRA runs: a 6-step one-rank run's process 2.2-3.4 CPU-s -> 0.6-1.3."""
 
 
 def spawn_gloo(fn: Callable, world: int, *args: Any) -> List[Any]:
