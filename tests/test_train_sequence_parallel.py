@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism (parallel.sp_degree=2: two workers share each sequence) trains the same model as one
 worker holding the whole sequence: equal losses step by step. Through `longtrain train` (real Ray, DeepSpeed and
-gloo on CPU) for the plain recipe, stopped and resumed; through the trainer alone (no Ray) with DeepSpeed's activation
+gloo on CPU) for the plain recipe, resuming a run stopped at step 3; through the trainer alone (no Ray) with DeepSpeed's activation
 checkpointing (its long-sequence recipe keeps the inputs in host memory: GPU only)."""
 
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from spec.config import job_to_yaml, load_job_config
 from tests.conftest import step_losses, train_without_ray
 
 pytestmark = pytest.mark.slow
@@ -46,15 +47,22 @@ def test_two_ranks_sharing_each_sequence_under_deepspeed_checkpointing_train_lik
 
 
 def test_a_sequence_parallel_run_trains_like_one_worker_and_resumes_exactly(tmp_path, whole_sequence):
-    """Stopped at step 3 and resumed: ZeRO sharded its state over both ranks (the Ulysses group's too), so the
-    resume needs no conversion; steps 1-3 before the stop and 4-5 after it are the one-worker run's."""
-    _run(tmp_path, "train.stop_at_step=3")
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    """Steps 1-3 by the trainer's two ranks without Ray, stopped at step 3 (ZeRO sharded its state over both ranks,
+    the Ulysses group's too), then `longtrain train resume=RUN_DIR` (real Ray) continues the run: no conversion,
+    and steps 1-3 before the stop and 4-5 after it are the one-worker run's. The stop is the trainer's own
+    (train.stop_at_step), the same with or without Ray; the resume is the driver's and the Ray workers'."""
+    run_dir = tmp_path / "run"
+    stopped = [*COMMON, *SP, "train.stop_at_step=3"]
+    before = step_losses(train_without_ray(run_dir, 2, stopped))
+    job = load_job_config(None, ["cluster.num_workers=2", *stopped, f"run.dir={run_dir}"])
+    (run_dir / "config.yaml").write_text(job_to_yaml(job))  # what the driver writes into a run it starts
     resumed = _run(tmp_path, f"resume={run_dir}")
-    assert "at step 3" in resumed.stdout and "resumed from" in resumed.stdout, resumed.stdout[-2000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000003'} at step 3" in resumed.stdout, \
+        resumed.stdout[-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = [(m["step"], m["rows"][0]["loss"]) for m in records if m.get("rows")]
-    assert [step for step, _ in logged] == [1, 2, 3, 4, 5]  # a resume that retrained from step 1 repeats 1-3
-    _assert_close([loss for _, loss in logged], whole_sequence)
+    after = [(m["step"], m["rows"][0]["loss"]) for m in records if m.get("rows")]
+    assert sorted(before) == [1, 2, 3] and [step for step, _ in after] == [4, 5]  # a resume that retrained from
+    # step 1 logs 1-5
+    _assert_close([before[step][0] for step in (1, 2, 3)] + [loss for _, loss in after], whole_sequence)
     # each rank counts its own shard: half the sequence's tokens
     assert [m for m in records if m.get("rows")][-1]["rows"][0]["tokens"] == 2 * 256 // 2
