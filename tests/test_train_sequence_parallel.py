@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism (parallel.sp_degree=2: two workers share each sequence) trains the same model as one
 worker holding the whole sequence: equal losses step by step. Through `longtrain train` (real Ray, DeepSpeed and
-gloo on CPU) for the plain recipe, resuming a run stopped at step 3; through the trainer alone (no Ray) with DeepSpeed's activation
-checkpointing (its long-sequence recipe keeps the inputs in host memory: GPU only)."""
+gloo on CPU) for the plain recipe, resuming a run stopped at step 3; through the trainer alone (no Ray) with
+DeepSpeed's activation checkpointing (its long-sequence recipe keeps the inputs in host memory: GPU only)."""
 
 import json
 import subprocess
