@@ -228,10 +228,12 @@ def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backwar
     expressions alike, so the MIP and `given_copies` (decisions already made) share one formula.
 
     The last layer has no next layer (MEMO's rule: nothing hides its copies): its copy out may run under the LM
-    head's forward and backward (3 x head_seconds; the copy back waits for it on the one copy stream), and its copy
+    head's forward and backward (3 x head_seconds; the copy back of the same host buffer waits for it), and its copy
     back starts only when its own backward does (`tokenwise._materialize`: the first layer of the backward is
     fetched on demand), so none of it is hidden. The MIP swaps the last layer only where that exposed time costs
-    less than keeping or recomputing its tokens."""
+    less than keeping or recomputing its tokens. Each direction is priced at the one-way rate: copies out run in the
+    forward and copies back in the backward on their own streams (`swap_stream`), so the two directions share PCIe
+    only around the turn from forward to backward, where the copy back waits for the copy out anyway."""
     n = p.num_layers
     if backward:
         neighbour = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute_next
