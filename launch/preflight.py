@@ -27,6 +27,7 @@ def check_job(job: JobConfig) -> None:
     _check_cluster_address(job)
     _check_local_devices(job)
     _check_attention_kernel(job)  # before the data: preparing documents writes their cache
+    _check_memory_snapshot(job)
     _check_data(job)
     _check_profile(job)
     _check_plan(job)
@@ -77,6 +78,14 @@ def _check_attention_kernel(job: JobConfig) -> None:
     if job.train.precision == "fp32":
         raise ConfigError(f"{uses_fa4[0]} runs FlashAttention-4, which takes bf16 or fp16, not train.precision=fp32; "
                           "use train.precision=bf16 or train.attention_kernel=sdpa")
+
+
+def _check_memory_snapshot(job: JobConfig) -> None:
+    """metrics.memory_snapshot_steps records CUDA's caching allocator: a CPU run has none to record."""
+    if job.metrics.memory_snapshot_steps and not uses_cuda(job.cluster):
+        raise ConfigError(f"metrics.memory_snapshot_steps ({job.metrics.memory_snapshot_steps}) records the CUDA "
+                          "caching allocator and these workers run on CPU; set metrics.memory_snapshot_steps=0 or "
+                          "cluster.use_gpu=true")
 
 
 def _check_predictors(job: JobConfig) -> None:

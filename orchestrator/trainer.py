@@ -23,7 +23,7 @@ from orchestrator import attention, elementwise
 from orchestrator.memory import apply_plan, compressed
 from orchestrator.metrics import StepMeter
 from orchestrator.nonfinite import step_is_usable
-from orchestrator import lora
+from orchestrator import lora, memory_snapshot
 from orchestrator.build import build_model, initialize_engine
 from spec.errors import CheckpointError
 from spec.hardware import detect_profile_name, load_profile
@@ -82,6 +82,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
         torch.manual_seed(job.train.seed + 1000 * worker.rank + start_step)
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
+    snapshot = memory_snapshot.Recorder(job.metrics.memory_snapshot_steps, start_step, run_dir, worker.rank)
     for step in range(start_step + 1, last_step + 1):
         skipped_before = engine.skipped_steps
         loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group)
@@ -89,6 +90,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
                              swap_host_bytes=memory.host_bytes, grad_norm=_grad_norm(engine),
                              arena_bytes=memory.arena_bytes, arena_fallbacks=memory.step_arena_fallbacks())
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
+        snapshot.after_step(step)
         if not step_is_usable(engine, step, loss, skipped_before, job.train.on_nonfinite,
                               publish if worker.rank == 0 else None):
             return {"rank": worker.rank, "start_step": start_step, "final_step": step, "stopped": "nonfinite"}

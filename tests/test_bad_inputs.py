@@ -58,6 +58,10 @@ BAD = {
     "glob in run.name": (["train", "run.name=exp*"], "run.name ('exp*') may hold only"),
     "bracket in run.name": (["train", "run.name=exp[1"], "run.name ('exp[1') may hold only"),
     "zero warm-up": (["train", "optim.warmup_steps=0"], "optim.warmup_steps (0) must be >= 1"),
+    "negative memory snapshot": (["train", "metrics.memory_snapshot_steps=-1"],
+                                 "metrics.memory_snapshot_steps (-1) must be >= 0"),
+    "memory snapshot on CPU": (["train", "cluster.use_gpu=false", "metrics.memory_snapshot_steps=2"],
+                               "metrics.memory_snapshot_steps (2) records the CUDA caching allocator"),
     "unknown on_nonfinite": (["train", "train.on_nonfinite=maybe"], "train.on_nonfinite ('maybe') must be one of"),
     # hardware profiles
     "profile of wrong type": (["plan", "--profile", "hw_type.yaml"], "devices_per_node has a value of the wrong type"),

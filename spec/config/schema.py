@@ -548,10 +548,13 @@ class MetricsConfig:
     0: never."""
     eval_batches: int = 2
     """Holdout micro-batches per rank each evaluation averages over."""
+    memory_snapshot_steps: int = 0
+    """Record the CUDA caching allocator over this many steps from the start (or the resume) and write
+    memory_snapshot_rank{R}.pickle into the run directory (PyTorch's memory viewer reads it); 0: off. CUDA workers."""
 
     def problems(self) -> List[str]:
         problems = [f"metrics.{key} ({getattr(self, key)}) must be >= 0"
-                    for key in ("warmup_steps", "eval_every_steps") if getattr(self, key) < 0]
+                    for key in ("warmup_steps", "eval_every_steps", "memory_snapshot_steps") if getattr(self, key) < 0]
         if self.eval_batches <= 0:
             problems.append(f"metrics.eval_batches ({self.eval_batches}) must be a positive integer")
         unknown = sorted(set(self.trackers) - set(TRACKERS))
