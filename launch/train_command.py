@@ -173,8 +173,9 @@ def _run_workers(job: JobConfig, run_dir: Path, initial, console, resume: str) -
         _leave_now(_stopped(console, run_dir, resume, f"cannot write {error.filename}: {error.strerror}; free space",
                             EXIT_RUN_FAILED))
     except Exception as error:  # Ray wraps the worker's exception; the user needs the gist and the way out
-        return _stopped(console, run_dir, resume, f"training failed: {_first_line(error)}{_no_plan_hint(job, error)} "
-                                                  f"(worker logs: {run_dir / 'logs'})", EXIT_RUN_FAILED)
+        gist = _first_line(error)
+        return _stopped(console, run_dir, resume, f"training failed: {gist}{_no_plan_hint(job, gist)} (worker logs: "
+                                                  f"{run_dir / 'logs'})", EXIT_RUN_FAILED)
     if console.stopped_by:
         stop = console.stopped_by
         return _stopped(console, run_dir, resume, f"stopped at step {stop['step']}: {stop['why']} "
@@ -276,9 +277,10 @@ def _say_schedule_change(job: JobConfig, run_dir: Path) -> None:
         print(f"longtrain: {note}", flush=True)
 
 
-def _no_plan_hint(job: JobConfig, error: BaseException) -> str:
-    """Out of device memory without a memory plan: everything was kept, and `longtrain plan` is the way out."""
-    if job.plan.path or "out of memory" not in _first_line(error).lower():
+def _no_plan_hint(job: JobConfig, gist: str) -> str:
+    """Out of device memory (the failure's `_first_line`) without a memory plan: everything was kept, and
+    `longtrain plan` is the way out."""
+    if job.plan.path or "out of memory" not in gist.lower():
         return ""
     return ("; this job has no memory plan (plan.path), so every activation was kept: make one with `longtrain plan "
             "CONFIG --out plan.yaml` and train with plan.path=plan.yaml")

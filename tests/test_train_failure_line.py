@@ -31,7 +31,7 @@ def test_a_worker_failure_is_told_from_the_worker_exception_not_ray_truncated_te
 def test_out_of_memory_without_a_plan_says_how_to_make_one():
     job = load_job_config(None, [])
     assert job.plan.path is None
-    assert "longtrain plan CONFIG --out plan.yaml" in _no_plan_hint(job, _worker_group_error())
-    assert _no_plan_hint(job, RuntimeError("NCCL timeout")) == ""  # only for out of memory
+    assert "longtrain plan CONFIG --out plan.yaml" in _no_plan_hint(job, _first_line(_worker_group_error()))
+    assert _no_plan_hint(job, _first_line(RuntimeError("NCCL timeout"))) == ""  # only for out of memory
     job.plan.path = "plan.yaml"
-    assert _no_plan_hint(job, _worker_group_error()) == ""  # a planned job that runs out of memory: not this hint
+    assert _no_plan_hint(job, _first_line(_worker_group_error())) == ""  # a planned job that runs out of memory: not this hint
