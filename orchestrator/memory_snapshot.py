@@ -30,7 +30,7 @@ class Recorder:
         self.last_step: Optional[int] = start_step + steps if steps > 0 and torch.cuda.is_available() else None
         self.path = snapshot_path(run_dir, rank)
         if self.last_step is not None:
-            torch.cuda.memory._record_memory_history(max_entries=MAX_ENTRIES)
+            torch.cuda.memory._record_memory_history(context=None, max_entries=MAX_ENTRIES)
 
     def after_step(self, step: int) -> Optional[Path]:
         """The snapshot's path once written (at the last recorded step), else None."""

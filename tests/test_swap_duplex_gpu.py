@@ -1,6 +1,7 @@
 """The swap's two copy streams (one each way) on a GPU (skipped without CUDA; run on a lent GPU machine): a prefetch
 reads what the copy out of its host buffer wrote, a copy out into a buffer waits for the prefetch still reading it,
-and a copy out and a prefetch of other buffers overlap in time.
+a copy out and a prefetch of other buffers overlap in time, and a copied-out tensor's memory is counted while its
+copy runs and reusable once it has ended (never freed behind the allocator's statistics).
 
     python -m pytest -q -m gpu tests/test_swap_duplex_gpu.py
 """
@@ -68,3 +69,61 @@ def test_a_copy_out_and_a_prefetch_of_other_buffers_overlap():
     in_alone = timed(lambda: swap.prefetch({"x": (incoming, torch.device("cuda"))}))
     both = timed(lambda: (swap.copy_out(outgoing, source), swap.prefetch({"x": (incoming, torch.device("cuda"))})))
     assert both < 0.85 * (out_alone + in_alone), (both, out_alone, in_alone)
+
+
+def test_the_block_a_slice_was_copied_out_of_is_reusable_at_once():
+    """The slice is copied to its own block; the large tensor it came from is free for the next allocation even
+    while the copy out waits behind the device (with `record_stream` the allocator kept the whole block until the
+    out stream had passed, and reserved new memory)."""
+    swap = SwapStream(max_layers_ahead=8)
+    host = host_empty((ELEMENTS // 8,), torch.bfloat16, pin=True)
+    large = _filled(1.0)
+    address = large.data_ptr()
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    torch.cuda._sleep(200_000_000)  # the device is busy: the copy out cannot have ended below
+    swap.copy_out(host, large[: ELEMENTS // 8])
+    del large
+    again = torch.empty((ELEMENTS,), device="cuda", dtype=torch.bfloat16)
+    assert again.data_ptr() == address
+    assert torch.cuda.memory_reserved() <= reserved + (ELEMENTS // 8) * 2 + 2**21  # the slice's block at most
+    torch.cuda.synchronize()
+    assert host.float().min().item() == host.float().max().item() == 1.0
+
+
+def test_a_copied_out_tensor_stays_allocated_until_its_copy_ends():
+    swap = SwapStream(max_layers_ahead=8)
+    host = host_empty((ELEMENTS,), torch.bfloat16, pin=True)
+    source = _filled(3.0)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda._sleep(200_000_000)
+    swap.copy_out(host, source)
+    del source
+    assert torch.cuda.memory_allocated() == before  # held by the swap, counted
+    torch.cuda.synchronize()
+    swap.release_copied()
+    assert torch.cuda.memory_allocated() == before - ELEMENTS * 2
+    assert host.float().min().item() == 3.0
+
+
+def test_a_layers_sources_live_through_the_next_forward_and_no_longer():
+    """Released when the forward after next starts, the compute stream waiting for their copy: a tensor that reuses
+    the block is written only after the copy read it."""
+    swap = SwapStream(max_layers_ahead=8)
+    host = host_empty((ELEMENTS,), torch.bfloat16, pin=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    swap.forward_starts()  # layer 0
+    source = _filled(3.0)
+    torch.cuda._sleep(200_000_000)
+    swap.copy_out(host, source)
+    del source
+    swap.forward_starts()  # layer 1: layer 0's source is still being copied
+    assert torch.cuda.memory_allocated() == before + ELEMENTS * 2
+    swap.forward_starts()  # layer 2
+    assert torch.cuda.memory_allocated() == before
+    overwrite = _filled(7.0)  # the freed block, written on the compute stream
+    torch.cuda.synchronize()
+    assert host.float().min().item() == host.float().max().item() == 3.0
+    del overwrite

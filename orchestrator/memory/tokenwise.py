@@ -172,6 +172,7 @@ class _LayerSplit:
     def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         if self.runtime.replaying is not None:
             return ReplayCapture(self.runtime.replaying)
+        self.runtime.swap.forward_starts()
         record = _LayerRecord(layer, self.index, self.runtime.layers[self.index], cos, sin,
                               input_requires_grad=x.requires_grad)
         return _LayerHooks(self.runtime, record)
