@@ -30,6 +30,8 @@ class Recorder:
         self.last_step: Optional[int] = start_step + steps if steps > 0 and torch.cuda.is_available() else None
         self.path = snapshot_path(run_dir, rank)
         if self.last_step is not None:
+            # No stacks (context=None): gathering them killed a worker in the tiled loss's recompute on torch 2.11
+            # ("apply ... returned NULL without setting an exception"); streams, sizes and times are what tell.
             torch.cuda.memory._record_memory_history(context=None, max_entries=MAX_ENTRIES)
 
     def after_step(self, step: int) -> Optional[Path]:
