@@ -23,6 +23,7 @@ from orchestrator import attention, elementwise
 from orchestrator.memory import apply_plan, compressed
 from orchestrator.metrics import StepMeter
 from orchestrator.nonfinite import step_is_usable
+from orchestrator.process_group import init_process_group
 from orchestrator import lora, memory_snapshot
 from orchestrator.build import build_model, initialize_engine
 from spec.errors import CheckpointError
@@ -44,14 +45,12 @@ Publish = Callable[[Dict[str, Any]], None]
 def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
           initial: Optional[CheckpointRef] = None) -> Dict[str, Any]:
     """Train to `job.train.max_steps`, resuming from this run's latest complete checkpoint if there is one."""
-    import deepspeed  # imported here: slow, and only workers need it
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     _log_to_stderr()
     use_cuda = torch.cuda.is_available()
     _set_device_and_threads(worker, use_cuda, job.cluster.cpus_per_worker)
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    init_process_group(use_cuda)
     dims = job.parallel_dims()
     sp_group = sequence_parallel.sequence_groups(dims)
     checkpoints = CheckpointManager(run_dir / "checkpoints", job.checkpoint.keep_last, worker.rank, dist.barrier,

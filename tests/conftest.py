@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from orchestrator.process_group import init_process_group
 from spec.config import ModelConfig, load_job_config
 
 os.environ.setdefault("RAY_worker_niceness", "0")
@@ -179,14 +180,13 @@ class StorageTracker(TorchDispatchMode):
 def one_rank_group():
     """A one-rank gloo group in this process (what a DeepSpeed engine needs, on its CPU accelerator), gone after the
     module."""
-    import deepspeed
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     from deepspeed.utils import groups
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group(use_cuda=False)
     groups._WORLD_GROUP = None  # DeepSpeed's cached clone of the world group: stale if an earlier test's group is gone
     try:
         yield

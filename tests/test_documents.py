@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orchestrator.process_group import init_process_group
 from orchestrator.attention import DocumentLayout
 from orchestrator.documents import IGNORE_INDEX, PackedDocuments, pack
 from orchestrator.memory import tokenwise
@@ -169,14 +170,13 @@ def _sp_rank(rank, world, put):
     """Ulysses over two gloo ranks, on both attention paths (DeepSpeed's DistributedAttention; the shard-saving one
     under a swap / recompute plan): each rank feeds its shard of the packed batch (its positions, the whole layout)
     and weights its shard mean as the trainer does; gradients averaged as ZeRO does."""
-    import deepspeed
     import torch.distributed as dist
 
     from orchestrator.sequence_parallel import install, sequence_groups, shard_of
     from orchestrator.trainer import _shard_weight
     from spec.parallel import ParallelDims
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group(use_cuda=False)
     torch.set_num_threads(1)
     group = sequence_groups(ParallelDims(world_size=world, sp_degree=world, seq_len=SEQ))
     _, _, (tokens, targets, positions), layout = _packed()

@@ -14,6 +14,7 @@ import pytest
 from launch.cli import main
 from launch.prepare import sources
 from launch.prepare_command import ensure_prepared
+from orchestrator.process_group import init_process_group
 from orchestrator.data import CORPUS_PATH
 from spec.config import load_job_config
 from spec.prepared import OFFSETS_FILE, SUMMARY_FILE, TOKENS_FILE
@@ -191,7 +192,7 @@ def _steps(rank, world, put, job):
     from orchestrator.model import LlamaModel
     from orchestrator.trainer import _train_step
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group(use_cuda=False)
     dims = job.parallel_dims()
     group = sequence_parallel.sequence_groups(dims)
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from tests.conftest import free_port, layer_plans
 from spec.config import ModelConfig
+from orchestrator.process_group import init_process_group
 from orchestrator.memory import tokenwise
 from orchestrator.model import LlamaModel
 from spec.parallel import ParallelDims
@@ -48,15 +49,13 @@ def _loss_and_grads(model, inputs, targets, positions=None):
 def _worker(rank, world, port, with_plan, out_path, device="cpu"):
     import os
 
-    import deepspeed
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     if device == "cuda":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
     # DeepSpeed's all-to-all runs on its own comm layer
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    init_process_group(use_cuda=device != "cpu")
     torch.set_num_threads(1)
     group = sequence_groups(ParallelDims(world_size=world, sp_degree=world, seq_len=SEQ))
     model = _model(with_plan, device)
@@ -109,13 +108,12 @@ def test_shard_saving_attention_keeps_no_whole_sequence_tensor_and_matches_sdpa(
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    import deepspeed
 
     from orchestrator.sequence_parallel import LocalShardAttention
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group(use_cuda=False)
     try:
         group = dist.new_group([0])
         q, k, v = (torch.randn(1, 4, 64, 8, requires_grad=True) for _ in range(3))

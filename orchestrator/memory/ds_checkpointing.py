@@ -10,6 +10,7 @@ from typing import Iterable
 
 import torch
 
+from orchestrator.process_group import init_process_group
 from spec.errors import ConfigError
 
 
@@ -45,7 +46,7 @@ def deepspeed_layer_runner(num_layers: int, in_cpu: bool):
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                            ("MASTER_PORT", "29517")):
             os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_process_group(torch.cuda.is_available())
     deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=in_cpu,
                                       contiguous_checkpointing=False, num_checkpoints=num_layers)
     # cos and sin go in by closure: DeepSpeed's blocking host-copy path (CPU) empties every floating-point argument
