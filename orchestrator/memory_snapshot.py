@@ -1,6 +1,6 @@
 """A CUDA memory snapshot of a run's first steps (`metrics.memory_snapshot_steps`): every allocation and free of
-the caching allocator with its stream and Python stack, written to the run directory for PyTorch's viewer
-(https://pytorch.org/memory_viz).
+the caching allocator with its stream, size and time (no stacks: see `Recorder`), written to the run directory for
+PyTorch's viewer (https://pytorch.org/memory_viz).
 
 Why: a step's peak allocated memory is what the plan predicts; what the allocator reserves beyond it (blocks of
 another stream's pool, frees deferred by a copy stream, split segments) only a trace of the allocator can name."""
