@@ -178,7 +178,7 @@ def test_a_policy_that_lays_out_just_over_its_budget_is_solved_again_under_it():
 
 
 def test_a_plan_whose_layout_stays_over_the_budget_is_refused_and_not_written(tmp_path, capsys):
-    """A profile whose memory calibration adds 30 GiB to every plan (the policy's estimate leaves it out): the
+    """A profile whose memory calibration adds 40 GiB to every plan (the policy's estimate leaves it out): the
     laid-out plan stays above the budget however the policy is tightened, and `longtrain plan` refuses it in one
     line with the change that fits, like any plan that does not fit."""
     import yaml
@@ -186,7 +186,7 @@ def test_a_plan_whose_layout_stays_over_the_budget_is_refused_and_not_written(tm
     from spec.hardware import PROFILES_DIR
 
     raw = yaml.safe_load((PROFILES_DIR / "h100_sxm.yaml").read_text())
-    raw["calibration"] = {"peak_memory_offset_gib": 30.0, "source": "test: 30 GiB the policy does not see"}
+    raw["calibration"] = {"peak_memory_offset_gib": 40.0, "source": "test: 40 GiB the policy does not see"}
     profile = tmp_path / "h100_offset.yaml"
     profile.write_text(yaml.safe_dump(raw))
     out = tmp_path / "plan.yaml"

@@ -32,12 +32,12 @@ def _plan(profile, *overrides):
 
 
 def test_the_mip_checkpoints_whole_layers_only_when_memory_is_short(profile):
-    """4 Llama-3-8B layers on one H200, 16 GiB of host memory: at 128K everything stays; at 896K no policy of the
+    """4 Llama-3-8B layers on one H200, 16 GiB of host memory: at 128K everything stays; at 1M no policy of the
     token-wise split fits (a layer keeps its input and attention output at the least, 16 KB a token) and the MIP
     replays layers whole (layer 0 first: replayed, it keeps nothing, its input is looked up again)."""
     ample = _plan(profile, "data.seq_len=131072")
     assert not any(layer.checkpoint_layer for layer in ample.layers)
-    short_job = load_job_config(None, [*FOUR_LAYERS, "data.seq_len=917504"])
+    short_job = load_job_config(None, [*FOUR_LAYERS, "data.seq_len=1048576"])
     short = make_plan(short_job, profile).plan
     replayed = [layer for layer in short.layers if layer.checkpoint_layer]
     assert len(replayed) >= 2 and short.layers[0].checkpoint_layer
@@ -67,7 +67,7 @@ def test_a_plan_trains_at_1_5x_the_alst_recipes_longest_sequence(profile):
 
 
 def test_the_report_and_the_plan_file_say_which_layers_are_replayed(profile, tmp_path):
-    plan = _plan(profile, "data.seq_len=917504")
+    plan = _plan(profile, "data.seq_len=1048576")
     summary = plan_summary(plan, tmp_path / "p.yaml", tmp_path / "p.png", 0.1)
     first = next(layer.layer for layer in plan.layers if layer.checkpoint_layer)
     assert re.search(rf"\n +{first}-\d+ +whole layer replayed +(gpu|host) ", summary)
