@@ -85,13 +85,13 @@ class SwapStream:
     def copy_out(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Device -> host on the out stream (the compute stream does not wait); a plain copy on CPU.
 
-        The source is held here until its copy has ended (`release_copied`, at the latest when the forward after
-        next starts: `forward_starts`), not handed to `record_stream`: a
-        block freed under `record_stream` returns to the caching allocator only once every copy queued on the out
-        stream by then has ended, and the host runs layers ahead of the device, so at 256K tokens whole MLP
-        intermediates (5.4 GiB each) waited up to 2.8 s, unseen by the allocated-memory statistics, and reserved
-        memory reached 136 GiB against 62 allocated. A source that is a slice of a larger block is first copied to
-        a block of its own (a device copy, ~1000x faster than PCIe), so the larger block is freed at once."""
+        The source is held here until its copy has ended (`release_copied`; at the latest when the forward after
+        next starts, `forward_starts`), not handed to `record_stream`: a block freed under `record_stream` returns
+        to the caching allocator only once every copy queued on the out stream by then has ended, and the host runs
+        layers ahead of the device, so at 256K tokens whole MLP intermediates (5.4 GiB each) waited up to 2.8 s,
+        unseen by the allocated-memory statistics, and reserved memory reached 136 GiB against 62 allocated. A
+        source that is a slice of a larger block is first copied to a block of its own (a device copy, ~1000x
+        faster than PCIe), so the larger block is freed at once."""
         if not src.is_cuda or not self._streams():
             dst.copy_(src)
             return
