@@ -108,7 +108,7 @@ def _gloo_rank(rank: int, world: int, port: int, fn: Callable, args: tuple, queu
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_process_group(use_cuda=False)  # DeepSpeed's group (an engine built in `fn` would make it, its own way)
     fn(rank, world, queue.put, *args)
     dist.destroy_process_group()
     os._exit(0)  # the results are sent: skip C++ static teardown, which now and then aborts (std::terminate with
