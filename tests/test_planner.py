@@ -167,6 +167,23 @@ def test_longtrain_plan_on_every_shipped_config_is_fast_and_tight(config, tmp_pa
     assert plan.arena_bytes <= 1.05 * plan.lower_bound_bytes
     assert plan.predicted["peak_gpu_gib"] <= plan.predicted["gpu_budget_gib"]
     assert "MFU" in out and "note" not in out
+    _no_two_live_entries_share_bytes(plan.layout, plan.arena_bytes)
+    _no_two_live_entries_share_bytes(plan.layer_block_layout, plan.layer_block["arena_bytes"])
+    if plan.runtime_arena:  # each kept share lives from its layer's forward to its backward: all at once at the head
+        kept = [dict(b, start=0, end=1) for b in plan.runtime_arena["buffers"]]
+        _no_two_live_entries_share_bytes(kept, plan.runtime_arena["arena_bytes"])
+
+
+def _no_two_live_entries_share_bytes(entries, arena_bytes):
+    """The plan file's own numbers, checked without the layout code: every entry inside the arena, and no two entries
+    alive at the same time ([start, end) intervals) share a byte."""
+    assert entries
+    for i, a in enumerate(entries):
+        assert 0 <= a["offset_bytes"] and a["offset_bytes"] + a["size_bytes"] <= arena_bytes, a
+        for b in entries[i + 1:]:
+            if a["start"] < b["end"] and b["start"] < a["end"]:
+                assert (a["offset_bytes"] + a["size_bytes"] <= b["offset_bytes"]
+                        or b["offset_bytes"] + b["size_bytes"] <= a["offset_bytes"]), (a, b)
 
 
 def test_a_policy_that_lays_out_just_over_its_budget_is_solved_again_under_it():
