@@ -203,14 +203,18 @@ def test_a_gpu_job_on_a_cluster_without_gpus_fails_with_the_reason_in_status(ray
 def test_an_address_refusing_us_is_one_line_naming_the_fix(cluster, kind, auth, said, tmp_path):
     """The head's Ray Client server (ray://HOST:PORT) and its GCS (HOST:PORT) ask for a token: without
     RAY_AUTH_MODE=token, or with the wrong token, `train` says so in a second or two instead of Ray's 30 s 'ray client
-    connection timeout' or 20 s of GCS retries and a traceback. About 4 s each (a fresh `longtrain train`)."""
+    connection timeout' or 20 s of GCS retries and a traceback. About 4 s each (a fresh `longtrain train`). Timed from
+    the CLI's `main` (Ray's import included), not from the interpreter's start: on the loaded 2-core machine the
+    start-up alone ran past 15 s once."""
     address = getattr(cluster, kind)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | auth
-    started = time.time()
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", f"cluster.address={address}",
+    timed_main = ("import sys, time; from launch.cli import main; started = time.time(); code = main(sys.argv[1:]); "
+                  "print(f'main took {time.time() - started:.2f} s'); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", timed_main, "train", f"cluster.address={address}",
                              f"run.root={tmp_path}"], cwd=Path(__file__).resolve().parents[1], env=env,
                             capture_output=True, text=True, timeout=120)
     err = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(err) == 1 and said in err[0], result.stderr[-2000:]
-    assert f"cluster.address ({address})" in err[0] and time.time() - started < 15, (time.time() - started, err)
+    seconds = float(re.search(r"main took ([\d.]+) s", result.stdout).group(1))
+    assert f"cluster.address ({address})" in err[0] and seconds < 15, (seconds, err)
     assert not any(tmp_path.iterdir())  # the run directory it created is gone again
