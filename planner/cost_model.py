@@ -92,9 +92,16 @@ class StaticMemory:
     embedding_activations: float
     """The two hidden-size tensors outside the layers (the last layer's output, saved by the final norm, and the
     norm's output, saved by the loss): from the end of the forward to the head's backward, so a plan lays them out
-    with the head's buffers (`head_interval_bytes`), not beside every layer's backward."""
+    with the head's buffers (`head_interval`), not beside every layer's backward."""
     adapter_activations: float = 0.0
     """LoRA: what the adapters save whole on the GPU in every layer (`spec.activations.lora_adapter_bytes_per_token`)."""
+
+    @property
+    def head_interval(self) -> float:
+        """What lives only around the LM head: its loss chunk and the two tensors outside the layers. Counted at
+        every moment they over-predicted a 256K plan whose peak is in a middle layer's backward by 4 GiB (65.87
+        predicted, 61.62 measured on an H200; profiles/runs/h200_2026-12-02_bench-arena-duplex.md)."""
+        return self.head_and_loss + self.embedding_activations
 
     @property
     def total(self) -> float:
@@ -270,13 +277,6 @@ class CostModel:
                             buffers=buffers, head_and_loss=self.head_and_loss_bytes(),
                             embedding_activations=2 * self.tokens_per_gpu * self.model.hidden_size * low,
                             adapter_activations=whole_job.adapter_activation_bytes(self))
-
-    def head_interval_bytes(self) -> float:
-        """What lives only around the LM head: its loss chunk and the two tensors outside the layers. Counted at
-        every moment they over-predicted a 256K plan whose peak is in a middle layer's backward by 4 GiB (65.87
-        predicted, 61.62 measured on an H200; profiles/runs/h200_2026-12-02_bench-arena-duplex.md)."""
-        static = self.static_memory(self.job.train.zero_stage)
-        return static.head_and_loss + static.embedding_activations
 
     def head_and_loss_bytes(self) -> float:
         """Segmented LM head + cross-entropy: one chunk's logits (low precision + fp32 + fp32 gradient)."""

@@ -139,7 +139,7 @@ def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, La
                              job.plan.time_limit_seconds)
     forward_bytes, backward_bytes, block = _block_halves(job, decisions, plain, inputs, block)
     looked_up = [not bytes_kept for bytes_kept in inputs.input_bytes]
-    step = solve_layout(step_buffers(layers, decisions, forward_bytes, cost.head_interval_bytes(), factors,
+    step = solve_layout(step_buffers(layers, decisions, forward_bytes, cost.static_memory(job.train.zero_stage).head_interval, factors,
                                      head_reuses_block=True, backward_block_bytes=backward_bytes,
                                      looked_up=looked_up), job.plan.time_limit_seconds)
     plan = _assemble(job, profile, cost, policy, block, step)
@@ -214,7 +214,7 @@ def _assemble(job, profile, cost: CostModel, policy: PolicyResult, block: Layout
     static = cost.static_memory(job.train.zero_stage)
     checkpointed = sum(d.checkpoint_layer for d in policy.decisions)
     static.adapter_activations *= 1 - checkpointed / len(policy.decisions)  # a checkpointed layer's are replayed
-    static_bytes = static.total - static.head_and_loss - static.embedding_activations  # in the arena, at the head
+    static_bytes = static.total - static.head_interval  # in the arena, at the head
     step_seconds = policy.micro_batch_seconds * job.train.grad_accum_steps + whole_job.optimizer_step_seconds(cost)
     host_static = whole_job.host_static_bytes(job, cost.element_bytes, profile.device_kind == "cuda")
     mfu = cost.step_flops_per_gpu() / (step_seconds * profile.peak_tflops(precision) * 1e12)

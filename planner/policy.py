@@ -170,8 +170,8 @@ def policy_inputs(cost: CostModel, zero_stage: int, block_bytes: float, approxim
         num_layers=job.model.num_layers, forward_seconds=per_layer("forward_seconds"),
         backward_seconds=per_layer("backward_seconds"), recompute_seconds=per_layer("recompute_seconds"),
         skeletal_bytes=per_layer("skeletal_bytes"), token_wise_bytes=per_layer("token_wise_bytes"),
-        static_bytes=static.total - static.head_and_loss - static.embedding_activations - static.adapter_activations,
-        head_bytes=cost.head_interval_bytes(), adapter_bytes=static.adapter_activations / n, block_bytes=block_bytes,
+        static_bytes=static.total - static.head_interval - static.adapter_activations,
+        head_bytes=static.head_interval, adapter_bytes=static.adapter_activations / n, block_bytes=block_bytes,
         head_seconds=cost.head_seconds(), pcie_bytes_per_second=cost.pcie_bytes_per_second(),
         gpu_budget_bytes=profile.device_memory_gib * GIB * job.plan.gpu_memory_fraction,
         host_budget_bytes=(whole_job.host_budget_bytes(job, profile)  # the offloaded states come first

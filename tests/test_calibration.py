@@ -71,7 +71,7 @@ def test_prediction_matches_the_planner_for_its_own_plan():
     outcome = make_plan(job, profile)
     mine = predict(196608, 4, outcome.plan.layers, profile)
     # the tensors outside the layers live around the head, where the layer blocks' room holds them
-    # (`CostModel.head_interval_bytes`): not in the planner's peak, so not subtracted
+    # (`StaticMemory.head_interval`): not in the planner's peak, so not subtracted
     not_in_bench = static.optimizer_states + static.buffers + static.head_and_loss
     assert mine.step_seconds == pytest.approx(outcome.policy.micro_batch_seconds - 3 * cost.head_seconds(), rel=2e-3)
     assert mine.peak_gib == pytest.approx(outcome.plan.predicted["peak_gpu_gib"] - not_in_bench / GIB, abs=0.01)
