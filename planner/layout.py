@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pulp
 
-from spec.plan import ALIGN_BYTES, align
+from spec.plan import ALIGN_BYTES
 from planner.solver import make_solver, solve_quietly, solver_name, status_name
 
 MAX_MIP_PAIRS = 4000

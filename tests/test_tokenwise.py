@@ -279,3 +279,14 @@ def test_int8_swap_trains_close_to_exact_with_half_the_host_bytes():
     assert 0 < worst < 0.05
     skeletal = 2 * SEQ_LEN * BATCH * 128 * 4 * 4  # layer input + attention output, fp32, 4 layers: exact
     assert int8_runtime.pool.bytes - skeletal == pytest.approx((exact_runtime.pool.bytes - skeletal) / 4, rel=0.01)
+
+
+def test_int8_swapped_codes_leave_the_device_with_their_copy():
+    """Between a layer's forward and its backward the device holds its kept slices and ranges, not the int8 codes
+    of the swapped share (they were held to the end of the step: half the swapped bytes stayed on the device)."""
+    _, model, inputs, targets = _model_and_batch()
+    runtime = _split(model, [(0.25, 0.5, 0.25, True, "int8")] * 4)
+    model(inputs, targets=targets)  # forward only: every layer awaits its backward
+    stores = [store for record in runtime.pending for store in record.roles.values() if store.codes is not None]
+    assert len(stores) > 0 and all(store.codes.codes is None for store in stores)
+    assert all(store.host is not None and store.host.dtype == torch.uint8 for store in stores)

@@ -224,7 +224,8 @@ class SwapCodes:
     each group's range is the slice's own min and max, so codes lie in it by construction and the error per element
     is below width / 255; stochastic rounding keeps them unbiased."""
 
-    codes: torch.Tensor
+    codes: Optional[torch.Tensor]
+    """The codes on the device until `tokenwise` hands them to the copy out (the host buffer holds them then)."""
     low: torch.Tensor
     width: torch.Tensor
     channels: int

@@ -344,7 +344,7 @@ def _split(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, base: tor
             flat = part.contiguous().view(-1)
         if plan.swap_codec == "int8" and role not in SKELETAL and form is None:  # skeletal: exact; compact: is
             store.codes = SwapCodes.encode(flat, part.shape[-1], runtime.swap_seed())
-            flat = store.codes.codes
+            flat, store.codes.codes = store.codes.codes, None  # only the copy out may hold them on the device
         store.host = runtime.pool.buffer((record.layer_index, role), flat)
         runtime.swap.copy_out(store.host, flat)
     return store

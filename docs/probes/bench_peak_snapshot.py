@@ -1,0 +1,70 @@
+"""What is alive at a bench row's allocated peak: run `longtrain bench` under CUDA's memory history, then list the
+blocks live at the peak of the last timed step by size (sizes name the tensors: at 256K tokens of a Llama-7B layer a
+norm output or q is 2 GiB, an MLP intermediate 5.375 GiB), to set beside the planner's inventory of that moment.
+
+    python3 docs/probes/bench_peak_snapshot.py record OUT.pickle.gz -- --layers 3 --seq-lens 262144 --modes longtrain
+    python3 docs/probes/bench_peak_snapshot.py peak OUT.pickle.gz
+"""
+
+import collections
+import gzip
+import pickle
+import sys
+
+GIB = 2**30
+
+
+def record(path: str, bench_args) -> None:
+    import torch
+    from launch.cli import main
+
+    torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
+    try:
+        main(["bench", *bench_args])
+    finally:
+        with gzip.open(path, "wb") as handle:
+            pickle.dump(torch.cuda.memory._snapshot(), handle)
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def peak(path: str) -> None:
+    with gzip.open(path, "rb") as handle:
+        snapshot = pickle.load(handle)
+    trace = max(snapshot["device_traces"], key=len)
+    live, allocated, curve = {}, 0, []
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], index)
+            allocated += event["size"]
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            allocated -= live.pop(event["addr"])[0]
+        curve.append(allocated)
+    start = int(len(trace) * 2 / 3)  # the last timed step (the trace ends with the row's timed steps)
+    at = max(range(start, len(trace)), key=curve.__getitem__)
+    alive = {}
+    for index, event in enumerate(trace[: at + 1]):
+        if event["action"] == "alloc":
+            alive[event["addr"]] = (event["size"], index)
+        elif event["action"] == "free_requested":
+            alive.pop(event["addr"], None)
+    by_size = collections.Counter(size for size, _ in alive.values())
+    print(f"{len(trace)} events; peak of the last third at event {at}: {curve[at] / GIB:.2f} GiB allocated "
+          f"(global peak {max(curve) / GIB:.2f})")
+    print("live blocks at that peak: size GiB x count = GiB (largest first; blocks under 64 MiB summed)")
+    small = 0
+    for size, count in sorted(by_size.items(), reverse=True):
+        if size < 64 * 2**20:
+            small += size * count
+            continue
+        print(f"  {size / GIB:8.3f} x {count:3d} = {size * count / GIB:8.2f}")
+    print(f"  small blocks: {small / GIB:.2f}")
+    print("the 12 latest allocations before the peak (size GiB, events before it):")
+    for size, index in sorted(alive.values(), key=lambda v: -v[1])[:12]:
+        print(f"  {size / GIB:.3f} GiB, {at - index} events before")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "record":
+        record(sys.argv[2], sys.argv[4:])
+    else:
+        peak(sys.argv[2])
