@@ -13,8 +13,8 @@ of layer i+1 overlaps the prefetch of layer i):
         Ulysses' all-to-all each, and a split layer's backward one more, X_i: split_i >= 1 - keep_i, offload_i)
   stall_fwd_i >= bytes_i / bw - F_{i+1},
   stall_bwd_i >= bytes_i / bw - (B_{i+1} + R_{i+1} * recompute_{i+1} + P_{i+1} * ckpt_{i+1})
-        (the last layer, MEMO's rule that nothing hides its copies: F_n = the LM head's forward and backward,
-        B_n = 0, its copy back starts when its own backward does)
+        (the last layer, MEMO's rule that nothing hides its copies: stall_fwd_n >= 0, stall_bwd_n >= bytes_n / bw, its
+        copy back starts when its own backward does and its copy out is not waited for; `exposed_copy_seconds`)
   bytes_i = T_i * (swap_i - (1 - 1/e) * swap_int8_i) - (T_i - Tc_i) * swap_comp_i + K_i * offload_i
             - (K_i - I_i) * ckpt_off_i
         (swap_int8 = swap * int8, swap_comp = swap * comp and ckpt_off = ckpt * offload, linearised; a compressed
@@ -227,26 +227,36 @@ def exposed_copy_seconds(p: PolicyInputs, i: int, moved, recompute_next, backwar
     when it is checkpointed (`replay_next`). Negative when hidden. Works on numbers and on the MIP's affine
     expressions alike, so the MIP and `given_copies` (decisions already made) share one formula.
 
-    The last layer has no next layer (MEMO's rule: nothing hides its copies): its copy out may run under the LM
-    head's forward and backward (3 x head_seconds; the copy back of the same host buffer waits for it), and its copy
-    back starts only when its own backward does (`tokenwise._materialize`: the first layer of the backward is
-    fetched on demand), so none of it is hidden. The MIP swaps the last layer only where that exposed time costs
-    less than keeping or recomputing its tokens. Each direction is priced at the one-way rate: copies out run in the
-    forward and copies back in the backward on their own streams (`swap_stream`), so the two directions share PCIe
-    only around the turn from forward to backward, where the copy back waits for the copy out anyway."""
+    The last layer has no next layer (MEMO's rule: nothing hides its copies): it is fetched when its own backward
+    starts, right after the LM head. Its copy out is not waited for: its backward reads the sources still on the
+    device (`SwapStream.take_held`) and fetches only what the head's forward and backward let the copy out finish,
+    at most `last_layer_fetch_seconds`; the MIP prices the whole copy back (an upper bound: the minimum of two
+    terms is not linear), so it swaps the last layer only where that costs less than keeping or recomputing its
+    tokens. Each direction is priced at the one-way rate: copies out run in the forward and copies back in the
+    backward on their own streams (`swap_stream`), so the two directions share PCIe only around the turn from
+    forward to backward."""
     n = p.num_layers
+    if i + 1 == n:
+        return moved * (1 / p.pcie_bytes_per_second) if backward else 0.0
     if backward:
         neighbour = (p.backward_seconds[i + 1] + p.recompute_seconds[i + 1] * recompute_next
-                     + _replay(p)[i + 1] * replay_next) if i + 1 < n else 0.0
+                     + _replay(p)[i + 1] * replay_next)
     else:
-        neighbour = p.forward_seconds[i + 1] if i + 1 < n else 3 * p.head_seconds
+        neighbour = p.forward_seconds[i + 1]
     return moved * (1 / p.pcie_bytes_per_second) - p.swap_hidden_fraction * neighbour
+
+
+def last_layer_fetch_seconds(p: PolicyInputs, moved: float) -> float:
+    """The last layer's exposed copy time: what its copy out finished while the LM head's forward and backward ran
+    (3 x head_seconds) comes back when its backward starts; the rest is read where it still is
+    (`exposed_copy_seconds`)."""
+    return min(moved / p.pcie_bytes_per_second, 3 * p.head_seconds)
 
 
 def given_copies(p: PolicyInputs, decisions: Sequence[LayerPlan]) -> Tuple[float, List[float]]:
     """For decisions already made (a plan file, a bench row): the seconds their host copies leave exposed
-    (`exposed_copy_seconds` each way, a checkpointed layer's host input fetched when its backward starts) and each
-    layer's bytes moved each way."""
+    (`exposed_copy_seconds` each way, the last layer's `last_layer_fetch_seconds`, a checkpointed layer's host input
+    fetched when its backward starts) and each layer's bytes moved each way."""
     n = len(decisions)
     kept = [p.input_bytes[i] if d.checkpoint_layer else p.skeletal_bytes[i] for i, d in enumerate(decisions)]
     moved = [p.token_wise_bytes[i] * d.swap_fraction + kept[i] * d.offload_skeletal for i, d in enumerate(decisions)]
@@ -255,8 +265,11 @@ def given_copies(p: PolicyInputs, decisions: Sequence[LayerPlan]) -> Tuple[float
         following = decisions[i + 1] if i + 1 < n else None
         recompute_next = following.recompute_fraction if following and not following.checkpoint_layer else 0.0
         replay_next = float(following.checkpoint_layer) if following else 0.0
-        stalls += max(0.0, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=False))
         fetched = p.input_bytes[i] / p.pcie_bytes_per_second if d.checkpoint_layer and d.offload_skeletal else 0.0
+        if following is None:
+            stalls += max(fetched, last_layer_fetch_seconds(p, moved[i]))
+            continue
+        stalls += max(0.0, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=False))
         stalls += max(0.0, fetched, exposed_copy_seconds(p, i, moved[i], recompute_next, backward=True,
                                                          replay_next=replay_next))
     return stalls, moved

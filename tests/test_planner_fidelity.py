@@ -9,11 +9,11 @@ import pytest
 from launch.host_check import check_cluster_host_memory, node_host_memory_gib
 from planner.cost_model import CostModel
 from planner.planning import make_plan
-from planner.policy import exposed_copy_seconds, policy_inputs
+from planner.policy import exposed_copy_seconds, given_copies, last_layer_fetch_seconds, policy_inputs
 from planner.report import plan_summary
 from spec.config import load_job_config
 from spec.hardware import load_profile
-from spec.plan import PlanError, save_plan
+from spec.plan import LayerPlan, PlanError, save_plan
 from spec.units import GIB
 
 ULYSSES = ["model.preset=llama-7b", "model.num_layers=2", "data.seq_len=131072", "data.micro_batch_size=1",
@@ -81,18 +81,25 @@ def test_the_derived_all_to_all_figure_follows_from_the_run_it_names():
 
 
 def test_the_last_layers_copies_are_not_hidden():
-    """MEMO's rule: the last layer's copy back starts when its own backward does (nothing to hide behind), and its
-    copy out has only the LM head's forward and backward; the layer before hides behind the last one."""
+    """MEMO's rule: the last layer's copy back starts when its own backward does (nothing to hide behind); its copy
+    out is not waited for (the backward reads what is still on the device), so what comes back is what the LM head's
+    forward and backward let the copy out finish. The MIP prices the whole copy back; the layer before hides behind
+    the last one."""
     job = load_job_config("configs/llama7b4l_128k_1xh100.yaml", [])
     cost = CostModel(job, load_profile(job.metrics.hardware_profile))
     p = policy_inputs(cost, job.train.zero_stage, 0)
     n, moved = p.num_layers, 4e9
     copy = moved / p.pcie_bytes_per_second
     assert exposed_copy_seconds(p, n - 1, moved, 0, backward=True) == pytest.approx(copy)
-    assert exposed_copy_seconds(p, n - 1, moved, 0, backward=False) == pytest.approx(
-        copy - p.swap_hidden_fraction * 3 * p.head_seconds)
+    assert exposed_copy_seconds(p, n - 1, moved, 0, backward=False) == 0.0
     assert exposed_copy_seconds(p, n - 2, moved, 0, backward=True) == pytest.approx(
         copy - p.swap_hidden_fraction * p.backward_seconds[n - 1])
+    assert last_layer_fetch_seconds(p, moved) == pytest.approx(min(copy, 3 * p.head_seconds))
+    assert last_layer_fetch_seconds(p, 1e12) == pytest.approx(3 * p.head_seconds)  # the rest read where it is
+    swap_last = [LayerPlan(layer=i, keep_fraction=float(i < n - 1), swap_fraction=float(i == n - 1),
+                           recompute_fraction=0.0) for i in range(n)]
+    stalls, _ = given_copies(p, swap_last)
+    assert stalls == pytest.approx(last_layer_fetch_seconds(p, p.token_wise_bytes[n - 1]))
 
 
 def test_a_plan_says_where_its_host_memory_comes_from(tmp_path):

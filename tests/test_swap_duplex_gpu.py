@@ -127,3 +127,49 @@ def test_a_layers_sources_live_through_the_next_forward_and_no_longer():
     torch.cuda.synchronize()
     assert host.float().min().item() == host.float().max().item() == 3.0
     del overwrite
+
+
+def test_a_held_source_is_taken_back_without_waiting_for_its_copy():
+    """The last layer's backward reads its swapped slices where they still are: the source itself, no longer held
+    (freed when its reader drops it), and nothing left for `backward_started` to wait for."""
+    swap = SwapStream(max_layers_ahead=8)
+    hosts = [host_empty((ELEMENTS // 4,), torch.bfloat16, pin=True) for _ in range(2)]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    swap.forward_starts()
+    sources = [torch.full((ELEMENTS // 4,), float(v), device="cuda", dtype=torch.bfloat16) for v in (1, 2)]
+    torch.cuda._sleep(200_000_000)  # the copies out cannot have ended below
+    for host, source in zip(hosts, sources):
+        swap.copy_out(host, source)
+    addresses = [s.data_ptr() for s in sources]
+    del sources, source  # the loop variable holds the last one
+    taken = swap.take_held(hosts[:1])
+    assert list(taken) == [hosts[0].data_ptr()] and taken[hosts[0].data_ptr()].data_ptr() == addresses[0]
+    assert len(swap.sources) == 1 and swap.sources[0][3] == hosts[1].data_ptr()  # the other one is still held
+    value = taken.pop(hosts[0].data_ptr()).float().max().item()
+    assert value == 1.0
+    torch.cuda.synchronize()
+    swap.backward_started()
+    assert torch.cuda.memory_allocated() == before
+    assert hosts[1].float().min().item() == 2.0
+
+
+def test_the_last_layer_read_from_its_held_sources_gives_the_plain_gradients():
+    """Every token swapped in every layer, the device kept busy so that the last layer's copies out are still
+    running when its backward starts: its slices are taken from the device (`take_held`), the other layers' come
+    back over PCIe, and the gradients are the plain run's (to the bf16 tolerance of `test_gpu`)."""
+    from tests.test_gpu import _loss_and_grads, _small_pair, _worst
+
+    plain, memo, runtime = _small_pair(2048, (0.0, 1.0, 0.0, True))
+    tokens = torch.randint(0, 256, (2, 2049), device="cuda")
+    expected = _loss_and_grads(plain, tokens)
+    _loss_and_grads(memo, tokens)  # the host buffers and streams exist from here on
+    runtime.swap.max_layers_ahead = 64  # the host queues the whole step while the device sleeps
+    taken = []
+    take_held = runtime.swap.take_held
+    runtime.swap.take_held = lambda hosts: taken.append(take_held(hosts)) or taken[-1]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    ours = _loss_and_grads(memo, tokens)
+    assert len(taken) == 1 and len(taken[0]) > 0, taken  # only the last layer is fetched at its backward start
+    assert torch.allclose(expected[0], ours[0], rtol=1e-3) and _worst(expected, ours) < 5e-3

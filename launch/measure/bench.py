@@ -396,7 +396,7 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
     groups = {(d.keep_fraction, d.swap_fraction, d.recompute_fraction, d.offload_skeletal) for d in plan.layers}
     row.note = "plan keep/swap/recompute/skeletal-host: " + "; ".join(
         f"{k:.2f}/{s:.2f}/{r:.2f}/{o}" for k, s, r, o in sorted(groups))
-    row.predicted_peak_gib = plan.predicted["peak_gpu_gib"] - not_in_bench_bytes(static) / GIB
+    row.predicted_peak_gib = plan.predicted["peak_gpu_gib"] - not_in_bench_bytes(cost, static) / GIB
     row.predicted_step_seconds = outcome.policy.micro_batch_seconds - 3 * cost.head_seconds()
 
     runtime = tokenwise.apply(stack, tokenwise.Config(), plan.layers)

@@ -148,19 +148,29 @@ def bench_job(num_layers: int, seq_len: int, preset: str = "llama-7b", overrides
                                   "train.zero_stage=0", "optim.warmup_steps=1", "train.max_steps=2", *overrides])
 
 
-def not_in_bench_bytes(static) -> float:
-    """The part of a plan's static memory the bench does not allocate (it runs layers only: no optimizer,
-    buffers, embedding or LM head)."""
-    return static.optimizer_states + static.buffers + static.embedding_activations + static.head_and_loss
+def not_in_bench_bytes(cost: CostModel, static) -> float:
+    """What a plan's peak holds that the bench does not allocate, less what the bench holds that a plan does not.
+
+    The bench runs the layers alone: no optimizer states, buffers, or embedding, final norm and LM head weights and
+    gradients (one GPU at ZeRO-0, so none of them partitioned). The head's interval (its loss chunk and the two
+    tensors outside the layers) is not in a plan's peak: a plan lays it out in the layer block's room
+    (`StaticMemory.head_interval`), which the bench's layers use as well. The bench keeps the gradient it feeds the
+    last layer through the whole backward, where a model frees it once the last layer has read it."""
+    model = cost.model
+    outer = model.vocab_size * model.hidden_size * (1 if model.tie_embeddings else 2) + model.hidden_size
+    fed_gradient = cost.tokens_per_gpu * model.hidden_size * cost.element_bytes
+    return static.optimizer_states + static.buffers + 2 * outer * cost.element_bytes - fed_gradient
 
 
 def predict(seq_len: int, num_layers: int, decisions: Sequence[LayerPlan], profile: HardwareProfile,
-            preset: str = "llama-7b") -> Prediction:
-    """The planner's step time and peak for the bench's layers running these per-layer decisions."""
-    cost = CostModel(bench_job(num_layers, seq_len, preset), profile)
+            preset: str = "llama-7b", overrides: Sequence[str] = ()) -> Prediction:
+    """The planner's step time and peak for the bench's layers running these per-layer decisions (`overrides`: the
+    row's kernel flags, as `bench_job` takes them)."""
+    cost = CostModel(bench_job(num_layers, seq_len, preset, overrides), profile)
     layer = cost.layer()
     block = solve_layout(layer_block_buffers(layer), LAYOUT_SECONDS)
-    p = policy_inputs(cost, 0, block.arena_bytes)
+    p = replace(policy_inputs(cost, 0, block.arena_bytes), head_seconds=0.0)  # no head: the last layer's
+    # backward starts where its forward ends, its copies out still held (`planner.policy.last_layer_fetch_seconds`)
     n = num_layers
     stalls, _ = given_copies(p, decisions)
     recomputed = sum(d.recompute_fraction for d in decisions)
@@ -171,13 +181,13 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[LayerPlan], profi
     static = cost.static_memory(0)
     if keeps_everything(decisions):
         block = solve_layout(layer_block_buffers(layer, plain=True), LAYOUT_SECONDS)
-    step = solve_layout(step_buffers([layer] * n, decisions, block.arena_bytes, cost.head_and_loss_bytes(),
-                                     [1.0] * n), LAYOUT_SECONDS)
-    not_in_bench = not_in_bench_bytes(static)
-    peak = calibrated_peak_bytes(profile, static.total - static.head_and_loss, step.arena_bytes) - not_in_bench
+    step = solve_layout(step_buffers([layer] * n, decisions, block.arena_bytes, 0.0, [1.0] * n),
+                        LAYOUT_SECONDS)  # the bench has no head
+    not_in_bench = not_in_bench_bytes(cost, static)
+    peak = calibrated_peak_bytes(profile, static.total - static.head_interval, step.arena_bytes) - not_in_bench
     return Prediction(step_seconds=matmul + attention + stalls, peak_gib=peak / GIB, matmul_seconds=matmul,
                       attention_seconds=attention, stall_seconds=stalls,
-                      fixed_gib=(static.total - static.head_and_loss - not_in_bench) / GIB,
+                      fixed_gib=(static.total - static.head_interval - not_in_bench) / GIB,
                       arena_gib=step.arena_bytes / GIB)
 
 

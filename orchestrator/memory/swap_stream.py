@@ -5,7 +5,7 @@ CI.
 """
 
 from collections import deque
-from typing import Deque, Dict, Optional, Tuple
+from typing import Deque, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -71,9 +71,9 @@ class SwapStream:
         beyond `max_layers_ahead`, so it never queues more than that many layers ahead of the device."""
         self.last_copy: Dict[int, object] = {}
         """Host buffer address -> the event of its latest copy, either way."""
-        self.sources: Deque[Tuple[int, torch.Tensor, object]] = deque()
-        """Device tensors being copied out, with their layer's forward serial and the event where their copy ends:
-        held until it has ended."""
+        self.sources: Deque[Tuple[int, torch.Tensor, object, int]] = deque()
+        """Device tensors being copied out, with their layer's forward serial, the event where their copy ends and
+        their host buffer's address: held until it has ended (or taken back, `take_held`)."""
         self.forward_serial = 0
         """Layer forwards started so far (over the run)."""
 
@@ -108,7 +108,7 @@ class SwapStream:
             copied = torch.cuda.Event()
             copied.record(stream)
         self.last_copy[dst.data_ptr()] = copied
-        self.sources.append((self.forward_serial, src, copied))
+        self.sources.append((self.forward_serial, src, copied, dst.data_ptr()))
 
     def release_copied(self) -> None:
         """Drop the sources whose copy out has ended (the out stream copies in order): their blocks are free for
@@ -128,8 +128,28 @@ class SwapStream:
         """Release the sources of forwards up to `last_serial`, after the compute stream waits for their copies
         (the compute stream's later work may then reuse their blocks)."""
         while self.sources and self.sources[0][0] <= last_serial:
-            _, _, copied = self.sources.popleft()
+            _, _, copied, _ = self.sources.popleft()
             torch.cuda.current_stream().wait_event(copied)
+
+    def take_held(self, hosts: Iterable[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """The device sources still held for these host buffers (host address -> source), no longer held here.
+
+        Why: the last layer of a forward is fetched when its own backward starts, right after the LM head, and its
+        copies out have often not ended by then (nothing computes between them but the head: MEMO's rule). Its
+        backward reads the sources still on the device instead of waiting for their copy out and bringing the same
+        bytes back: what remains of its round trip is the fetch of what the head did hide. Memory is unchanged
+        (the sources were held until their copy ended; a prefetch target would take their place). The copy out of a
+        taken source may still be reading it when its block is reused: that host buffer then holds torn bytes,
+        never read (this step fetches nothing from it; the next copy out into it waits for this one)."""
+        wanted = {host.data_ptr() for host in hosts}
+        taken, held = {}, deque()
+        for entry in self.sources:
+            if entry[3] in wanted:
+                taken[entry[3]] = entry[1]
+            else:
+                held.append(entry)
+        self.sources = held
+        return taken
 
     def forward_done(self) -> None:
         """Throttle the host on an event where a layer's copies out end (GPU only)."""

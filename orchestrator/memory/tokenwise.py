@@ -365,8 +365,11 @@ def _materialize(runtime: TokenwiseRuntime, record: _LayerRecord, group: str) ->
     if not record.materialized:
         if record in runtime.pending:
             runtime.pending.remove(record)
+        fetch_now = record.prefetch_event is None  # the last layer of the forward, or prefetching is off
+        if fetch_now:
+            _take_held(runtime, record)  # before `backward_started` waits for every copy out
         runtime.swap.backward_started()
-        if record.prefetch_event is None:  # the last layer of the forward, or prefetching is off: fetch now
+        if fetch_now:
             _start_fetch(runtime, record)
         runtime.swap.wait(record.prefetch_event)
         record.skeletal = {role: _restore(runtime, record, role) for role in SKELETAL if role in record.roles}
@@ -460,11 +463,21 @@ def _recompute_into(runtime: TokenwiseRuntime, record: _LayerRecord, skeletal: D
             outputs[role].narrow(1, first, units.shape[1]).copy_(units)
 
 
+def _take_held(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
+    """A layer fetched when its backward starts reads its swapped slices still on the device as they are
+    (`SwapStream.take_held`); only the rest is brought back."""
+    roles = {store.host.data_ptr(): role for role, store in record.roles.items() if store.host is not None}
+    for address, source in runtime.swap.take_held(record.roles[role].host for role in roles.values()).items():
+        record.prefetched[roles[address]] = source
+
+
 def _start_fetch(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
-    """Start bringing a layer's swapped slices back on the swap stream (GPU; on CPU `_fetch` copies on use)."""
+    """Start bringing a layer's swapped slices back on the swap stream (GPU; on CPU `_fetch` copies on use), but
+    those already on the device (`_take_held`)."""
     if record.prefetch_event is not None:
         return
-    hosts = {role: (store.host, store.device) for role, store in record.roles.items() if store.host is not None}
+    hosts = {role: (store.host, store.device) for role, store in record.roles.items()
+             if store.host is not None and role not in record.prefetched}
     started = runtime.swap.prefetch(hosts)
     if started is not None:
         targets, record.prefetch_event = started
