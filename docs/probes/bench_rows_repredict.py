@@ -14,10 +14,10 @@ COMPILED = ["train.elementwise=compiled"]
 ROWS = [  # (what, seq_len, layers, decisions, flags, measured step s, measured peak allocated GiB, where)
     ("3 layers 256K plan, FA4", 262144, 3, [(0.9022, 0.0, 0.0978, False)] * 3,
      COMPILED + ["train.attention_kernel=fa4"], 11.086, 124.5,
-     "profiles/runs/h200_2026-12-02_bench-3l-swap-all-again/new_plan.log"),
+     "profiles/runs/h200_2026-12-02_bench-3l-swap-all-again/plan.log"),
     ("3 layers 256K every token swapped, FA4", 262144, 3, [(0.0, 1.0, 0.0, True)] * 3,
      COMPILED + ["train.attention_kernel=fa4"], 11.011, 84.8,
-     "profiles/runs/h200_2026-12-02_bench-3l-swap-all-again/old_swap_all.log"),
+     "profiles/runs/h200_2026-12-02_bench-3l-swap-all-again/swap_all_second_run.log"),
     ("4 layers 128K plan (keeps all), SDPA", 131072, 4, [(1.0, 0.0, 0.0, False)] * 4, COMPILED, 4.701, 73.4,
      "profiles/runs/h200_2026-12-02_bench-arena-duplex/fragmentation/bench.log"),
     ("4 layers 256K plan (layers 0-2 swapped whole), SDPA", 262144, 4,  # the assignment whose step is the
