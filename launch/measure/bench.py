@@ -36,7 +36,7 @@ from torch import nn
 
 from spec.config import JobConfig
 from orchestrator.memory.ds_checkpointing import deepspeed_layer_runner
-from launch.measure.calibration import bench_job, not_in_bench_bytes
+from launch.measure.calibration import bench_job, not_in_bench_bytes, predict
 from orchestrator.memory import tokenwise
 from orchestrator import attention, elementwise
 from orchestrator.model import DecoderLayer, rope_tables
@@ -385,7 +385,11 @@ def _apply_longtrain_plan(stack: LayerStack, job: JobConfig, profile: HardwarePr
     if hand is not None:
         row.note = (f"hand policy keep/swap/recompute/skeletal-host: {hand.keep_fraction:.2f}/"
                     f"{hand.swap_fraction:.2f}/{hand.recompute_fraction:.2f}/{hand.offload_skeletal}")
-        return tokenwise.apply(stack, tokenwise.Config(), _every_layer(hand, len(stack.layers)))
+        decisions = _every_layer(hand, len(stack.layers))
+        mine = predict(job.data.seq_len, len(decisions), decisions, profile, job.model.preset,
+                       options.job_overrides())  # the planner's view of a policy it did not choose
+        row.predicted_step_seconds, row.predicted_peak_gib = mine.step_seconds, mine.peak_gib
+        return tokenwise.apply(stack, tokenwise.Config(), decisions)
     cost = CostModel(job, profile)
     static = cost.static_memory(0)
     device_bytes = profile.device_memory_gib * GIB
