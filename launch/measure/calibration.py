@@ -155,7 +155,7 @@ def not_in_bench_bytes(cost: CostModel, static) -> float:
     gradients (one GPU at ZeRO-0, so none of them partitioned). The head's interval (its loss chunk and the two
     tensors outside the layers) is not in a plan's peak: a plan lays it out in the layer block's room
     (`StaticMemory.head_interval`), which the bench's layers use as well. The bench keeps the gradient it feeds the
-    last layer through the whole backward, where a model frees it once the last layer has read it."""
+    last layer for the whole step, where a model frees it once the last layer has read it."""
     model = cost.model
     outer = model.vocab_size * model.hidden_size * (1 if model.tie_embeddings else 2) + model.hidden_size
     fed_gradient = cost.tokens_per_gpu * model.hidden_size * cost.element_bytes
