@@ -143,7 +143,7 @@ def test_a_held_source_is_taken_back_without_waiting_for_its_copy():
         swap.copy_out(host, source)
     addresses = [s.data_ptr() for s in sources]
     del sources, source  # the loop variable holds the last one
-    taken = swap.take_held(hosts[:1])
+    taken = swap.take_held([hosts[0].data_ptr()])
     assert list(taken) == [hosts[0].data_ptr()] and taken[hosts[0].data_ptr()].data_ptr() == addresses[0]
     assert len(swap.sources) == 1 and swap.sources[0][3] == hosts[1].data_ptr()  # the other one is still held
     value = taken.pop(hosts[0].data_ptr()).float().max().item()
@@ -167,7 +167,7 @@ def test_the_last_layer_read_from_its_held_sources_gives_the_plain_gradients():
     runtime.swap.max_layers_ahead = 64  # the host queues the whole step while the device sleeps
     taken = []
     take_held = runtime.swap.take_held
-    runtime.swap.take_held = lambda hosts: taken.append(take_held(hosts)) or taken[-1]
+    runtime.swap.take_held = lambda addresses: taken.append(take_held(addresses)) or taken[-1]
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)
     ours = _loss_and_grads(memo, tokens)

@@ -131,8 +131,9 @@ class SwapStream:
             _, _, copied, _ = self.sources.popleft()
             torch.cuda.current_stream().wait_event(copied)
 
-    def take_held(self, hosts: Iterable[torch.Tensor]) -> Dict[int, torch.Tensor]:
-        """The device sources still held for these host buffers (host address -> source), no longer held here.
+    def take_held(self, host_addresses: Iterable[int]) -> Dict[int, torch.Tensor]:
+        """The device sources still held for the host buffers at these addresses (address -> source), no longer held
+        here.
 
         Why: the last layer of a forward is fetched when its own backward starts, right after the LM head, and its
         copies out have often not ended by then (nothing computes between them but the head: MEMO's rule). Its
@@ -141,7 +142,7 @@ class SwapStream:
         (the sources were held until their copy ended; a prefetch target would take their place). The copy out of a
         taken source may still be reading it when its block is reused: that host buffer then holds torn bytes,
         never read (this step fetches nothing from it; the next copy out into it waits for this one)."""
-        wanted = {host.data_ptr() for host in hosts}
+        wanted = set(host_addresses)
         taken, held = {}, deque()
         for entry in self.sources:
             if entry[3] in wanted:

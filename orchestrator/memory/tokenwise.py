@@ -467,7 +467,7 @@ def _take_held(runtime: TokenwiseRuntime, record: _LayerRecord) -> None:
     """A layer fetched when its backward starts reads its swapped slices still on the device as they are
     (`SwapStream.take_held`); only the rest is brought back."""
     roles = {store.host.data_ptr(): role for role, store in record.roles.items() if store.host is not None}
-    for address, source in runtime.swap.take_held(record.roles[role].host for role in roles.values()).items():
+    for address, source in runtime.swap.take_held(roles).items():
         record.prefetched[roles[address]] = source
 
 
