@@ -65,6 +65,39 @@ def test_one_sequence_swaps_its_slices_as_flat_blocks_and_stays_exact():
     assert all(buffer.dim() == 1 for buffer in runtime.pool.buffers.values())
 
 
+@pytest.mark.parametrize("name", ["swap all", "skeletal to host", "swap half"])
+def test_a_role_swapped_whole_is_read_where_its_bytes_were_fetched(name, monkeypatch):
+    """Every token swapped as is: the restored tensor is the fetched block itself, not a copy of it in a new block
+    of the same size (which at 256K made the caching allocator reserve a segment per MLP intermediate); a role
+    with kept tokens is still assembled in a new tensor. Exact either way."""
+    _, model, inputs, targets = _model_and_batch(batch=1)
+    reference_loss, reference = loss_and_grads(model, inputs, targets)
+    memo = copy.deepcopy(model)
+    _split(memo, SPLITS[name])
+    fetched, restored, alive = set(), [], []  # alive: no other tensor may take a fetched block's address
+    original_fetch, original_restore = tokenwise._fetch, tokenwise._restore
+
+    def fetch(runtime, record, role, store):
+        tensor = original_fetch(runtime, record, role, store).clone()  # on CPU: not the host buffer itself
+        fetched.add(tensor.untyped_storage().data_ptr())
+        alive.append(tensor)
+        return tensor
+
+    def restore(runtime, record, role):
+        tensor = original_restore(runtime, record, role)
+        if record.roles[role].host is not None:
+            restored.append((role, tensor.untyped_storage().data_ptr() in fetched))
+        return tensor
+
+    monkeypatch.setattr(tokenwise, "_fetch", fetch)
+    monkeypatch.setattr(tokenwise, "_restore", restore)
+    loss, grads = loss_and_grads(memo, inputs, targets)
+    assert torch.equal(loss, reference_loss)
+    assert all(torch.equal(grads[key], reference[key]) for key in reference)
+    in_place = [role for role, fetched_block in restored if fetched_block]
+    assert restored and (len(in_place) == len(restored) if name != "swap half" else not in_place), in_place
+
+
 def test_dense_flat_finds_one_block_or_none():
     head_major = torch.arange(8 * 3 * 4).view(1, 8, 3, 4).transpose(1, 2)  # [1, H=3, S=8, D=4] as [1, S, H, D]
     token_slice = head_major.narrow(2, 2, 5)

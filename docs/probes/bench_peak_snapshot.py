@@ -4,10 +4,15 @@ norm output or q is 2 GiB, an MLP intermediate 5.375 GiB), to set beside the pla
 
     python3 docs/probes/bench_peak_snapshot.py record OUT.pickle.gz -- --layers 3 --seq-lens 262144 --modes longtrain
     python3 docs/probes/bench_peak_snapshot.py peak OUT.pickle.gz
+    python3 docs/probes/bench_peak_snapshot.py segments OUT.pickle.gz
+
+`segments` lists, at the reserved peak of the last timed step, every segment with the bytes its live blocks use and
+its largest free gap: whether the spare (reserved - allocated) is whole cached segments or holes in used ones.
 """
 
 import collections
 import gzip
+import os
 import pickle
 import sys
 
@@ -18,7 +23,9 @@ def record(path: str, bench_args) -> None:
     import torch
     from launch.cli import main
 
-    torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
+    stacks = os.environ.get("SNAPSHOT_STACKS") == "1"  # Python stacks of each allocation (slower, larger)
+    torch.cuda.memory._record_memory_history(context="alloc" if stacks else None, stacks="python" if stacks else "all",
+                                             max_entries=2_000_000)
     try:
         main(["bench", *bench_args])
     finally:
@@ -63,8 +70,58 @@ def peak(path: str) -> None:
         print(f"  {size / GIB:.3f} GiB, {at - index} events before")
 
 
+def segments(path: str) -> None:
+    with gzip.open(path, "rb") as handle:
+        snapshot = pickle.load(handle)
+    trace = max(snapshot["device_traces"], key=len)
+    mapped, blocks, reserved, allocated, curve = {}, {}, 0, 0, []
+    for event in trace:
+        action, addr, size = event["action"], event["addr"], event["size"]
+        if action in ("segment_alloc", "segment_map"):
+            mapped[addr] = size
+            reserved += size
+        elif action in ("segment_free", "segment_unmap"):
+            reserved -= mapped.pop(addr, 0)
+        elif action == "alloc":
+            blocks[addr] = size
+            allocated += size
+        elif action == "free_completed":
+            allocated -= blocks.pop(addr, 0)
+        curve.append((reserved, allocated))
+    start = int(len(trace) * 2 / 3)
+    at = max(range(start, len(trace)), key=lambda i: curve[i][0])
+    mapped, blocks = {}, {}
+    for event in trace[: at + 1]:
+        action, addr, size = event["action"], event["addr"], event["size"]
+        if action in ("segment_alloc", "segment_map"):
+            mapped[addr] = size
+        elif action in ("segment_free", "segment_unmap"):
+            mapped.pop(addr, None)
+        elif action == "alloc":
+            blocks[addr] = size
+        elif action == "free_completed":
+            blocks.pop(addr, None)
+    reserved, allocated = curve[at]
+    print(f"reserved peak of the last third at event {at}: {reserved / GIB:.2f} GiB reserved, "
+          f"{allocated / GIB:.2f} allocated (occupied blocks), spare {(reserved - allocated) / GIB:.2f}")
+    print("segment GiB: used GiB in blocks, free GiB, largest free gap GiB")
+    whole_free = 0
+    for base, size in sorted(mapped.items(), key=lambda kv: -kv[1]):
+        inside = sorted((a, s) for a, s in blocks.items() if base <= a < base + size)
+        used = sum(s for _, s in inside)
+        gaps, cursor = [], base
+        for a, s in inside:
+            gaps.append(a - cursor)
+            cursor = max(cursor, a + s)
+        gaps.append(base + size - cursor)
+        if used == 0:
+            whole_free += size
+        if size >= 256 * 2**20 or used == 0:
+            print(f"  {size / GIB:8.3f}: used {used / GIB:8.3f}, free {(size - used) / GIB:7.3f}, "
+                  f"largest gap {max(gaps) / GIB:7.3f}")
+    print(f"whole free segments: {whole_free / GIB:.2f} GiB")
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "record":
-        record(sys.argv[2], sys.argv[4:])
-    else:
-        peak(sys.argv[2])
+    {"record": lambda: record(sys.argv[2], sys.argv[4:]), "peak": lambda: peak(sys.argv[2]),
+     "segments": lambda: segments(sys.argv[2])}[sys.argv[1]]()

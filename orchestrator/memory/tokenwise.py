@@ -407,6 +407,8 @@ def _restore(runtime: TokenwiseRuntime, record: _LayerRecord, role: str) -> torc
         return store.whole
     if store.again is not None:
         return store.again()
+    if _swapped_whole(store):
+        return _fetch_whole(runtime, record, role, store)
     out = torch.empty_strided(store.shape, store.stride, dtype=store.dtype, device=store.device)
     dim = _token_dim(role)
     kept = store.kept.shape[dim] if store.kept is not None else 0
@@ -426,6 +428,29 @@ def _restore(runtime: TokenwiseRuntime, record: _LayerRecord, role: str) -> torc
         else:
             region.copy_(fetched.view(region.shape))
     return out
+
+
+def _swapped_whole(store: _RoleStore) -> bool:
+    """The role's every byte went to host memory as they are (no kept or recomputed tokens, no int8 codes), from
+    one dense block: its fetched bytes are the tensor itself."""
+    if store.kept is not None or store.codes is not None or store.host is None:
+        return False
+    layout = torch.empty_strided(store.shape, store.stride, dtype=store.dtype, device="meta")
+    flat = dense_flat(layout)
+    return flat is not None and flat.numel() == store.host.numel()
+
+
+def _fetch_whole(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, store: _RoleStore) -> torch.Tensor:
+    """A role swapped whole, read where its bytes were fetched (or are still held) instead of copied into a new
+    tensor of the same size.
+
+    Why: at 256K tokens a restore that copied each prefetched MLP intermediate (5.4 GiB) into a fresh block
+    needed a block of that size while the prefetched ones were alive, and the caching allocator, whose free blocks
+    were the 2 GiB of other roles, reserved a new segment each time (8% of the step's peak reserved and unused)."""
+    fetched = _fetch(runtime, record, role, store)
+    if fetched.data_ptr() == store.host.data_ptr():  # on CPU: the host buffer itself, refilled next step
+        fetched = fetched.clone()
+    return fetched.as_strided(store.shape, store.stride)
 
 
 def _fetch(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, store: _RoleStore) -> torch.Tensor:
