@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 from planner.cost_model import LayerCost
 from planner.layout import Buffer
 from spec.plan import LayerPlan, align
-from spec.activations import LAYER_INPUT, TOKEN_WISE, token_ranges
+from spec.activations import ATTENTION_GROUP, LAYER_INPUT, TOKEN_WISE, token_ranges
 
 # Level-1 events: forward ops 0..7, then swap-out / drop at 8, backward ops 8..17 (end exclusive).
 _FORWARD_END = 8
@@ -34,6 +34,17 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
     ("grad_kv_expanded", 15, 16),  # and with grouped-query attention computes dk, dv for every query head first
     ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
 ]
+_SPLIT_LIFETIMES = {  # (name, fused SwiGLU): (start, end) in a split layer's block
+    **{("grad_out", fused): (8, 13) for fused in (False, True)},
+    **{("grad_attn_residual", fused): (13, 17) for fused in (False, True)},
+    ("grad_gate", True): (10, 13)}
+"""A split layer's backward as a lent H200's memory trace shows it (256K tokens, `docs/probes/bench_peak_snapshot.py`)
+and a CPU profile of the same layers confirms: the residual stream's gradient is one buffer through the whole
+backward (autograd adds each branch's gradient into it in place: the layer output's, then the attention residual's,
+then the layer input's), and a fused SwiGLU writes the gradients of gate and up at once, beside the gradient of its
+output. A plain layer's block keeps the shorter lifetimes: its kept tensors are counted at level 2 through its whole
+backward, though autograd frees each after its last use, which covers these (the 128K keep-all rows are within 2%
+so, 5% over with these)."""
 _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
                  "grad_layer_input"}
 _LEVEL1_TILED = [  # the MLP through DeepSpeed's TiledMLP: it saves its input only; tiles are tile-sized
@@ -81,9 +92,11 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
         if plain and (name in TOKEN_WISE or name.endswith("@bwd")) and name not in _TILE_COPIES:
             continue
         base = name.split("@")[0].removeprefix("grad_")
-        if base == "silu_gate" and base not in per_token:
-            continue  # a fused SwiGLU (train.elementwise=compiled) saves gate and up only; one backward pass makes
-            # their gradients, with no silu(gate) or its gradient in memory
+        fused = "silu_gate" not in per_token  # a fused SwiGLU (train.elementwise=compiled) saves gate and up only
+        if base == "silu_gate" and fused:
+            continue  # one backward pass makes both their gradients, with no silu(gate) or its gradient in memory
+        if not plain:  # op-accurate where the restored tensors are in the block too (see `_SPLIT_LIFETIMES`)
+            start, end = _SPLIT_LIFETIMES.get((name, fused), (start, end))
         if name in _TILE_COPIES:
             buffers.append(Buffer(name=name, layer=-1, size_bytes=align(_TILE_COPIES[name] * layer.mlp_tile_bytes),
                                   start=start, end=end))
@@ -193,9 +206,37 @@ def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[LayerPlan], bl
                         Buffer("skeletal_in", i, skeletal, backward - (not decision.checkpoint_layer), backward + 1)]
         else:
             buffers.append(Buffer("skeletal", i, skeletal, forward, backward + 1))
-        if kept:
-            buffers.append(Buffer("kept_token_wise", i, kept, forward, backward + 1))
+        if kept:  # a split layer's kept share is in the runtime's arena, allocated once for the whole run
+            buffers.append(Buffer("kept_token_wise", i, kept, *((0, last) if not decision.is_plain
+                                                               else (forward, backward + 1))))
         if swapped:
-            buffers += [Buffer("swap_out_staging", i, swapped, forward, forward + 2),
-                        Buffer("prefetch_staging", i, swapped, backward - 1, backward + 1)]
+            buffers += swap_buffers(layer, decision, i, num_layers, swapped)
     return [b for b in buffers if b.size_bytes > 0]
+
+
+def swap_buffers(layer: LayerCost, decision: LayerPlan, i: int, num_layers: int, swapped: int) -> List[Buffer]:
+    """A swapping layer's device copies of its swapped bytes: the sources held while they are copied out (through
+    the next layer's forward), and the prefetched slices from the backward above until they are restored.
+
+    The last layer of the forward is fetched when its own backward starts and reads the sources still held
+    (`SwapStream.take_held`): one set of bytes from its forward on, not a copy out and a prefetch at once. A layer
+    swapped whole copies out the forward's own tensors (in that forward, the layer block's) and reads its fetched
+    bytes in place (`tokenwise._fetch_whole`): in its backward they are the restored tensors the layer block
+    counts, but the attention group's, restored only when the attention backward is reached
+    (`spec.activations.ATTENTION_GROUP`)."""
+    forward, backward = i, 2 * num_layers - i
+    last = i == num_layers - 1
+    out_end, fetch_start = (backward, backward) if last else (forward + 2, backward - 1)
+    if not _read_in_place(decision):  # a slice is copied to a block of its own: both exist at the forward's end
+        return [Buffer("swap_out_staging", i, swapped, forward, out_end),
+                Buffer("prefetch_staging", i, swapped, fetch_start, backward + 1)]
+    staging = [Buffer("swap_out_staging", i, swapped, forward + 1, out_end)]  # in its forward: the block's tensors
+    token_wise = {t.name: t.bytes_per_token for t in layer.tensors if not t.skeletal}
+    attention = sum(token_wise.get(name, 0.0) for name in ATTENTION_GROUP) / sum(token_wise.values())
+    return staging + [Buffer("prefetch_staging", i, swapped, fetch_start, backward),
+                      Buffer("prefetch_staging@attention", i, align(swapped * attention), backward, backward + 1)]
+
+
+def _read_in_place(decision: LayerPlan) -> bool:
+    """Every token swapped, as they are (`tokenwise._swapped_whole`)."""
+    return decision.swap_fraction >= 1.0 and decision.swap_codec != "int8"

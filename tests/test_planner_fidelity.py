@@ -235,3 +235,37 @@ def test_a_replayed_layer_0_keeps_nothing_of_its_input_unless_zero_3():
     assert plan.predicted["host_gib"] == pytest.approx(31 * 2.0, abs=0.01)  # 31 inputs of 2 GiB; layer 0's none
     again = [b for b in plan.layout if b["name"] == "input_again"]
     assert [(b["layer"], b["size_bytes"]) for b in again] == [(0, 262144 * 4096 * 2)]
+
+
+def _swapped_bytes_live(decisions):
+    """Per level-2 event, the device bytes the layout holds for each layer's swapped tokens (staging both ways)."""
+    from launch.measure.calibration import bench_job
+    from planner.schedule import step_buffers
+
+    layer = CostModel(bench_job(len(decisions), 32768, "llama-7b", []), load_profile("h200")).layer()
+    buffers = step_buffers([layer] * len(decisions), decisions, 1, 0.0, [1.0] * len(decisions))
+    staging = [b for b in buffers if "staging" in b.name]
+    events = range(2 * len(decisions) + 2)
+    return layer, {t: {b.layer: sum(s.size_bytes for s in staging if s.layer == b.layer and s.start <= t < s.end)
+                       for b in staging} for t in events}
+
+
+def test_a_layer_swapped_whole_is_counted_once_at_every_moment():
+    """Its copy out reads the forward's own tensors (the layer block's in that forward), the last layer's backward
+    reads the sources still held (no prefetch beside them), and a whole-swapped layer's fetched bytes are its
+    restored tensors (the block's in its backward) but the attention group's. Counting them twice over-predicted a
+    3-layer 256K row that swaps every token by 16% on a lent H200."""
+    n = 3
+    whole = [LayerPlan(layer=i, keep_fraction=0.0, swap_fraction=1.0, recompute_fraction=0.0) for i in range(n)]
+    layer, live = _swapped_bytes_live(whole)
+    swapped = layer.token_wise_bytes
+    for t, per_layer in live.items():
+        for i, held in per_layer.items():
+            assert held <= swapped * 1.001, (t, i)
+            if t == i:  # its own forward
+                assert held == 0, (t, i)
+            if t == 2 * n - i:  # its own backward: the attention group's share only
+                assert 0 < held < 0.5 * swapped, (t, i)
+    half = [LayerPlan(layer=i, keep_fraction=0.5, swap_fraction=0.5, recompute_fraction=0.0) for i in range(n)]
+    layer, live = _swapped_bytes_live(half)  # a slice is copied to its own block first: counted in its forward
+    assert all(live[i][i] > 0 for i in range(n))

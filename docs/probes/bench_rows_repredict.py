@@ -20,6 +20,11 @@ ROWS = [  # (what, seq_len, layers, decisions, flags, measured step s, measured 
      "profiles/runs/h200_2026-12-02_bench-3l-swap-all-again/swap_all_second_run.log"),
     ("4 layers 128K plan (keeps all), SDPA", 131072, 4, [(1.0, 0.0, 0.0, False)] * 4, COMPILED, 4.701, 73.4,
      "profiles/runs/h200_2026-12-02_bench-arena-duplex/fragmentation/bench.log"),
+    ("3 layers 256K every token swapped, SDPA", 262144, 3, [(0.0, 1.0, 0.0, True)] * 3, COMPILED, 12.833, 84.8,
+     "profiles/runs/h200_2026-12-03_bench-4l-restore-in-place/swapall.log"),
+    ("4 layers 256K plan (layers 0-2 swapped whole), SDPA, 2026-12-03", 262144, 4,
+     [(0.0, 1.0, 0.0, True)] * 3 + [(0.60, 0.0, 0.40, False)], COMPILED, 17.202, 102.5,
+     "profiles/runs/h200_2026-12-03_bench-4l-restore-in-place/b4.log"),
     ("4 layers 256K plan (layers 0-2 swapped whole), SDPA", 262144, 4,  # the assignment whose step is the
      [(0.0, 1.0, 0.0, True)] * 3 + [(0.46, 0.0, 0.54, False)], COMPILED, 17.235, 98.5,  # recorded 17.056 s
      "profiles/runs/h200_2026-12-02_bench-arena-duplex/fragmentation/bench.log"),

@@ -155,11 +155,13 @@ def not_in_bench_bytes(cost: CostModel, static) -> float:
     gradients (one GPU at ZeRO-0, so none of them partitioned). The head's interval (its loss chunk and the two
     tensors outside the layers) is not in a plan's peak: a plan lays it out in the layer block's room
     (`StaticMemory.head_interval`), which the bench's layers use as well. The bench keeps the gradient it feeds the
-    last layer for the whole step, where a model frees it once the last layer has read it."""
+    last layer and the last layer's output (the tensor it calls backward on) for the whole step, where a model frees
+    the gradient once the last layer has read it and the output with the final norm's backward (both in the head's
+    interval; a lent H200's memory trace of a bench row shows both alive at its peak)."""
     model = cost.model
     outer = model.vocab_size * model.hidden_size * (1 if model.tie_embeddings else 2) + model.hidden_size
-    fed_gradient = cost.tokens_per_gpu * model.hidden_size * cost.element_bytes
-    return static.optimizer_states + static.buffers + 2 * outer * cost.element_bytes - fed_gradient
+    hidden_sized = cost.tokens_per_gpu * model.hidden_size * cost.element_bytes
+    return static.optimizer_states + static.buffers + 2 * outer * cost.element_bytes - 2 * hidden_sized
 
 
 def predict(seq_len: int, num_layers: int, decisions: Sequence[LayerPlan], profile: HardwareProfile,
