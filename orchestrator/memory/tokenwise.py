@@ -444,9 +444,8 @@ def _fetch_whole(runtime: TokenwiseRuntime, record: _LayerRecord, role: str, sto
     """A role swapped whole, read where its bytes were fetched (or are still held) instead of copied into a new
     tensor of the same size.
 
-    Why: at 256K tokens a restore that copied each prefetched MLP intermediate (5.4 GiB) into a fresh block
-    needed a block of that size while the prefetched ones were alive, and the caching allocator, whose free blocks
-    were the 2 GiB of other roles, reserved a new segment each time (8% of the step's peak reserved and unused)."""
+    Why: the copy needed a second block of the role's size while the fetched one was alive (at 256K tokens 5.4 GiB
+    for an MLP intermediate) and a device copy of it; the planner counts the fetched bytes as the restored tensor."""
     fetched = _fetch(runtime, record, role, store)
     if fetched.data_ptr() == store.host.data_ptr():  # on CPU: the host buffer itself, refilled next step
         fetched = fetched.clone()
