@@ -34,14 +34,12 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
     ("grad_kv_expanded", 15, 16),  # and with grouped-query attention computes dk, dv for every query head first
     ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
 ]
-_SPLIT_LIFETIMES = {  # (name, fused SwiGLU): (start, end) in a split layer's block
-    **{("grad_out", fused): (8, 13) for fused in (False, True)},
-    **{("grad_attn_residual", fused): (13, 17) for fused in (False, True)},
-    ("grad_gate", True): (10, 13)}
-"""A split layer's backward as a lent H200's memory trace shows it (256K tokens, `docs/probes/bench_peak_snapshot.py`)
-and a CPU profile of the same layers confirms: the residual stream's gradient is one buffer through the whole
-backward (autograd adds each branch's gradient into it in place: the layer output's, then the attention residual's,
-then the layer input's), and a fused SwiGLU writes the gradients of gate and up at once, beside the gradient of its
+_SPLIT_LIFETIMES = {"grad_out": (8, 13), "grad_attn_residual": (13, 17)}
+_SPLIT_FUSED_SWIGLU_LIFETIMES = {**_SPLIT_LIFETIMES, "grad_gate": (10, 13)}
+"""(start, end) in a split layer's block, as a lent H200's memory trace of its backward shows them (256K tokens,
+`docs/probes/bench_peak_snapshot.py`) and a CPU profile of the same layers confirms: the residual stream's gradient
+is one buffer through the whole backward (autograd adds each branch's gradient into it in place: the layer
+output's, then the attention residual's, then the layer input's), and a fused SwiGLU writes the gradients of gate and up at once, beside the gradient of its
 output. A plain layer's block keeps the shorter lifetimes: its kept tensors are counted at level 2 through its whole
 backward, though autograd frees each after its last use, which covers these (with them the 4-layer 128K keep-all
 bench row was predicted 5% over)."""
@@ -86,17 +84,17 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
     attn_out = next(t for t in layer.tensors if t.name == "attn_out")
     hidden_bytes = attn_out.bytes_per_token / attn_out.share  # every token (a sparse layer scatters its rows back)
     buffers = []
+    fused = "silu_gate" not in per_token  # a fused SwiGLU (train.elementwise=compiled) saves gate and up only
+    lifetimes = {} if plain else _SPLIT_FUSED_SWIGLU_LIFETIMES if fused else _SPLIT_LIFETIMES
     for name, start, end in _level1(layer, checkpoint):
         if (part == "forward" and start >= _FORWARD_END) or (part == "backward" and start < _FORWARD_END):
             continue
         if plain and (name in TOKEN_WISE or name.endswith("@bwd")) and name not in _TILE_COPIES:
             continue
         base = name.split("@")[0].removeprefix("grad_")
-        fused = "silu_gate" not in per_token  # a fused SwiGLU (train.elementwise=compiled) saves gate and up only
         if base == "silu_gate" and fused:
             continue  # one backward pass makes both their gradients, with no silu(gate) or its gradient in memory
-        if not plain:  # op-accurate where the restored tensors are in the block too (see `_SPLIT_LIFETIMES`)
-            start, end = _SPLIT_LIFETIMES.get((name, fused), (start, end))
+        start, end = lifetimes.get(name, (start, end))  # op-accurate where the block holds the restored tensors
         if name in _TILE_COPIES:
             buffers.append(Buffer(name=name, layer=-1, size_bytes=align(_TILE_COPIES[name] * layer.mlp_tile_bytes),
                                   start=start, end=end))

@@ -246,8 +246,9 @@ def _swapped_bytes_live(decisions):
     buffers = step_buffers([layer] * len(decisions), decisions, 1, 0.0, [1.0] * len(decisions))
     staging = [b for b in buffers if "staging" in b.name]
     events = range(2 * len(decisions) + 2)
-    return layer, {t: {b.layer: sum(s.size_bytes for s in staging if s.layer == b.layer and s.start <= t < s.end)
-                       for b in staging} for t in events}
+    swapping = {b.layer for b in staging}
+    return layer, {t: {i: sum(s.size_bytes for s in staging if s.layer == i and s.start <= t < s.end)
+                       for i in swapping} for t in events}
 
 
 def test_a_layer_swapped_whole_is_counted_once_at_every_moment():

@@ -70,37 +70,39 @@ def peak(path: str) -> None:
         print(f"  {size / GIB:.3f} GiB, {at - index} events before")
 
 
+def _apply(event, mapped: dict, blocks: dict) -> tuple:
+    """Segments and occupied blocks after one trace event (a block counts until its free has completed): the change
+    of (reserved, allocated) bytes."""
+    action, addr, size = event["action"], event["addr"], event["size"]
+    if action in ("segment_alloc", "segment_map"):
+        mapped[addr] = size
+        return size, 0
+    if action in ("segment_free", "segment_unmap"):
+        return -mapped.pop(addr, 0), 0
+    if action == "alloc":
+        blocks[addr] = size
+        return 0, size
+    if action == "free_completed":
+        return 0, -blocks.pop(addr, 0)
+    return 0, 0
+
+
 def segments(path: str) -> None:
     with gzip.open(path, "rb") as handle:
         snapshot = pickle.load(handle)
     trace = max(snapshot["device_traces"], key=len)
-    mapped, blocks, reserved, allocated, curve = {}, {}, 0, 0, []
+    reserved = allocated = 0
+    curve = []
+    mapped, blocks = {}, {}
     for event in trace:
-        action, addr, size = event["action"], event["addr"], event["size"]
-        if action in ("segment_alloc", "segment_map"):
-            mapped[addr] = size
-            reserved += size
-        elif action in ("segment_free", "segment_unmap"):
-            reserved -= mapped.pop(addr, 0)
-        elif action == "alloc":
-            blocks[addr] = size
-            allocated += size
-        elif action == "free_completed":
-            allocated -= blocks.pop(addr, 0)
+        more_reserved, more_allocated = _apply(event, mapped, blocks)
+        reserved, allocated = reserved + more_reserved, allocated + more_allocated
         curve.append((reserved, allocated))
     start = int(len(trace) * 2 / 3)
     at = max(range(start, len(trace)), key=lambda i: curve[i][0])
     mapped, blocks = {}, {}
     for event in trace[: at + 1]:
-        action, addr, size = event["action"], event["addr"], event["size"]
-        if action in ("segment_alloc", "segment_map"):
-            mapped[addr] = size
-        elif action in ("segment_free", "segment_unmap"):
-            mapped.pop(addr, None)
-        elif action == "alloc":
-            blocks[addr] = size
-        elif action == "free_completed":
-            blocks.pop(addr, None)
+        _apply(event, mapped, blocks)
     reserved, allocated = curve[at]
     print(f"reserved peak of the last third at event {at}: {reserved / GIB:.2f} GiB reserved, "
           f"{allocated / GIB:.2f} allocated (occupied blocks), spare {(reserved - allocated) / GIB:.2f}")
