@@ -39,10 +39,10 @@ _SPLIT_FUSED_SWIGLU_LIFETIMES = {**_SPLIT_LIFETIMES, "grad_gate": (10, 13)}
 """(start, end) in a split layer's block, as a lent H200's memory trace of its backward shows them (256K tokens,
 `docs/probes/bench_peak_snapshot.py`) and a CPU profile of the same layers confirms: the residual stream's gradient
 is one buffer through the whole backward (autograd adds each branch's gradient into it in place: the layer
-output's, then the attention residual's, then the layer input's), and a fused SwiGLU writes the gradients of gate and up at once, beside the gradient of its
-output. A plain layer's block keeps the shorter lifetimes: its kept tensors are counted at level 2 through its whole
-backward, though autograd frees each after its last use, which covers these (with them the 4-layer 128K keep-all
-bench row was predicted 5% over)."""
+output's, then the attention residual's, then the layer input's), and a fused SwiGLU writes the gradients of gate
+and up at once, beside the gradient of its output. A plain layer's block keeps the shorter lifetimes: its kept
+tensors are counted at level 2 through its whole backward, though autograd frees each after its last use, which
+covers these (with them the 4-layer 128K keep-all bench row was predicted 5% over)."""
 _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
                  "grad_layer_input"}
 _LEVEL1_TILED = [  # the MLP through DeepSpeed's TiledMLP: it saves its input only; tiles are tile-sized
