@@ -6,8 +6,13 @@ norm output or q is 2 GiB, an MLP intermediate 5.375 GiB), to set beside the pla
     python3 docs/probes/bench_peak_snapshot.py peak OUT.pickle.gz
     python3 docs/probes/bench_peak_snapshot.py segments OUT.pickle.gz
 
+    python3 docs/probes/bench_peak_snapshot.py growth OUT.pickle.gz
+
 `segments` lists, at the reserved peak of the last timed step, every segment with the bytes its live blocks use and
 its largest free gap: whether the spare (reserved - allocated) is whole cached segments or holes in used ones.
+`growth` follows the step the bench runs from an emptied cache (between the trace's last two bursts of segment
+frees) and lists each segment it reserves, with the request it serves and what the cached segments had free then:
+a segment reserved while more than its size is free elsewhere is fragmentation.
 """
 
 import collections
@@ -109,13 +114,8 @@ def segments(path: str) -> None:
     print("segment GiB: used GiB in blocks, free GiB, largest free gap GiB")
     whole_free = 0
     for base, size in sorted(mapped.items(), key=lambda kv: -kv[1]):
-        inside = sorted((a, s) for a, s in blocks.items() if base <= a < base + size)
-        used = sum(s for _, s in inside)
-        gaps, cursor = [], base
-        for a, s in inside:
-            gaps.append(a - cursor)
-            cursor = max(cursor, a + s)
-        gaps.append(base + size - cursor)
+        gaps = _free_gaps(base, size, blocks)
+        used = size - sum(gaps)
         if used == 0:
             whole_free += size
         if size >= 256 * 2**20 or used == 0:
@@ -124,6 +124,46 @@ def segments(path: str) -> None:
     print(f"whole free segments: {whole_free / GIB:.2f} GiB")
 
 
+def _free_gaps(base: int, size: int, blocks: dict) -> list:
+    """The free stretches of one segment between its occupied blocks."""
+    gaps, cursor = [], base
+    for address, length in sorted((a, n) for a, n in blocks.items() if base <= a < base + size):
+        gaps.append(address - cursor)
+        cursor = max(cursor, address + length)
+    return gaps + [base + size - cursor]
+
+
+def growth(path: str) -> None:
+    with gzip.open(path, "rb") as handle:
+        snapshot = pickle.load(handle)
+    trace = max(snapshot["device_traces"], key=len)
+    bursts = []  # [first, last] event of each run of segment frees (torch.cuda.empty_cache)
+    for index, event in enumerate(trace):
+        if event["action"] == "segment_free":
+            if bursts and index - bursts[-1][1] <= 2:
+                bursts[-1][1] = index
+            else:
+                bursts.append([index, index])
+    emptied = [b for b in bursts if b[1] > b[0]]
+    if len(emptied) < 2:
+        print("no step from an emptied cache in this trace (the bench runs one only for a row over 2%)")
+        return
+    start, end = emptied[-2][1] + 1, emptied[-1][0]
+    mapped, blocks, allocated = {}, {}, 0
+    for event in trace[:start]:
+        allocated += _apply(event, mapped, blocks)[1]
+    print(f"the step from an emptied cache: events {start}-{end}")
+    print("new segment GiB (request GiB): free in cached segments GiB, their largest gap GiB, allocated GiB")
+    for index in range(start, end):
+        event = trace[index]
+        if event["action"] == "segment_alloc":
+            gaps = [g for base, size in mapped.items() for g in _free_gaps(base, size, blocks)]
+            request = next((e["size"] for e in trace[index + 1:end] if e["action"] == "alloc"), 0)
+            print(f"  {event['size'] / GIB:6.3f} ({request / GIB:6.3f}): {sum(gaps) / GIB:6.2f}, "
+                  f"{max(gaps, default=0) / GIB:6.3f}, {allocated / GIB:6.2f}")
+        allocated += _apply(event, mapped, blocks)[1]
+
+
 if __name__ == "__main__":
     {"record": lambda: record(sys.argv[2], sys.argv[4:]), "peak": lambda: peak(sys.argv[2]),
-     "segments": lambda: segments(sys.argv[2])}[sys.argv[1]]()
+     "segments": lambda: segments(sys.argv[2]), "growth": lambda: growth(sys.argv[2])}[sys.argv[1]]()
