@@ -12,9 +12,13 @@ from spec.errors import LongtrainError
 def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeats: int, out: Optional[str],
                       profile_name: Optional[str], plan_fraction: Optional[float] = None, trace: bool = False,
                       policy: Optional[str] = None, swap_hidden: Optional[float] = None,
-                      elementwise: str = "eager", attention_kernel: str = "sdpa") -> int:
+                      elementwise: str = "eager", attention_kernel: str = "sdpa", allocator: str = "caching") -> int:
     import torch
 
+    if allocator == "planned":  # before anything initialises CUDA (the imports below may)
+        from orchestrator.memory import replay_allocator
+
+        replay_allocator.install()
     from launch.measure.bench import MODES, BenchOptions, longest_trained, run_bench
     from spec.hardware import detect_profile_name, load_profile
 
@@ -49,6 +53,7 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
                        + (f" --policy {policy}" if policy else "")
                        + (f" --swap-hidden {swap_hidden}" if swap_hidden is not None else "")
                        + (" --trace" if trace else "")
+                       + (f" --allocator {allocator}" if allocator != "caching" else "")
                        + (f" --elementwise {elementwise}" if elementwise != "eager" else "")
                        + (f" --attention-kernel {attention_kernel}" if attention_kernel != "sdpa" else "")}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="sdpa",
                        help="the layers' causal attention: PyTorch SDPA, FlashAttention-4 (the flash-attn-4 "
                             "package), or auto: the faster at each length by the profile (train.attention_kernel)")
+    bench.add_argument("--allocator", choices=("caching", "planned"), default="caching",
+                       help="device allocator: PyTorch's caching one, or planned: one step traced, its requests laid "
+                            "out offline and later steps served at those offsets (MEMO's executor)")
     bench.set_defaults(handler=_bench)
     predictors = _command(commands, "train-predictors", help="fit token elimination's block-score predictors",
                           description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "
@@ -349,7 +352,7 @@ def _bench(args: argparse.Namespace) -> int:
                              "32768,65536") from error
     return run_bench_command(args.layers, seq_lens, args.modes.split(","), args.repeats, args.out, args.profile,
                              args.plan_fraction, args.trace, args.policy,
-                             args.swap_hidden, args.elementwise, args.attention_kernel)
+                             args.swap_hidden, args.elementwise, args.attention_kernel, args.allocator)
 
 
 def _prepare_data(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from torch import nn
 from spec.config import JobConfig
 from orchestrator.memory.ds_checkpointing import deepspeed_layer_runner
 from launch.measure.calibration import bench_job, not_in_bench_bytes, predict
-from orchestrator.memory import tokenwise
+from orchestrator.memory import replay_allocator, tokenwise
 from orchestrator import attention, elementwise
 from orchestrator.model import DecoderLayer, rope_tables
 from spec.flops import attention_forward_flops_per_token, layer_matmul_params
@@ -141,7 +141,10 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int,
         row.status, row.note = "failed", f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     finally:
         gc.collect()
-        torch.cuda.empty_cache()
+        replay = replay_allocator.installed()
+        if replay is not None and replay.layout is not None:
+            replay.drop()
+        _empty_cache()
     return row
 
 
@@ -162,9 +165,13 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     grad = torch.randn_like(x)
     step(x, cos, sin, grad)  # warm-up
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    replay = replay_allocator.installed()
+    if replay is not None:
+        step = _replayed(step, replay, row, (x, cos, sin, grad))
+    replay_before = replay.counters() if replay is not None else None
+    _reset_peaks()
     parts.arena_fallbacks()  # the warm-up's
-    retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    retries_before = _caching_stats().get("num_alloc_retries", 0)
     graphs_before = counters["stats"]["unique_graphs"]
     times = []
     for _ in range(repeats):
@@ -180,15 +187,20 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     peak = profile.peak_tflops("bf16") * 1e12
     row.mfu = layer_flops_per_token(job, True) * row.tokens_per_second / peak
     row.mfu_full_attention = layer_flops_per_token(job, False) * row.tokens_per_second / peak
-    row.peak_allocated_gib = torch.cuda.max_memory_allocated() / GIB
-    row.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
-    stats = torch.cuda.memory_stats()
+    row.peak_allocated_gib, row.peak_reserved_gib = _peaks()
+    stats = _caching_stats()
     row.alloc_retries = stats.get("num_alloc_retries", 0) - retries_before
     row.inactive_split_peak_gib = stats.get("inactive_split_bytes.all.peak", 0) / GIB
-    fragmented = fragmentation_note(row)
+    fragmented = fragmentation_note(row, replayed=replay is not None)
     if fragmented:
         row.note = (row.note + "; " if row.note else "") + fragmented + _steady_fragmentation(step, x, cos, sin, grad)
     row.host_gib = parts.host_bytes() / GIB
+    if replay is not None:  # the timed steps' requests the layout covers that missed their offsets (goal: none)
+        now = replay.counters()
+        row.note += (f"; replay fallbacks {now.fallbacks - replay_before.fallbacks} "
+                     f"({(now.fallback_bytes - replay_before.fallback_bytes) / GIB:.2f} GiB; "
+                     f"{now.mismatches - replay_before.mismatches} other size or stream, "
+                     f"{now.overlaps - replay_before.overlaps} bytes still held)")
     missed = parts.arena_fallbacks()
     if missed is not None:  # the timed steps' kept slices that missed their planned regions (the goal is none)
         row.note += f"; arena fallbacks {missed[0]}" + (f" ({missed[1] / GIB:.2f} GiB)" if missed[0] else "")
@@ -196,12 +208,63 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
         row.trace = _trace_one_step(step, x, cos, sin, grad, options.trace_dir, mode)
 
 
-def fragmentation_note(row: BenchRow) -> str:
+def _replayed(step, replay: "replay_allocator.ReplayAllocator", row: BenchRow, args: tuple):
+    """`--allocator planned`: trace one more step, lay its requests out, and run later steps at those offsets."""
+    layout = replay_allocator.plan_layout(replay.traced(lambda: step(*args)))
+    replay.use(layout)
+    row.note = (row.note + "; " if row.note else "") + layout.describe()
+
+    def replayed_step(*step_args):
+        with replay.window():
+            step(*step_args)
+
+    return replayed_step
+
+
+def _allocated() -> int:
+    """Bytes allocated now, from whichever allocator this process uses."""
+    replay = replay_allocator.installed()
+    return replay.counters().allocated if replay is not None else torch.cuda.memory_allocated()
+
+
+def _peaks() -> Tuple[float, float]:
+    """(peak allocated, peak reserved) GiB since the last `_reset_peaks`."""
+    replay = replay_allocator.installed()
+    if replay is None:
+        return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+    counters = replay.counters()
+    return counters.peak_allocated / GIB, counters.peak_reserved / GIB
+
+
+def _reset_peaks() -> None:
+    replay = replay_allocator.installed()
+    if replay is None:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        replay.reset_peaks()
+
+
+def _empty_cache() -> None:
+    replay = replay_allocator.installed()
+    if replay is None:
+        torch.cuda.empty_cache()
+    else:
+        replay.release_cache()
+
+
+def _caching_stats() -> Dict:
+    """The caching allocator's statistics (none under the replay allocator, which has no retries or splits)."""
+    return torch.cuda.memory_stats() if replay_allocator.installed() is None else {}
+
+
+def fragmentation_note(row: BenchRow, replayed: bool = False) -> str:
     """'reserved - allocated 26.1 GiB (26%): holes at most 3.1 GiB, the rest whole cached segments' (issue 20's
     measure: the goal is 2% of the allocated peak), or '' within it."""
     spare = row.peak_reserved_gib - row.peak_allocated_gib
     if row.peak_allocated_gib <= 0 or spare <= 0.02 * row.peak_allocated_gib:
         return ""
+    if replayed:  # no split blocks: the layout's arena above the live peak, and the exact-size cache's free blocks
+        return f"reserved - allocated {spare:.1f} GiB ({spare / row.peak_allocated_gib:.0%})"
     holes = min(row.inactive_split_peak_gib, spare)
     return (f"reserved - allocated {spare:.1f} GiB ({spare / row.peak_allocated_gib:.0%}): holes at most "
             f"{holes:.1f} GiB, the rest whole cached segments")
@@ -212,11 +275,11 @@ def _steady_fragmentation(step, x, cos, sin, grad) -> str:
     Why: the timed steps start from what the warm-up reserved (torch.compile's and the kernels' first calls, other
     sizes), so their spare mixes warm-up leftovers with what a steady step itself leaves unused."""
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    _empty_cache()
+    _reset_peaks()
     step(x, cos, sin, grad)
     torch.cuda.synchronize()
-    allocated, reserved = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+    allocated, reserved = _peaks()
     return f"; from an emptied cache {reserved - allocated:.1f} GiB ({(reserved - allocated) / allocated:.0%})"
 
 
@@ -360,7 +423,7 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
             out = x
             for layer in stack.layers:
                 out = parts.wrap(layer, out, cos, sin)
-        row.after_forward_gib = max(row.after_forward_gib, torch.cuda.memory_allocated() / GIB)
+        row.after_forward_gib = max(row.after_forward_gib, _allocated() / GIB)
         out.backward(grad)
         x.grad = None
         for p in stack.parameters():

@@ -1,0 +1,267 @@
+"""MEMO's executor for the transient tensors: one traced step, laid out offline, replayed at planned offsets.
+
+Why: the static arena (`arena.py`) holds only what the planner schedules analytically; autograd's gradients,
+the restored tensors and the forward's transients still come from the caching allocator, and at 256K tokens
+its holes are 5-8% of the peak (the allocator cannot join free blocks across segments, and within one
+segment best fit leaves holes between live tensors of other sizes). A step asks for the same sizes in the same
+order every time, so the allocator (`replay_allocator.c`, installed process-wide through PyTorch's pluggable
+allocator) records one step, `plan` places its requests with the planner's layout (`planner.layout`: best fit
+in a few orders, lower bound = the most bytes live at once) and later steps get those addresses back by
+request number. A request that does not match (another size or stream, or its bytes still held by a tensor
+that lived longer than in the traced step) is served by a cache of exact-size blocks and counted: the goal is
+none.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import numpy as np
+
+from spec.errors import LongtrainError
+from spec.plan import align
+from spec.units import GIB
+
+SOURCE = Path(__file__).with_name("replay_allocator.c")
+PLANNED_MIN_BYTES = 1 << 20
+"""Requests below this go to the exact-size cache: there are many of them, their bytes are few, and leaving
+them out keeps the layout problem small."""
+TRACE, REPLAY = 1, 2
+MALLOC, FREE = 1, 2
+
+
+def library_path() -> Path:
+    """The compiled allocator, built once per source version with the system's C compiler (written atomically,
+    so concurrent builders never load half a file)."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("LONGTRAIN_BUILD_CACHE") or Path.home() / ".cache" / "longtrain" / "build")
+    target = root / f"replay_allocator-{digest}.so"
+    if target.exists():
+        return target
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise LongtrainError("--allocator planned needs a C compiler (cc) to build orchestrator/memory/"
+                             "replay_allocator.c; install gcc or use --allocator caching")
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=root, suffix=".so", delete=False) as partial:
+        built = Path(partial.name)
+    try:
+        subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(built), str(SOURCE)],
+                       check=True, capture_output=True, text=True)
+        os.replace(built, target)
+    except subprocess.CalledProcessError as error:
+        raise LongtrainError(f"building {SOURCE.name} failed: {error.stderr.strip().splitlines()[-1:]}") from error
+    finally:
+        built.unlink(missing_ok=True)
+    return target
+
+
+def load_library(path: Optional[Path] = None) -> ctypes.CDLL:
+    """The allocator's functions with their C signatures."""
+    lib = ctypes.CDLL(str(path or library_path()))
+    i64, vp, i64p = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.replay_malloc.argtypes, lib.replay_malloc.restype = [ctypes.c_size_t, ctypes.c_int, vp], vp
+    lib.replay_free.argtypes, lib.replay_free.restype = [vp, ctypes.c_size_t, ctypes.c_int, vp], None
+    lib.replay_set_backend.argtypes, lib.replay_set_backend.restype = [vp, vp, vp], ctypes.c_int
+    lib.replay_begin.argtypes, lib.replay_begin.restype = [ctypes.c_int], None
+    lib.replay_end.argtypes, lib.replay_end.restype = [], None
+    lib.replay_event_count.argtypes, lib.replay_event_count.restype = [], i64
+    lib.replay_events.argtypes, lib.replay_events.restype = [i64p], None
+    lib.replay_set_plan.argtypes, lib.replay_set_plan.restype = [i64p, i64p, i64p, i64, i64], ctypes.c_int
+    for name in ("replay_release_cache", "replay_reset_peaks"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [], None
+    lib.replay_stats.argtypes, lib.replay_stats.restype = [i64p], None
+    return lib
+
+
+@dataclass
+class Layout:
+    """Where each traced request goes: offsets (-1: the exact-size cache) by request number."""
+
+    sizes: np.ndarray
+    offsets: np.ndarray
+    streams: np.ndarray
+    arena_bytes: int
+    lower_bound_bytes: int
+    """The most planned bytes live at once in the traced step: no layout can be smaller."""
+    planned: int
+    requests: int
+
+    def describe(self) -> str:
+        return (f"replayed layout {self.arena_bytes / GIB:.1f} GiB for {self.planned} of {self.requests} requests "
+                f"(lower bound {self.lower_bound_bytes / GIB:.1f} GiB)")
+
+
+def plan_layout(events: np.ndarray, min_bytes: int = PLANNED_MIN_BYTES) -> Layout:
+    """Offsets for a traced step's requests (rows of kind, request, size, stream; the host order is time).
+
+    Planned: requests on the step's main stream (the one most requests use), at least `min_bytes`, freed within
+    the step (a tensor that outlives the step would hold its bytes when the next step's same request comes)."""
+    from planner.layout import Buffer, arena_size, best_fit, lower_bound
+
+    mallocs = events[events[:, 0] == MALLOC]
+    requests = int(mallocs[:, 1].max()) + 1 if len(mallocs) else 0
+    sizes = np.full(requests, -1, dtype=np.int64)
+    streams = np.zeros(requests, dtype=np.int64)
+    starts = np.full(requests, -1, dtype=np.int64)
+    ends = np.full(requests, -1, dtype=np.int64)
+    for time, (kind, request, size, stream) in enumerate(events.tolist()):
+        if request < 0:
+            continue
+        if kind == MALLOC:
+            sizes[request], streams[request], starts[request] = size, stream, time
+        elif starts[request] >= 0:
+            ends[request] = time
+    main_stream = Counter(streams[sizes > 0].tolist()).most_common(1)[0][0] if requests else 0
+    chosen = [r for r in range(requests)
+              if sizes[r] >= min_bytes and ends[r] >= 0 and streams[r] == main_stream]
+    buffers = [Buffer(name=str(r), layer=0, size_bytes=align(int(sizes[r])), start=int(starts[r]), end=int(ends[r]))
+               for r in chosen]
+    offsets = np.full(requests, -1, dtype=np.int64)
+    placed = best_fit(buffers)
+    for index, request in enumerate(chosen):
+        offsets[request] = placed[index]
+    return Layout(sizes=sizes, offsets=offsets, streams=streams, arena_bytes=arena_size(buffers, placed),
+                  lower_bound_bytes=lower_bound(buffers), planned=len(chosen), requests=requests)
+
+
+@dataclass
+class Counters:
+    """The allocator's counters (bytes unless named otherwise)."""
+
+    allocated: int
+    peak_allocated: int
+    reserved: int
+    """The exact-size cache's blocks (held or free) plus the arena."""
+    peak_reserved: int
+    arena: int
+    planned: int
+    """Requests served at their planned offsets (over the run)."""
+    fallbacks: int
+    """Requests the plan covers that went to the exact-size cache instead (over the run; the goal is none)."""
+    fallback_bytes: int
+    mismatches: int
+    """Of those: another size or stream than traced."""
+    overlaps: int
+    """Of those: their planned bytes still held by a tensor that outlived its traced lifetime."""
+
+
+class ReplayAllocator:
+    """The process's device allocator once `install`ed: trace a step, plan it, replay it."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        self.layout: Optional[Layout] = None
+
+    def traced(self, step: Callable[[], None]) -> np.ndarray:
+        """Run one step with its requests recorded: rows of (kind, request, size, stream)."""
+        self.lib.replay_begin(TRACE)
+        try:
+            step()
+            _synchronize()
+        finally:
+            self.lib.replay_end()
+        events = np.zeros((int(self.lib.replay_event_count()), 4), dtype=np.int64)
+        if len(events):
+            self.lib.replay_events(events.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+        return events
+
+    def use(self, layout: Layout) -> None:
+        """Reserve the layout's arena (the cache returned first) and serve later step windows from it."""
+        pointer = ctypes.POINTER(ctypes.c_int64)
+        status = self.lib.replay_set_plan(layout.sizes.ctypes.data_as(pointer), layout.offsets.ctypes.data_as(pointer),
+                                          layout.streams.ctypes.data_as(pointer), len(layout.sizes),
+                                          layout.arena_bytes)
+        if status == -2:
+            raise RuntimeError("a new layout while tensors of the old arena are alive")
+        if status == -1:
+            raise MemoryError(f"could not reserve the {layout.arena_bytes / GIB:.1f} GiB arena")
+        self.layout = layout  # the arrays must outlive the replay: the allocator reads them in place
+
+    def drop(self) -> None:
+        """Return the arena (every tensor placed in it must be gone) and serve everything from the cache again."""
+        if self.lib.replay_set_plan(None, None, None, 0, 0) != 0:
+            raise RuntimeError("the arena cannot be returned while tensors placed in it are alive")
+        self.layout = None
+
+    @contextmanager
+    def window(self) -> Iterator[None]:
+        """One step's requests, numbered from 0, at their planned offsets."""
+        self.lib.replay_begin(REPLAY)
+        try:
+            yield
+        finally:
+            self.lib.replay_end()
+
+    def counters(self) -> Counters:
+        values = np.zeros(10, dtype=np.int64)
+        self.lib.replay_stats(values.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+        return Counters(*[int(v) for v in values])
+
+    def reset_peaks(self) -> None:
+        self.lib.replay_reset_peaks()
+
+    def release_cache(self) -> None:
+        self.lib.replay_release_cache()
+
+
+_installed: Optional[ReplayAllocator] = None
+
+
+def install() -> ReplayAllocator:
+    """Make the replay allocator this process's CUDA allocator; before anything touches CUDA memory."""
+    global _installed
+    if _installed is not None:
+        return _installed
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LongtrainError("--allocator planned needs a CUDA GPU (none is visible); use --allocator caching")
+    path = library_path()
+    lib = load_library(path)
+    cudart = _cuda_runtime()
+    if lib.replay_set_backend(ctypes.cast(cudart.cudaMalloc, ctypes.c_void_p),
+                              ctypes.cast(cudart.cudaFree, ctypes.c_void_p),
+                              ctypes.cast(cudart.cudaDeviceSynchronize, ctypes.c_void_p)) != 0:
+        raise MemoryError("the replay allocator's tables could not be allocated")
+    try:
+        torch.cuda.memory.change_current_allocator(
+            torch.cuda.memory.CUDAPluggableAllocator(str(path), "replay_malloc", "replay_free"))
+    except RuntimeError as error:
+        raise LongtrainError("--allocator planned must be chosen before CUDA memory is first used in this "
+                             f"process ({error})") from error
+    _installed = ReplayAllocator(lib)
+    return _installed
+
+
+def installed() -> Optional[ReplayAllocator]:
+    """The replay allocator if this process installed it."""
+    return _installed
+
+
+def _cuda_runtime() -> ctypes.CDLL:
+    """The CUDA runtime library PyTorch loaded (found in this process's mappings, so it is the same copy)."""
+    names: List[str] = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if "libcudart.so" in Path(path).name and path not in names:
+                names.append(path)
+    for path in names:
+        return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    raise LongtrainError("--allocator planned: PyTorch's CUDA runtime (libcudart) is not loaded in this process")
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
