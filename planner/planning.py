@@ -120,7 +120,7 @@ def _fitted_layout(job: JobConfig, profile: HardwareProfile, solved):
 
 def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, LayoutResult, LayoutResult]:
     """The plan of a feasible policy: its layer block and step laid out in the arena, and the runtime arena."""
-    cost, policy, inputs, block = solved
+    cost, policy, inputs, _ = solved
     _round_fractions(policy)
     decisions = policy.decisions
     factors = [inputs.int8_factor if d.swap_codec == "int8" else 1.0 for d in policy.decisions]
@@ -130,14 +130,18 @@ def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, La
     compressed = [d.activation_compression != "none" for d in policy.decisions]
     layers = [compact[i] if compressed[i] else plain[i] for i in range(len(plain))]
     if keeps_everything(decisions):
-        block = solve_layout(layer_block_buffers(largest_layer(plain), plain=True), job.plan.time_limit_seconds)
+        block_of = dict(layer=largest_layer(plain), plain=True)
     elif any(compressed):  # the working set the MIP counted: the largest of the layers' own, compressed or not
         needed = [inputs.compressed_block_bytes[i] if compressed[i] else inputs.layer_block_bytes[i]
                   for i in range(len(plain))]
         i = needed.index(max(needed))
-        block = solve_layout(layer_block_buffers(plain[i], compact=compact[i] if compressed[i] else None),
-                             job.plan.time_limit_seconds)
-    forward_bytes, backward_bytes, block = _block_halves(job, decisions, plain, inputs, block)
+        block_of = dict(layer=plain[i], compact=compact[i] if compressed[i] else None)
+    else:
+        block_of = dict(layer=largest_layer(plain))
+    block = solve_layout(layer_block_buffers(**block_of), job.plan.time_limit_seconds)
+    halves = tuple(solve_layout(layer_block_buffers(**block_of, part=part), job.plan.time_limit_seconds).arena_bytes
+                   for part in ("forward", "backward"))
+    forward_bytes, backward_bytes, block = _block_halves(job, decisions, plain, inputs, block, halves)
     looked_up = [not bytes_kept for bytes_kept in inputs.input_bytes]
     step = solve_layout(step_buffers(layers, decisions, forward_bytes, cost.static_memory(job.train.zero_stage).head_interval, factors,
                                      head_reuses_block=True, backward_block_bytes=backward_bytes,
@@ -150,16 +154,18 @@ def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, La
     return plan, block, step
 
 
-def _block_halves(job: JobConfig, decisions, plain, inputs: PolicyInputs, block: LayoutResult):
-    """(forward bytes, backward bytes, the block the plan reports) of the level-1 block: the split layers' block for
-    both halves, and for checkpointed layers the largest forward and backward halves of their replay (the plan
-    reports the largest checkpointed layer's whole block when there is one)."""
+def _block_halves(job: JobConfig, decisions, plain, inputs: PolicyInputs, block: LayoutResult,
+                  halves: Tuple[int, int]):
+    """(forward bytes, backward bytes, the block the plan reports) of the level-1 block: the layers' block laid out
+    per half (`halves`: its forward's buffers, its backward's), and for checkpointed layers the largest forward and
+    backward halves of their replay (the plan reports the largest checkpointed layer's whole block when there is
+    one)."""
     replayed = [i for i, d in enumerate(decisions) if d.checkpoint_layer]
     if not replayed:
-        return block.arena_bytes, block.arena_bytes, block
+        return halves[0], halves[1], block
     split = len(replayed) < len(decisions)
-    forward = max([block.arena_bytes] * split + [inputs.checkpoint_forward_block_bytes[i] for i in replayed])
-    backward = max([block.arena_bytes] * split + [inputs.checkpoint_block_bytes[i] for i in replayed])
+    forward = max([halves[0]] * split + [inputs.checkpoint_forward_block_bytes[i] for i in replayed])
+    backward = max([halves[1]] * split + [inputs.checkpoint_block_bytes[i] for i in replayed])
     largest = max(replayed, key=lambda index: inputs.checkpoint_block_bytes[index])
     return forward, backward, solve_layout(layer_block_buffers(plain[largest], checkpoint=True),
                                            job.plan.time_limit_seconds)

@@ -36,13 +36,11 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
 ]
 _SPLIT_LIFETIMES = {"grad_out": (8, 13), "grad_attn_residual": (13, 17)}
 _SPLIT_FUSED_SWIGLU_LIFETIMES = {**_SPLIT_LIFETIMES, "grad_gate": (10, 13)}
-"""(start, end) in a split layer's block, as a lent H200's memory trace of its backward shows them (256K tokens,
+"""(start, end) in a layer's block, as a lent H200's memory trace of its backward shows them (256K tokens,
 `docs/probes/bench_peak_snapshot.py`) and a CPU profile of the same layers confirms: the residual stream's gradient
 is one buffer through the whole backward (autograd adds each branch's gradient into it in place: the layer
 output's, then the attention residual's, then the layer input's), and a fused SwiGLU writes the gradients of gate
-and up at once, beside the gradient of its output. A plain layer's block keeps the shorter lifetimes: its kept
-tensors are counted at level 2 through its whole backward, though autograd frees each after its last use, which
-covers these (with them the 4-layer 128K keep-all bench row was predicted 5% over)."""
+and up at once, beside the gradient of its output."""
 _HIDDEN_SIZED = {"o_proj_out", "down_out", "grad_out", "grad_attn_residual", "grad_attn_out",
                  "grad_layer_input"}
 _LEVEL1_TILED = [  # the MLP through DeepSpeed's TiledMLP: it saves its input only; tiles are tile-sized
@@ -72,10 +70,11 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
                         checkpoint: bool = False, part: str = "both") -> List[Buffer]:
     """Level 1: one layer's transient buffers, sized for all of its tokens.
 
-    `plain`: the layer keeps everything (no hooks), so its token-wise activations are the kept ones (level 2
-    counts them) and its backward reads them in place: only the projections' outputs and the gradients are
-    transient. Counting the full block for such a layer over-predicted the 32K and 64K keep-all peaks on an H100
-    by one layer's activations (+22% and +18%, profiles/runs/h100_sxm_2026-11-26_calibration.md).
+    `plain`: the layer keeps everything (no hooks), so its forward's token-wise activations are the kept ones
+    (level 2 counts them until its backward starts; counting them in the forward half too over-predicted the 32K
+    and 64K keep-all peaks on an H100 by one layer's activations, +22% and +18%,
+    profiles/runs/h100_sxm_2026-11-26_calibration.md). Its backward reads them in place and autograd frees each
+    after its last use: the `@bwd` buffers, op by op as a split layer's restored tensors.
     `compact`: a compressed layer's costs; its activations (forward and restored) are the compact forms, the
     gradients stay full-size. `checkpoint`: the layer is checkpointed whole (`_REPLAYED`). `part`: both, or only
     the forward's or the backward's buffers (a checkpointed layer's two halves are placed apart at level 2)."""
@@ -85,11 +84,11 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
     hidden_bytes = attn_out.bytes_per_token / attn_out.share  # every token (a sparse layer scatters its rows back)
     buffers = []
     fused = "silu_gate" not in per_token  # a fused SwiGLU (train.elementwise=compiled) saves gate and up only
-    lifetimes = {} if plain else _SPLIT_FUSED_SWIGLU_LIFETIMES if fused else _SPLIT_LIFETIMES
+    lifetimes = _SPLIT_FUSED_SWIGLU_LIFETIMES if fused else _SPLIT_LIFETIMES
     for name, start, end in _level1(layer, checkpoint):
         if (part == "forward" and start >= _FORWARD_END) or (part == "backward" and start < _FORWARD_END):
             continue
-        if plain and (name in TOKEN_WISE or name.endswith("@bwd")) and name not in _TILE_COPIES:
+        if plain and name in TOKEN_WISE:
             continue
         base = name.split("@")[0].removeprefix("grad_")
         if base == "silu_gate" and fused:
@@ -204,9 +203,10 @@ def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[LayerPlan], bl
                         Buffer("skeletal_in", i, skeletal, backward - (not decision.checkpoint_layer), backward + 1)]
         else:
             buffers.append(Buffer("skeletal", i, skeletal, forward, backward + 1))
-        if kept:  # a split layer's kept share is in the runtime's arena, allocated once for the whole run
+        if kept:  # a split layer's kept share is in the runtime's arena, allocated once for the whole run; a plain
+            # layer's lives until its backward, where the block's `@bwd` buffers free it op by op
             buffers.append(Buffer("kept_token_wise", i, kept, *((0, last) if not decision.is_plain
-                                                               else (forward, backward + 1))))
+                                                               else (forward, backward))))
         if swapped:
             buffers += swap_buffers(layer, decision, i, num_layers, swapped)
     return [b for b in buffers if b.size_bytes > 0]

@@ -226,21 +226,27 @@ def test_cbc_is_used_without_highs_and_finds_the_same_optimum(monkeypatch):
     assert result.solver == "CBC" and result.arena_bytes == 11 * u
 
 
-def test_a_keep_all_layer_block_holds_only_transients():
-    """A plain layer's activations are the kept ones (level 2) and its backward reads them in place."""
+def test_a_keep_all_layer_block_holds_only_transients_and_its_backward_frees_the_kept_tensors_op_by_op():
+    """A plain layer's forward activations are the kept ones (level 2, until its backward starts); its backward
+    reads them in place and autograd frees each after its last use (the block's `@bwd` buffers)."""
     from planner.cost_model import CostModel
     from spec.hardware import load_profile
-    from planner.schedule import keeps_everything, layer_block_buffers
+    from planner.schedule import keeps_everything, layer_block_buffers, step_buffers
 
     layer = CostModel(load_job_config(None, ["model.preset=llama-7b", "data.seq_len=32768"]),
                       load_profile("h100_sxm")).layer()
-    full = {b.name for b in layer_block_buffers(layer)}
-    plain = {b.name for b in layer_block_buffers(layer, plain=True)}
+    full = {b.name: b for b in layer_block_buffers(layer)}
+    plain = {b.name: b for b in layer_block_buffers(layer, plain=True)}
     assert "gate@bwd" in full and "gate" in full
-    assert plain == full - {n for n in full if n.endswith("@bwd")} - {"attn_norm_out", "q", "k", "v", "attn_residual",
-                                                                        "mlp_norm_out", "gate", "up", "silu_gate", "gated"}
+    assert set(plain) == set(full) - {"attn_norm_out", "q", "k", "v", "attn_residual", "mlp_norm_out", "gate", "up",
+                                      "silu_gate", "gated"}
+    assert (plain["gated@bwd"].start, plain["gated@bwd"].end) == (8, 10)  # freed after the down projection's
     assert keeps_everything([LayerPlan(0), LayerPlan(1)])
     assert not keeps_everything([LayerPlan(0, offload_skeletal=True)])
+    step = step_buffers([layer] * 2, [LayerPlan(0), LayerPlan(1)], 1, 0.0, [1.0, 1.0], head_reuses_block=True)
+    first_backward = 3  # layer 1's: forwards at 0 and 1, the head at 2
+    live = {(b.name, b.layer) for b in step if b.start <= first_backward < b.end}
+    assert ("kept_token_wise", 0) in live and ("kept_token_wise", 1) not in live  # the block's @bwd holds layer 1's
 
 
 @pytest.mark.parametrize("preset, precision, expanded", [("llama3-8b", "bf16", True), ("llama-7b", "bf16", False),

@@ -181,10 +181,11 @@ def predict(seq_len: int, num_layers: int, decisions: Sequence[LayerPlan], profi
     matmul = n * 3 * layer.recompute_seconds + layer.recompute_seconds * recomputed
     attention = n * 3 * attention_forward
     static = cost.static_memory(0)
-    if keeps_everything(decisions):
-        block = solve_layout(layer_block_buffers(layer, plain=True), LAYOUT_SECONDS)
-    step = solve_layout(step_buffers([layer] * n, decisions, block.arena_bytes, 0.0, [1.0] * n),
-                        LAYOUT_SECONDS)  # the bench has no head
+    plain = keeps_everything(decisions)
+    forward, backward = (solve_layout(layer_block_buffers(layer, plain=plain, part=part), LAYOUT_SECONDS).arena_bytes
+                         for part in ("forward", "backward"))
+    step = solve_layout(step_buffers([layer] * n, decisions, forward, 0.0, [1.0] * n, head_reuses_block=True,
+                                     backward_block_bytes=backward), LAYOUT_SECONDS)  # the bench has no head
     not_in_bench = not_in_bench_bytes(cost, static)
     peak = calibrated_peak_bytes(profile, static.total - static.head_interval, step.arena_bytes) - not_in_bench
     return Prediction(step_seconds=matmul + attention + stalls, peak_gib=peak / GIB, matmul_seconds=matmul,
