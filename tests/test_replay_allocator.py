@@ -1,5 +1,5 @@
 """The replay allocator on host memory: a traced request sequence replayed at planned offsets, never two live
-tensors on the same bytes, and every request the plan cannot serve counted (the allocator's C code, driven
+tensors on the same bytes, and every request the plan cannot serve counted (the allocator's code, driven
 through ctypes with libc's malloc as its device)."""
 
 import ctypes
@@ -11,8 +11,8 @@ import pytest
 from orchestrator.memory import replay_allocator
 from orchestrator.memory.replay_allocator import FREE, MALLOC, plan_layout
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                reason="the replay allocator is built with the system's C compiler; none here")
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="the replay allocator is built with the system's C++ compiler; none here")
 
 MIB = 1 << 20
 MAIN, SIDE = 7, 9
@@ -44,7 +44,7 @@ def allocator(tmp_path_factory):
         return 0
 
     as_pointer = lambda fn: ctypes.cast(fn, ctypes.c_void_p)  # noqa: E731
-    assert lib.replay_set_backend(as_pointer(host_malloc), as_pointer(host_free), as_pointer(host_sync)) == 0
+    assert lib.replay_set_backend(as_pointer(host_malloc), as_pointer(host_free), as_pointer(host_sync), 0) == 0
     replay = replay_allocator.ReplayAllocator(lib)
     replay.callbacks = (host_malloc, host_free, host_sync)  # alive as long as the library may call them
     yield replay
@@ -180,3 +180,31 @@ def test_plan_layout_places_no_two_requests_alive_together_on_the_same_bytes():
                 a, b = layout.offsets[i], layout.offsets[j]
                 assert a + layout.sizes[i] <= b or b + layout.sizes[j] <= a, (i, j)
     assert layout.lower_bound_bytes <= layout.arena_bytes <= 1.15 * layout.lower_bound_bytes
+
+
+FULL_DEVICE = """
+import ctypes, sys
+from orchestrator.memory import replay_allocator
+lib = replay_allocator.load_library()
+refuse = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t)(lambda out, size: 2)
+nothing = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(lambda ptr: 0)
+sync = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 0)
+pointer = lambda fn: ctypes.cast(fn, ctypes.c_void_p)
+lib.replay_set_backend(pointer(refuse), pointer(nothing), pointer(sync), int(sys.argv[1]))
+print("returned", lib.replay_malloc(3 << 30, 0, 7), flush=True)
+"""
+
+
+def test_a_full_device_throws_a_named_out_of_memory_error_under_pytorch_and_returns_null_otherwise(tmp_path):
+    """Under PyTorch the allocator throws (PyTorch raises it in Python); a null pointer handed back would be
+    written to by the next kernel. Here the exception cannot cross ctypes, so the process ends on it, saying what."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LONGTRAIN_BUILD_CACHE": str(tmp_path)}
+    quiet = subprocess.run([sys.executable, "-c", FULL_DEVICE, "0"], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0 and "returned None" in quiet.stdout, quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", FULL_DEVICE, "1"], capture_output=True, text=True, env=env)
+    assert loud.returncode != 0 and "returned" not in loud.stdout
+    assert "CUDA out of memory (replay allocator): tried to allocate 3.00 GiB" in loud.stderr

@@ -138,7 +138,13 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int,
     except PlanInfeasible as error:
         row.status, row.note = "does not fit", str(error)[:200]
     except Exception as error:  # one failing mode must not stop the comparison; the row says what happened
-        row.status, row.note = "failed", f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        full = first_line.find(replay_allocator.OUT_OF_MEMORY)  # the replay allocator's (a RuntimeError)
+        if full >= 0:
+            row.status = "OOM"
+            row.note = (row.note + "; " if row.note else "") + first_line[full:full + 120]
+        else:
+            row.status, row.note = "failed", f"{type(error).__name__}: {first_line[:160]}"
     finally:
         gc.collect()
         replay = replay_allocator.installed()

@@ -4,7 +4,7 @@ Why: the static arena (`arena.py`) holds only what the planner schedules analyti
 the restored tensors and the forward's transients still come from the caching allocator, and at 256K tokens
 its holes are 5-8% of the peak (the allocator cannot join free blocks across segments, and within one
 segment best fit leaves holes between live tensors of other sizes). A step asks for the same sizes in the same
-order every time, so the allocator (`replay_allocator.c`, installed process-wide through PyTorch's pluggable
+order every time, so the allocator (`replay_allocator.cpp`, installed process-wide through PyTorch's pluggable
 allocator) records one step, `plan` places its requests with the planner's layout (`planner.layout`: best fit
 in a few orders, lower bound = the most bytes live at once) and later steps get those addresses back by
 request number. A request that does not match (another size or stream, or its bytes still held by a tensor
@@ -30,26 +30,28 @@ from spec.errors import LongtrainError
 from spec.plan import align
 from spec.units import GIB
 
-SOURCE = Path(__file__).with_name("replay_allocator.c")
+SOURCE = Path(__file__).with_name("replay_allocator.cpp")
 PLANNED_MIN_BYTES = 1 << 20
 """Requests below this go to the exact-size cache: there are many of them, their bytes are few, and leaving
 them out keeps the layout problem small."""
+OUT_OF_MEMORY = "CUDA out of memory (replay allocator)"
+"""How the allocator's error starts when the device is full (PyTorch raises it as a RuntimeError)."""
 TRACE, REPLAY = 1, 2
 MALLOC, FREE = 1, 2
 
 
 def library_path() -> Path:
-    """The compiled allocator, built once per source version with the system's C compiler (written atomically,
-    so concurrent builders never load half a file)."""
+    """The compiled allocator, built once per source version with the system's C++ compiler (written
+    atomically, so concurrent builders never load half a file)."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     root = Path(os.environ.get("LONGTRAIN_BUILD_CACHE") or Path.home() / ".cache" / "longtrain" / "build")
     target = root / f"replay_allocator-{digest}.so"
     if target.exists():
         return target
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
-        raise LongtrainError("--allocator planned needs a C compiler (cc) to build orchestrator/memory/"
-                             "replay_allocator.c; install gcc or use --allocator caching")
+        raise LongtrainError("--allocator planned needs a C++ compiler (c++) to build orchestrator/memory/"
+                             "replay_allocator.cpp; install g++ or use --allocator caching")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=root, suffix=".so", delete=False) as partial:
         built = Path(partial.name)
@@ -70,7 +72,7 @@ def load_library(path: Optional[Path] = None) -> ctypes.CDLL:
     i64, vp, i64p = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
     lib.replay_malloc.argtypes, lib.replay_malloc.restype = [ctypes.c_size_t, ctypes.c_int, vp], vp
     lib.replay_free.argtypes, lib.replay_free.restype = [vp, ctypes.c_size_t, ctypes.c_int, vp], None
-    lib.replay_set_backend.argtypes, lib.replay_set_backend.restype = [vp, vp, vp], ctypes.c_int
+    lib.replay_set_backend.argtypes, lib.replay_set_backend.restype = [vp, vp, vp, ctypes.c_int], ctypes.c_int
     lib.replay_begin.argtypes, lib.replay_begin.restype = [ctypes.c_int], None
     lib.replay_end.argtypes, lib.replay_end.restype = [], None
     lib.replay_event_count.argtypes, lib.replay_event_count.restype = [], i64
@@ -230,7 +232,7 @@ def install() -> ReplayAllocator:
     cudart = _cuda_runtime()
     if lib.replay_set_backend(ctypes.cast(cudart.cudaMalloc, ctypes.c_void_p),
                               ctypes.cast(cudart.cudaFree, ctypes.c_void_p),
-                              ctypes.cast(cudart.cudaDeviceSynchronize, ctypes.c_void_p)) != 0:
+                              ctypes.cast(cudart.cudaDeviceSynchronize, ctypes.c_void_p), 1) != 0:
         raise MemoryError("the replay allocator's tables could not be allocated")
     try:
         torch.cuda.memory.change_current_allocator(

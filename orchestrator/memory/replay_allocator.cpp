@@ -10,12 +10,19 @@
  * process. Outside a step window, and for any request that does not match the plan (another size or stream,
  * or its planned bytes still held by a tensor that lived longer than in the traced step), it falls back to a
  * cache of exact-size blocks over cudaMalloc; those fallbacks are counted. No CUDA headers: the runtime's
- * functions come in as pointers (`replay_set_backend`), so the same code runs on the CPU in tests.
+ * functions come in as pointers (`replay_set_backend`), so the same code runs on the CPU in tests. C++ only to
+ * throw when the device is full: PyTorch turns the exception into a Python error, where a null pointer returned
+ * to it would be written to by the next kernel (an illegal address, the CUDA context lost).
  */
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <stdexcept>
+
+extern "C" {
 
 typedef int (*device_malloc_fn)(void **, size_t);
 typedef int (*device_free_fn)(void *);
@@ -56,12 +63,14 @@ static Event *events;
 static int64_t event_count, event_capacity;
 
 static int mode = MODE_OFF;
+static int throw_when_full;
 static int64_t next_request;
 static const int64_t *plan_size, *plan_offset, *plan_stream;
 static int64_t plan_count;
 static uintptr_t arena;
 static int64_t arena_bytes;
 
+static int64_t live_count;
 static int64_t live_bytes, peak_live_bytes, fallback_reserved_bytes, peak_reserved_bytes;
 static int64_t planned_count, fallback_count, fallback_bytes, mismatch_count, overlap_count;
 
@@ -197,13 +206,26 @@ void *replay_malloc(size_t size_unsigned, int device, void *stream_ptr) {
         }
     }
     if (!planned) ptr = fallback_malloc(size, stream);
+    if (ptr && live_count >= LIVE_SLOTS / 2) {
+        if (!planned) fallback_free((uintptr_t)ptr, size, stream);
+        ptr = NULL; /* the table of live blocks is full: as good as out of memory */
+    }
     if (ptr) {
         live_put((Live){(uintptr_t)ptr, size, request, planned});
+        live_count++;
         live_bytes += size;
         if (live_bytes > peak_live_bytes) peak_live_bytes = live_bytes;
         if (mode == MODE_TRACE) record(1, request, size, stream);
     }
+    int64_t reserved = fallback_reserved_bytes + arena_bytes;
     pthread_mutex_unlock(&lock);
+    if (!ptr && throw_when_full) {
+        char message[200];
+        snprintf(message, sizeof(message),
+                 "CUDA out of memory (replay allocator): tried to allocate %.2f GiB with %.2f GiB reserved, %.2f GiB "
+                 "in use", size / 1073741824.0, reserved / 1073741824.0, live_bytes / 1073741824.0);
+        throw std::runtime_error(message);
+    }
     return ptr;
 }
 
@@ -213,6 +235,7 @@ void replay_free(void *ptr, size_t size, int device, void *stream) {
     pthread_mutex_lock(&lock);
     Live entry;
     if (live_take((uintptr_t)ptr, &entry)) {
+        live_count--;
         live_bytes -= entry.size;
         if (mode == MODE_TRACE) record(2, entry.request, entry.size, (uintptr_t)stream);
         if (entry.planned) {
@@ -232,11 +255,14 @@ void replay_free(void *ptr, size_t size, int device, void *stream) {
 
 /* ---- control, from Python through ctypes ---- */
 
-int replay_set_backend(void *malloc_fn, void *free_fn, void *sync_fn) {
+/* The device's functions, and whether a request that finds no memory throws (under PyTorch) or returns NULL
+ * (driven through ctypes, where an exception could not be caught). */
+int replay_set_backend(void *malloc_fn, void *free_fn, void *sync_fn, int throw_on_full) {
     backend_malloc = (device_malloc_fn)malloc_fn;
     backend_free = (device_free_fn)free_fn;
     backend_sync = (device_sync_fn)sync_fn;
-    if (!live) live = calloc(LIVE_SLOTS, sizeof(Live));
+    throw_when_full = throw_on_full;
+    if (!live) live = (Live *)calloc(LIVE_SLOTS, sizeof(Live));
     return live ? 0 : -1;
 }
 
@@ -318,3 +344,5 @@ void replay_stats(int64_t *out) {
     memcpy(out, values, sizeof(values));
     pthread_mutex_unlock(&lock);
 }
+
+}  // extern "C"
