@@ -189,7 +189,8 @@ void *replay_malloc(size_t size_unsigned, int device, void *stream_ptr) {
     int64_t request = mode == MODE_OFF ? -1 : next_request++;
     void *ptr = NULL;
     int planned = 0;
-    if (mode == MODE_REPLAY && request < plan_count && plan_offset[request] >= 0) {
+    int table_full = live_count >= LIVE_SLOTS / 2; /* as good as out of memory: no block can be tracked */
+    if (!table_full && mode == MODE_REPLAY && request < plan_count && plan_offset[request] >= 0) {
         if (plan_size[request] != size || plan_stream[request] != (int64_t)stream) {
             mismatch_count++;
         } else if (!slot_is_free(plan_offset[request], size)) {
@@ -205,11 +206,7 @@ void *replay_malloc(size_t size_unsigned, int device, void *stream_ptr) {
             fallback_bytes += size;
         }
     }
-    if (!planned) ptr = fallback_malloc(size, stream);
-    if (ptr && live_count >= LIVE_SLOTS / 2) {
-        if (!planned) fallback_free((uintptr_t)ptr, size, stream);
-        ptr = NULL; /* the table of live blocks is full: as good as out of memory */
-    }
+    if (!planned && !table_full) ptr = fallback_malloc(size, stream);
     if (ptr) {
         live_put((Live){(uintptr_t)ptr, size, request, planned});
         live_count++;
