@@ -214,13 +214,13 @@ void *replay_malloc(size_t size_unsigned, int device, void *stream_ptr) {
         if (live_bytes > peak_live_bytes) peak_live_bytes = live_bytes;
         if (mode == MODE_TRACE) record(1, request, size, stream);
     }
-    int64_t reserved = fallback_reserved_bytes + arena_bytes;
+    int64_t reserved = fallback_reserved_bytes + arena_bytes, in_use = live_bytes;
     pthread_mutex_unlock(&lock);
     if (!ptr && throw_when_full) {
         char message[200];
         snprintf(message, sizeof(message),
                  "CUDA out of memory (replay allocator): tried to allocate %.2f GiB with %.2f GiB reserved, %.2f GiB "
-                 "in use", size / 1073741824.0, reserved / 1073741824.0, live_bytes / 1073741824.0);
+                 "in use", size / 1073741824.0, reserved / 1073741824.0, in_use / 1073741824.0);
         throw std::runtime_error(message);
     }
     return ptr;
