@@ -34,8 +34,8 @@ _LEVEL1 = [  # name, start, end (exclusive): token-wise activations, then backwa
     ("grad_kv_expanded", 15, 16),  # and with grouped-query attention computes dk, dv for every query head first
     ("grad_attn_norm_out", 16, 18), ("grad_layer_input", 17, 18),
 ]
-_SPLIT_LIFETIMES = {"grad_out": (8, 13), "grad_attn_residual": (13, 17)}
-_SPLIT_FUSED_SWIGLU_LIFETIMES = {**_SPLIT_LIFETIMES, "grad_gate": (10, 13)}
+_BACKWARD_LIFETIMES = {"grad_out": (8, 13), "grad_attn_residual": (13, 17)}
+_FUSED_SWIGLU_BACKWARD_LIFETIMES = {**_BACKWARD_LIFETIMES, "grad_gate": (10, 13)}
 """(start, end) in a layer's block, as a lent H200's memory trace of its backward shows them (256K tokens,
 `docs/probes/bench_peak_snapshot.py`) and a CPU profile of the same layers confirms: the residual stream's gradient
 is one buffer through the whole backward (autograd adds each branch's gradient into it in place: the layer
@@ -84,7 +84,7 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
     hidden_bytes = attn_out.bytes_per_token / attn_out.share  # every token (a sparse layer scatters its rows back)
     buffers = []
     fused = "silu_gate" not in per_token  # a fused SwiGLU (train.elementwise=compiled) saves gate and up only
-    lifetimes = _SPLIT_FUSED_SWIGLU_LIFETIMES if fused else _SPLIT_LIFETIMES
+    lifetimes = _FUSED_SWIGLU_BACKWARD_LIFETIMES if fused else _BACKWARD_LIFETIMES
     for name, start, end in _level1(layer, checkpoint):
         if (part == "forward" and start >= _FORWARD_END) or (part == "backward" and start < _FORWARD_END):
             continue
@@ -93,7 +93,7 @@ def layer_block_buffers(layer: LayerCost, plain: bool = False, compact: LayerCos
         base = name.split("@")[0].removeprefix("grad_")
         if base == "silu_gate" and fused:
             continue  # one backward pass makes both their gradients, with no silu(gate) or its gradient in memory
-        start, end = lifetimes.get(name, (start, end))  # op-accurate where the block holds the restored tensors
+        start, end = lifetimes.get(name, (start, end))  # as a memory trace of the backward shows them
         if name in _TILE_COPIES:
             buffers.append(Buffer(name=name, layer=-1, size_bytes=align(_TILE_COPIES[name] * layer.mlp_tile_bytes),
                                   start=start, end=end))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from orchestrator.memory import replay_allocator
-from orchestrator.memory.replay_allocator import FREE, MALLOC, plan_layout
+from planner.traced_layout import plan_layout
+from spec.allocation_trace import FREE, MALLOC
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="the replay allocator is built with the system's C++ compiler; none here")
@@ -208,3 +209,27 @@ def test_a_full_device_throws_a_named_out_of_memory_error_under_pytorch_and_retu
     loud = subprocess.run([sys.executable, "-c", FULL_DEVICE, "1"], capture_output=True, text=True, env=env)
     assert loud.returncode != 0 and "returned" not in loud.stdout
     assert "CUDA out of memory (replay allocator): tried to allocate 3.00 GiB" in loud.stderr
+
+
+def test_torch_cuda_memory_statistics_read_the_allocators_counters_once_installed(allocator, monkeypatch):
+    """`install` gives `torch.cuda`'s statistics these functions: `memory_allocated` and its family, which DeepSpeed
+    and the bench call, read them through `memory_stats`; the peaks reset and the cache empties here."""
+    import torch
+
+    for name, function in replay_allocator.statistics_functions(allocator).items():
+        monkeypatch.setattr(torch.cuda.memory, name, function)
+        monkeypatch.setattr(torch.cuda, name, function)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _, live = run(allocator, [("a", "a", 3 * MIB), ("a", "b", 5 * MIB)])
+    assert torch.cuda.memory_allocated() - base == 8 * MIB
+    _free_all(allocator, live)
+    assert torch.cuda.max_memory_allocated() - base == 8 * MIB and torch.cuda.memory_allocated() == base
+    assert torch.cuda.memory_reserved() == torch.cuda.max_memory_reserved() == allocator.counters().reserved
+    assert torch.cuda.memory_stats()["num_alloc_retries"] == 0
+    cached = torch.cuda.memory_reserved()
+    torch.cuda.empty_cache()
+    assert cached - torch.cuda.memory_reserved() == 10 * MIB  # the two freed blocks, in 2 MiB multiples
+    torch.cuda.reset_peak_memory_stats()
+    assert torch.cuda.max_memory_allocated() == base

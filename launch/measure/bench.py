@@ -44,6 +44,7 @@ from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 from spec.hardware import HardwareProfile
 from spec.plan import LayerPlan
 from planner.planning import PlanInfeasible, make_plan
+from planner.traced_layout import plan_layout
 from spec.units import GIB
 
 COMPRESSION_MODES = {
@@ -149,8 +150,11 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int,
         gc.collect()
         replay = replay_allocator.installed()
         if replay is not None and replay.layout is not None:
-            replay.drop()
-        _empty_cache()
+            try:
+                replay.drop()
+            except RuntimeError:  # a failed step's tensors still alive: the next row's layout says so if it fails
+                row.note = (row.note + "; " if row.note else "") + "its arena not returned (tensors still alive)"
+        torch.cuda.empty_cache()
     return row
 
 
@@ -175,9 +179,9 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     if replay is not None:
         step = _replayed(step, replay, row, (x, cos, sin, grad))
     replay_before = replay.counters() if replay is not None else None
-    _reset_peaks()
+    torch.cuda.reset_peak_memory_stats()
     parts.arena_fallbacks()  # the warm-up's
-    retries_before = _caching_stats().get("num_alloc_retries", 0)
+    retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     graphs_before = counters["stats"]["unique_graphs"]
     times = []
     for _ in range(repeats):
@@ -193,8 +197,9 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     peak = profile.peak_tflops("bf16") * 1e12
     row.mfu = layer_flops_per_token(job, True) * row.tokens_per_second / peak
     row.mfu_full_attention = layer_flops_per_token(job, False) * row.tokens_per_second / peak
-    row.peak_allocated_gib, row.peak_reserved_gib = _peaks()
-    stats = _caching_stats()
+    row.peak_allocated_gib = torch.cuda.max_memory_allocated() / GIB
+    row.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
+    stats = torch.cuda.memory_stats()
     row.alloc_retries = stats.get("num_alloc_retries", 0) - retries_before
     row.inactive_split_peak_gib = stats.get("inactive_split_bytes.all.peak", 0) / GIB
     fragmented = fragmentation_note(row, replayed=replay is not None)
@@ -216,7 +221,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
 
 def _replayed(step, replay: "replay_allocator.ReplayAllocator", row: BenchRow, args: tuple):
     """`--allocator planned`: trace one more step, lay its requests out, and run later steps at those offsets."""
-    layout = replay_allocator.plan_layout(replay.traced(lambda: step(*args)))
+    layout = plan_layout(replay.traced(lambda: step(*args)))
     replay.use(layout)
     row.note = (row.note + "; " if row.note else "") + layout.describe()
 
@@ -225,42 +230,6 @@ def _replayed(step, replay: "replay_allocator.ReplayAllocator", row: BenchRow, a
             step(*step_args)
 
     return replayed_step
-
-
-def _allocated() -> int:
-    """Bytes allocated now, from whichever allocator this process uses."""
-    replay = replay_allocator.installed()
-    return replay.counters().allocated if replay is not None else torch.cuda.memory_allocated()
-
-
-def _peaks() -> Tuple[float, float]:
-    """(peak allocated, peak reserved) GiB since the last `_reset_peaks`."""
-    replay = replay_allocator.installed()
-    if replay is None:
-        return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
-    counters = replay.counters()
-    return counters.peak_allocated / GIB, counters.peak_reserved / GIB
-
-
-def _reset_peaks() -> None:
-    replay = replay_allocator.installed()
-    if replay is None:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        replay.reset_peaks()
-
-
-def _empty_cache() -> None:
-    replay = replay_allocator.installed()
-    if replay is None:
-        torch.cuda.empty_cache()
-    else:
-        replay.release_cache()
-
-
-def _caching_stats() -> Dict:
-    """The caching allocator's statistics (none under the replay allocator, which has no retries or splits)."""
-    return torch.cuda.memory_stats() if replay_allocator.installed() is None else {}
 
 
 def fragmentation_note(row: BenchRow, replayed: bool = False) -> str:
@@ -281,11 +250,11 @@ def _steady_fragmentation(step, x, cos, sin, grad) -> str:
     Why: the timed steps start from what the warm-up reserved (torch.compile's and the kernels' first calls, other
     sizes), so their spare mixes warm-up leftovers with what a steady step itself leaves unused."""
     gc.collect()
-    _empty_cache()
-    _reset_peaks()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     step(x, cos, sin, grad)
     torch.cuda.synchronize()
-    allocated, reserved = _peaks()
+    allocated, reserved = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
     return f"; from an emptied cache {reserved - allocated:.1f} GiB ({(reserved - allocated) / allocated:.0%})"
 
 
@@ -429,7 +398,7 @@ def _mode_step(mode: str, stack: LayerStack, job: JobConfig, profile: HardwarePr
             out = x
             for layer in stack.layers:
                 out = parts.wrap(layer, out, cos, sin)
-        row.after_forward_gib = max(row.after_forward_gib, _allocated() / GIB)
+        row.after_forward_gib = max(row.after_forward_gib, torch.cuda.memory_allocated() / GIB)
         out.backward(grad)
         x.grad = None
         for p in stack.parameters():

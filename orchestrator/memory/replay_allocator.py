@@ -5,11 +5,10 @@ the restored tensors and the forward's transients still come from the caching al
 its holes are 5-8% of the peak (the allocator cannot join free blocks across segments, and within one
 segment best fit leaves holes between live tensors of other sizes). A step asks for the same sizes in the same
 order every time, so the allocator (`replay_allocator.cpp`, installed process-wide through PyTorch's pluggable
-allocator) records one step, `plan` places its requests with the planner's layout (`planner.layout`: best fit
-in a few orders, lower bound = the most bytes live at once) and later steps get those addresses back by
-request number. A request that does not match (another size or stream, or its bytes still held by a tensor
-that lived longer than in the traced step) is served by a cache of exact-size blocks and counted: the goal is
-none.
+allocator) records one step (`spec.allocation_trace`), the planner lays its requests out
+(`planner.traced_layout`) and later steps get those addresses back by request number. A request that does not
+match (another size or stream, or its bytes still held by a tensor that lived longer than in the traced step) is
+served by a cache of exact-size blocks and counted: the goal is none.
 """
 
 import ctypes
@@ -18,26 +17,20 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
 from spec.errors import LongtrainError
-from spec.plan import align
 from spec.units import GIB
 
 SOURCE = Path(__file__).with_name("replay_allocator.cpp")
-PLANNED_MIN_BYTES = 1 << 20
-"""Requests below this go to the exact-size cache: there are many of them, their bytes are few, and leaving
-them out keeps the layout problem small."""
 OUT_OF_MEMORY = "CUDA out of memory (replay allocator)"
 """How the allocator's error starts when the device is full (PyTorch raises it as a RuntimeError)."""
 TRACE, REPLAY = 1, 2
-MALLOC, FREE = 1, 2
 
 
 def library_path() -> Path:
@@ -85,57 +78,6 @@ def load_library(path: Optional[Path] = None) -> ctypes.CDLL:
 
 
 @dataclass
-class Layout:
-    """Where each traced request goes: offsets (-1: the exact-size cache) by request number."""
-
-    sizes: np.ndarray
-    offsets: np.ndarray
-    streams: np.ndarray
-    arena_bytes: int
-    lower_bound_bytes: int
-    """The most planned bytes live at once in the traced step: no layout can be smaller."""
-    planned: int
-    requests: int
-
-    def describe(self) -> str:
-        return (f"replayed layout {self.arena_bytes / GIB:.1f} GiB for {self.planned} of {self.requests} requests "
-                f"(lower bound {self.lower_bound_bytes / GIB:.1f} GiB)")
-
-
-def plan_layout(events: np.ndarray, min_bytes: int = PLANNED_MIN_BYTES) -> Layout:
-    """Offsets for a traced step's requests (rows of kind, request, size, stream; the host order is time).
-
-    Planned: requests on the step's main stream (the one most requests use), at least `min_bytes`, freed within
-    the step (a tensor that outlives the step would hold its bytes when the next step's same request comes)."""
-    from planner.layout import Buffer, arena_size, best_fit, lower_bound
-
-    mallocs = events[events[:, 0] == MALLOC]
-    requests = int(mallocs[:, 1].max()) + 1 if len(mallocs) else 0
-    sizes = np.full(requests, -1, dtype=np.int64)
-    streams = np.zeros(requests, dtype=np.int64)
-    starts = np.full(requests, -1, dtype=np.int64)
-    ends = np.full(requests, -1, dtype=np.int64)
-    for time, (kind, request, size, stream) in enumerate(events.tolist()):
-        if request < 0:
-            continue
-        if kind == MALLOC:
-            sizes[request], streams[request], starts[request] = size, stream, time
-        elif starts[request] >= 0:
-            ends[request] = time
-    main_stream = Counter(streams[sizes > 0].tolist()).most_common(1)[0][0] if requests else 0
-    chosen = [r for r in range(requests)
-              if sizes[r] >= min_bytes and ends[r] >= 0 and streams[r] == main_stream]
-    buffers = [Buffer(name=str(r), layer=0, size_bytes=align(int(sizes[r])), start=int(starts[r]), end=int(ends[r]))
-               for r in chosen]
-    offsets = np.full(requests, -1, dtype=np.int64)
-    placed = best_fit(buffers)
-    for index, request in enumerate(chosen):
-        offsets[request] = placed[index]
-    return Layout(sizes=sizes, offsets=offsets, streams=streams, arena_bytes=arena_size(buffers, placed),
-                  lower_bound_bytes=lower_bound(buffers), planned=len(chosen), requests=requests)
-
-
-@dataclass
 class Counters:
     """The allocator's counters (bytes unless named otherwise)."""
 
@@ -161,10 +103,11 @@ class ReplayAllocator:
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        self.layout: Optional[Layout] = None
+        self.layout = None
+        """The layout in use (`planner.traced_layout.TracedLayout`): its arrays are read in place by the allocator."""
 
     def traced(self, step: Callable[[], None]) -> np.ndarray:
-        """Run one step with its requests recorded: rows of (kind, request, size, stream)."""
+        """Run one step with its requests recorded (`spec.allocation_trace` rows)."""
         self.lib.replay_begin(TRACE)
         try:
             step()
@@ -176,8 +119,10 @@ class ReplayAllocator:
             self.lib.replay_events(events.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
         return events
 
-    def use(self, layout: Layout) -> None:
-        """Reserve the layout's arena (the cache returned first) and serve later step windows from it."""
+    def use(self, layout) -> None:
+        """Reserve the layout's arena (the cache returned first) and serve later step windows from it: request i of
+        a window at `layout.offsets[i]` (-1: the cache) if its size and stream are `layout.sizes[i]` and
+        `layout.streams[i]` (int64 arrays), in a buffer of `layout.arena_bytes`."""
         pointer = ctypes.POINTER(ctypes.c_int64)
         status = self.lib.replay_set_plan(layout.sizes.ctypes.data_as(pointer), layout.offsets.ctypes.data_as(pointer),
                                           layout.streams.ctypes.data_as(pointer), len(layout.sizes),
@@ -215,6 +160,30 @@ class ReplayAllocator:
         self.lib.replay_release_cache()
 
 
+def statistics_functions(replay: ReplayAllocator) -> Dict[str, Callable]:
+    """`torch.cuda`'s memory statistics answered from the replay allocator's counters.
+
+    Why: PyTorch's pluggable allocator has no statistics (`memory_stats` raises), yet the bench, the trainer's
+    metrics and DeepSpeed (ZeRO-3's step, the bf16 optimizer's setup) read them. Every other statistic of
+    `torch.cuda` (`memory_allocated`, `max_memory_reserved`, ...) is read through `memory_stats`. The caching
+    allocator's retries and split blocks do not exist here: 0."""
+
+    def memory_stats(device=None) -> Dict[str, int]:
+        counters = replay.counters()
+        return {"allocated_bytes.all.current": counters.allocated, "allocated_bytes.all.peak": counters.peak_allocated,
+                "reserved_bytes.all.current": counters.reserved, "reserved_bytes.all.peak": counters.peak_reserved,
+                "num_alloc_retries": 0, "num_ooms": 0, "inactive_split_bytes.all.peak": 0}
+
+    def reset_peak_memory_stats(device=None) -> None:
+        replay.reset_peaks()
+
+    def empty_cache() -> None:
+        replay.release_cache()
+
+    return {"memory_stats": memory_stats, "reset_peak_memory_stats": reset_peak_memory_stats,
+            "empty_cache": empty_cache}
+
+
 _installed: Optional[ReplayAllocator] = None
 
 
@@ -241,6 +210,9 @@ def install() -> ReplayAllocator:
         raise LongtrainError("--allocator planned must be chosen before CUDA memory is first used in this "
                              f"process ({error})") from error
     _installed = ReplayAllocator(lib)
+    for name, function in statistics_functions(_installed).items():
+        setattr(torch.cuda.memory, name, function)  # what `memory_allocated` and its family call
+        setattr(torch.cuda, name, function)
     return _installed
 
 

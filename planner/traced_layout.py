@@ -1,0 +1,71 @@
+"""MEMO's layout of a traced step: every transient request of one training step at an offset in one buffer.
+
+Why: the static layout (`planner.schedule`) covers what the planner schedules analytically; autograd's gradients,
+restored tensors and the forward's transients are only known by running a step. A step asks for the same sizes in
+the same order every time, so one traced step (`spec.allocation_trace`, recorded by the runtime's replay allocator)
+is laid out here with the same best fit as the plan's arena (`planner.layout`), and later steps are served at these
+offsets by request number.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.layout import Buffer, arena_size, best_fit, lower_bound
+from spec.allocation_trace import MALLOC
+from spec.plan import align
+from spec.units import GIB
+
+PLANNED_MIN_BYTES = 1 << 20
+"""Requests below this go to the runtime's exact-size cache: there are many of them, their bytes are few, and leaving
+them out keeps the layout problem small."""
+
+
+@dataclass
+class TracedLayout:
+    """Where each traced request goes: offsets (-1: the exact-size cache) by request number."""
+
+    sizes: np.ndarray
+    offsets: np.ndarray
+    streams: np.ndarray
+    arena_bytes: int
+    lower_bound_bytes: int
+    """The most planned bytes live at once in the traced step: no layout can be smaller."""
+    planned: int
+    requests: int
+
+    def describe(self) -> str:
+        return (f"replayed layout {self.arena_bytes / GIB:.1f} GiB for {self.planned} of {self.requests} requests "
+                f"(lower bound {self.lower_bound_bytes / GIB:.1f} GiB)")
+
+
+def plan_layout(events: np.ndarray, min_bytes: int = PLANNED_MIN_BYTES) -> TracedLayout:
+    """Offsets for a traced step's requests (`spec.allocation_trace` rows).
+
+    Planned: requests on the step's main stream (the one most requests use), at least `min_bytes`, freed within
+    the step (a tensor that outlives the step would hold its bytes when the next step's same request comes)."""
+    mallocs = events[events[:, 0] == MALLOC]
+    requests = int(mallocs[:, 1].max()) + 1 if len(mallocs) else 0
+    sizes = np.full(requests, -1, dtype=np.int64)
+    streams = np.zeros(requests, dtype=np.int64)
+    starts = np.full(requests, -1, dtype=np.int64)
+    ends = np.full(requests, -1, dtype=np.int64)
+    for time, (kind, request, size, stream) in enumerate(events.tolist()):
+        if request < 0:
+            continue
+        if kind == MALLOC:
+            sizes[request], streams[request], starts[request] = size, stream, time
+        elif starts[request] >= 0:
+            ends[request] = time
+    main_stream = Counter(streams[sizes > 0].tolist()).most_common(1)[0][0] if requests else 0
+    chosen = [r for r in range(requests)
+              if sizes[r] >= min_bytes and ends[r] >= 0 and streams[r] == main_stream]
+    buffers = [Buffer(name=str(r), layer=0, size_bytes=align(int(sizes[r])), start=int(starts[r]), end=int(ends[r]))
+               for r in chosen]
+    offsets = np.full(requests, -1, dtype=np.int64)
+    placed = best_fit(buffers)
+    for index, request in enumerate(chosen):
+        offsets[request] = placed[index]
+    return TracedLayout(sizes=sizes, offsets=offsets, streams=streams, arena_bytes=arena_size(buffers, placed),
+                        lower_bound_bytes=lower_bound(buffers), planned=len(chosen), requests=requests)
