@@ -111,7 +111,7 @@ def solve_layout(buffers: List[Buffer], time_limit_seconds: float) -> LayoutResu
         if len(pairs) > MAX_MIP_PAIRS:
             status = f"greedy kept (MIP skipped: {len(pairs)} overlapping pairs > {MAX_MIP_PAIRS})"
         else:
-            found = _solve_mip(buffers, pairs, greedy_arena, time_limit_seconds)
+            found = _solve_mip(buffers, pairs, greedy_arena, bound, time_limit_seconds)
             solver, status = found["solver"], found["status"]
             if found["offsets"] is not None and arena_size(buffers, found["offsets"]) < greedy_arena:
                 offsets = found["offsets"]
@@ -124,14 +124,16 @@ def solve_layout(buffers: List[Buffer], time_limit_seconds: float) -> LayoutResu
                         solve_seconds=time.perf_counter() - started)
 
 
-def _solve_mip(buffers: List[Buffer], pairs, big_m: int, time_limit_seconds: float) -> Dict:
-    """Integer offsets in units of ALIGN_BYTES (sizes are aligned), so the solution is exact, not rounded."""
+def _solve_mip(buffers: List[Buffer], pairs, big_m: int, bound: int, time_limit_seconds: float) -> Dict:
+    """Integer offsets in units of ALIGN_BYTES (sizes are aligned), so the solution is exact, not rounded. The arena
+    starts at the lower bound (`bound`): the relaxation alone proves little, so a solver that reached the bound
+    would otherwise search on until its time limit (5 s for an 11-buffer step layout)."""
     assert all(b.size_bytes % ALIGN_BYTES == 0 for b in buffers), "layout buffers must be aligned"
     units = [b.size_bytes // ALIGN_BYTES for b in buffers]
     limit = big_m // ALIGN_BYTES
     problem = pulp.LpProblem("memory_layout", pulp.LpMinimize)
     offset = [problem.add_variable(f"o{i}", 0, limit - u, cat="Integer") for i, u in enumerate(units)]
-    arena = problem.add_variable("arena", 0, limit)
+    arena = problem.add_variable("arena", -(-bound // ALIGN_BYTES), limit)
     problem += arena
     for i, u in enumerate(units):
         problem += offset[i] + u <= arena
