@@ -21,10 +21,15 @@ MAIN, SIDE = 7, 9
 
 
 @pytest.fixture(scope="module")
-def allocator(tmp_path_factory):
-    import os
+def build_cache(tmp_path_factory):
+    """One build of the allocator for the module (its subprocesses too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LONGTRAIN_BUILD_CACHE", str(tmp_path_factory.mktemp("build")))
+        yield
 
-    os.environ["LONGTRAIN_BUILD_CACHE"] = str(tmp_path_factory.mktemp("build"))
+
+@pytest.fixture(scope="module")
+def allocator(build_cache):
     lib = replay_allocator.load_library()
     libc = ctypes.CDLL(None)
     libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
@@ -196,14 +201,15 @@ print("returned", lib.replay_malloc(3 << 30, 0, 7), flush=True)
 """
 
 
-def test_a_full_device_throws_a_named_out_of_memory_error_under_pytorch_and_returns_null_otherwise(tmp_path):
+def test_a_full_device_throws_a_named_out_of_memory_error_under_pytorch_and_returns_null_otherwise(build_cache):
     """Under PyTorch the allocator throws (PyTorch raises it in Python); a null pointer handed back would be
     written to by the next kernel. Here the exception cannot cross ctypes, so the process ends on it, saying what."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "LONGTRAIN_BUILD_CACHE": str(tmp_path)}
+    replay_allocator.library_path()  # built here once, not in each process
+    env = dict(os.environ)
     quiet = subprocess.run([sys.executable, "-c", FULL_DEVICE, "0"], capture_output=True, text=True, env=env)
     assert quiet.returncode == 0 and "returned None" in quiet.stdout, quiet.stderr
     loud = subprocess.run([sys.executable, "-c", FULL_DEVICE, "1"], capture_output=True, text=True, env=env)
