@@ -53,7 +53,8 @@ def library_path() -> Path:
                        check=True, capture_output=True, text=True)
         os.replace(built, target)
     except subprocess.CalledProcessError as error:
-        raise LongtrainError(f"building {SOURCE.name} failed: {error.stderr.strip().splitlines()[-1:]}") from error
+        last = (error.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LongtrainError(f"building {SOURCE} with {compiler} failed: {last}") from error
     finally:
         built.unlink(missing_ok=True)
     return target
@@ -223,15 +224,11 @@ def installed() -> Optional[ReplayAllocator]:
 
 def _cuda_runtime() -> ctypes.CDLL:
     """The CUDA runtime library PyTorch loaded (found in this process's mappings, so it is the same copy)."""
-    names: List[str] = []
     with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.split()[-1]
-            if "libcudart.so" in Path(path).name and path not in names:
-                names.append(path)
-    for path in names:
-        return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
-    raise LongtrainError("--allocator planned: PyTorch's CUDA runtime (libcudart) is not loaded in this process")
+        loaded: List[str] = [line.split()[-1] for line in maps if "libcudart.so" in line]
+    if not loaded:
+        raise LongtrainError("--allocator planned: PyTorch's CUDA runtime (libcudart) is not loaded in this process")
+    return ctypes.CDLL(loaded[0], mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
 
 
 def _synchronize() -> None:
