@@ -120,7 +120,7 @@ def _fitted_layout(job: JobConfig, profile: HardwareProfile, solved):
 
 def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, LayoutResult, LayoutResult]:
     """The plan of a feasible policy: its layer block and step laid out in the arena, and the runtime arena."""
-    cost, policy, inputs, _ = solved
+    cost, policy, inputs, block = solved
     _round_fractions(policy)
     decisions = policy.decisions
     factors = [inputs.int8_factor if d.swap_codec == "int8" else 1.0 for d in policy.decisions]
@@ -129,16 +129,16 @@ def _lay_out(job: JobConfig, profile: HardwareProfile, solved) -> Tuple[Plan, La
         if inputs.compression_spec != "none" else plain
     compressed = [d.activation_compression != "none" for d in policy.decisions]
     layers = [compact[i] if compressed[i] else plain[i] for i in range(len(plain))]
+    block_of = dict(layer=largest_layer(plain))  # the block `solved` laid out for the MIP
     if keeps_everything(decisions):
         block_of = dict(layer=largest_layer(plain), plain=True)
+        block = solve_layout(layer_block_buffers(**block_of), job.plan.time_limit_seconds)
     elif any(compressed):  # the working set the MIP counted: the largest of the layers' own, compressed or not
         needed = [inputs.compressed_block_bytes[i] if compressed[i] else inputs.layer_block_bytes[i]
                   for i in range(len(plain))]
         i = needed.index(max(needed))
         block_of = dict(layer=plain[i], compact=compact[i] if compressed[i] else None)
-    else:
-        block_of = dict(layer=largest_layer(plain))
-    block = solve_layout(layer_block_buffers(**block_of), job.plan.time_limit_seconds)
+        block = solve_layout(layer_block_buffers(**block_of), job.plan.time_limit_seconds)
     halves = tuple(solve_layout(layer_block_buffers(**block_of, part=part), job.plan.time_limit_seconds).arena_bytes
                    for part in ("forward", "backward"))
     forward_bytes, backward_bytes, block = _block_halves(job, decisions, plain, inputs, block, halves)
