@@ -15,17 +15,19 @@ def run_bench_command(layers: int, seq_lens: List[int], modes: List[str], repeat
                       elementwise: str = "eager", attention_kernel: str = "sdpa", allocator: str = "caching") -> int:
     import torch
 
+    from launch.cli import BENCH_MODES
+
+    unknown = sorted(set(modes) - set(BENCH_MODES))  # the flags first: a typo is named on any machine
+    if unknown:
+        raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(BENCH_MODES)}")
+    hand_policy = parse_policy(policy) if policy else None
     if allocator == "planned":  # before anything initialises CUDA (the imports below may)
         from orchestrator.memory import replay_allocator
 
         replay_allocator.install()
-    from launch.measure.bench import MODES, BenchOptions, longest_trained, run_bench
+    from launch.measure.bench import BenchOptions, longest_trained, run_bench
     from spec.hardware import detect_profile_name, load_profile
 
-    unknown = sorted(set(modes) - set(MODES))  # the flags first: a typo is named on any machine
-    if unknown:
-        raise LongtrainError(f"--modes {','.join(unknown)} unknown; valid: {','.join(MODES)}")
-    hand_policy = parse_policy(policy) if policy else None
     if not torch.cuda.is_available():
         raise LongtrainError("longtrain bench measures a GPU and this machine has no CUDA device; run it on the "
                              "GPU machine (see README, 'On a GPU')")
