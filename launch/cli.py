@@ -9,7 +9,7 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from spec.config.schema import ATTENTION_KERNELS, ELEMENTWISE
+from spec.config.schema import ALLOCATORS, ATTENTION_KERNELS, ELEMENTWISE
 from spec.errors import LongtrainError
 
 EXIT_USER_ERROR = 2
@@ -119,9 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="sdpa",
                        help="the layers' causal attention: PyTorch SDPA, FlashAttention-4 (the flash-attn-4 "
                             "package), or auto: the faster at each length by the profile (train.attention_kernel)")
-    bench.add_argument("--allocator", choices=("caching", "planned"), default="caching",
+    bench.add_argument("--allocator", choices=ALLOCATORS, default="caching",
                        help="device allocator: PyTorch's caching one, or planned: one step traced, its requests laid "
-                            "out offline and later steps served at those offsets (MEMO's executor)")
+                            "out offline and later steps served at those offsets (MEMO's executor; train.allocator)")
     bench.set_defaults(handler=_bench)
     predictors = _command(commands, "train-predictors", help="fit token elimination's block-score predictors",
                           description="longtrain train-predictors [CONFIG.yaml] [key=value ...] "

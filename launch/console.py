@@ -102,7 +102,7 @@ def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
             f"{tflops:7.3f} TFLOP/s/worker | "
             f"MFU/node {mfu} | peak mem {mem:.2f} GiB | host {host:.2f} GiB (swap {swap:.2f}) | "
             f"step {worst['step_seconds']:.3f} s "
-            f"(slowest rank {worst['rank']}){_arena(rows)}")
+            f"(slowest rank {worst['rank']}){_arena(rows)}{_replayed(rows)}")
 
 
 def _arena(rows: List[Dict]) -> str:
@@ -114,6 +114,17 @@ def _arena(rows: List[Dict]) -> str:
     count = sum(r.get("arena_fallbacks", 0) for r in rows)
     moved = sum(r.get("arena_fallback_gib", 0.0) for r in rows)
     return f" | arena {size:.2f} GiB, {count} fallbacks" + (f" ({moved:.2f} GiB to the allocator)" if count else "")
+
+
+def _replayed(rows: List[Dict]) -> str:
+    """' | replayed 79.90 GiB, 0 fallbacks' once train.allocator=planned has laid a step out: the requests of this
+    step (all ranks) the layout covers that missed their offsets and went to the exact-size cache."""
+    size = max(r.get("replayed_gib", 0.0) for r in rows)
+    if not size:
+        return ""
+    count = sum(r.get("replay_fallbacks", 0) for r in rows)
+    moved = sum(r.get("replay_fallback_gib", 0.0) for r in rows)
+    return f" | replayed {size:.2f} GiB, {count} fallbacks" + (f" ({moved:.2f} GiB to the cache)" if count else "")
 
 
 def _lr_and_grad_norm(row: Dict) -> str:

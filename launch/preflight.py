@@ -28,6 +28,7 @@ def check_job(job: JobConfig) -> None:
     _check_local_devices(job)
     _check_attention_kernel(job)  # before the data: preparing documents writes their cache
     _check_memory_snapshot(job)
+    _check_allocator(job)
     _check_data(job)
     _check_profile(job)
     _check_plan(job)
@@ -86,6 +87,25 @@ def _check_memory_snapshot(job: JobConfig) -> None:
         raise ConfigError(f"metrics.memory_snapshot_steps ({job.metrics.memory_snapshot_steps}) records the CUDA "
                           "caching allocator and these workers run on CPU; set metrics.memory_snapshot_steps=0 or "
                           "cluster.use_gpu=true")
+
+
+def _check_allocator(job: JobConfig) -> None:
+    """train.allocator=planned replaces CUDA's allocator in the workers: CUDA workers only, and not with the
+    caching allocator's own recorder; a local run builds the allocator here (a missing compiler is one line now,
+    not a failed worker later)."""
+    if job.train.allocator != "planned":
+        return
+    if not uses_cuda(job.cluster):
+        raise ConfigError("train.allocator=planned replaces the CUDA allocator and these workers run on CPU; set "
+                          "train.allocator=caching or cluster.use_gpu=true")
+    if job.metrics.memory_snapshot_steps:
+        raise ConfigError(f"metrics.memory_snapshot_steps ({job.metrics.memory_snapshot_steps}) records CUDA's "
+                          "caching allocator, which train.allocator=planned replaces; set "
+                          "metrics.memory_snapshot_steps=0 or train.allocator=caching")
+    if job.cluster.address == "local":
+        from orchestrator.memory import replay_allocator
+
+        replay_allocator.library_path()
 
 
 def _check_predictors(job: JobConfig) -> None:

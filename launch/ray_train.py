@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
@@ -135,7 +136,8 @@ def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
         _worker_loop,
         train_loop_config={"job": job, "run_dir": str(run_dir), "board": board, "initial": initial,
                            "env": accelerator_env(gpu)},
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        torch_config=(PlannedAllocatorConfig if job.train.allocator == "planned" else TorchConfig)(
+            backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.cluster.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=job.cluster.placement_strategy),
@@ -153,6 +155,30 @@ def run_workers(job: JobConfig, run_dir: Path, initial: Optional[CheckpointRef],
         on_message(message)
     if "error" in outcome:
         raise outcome["error"]
+
+
+class PlannedAllocatorConfig(TorchConfig):
+    """Ray Train's torch setup with the replay allocator installed in every worker first (train.allocator=planned).
+
+    Why here: PyTorch swaps a process's CUDA allocator only before CUDA's first use, and Ray Train selects the
+    worker's device (`torch.cuda.set_device`, which initialises the allocator) before the training loop runs. The
+    backend's start runs on the workers after their devices are made visible and before the process group."""
+
+    @property
+    def backend_cls(self):
+        return _PlannedAllocatorBackend
+
+
+class _PlannedAllocatorBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config) -> None:
+        worker_group.execute(_install_replay_allocator)
+        super().on_start(worker_group, backend_config)
+
+
+def _install_replay_allocator() -> None:
+    from orchestrator.memory import replay_allocator
+
+    replay_allocator.install()
 
 
 class _Trainer(TorchTrainer):

@@ -49,6 +49,11 @@ class StepReading:
     arena_fallbacks: int = 0
     """Slice sets of this step that did not fit their planned region and went to the caching allocator."""
     arena_fallback_gib: float = 0.0
+    replayed_gib: float = 0.0
+    """The traced step's layout under train.allocator=planned (0: none yet, or the caching allocator)."""
+    replay_fallbacks: int = 0
+    """Requests of this step the layout covers that missed their offsets and went to the exact-size cache."""
+    replay_fallback_gib: float = 0.0
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -78,7 +83,8 @@ class StepMeter:
 
     def stop(self, step: int, loss: float, lr: float, tokens: int, swap_host_bytes: int = 0,
              grad_norm: Optional[float] = None, arena_bytes: int = 0,
-             arena_fallbacks: Tuple[int, int] = (0, 0)) -> StepReading:
+             arena_fallbacks: Tuple[int, int] = (0, 0), replayed_bytes: int = 0,
+             replay_fallbacks: Tuple[int, int] = (0, 0)) -> StepReading:
         _synchronize()
         seconds = max(time.perf_counter() - self._started, 1e-9)
         flops, flops_full = self._flops(tokens)
@@ -93,7 +99,8 @@ class StepMeter:
                            grad_norm=grad_norm,
                            attention="sequence" if self._document_squares is None else "documents",
                            arena_gib=arena_bytes / GIB, arena_fallbacks=arena_fallbacks[0],
-                           arena_fallback_gib=arena_fallbacks[1] / GIB)
+                           arena_fallback_gib=arena_fallbacks[1] / GIB, replayed_gib=replayed_bytes / GIB,
+                           replay_fallbacks=replay_fallbacks[0], replay_fallback_gib=replay_fallbacks[1] / GIB)
 
 
     def _flops(self, tokens: int) -> tuple:

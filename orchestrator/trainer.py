@@ -20,7 +20,8 @@ from orchestrator.data import RankSampler, build_windows
 from orchestrator.ds_config import deepspeed_config, resolve_precision
 from orchestrator import sequence_parallel
 from orchestrator import attention, elementwise
-from orchestrator.memory import apply_plan, compressed
+from orchestrator.memory import apply_plan, compressed, replay_allocator
+from orchestrator.memory.replayed_steps import ReplayedSteps
 from orchestrator.metrics import StepMeter
 from orchestrator.nonfinite import step_is_usable
 from orchestrator.process_group import init_process_group
@@ -82,12 +83,14 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
     meter = StepMeter(job.model, job.data.seq_len, profile.peak_tflops(precision), worker.rank, worker.node)
     last_step = job.train.stop_at_step or job.train.max_steps
     snapshot = memory_snapshot.Recorder(job.metrics.memory_snapshot_steps, start_step, run_dir, worker.rank)
+    replayed = ReplayedSteps(_replay_allocator(job), start_step + 1)
     for step in range(start_step + 1, last_step + 1):
         skipped_before = engine.skipped_steps
-        loss = _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group)
+        loss = replayed.run(step, lambda: _train_step(engine, sampler, job.train.grad_accum_steps, meter, sp_group))
         reading = meter.stop(step, loss, scheduler.get_last_lr()[0], dims.tokens_per_step_per_rank,
                              swap_host_bytes=memory.host_bytes, grad_norm=_grad_norm(engine),
-                             arena_bytes=memory.arena_bytes, arena_fallbacks=memory.step_arena_fallbacks())
+                             arena_bytes=memory.arena_bytes, arena_fallbacks=memory.step_arena_fallbacks(),
+                             replayed_bytes=replayed.layout_bytes, replay_fallbacks=replayed.step_fallbacks())
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
         snapshot.after_step(step)
         if not step_is_usable(engine, step, loss, skipped_before, job.train.on_nonfinite,
@@ -134,6 +137,18 @@ def _set_device_and_threads(worker: WorkerInfo, use_cuda: bool, cpus_per_worker:
     else:
         torch.set_num_threads(cpus_per_worker)
     os.environ.setdefault("LOCAL_RANK", str(worker.local_rank))
+
+
+def _replay_allocator(job: JobConfig) -> Optional[replay_allocator.ReplayAllocator]:
+    """The replay allocator under train.allocator=planned: installed by the launcher before CUDA's first use in
+    this process (`launch.ray_train`), since Ray Train selects the worker's device before the loop starts."""
+    if job.train.allocator != "planned":
+        return None
+    replay = replay_allocator.installed()
+    if replay is None:
+        raise RuntimeError("train.allocator=planned, but the launcher did not install the replay allocator in this "
+                           "worker (orchestrator.memory.replay_allocator.install, before CUDA is first used)")
+    return replay
 
 
 def _resume(engine, checkpoints: CheckpointManager, sampler: RankSampler, source: Optional[CheckpointRef],

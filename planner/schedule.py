@@ -11,7 +11,7 @@ token-wise share, the swap staging buffers, and the head's buffers.
 from typing import Dict, List, Sequence
 
 from planner.cost_model import LayerCost
-from planner.layout import Buffer
+from spec.placement import Buffer
 from spec.plan import LayerPlan, align
 from spec.activations import ATTENTION_GROUP, LAYER_INPUT, TOKEN_WISE, token_ranges
 

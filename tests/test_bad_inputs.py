@@ -62,6 +62,9 @@ BAD = {
                                  "metrics.memory_snapshot_steps (-1) must be >= 0"),
     "memory snapshot on CPU": (["train", "cluster.use_gpu=false", "metrics.memory_snapshot_steps=2"],
                                "metrics.memory_snapshot_steps (2) records the CUDA caching allocator"),
+    "unknown allocator": (["train", "train.allocator=arena"], "train.allocator ('arena') must be one of caching, planned"),
+    "planned allocator on CPU": (["train", "cluster.use_gpu=false", "train.allocator=planned"],
+                                 "train.allocator=planned replaces the CUDA allocator and these workers run on CPU"),
     "unknown on_nonfinite": (["train", "train.on_nonfinite=maybe"], "train.on_nonfinite ('maybe') must be one of"),
     # hardware profiles
     "profile of wrong type": (["plan", "--profile", "hw_type.yaml"], "devices_per_node has a value of the wrong type"),

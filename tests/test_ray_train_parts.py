@@ -50,3 +50,20 @@ def test_a_local_run_asks_for_its_workers_without_an_autoscaling_coordinator():
     with pytest.raises(AssertionError):  # Ray Train's own needs its coordinator
         FixedScalingPolicy(scaling).make_decision_for_non_running_worker_group()
     assert not ray.is_initialized()
+
+
+def test_a_planned_allocator_run_sets_the_workers_up_through_its_own_torch_backend():
+    """train.allocator=planned: Ray Train's backend setup (run on the workers before the process group and the
+    loop) is ours, which installs the replay allocator first; it runs on GPU workers (tests/test_replay_allocator_gpu.py
+    and the lent-GPU `longtrain train` runs in docs/log.md)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.torch.config import _TorchBackend
+
+    from launch.ray_train import PlannedAllocatorConfig, _PlannedAllocatorBackend
+
+    trainer = TorchTrainer(lambda config: None, torch_config=PlannedAllocatorConfig(backend="nccl"),
+                           scaling_config=ScalingConfig(num_workers=2))
+    setup = [c for c in trainer._create_default_callbacks() if type(c).__name__ == "BackendSetupCallback"]
+    assert len(setup) == 1 and type(setup[0]._backend) is _PlannedAllocatorBackend
+    assert issubclass(_PlannedAllocatorBackend, _TorchBackend)

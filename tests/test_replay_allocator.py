@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from orchestrator.memory import replay_allocator
-from planner.traced_layout import plan_layout
-from spec.allocation_trace import FREE, MALLOC
+from orchestrator.memory.replayed_steps import ReplayedSteps
+from orchestrator.memory.traced_layout import FREE, MALLOC, plan_layout
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="the replay allocator is built with the system's C++ compiler; none here")
@@ -155,6 +155,31 @@ def test_peaks_count_live_bytes_and_what_the_cache_holds(allocator):
     assert after.reserved - start.reserved == 10 * MIB  # both blocks cached, in 2 MiB multiples: 4 + 6
     allocator.release_cache()
     assert allocator.counters().reserved == start.reserved
+
+
+def test_a_run_warms_up_traces_its_second_step_and_serves_the_rest_at_its_offsets(allocator):
+    """train.allocator=planned's loop (`ReplayedSteps`): step 1 of a run (here resumed after step 6) from the cache,
+    step 7 traced and laid out, later steps at the same addresses; a step that asks for other sizes is counted."""
+    allocator.drop()
+
+    def step(program):
+        seen, live = run(allocator, program)
+        _free_all(allocator, live)
+        return {name: address for name, (address, _) in seen.items()}
+
+    steps = ReplayedSteps(allocator, first_step=6)
+    steps.run(6, lambda: step(STEP))
+    assert steps.layout_bytes == 0 and allocator.layout is None
+    steps.run(7, lambda: step(STEP))
+    assert steps.layout_bytes == 14 * MIB
+    assert steps.step_fallbacks() == (0, 0)
+    replayed = [steps.run(n, lambda: step(STEP)) for n in (8, 9)]
+    assert replayed[0] == replayed[1]
+    assert steps.step_fallbacks() == (0, 0)
+    other = [("a", "x", 8 * MIB), ("a", "h", 5 * MIB), ("f", "x"), ("f", "h")]
+    steps.run(10, lambda: step(other))
+    assert steps.step_fallbacks() == (1, 5 * MIB)
+    allocator.drop()
 
 
 def _free_all(allocator, live, stream=MAIN):

@@ -59,7 +59,7 @@ def step():  # like the bench's step: the gradients are read and freed inside it
 step()
 counters = {}
 if replay is not None:
-    from planner.traced_layout import plan_layout
+    from orchestrator.memory.traced_layout import plan_layout
     layout = plan_layout(replay.traced(step))
     replay.use(layout)
     replay.reset_peaks()

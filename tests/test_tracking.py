@@ -49,6 +49,17 @@ def test_step_line_reports_the_arena_and_its_fallbacks():
         "| arena 12.90 GiB, 2 fallbacks (1.50 GiB to the allocator)")
 
 
+def test_step_line_reports_the_replayed_layout_and_its_fallbacks():
+    rows = [_row(0, 10), _row(1, 10)]
+    assert "replayed" not in step_line(10, 2.5, rows, node_rows(rows))  # the caching allocator, or no layout yet
+    for row in rows:
+        row.update(replayed_gib=79.9, replay_fallbacks=0, replay_fallback_gib=0.0)
+    assert step_line(10, 2.5, rows, node_rows(rows)).endswith("| replayed 79.90 GiB, 0 fallbacks")
+    rows[0].update(replay_fallbacks=3, replay_fallback_gib=0.25)
+    assert step_line(10, 2.5, rows, node_rows(rows)).endswith(
+        "| replayed 79.90 GiB, 3 fallbacks (0.25 GiB to the cache)")
+
+
 def test_step_line_carries_lr_and_grad_norm():
     rows = [_row(0, 10), _row(1, 10)]
     line = step_line(10, 2.5, rows, node_rows(rows))

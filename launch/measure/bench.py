@@ -44,7 +44,7 @@ from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 from spec.hardware import HardwareProfile
 from spec.plan import LayerPlan
 from planner.planning import PlanInfeasible, make_plan
-from planner.traced_layout import plan_layout
+from orchestrator.memory.traced_layout import plan_layout
 from spec.units import GIB
 
 COMPRESSION_MODES = {

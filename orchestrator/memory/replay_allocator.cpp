@@ -4,7 +4,7 @@
  * the holes between live tensors of other sizes grow (5% of the peak at 256K tokens even from an emptied
  * cache, with or without expandable segments). A training step asks for the same sizes in the same order
  * every time, so one traced step is enough to lay every request out in one buffer, lifetimes known
- * (`planner.traced_layout` places it); later steps get those addresses back by request number.
+ * (`traced_layout.py` places it); later steps get those addresses back by request number.
  *
  * Installed through torch.cuda.memory.CUDAPluggableAllocator, so it serves every device allocation of the
  * process. Outside a step window, and for any request that does not match the plan (another size or stream,
@@ -49,7 +49,7 @@ typedef struct {
 } Cached;
 
 typedef struct {
-    int64_t kind; /* 1 malloc, 2 free: a row of spec/allocation_trace.py */
+    int64_t kind; /* 1 malloc, 2 free: a row of traced_layout.py's trace */
     int64_t request;
     int64_t size;
     int64_t stream;

@@ -5,10 +5,10 @@ the restored tensors and the forward's transients still come from the caching al
 its holes are 5-8% of the peak (the allocator cannot join free blocks across segments, and within one
 segment best fit leaves holes between live tensors of other sizes). A step asks for the same sizes in the same
 order every time, so the allocator (`replay_allocator.cpp`, installed process-wide through PyTorch's pluggable
-allocator) records one step (`spec.allocation_trace`), the planner lays its requests out
-(`planner.traced_layout`) and later steps get those addresses back by request number. A request that does not
-match (another size or stream, or its bytes still held by a tensor that lived longer than in the traced step) is
-served by a cache of exact-size blocks and counted: the goal is none.
+allocator) records one step, `traced_layout` lays its requests out with the planner's best fit, and later steps get
+those addresses back by request number. A request that does not match (another size or stream, or its bytes still
+held by a tensor that lived longer than in the traced step) is served by a cache of exact-size blocks and counted:
+the goal is none.
 """
 
 import ctypes
@@ -43,8 +43,9 @@ def library_path() -> Path:
         return target
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
-        raise LongtrainError("--allocator planned needs a C++ compiler (c++) to build orchestrator/memory/"
-                             "replay_allocator.cpp; install g++ or use --allocator caching")
+        raise LongtrainError("the planned allocator (--allocator planned, train.allocator=planned) needs a C++ "
+                             "compiler (c++) to build orchestrator/memory/replay_allocator.cpp; install g++ or use "
+                             "the caching allocator")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=root, suffix=".so", delete=False) as partial:
         built = Path(partial.name)
@@ -105,10 +106,10 @@ class ReplayAllocator:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         self.layout = None
-        """The layout in use (`planner.traced_layout.TracedLayout`): its arrays are read in place by the allocator."""
+        """The layout in use (`traced_layout.TracedLayout`): its arrays are read in place by the allocator."""
 
     def traced(self, step: Callable[[], None]) -> np.ndarray:
-        """Run one step with its requests recorded (`spec.allocation_trace` rows)."""
+        """Run one step with its requests recorded (`traced_layout`'s rows)."""
         self.lib.replay_begin(TRACE)
         try:
             step()
@@ -196,7 +197,8 @@ def install() -> ReplayAllocator:
     import torch
 
     if not torch.cuda.is_available():
-        raise LongtrainError("--allocator planned needs a CUDA GPU (none is visible); use --allocator caching")
+        raise LongtrainError("the planned allocator (--allocator planned, train.allocator=planned) needs a CUDA GPU "
+                             "(none is visible); use the caching allocator")
     path = library_path()
     lib = load_library(path)
     cudart = _cuda_runtime()
@@ -208,7 +210,7 @@ def install() -> ReplayAllocator:
         torch.cuda.memory.change_current_allocator(
             torch.cuda.memory.CUDAPluggableAllocator(str(path), "replay_malloc", "replay_free"))
     except RuntimeError as error:
-        raise LongtrainError("--allocator planned must be chosen before CUDA memory is first used in this "
+        raise LongtrainError("the planned allocator must be installed before CUDA memory is first used in this "
                              f"process ({error})") from error
     _installed = ReplayAllocator(lib)
     for name, function in statistics_functions(_installed).items():
@@ -227,7 +229,7 @@ def _cuda_runtime() -> ctypes.CDLL:
     with open("/proc/self/maps") as maps:
         loaded: List[str] = [line.split()[-1] for line in maps if "libcudart.so" in line]
     if not loaded:
-        raise LongtrainError("--allocator planned: PyTorch's CUDA runtime (libcudart) is not loaded in this process")
+        raise LongtrainError("the planned allocator: PyTorch's CUDA runtime (libcudart) is not loaded in this process")
     return ctypes.CDLL(loaded[0], mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
 
 

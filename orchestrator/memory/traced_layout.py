@@ -2,9 +2,12 @@
 
 Why: the static layout (`planner.schedule`) covers what the planner schedules analytically; autograd's gradients,
 restored tensors and the forward's transients are only known by running a step. A step asks for the same sizes in
-the same order every time, so one traced step (`spec.allocation_trace`, recorded by the runtime's replay allocator)
-is laid out here with the same best fit as the plan's arena (`planner.layout`), and later steps are served at these
-offsets by request number.
+the same order every time, so one traced step (recorded by `replay_allocator`) is laid out here with the same best
+fit as the plan's arena (`spec.placement`), and later steps are served at these offsets by request number.
+
+The trace: one row per event in host order, (kind, request, size, stream): kind `MALLOC` or `FREE`; request, the
+allocation's number in the step window (from 0; -1 for a free of a block allocated before the window); size in
+bytes; the stream handle it was allocated on. The row's index is its time.
 """
 
 from collections import Counter
@@ -12,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.layout import Buffer, arena_size, best_fit, lower_bound
-from spec.allocation_trace import MALLOC
+from spec.placement import Buffer, arena_size, best_fit, lower_bound
 from spec.plan import align
 from spec.units import GIB
 
+MALLOC, FREE = 1, 2
+"""A trace row's kinds (the numbers `replay_allocator.cpp` writes)."""
 PLANNED_MIN_BYTES = 1 << 20
 """Requests below this go to the runtime's exact-size cache: there are many of them, their bytes are few, and leaving
 them out keeps the layout problem small."""
@@ -41,7 +45,7 @@ class TracedLayout:
 
 
 def plan_layout(events: np.ndarray, min_bytes: int = PLANNED_MIN_BYTES) -> TracedLayout:
-    """Offsets for a traced step's requests (`spec.allocation_trace` rows).
+    """Offsets for a traced step's requests (rows as above).
 
     Planned: requests on the step's main stream (the one most requests use), at least `min_bytes`, freed within
     the step (a tensor that outlives the step would hold its bytes when the next step's same request comes)."""
