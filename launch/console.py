@@ -102,29 +102,23 @@ def step_line(step: int, loss: float, rows: List[Dict], nodes) -> str:
             f"{tflops:7.3f} TFLOP/s/worker | "
             f"MFU/node {mfu} | peak mem {mem:.2f} GiB | host {host:.2f} GiB (swap {swap:.2f}) | "
             f"step {worst['step_seconds']:.3f} s "
-            f"(slowest rank {worst['rank']}){_arena(rows)}{_replayed(rows)}")
+            f"(slowest rank {worst['rank']}){_planned_memory(rows)}")
 
 
-def _arena(rows: List[Dict]) -> str:
-    """' | arena 12.90 GiB, 0 fallbacks' where the plan has an arena: the slice sets of this step (all ranks) that
-    did not fit their planned region and went to the caching allocator."""
-    size = max(r.get("arena_gib", 0.0) for r in rows)
+def _planned_memory(rows: List[Dict]) -> str:
+    """' | arena 12.90 GiB, 0 fallbacks | replayed 79.90 GiB, 0 fallbacks': the plan's static arena and the traced
+    step's layout (train.allocator=planned) where a run has them, each with the requests of this step (all ranks)
+    that missed their planned place: the arena's went to the allocator, the layout's to its exact-size cache."""
+    return _region(rows, "arena", "arena", "the allocator") + _region(rows, "replay", "replayed", "the cache")
+
+
+def _region(rows: List[Dict], key: str, label: str, fallback_to: str) -> str:
+    size = max(r.get(f"{key}_gib", 0.0) for r in rows)
     if not size:
         return ""
-    count = sum(r.get("arena_fallbacks", 0) for r in rows)
-    moved = sum(r.get("arena_fallback_gib", 0.0) for r in rows)
-    return f" | arena {size:.2f} GiB, {count} fallbacks" + (f" ({moved:.2f} GiB to the allocator)" if count else "")
-
-
-def _replayed(rows: List[Dict]) -> str:
-    """' | replayed 79.90 GiB, 0 fallbacks' once train.allocator=planned has laid a step out: the requests of this
-    step (all ranks) the layout covers that missed their offsets and went to the exact-size cache."""
-    size = max(r.get("replayed_gib", 0.0) for r in rows)
-    if not size:
-        return ""
-    count = sum(r.get("replay_fallbacks", 0) for r in rows)
-    moved = sum(r.get("replay_fallback_gib", 0.0) for r in rows)
-    return f" | replayed {size:.2f} GiB, {count} fallbacks" + (f" ({moved:.2f} GiB to the cache)" if count else "")
+    count = sum(r.get(f"{key}_fallbacks", 0) for r in rows)
+    moved = sum(r.get(f"{key}_fallback_gib", 0.0) for r in rows)
+    return f" | {label} {size:.2f} GiB, {count} fallbacks" + (f" ({moved:.2f} GiB to {fallback_to})" if count else "")
 
 
 def _lr_and_grad_norm(row: Dict) -> str:

@@ -49,7 +49,7 @@ class StepReading:
     arena_fallbacks: int = 0
     """Slice sets of this step that did not fit their planned region and went to the caching allocator."""
     arena_fallback_gib: float = 0.0
-    replayed_gib: float = 0.0
+    replay_gib: float = 0.0
     """The traced step's layout under train.allocator=planned (0: none yet, or the caching allocator)."""
     replay_fallbacks: int = 0
     """Requests of this step the layout covers that missed their offsets and went to the exact-size cache."""
@@ -99,7 +99,7 @@ class StepMeter:
                            grad_norm=grad_norm,
                            attention="sequence" if self._document_squares is None else "documents",
                            arena_gib=arena_bytes / GIB, arena_fallbacks=arena_fallbacks[0],
-                           arena_fallback_gib=arena_fallbacks[1] / GIB, replayed_gib=replayed_bytes / GIB,
+                           arena_fallback_gib=arena_fallbacks[1] / GIB, replay_gib=replayed_bytes / GIB,
                            replay_fallbacks=replay_fallbacks[0], replay_fallback_gib=replay_fallbacks[1] / GIB)
 
 

@@ -38,26 +38,18 @@ def _scalars(log_dir: Path) -> dict:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_step_line_reports_the_arena_and_its_fallbacks():
+@pytest.mark.parametrize("key, label, fallback_to", [("arena", "arena", "the allocator"),
+                                                    ("replay", "replayed", "the cache")])
+def test_step_line_reports_planned_memory_and_its_fallbacks(key, label, fallback_to):
+    """The plan's static arena, and the traced step's layout under train.allocator=planned."""
     rows = [_row(0, 10), _row(1, 10)]
-    assert "arena" not in step_line(10, 2.5, rows, node_rows(rows))  # no plan arena: nothing to say
+    assert label not in step_line(10, 2.5, rows, node_rows(rows))  # none in this run (or not yet): nothing to say
     for row in rows:
-        row.update(arena_gib=12.9, arena_fallbacks=0, arena_fallback_gib=0.0)
-    assert step_line(10, 2.5, rows, node_rows(rows)).endswith("| arena 12.90 GiB, 0 fallbacks")
-    rows[1].update(arena_fallbacks=2, arena_fallback_gib=1.5)
+        row.update({f"{key}_gib": 12.9, f"{key}_fallbacks": 0, f"{key}_fallback_gib": 0.0})
+    assert step_line(10, 2.5, rows, node_rows(rows)).endswith(f"| {label} 12.90 GiB, 0 fallbacks")
+    rows[1].update({f"{key}_fallbacks": 2, f"{key}_fallback_gib": 1.5})
     assert step_line(10, 2.5, rows, node_rows(rows)).endswith(
-        "| arena 12.90 GiB, 2 fallbacks (1.50 GiB to the allocator)")
-
-
-def test_step_line_reports_the_replayed_layout_and_its_fallbacks():
-    rows = [_row(0, 10), _row(1, 10)]
-    assert "replayed" not in step_line(10, 2.5, rows, node_rows(rows))  # the caching allocator, or no layout yet
-    for row in rows:
-        row.update(replayed_gib=79.9, replay_fallbacks=0, replay_fallback_gib=0.0)
-    assert step_line(10, 2.5, rows, node_rows(rows)).endswith("| replayed 79.90 GiB, 0 fallbacks")
-    rows[0].update(replay_fallbacks=3, replay_fallback_gib=0.25)
-    assert step_line(10, 2.5, rows, node_rows(rows)).endswith(
-        "| replayed 79.90 GiB, 3 fallbacks (0.25 GiB to the cache)")
+        f"| {label} 12.90 GiB, 2 fallbacks (1.50 GiB to {fallback_to})")
 
 
 def test_step_line_carries_lr_and_grad_norm():
