@@ -95,3 +95,50 @@ def test_planned_replay_gives_the_caching_allocators_gradients(tmp_path):
     # 3.4% at this small shape on a lent H200 (the greedy layout 1.1% above its lower bound, the rest the exact-size
     # cache's blocks of requests under 1 MiB); the bench's 128K and 256K rows, the 2% target, measure under 0.1%
     assert spare <= 0.05 * counters["peak_allocated"], counters
+
+
+TRAIN = """
+import json, os, sys
+from pathlib import Path
+allocator, run_dir = sys.argv[1], sys.argv[2]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                  DS_ACCELERATOR="cuda")
+if allocator == "planned":  # what the launcher's Ray Train backend does before the worker's device is chosen
+    from orchestrator.memory import replay_allocator
+    replay_allocator.install()
+from orchestrator.process_group import init_process_group
+from orchestrator.trainer import WorkerInfo, train
+from spec.config import load_job_config
+
+job = load_job_config(None, ["cluster.num_workers=1", "cluster.use_gpu=true", f"train.allocator={allocator}",
+                             "model.num_layers=2", "model.hidden_size=1024", "model.intermediate_size=2816",
+                             "model.num_heads=8", "model.num_kv_heads=8", "data.seq_len=8192",
+                             "data.source=synthetic", "train.max_steps=5", "train.log_every_steps=1", "optim.warmup_steps=2",
+                             "checkpoint.every_steps=0", "checkpoint.at_end=false"])
+init_process_group(use_cuda=True)
+messages = []
+train(job, Path(run_dir), WorkerInfo(0, 1, 0, "node0"), messages.append)
+json.dump([m["rows"][0] for m in messages if m["kind"] == "step"], open(Path(run_dir) / "rows.json", "w"))
+"""
+
+
+def _train(allocator: str, run_dir, port: int) -> list:
+    run_dir.mkdir()
+    done = subprocess.run([sys.executable, "-c", TRAIN, allocator, str(run_dir), str(port)], capture_output=True,
+                          text=True, env={**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "rows.json").read_text())
+
+
+def test_a_training_run_under_the_planned_allocator_replays_from_step_3_with_the_caching_runs_losses(tmp_path):
+    """The trainer's loop (`train.allocator=planned`, DeepSpeed, without Ray): step 1 warms up, step 2 is traced,
+    steps 3-5 are served at its offsets with no fallback, and the losses are the caching allocator's run's."""
+    caching = _train("caching", tmp_path / "caching", 29561)
+    planned = _train("planned", tmp_path / "planned", 29562)
+    assert [r["step"] for r in planned] == [1, 2, 3, 4, 5]
+    assert [r.get("replay_gib", 0) > 0 for r in planned] == [False, False, True, True, True]
+    assert all(r["replay_fallbacks"] == 0 for r in planned[2:]), planned
+    for a, b in zip(caching, planned):
+        assert abs(a["loss"] - b["loss"]) <= 1e-2 * abs(a["loss"]), (a["loss"], b["loss"])
+    last = planned[-1]  # peaks since the layout was laid down
+    assert last["peak_reserved_gib"] - last["peak_allocated_gib"] <= 0.05 * last["peak_allocated_gib"], last
