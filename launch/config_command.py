@@ -90,7 +90,7 @@ def key_choices() -> Dict[str, Tuple[str, ...]]:
             "data.token_dtype": schema.TOKEN_DTYPES, "data.packing": schema.PACKINGS,
             "data.document_attention": schema.DOCUMENT_ATTENTION, "train.precision": schema.PRECISIONS,
             "train.activation_checkpointing": schema.ACTIVATION_CHECKPOINTING, "train.elementwise": schema.ELEMENTWISE,
-            "train.attention_kernel": schema.ATTENTION_KERNELS,
+            "train.attention_kernel": schema.ATTENTION_KERNELS, "train.allocator": schema.ALLOCATORS,
             "train.on_nonfinite": schema.ON_NONFINITE, "cluster.placement_strategy": schema.PLACEMENT_STRATEGIES,
             "compression.linear_inputs": ("none", "int8"), "compression.norm_inputs": ("none", "int8"),
             "compression.silu": ("none", "int8", "int4"), "eval.filler": schema.EVAL_FILLERS,
