@@ -8,6 +8,7 @@ cache, next to the layout's buffer.
 """
 
 import logging
+import time
 from typing import Callable, Optional, Tuple, TypeVar
 
 from orchestrator.memory.replay_allocator import ReplayAllocator
@@ -24,24 +25,28 @@ class ReplayedSteps:
         self.replay = replay
         self.trace_step = first_step + 1
         self._seen = replay.counters() if replay is not None else None
-
-    @property
-    def layout_bytes(self) -> int:
-        """The traced layout's buffer (0 before it exists, or without the replay allocator)."""
-        return self.replay.layout.arena_bytes if self.replay is not None and self.replay.layout is not None else 0
+        self.layout_bytes = 0
+        """The traced layout's buffer if the last step ran at its offsets, else 0."""
 
     def run(self, step: int, work: Callable[[], Result]) -> Result:
         if self.replay is None or step < self.trace_step:
             return work()
         if step == self.trace_step:
             results = []
-            layout = plan_layout(self.replay.traced(lambda: results.append(work())))
+            started = time.perf_counter()
+            events = self.replay.traced(lambda: results.append(work()))
+            traced = time.perf_counter()
+            layout = plan_layout(events)
             self.replay.use(layout)
-            self.replay.reset_peaks()  # later steps' peaks are the layout's, not the warm-up's exact-size cache
-            logger.info("step %d traced: %s", step, layout.describe())
+            logger.info("step %d traced in %.1f s, laid out in %.1f s: %s", step, traced - started,
+                        time.perf_counter() - traced, layout.describe())
             return results[0]
+        if step == self.trace_step + 1:
+            self.replay.reset_peaks()  # from here on the peaks are the layout's, not the warm-up's exact-size cache
         with self.replay.window():
-            return work()
+            result = work()
+        self.layout_bytes = self.replay.layout.arena_bytes
+        return result
 
     def step_fallbacks(self) -> Tuple[int, int]:
         """(requests, bytes) the layout covers that missed their offsets since the last call (the goal is none);
