@@ -1,42 +1,38 @@
-"""Whether the cluster can hold the workers, decided before Ray would wait forever."""
+"""The best-fit placement (`spec.placement`) that the planner's arena and a worker's traced step share: its lookup of
+the buffers alive together gives the placements of the plain definition (every placed buffer tested), and the
+lower bound is the most bytes alive at once."""
+
+import random
 
 import pytest
 
-from launch.placement import check_capacity, workers_that_fit
-from spec.config import load_job_config
-from spec.errors import LongtrainError
-
-TWO_NODES = [{"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 2.0}]
+from spec.placement import GREEDY_ORDERS, Buffer, _lowest_gap, _place_in_order, lower_bound
 
 
-def _cluster(*overrides):
-    return load_job_config(None, list(overrides)).cluster
+def _placed_by_definition(buffers, key):
+    order = sorted(range(len(buffers)), key=lambda i: (*key(buffers[i]), i))
+    offsets = {}
+    for i in order:
+        busy = sorted((offsets[j], offsets[j] + buffers[j].size_bytes) for j in offsets
+                      if buffers[i].overlaps_in_time(buffers[j]))
+        offsets[i] = _lowest_gap(busy, buffers[i].size_bytes)
+    return offsets
 
 
-@pytest.mark.parametrize("strategy, expected", [("PACK", 4), ("SPREAD", 4), ("STRICT_PACK", 2), ("STRICT_SPREAD", 2)])
-def test_workers_that_fit_follow_the_strategy(strategy, expected):
-    cluster = _cluster(f"cluster.placement_strategy={strategy}", "cluster.cpus_per_worker=4")
-    assert workers_that_fit(cluster, TWO_NODES, use_gpu=True) == expected
+def _buffers(seed: int):
+    """Random lifetimes on a short timeline (many share a start or an end), some of no length."""
+    rng = random.Random(seed)
+    buffers = []
+    for i in range(rng.randint(0, 120)):
+        start = rng.randint(0, 60)
+        buffers.append(Buffer(str(i), 0, rng.randint(1, 16) * 512, start, start + rng.choice([0, 1, 2, 5, 20, 60])))
+    return buffers
 
 
-def test_a_worker_cannot_span_nodes():
-    cluster = _cluster("cluster.gpus_per_worker=4", "cluster.num_workers=1")
-    assert workers_that_fit(cluster, TWO_NODES, use_gpu=True) == 0
-    with pytest.raises(LongtrainError, match=r"room for 0; set cluster.num_workers=1 or smaller"):
-        check_capacity(cluster, TWO_NODES, True, "the Ray cluster at auto")
-
-
-def test_gpu_job_without_gpus_names_the_fix():
-    cluster = _cluster("cluster.num_workers=2")
-    with pytest.raises(LongtrainError) as error:
-        check_capacity(cluster, [{"CPU": 8.0}], True, "this machine's Ray")
-    message = str(error.value)
-    assert "\n" not in message and "0 GPUs" in message and "cluster.use_gpu=false" in message
-    check_capacity(cluster, [{"CPU": 8.0}], False, "this machine's Ray")  # the same job on CPUs fits
-
-
-def test_unknown_strategy_is_a_config_error():
-    from spec.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="cluster.placement_strategy"):
-        _cluster("cluster.placement_strategy=DENSE")
+@pytest.mark.parametrize("seed", range(40))
+def test_placements_are_those_of_testing_every_placed_buffer(seed):
+    buffers = _buffers(seed)
+    for key in GREEDY_ORDERS.values():
+        assert _place_in_order(buffers, key) == _placed_by_definition(buffers, key)
+    at_each_start = [sum(b.size_bytes for b in buffers if b.start <= t < b.end) for t in {b.start for b in buffers}]
+    assert lower_bound(buffers) == max(at_each_start, default=0)
