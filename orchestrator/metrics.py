@@ -83,7 +83,7 @@ class StepMeter:
 
     def stop(self, step: int, loss: float, lr: float, tokens: int, swap_host_bytes: int = 0,
              grad_norm: Optional[float] = None, arena_bytes: int = 0,
-             arena_fallbacks: Tuple[int, int] = (0, 0), replayed_bytes: int = 0,
+             arena_fallbacks: Tuple[int, int] = (0, 0), replay_bytes: int = 0,
              replay_fallbacks: Tuple[int, int] = (0, 0)) -> StepReading:
         _synchronize()
         seconds = max(time.perf_counter() - self._started, 1e-9)
@@ -99,7 +99,7 @@ class StepMeter:
                            grad_norm=grad_norm,
                            attention="sequence" if self._document_squares is None else "documents",
                            arena_gib=arena_bytes / GIB, arena_fallbacks=arena_fallbacks[0],
-                           arena_fallback_gib=arena_fallbacks[1] / GIB, replay_gib=replayed_bytes / GIB,
+                           arena_fallback_gib=arena_fallbacks[1] / GIB, replay_gib=replay_bytes / GIB,
                            replay_fallbacks=replay_fallbacks[0], replay_fallback_gib=replay_fallbacks[1] / GIB)
 
 

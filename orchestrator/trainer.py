@@ -90,7 +90,7 @@ def train(job: JobConfig, run_dir: Path, worker: WorkerInfo, publish: Publish,
         reading = meter.stop(step, loss, scheduler.get_last_lr()[0], dims.tokens_per_step_per_rank,
                              swap_host_bytes=memory.host_bytes, grad_norm=_grad_norm(engine),
                              arena_bytes=memory.arena_bytes, arena_fallbacks=memory.step_arena_fallbacks(),
-                             replayed_bytes=replayed.layout_bytes, replay_fallbacks=replayed.step_fallbacks())
+                             replay_bytes=replayed.layout_bytes, replay_fallbacks=replayed.step_fallbacks())
         _publish_step(worker, reading, publish, full_report=_log_due(job, step, start_step))
         snapshot.after_step(step)
         if not step_is_usable(engine, step, loss, skipped_before, job.train.on_nonfinite,

@@ -44,7 +44,6 @@ from spec.flops import attention_forward_flops_per_token, layer_matmul_params
 from spec.hardware import HardwareProfile
 from spec.plan import LayerPlan
 from planner.planning import PlanInfeasible, make_plan
-from orchestrator.memory.traced_layout import plan_layout
 from spec.units import GIB
 
 COMPRESSION_MODES = {
@@ -94,6 +93,10 @@ class BenchRow:
     trace: str = ""
     """With `--trace`: the top device operations of one more step, by self device time (torch.profiler)."""
 
+    def add_note(self, text: str) -> None:
+        """One more remark on the row, after those it has ("; " between them)."""
+        self.note = (self.note + "; " if self.note else "") + text
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -135,7 +138,7 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int,
         _measure(mode, job, profile, repeats, row, options)
     except torch.cuda.OutOfMemoryError as error:
         row.status = "OOM"
-        row.note = (row.note + "; " if row.note else "") + str(error).split(". GPU")[0][:120]
+        row.add_note(str(error).split(". GPU")[0][:120])
     except PlanInfeasible as error:
         row.status, row.note = "does not fit", str(error)[:200]
     except Exception as error:  # one failing mode must not stop the comparison; the row says what happened
@@ -143,7 +146,7 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int,
         full = first_line.find(replay_allocator.OUT_OF_MEMORY)  # the replay allocator's (a RuntimeError)
         if full >= 0:
             row.status = "OOM"
-            row.note = (row.note + "; " if row.note else "") + first_line[full:full + 120]
+            row.add_note(first_line[full:full + 120])
         else:
             row.status, row.note = "failed", f"{type(error).__name__}: {first_line[:160]}"
     finally:
@@ -153,7 +156,7 @@ def run_mode(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int,
             try:
                 replay.drop()
             except RuntimeError:  # a failed step's tensors still alive: the next row's layout says so if it fails
-                row.note = (row.note + "; " if row.note else "") + "its arena not returned (tensors still alive)"
+                row.add_note("its arena not returned (tensors still alive)")
         torch.cuda.empty_cache()
     return row
 
@@ -165,7 +168,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     elementwise.install(stack, options.elementwise, torch.device("cuda"))
     kernel = attention.resolved_kernel(job, profile, torch.device("cuda"), torch.bfloat16).train.attention_kernel
     if kernel != options.attention_kernel:
-        row.note = (row.note + "; " if row.note else "") + f"attention {kernel} (auto)"
+        row.add_note(f"attention {kernel} (auto)")
     attention.install(stack, kernel, False, torch.device("cuda"), torch.bfloat16)
     step, parts = _mode_step(mode, stack, job, profile, row, options)
     seq = job.data.seq_len
@@ -191,7 +194,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
         times.append(time.perf_counter() - started)
     compiled = counters["stats"]["unique_graphs"] - graphs_before
     if compiled:  # torch.compile traced something after the warm-up: a timed step paid for compiling it
-        row.note = (row.note + "; " if row.note else "") + f"{compiled} graph(s) compiled in the timed steps"
+        row.add_note(f"{compiled} graph(s) compiled in the timed steps")
     row.step_seconds = statistics.median(times)
     row.tokens_per_second = seq / row.step_seconds
     peak = profile.peak_tflops("bf16") * 1e12
@@ -204,7 +207,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
     row.inactive_split_peak_gib = stats.get("inactive_split_bytes.all.peak", 0) / GIB
     fragmented = fragmentation_note(row, replayed=replay is not None)
     if fragmented:
-        row.note = (row.note + "; " if row.note else "") + fragmented + _steady_fragmentation(step, x, cos, sin, grad)
+        row.add_note(fragmented + _steady_fragmentation(step, x, cos, sin, grad))
     row.host_gib = parts.host_bytes() / GIB
     if replay is not None:  # the timed steps' requests the layout covers that missed their offsets (goal: none)
         now = replay.counters()
@@ -221,9 +224,7 @@ def _measure(mode: str, job: JobConfig, profile: HardwareProfile, repeats: int, 
 
 def _replayed(step, replay: "replay_allocator.ReplayAllocator", row: BenchRow, args: tuple):
     """`--allocator planned`: trace one more step, lay its requests out, and run later steps at those offsets."""
-    layout = plan_layout(replay.traced(lambda: step(*args)))
-    replay.use(layout)
-    row.note = (row.note + "; " if row.note else "") + layout.describe()
+    row.add_note(replay.lay_out(lambda: step(*args)).describe())
 
     def replayed_step(*step_args):
         with replay.window():

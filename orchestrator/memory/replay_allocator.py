@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
+from orchestrator.memory.traced_layout import TracedLayout, plan_layout
 from spec.errors import LongtrainError
 from spec.units import GIB
 
@@ -105,8 +106,8 @@ class ReplayAllocator:
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        self.layout = None
-        """The layout in use (`traced_layout.TracedLayout`): its arrays are read in place by the allocator."""
+        self.layout: Optional[TracedLayout] = None
+        """The layout in use: its arrays are read in place by the allocator."""
 
     def traced(self, step: Callable[[], None]) -> np.ndarray:
         """Run one step with its requests recorded (`traced_layout`'s rows)."""
@@ -121,7 +122,13 @@ class ReplayAllocator:
             self.lib.replay_events(events.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
         return events
 
-    def use(self, layout) -> None:
+    def lay_out(self, step: Callable[[], None]) -> TracedLayout:
+        """Trace one run of `step`, lay its requests out and `use` the layout: later windows are served from it."""
+        layout = plan_layout(self.traced(step))
+        self.use(layout)
+        return layout
+
+    def use(self, layout: TracedLayout) -> None:
         """Reserve the layout's arena (the cache returned first) and serve later step windows from it: request i of
         a window at `layout.offsets[i]` (-1: the cache) if its size and stream are `layout.sizes[i]` and
         `layout.streams[i]` (int64 arrays), in a buffer of `layout.arena_bytes`."""

@@ -12,7 +12,6 @@ import time
 from typing import Callable, Optional, Tuple, TypeVar
 
 from orchestrator.memory.replay_allocator import ReplayAllocator
-from orchestrator.memory.traced_layout import plan_layout
 
 logger = logging.getLogger("longtrain")
 Result = TypeVar("Result")
@@ -34,12 +33,9 @@ class ReplayedSteps:
         if step == self.trace_step:
             results = []
             started = time.perf_counter()
-            events = self.replay.traced(lambda: results.append(work()))
-            traced = time.perf_counter()
-            layout = plan_layout(events)
-            self.replay.use(layout)
-            logger.info("step %d traced in %.1f s, laid out in %.1f s: %s", step, traced - started,
-                        time.perf_counter() - traced, layout.describe())
+            layout = self.replay.lay_out(lambda: results.append(work()))
+            logger.info("step %d traced and laid out in %.1f s: %s", step, time.perf_counter() - started,
+                        layout.describe())
             return results[0]
         if step == self.trace_step + 1:
             self.replay.reset_peaks()  # from here on the peaks are the layout's, not the warm-up's exact-size cache
