@@ -9,8 +9,7 @@ import yaml
 
 from launch.measure.hardware import (Measurement, cpu_name, host_name, measure_attention, measure_attention_kernels,
                                      measure_copies, measure_cpu_adam, measure_layer, measure_matmul, measure_memory,
-                                     measure_nccl, optional_min,
-                                     settings_for)
+                                     measure_nccl, measure_token_scoring, optional_min, settings_for)
 from launch.paths import check_writable_file
 
 CPU_ADAM_PARAMS = 50_000_000
@@ -90,6 +89,9 @@ def measure_all(cuda: bool, quick: bool, model, num_gpus: int) -> Measurement:
             result.attempt(f"attention_{seq}", lambda s=seq: measure_attention(
                 result, device, dtype, s, settings.attention_heads, settings.attention_head_dim, settings.repeats))
         result.attempt("attention_kernels", lambda: measure_attention_kernels(
+            result, device, dtype, settings.attention_seq_lens, settings.attention_heads,
+            settings.attention_head_dim, settings.repeats))
+        result.attempt("token_scoring", lambda: measure_token_scoring(
             result, device, dtype, settings.attention_seq_lens, settings.attention_heads,
             settings.attention_head_dim, settings.repeats))
         for i, seq in enumerate(settings.layer_seq_lens):

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 from spec.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
 from spec.flops import (attention_forward_flops_per_token, attention_projection_params, attention_training_flops,
-                        layer_matmul_params, matmul_training_flops_per_token, parameter_count,
+                        block_scoring_flops_per_token, layer_matmul_params, matmul_training_flops_per_token, parameter_count,
                         training_flops_per_token)
 from spec.prepared import document_attention_stats
 from planner import whole_job
@@ -30,6 +30,11 @@ from spec.activations import (LOSS_CHUNK_TOKENS, ZERO_BUCKET_ELEMENTS, SavedTens
 DEFAULT_MATMUL_EFFICIENCY = 0.75
 """Achieved / peak matmul rate assumed when a profile has no measurement (H100 measured 743/989 = 0.75)."""
 DEFAULT_ATTENTION_EFFICIENCY = 0.55
+SCORING_TO_ATTENTION_RATE = 0.42
+"""Token elimination's block scoring rate (q.k FLOPs per second) over the attention forward + backward rate at the
+same length, for profiles that did not measure the scoring: on a lent H200 the kernel ran 85.4 / 374.7 ms per
+Llama-7B layer at 64K / 128K (206 / 188 TFLOP/s; `longtrain bench --modes token_elim --trace`) against SDPA's
+470 / 460 (profiles/runs/h200_2026-12-03_token-elim-trace/)."""
 DEFAULT_LAYER_OVERHEAD = 1.2
 """Without measured layer rates: layer time / (matmul time + attention time), one factor on both (norms, RoPE,
 SwiGLU and copies are memory-bound extras)."""
@@ -132,14 +137,24 @@ class CostModel:
         measured = measured_matmul_tflops(self.profile, self.precision)
         return measured or self.profile.peak_tflops(self.precision) * DEFAULT_MATMUL_EFFICIENCY
 
-    def attention_tflops(self, seq_len: int) -> float:
-        measured, kernel = self.profile.measured, self.job.train.attention_kernel
+    def attention_tflops(self, seq_len: int, kernel: Optional[str] = None) -> float:
+        """Causal attention forward + backward of `kernel` (default: the job's train.attention_kernel)."""
+        measured, kernel = self.profile.measured, kernel or self.job.train.attention_kernel
         if self.precision == measured.rates_precision and measured.attention_tflops_by_kernel.get(kernel):
             return interpolate_log(measured.attention_tflops_by_kernel[kernel], seq_len)
         table = measured.attention_fwd_bwd_tflops_by_seq_len if self.precision == measured.rates_precision else {}
         sdpa = (interpolate_log(table, seq_len)
                 or self.profile.peak_tflops(self.precision) * DEFAULT_ATTENTION_EFFICIENCY)
         return sdpa * measured.attention_kernel_speedup.get(kernel, 1.0)
+
+    def scoring_tflops(self, seq_len: int) -> float:
+        """Token elimination's block scoring kernel, q.k FLOPs per second at this length: the profile's measured row
+        (its own kernel time, so no layer overhead factor applies), else SCORING_TO_ATTENTION_RATE x SDPA's attention
+        rate (the job's attention kernel does not score)."""
+        measured = self.profile.measured
+        if self.precision == measured.rates_precision and measured.token_scoring_tflops_by_seq_len:
+            return interpolate_log(measured.token_scoring_tflops_by_seq_len, seq_len)
+        return self.attention_tflops(seq_len, "sdpa") * SCORING_TO_ATTENTION_RATE
 
     def layer(self, keep_share: float = 1.0) -> LayerCost:
         """One layer; `keep_share` < 1: a token-eliminated layer whose attention block sees that share of the
@@ -165,12 +180,9 @@ class CostModel:
         scoring_seconds = 0.0
         if keep_share < 1 and not self.job.token_elim.predictors:
             kv = model.num_kv_heads * model.head_dim
-            # q.k of every causal pair: half an attention forward's FLOPs, but the Triton kernel (tile maxima,
-            # ReLU sums) runs at half flash's rate: H100, 87 ms per layer at 64K, 367 ms at 128K (docs/log.md)
-            scoring_flops = (2.0 * model.hidden_size * (model.hidden_size + kv) * tokens,
-                             attention_forward_flops_per_token(model, seq) * tokens)
-            scoring_seconds = (scoring_flops[0] / (self.matmul_tflops() * 1e12) * overhead.matmul_factor
-                               + scoring_flops[1] / (self.attention_tflops(seq) * 1e12) * overhead.attention_factor)
+            projections = 2.0 * model.hidden_size * (model.hidden_size + kv) * tokens  # q and k of every token
+            scoring_seconds = (projections / (self.matmul_tflops() * 1e12) * overhead.matmul_factor
+                               + block_scoring_flops_per_token(model, seq) * tokens / (self.scoring_tflops(seq) * 1e12))
         tensors = layer_saved_tensors(model, self.element_bytes, self.job.train.elementwise == "compiled")
         if keep_share < 1:
             tensors = sparse_saved_tensors(tensors, model, self.element_bytes, keep_share)

@@ -34,6 +34,12 @@ def attention_forward_flops_per_token(model: ModelConfig, seq_len: int, causal_h
     return full / 2 if causal_halved else full
 
 
+def block_scoring_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Token elimination's exact block scoring: q.k of every causal pair over all query heads (LeMo's tile maxima
+    take no weighted sum), half of a causal attention forward's FLOPs, per token of a seq_len sequence."""
+    return attention_forward_flops_per_token(model, seq_len) / 2
+
+
 def training_flops_per_token(model: ModelConfig, seq_len: int, causal_halved: bool = True) -> float:
     """Model FLOPs of forward + backward for one token of a seq_len-long sequence."""
     attention = model.num_layers * attention_forward_flops_per_token(model, seq_len, causal_halved)

@@ -54,6 +54,11 @@ class MeasuredRates:
     train.attention_kernel's choices (sdpa, fa4) and, for the record, SDPA's own backends (sdpa_cudnn, sdpa_flash).
     Written by `longtrain profile hardware`; `train.attention_kernel=auto` takes the fastest at the job's length,
     and the cost model prices a kernel at its own row."""
+    token_scoring_tflops_by_seq_len: Dict[int, float] = field(default_factory=dict)
+    """Token elimination's exact block scoring (LeMo's tile maxima, `orchestrator/memory/token_elim_triton.py` on a
+    GPU): q.k FLOPs of the causal pairs per second (`spec.flops.block_scoring_flops_per_token`), per length,
+    32 heads x 128. Written by `longtrain profile hardware`; the kernel reduces each tile in registers and runs at
+    well under flash attention's rate (0.4x on an H200), so it has its own row."""
     cpu_adam_params_per_second: Optional[float] = None
     """DeepSpeed's CPU Adam (the offloaded optimizer's step) on this host: parameters updated per second."""
     derived: Dict[str, str] = field(default_factory=dict)

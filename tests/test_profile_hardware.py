@@ -56,10 +56,12 @@ def test_cpu_quick_run_writes_a_loadable_profile_with_positive_rates(tmp_path, c
     assert sorted(measured.attention_fwd_bwd_tflops_by_seq_len) == settings.attention_seq_lens
     assert all(v > 0 for v in measured.attention_fwd_bwd_tflops_by_seq_len.values())
     assert all(v > 0 for v in measured.layer_fwd_bwd_tflops_by_seq_len.values())
+    assert sorted(measured.token_scoring_tflops_by_seq_len) == settings.attention_seq_lens
+    assert all(v > 0 for v in measured.token_scoring_tflops_by_seq_len.values())
     debug = load_job_config(None, []).model
     predicted = sum(t.bytes_per_token for t in layer_saved_tensors(debug, 4))
     assert measured.layer_saved_bytes_per_token == pytest.approx(predicted, rel=0.05)
-    assert set(measured.skipped) == {"pcie", "nccl", "attention_fa4"}
+    assert _skipped_but_cpu_adam_unbuilt(measured) == {"pcie", "nccl", "attention_fa4"}
     assert "CUDA" in measured.skipped["attention_fa4"]
     assert profile.host_memory_gib > 0 and profile.device_memory_gib > 0
     # the planner can use it: its layer overhead comes from the measured (debug-shaped, fp32) layer
@@ -104,9 +106,11 @@ def test_gpu_quick_run_measures_every_rate(tmp_path):
         assert min(measured.attention_tflops_by_kernel["fa4"].values()) > 50
     by_kernel = measured.attention_tflops_by_kernel
     assert set(by_kernel["sdpa"]) == set(by_kernel["sdpa_cudnn"]) == set(measured.attention_fwd_bwd_tflops_by_seq_len)
-    assert set(measured.skipped) == expected_skips, measured.skipped
+    assert _skipped_but_cpu_adam_unbuilt(measured) == expected_skips, measured.skipped
     assert measured.matmul_bf16_tflops > 50 and measured.matmul_fp32_tflops > 5
     assert min(measured.attention_fwd_bwd_tflops_by_seq_len.values()) > 50
+    scoring = measured.token_scoring_tflops_by_seq_len  # the Triton kernel: 188-206 TFLOP/s on an H200
+    assert set(scoring) == set(measured.attention_fwd_bwd_tflops_by_seq_len) and min(scoring.values()) > 20
     assert measured.pcie_pinned_gbps_each_way > 1 and measured.pcie_pinned_gbps_both_ways > 1
     llama = load_job_config(None, ["model.preset=llama-7b"]).model
     predicted = sum(t.bytes_per_token for t in layer_saved_tensors(llama, 2))
@@ -135,3 +139,12 @@ def test_gpu_alltoall_probe_is_what_the_planner_counts():
     cost = CostModel(job, profile)
     assert cost.exchange_seconds() == pytest.approx(cost.exchange_bytes() / (rate * 1e9))
     assert cost.alltoall_source().startswith(f"{rate:g} GB/s bus bandwidth, measured")
+
+
+def _skipped_but_cpu_adam_unbuilt(measured):
+    """The skipped measurements, less DeepSpeed's CPU Adam where it is not built yet (its first use builds it, for
+    minutes; a fresh machine has not trained with an offloaded optimizer), which must say so."""
+    skipped = dict(measured.skipped)
+    if "cpu_adam" in skipped:
+        assert "not built here" in skipped.pop("cpu_adam")
+    return set(skipped)

@@ -262,3 +262,31 @@ def test_the_plan_keeps_a_compressed_sparse_layer_whole_as_the_runtime_requires(
     _, _, inputs, _ = _solve(job, load_profile("h100_sxm"))
     free = solve_policy(replace(inputs, sparse=()), job.plan.time_limit_seconds)
     assert any(d.keep_fraction < 1 or d.offload_skeletal for d in free.decisions[1:3])
+
+
+def test_a_sparse_layers_block_scoring_is_priced_at_the_profiles_measured_scoring_rate():
+    """The scoring kernel's q.k FLOPs at its own measured rate (`profile hardware`'s token_scoring row); a profile
+    without the row prices it at SCORING_TO_ATTENTION_RATE x SDPA's rate, whatever attention kernel the job runs."""
+    import copy as copy_module
+
+    from spec.flops import block_scoring_flops_per_token
+    from spec.hardware import load_profile
+    from planner.cost_model import SCORING_TO_ATTENTION_RATE, CostModel
+
+    job = _llama_job("data.seq_len=65536", *ELIM)
+    measured = load_profile("h100_sxm")
+    assert measured.measured.token_scoring_tflops_by_seq_len[65536] == 202.2
+    faster = copy_module.deepcopy(measured)
+    faster.measured.token_scoring_tflops_by_seq_len = {
+        seq: 2 * rate for seq, rate in measured.measured.token_scoring_tflops_by_seq_len.items()}
+    scoring_seconds = block_scoring_flops_per_token(job.model, 65536) * 65536 / (202.2e12)
+    saved = CostModel(job, measured).layer(0.4).forward_seconds - CostModel(job, faster).layer(0.4).forward_seconds
+    assert saved == pytest.approx(scoring_seconds / 2, rel=1e-9)
+    assert CostModel(job, measured).layer().forward_seconds == CostModel(job, faster).layer().forward_seconds
+
+    unmeasured = copy_module.deepcopy(measured)
+    unmeasured.measured.token_scoring_tflops_by_seq_len = {}
+    for kernel in ("sdpa", "fa4"):
+        cost = CostModel(_llama_job("data.seq_len=65536", f"train.attention_kernel={kernel}", *ELIM), unmeasured)
+        assert cost.scoring_tflops(65536) == pytest.approx(
+            SCORING_TO_ATTENTION_RATE * cost.attention_tflops(65536, "sdpa"))

@@ -4,6 +4,7 @@ What is measured, each one after a warm-up, median of several timed runs (CUDA e
 CPU): bf16 and fp32 matmul; causal attention forward + backward (`scaled_dot_product_attention`, is_causal,
 causal FLOPs halved as `attention_fwd_bwd_tflops_by_seq_len` always was) and each attention kernel at the same
 lengths (SDPA's pick, its cuDNN and flash backends, FlashAttention-4 where it runs: `attention_tflops_by_kernel`);
+token elimination's block scoring at the same lengths (`token_scoring_tflops_by_seq_len`);
 one `DecoderLayer` of the configured shape forward + backward and the bytes per token it saves for backward
 (saved_tensors_hooks, storages counted once); pinned and pageable host<->device copies each way and both ways at once (two streams); device and host
 memory; NCCL all-reduce and all-to-all bus bandwidth when at least two GPUs are visible (one process per GPU).
@@ -204,6 +205,30 @@ def measure_attention_kernels(result: Measurement, device, dtype, seq_lens: List
         result.report(f"attention fwd+bwd causal {heads}x{head_dim} seq {seq_len}, by kernel",
                       ", ".join(f"{name} {_rate(rate)}" for name, rate in rates.items()))
         del q, k, v, grad
+
+
+def measure_token_scoring(result: Measurement, device, dtype, seq_lens: List[int], heads: int, head_dim: int,
+                          repeats: int) -> None:
+    """Token elimination's exact block scoring (`token_elim.block_informativeness`: the Triton kernel on a GPU, the
+    chunked torch path on a CPU) at each length, in q.k FLOPs of the causal pairs per second, into
+    `token_scoring_tflops_by_seq_len`: the kernel runs well under flash attention's rate (0.4x on an H200), so
+    the cost model prices a token-eliminated layer's scoring at this row, not attention's."""
+    import torch
+
+    from orchestrator.memory.token_elim import block_informativeness
+    from spec.config import TokenElimConfig
+
+    block = TokenElimConfig().block_size
+    table = result.measured.setdefault("token_scoring_tflops_by_seq_len", {})
+    for seq_len in seq_lens:
+        q, k = (torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+                for _ in range(2))
+        seconds = median_seconds(lambda: block_informativeness(q, k, block), device.type == "cuda", repeats)
+        tflops = seq_len**2 * heads * head_dim / seconds / 1e12  # spec.flops.block_scoring_flops_per_token x seq
+        table[seq_len] = _round_rate(tflops)
+        result.report(f"token elimination scoring {heads}x{head_dim} seq {seq_len} (blocks of {block})",
+                      f"{_rate(tflops)}  ({seconds * 1e3:.1f} ms)")
+        del q, k
 
 
 def measure_layer(result: Measurement, device, dtype, model, seq_len: int, repeats: int, saved_bytes: bool) -> None:

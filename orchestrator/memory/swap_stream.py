@@ -9,6 +9,7 @@ from typing import Deque, Dict, Iterable, Optional, Tuple
 
 import torch
 
+from orchestrator.memory import replay_allocator
 from orchestrator.memory.host_slab import HostSlab, host_empty
 
 
@@ -112,7 +113,14 @@ class SwapStream:
 
     def release_copied(self) -> None:
         """Drop the sources whose copy out has ended (the out stream copies in order): their blocks are free for
-        any stream now, and counted as allocated until then."""
+        any stream now, and counted as allocated until then.
+
+        Not under the replay allocator (train.allocator=planned): there every step must free its blocks at the same
+        points as the traced step whose layout it replays, and whether a copy has ended by now depends on timing
+        (on a lent H200 one such source freed later than traced took a planned slot still held: a fallback). Its
+        sources are released where the plan lays them out instead (`forward_starts`)."""
+        if replay_allocator.installed() is not None:
+            return
         while self.sources and self.sources[0][2].query():
             self.sources.popleft()
 
