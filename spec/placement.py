@@ -7,7 +7,7 @@ what the planner predicts for an arena is what a worker lays out; a worker loads
 
 import bisect
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 
 @dataclass
@@ -42,14 +42,25 @@ GREEDY_ORDERS = {
 }
 
 
-def best_fit(buffers: Sequence[Buffer]) -> Dict[int, int]:
-    """The smallest of best-fit placements in a few orders (each buffer at the lowest gap free in its life)."""
-    candidates = [_place_in_order(buffers, key) for key in GREEDY_ORDERS.values()]
+PlaceInOrder = Callable[[Sequence[Buffer], Sequence[int]], Dict[int, int]]
+"""Offsets of the buffers placed one at a time in the given order of their indices (`place_in_order`)."""
+
+
+def best_fit(buffers: Sequence[Buffer], place: Optional[PlaceInOrder] = None) -> Dict[int, int]:
+    """The smallest of best-fit placements in a few orders (each buffer at the lowest gap free in its life);
+    `place`: another implementation of `place_in_order` (the replay allocator's C++ one, for traced steps)."""
+    place = place or place_in_order
+    candidates = [place(buffers, greedy_order(buffers, key)) for key in GREEDY_ORDERS.values()]
     return min(candidates, key=lambda offsets: arena_size(buffers, offsets))
 
 
-def _place_in_order(buffers: Sequence[Buffer], key) -> Dict[int, int]:
-    order = sorted(range(len(buffers)), key=lambda i: (*key(buffers[i]), i))
+def greedy_order(buffers: Sequence[Buffer], key) -> List[int]:
+    """The buffers' indices sorted by one of GREEDY_ORDERS (ties by index)."""
+    return sorted(range(len(buffers)), key=lambda i: (*key(buffers[i]), i))
+
+
+def place_in_order(buffers: Sequence[Buffer], order: Sequence[int]) -> Dict[int, int]:
+    """Each buffer in turn at the lowest gap free among the placed buffers alive with it."""
     offsets: Dict[int, int] = {}
     placed = _PlacedInTime(max((b.end for b in buffers), default=0) + 1)
     for i in order:

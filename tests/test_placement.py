@@ -6,11 +6,10 @@ import random
 
 import pytest
 
-from spec.placement import GREEDY_ORDERS, Buffer, _lowest_gap, _place_in_order, lower_bound
+from spec.placement import GREEDY_ORDERS, Buffer, _lowest_gap, greedy_order, lower_bound, place_in_order
 
 
-def _placed_by_definition(buffers, key):
-    order = sorted(range(len(buffers)), key=lambda i: (*key(buffers[i]), i))
+def _placed_by_definition(buffers, order):
     offsets = {}
     for i in order:
         busy = sorted((offsets[j], offsets[j] + buffers[j].size_bytes) for j in offsets
@@ -33,6 +32,7 @@ def _buffers(seed: int):
 def test_placements_are_those_of_testing_every_placed_buffer(seed):
     buffers = _buffers(seed)
     for key in GREEDY_ORDERS.values():
-        assert _place_in_order(buffers, key) == _placed_by_definition(buffers, key)
+        order = greedy_order(buffers, key)
+        assert place_in_order(buffers, order) == _placed_by_definition(buffers, order)
     at_each_start = [sum(b.size_bytes for b in buffers if b.start <= t < b.end) for t in {b.start for b in buffers}]
     assert lower_bound(buffers) == max(at_each_start, default=0)

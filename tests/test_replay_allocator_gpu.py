@@ -59,9 +59,7 @@ def step():  # like the bench's step: the gradients are read and freed inside it
 step()
 counters = {}
 if replay is not None:
-    from orchestrator.memory.traced_layout import plan_layout
-    layout = plan_layout(replay.traced(step))
-    replay.use(layout)
+    layout = replay.lay_out(step)  # the library's C++ best fit, as the trainer and the bench lay out
     replay.reset_peaks()
     with replay.window():
         step()

@@ -12,10 +12,11 @@ bytes; the stream handle it was allocated on. The row's index is its time.
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from spec.placement import Buffer, arena_size, best_fit, lower_bound
+from spec.placement import Buffer, PlaceInOrder, arena_size, best_fit, lower_bound
 from spec.plan import align
 from spec.units import GIB
 
@@ -44,8 +45,10 @@ class TracedLayout:
                 f"(lower bound {self.lower_bound_bytes / GIB:.1f} GiB)")
 
 
-def plan_layout(events: np.ndarray, min_bytes: int = PLANNED_MIN_BYTES) -> TracedLayout:
-    """Offsets for a traced step's requests (rows as above).
+def plan_layout(events: np.ndarray, min_bytes: int = PLANNED_MIN_BYTES,
+                place: Optional[PlaceInOrder] = None) -> TracedLayout:
+    """Offsets for a traced step's requests (rows as above); `place`: the best fit's placer (default the Python
+    reference; the replay allocator passes its C++ one, which gives the same offsets faster).
 
     Planned: requests on the step's main stream (the one most requests use), at least `min_bytes`, freed within
     the step (a tensor that outlives the step would hold its bytes when the next step's same request comes)."""
@@ -68,7 +71,7 @@ def plan_layout(events: np.ndarray, min_bytes: int = PLANNED_MIN_BYTES) -> Trace
     buffers = [Buffer(name=str(r), layer=0, size_bytes=align(int(sizes[r])), start=int(starts[r]), end=int(ends[r]))
                for r in chosen]
     offsets = np.full(requests, -1, dtype=np.int64)
-    placed = best_fit(buffers)
+    placed = best_fit(buffers, place)
     for index, request in enumerate(chosen):
         offsets[request] = placed[index]
     return TracedLayout(sizes=sizes, offsets=offsets, streams=streams, arena_bytes=arena_size(buffers, placed),
