@@ -20,7 +20,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <iterator>
+#include <map>
+#include <new>
 #include <stdexcept>
+
+/* Planned blocks alive now, offset -> size (disjoint: a slot is taken only when free), to refuse a plan slot whose
+ * bytes are still held; ordered, so the check is two neighbours (O(log n)), not every block alive. */
+static std::map<int64_t, int64_t> held;
 
 extern "C" {
 
@@ -74,13 +81,6 @@ static int64_t live_count;
 static int64_t live_bytes, peak_live_bytes, fallback_reserved_bytes, peak_reserved_bytes;
 static int64_t planned_count, fallback_count, fallback_bytes, mismatch_count, overlap_count;
 
-/* Planned blocks live now (offset, size), to refuse a plan slot whose bytes are still held. */
-typedef struct {
-    int64_t offset;
-    int64_t size;
-} Held;
-static Held *held;
-static int64_t held_count, held_capacity;
 
 static int grow(void **array, int64_t *capacity, int64_t need, size_t item) {
     if (need <= *capacity) return 1;
@@ -170,9 +170,19 @@ static void fallback_free(uintptr_t ptr, int64_t size, uintptr_t stream) {
 }
 
 static int slot_is_free(int64_t offset, int64_t size) {
-    for (int64_t i = 0; i < held_count; i++)
-        if (offset < held[i].offset + held[i].size && held[i].offset < offset + size) return 0;
+    auto next = held.lower_bound(offset); /* the first held block at or above the slot */
+    if (next != held.end() && next->first < offset + size) return 0;
+    if (next != held.begin() && std::prev(next)->first + std::prev(next)->second > offset) return 0;
     return 1;
+}
+
+static int hold(int64_t offset, int64_t size) {
+    try {
+        held.emplace(offset, size);
+        return 1;
+    } catch (const std::bad_alloc &) {
+        return 0; /* no host memory to track it: the request goes to the cache */
+    }
 }
 
 static void record(int64_t kind, int64_t request, int64_t size, uintptr_t stream) {
@@ -195,8 +205,7 @@ void *replay_malloc(size_t size_unsigned, int device, void *stream_ptr) {
             mismatch_count++;
         } else if (!slot_is_free(plan_offset[request], size)) {
             overlap_count++;
-        } else if (grow((void **)&held, &held_capacity, held_count + 1, sizeof(Held))) {
-            held[held_count++] = (Held){plan_offset[request], size};
+        } else if (hold(plan_offset[request], size)) {
             ptr = (void *)(arena + (uintptr_t)plan_offset[request]);
             planned = 1;
             planned_count++;
@@ -237,12 +246,8 @@ void replay_free(void *ptr, size_t size, int device, void *stream) {
         if (mode == MODE_TRACE) record(2, entry.request, entry.size, (uintptr_t)stream);
         if (entry.planned) {
             int64_t offset = (int64_t)((uintptr_t)ptr - arena);
-            for (int64_t i = 0; i < held_count; i++) {
-                if (held[i].offset == offset && held[i].size == entry.size) {
-                    held[i] = held[--held_count];
-                    break;
-                }
-            }
+            auto block = held.find(offset);
+            if (block != held.end() && block->second == entry.size) held.erase(block);
         } else {
             fallback_free((uintptr_t)ptr, entry.size, (uintptr_t)stream);
         }
@@ -289,7 +294,7 @@ int replay_set_plan(const int64_t *sizes, const int64_t *offsets, const int64_t 
                     int64_t bytes) {
     pthread_mutex_lock(&lock);
     int status = 0;
-    if (held_count) {
+    if (!held.empty()) {
         status = -2; /* tensors of the old arena are still alive */
     } else {
         release_cached();
