@@ -76,6 +76,10 @@ def main() -> int:
     from spec.config import load_job_config
 
     job = load_job_config(None, chosen)
+    if job.train.allocator == "planned":  # what the Ray launcher does in a worker, before CUDA is first used
+        from orchestrator.memory import replay_allocator
+
+        replay_allocator.install()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -1,65 +1,155 @@
-/* Best-fit placement of a traced step's buffers, in the replay allocator's library: `spec/placement.py`'s
- * `place_in_order` (the reference, which tests compare this with placement for placement) in C++.
+/* Best-fit placement of a traced step's buffers, in the replay allocator's library: the offsets of
+ * `spec/placement.py`'s `place_in_order` (the reference, which tests compare this with placement for placement).
  *
- * Why: the placement looks at every placed buffer alive with the new one, so its time grows with the requests times
- * the tensors alive at once. A 4-layer 256K step (~10^4 requests) took seconds in Python, a 32-layer step (~10^5)
- * would take minutes; here it takes about a second. The planner's arena (a few hundred buffers, on a laptop without
- * a compiler) keeps the Python one.
+ * Why: the reference looks at every placed buffer alive with the new one, so its time grows with the requests times
+ * the tensors alive at once; a 4-layer 256K step (~10^4 requests) took seconds in Python and a 32-layer step
+ * (~10^5) would take minutes. Here the busy address ranges are kept as merged unions in a segment tree over event
+ * indices, and the lowest gap is found by jumping over the ranges that block it, so a buffer costs about
+ * log(events) x log(ranges) per range it jumps over, not one step per buffer alive with it. The planner's arena (a
+ * few hundred buffers, on a laptop without a compiler) keeps the Python one.
  *
- * Same steps as the reference: buffers in the given order; the placed ones alive with a buffer are those whose
- * lifetime holds its start (a segment tree over event indices, each lifetime at O(log T) nodes) and those starting
- * within its life (sorted by start); the buffer goes at the lowest gap among their address ranges.
+ * A placed buffer's address range goes into `cover` of the tree nodes its lifetime decomposes into and into `part`
+ * of every node on the paths from its first and last event to the root (nodes its lifetime meets). The placed
+ * buffers alive with a new one [start, end) are then exactly those in `cover` of the nodes on its own two paths and
+ * of its decomposition, and in `part` of its decomposition. A buffer of no lifetime (start == end; never in a
+ * trace) is compared with every placed one, as the reference does.
  */
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <new>
 #include <utility>
 #include <vector>
 
-typedef std::pair<int64_t, int64_t> Span; /* [low, high) bytes */
+namespace {
 
+/* Address ranges [low, high) as a union: disjoint, touching ones merged, by low. */
+class Union {
+  public:
+    void add(int64_t low, int64_t high) {
+        auto next = ranges_.upper_bound(low);
+        if (next != ranges_.begin()) {
+            auto before = std::prev(next);
+            if (before->second >= low) {
+                low = before->first;
+                high = std::max(high, before->second);
+                ranges_.erase(before);
+            }
+        }
+        while (next != ranges_.end() && next->first <= high) {
+            high = std::max(high, next->second);
+            next = ranges_.erase(next);
+        }
+        ranges_.emplace(low, high);
+    }
+
+    /* The highest end of the ranges that meet [x, x + size); -1 if none does. */
+    int64_t blocking(int64_t x, int64_t size) const {
+        int64_t highest = -1;
+        auto next = ranges_.upper_bound(x);
+        if (next != ranges_.begin() && std::prev(next)->second > x) highest = std::prev(next)->second;
+        for (; next != ranges_.end() && next->first < x + size; ++next) highest = std::max(highest, next->second);
+        return highest;
+    }
+
+  private:
+    std::map<int64_t, int64_t> ranges_;
+};
+
+class PlacedInTime {
+  public:
+    explicit PlacedInTime(int64_t horizon) {
+        while (leaves_ < horizon + 1) leaves_ <<= 1;
+        cover_.resize((size_t)(2 * leaves_));
+        part_.resize((size_t)(2 * leaves_));
+    }
+
+    void add(int64_t start, int64_t end, int64_t low, int64_t high) {
+        if (end <= start) {
+            points_.push_back({start, {low, high}});
+            return;
+        }
+        for (int64_t node : decomposition(start, end)) at(cover_, node).add(low, high);
+        for (int64_t node = start + leaves_; node; node >>= 1) at(part_, node).add(low, high);
+        for (int64_t node = end - 1 + leaves_; node; node >>= 1) at(part_, node).add(low, high);
+    }
+
+    /* The lowest x >= 0 where [x, x + size) meets no range of a placed buffer alive within [start, end). */
+    int64_t lowest_gap(int64_t start, int64_t end, int64_t size) {
+        unions_.clear();
+        std::vector<int64_t> pieces = decomposition(start, end);
+        for (int64_t node : pieces) {
+            collect(cover_, node);
+            collect(part_, node);
+        }
+        for (int64_t node = start + leaves_; node; node >>= 1) collect(cover_, node);
+        for (int64_t node = end - 1 + leaves_; node; node >>= 1) collect(cover_, node);
+        Union points; /* placed buffers of no lifetime at an event inside (start, end) */
+        for (const auto &point : points_)
+            if (start < point.first && point.first < end) points.add(point.second.first, point.second.second);
+        unions_.push_back(&points);
+        int64_t x = 0;
+        for (;;) {
+            int64_t past = -1;
+            for (const Union *u : unions_) past = std::max(past, u->blocking(x, size));
+            if (past < 0) return x;
+            x = past;
+        }
+    }
+
+  private:
+    std::vector<int64_t> decomposition(int64_t start, int64_t end) const {
+        std::vector<int64_t> nodes;
+        for (int64_t low = start + leaves_, high = end + leaves_; low < high; low >>= 1, high >>= 1) {
+            if (low & 1) nodes.push_back(low++);
+            if (high & 1) nodes.push_back(--high);
+        }
+        return nodes;
+    }
+
+    static Union &at(std::vector<std::unique_ptr<Union>> &nodes, int64_t node) {
+        auto &slot = nodes[(size_t)node];
+        if (!slot) slot.reset(new Union());
+        return *slot;
+    }
+
+    void collect(const std::vector<std::unique_ptr<Union>> &nodes, int64_t node) {
+        if (nodes[(size_t)node]) unions_.push_back(nodes[(size_t)node].get());
+    }
+
+    int64_t leaves_ = 1;
+    std::vector<std::unique_ptr<Union>> cover_, part_;
+    std::vector<std::pair<int64_t, std::pair<int64_t, int64_t>>> points_;
+    std::vector<const Union *> unions_;
+};
+
+}  // namespace
+
+/* Offsets of the buffers (sizes, [starts, ends) in event indices) placed one at a time in `order`: 0 when done,
+ * -1 when host memory ran out. */
 extern "C" int replay_place_in_order(int64_t count, const int64_t *sizes, const int64_t *starts, const int64_t *ends,
                                      const int64_t *order, int64_t *offsets) {
     try {
         int64_t horizon = 0;
         for (int64_t i = 0; i < count; i++) horizon = std::max(horizon, ends[i]);
-        int64_t leaves = 1;
-        while (leaves < horizon + 1) leaves <<= 1;
-        std::vector<std::vector<Span>> nodes((size_t)(2 * leaves));
-        std::vector<std::pair<int64_t, Span>> by_start; /* (start, span) of the placed, sorted by start */
-        std::vector<int64_t> placed;
-        std::vector<Span> busy;
-        auto start_before = [](const std::pair<int64_t, Span> &a, int64_t t) { return a.first < t; };
-        auto start_after = [](int64_t t, const std::pair<int64_t, Span> &a) { return t < a.first; };
+        PlacedInTime placed(horizon);
+        std::vector<int64_t> done;
         for (int64_t n = 0; n < count; n++) {
-            int64_t i = order[n], start = starts[i], end = ends[i], size = sizes[i];
-            busy.clear();
-            if (end <= start) { /* no lifetime (rare): every placed buffer tested */
-                for (int64_t j : placed)
-                    if (start < ends[j] && starts[j] < end) busy.push_back(Span(offsets[j], offsets[j] + sizes[j]));
+            int64_t i = order[n];
+            if (ends[i] <= starts[i]) { /* no lifetime: every placed buffer alive around its event */
+                Union busy;
+                for (int64_t j : done)
+                    if (starts[i] < ends[j] && starts[j] < ends[i]) busy.add(offsets[j], offsets[j] + sizes[j]);
+                int64_t x = 0;
+                for (int64_t past; (past = busy.blocking(x, sizes[i])) >= 0;) x = past;
+                offsets[i] = x;
             } else {
-                for (int64_t node = start + leaves; node; node >>= 1)
-                    busy.insert(busy.end(), nodes[(size_t)node].begin(), nodes[(size_t)node].end());
-                auto first = std::upper_bound(by_start.begin(), by_start.end(), start, start_after);
-                auto last = std::lower_bound(by_start.begin(), by_start.end(), end, start_before);
-                for (auto it = first; it < last; ++it) busy.push_back(it->second);
+                offsets[i] = placed.lowest_gap(starts[i], ends[i], sizes[i]);
             }
-            std::sort(busy.begin(), busy.end());
-            int64_t candidate = 0;
-            for (const Span &span : busy) {
-                if (candidate + size <= span.first) break;
-                candidate = std::max(candidate, span.second);
-            }
-            offsets[i] = candidate;
-            Span span(candidate, candidate + size);
-            for (int64_t low = start + leaves, high = end + leaves; low < high; low >>= 1, high >>= 1) {
-                if (low & 1) nodes[(size_t)low++].push_back(span);
-                if (high & 1) nodes[(size_t)--high].push_back(span);
-            }
-            by_start.insert(std::upper_bound(by_start.begin(), by_start.end(), start, start_after),
-                            std::make_pair(start, span));
-            placed.push_back(i);
+            placed.add(starts[i], ends[i], offsets[i], offsets[i] + sizes[i]);
+            done.push_back(i);
         }
         return 0;
     } catch (const std::bad_alloc &) {
