@@ -170,13 +170,16 @@ class CostModel:
             attention_forward *= self.documents["attention_share"]
             attention_length = max(self.documents["effective_length"], 1)
         calibration, overhead = self.profile.calibration, self.overhead
-        matmul_seconds = (matmul_forward / (self.matmul_tflops() * 1e12) * overhead.matmul_factor
-                          * calibration.matmul_time_factor)
+        # The layer's extras (the overhead factor's share, norms, SwiGLU, RoPE) run over every token, also in a
+        # token-eliminated layer, whose scoring and gathers add to them: traced on a lent H200 at 64K, 18 ms a
+        # sparse layer against 16 ms a dense one (profiles/runs/h200_2026-12-03_token-elim-trace/)
+        dense_matmul_forward = 2.0 * layer_matmul_params(model) * tokens
+        matmul_seconds = ((matmul_forward + (overhead.matmul_factor - 1) * dense_matmul_forward)
+                          / (self.matmul_tflops() * 1e12) * calibration.matmul_time_factor)
         attention_seconds = (attention_forward / (self.attention_tflops(attention_length) * 1e12)
                              * overhead.attention_factor * calibration.attention_time_factor)
         elementwise_seconds = (overhead.forward_seconds_per_token(model, self.element_bytes) * tokens
-                               * (1 - (1 - keep_share) * attention_projection_params(model)
-                                  / layer_matmul_params(model)) * calibration.matmul_time_factor)
+                               * calibration.matmul_time_factor)
         scoring_seconds = 0.0
         if keep_share < 1 and not self.job.token_elim.predictors:
             kv = model.num_kv_heads * model.head_dim

@@ -290,3 +290,19 @@ def test_a_sparse_layers_block_scoring_is_priced_at_the_profiles_measured_scorin
         cost = CostModel(_llama_job("data.seq_len=65536", f"train.attention_kernel={kernel}", *ELIM), unmeasured)
         assert cost.scoring_tflops(65536) == pytest.approx(
             SCORING_TO_ATTENTION_RATE * cost.attention_tflops(65536, "sdpa"))
+
+
+def test_a_sparse_layers_extras_run_over_every_token():
+    """Token elimination shortens the attention block (its projections, its attention), not the layer's extras (the
+    overhead factor's share, norms, SwiGLU): dense minus sparse per-token time is the eliminated projections' FLOPs
+    at the bare matmul rate (the 64K trace: extras 18 ms a sparse layer, 16 ms a dense one)."""
+    from spec.flops import attention_projection_params
+    from spec.hardware import load_profile
+    from planner.cost_model import CostModel
+
+    profile = load_profile("h200")
+    cost = CostModel(_llama_job("data.seq_len=65536", *ELIM), profile)
+    assert cost.overhead.matmul_factor > 1  # otherwise the extras would be nothing to keep
+    saved = cost.layer().recompute_seconds - cost.layer(0.4).recompute_seconds
+    eliminated = 2.0 * 0.6 * attention_projection_params(cost.model) * cost.tokens_per_gpu
+    assert saved == pytest.approx(eliminated / (cost.matmul_tflops() * 1e12) * profile.calibration.matmul_time_factor)
