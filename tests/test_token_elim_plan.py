@@ -115,8 +115,9 @@ ELIM = ["token_elim.enabled=true", "token_elim.keep_ratio=0.4", "token_elim.dens
 
 def test_predicted_peak_is_lower_by_the_attention_block_of_the_kept_share():
     """Layers 1 and 2 keep 51 of 128 blocks at 8K tokens; both plans keep everything. Per token a sparse layer saves
-    (1 - share) x its attention block (attention output and log-sum-exp, normed rows, q, k, v) and adds the kept
-    rows' index and cos/sin rows."""
+    (1 - share) x its attention block (attention output and log-sum-exp, normed rows, q, k, v) and x its input (it
+    keeps the gathered input rows: `planner.schedule.plain_sparse_skeletal_bytes`) and adds the kept rows' index and
+    cos/sin rows."""
     from spec.hardware import load_profile
     from planner.planning import make_plan
 
@@ -127,7 +128,7 @@ def test_predicted_peak_is_lower_by_the_attention_block_of_the_kept_share():
     model, e, share, tokens = dense_model(), 2, 51 / 128, 8192
     kv = model.num_kv_heads * model.head_dim
     block = e * (3 * model.hidden_size + 2 * kv) + 4 * model.num_heads
-    saved = 2 * tokens * ((1 - share) * block - share * (8 + 2 * model.head_dim * e))
+    saved = 2 * tokens * ((1 - share) * (block + e * model.hidden_size) - share * (8 + 2 * model.head_dim * e))
     expected_gib = profile.calibration.peak_memory_factor * saved / 2**30
     difference = dense.predicted["peak_gpu_gib"] - sparse.predicted["peak_gpu_gib"]
     print(f"\npredicted peak at 8K: dense {dense.predicted['peak_gpu_gib']} GiB, token_elim "
@@ -306,3 +307,27 @@ def test_a_sparse_layers_extras_run_over_every_token():
     saved = cost.layer().recompute_seconds - cost.layer(0.4).recompute_seconds
     eliminated = 2.0 * 0.6 * attention_projection_params(cost.model) * cost.tokens_per_gpu
     assert saved == pytest.approx(eliminated / (cost.matmul_tflops() * 1e12) * profile.calibration.matmul_time_factor)
+
+
+def test_a_plain_sparse_layer_saves_its_kept_input_rows_as_the_planner_counts():
+    """A token-eliminated layer with no split saves its gathered input rows, not the whole input (the gather keeps
+    its indices only): what autograd holds after its forward (each storage once) is the planner's count for it."""
+    from launch.measure.hardware import saved_bytes_per_token
+    from planner.cost_model import CostModel
+    from orchestrator.model import rope_tables
+    from planner.schedule import plain_sparse_skeletal_bytes
+    from spec.hardware import load_profile
+
+    job = load_job_config(None, ["data.seq_len=512", "train.elementwise=eager"])
+    torch.manual_seed(0)
+    model = LlamaModel(job.model).to(torch.bfloat16)
+    token_elim.apply(model, TokenElimConfig(keep_ratio=0.4, block_size=BLOCK), [0])
+    layer = model.layers[0]
+    x = torch.randn(1, 512, job.model.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_tables(torch.arange(512), job.model.head_dim, job.model.rope_theta, torch.bfloat16)
+    measured = saved_bytes_per_token(layer, x, cos, sin)
+    share = layer.token_elim.last_kept.shape[1] / 512
+    assert share < 1
+    cost = CostModel(job, load_profile("h100_sxm")).layer(share)
+    predicted = (plain_sparse_skeletal_bytes(cost) + cost.token_wise_bytes) / cost.tokens
+    assert measured == pytest.approx(predicted, rel=0.002)
