@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 
 from spec.config import MODEL_PRESETS, CompressionConfig, JobConfig, ModelConfig
 from spec.flops import (attention_forward_flops_per_token, attention_projection_params, attention_training_flops,
-                        block_scoring_flops_per_token, layer_matmul_params, matmul_training_flops_per_token, parameter_count,
-                        training_flops_per_token)
+                        block_scoring_flops_per_token, layer_matmul_params, matmul_training_flops_per_token,
+                        parameter_count, training_flops_per_token)
 from spec.prepared import document_attention_stats
 from planner import whole_job
 from spec import attention_choice

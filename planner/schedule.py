@@ -203,8 +203,10 @@ def step_buffers(layers: Sequence[LayerCost], decisions: Sequence[LayerPlan], bl
         swapped = align(swapped_tokens / (layer.tokens // layer.sequences) * layer.token_wise_bytes
                         * compression_factor[i])
         kept = kept_token_wise_bytes(layer, decision.swap_fraction, decision.recompute_fraction)
-        skeletal = align(layer_input_bytes(layer) if decision.checkpoint_layer else plain_sparse_skeletal_bytes(layer)
-                         if decision.is_plain else layer.skeletal_bytes)
+        if decision.checkpoint_layer:
+            skeletal = align(layer_input_bytes(layer))
+        else:
+            skeletal = align(plain_sparse_skeletal_bytes(layer) if decision.is_plain else layer.skeletal_bytes)
         if decision.checkpoint_layer and i < len(looked_up) and looked_up[i]:
             buffers.append(Buffer("input_again", i, skeletal, backward, backward + 1))
         elif decision.offload_skeletal:

@@ -4,9 +4,9 @@ What is measured, each one after a warm-up, median of several timed runs (CUDA e
 CPU): bf16 and fp32 matmul; causal attention forward + backward (`scaled_dot_product_attention`, is_causal,
 causal FLOPs halved as `attention_fwd_bwd_tflops_by_seq_len` always was) and each attention kernel at the same
 lengths (SDPA's pick, its cuDNN and flash backends, FlashAttention-4 where it runs: `attention_tflops_by_kernel`);
-token elimination's block scoring at the same lengths (`token_scoring_tflops_by_seq_len`);
-one `DecoderLayer` of the configured shape forward + backward and the bytes per token it saves for backward
-(saved_tensors_hooks, storages counted once); pinned and pageable host<->device copies each way and both ways at once (two streams); device and host
+token elimination's block scoring at the same lengths (`token_scoring_tflops_by_seq_len`); one `DecoderLayer` of the
+configured shape forward + backward and the bytes per token it saves for backward (saved_tensors_hooks, storages
+counted once); pinned and pageable host<->device copies each way and both ways at once (two streams); device and host
 memory; NCCL all-reduce and all-to-all bus bandwidth when at least two GPUs are visible (one process per GPU).
 A measurement that fails is recorded under `measured.skipped` with its reason; the others still run.
 """

