@@ -4,8 +4,9 @@
  * Why: the reference looks at every placed buffer alive with the new one, so its time grows with the requests times
  * the tensors alive at once; a 4-layer 256K step (~10^4 requests) took seconds in Python and a 32-layer step
  * (~10^5) would take minutes. Here the busy address ranges are kept as merged unions in a segment tree over event
- * indices, and the lowest gap is found by jumping over the ranges that block it, so a buffer costs about
- * log(events) x log(ranges) per range it jumps over, not one step per buffer alive with it. The planner's arena (a
+ * indices, and the lowest gap is found by each union in turn moving the candidate past the ranges too close
+ * together (a union's too-small gaps are skipped in one pass, not one lookup of every union each), not by looking
+ * at every buffer alive with the new one. The planner's arena (a
  * few hundred buffers, on a laptop without a compiler) keeps the Python one.
  *
  * A placed buffer's address range goes into `cover` of the tree nodes its lifetime decomposes into and into `part`
@@ -45,13 +46,12 @@ class Union {
         ranges_.emplace(low, high);
     }
 
-    /* The highest end of the ranges that meet [x, x + size); -1 if none does. */
-    int64_t blocking(int64_t x, int64_t size) const {
-        int64_t highest = -1;
+    /* The lowest y >= x where [y, y + size) meets none of these ranges: past every range too close to the next. */
+    int64_t first_fit(int64_t x, int64_t size) const {
         auto next = ranges_.upper_bound(x);
-        if (next != ranges_.begin() && std::prev(next)->second > x) highest = std::prev(next)->second;
-        for (; next != ranges_.end() && next->first < x + size; ++next) highest = std::max(highest, next->second);
-        return highest;
+        if (next != ranges_.begin() && std::prev(next)->second > x) x = std::prev(next)->second;
+        for (; next != ranges_.end() && next->first < x + size; ++next) x = std::max(x, next->second);
+        return x;
     }
 
   private:
@@ -90,12 +90,11 @@ class PlacedInTime {
         for (const auto &point : points_)
             if (start < point.first && point.first < end) points.add(point.second.first, point.second.second);
         unions_.push_back(&points);
-        int64_t x = 0;
-        for (;;) {
-            int64_t past = -1;
-            for (const Union *u : unions_) past = std::max(past, u->blocking(x, size));
-            if (past < 0) return x;
-            x = past;
+        for (int64_t x = 0;;) { /* each union's first fit from the one before's, until a round moves nothing */
+            int64_t y = x;
+            for (const Union *u : unions_) y = u->first_fit(y, size);
+            if (y == x) return x;
+            x = y;
         }
     }
 
@@ -142,9 +141,7 @@ extern "C" int replay_place_in_order(int64_t count, const int64_t *sizes, const 
                 Union busy;
                 for (int64_t j : done)
                     if (starts[i] < ends[j] && starts[j] < ends[i]) busy.add(offsets[j], offsets[j] + sizes[j]);
-                int64_t x = 0;
-                for (int64_t past; (past = busy.blocking(x, sizes[i])) >= 0;) x = past;
-                offsets[i] = x;
+                offsets[i] = busy.first_fit(0, sizes[i]);
             } else {
                 offsets[i] = placed.lowest_gap(starts[i], ends[i], sizes[i]);
             }
